@@ -1,0 +1,29 @@
+"""Errors raised while decoding or verifying messages; each carries a stable reason code."""
+
+from __future__ import annotations
+
+
+class Rejected(Exception):
+    """A message that must not be accepted, with a machine-readable reason code and a human detail."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# Stable reason codes. Dead letters, events and docs refer to these strings.
+MALFORMED = "malformed"
+TOO_LARGE = "too_large"
+UNSUPPORTED_VERSION = "unsupported_version"
+UNKNOWN_TYPE = "unknown_type"
+SCHEMA = "schema"
+TOPIC_MISMATCH = "topic_mismatch"
+UNKNOWN_AGENT = "unknown_agent"
+BAD_SIGNATURE = "bad_signature"
+MY_NUMBER = "my_number"
+EXPIRED = "expired"
+NOT_YET_VALID = "not_yet_valid"
+REPLAY = "replay"
+WRONG_AGENT = "wrong_agent"
+ROLLBACK = "rollback"

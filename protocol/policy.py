@@ -1,0 +1,149 @@
+"""The site policy model: what the controller authors from YAML and what agents enforce.
+
+The foundation covers people, cards, terminals, doors and areas; capabilities extend it. Every model
+forbids unknown keys so a typo in site.yaml is an error, not a silently ignored rule.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+AgentId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+Name = Annotated[str, Field(min_length=1, max_length=100)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Site(_Model):
+    """The organisation and place this policy governs."""
+
+    name: Name
+    timezone: Literal["Asia/Tokyo"] = "Asia/Tokyo"
+
+
+class Person(_Model):
+    """Someone who may hold cards and rights; never carries a My Number."""
+
+    id: Ident
+    name: Name
+    department: Name | None = None
+    roles: list[Literal["designated_handler", "area_manager", "chief_officer", "auditor", "staff", "visitor"]] = (
+        Field(default_factory=list)
+    )
+    active: bool = True
+    valid_from: date | None = None
+    valid_until: date | None = None
+
+
+class Card(_Model):
+    """A credential bound to one person; the identifier is stored only as a keyed hash."""
+
+    id: Ident
+    person: Ident
+    kind: Literal["piv", "felica", "mifare", "osdp", "other"] = "felica"
+    uid_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="HMAC-SHA256 of the card UID, site key")
+    status: Literal["active", "suspended", "revoked", "lost"] = "active"
+
+
+class Area(_Model):
+    """A controlled area (管理区域) or handling area (取扱区域)."""
+
+    id: Ident
+    name: Name
+    kind: Literal["controlled", "handling", "general"] = "controlled"
+
+
+class Terminal(_Model):
+    """A My Number terminal and the designated handlers who may log in to it."""
+
+    id: Ident
+    name: Name
+    agent: AgentId
+    area: Ident | None = None
+    handlers: list[Ident] = Field(default_factory=list)
+
+
+class Door(_Model):
+    """A room door, locker or key cabinet served by a door agent."""
+
+    id: Ident
+    name: Name
+    kind: Literal["room", "locker", "key_cabinet"]
+    agent: AgentId
+    area: Ident | None = None
+    allowed: list[Ident] = Field(default_factory=list, description="people allowed to open it")
+
+
+class SitePolicy(_Model):
+    """The whole site policy as authored in site.yaml."""
+
+    site: Site
+    bundle_lifetime_hours: int = Field(default=168, ge=1, le=24 * 90)
+    people: list[Person] = Field(default_factory=list)
+    cards: list[Card] = Field(default_factory=list)
+    areas: list[Area] = Field(default_factory=list)
+    terminals: list[Terminal] = Field(default_factory=list)
+    doors: list[Door] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> SitePolicy:
+        def unique(kind: str, ids: list[str]) -> set[str]:
+            seen: set[str] = set()
+            for i in ids:
+                if i in seen:
+                    raise ValueError(f"duplicate {kind} id {i!r}")
+                seen.add(i)
+            return seen
+
+        people = unique("person", [p.id for p in self.people])
+        areas = unique("area", [a.id for a in self.areas])
+        unique("card", [c.id for c in self.cards])
+        unique("terminal", [t.id for t in self.terminals])
+        unique("door", [d.id for d in self.doors])
+        unique("card uid_hash", [c.uid_hash for c in self.cards])
+        for c in self.cards:
+            if c.person not in people:
+                raise ValueError(f"card {c.id!r} names unknown person {c.person!r}")
+        for t in self.terminals:
+            if t.area is not None and t.area not in areas:
+                raise ValueError(f"terminal {t.id!r} names unknown area {t.area!r}")
+            for h in t.handlers:
+                if h not in people:
+                    raise ValueError(f"terminal {t.id!r} names unknown handler {h!r}")
+        for d in self.doors:
+            if d.area is not None and d.area not in areas:
+                raise ValueError(f"door {d.id!r} names unknown area {d.area!r}")
+            for pid in d.allowed:
+                if pid not in people:
+                    raise ValueError(f"door {d.id!r} names unknown person {pid!r}")
+        for person in self.people:
+            if person.valid_from and person.valid_until and person.valid_until < person.valid_from:
+                raise ValueError(f"person {person.id!r}: valid_until before valid_from")
+        return self
+
+    def agent_ids(self) -> list[str]:
+        """Return every agent id that enforces part of this policy."""
+        return sorted({t.agent for t in self.terminals} | {d.agent for d in self.doors})
+
+    def for_agent(self, agent: str) -> dict:
+        """Return the slice of the policy one agent needs (least privilege: only its people and cards)."""
+        terminals = [t for t in self.terminals if t.agent == agent]
+        doors = [d for d in self.doors if d.agent == agent]
+        people_ids = {h for t in terminals for h in t.handlers} | {p for d in doors for p in d.allowed}
+        area_ids = {t.area for t in terminals if t.area} | {d.area for d in doors if d.area}
+        part = SitePolicy(
+            site=self.site,
+            bundle_lifetime_hours=self.bundle_lifetime_hours,
+            people=[p for p in self.people if p.id in people_ids],
+            cards=[c for c in self.cards if c.person in people_ids],
+            areas=[a for a in self.areas if a.id in area_ids],
+            terminals=terminals,
+            doors=doors,
+        )
+        return part.model_dump(mode="json")

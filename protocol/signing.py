@@ -1,0 +1,98 @@
+"""Ed25519 signing of wire messages, with domain separation per message kind."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protocol import errors
+from protocol.canonical import canonical_bytes
+
+# Every signature covers the kind of message too, so a signed ack can never pass as a policy bundle.
+KINDS = ("event", "ack", "heartbeat", "command", "bundle")
+
+
+def signing_input(kind: str, body: Any) -> bytes:
+    """Return the exact bytes signed for a message body of the given kind."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown message kind {kind!r}")
+    return b"sekisho/v1/" + kind.encode() + b"\n" + canonical_bytes(body)
+
+
+def b64(data: bytes) -> str:
+    """Encode bytes as unpadded URL-safe base64."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64(text: str) -> bytes:
+    """Decode unpadded URL-safe base64, raising Rejected on bad input."""
+    if not isinstance(text, str) or len(text) > 200:
+        raise errors.Rejected(errors.MALFORMED, "signature is not a short base64 string")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError) as err:
+        raise errors.Rejected(errors.MALFORMED, "signature is not base64") from err
+
+
+def sign(key: Ed25519PrivateKey, kind: str, body: Any) -> str:
+    """Sign a message body; return the signature as base64."""
+    return b64(key.sign(signing_input(kind, body)))
+
+
+def verify(key: Ed25519PublicKey, kind: str, body: Any, signature: str) -> None:
+    """Verify a signature, raising Rejected(bad_signature) if it does not match."""
+    raw = unb64(signature)
+    try:
+        key.verify(raw, signing_input(kind, body))
+    except InvalidSignature as err:
+        raise errors.Rejected(errors.BAD_SIGNATURE, f"{kind} signature does not verify") from err
+
+
+def generate_key() -> Ed25519PrivateKey:
+    """Create a new Ed25519 signing key."""
+    return Ed25519PrivateKey.generate()
+
+
+def private_key_pem(key: Ed25519PrivateKey) -> bytes:
+    """Serialise a private key to unencrypted PKCS#8 PEM (the file is protected by mode 0600)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def public_key_pem(key: Ed25519PublicKey) -> bytes:
+    """Serialise a public key to SubjectPublicKeyInfo PEM."""
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """Load an Ed25519 private key from a PEM file."""
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def load_public_key_pem(data: bytes) -> Ed25519PublicKey:
+    """Load an Ed25519 public key from PEM bytes."""
+    key = serialization.load_pem_public_key(data)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """Load an Ed25519 public key from a PEM file."""
+    return load_public_key_pem(path.read_bytes())
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    """Return a short, stable fingerprint of a public key (for logs and docs, never for trust)."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
