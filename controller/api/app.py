@@ -1,0 +1,104 @@
+"""The controller's HTTP API: health, readiness, OpenAPI, and read-only records."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI, Query, Response, status
+from sqlalchemy import text
+
+from controller.api.deps import AppState, AuthDep, StateDep
+from controller.api.schemas import AgentPublic, DeadLetterPublic, EventPage, EventPublic, FindingPublic, Health
+
+health = APIRouter(tags=["health"])
+records = APIRouter(prefix="/api/v1", tags=["records"], dependencies=[AuthDep])
+
+# Ingest counts as stalled if it is disconnected; readiness must say so, load balancers act on it.
+
+
+@health.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """Answer that the process is alive."""
+    return Health(status="ok")
+
+
+@health.get("/readyz", response_model=Health)
+def readyz(state: StateDep, response: Response) -> Health:
+    """Answer whether the database and (when running) the broker link are usable."""
+    checks: dict[str, object] = {}
+    ok = True
+    try:
+        with state.store.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as err:  # any driver error means not ready; say which
+        checks["database"] = f"error: {type(err).__name__}"
+        ok = False
+    if state.ingest is not None:
+        checks["broker"] = "connected" if state.ingest.connected else "disconnected"
+        checks["ingest_stored"] = state.ingest.stored
+        checks["ingest_dead_lettered"] = state.ingest.dead_lettered
+        if state.ingest.last_batch_at:
+            checks["last_batch_age_s"] = round(time.time() - state.ingest.last_batch_at, 1)
+        ok = ok and state.ingest.connected
+    if not ok:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    return Health(status="ok" if ok else "unavailable", checks=checks)
+
+
+@records.get("/events", response_model=EventPage)
+def list_events(
+    state: StateDep,
+    agent_id: Annotated[str | None, Query(max_length=64)] = None,
+    type: Annotated[str | None, Query(max_length=64)] = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    after_id: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EventPage:
+    """List stored events, oldest first, with keyset pagination (pass next_after_id back as after_id)."""
+    rows = state.store.list_events(
+        agent_id=agent_id, type=type, since=since, until=until, after_id=after_id, limit=limit + 1
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = [EventPublic.model_validate(r, from_attributes=True) for r in rows]
+    return EventPage(items=items, next_after_id=items[-1].id if more and items else None)
+
+
+@records.get("/dead-letters", response_model=list[DeadLetterPublic])
+def list_dead_letters(
+    state: StateDep,
+    after_id: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[DeadLetterPublic]:
+    """List refused messages with their reasons."""
+    rows = state.store.list_dead_letters(limit=limit, after_id=after_id)
+    return [DeadLetterPublic.model_validate(r, from_attributes=True) for r in rows]
+
+
+@records.get("/findings", response_model=list[FindingPublic])
+def list_findings(state: StateDep, open_only: bool = False) -> list[FindingPublic]:
+    """List findings such as sequence gaps."""
+    return [FindingPublic.model_validate(r, from_attributes=True) for r in state.store.list_findings(open_only=open_only)]
+
+
+@records.get("/agents", response_model=list[AgentPublic])
+def list_agents(state: StateDep) -> list[AgentPublic]:
+    """List registered agents with their last heartbeat."""
+    return [AgentPublic.model_validate(r, from_attributes=True) for r in state.store.list_agents()]
+
+
+def create_app(state: AppState) -> FastAPI:
+    """Build the FastAPI application around an already-opened store."""
+    app = FastAPI(
+        title="sekisho controller",
+        version="1",
+        description="関所 — records of card taps, logins, USB media and doors. Read-only API.",
+    )
+    app.state.sekisho = state
+    app.include_router(health)
+    app.include_router(records)
+    return app

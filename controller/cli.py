@@ -1,0 +1,199 @@
+"""`sekisho controller …`, `sekisho policy …` and `sekisho records …` commands."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import paho.mqtt.client as mqtt
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+from controller.config import ControllerConfig, load_config
+from controller.mqtt import connect_blocking, make_client
+from controller.policy.loader import PolicyError, load_policy_file
+from controller.policy.service import PolicyService, publish_bundles
+from protocol import signing, topics
+
+console = Console()
+err_console = Console(stderr=True)
+controller_app = typer.Typer(help="Run and administer the controller.", no_args_is_help=True)
+policy_app = typer.Typer(help="Author and distribute the signed site policy.", no_args_is_help=True)
+records_app = typer.Typer(help="Check the stored records.", no_args_is_help=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
+
+
+def _config(path: Path) -> ControllerConfig:
+    try:
+        return load_config(path)
+    except (ValidationError, OSError, ValueError) as err:
+        err_console.print(f"[red]invalid controller config {path}:[/red] {err}")
+        raise typer.Exit(2) from err
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+@controller_app.command("serve")
+def serve(config: ConfigOpt, verbose: bool = False) -> None:
+    """Run ingest, policy publication and the HTTP API."""
+    from controller.service import Controller
+
+    _logging(verbose)
+    ctl = Controller(_config(config))
+    ctl.start()
+    console.print(f"controller up: http://{ctl.config.http_host}:{ctl.config.http_port}/docs")
+    try:
+        ctl.serve_http()
+    finally:
+        ctl.stop()
+
+
+@controller_app.command("ingest")
+def ingest(config: ConfigOpt, verbose: bool = False) -> None:
+    """Run one extra ingest worker (no HTTP): workers share the load through an MQTT shared subscription."""
+    from controller.service import Controller
+
+    _logging(verbose)
+    ctl = Controller(_config(config), with_policy=False)
+    ctl.start()
+    try:
+        _wait_for_signal()
+    finally:
+        ctl.stop()
+
+
+@controller_app.command("register-agent")
+def register_agent(
+    config: ConfigOpt,
+    agent_id: Annotated[str, typer.Argument(help="agent id (its certificate CN)")],
+    public_key: Annotated[Path, typer.Option(help="the agent's signing.pub", exists=True, dir_okay=False)],
+    replace: Annotated[bool, typer.Option(help="replace the key of an existing agent")] = False,
+) -> None:
+    """Register an agent's event-signing public key so its events are accepted."""
+    from controller.service import open_store
+
+    topics.check_agent_id(agent_id)
+    pem = public_key.read_bytes()
+    key = signing.load_public_key_pem(pem)
+    store = open_store(_config(config))
+    store.register_agent(agent_id, pem.decode(), replace=replace)
+    console.print(f"registered {agent_id} (key {signing.key_id(key)})")
+
+
+@controller_app.command("revoke-agent")
+def revoke_agent(config: ConfigOpt, agent_id: str) -> None:
+    """Revoke an agent: its events are refused from the next key refresh on."""
+    from controller.service import open_store
+
+    open_store(_config(config)).revoke_agent(agent_id)
+    console.print(f"revoked {agent_id}")
+
+
+def _publish_now(cfg: ControllerConfig, bundles: dict[str, bytes]) -> bool:
+    client: mqtt.Client = make_client(cfg, f"{cfg.worker_id}-policy-cli")
+    try:
+        connect_blocking(client, cfg, persistent=False, timeout=5)
+        publish_bundles(client, bundles)
+        return True
+    except (ConnectionError, TimeoutError, OSError) as err:
+        err_console.print(f"[yellow]could not publish now ({err}); the running controller publishes it shortly[/yellow]")
+        return False
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@policy_app.command("apply")
+def policy_apply(
+    file: Annotated[Path, typer.Argument(help="site policy YAML", exists=True, dir_okay=False)],
+    config: ConfigOpt,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show the diff, change nothing")] = False,
+    comment: str = "",
+) -> None:
+    """Validate a site policy, show what changes, store it as a new version and publish signed bundles."""
+    from controller.service import open_store
+
+    cfg = _config(config)
+    try:
+        policy, sha = load_policy_file(file)
+    except PolicyError as err:
+        for problem in err.problems:
+            err_console.print(f"[red]✗[/red] {problem}")
+        raise typer.Exit(1) from err
+    store = open_store(cfg)
+    service = PolicyService(store, signing.load_private_key(cfg.signing_key))
+    diff = service.plan(policy)
+    if diff.empty:
+        console.print(f"no change against version {diff.current_version}")
+        return
+    table = Table("section", "added", "removed", "changed", title=f"against version {diff.current_version or '—'}")
+    for section, entry in diff.changes.items():
+        table.add_row(section, ", ".join(entry["added"]), ", ".join(entry["removed"]), ", ".join(entry["changed"]))
+    console.print(table)
+    console.print(Syntax(diff.unified, "diff", word_wrap=True))
+    if dry_run:
+        console.print("[bold]dry run:[/bold] nothing stored or published")
+        return
+    version = service.apply(policy, source_sha256=sha, created_by=getpass.getuser(), comment=comment)
+    bundles = service.bundles()
+    console.print(f"stored policy version {version}; {len(bundles)} agent bundle(s) signed")
+    if _publish_now(cfg, bundles):
+        console.print("published (retained) to: " + ", ".join(sorted(bundles)))
+
+
+@policy_app.command("show")
+def policy_show(config: ConfigOpt) -> None:
+    """Print the policy version in force."""
+    from controller.service import open_store
+
+    cfg = _config(config)
+    current = PolicyService(open_store(cfg), signing.load_private_key(cfg.signing_key)).current()
+    if current is None:
+        console.print("no policy applied yet")
+        raise typer.Exit(1)
+    version, policy = current
+    console.print(f"version {version}")
+    console.print_json(policy.model_dump_json())
+
+
+@records_app.command("verify")
+def records_verify(
+    config: ConfigOpt,
+    agent: Annotated[str | None, typer.Option(help="only this agent's stream")] = None,
+    signatures: Annotated[bool, typer.Option(help="also re-verify every agent signature")] = True,
+) -> None:
+    """Check every stream's hash chain (and signatures); name the first broken record of each."""
+    from controller.service import open_store
+
+    store = open_store(_config(config))
+    keys = store.agent_keys(include_revoked=True) if signatures else None
+    problems = store.verify_chains(agent, keys=keys)
+    streams = store.list_streams()
+    if not problems:
+        total = sum(s.chain_length for s in streams)
+        console.print(f"[green]OK[/green]: {len(streams)} stream(s), {total} record(s), chains intact")
+        return
+    table = Table("agent", "chain index", "seq", "event id", "row id", "problem", title="broken records")
+    for p in problems:
+        table.add_row(p.agent_id, str(p.chain_index), str(p.seq), p.event_id or "", str(p.row_id), p.problem)
+    console.print(table)
+    raise typer.Exit(1)

@@ -1,0 +1,81 @@
+"""Controller configuration: a TOML file plus environment overrides, validated and immutable."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ControllerConfig(BaseSettings):
+    """Everything `sekisho controller serve` needs; unknown keys are an error."""
+
+    model_config = SettingsConfigDict(env_prefix="SEKISHO_CONTROLLER_", extra="forbid", frozen=True)
+
+    profile: Literal["dev", "production"] = "production"
+    var_dir: Path = Path("var")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite under var_dir if unset")
+
+    broker_host: str = "127.0.0.1"
+    broker_port: int = Field(default=8883, ge=1, le=65535)
+    ca_cert: Path
+    tls_cert: Path
+    tls_key: Path
+    signing_key: Path = Field(description="Ed25519 key that signs acks, policy bundles and commands")
+    worker_id: str = Field(default="controller-1", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    share_group: str = Field(default="controllers", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+
+    batch_max: int = Field(default=500, ge=1, le=10_000)
+    batch_wait_ms: int = Field(default=20, ge=0, le=5_000)
+    key_refresh_s: int = Field(default=10, ge=1)
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    api_tokens: list[SecretStr] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(  # type: ignore[no-untyped-def,override]
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        """Let environment variables override the TOML file (deployments inject secrets that way)."""
+        return (env_settings, init_settings)
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _tokens_strong(cls, tokens: list[SecretStr]) -> list[SecretStr]:
+        for token in tokens:
+            if len(token.get_secret_value()) < 24:
+                raise ValueError("API tokens must be at least 24 characters")
+        return tokens
+
+    @model_validator(mode="after")
+    def _production_needs_tokens(self) -> ControllerConfig:
+        # Fail closed: a production controller without API tokens would serve records to anyone.
+        if self.profile == "production" and not self.api_tokens:
+            raise ValueError("profile 'production' requires api_tokens (or set profile = 'dev')")
+        return self
+
+    def resolved_database_url(self) -> str:
+        """Return the database URL, defaulting to SQLite in var_dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.var_dir / 'controller.db').resolve()}"
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    out = dict(data)
+    for key in ("var_dir", "ca_cert", "tls_cert", "tls_key", "signing_key"):
+        if key in out and not Path(out[key]).is_absolute():
+            out[key] = str((base / out[key]).resolve())
+    return out
+
+
+def load_config(path: Path) -> ControllerConfig:
+    """Load a controller TOML file; relative paths resolve against the file's directory."""
+    with path.open("rb") as handle:
+        data = tomllib.load(handle)
+    return ControllerConfig(**_resolve_paths(data, path.resolve().parent))

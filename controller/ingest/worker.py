@@ -1,0 +1,295 @@
+"""Ingest: MQTT events → decoded → signature-verified → stored in one transaction per batch → acked.
+
+Ordering is what makes "lose nothing" hold: the MQTT PUBACK to the broker and the signed ack to the
+agent are both sent only after the batch transaction has committed. If this process dies mid-batch,
+the broker redelivers (persistent session, manual acks) and the agent resends (no ack seen), and
+storage is idempotent on (agent, seq), so the result is exactly one row per event.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from controller.config import ControllerConfig
+from controller.mqtt import connect_blocking, make_client
+from controller.store.store import DeadLetterIn, Store
+from protocol import errors, events, messages, signing, timefmt, topics
+from protocol.canonical import loads_strict
+
+log = logging.getLogger(__name__)
+
+# Reasons for which the agent's own signature still verifies: the agent really sent this, the
+# dead letter keeps it, so the agent may drop it from its outbox. Anything else is not acked,
+# because an unverified sequence number must never make an agent delete a real event.
+_ACKABLE_WHEN_SIGNED = {errors.SCHEMA, errors.UNKNOWN_TYPE, errors.MY_NUMBER, errors.UNSUPPORTED_VERSION}
+
+
+@dataclass
+class IngestStats:
+    """Counters exposed to the API's readiness endpoint and to the benchmark."""
+
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    heartbeats: int = 0
+    batches: int = 0
+    store_errors: int = 0
+    connected: bool = False
+    last_batch_at: float | None = None
+    reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+@dataclass(frozen=True, slots=True)
+class _Incoming:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+class KeyRing:
+    """Agents' registered public keys, re-read from the store periodically so revocation spreads."""
+
+    def __init__(self, store: Store, refresh_s: float) -> None:
+        self._store = store
+        self._refresh_s = refresh_s
+        self._keys: dict[str, Ed25519PublicKey] = {}
+        self._loaded_at = 0.0
+
+    def get(self, agent_id: str) -> Ed25519PublicKey | None:
+        """Return an active agent's key, refreshing the cache when stale or when the agent is unknown."""
+        now = time.monotonic()
+        if now - self._loaded_at > self._refresh_s or (
+            agent_id not in self._keys and now - self._loaded_at > 1.0
+        ):
+            self.reload()
+        return self._keys.get(agent_id)
+
+    def reload(self) -> None:
+        """Re-read all active agents' keys from the store."""
+        self._keys = {a: signing.load_public_key_pem(pem.encode()) for a, pem in self._store.agent_keys().items()}
+        self._loaded_at = time.monotonic()
+
+
+class IngestWorker:
+    """One ingest worker; several may run (in several processes) on one MQTT shared subscription."""
+
+    def __init__(
+        self,
+        config: ControllerConfig,
+        store: Store,
+        *,
+        on_heartbeat: Callable[[messages.Heartbeat], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.stats = IngestStats()
+        self._signing_key: Ed25519PrivateKey = signing.load_private_key(config.signing_key)
+        self._keys = KeyRing(store, config.key_refresh_s)
+        self._queue: queue.Queue[_Incoming] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._on_heartbeat = on_heartbeat
+        self._client = make_client(config, f"{config.worker_id}-ingest", manual_ack=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # --- MQTT callbacks (network thread): only enqueue, never block on the database -------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            return
+        if not self.stats.connected:
+            log.info("ingest %s connected to broker", self.config.worker_id)
+        self.stats.connected = True
+        group = self.config.share_group
+        client.subscribe(
+            [
+                (topics.all_agents(topics.EVENTS, shared_group=group), 1),
+                (topics.all_agents(topics.HEARTBEAT, shared_group=group), 0),
+            ]
+        )
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if self.stats.connected and not self._stop.is_set():
+            log.warning("ingest %s lost the broker (%s); reconnecting", self.config.worker_id, reason)
+        self.stats.connected = False
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._queue.put(_Incoming(msg.topic, msg.payload, msg.mid, msg.qos))
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect to the broker and start the batching thread."""
+        self._keys.reload()
+        self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
+        self._thread.start()
+        connect_blocking(self._client, self.config, persistent=True)
+
+    def stop(self) -> None:
+        """Finish the current batch, then disconnect."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    @property
+    def client(self) -> mqtt.Client:
+        """The MQTT client (the policy publisher shares it)."""
+        return self._client
+
+    # --- the batch loop ---------------------------------------------------------------------------
+
+    def _collect(self) -> list[_Incoming]:
+        try:
+            first = self._queue.get(timeout=0.5)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.config.batch_wait_ms / 1000
+        while len(batch) < self.config.batch_max:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        pending: list[_Incoming] = []
+        backoff = 0.2
+        while not (self._stop.is_set() and not pending and self._queue.empty()):
+            if not pending:
+                pending = self._collect()
+                if not pending:
+                    continue
+            try:
+                self.process(pending)
+            except Exception:  # the loop must survive anything; the batch is retried, never dropped
+                self.stats.store_errors += 1
+                log.exception("ingest batch of %d failed; retrying in %.1fs", len(pending), backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 0.2
+            pending = []
+
+    def process(self, batch: list[_Incoming]) -> None:
+        """Decode, verify, store and acknowledge one batch of messages."""
+        received_at = timefmt.now()
+        good: list[events.DecodedEvent] = []
+        dead: list[DeadLetterIn] = []
+        heartbeats: list[messages.Heartbeat] = []
+        for item in batch:
+            self.stats.received += 1
+            try:
+                agent, channel = topics.parse(item.topic)
+            except errors.Rejected as err:
+                dead.append(DeadLetterIn(item.topic, item.payload, err.reason, err.detail))
+                continue
+            if channel == topics.HEARTBEAT:
+                hb = self._open_heartbeat(agent, item)
+                if hb is not None:
+                    heartbeats.append(hb)
+                continue
+            try:
+                decoded = events.decode_event(item.payload, topic_agent=agent)
+                key = self._keys.get(decoded.agent)
+                if key is None:
+                    raise errors.Rejected(errors.UNKNOWN_AGENT, f"agent {decoded.agent!r} is not registered")
+                decoded.verify(key)
+                good.append(decoded)
+            except errors.Rejected as err:
+                dead.append(self._dead_letter(item, agent, err))
+
+        result = self.store.store_batch(good, dead, received_at)
+        for hb in heartbeats:
+            self.store.record_heartbeat(hb.agent, hb.model_dump(), received_at)
+        self.stats.batches += 1
+        self.stats.stored += len(result.stored)
+        self.stats.duplicates += len(result.duplicates)
+        self.stats.dead_lettered += len(dead)
+        self.stats.heartbeats += len(heartbeats)
+        self.stats.last_batch_at = time.time()
+        for d in dead:
+            self.stats.reasons[d.reason] += 1
+
+        # Committed: now tell each agent which of its events are safe to drop, then release the broker.
+        to_ack: dict[str, list[int]] = defaultdict(list)
+        for agent_id, seq in [*result.stored, *result.duplicates]:
+            to_ack[agent_id].append(seq)
+        for d in dead:
+            if d.agent_id is not None and d.seq is not None and d.ackable:
+                to_ack[d.agent_id].append(d.seq)
+        for agent_id, seqs in to_ack.items():
+            self._client.publish(
+                topics.topic(agent_id, topics.ACKS), messages.build_ack(self._signing_key, agent_id, seqs), qos=1
+            )
+        for item in batch:
+            if item.qos > 0:
+                self._client.ack(item.mid, item.qos)
+        for hb in heartbeats:
+            if self._on_heartbeat is not None:
+                self._on_heartbeat(hb)
+
+    def _open_heartbeat(self, agent: str, item: _Incoming) -> messages.Heartbeat | None:
+        key = self._keys.get(agent)
+        try:
+            if key is None:
+                raise errors.Rejected(errors.UNKNOWN_AGENT, f"agent {agent!r} is not registered")
+            return messages.open_heartbeat(item.payload, key, agent)
+        except errors.Rejected as err:
+            # Heartbeats are not records; count the reason instead of filling the dead-letter table.
+            self.stats.reasons[f"heartbeat_{err.reason}"] += 1
+            log.debug("heartbeat from %s refused: %s", agent, err.reason)
+            return None
+
+    def _dead_letter(self, item: _Incoming, topic_agent: str, err: errors.Rejected) -> DeadLetterIn:
+        """Build a dead letter, marking it ackable only when the agent's own signature proves origin."""
+        agent_id, seq, event_id, ackable = topic_agent, None, None, False
+        try:
+            doc = loads_strict(item.payload, max_size=events.MAX_EVENT_BYTES)
+            body = doc["event"]
+            claimed_seq, claimed_id = body.get("seq"), body.get("id")
+            if isinstance(claimed_seq, int) and not isinstance(claimed_seq, bool) and claimed_seq >= 1:
+                seq = claimed_seq
+            if isinstance(claimed_id, str) and len(claimed_id) == 32:
+                event_id = claimed_id
+            if err.reason in _ACKABLE_WHEN_SIGNED and body.get("agent") == topic_agent and seq is not None:
+                key = self._keys.get(topic_agent)
+                if key is not None:
+                    signing.verify(key, "event", body, doc["sig"])
+                    ackable = True
+        except (errors.Rejected, KeyError, TypeError, AttributeError):
+            pass
+        return DeadLetterIn(
+            topic=item.topic,
+            raw=item.payload,
+            reason=err.reason,
+            detail=err.detail,
+            agent_id=agent_id,
+            seq=seq,
+            event_id=event_id,
+            ackable=ackable,
+        )

@@ -1,0 +1,70 @@
+"""Load site policy from YAML strictly: duplicate keys, unknown keys and dangling references are errors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from protocol.policy import SitePolicy
+
+
+class PolicyError(ValueError):
+    """A site policy that cannot be applied, with every problem found listed."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
+
+
+def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def parse_policy(text: str, source: str = "<policy>") -> SitePolicy:
+    """Parse and validate site policy YAML, raising PolicyError with every problem located."""
+    try:
+        doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise PolicyError([f"{source}: YAML error: {err}"]) from err
+    if not isinstance(doc, dict):
+        raise PolicyError([f"{source}: the document must be a mapping"])
+    try:
+        return SitePolicy.model_validate(doc)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e.get("loc", ())) or "(document)"
+            problems.append(f"{source}: {where}: {e.get('msg')}")
+        raise PolicyError(problems) from err
+
+
+def load_policy_file(path: Path) -> tuple[SitePolicy, str]:
+    """Read and validate a policy file; return the model and the SHA-256 of its bytes."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise PolicyError([f"{path}: {err.strerror}"]) from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PolicyError([f"{path}: not UTF-8"]) from err
+    return parse_policy(text, str(path)), hashlib.sha256(data).hexdigest()

@@ -1,0 +1,132 @@
+"""The running controller: store + ingest + policy keeper + HTTP API in one process.
+
+Nothing here is state another worker would need: versions, keys and records live in the database,
+so several `serve`/`ingest` processes can share one store behind an MQTT shared subscription.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+
+from controller.api.app import create_app
+from controller.api.deps import AppState
+from controller.config import ControllerConfig
+from controller.ingest.worker import IngestWorker
+from controller.policy.service import PolicyService, publish_bundles
+from controller.store.db import make_engine, upgrade
+from controller.store.store import Store
+from protocol import messages, signing
+
+log = logging.getLogger(__name__)
+
+
+def open_store(config: ControllerConfig) -> Store:
+    """Open the configured database and bring its schema up to date."""
+    config.var_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(config.resolved_database_url())
+    upgrade(engine)
+    return Store(engine)
+
+
+@dataclass
+class _Published:
+    version: int
+    at: float
+
+
+class PolicyKeeper:
+    """Publishes the current policy's bundles: on a new version, before they expire, and to stale agents."""
+
+    CHECK_EVERY_S = 5.0
+    STALE_AGENT_COOLDOWN_S = 60.0
+
+    def __init__(self, config: ControllerConfig, store: Store, worker: IngestWorker) -> None:
+        self.service = PolicyService(store, signing.load_private_key(config.signing_key))
+        self.worker = worker
+        self._published: _Published | None = None
+        self._stale_sent: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="policy-keeper", daemon=True)
+
+    def start(self) -> None:
+        """Start the periodic check."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the periodic check."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.check()
+            except Exception:  # keep trying; a broker or database hiccup must not end publishing
+                log.exception("policy publication failed; will retry")
+            self._stop.wait(self.CHECK_EVERY_S)
+
+    def check(self) -> None:
+        """Publish bundles if the version changed or half their lifetime has passed."""
+        current = self.service.current()
+        if current is None or not self.worker.stats.connected:
+            return
+        version, policy = current
+        refresh_after = policy.bundle_lifetime_hours * 3600 / 2
+        with self._lock:
+            fresh = self._published and self._published.version == version
+            if fresh and time.monotonic() - self._published.at < refresh_after:  # type: ignore[union-attr]
+                return
+            publish_bundles(self.worker.client, self.service.bundles())
+            self._published = _Published(version, time.monotonic())
+        log.info("published policy version %d bundles", version)
+
+    def on_heartbeat(self, hb: messages.Heartbeat) -> None:
+        """Re-send the bundle to an agent that reports an older policy version (at most once a minute)."""
+        published = self._published
+        if published is None or hb.policy_version == published.version:
+            return
+        now = time.monotonic()
+        if now - self._stale_sent.get(hb.agent, 0.0) < self.STALE_AGENT_COOLDOWN_S:
+            return
+        self._stale_sent[hb.agent] = now
+        bundle = self.service.bundles().get(hb.agent)
+        if bundle is not None:
+            publish_bundles(self.worker.client, {hb.agent: bundle})
+
+
+class Controller:
+    """Owns the store, the ingest worker and the policy keeper; `serve` adds the HTTP API."""
+
+    def __init__(self, config: ControllerConfig, *, with_policy: bool = True) -> None:
+        self.config = config
+        self.store = open_store(config)
+        self.worker = IngestWorker(config, self.store, on_heartbeat=self._on_heartbeat)
+        self.keeper = PolicyKeeper(config, self.store, self.worker) if with_policy else None
+
+    def _on_heartbeat(self, hb: messages.Heartbeat) -> None:
+        if self.keeper is not None:
+            self.keeper.on_heartbeat(hb)
+
+    def start(self) -> None:
+        """Connect ingest and start publishing policy."""
+        self.worker.start()
+        if self.keeper is not None:
+            self.keeper.start()
+
+    def stop(self) -> None:
+        """Stop cleanly: finish the batch in hand, then disconnect."""
+        if self.keeper is not None:
+            self.keeper.stop()
+        self.worker.stop()
+        self.store.engine.dispose()
+
+    def serve_http(self) -> None:
+        """Run the HTTP API in the foreground until interrupted."""
+        app = create_app(AppState(self.config, self.store, self.worker.stats))
+        uvicorn.run(app, host=self.config.http_host, port=self.config.http_port, log_level="warning")

@@ -1,0 +1,431 @@
+"""A small PKI for the MQTT transport: one CA, the broker, the controller and one identity per agent.
+
+Layout of a PKI directory::
+
+    ca.crt, ca.key                         self-signed CA (ECDSA P-256)
+    broker/tls.crt, broker/tls.key         server certificate (serverAuth)
+    controller/tls.crt, controller/tls.key client certificate, CN=controller (clientAuth)
+    controller/signing.key, signing.pub    Ed25519: signs acks, policy bundles and commands
+    agents/NAME/tls.crt, tls.key           client certificate, CN=NAME (clientAuth)
+    agents/NAME/signing.key, signing.pub   Ed25519: signs the agent's events
+    agents/NAME/ca.crt                     copy, so an agent's directory is all it needs
+    agents/NAME/controller-signing.pub     copy, to verify what the controller sends
+
+The broker maps a client certificate's CN to the MQTT username (``use_identity_as_username``), and the
+ACL confines each username to its own topics, so the CN *is* the identity: names that the ACL treats
+specially can never be issued to an agent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from protocol import errors, signing, topics
+
+CA_DAYS = 3650
+# Leaf certificates are re-issued with `issue-agent --force`; about two years keeps rotation a routine
+# chore rather than a once-a-decade surprise.
+LEAF_DAYS = 825
+# Tolerates an agent whose clock is a little behind the machine that issued its certificate.
+BACKDATE = dt.timedelta(minutes=5)
+
+CONTROLLER_CN = "controller"
+BROKER_CN = "sekisho-broker"
+# A certificate CN becomes the broker username: an agent called "controller" would get the controller's
+# ACL, so these names are refused for agents.
+RESERVED_NAMES = frozenset({CONTROLLER_CN, BROKER_CN, "broker", "ca"})
+DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+class PkiError(Exception):
+    """A PKI operation that was refused (existing material, bad name, missing CA)."""
+
+
+@dataclass(frozen=True)
+class CaPaths:
+    """Where a CA's certificate and private key live."""
+
+    directory: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def at(cls, directory: Path) -> CaPaths:
+        """Return the CA layout inside a directory (nothing is read or written)."""
+        return cls(directory=directory, cert=directory / "ca.crt", key=directory / "ca.key")
+
+
+@dataclass(frozen=True)
+class TlsIdentity:
+    """A certificate and its private key."""
+
+    common_name: str
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class PkiPaths:
+    """Every file of a PKI directory except the agents'."""
+
+    directory: Path
+    ca_cert: Path
+    ca_key: Path
+    broker_cert: Path
+    broker_key: Path
+    controller_cert: Path
+    controller_key: Path
+    controller_signing_key: Path
+    controller_signing_pub: Path
+
+    @classmethod
+    def at(cls, directory: Path) -> PkiPaths:
+        """Return the PKI layout inside a directory (nothing is read or written)."""
+        ca = CaPaths.at(directory)
+        return cls(
+            directory=directory,
+            ca_cert=ca.cert,
+            ca_key=ca.key,
+            broker_cert=directory / "broker" / "tls.crt",
+            broker_key=directory / "broker" / "tls.key",
+            controller_cert=directory / "controller" / "tls.crt",
+            controller_key=directory / "controller" / "tls.key",
+            controller_signing_key=directory / "controller" / "signing.key",
+            controller_signing_pub=directory / "controller" / "signing.pub",
+        )
+
+
+@dataclass(frozen=True)
+class AgentCredentials:
+    """Everything one agent needs, all inside its own directory."""
+
+    name: str
+    directory: Path
+    tls_cert: Path
+    tls_key: Path
+    signing_key: Path
+    signing_pub: Path
+    ca_cert: Path
+    controller_signing_pub: Path
+
+    @classmethod
+    def at(cls, pki_dir: Path, name: str) -> AgentCredentials:
+        """Return the layout of an agent's directory inside a PKI (nothing is read or written)."""
+        directory = pki_dir / "agents" / check_agent_name(name)
+        return cls(
+            name=name,
+            directory=directory,
+            tls_cert=directory / "tls.crt",
+            tls_key=directory / "tls.key",
+            signing_key=directory / "signing.key",
+            signing_pub=directory / "signing.pub",
+            ca_cert=directory / "ca.crt",
+            controller_signing_pub=directory / "controller-signing.pub",
+        )
+
+
+def check_agent_name(name: str) -> str:
+    """Return the name if it can be an agent's id and certificate CN, else raise PkiError."""
+    try:
+        topics.check_agent_id(name)
+    except errors.Rejected as err:
+        raise PkiError(f"invalid agent name {name!r}: lower-case letters, digits, '-', '_'") from err
+    if name in RESERVED_NAMES:
+        raise PkiError(f"agent name {name!r} is reserved")
+    return name
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+
+def _make_dir(path: Path) -> None:
+    # Only directories created here get 0700; an existing directory chosen by the user keeps its mode.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write a file atomically with the given mode, replacing any previous one."""
+    _make_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # The mode is set at creation, so a private key is never readable by others, not even briefly;
+    # O_EXCL makes sure we never write through a file or symlink someone else put there.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write private key material with mode 0600."""
+    _write_file(path, data, 0o600)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """Write a certificate or public key with mode 0644 (still inside a 0700 directory)."""
+    _write_file(path, data, 0o644)
+
+
+def _refuse_existing(paths: Sequence[Path], force: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise PkiError(f"refusing to overwrite {', '.join(existing)} (use force)")
+
+
+# --- certificates ----------------------------------------------------------------------------------
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sekisho"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _load_ca(ca: CaPaths, ca_key_path: Path | None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key_path = ca_key_path or ca.key
+    if not ca.cert.exists() or not key_path.exists():
+        raise PkiError(f"no CA at {ca.directory} (run init first)")
+    cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{key_path} is not an ECDSA key")
+    if cert.public_key() != key.public_key():
+        raise PkiError(f"{key_path} does not belong to {ca.cert}")
+    return cert, key
+
+
+def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    seen: set[str] = set()
+    for host in hosts:
+        if host in seen:
+            continue
+        seen.add(host)
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            if not host.isascii() or len(host) > 253 or not all(_HOSTNAME_LABEL.match(p) for p in host.split(".")):
+                raise PkiError(f"invalid host name {host!r}") from None
+            names.append(x509.DNSName(host.lower()))
+    return x509.SubjectAlternativeName(names)
+
+
+def _issue(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    usage: x509.ObjectIdentifier,
+    san: x509.SubjectAlternativeName | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = _ec_key()
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(min(now + dt.timedelta(days=LEAF_DAYS), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        # A single purpose per certificate: OpenSSL then refuses the broker's certificate as a client
+        # certificate, and a client certificate as a server's.
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    if san is not None:
+        builder = builder.add_extension(san, critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+# --- public API --------------------------------------------------------------------------------------
+
+
+def init_ca(directory: Path, *, force: bool = False, common_name: str = "sekisho CA") -> CaPaths:
+    """Create a self-signed CA (ca.crt, ca.key) in a directory; refuse to replace one unless force."""
+    ca = CaPaths.at(directory)
+    _refuse_existing([ca.cert, ca.key], force)
+    _make_dir(directory)
+    key = _ec_key()
+    now = _now()
+    name = _name(common_name)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        # path_length=0: this CA signs leaf certificates only, never another CA.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    # Key first: a ca.crt without its key would look like a usable CA to the next run.
+    write_private(ca.key, _key_pem(key))
+    write_public(ca.cert, _cert_pem(cert))
+    return ca
+
+
+def issue_client_cert(
+    directory: Path,
+    common_name: str,
+    out_dir: Path,
+    ca_key_path: Path | None = None,
+    *,
+    force: bool = False,
+) -> TlsIdentity:
+    """Issue a clientAuth certificate (out_dir/tls.crt, tls.key) from the CA in `directory`."""
+    ca_cert, ca_key = _load_ca(CaPaths.at(directory), ca_key_path)
+    ident = TlsIdentity(common_name=common_name, cert=out_dir / "tls.crt", key=out_dir / "tls.key")
+    _refuse_existing([ident.cert, ident.key], force)
+    cert, key = _issue(ca_cert, ca_key, common_name, ExtendedKeyUsageOID.CLIENT_AUTH)
+    write_private(ident.key, _key_pem(key))
+    write_public(ident.cert, _cert_pem(cert))
+    return ident
+
+
+def issue_server_cert(
+    directory: Path,
+    hosts: Sequence[str],
+    out_dir: Path,
+    ca_key_path: Path | None = None,
+    *,
+    force: bool = False,
+) -> TlsIdentity:
+    """Issue a serverAuth certificate for the given host names and addresses."""
+    ca_cert, ca_key = _load_ca(CaPaths.at(directory), ca_key_path)
+    ident = TlsIdentity(common_name=BROKER_CN, cert=out_dir / "tls.crt", key=out_dir / "tls.key")
+    _refuse_existing([ident.cert, ident.key], force)
+    san = _san([*DEFAULT_HOSTS, *hosts])
+    cert, key = _issue(ca_cert, ca_key, BROKER_CN, ExtendedKeyUsageOID.SERVER_AUTH, san)
+    write_private(ident.key, _key_pem(key))
+    write_public(ident.cert, _cert_pem(cert))
+    return ident
+
+
+def _write_signing_key(key_path: Path, pub_path: Path) -> None:
+    key = signing.generate_key()
+    write_private(key_path, signing.private_key_pem(key))
+    write_public(pub_path, signing.public_key_pem(key.public_key()))
+
+
+def init_pki(directory: Path, *, hosts: Sequence[str] = (), force: bool = False) -> PkiPaths:
+    """Create the CA, broker and controller material; refuse to replace an existing CA unless force.
+
+    With force every file is regenerated: agents issued before then no longer chain to the CA and must
+    be issued again.
+    """
+    paths = PkiPaths.at(directory)
+    _refuse_existing([paths.ca_cert, paths.ca_key], force)
+    _san(hosts)  # validate before anything is written
+    init_ca(directory, force=force)
+    issue_server_cert(directory, hosts, paths.broker_cert.parent, force=True)
+    issue_client_cert(directory, CONTROLLER_CN, paths.controller_cert.parent, force=True)
+    _write_signing_key(paths.controller_signing_key, paths.controller_signing_pub)
+    _make_dir(directory / "agents")
+    return paths
+
+
+def issue_agent(
+    directory: Path, name: str, *, force: bool = False, ca_key_path: Path | None = None
+) -> AgentCredentials:
+    """Issue an agent's certificate and signing key into agents/NAME; refuse if it exists unless force."""
+    creds = AgentCredentials.at(directory, name)
+    pki = PkiPaths.at(directory)
+    if creds.directory.exists() and not force:
+        raise PkiError(f"agent {name!r} already exists at {creds.directory} (use force)")
+    if not pki.controller_signing_pub.exists():
+        raise PkiError(f"no controller signing key in {directory} (run init first)")
+    issue_client_cert(directory, name, creds.directory, ca_key_path, force=True)
+    _write_signing_key(creds.signing_key, creds.signing_pub)
+    write_public(creds.ca_cert, pki.ca_cert.read_bytes())
+    write_public(creds.controller_signing_pub, pki.controller_signing_pub.read_bytes())
+    return creds
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    """Load a PEM certificate."""
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def cert_fingerprint(path: Path) -> str:
+    """Return the SHA-256 fingerprint of a PEM certificate as colon-separated hex."""
+    return load_cert(path).fingerprint(hashes.SHA256()).hex(":")
