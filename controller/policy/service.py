@@ -6,15 +6,17 @@ import difflib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controller.store.store import Store
 from protocol import messages, timefmt, topics
 from protocol.policy import SitePolicy
+
+if TYPE_CHECKING:
+    from controller.store.store import Store
 
 log = logging.getLogger(__name__)
 
