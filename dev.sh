@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian/Ubuntu machine:
+#   ./dev.sh demo    install what is missing, then run the demo (Ctrl-C stops everything)
+#   ./dev.sh test    install what is missing, then run every test tier this machine can run
+# Installs: Debian packages (only when root and missing), a .venv, the project with its dev extras.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(mosquitto postgresql python3-venv)
+
+ensure_apt() {
+  local missing=()
+  for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing Debian packages: ${missing[*]} (run as root, or install them yourself)" >&2
+    return 0
+  fi
+  echo "installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  # A policy-rc.d that says "no" keeps the packages' own services from starting: tests start theirs.
+  local own_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && own_policy=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ $own_policy -eq 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+}
+
+ensure_venv() {
+  local py=${PYTHON:-python3}
+  if [ ! -x .venv/bin/python ]; then
+    "$py" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+  fi
+  # Re-install when pyproject.toml changed since the last install.
+  if [ ! -f .venv/.sekisho-installed ] || [ pyproject.toml -nt .venv/.sekisho-installed ]; then
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    touch .venv/.sekisho-installed
+  fi
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+  demo)
+    ensure_apt; ensure_venv
+    exec .venv/bin/sekisho demo "$@"
+    ;;
+  test)
+    ensure_apt; ensure_venv
+    .venv/bin/ruff check .
+    .venv/bin/mypy protocol agents controller deploy sekisho drivers firmware_stubs
+    exec .venv/bin/pytest "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh demo | ./dev.sh test [pytest args]" >&2
+    exit 2
+    ;;
+esac

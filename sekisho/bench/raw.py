@@ -1,0 +1,145 @@
+"""The raw MQTT baseline: plain paho QoS 1 publish → subscribe through the same broker and TLS set-up.
+
+Publishers and the subscriber run in their own processes (spawned, so no paho thread is forked),
+exactly as many as the durable run uses, with the same payload bytes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Client certificate material for one connection."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+def _client(client_id: str, tls: TlsFiles) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.tls_set(ca_certs=tls.ca, certfile=tls.cert, keyfile=tls.key, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    client.max_inflight_messages_set(1000)
+
+    def nodelay(c: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    client.on_socket_open = nodelay
+    return client
+
+
+def _connect(client: mqtt.Client, port: int) -> None:
+    ready = threading.Event()
+    client.on_connect = lambda c, u, f, rc, p: ready.set()
+    client.connect("127.0.0.1", port, clean_start=True)
+    client.loop_start()
+    if not ready.wait(10):
+        raise ConnectionError("baseline client could not connect")
+
+
+def publisher(port: int, tls: TlsFiles, topic: str, payload: bytes, count: int, go: Any) -> None:
+    """Publish `count` copies of `payload` with QoS 1 as fast as paho allows, then wait for all PUBACKs."""
+    client = _client(f"bench-pub-{topic.split('/')[3]}", tls)
+    _connect(client, port)
+    go.wait(30)
+    infos = [client.publish(topic, payload, qos=1) for _ in range(count)]
+    for info in infos:
+        info.wait_for_publish(120)
+    client.disconnect()
+    client.loop_stop()
+
+
+def subscriber(port: int, tls: TlsFiles, topic_filter: str, expected: int, ready: Any, out: Any, timeout: float) -> None:
+    """Count QoS 1 messages until `expected` arrived; report (count, first arrival, last arrival)."""
+    state = {"n": 0, "first": 0.0, "last": 0.0}
+    done = threading.Event()
+
+    def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        now = time.perf_counter()
+        if state["n"] == 0:
+            state["first"] = now
+        state["n"] += 1
+        state["last"] = now
+        if state["n"] >= expected:
+            done.set()
+
+    client = _client("bench-sub", tls)
+    subscribed = threading.Event()
+    client.on_message = on_message
+    client.on_subscribe = lambda c, u, mid, rc, p: subscribed.set()
+    _connect(client, port)
+    client.subscribe(topic_filter, qos=1)
+    subscribed.wait(10)
+    ready.set()
+    done.wait(timeout)
+    client.disconnect()
+    client.loop_stop()
+    out.put((state["n"], state["first"], state["last"]))
+
+
+@dataclass(frozen=True)
+class RawResult:
+    """What the baseline measured."""
+
+    messages: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        """Messages per second, first to last arrival."""
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_baseline(
+    port: int,
+    subscriber_tls: TlsFiles,
+    publishers: list[tuple[str, TlsFiles]],
+    payload: bytes,
+    per_publisher: int,
+    topic_filter: str,
+    timeout: float = 300,
+) -> RawResult:
+    """Run the baseline: one subscriber process and one process per (topic, tls) publisher."""
+    ctx = mp.get_context("spawn")
+    ready, go = ctx.Event(), ctx.Event()
+    out: Any = ctx.Queue()
+    expected = per_publisher * len(publishers)
+    sub = ctx.Process(target=subscriber, args=(port, subscriber_tls, topic_filter, expected, ready, out, timeout))
+    sub.start()
+    if not ready.wait(30):
+        sub.terminate()
+        raise RuntimeError("baseline subscriber did not start")
+    pubs = [ctx.Process(target=publisher, args=(port, tls, topic, payload, per_publisher, go)) for topic, tls in publishers]
+    for p in pubs:
+        p.start()
+    time.sleep(1.0)  # let every publisher finish its TLS handshake so the clock measures traffic only
+    go.set()
+    try:
+        count, first, last = out.get(timeout=timeout + 30)
+    except queue.Empty as err:
+        raise RuntimeError("baseline subscriber did not report") from err
+    finally:
+        for p in [*pubs, sub]:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    return RawResult(count, last - first)
+
+
+def tls_for_dir(directory: Path) -> TlsFiles:
+    """TLS files of an agent directory made by `sekisho pki issue-agent`."""
+    return TlsFiles(str(directory / "ca.crt"), str(directory / "tls.crt"), str(directory / "tls.key"))

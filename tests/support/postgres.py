@@ -1,0 +1,75 @@
+"""A throwaway PostgreSQL cluster started by the tests on a free loopback port.
+
+The tests never rely on a server this machine happens to run: they initdb a cluster in a temp
+directory, start it on a free port, and stop it at the end. As root, PostgreSQL refuses to run, so
+the cluster is owned by and run as the `postgres` system user.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def find_pg_bin() -> Path | None:
+    """Return the directory holding initdb/pg_ctl, or None if PostgreSQL is not installed."""
+    on_path = shutil.which("initdb")
+    if on_path:
+        return Path(on_path).parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[str]:
+    """Start a private cluster; yield a SQLAlchemy URL base (`postgresql+psycopg://postgres@127.0.0.1:PORT`)."""
+    bindir = find_pg_bin()
+    if bindir is None:
+        raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="sekisho-pg-"))
+    data = root / "data"
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    subprocess.run(
+        [*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+        check=True, capture_output=True, env=env,
+    )
+    opts = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=on -c max_connections=50"
+    subprocess.run(
+        [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-o", opts, "-w", "-t", "60", "start"],
+        check=True, capture_output=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(
+            [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+            capture_output=True, env=env, check=False,
+        )
+        shutil.rmtree(root, ignore_errors=True)
