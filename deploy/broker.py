@@ -117,8 +117,8 @@ def render_config(
         f"acl_file {v(acl_path)}",
         "",
         "# Persistence: queued QoS 1 messages, retained policies and persistent sessions survive a",
-        "# restart or a crash. The database is written every second, so a crash loses at most about one",
-        "# second of broker state (agents resend events that were not acknowledged).",
+        '# restart or a crash. "Every second" is in practice about every two (mosquitto compares whole',
+        "# seconds), so a crash loses up to ~2 s of broker state (agents resend unacknowledged events).",
         "persistence true",
         f"persistence_location {v(state_dir)}/",
         f"persistence_file {DB_NAME}",
@@ -191,9 +191,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 class Broker:
     """One mosquitto process for demos, tests and benchmarks, with its state kept in `state_dir`."""
 
-    def __init__(
-        self, pki_dir: Path, state_dir: Path, port: int | None = None, *, bind: str = "127.0.0.1"
-    ) -> None:
+    def __init__(self, pki_dir: Path, state_dir: Path, port: int | None = None, *, bind: str = "127.0.0.1") -> None:
         self.pki_dir = Path(pki_dir)
         self.state_dir = Path(state_dir)
         self.bind = bind
@@ -279,6 +277,7 @@ class Broker:
     def _start_once(self, timeout: float) -> None:
         self.write_config()
         executable = find_mosquitto()
+        probe = self._probe_context()
         log_mark = self.log_path.stat().st_size if self.log_path.exists() else 0
         stderr_path = self.state_dir / STDERR_NAME
         with stderr_path.open("wb") as stderr:
@@ -295,12 +294,22 @@ class Broker:
             if not self.is_running():
                 self._proc.wait()
                 raise BrokerError(f"mosquitto exited with {self._proc.returncode}:\n{self._diagnostics(log_mark)}")
-            if self._handshake():
+            # Another process may already listen on the port and answer the probe: only our own
+            # broker's "running" line (logged once its listener is bound) makes the probe meaningful.
+            if self._logged_running(log_mark) and self._handshake(probe) and self.is_running():
                 return
             if time.monotonic() > deadline:
                 self.kill()
                 raise BrokerError(f"mosquitto not ready after {timeout}s:\n{self._diagnostics(log_mark)}")
             time.sleep(0.05)
+
+    def _logged_running(self, log_mark: int) -> bool:
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(log_mark)
+                return any(line.endswith(b" running") for line in fh.read().splitlines())
+        except OSError:
+            return False
 
     def _diagnostics(self, log_mark: int) -> str:
         log = ""
@@ -309,12 +318,15 @@ class Broker:
             log = "\n".join(fh.read().decode(errors="replace").splitlines()[-30:])
         return "\n".join(part for part in (_tail(self.state_dir / STDERR_NAME), log) if part)
 
-    def _handshake(self) -> bool:
-        # A full mutual-TLS handshake proves the listener is up and the certificates were loaded;
-        # merely accepting TCP connections does not.
+    def _probe_context(self) -> ssl.SSLContext:
         pki = PkiPaths.at(self.pki_dir)
         ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
         ctx.load_cert_chain(str(pki.controller_cert), str(pki.controller_key))
+        return ctx
+
+    def _handshake(self, ctx: ssl.SSLContext) -> bool:
+        # A full mutual-TLS handshake proves the listener is up and the certificates were loaded;
+        # merely accepting TCP connections does not.
         try:
             with (
                 socket.create_connection((self.connect_host, self.port), timeout=1) as raw,
@@ -322,10 +334,13 @@ class Broker:
             ):
                 # TLS 1.3 finishes the client side before the server has checked our certificate;
                 # a short read surfaces a rejection as an error instead of a false success.
-                tls.settimeout(0.2)
+                tls.settimeout(0.1)
                 with contextlib.suppress(TimeoutError, ssl.SSLWantReadError):
                     if tls.recv(1) == b"":
                         return False
+                # A clean TLS close keeps OpenSSL "unexpected eof" errors out of the broker log.
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    tls.unwrap()
                 return True
         except (OSError, ssl.SSLError):
             return False

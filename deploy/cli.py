@@ -1,0 +1,106 @@
+"""`sekisho pki`: create the PKI of the MQTT transport and issue agent credentials."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from deploy import pki
+from protocol import signing
+
+app = typer.Typer(
+    help="Create the MQTT transport's PKI (CA, broker, controller) and issue agent credentials.",
+    no_args_is_help=True,
+)
+
+DirOption = Annotated[Path, typer.Option("--dir", help="PKI directory.", file_okay=False)]
+DEFAULT_DIR = Path("./var/pki")
+
+
+def _describe(path: Path) -> str:
+    # Only public facts are shown: certificate subject, expiry and fingerprint, signing key id.
+    if path.name.endswith(".crt"):
+        cert = pki.load_cert(path)
+        expires = cert.not_valid_after_utc.date().isoformat()
+        return (
+            f"certificate {escape(cert.subject.rfc4514_string())}, expires {expires}, "
+            f"sha256 {pki.cert_fingerprint(path)}"
+        )
+    if path.name.endswith(".pub"):
+        return f"Ed25519 public key, key id {signing.key_id(signing.load_public_key(path))}"
+    return "private key (mode 0600, keep secret)"
+
+
+def _report(console: Console, title: str, paths: list[Path]) -> None:
+    console.print(f"[bold green]{escape(title)}[/]", soft_wrap=True)
+    for path in paths:
+        # soft_wrap keeps fingerprints and key ids on one line, whole, whatever the terminal width.
+        console.print(f"  {escape(str(path))}: {_describe(path)}", soft_wrap=True)
+
+
+def _fail(err: Exception) -> typer.Exit:
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+@app.command("init")
+def init_command(
+    directory: DirOption = DEFAULT_DIR,
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="Extra broker host name or IP address (repeatable)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing CA (every agent must then be re-issued).")
+    ] = False,
+) -> None:
+    """Create the CA, the broker's and the controller's certificates and the controller's signing key."""
+    try:
+        paths = pki.init_pki(directory, hosts=host or (), force=force)
+    except pki.PkiError as err:
+        raise _fail(err) from err
+    _report(
+        Console(),
+        f"PKI written to {paths.directory}",
+        [
+            paths.ca_cert,
+            paths.ca_key,
+            paths.broker_cert,
+            paths.broker_key,
+            paths.controller_cert,
+            paths.controller_key,
+            paths.controller_signing_pub,
+            paths.controller_signing_key,
+        ],
+    )
+    if force:
+        Console().print("[yellow]The CA changed: issue every agent again (issue-agent NAME --force).[/]")
+
+
+@app.command("issue-agent")
+def issue_agent_command(
+    name: Annotated[str, typer.Argument(help="Agent id; also the certificate CN and the MQTT username.")],
+    directory: DirOption = DEFAULT_DIR,
+    force: Annotated[bool, typer.Option("--force", help="Replace the agent's existing credentials.")] = False,
+) -> None:
+    """Issue an agent's TLS certificate and signing key into DIR/agents/NAME."""
+    try:
+        creds = pki.issue_agent(directory, name, force=force)
+    except pki.PkiError as err:
+        raise _fail(err) from err
+    _report(
+        Console(),
+        f"Agent {name} written to {creds.directory} (copy this directory to the agent)",
+        [
+            creds.tls_cert,
+            creds.tls_key,
+            creds.signing_pub,
+            creds.signing_key,
+            creds.ca_cert,
+            creds.controller_signing_pub,
+        ],
+    )

@@ -1,0 +1,30 @@
+"""Shared fixtures: a PKI for the whole session and a real mosquitto per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.broker import Broker
+from deploy.pki import init_pki, issue_agent
+
+AGENTS = ("agent-a", "agent-b")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PKI directory with the CA, broker, controller and the agents agent-a and agent-b."""
+    directory = tmp_path_factory.mktemp("pki")
+    init_pki(directory)
+    for name in AGENTS:
+        issue_agent(directory, name)
+    return directory
+
+
+@pytest.fixture
+def broker(pki: Path, tmp_path: Path) -> Iterator[Broker]:
+    """A mosquitto with the project's config and ACL, running for one test on a free loopback port."""
+    with Broker(pki, tmp_path / "broker") as running:
+        yield running
