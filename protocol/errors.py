@@ -27,3 +27,6 @@ NOT_YET_VALID = "not_yet_valid"
 REPLAY = "replay"
 WRONG_AGENT = "wrong_agent"
 ROLLBACK = "rollback"
+# Raised by the store: an event id reused by another (agent, seq), or a seq reused with another event id.
+DUPLICATE_ID = "duplicate_id"
+SEQ_CONFLICT = "seq_conflict"

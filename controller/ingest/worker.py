@@ -229,7 +229,7 @@ class IngestWorker:
         self.stats.batches += 1
         self.stats.stored += len(result.stored)
         self.stats.duplicates += len(result.duplicates)
-        self.stats.dead_lettered += len(dead)
+        self.stats.dead_lettered += len(result.dead_lettered)
         self.stats.heartbeats += len(heartbeats)
         self.stats.last_batch_at = time.time()
         for d in dead:
@@ -242,6 +242,11 @@ class IngestWorker:
         for d in dead:
             if d.agent_id is not None and d.seq is not None and d.ackable:
                 to_ack[d.agent_id].append(d.seq)
+        # The store may dead-letter verified events too (reused event id or seq); those are signed, so ack.
+        verified = {(ev.agent, ev.seq) for ev in good}
+        for agent_id, seq in result.dead_lettered:
+            if (agent_id, seq) in verified and agent_id is not None and seq is not None:
+                to_ack[agent_id].append(seq)
         for agent_id, seqs in to_ack.items():
             self._client.publish(
                 topics.topic(agent_id, topics.ACKS), messages.build_ack(self._signing_key, agent_id, seqs), qos=1

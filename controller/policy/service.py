@@ -106,23 +106,24 @@ class PolicyService:
 
     def current(self) -> tuple[int, SitePolicy] | None:
         """Return the version and model of the policy in force, if any."""
-        row = self.store.get_current_policy()
+        row = self.store.current_policy_version()
         if row is None:
             return None
         return row.version, SitePolicy.model_validate(row.document)
 
     def plan(self, policy: SitePolicy) -> PolicyDiff:
         """Diff a candidate policy against the current one without changing anything."""
-        row = self.store.get_current_policy()
+        row = self.store.current_policy_version()
         return diff_policy(row.document if row else None, policy, row.version if row else None)
 
     def apply(self, policy: SitePolicy, *, source_sha256: str, created_by: str, comment: str = "") -> int | None:
         """Store the policy as a new version unless it is unchanged; return the new version or None."""
         if self.plan(policy).empty:
             return None
-        return self.store.add_policy_version(
-            document=policy.model_dump(mode="json"), source_sha256=source_sha256, created_by=created_by, comment=comment
+        row = self.store.add_policy_version(
+            policy.model_dump(mode="json"), source_sha256=source_sha256, created_by=created_by, comment=comment
         )
+        return row.version
 
     def bundles(self) -> dict[str, bytes]:
         """Sign fresh bundles for the current version, including empty ones for agents dropped from it."""

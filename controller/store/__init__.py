@@ -1,0 +1,32 @@
+"""The controller's storage layer: SQLAlchemy models, Alembic migrations and the record store."""
+
+from controller.store.chain import ChainProblem, record_hash
+from controller.store.db import default_url, make_engine, upgrade
+from controller.store.store import (
+    DUPLICATE_ID,
+    SEQ_CONFLICT,
+    SEQUENCE_GAP,
+    AgentExists,
+    AgentNotFound,
+    BatchResult,
+    DeadLetterIn,
+    GapFinding,
+    Store,
+)
+
+__all__ = [
+    "DUPLICATE_ID",
+    "SEQUENCE_GAP",
+    "SEQ_CONFLICT",
+    "AgentExists",
+    "AgentNotFound",
+    "BatchResult",
+    "ChainProblem",
+    "DeadLetterIn",
+    "GapFinding",
+    "Store",
+    "default_url",
+    "make_engine",
+    "record_hash",
+    "upgrade",
+]

@@ -1,0 +1,98 @@
+"""Engines and schema migrations: SQLite by default, PostgreSQL (psycopg 3) for larger sites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL, Connection, make_url
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+# Execution option read by the SQLite "begin" hook: "IMMEDIATE" takes the write lock at BEGIN.
+SQLITE_BEGIN = "sekisho_sqlite_begin"
+
+# Any constant works; it only has to be the same in every controller worker running upgrade().
+_MIGRATION_LOCK_KEY = 0x5E_C1_5E_0001
+_BUSY_TIMEOUT_MS = 30_000
+
+
+def default_url(var_dir: Path) -> str:
+    """Return the URL of the default SQLite database under the controller's state directory."""
+    return f"sqlite:///{(var_dir / 'controller.db').resolve()}"
+
+
+def _normalise(url: str | URL) -> URL:
+    parsed = make_url(url)
+    # A bare postgresql:// would pick psycopg2, which this project does not install.
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def make_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """Create an engine with the settings the store relies on (durable SQLite, psycopg 3 PostgreSQL)."""
+    parsed = _normalise(url)
+    if parsed.get_backend_name() != "sqlite":
+        kwargs.setdefault("pool_pre_ping", True)
+        return create_engine(parsed, **kwargs)
+
+    database = parsed.database or ""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module (it would skip BEGIN before SELECTs,
+        # breaking snapshot reads) and emit BEGIN ourselves in the "begin" hook below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = FULL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # A writer must hold the lock from the start: upgrading a read transaction to a write one
+        # in WAL mode fails at once with SQLITE_BUSY instead of waiting for busy_timeout.
+        mode = conn.get_execution_options().get(SQLITE_BEGIN, "DEFERRED")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if mode == "IMMEDIATE" else "BEGIN")
+
+    return engine
+
+
+def alembic_config(url: str | URL | None = None) -> Config:
+    """Build the Alembic configuration in code (no alembic.ini is needed at run time)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    if url is not None:
+        # ConfigParser interpolates '%', which may appear in a URL-encoded password.
+        rendered = _normalise(url).render_as_string(hide_password=False)
+        config.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    return config
+
+
+def upgrade(target: Engine | str | URL, revision: str = "head") -> None:
+    """Bring the database schema up to the given Alembic revision (default: the newest)."""
+    engine = target if isinstance(target, Engine) else make_engine(target)
+    try:
+        config = alembic_config()
+        with engine.connect() as conn:
+            conn.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
+            with conn.begin():
+                if conn.dialect.name == "postgresql":
+                    # Several workers may start at once; let one migrate while the others wait.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+                config.attributes["connection"] = conn
+                command.upgrade(config, revision)
+    finally:
+        if engine is not target:
+            engine.dispose()

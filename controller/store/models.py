@@ -1,0 +1,190 @@
+"""The controller's tables as typed SQLAlchemy models (the Alembic migrations mirror these)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Stable constraint names, so later migrations can refer to them on both backends.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-numbers an INTEGER PRIMARY KEY (the rowid alias); BIGINT elsewhere.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+ZERO_HASH = "0" * 64
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC and always returned timezone-aware (SQLite has no zone, so store UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Refuse naive datetimes and normalise to UTC (naive UTC for SQLite)."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; pass an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Return an aware UTC datetime whatever the driver or session time zone gave back."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every controller table."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Agent(Base):
+    """An enrolled endpoint agent and its public signing key."""
+
+    __tablename__ = "agents"
+    __table_args__ = (CheckConstraint("status IN ('active', 'revoked')", name="status"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key_pem: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    version: Mapped[str | None] = mapped_column(String(32))
+    outbox_depth: Mapped[int | None] = mapped_column(BigInteger)
+    clock_offset_ms: Mapped[int | None] = mapped_column(BigInteger)
+    policy_version: Mapped[int | None] = mapped_column(BigInteger)
+    last_heartbeat: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class Event(Base):
+    """One stored event: the signed wire bytes, their parsed columns and its place in the hash chain."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("agent_id", "seq"),
+        UniqueConstraint("agent_id", "chain_index"),
+        Index(None, "type", "occurred_at"),
+        Index(None, "agent_id", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    agent_id: Mapped[str] = mapped_column(String(64), ForeignKey("agents.id"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    event_id: Mapped[str] = mapped_column(String(32), unique=True)
+    type: Mapped[str] = mapped_column(String(64))
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    stored_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    clock_synced: Mapped[bool] = mapped_column(Boolean)
+    clock_offset_ms: Mapped[int | None] = mapped_column(BigInteger)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    raw: Mapped[str] = mapped_column(Text)
+    chain_index: Mapped[int] = mapped_column(BigInteger)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class Stream(Base):
+    """The head of one agent's hash chain and how far its sequence numbers are complete."""
+
+    __tablename__ = "streams"
+
+    agent_id: Mapped[str] = mapped_column(String(64), ForeignKey("agents.id"), primary_key=True)
+    chain_length: Mapped[int] = mapped_column(BigInteger, default=0)
+    head_hash: Mapped[str] = mapped_column(String(64), default=ZERO_HASH)
+    max_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    contiguous_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class DeadLetter(Base):
+    """A message that could not be stored as an event, kept (redacted) with the reason."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    topic: Mapped[str] = mapped_column(Text)
+    # Free text, not the agents key: the agent may be unknown or the id itself malformed.
+    agent_id: Mapped[str | None] = mapped_column(Text)
+    seq: Mapped[int | None] = mapped_column(BigInteger)
+    event_id: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)
+    payload_sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+
+
+class Finding(Base):
+    """Something the controller noticed and an operator may need to act on (e.g. a sequence gap)."""
+
+    __tablename__ = "findings"
+    __table_args__ = (Index(None, "agent_id", "kind", "first_seq"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    agent_id: Mapped[str | None] = mapped_column(String(64))
+    first_seq: Mapped[int | None] = mapped_column(BigInteger)
+    last_seq: Mapped[int | None] = mapped_column(BigInteger)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    resolution: Mapped[str | None] = mapped_column(Text)
+
+
+class PolicyVersion(Base):
+    """One published version of the site policy document."""
+
+    __tablename__ = "policy_versions"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128))
+    source_sha256: Mapped[str] = mapped_column(String(64))
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    comment: Mapped[str] = mapped_column(Text, default="")
+
+
+class IssuedCommand(Base):
+    """A signed command the controller sent to an agent (kept to audit it and refuse nonce reuse)."""
+
+    __tablename__ = "issued_commands"
+    __table_args__ = (Index(None, "agent_id", "issued_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(64))
+    args: Mapped[dict[str, Any]] = mapped_column(JSON)
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    nonce: Mapped[str] = mapped_column(String(64), unique=True)

@@ -1,0 +1,114 @@
+"""Shared fixtures for the store tests: the same tests run on SQLite and on a fresh PostgreSQL database.
+
+Loaded with `pytest_plugins = ("store_fixtures",)` from the test modules that need it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from psycopg import sql
+
+from controller.store import Store, make_engine, upgrade
+from support.postgres import find_pg_bin, postgres_cluster
+from protocol import signing
+from protocol.events import DecodedEvent, build_event, decode_event
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """Start one private PostgreSQL cluster for the session (never the machine's own server)."""
+    if find_pg_bin() is None:
+        pytest.skip("PostgreSQL binaries not installed (./dev.sh test installs them)")
+    with postgres_cluster() as base:
+        yield base
+
+
+@contextmanager
+def pg_database(base: str) -> Iterator[str]:
+    """Create a randomly named database on the private cluster, yield its URL, and drop it afterwards."""
+    name = f"sekisho_test_{uuid.uuid4().hex[:12]}"
+    admin_dsn = base.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Yield the URL of an empty, migrated database on each backend."""
+    backend = request.param
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'var' / 'controller.db'}"
+        upgrade(url)
+        yield url
+        return
+    with pg_database(request.getfixturevalue("pg_server")) as url:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    """Yield a Store on a fresh database of each backend."""
+    engine = make_engine(db_url)
+    try:
+        yield Store(engine)
+    finally:
+        engine.dispose()
+
+
+@dataclass
+class FakeAgent:
+    """A test agent with a real Ed25519 key that signs real wire events."""
+
+    agent_id: str
+    key: Ed25519PrivateKey = field(default_factory=signing.generate_key)
+
+    @property
+    def pem(self) -> str:
+        """Return the public key as PEM text, as the store keeps it."""
+        return signing.public_key_pem(self.key.public_key()).decode()
+
+    def event(self, seq: int, **overrides: Any) -> DecodedEvent:
+        """Build, sign and decode one synthetic event with this sequence number."""
+        fields: dict[str, Any] = {"type": "test.synthetic", "payload": {"n": seq}}
+        fields.update(overrides)
+        raw = build_event(self.key, agent=self.agent_id, seq=seq, **fields)
+        return decode_event(raw)
+
+    def events(self, seqs: list[int] | range) -> list[DecodedEvent]:
+        """Build one event per sequence number, in the given order."""
+        return [self.event(seq) for seq in seqs]
+
+
+class MakeAgent(Protocol):
+    """Signature of the make_agent fixture."""
+
+    def __call__(self, store: Store | None = None, prefix: str = "term", *, agent_id: str | None = None) -> FakeAgent:
+        """Create a test agent, registered with the store if one is given."""
+        ...
+
+
+def _make_agent(store: Store | None = None, prefix: str = "term", *, agent_id: str | None = None) -> FakeAgent:
+    agent = FakeAgent(agent_id or f"{prefix}-{uuid.uuid4().hex[:10]}")
+    if store is not None:
+        store.register_agent(agent.agent_id, agent.pem)
+    return agent
+
+
+@pytest.fixture
+def make_agent() -> MakeAgent:
+    """Return a factory of test agents with real keys (unique ids unless one is given)."""
+    return _make_agent
