@@ -6,17 +6,18 @@ fields within one protocol version; anything else is a new type name.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from protocol.events import Payload, event_type
 
-Id = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+# Annotated constraints (not shared Field objects) so each field can still have its own default.
+Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 # A card identifier is only ever sent keyed-hashed (hex) and masked for display.
-CardHash = Field(pattern=r"^[0-9a-f]{32,64}$")
-Masked = Field(max_length=32)
-Reason = Field(max_length=200)
+CardHash = Annotated[str, Field(pattern=r"^[0-9a-f]{32,64}$")]
+Masked = Annotated[str, Field(max_length=32)]
+Reason = Annotated[str, Field(max_length=200)]
 
 
 @event_type("agent.started")
@@ -40,7 +41,7 @@ class PolicyApplied(Payload):
 class PolicyRejected(Payload):
     """A policy bundle arrived and was refused (bad signature, expired, rollback, wrong agent...)."""
 
-    reason: str = Reason
+    reason: Reason
     detail: str = Field(default="", max_length=300)
     policy_version: int | None = None
 
@@ -65,7 +66,7 @@ class CommandExecuted(Payload):
 class CommandRejected(Payload):
     """A command was refused (bad signature, expired, replayed, unknown, for another agent)."""
 
-    reason: str = Reason
+    reason: Reason
     detail: str = Field(default="", max_length=300)
     command_id: str | None = Field(default=None, max_length=64)
     name: str | None = Field(default=None, max_length=64)
@@ -75,18 +76,18 @@ class CommandRejected(Payload):
 class CardPresented(Payload):
     """A card was read at a reader; the identifier is keyed-hashed and masked."""
 
-    reader: str = Id
-    card_hash: str = CardHash
-    card_masked: str = Masked
+    reader: Id
+    card_hash: CardHash
+    card_masked: Masked
 
 
 @event_type("door.access_granted")
 class DoorAccessGranted(Payload):
     """A door, locker or key-cabinet slot was unlocked for a person by the local policy."""
 
-    door: str = Id
-    person: str = Id
-    card_masked: str = Masked
+    door: Id
+    person: Id
+    card_masked: Masked
     rule: str = Field(max_length=100)
 
 
@@ -94,17 +95,17 @@ class DoorAccessGranted(Payload):
 class DoorAccessDenied(Payload):
     """A request to open a door was refused, with the reason."""
 
-    door: str = Id
-    reason: str = Reason
-    person: str | None = Id
-    card_masked: str = Masked
+    door: Id
+    reason: Reason
+    person: Id | None = None
+    card_masked: Masked
 
 
 @event_type("door.opened")
 class DoorOpened(Payload):
     """The door sensor reports the door open."""
 
-    door: str = Id
+    door: Id
     forced: bool = False
 
 
@@ -112,7 +113,7 @@ class DoorOpened(Payload):
 class DoorClosed(Payload):
     """The door sensor reports the door closed (and the lock re-engaged)."""
 
-    door: str = Id
+    door: Id
     open_seconds: int = Field(ge=0)
 
 
@@ -120,8 +121,8 @@ class DoorClosed(Payload):
 class LoginGranted(Payload):
     """A terminal login was allowed."""
 
-    terminal: str = Id
-    person: str = Id
+    terminal: Id
+    person: Id
     user: str = Field(max_length=64)
     methods: list[Literal["card", "fingerprint", "password"]] = Field(max_length=3)
 
@@ -130,37 +131,37 @@ class LoginGranted(Payload):
 class LoginDenied(Payload):
     """A terminal login was refused, with the precise reason."""
 
-    terminal: str = Id
+    terminal: Id
     user: str = Field(max_length=64)
-    reason: str = Reason
+    reason: Reason
 
 
 @event_type("session.locked")
 class SessionLocked(Payload):
     """A terminal session was locked (card removed, idle, or by command)."""
 
-    terminal: str = Id
+    terminal: Id
     user: str = Field(max_length=64)
-    cause: str = Reason
+    cause: Reason
 
 
 @event_type("usb.blocked")
 class UsbBlocked(Payload):
     """A USB device was kept unauthorised."""
 
-    terminal: str = Id
+    terminal: Id
     vendor_product: str = Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$")
-    device_hash: str = CardHash
-    reason: str = Reason
+    device_hash: CardHash
+    reason: Reason
 
 
 @event_type("usb.allowed")
 class UsbAllowed(Payload):
     """A USB device was authorised."""
 
-    terminal: str = Id
+    terminal: Id
     vendor_product: str = Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$")
-    device_hash: str = CardHash
+    device_hash: CardHash
     rule: str = Field(max_length=200)
 
 

@@ -162,7 +162,9 @@ def build_event(
     if schema is None:
         raise errors.Rejected(errors.UNKNOWN_TYPE, f"event type {type!r}")
     try:
-        checked = schema.model_validate(payload).model_dump(mode="json", exclude_none=True)
+        checked = schema.model_validate(payload).model_dump(mode="json")
+        # What goes on the wire must pass the controller's strict check, so check the dumped form too.
+        schema.model_validate(checked)
     except ValidationError as err:
         raise errors.Rejected(errors.SCHEMA, f"payload of {type}: {_first_error(err)}") from err
     found = next(mynumber.find_my_numbers(checked), None)

@@ -166,3 +166,11 @@ def test_topics_layout():
     for bad in ["sekisho/v1/agents/Term/events", "sekisho/v1/agents/a/b/events", "other/t", "sekisho/v1/agents/a/x"]:
         with pytest.raises(errors.Rejected):
             topics.parse(bad)
+
+
+def test_optional_field_left_out_still_decodes_regression_demo_dead_letters(key):
+    # Regression: build_event dropped None fields while the schema required them, so the controller
+    # dead-lettered every door.access_denied for an unknown card.
+    raw = event(key, type="door.access_denied", payload={"door": "d1", "reason": "unknown_card", "card_masked": "****"})
+    decoded = events.decode_event(raw, topic_agent="term-001")
+    assert decoded.payload["person"] is None

@@ -338,7 +338,13 @@ class Store:
         letters = [self._dead_letter_row(letter, received_at) for letter in dead_letters]
         result.dead_lettered.extend((letter.agent_id, letter.seq) for letter in dead_letters)
 
-        streams = self._lock_streams(conn, sorted({ev.agent for ev in events}))
+        # Verified events that end up as dead letters still account for their seq: they are acked, the
+        # agent drops them, and the dead letter holds them, so they must not read as a sequence gap.
+        accounted: dict[str, list[int]] = defaultdict(list)
+        for letter in dead_letters:
+            if letter.ackable and letter.agent_id is not None and letter.seq is not None:
+                accounted[letter.agent_id].append(letter.seq)
+        streams = self._lock_streams(conn, sorted({ev.agent for ev in events} | set(accounted)))
         known = [ev for ev in events if ev.agent in streams]
         stored_ids, owners = self._existing(conn, known)
 
@@ -354,6 +360,8 @@ class Store:
             )
             letters.append(self._dead_letter_row(letter, received_at))
             result.dead_lettered.append((ev.agent, ev.seq))
+            if reason == DUPLICATE_ID:
+                accounted[ev.agent].append(ev.seq)
 
         rows: list[dict[str, Any]] = []
         new_seqs: dict[str, list[int]] = defaultdict(list)
@@ -418,8 +426,11 @@ class Store:
 
         if rows:
             self._insert_events(conn, rows)
+        for agent_id, seqs in accounted.items():
+            if agent_id in streams:
+                new_seqs[agent_id].extend(seqs)
         for agent_id, seqs in new_seqs.items():
-            self._track_sequence(conn, streams[agent_id], sorted(seqs), now, result)
+            self._track_sequence(conn, streams[agent_id], sorted(set(seqs)), now, result)
         if new_seqs:
             conn.execute(
                 update(_STREAMS)

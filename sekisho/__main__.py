@@ -1,0 +1,5 @@
+"""Allow `python -m sekisho`."""
+
+from sekisho.cli import main
+
+main()

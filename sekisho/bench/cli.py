@@ -1,0 +1,263 @@
+"""Benchmarks of the event pipeline. Each compares against a baseline measured in the same run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import psutil
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+
+from agents.runtime.outbox import Outbox
+from controller.store.db import make_engine
+from controller.store.models import Event
+from deploy.pki import AgentCredentials, PkiPaths
+from protocol import events, signing, topics
+from sekisho.bench.raw import TlsFiles, run_baseline, tls_for_dir
+from sekisho.lab import Lab
+
+console = Console()
+bench_app = typer.Typer(help="Measure the pipeline (figures go to docs/benchmarks.md).", no_args_is_help=True)
+
+
+def _stored_count(url: str, type_: str = "test.synthetic") -> int:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(Event).where(Event.type == type_)).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def _distinct_counts(url: str) -> tuple[int, int, float | None]:
+    """Return (rows, distinct (agent, seq) pairs, first received_at as epoch seconds) of synthetic events."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(func.count(), func.min(Event.received_at)).where(Event.type == "test.synthetic")
+            ).one()
+            distinct = conn.execute(
+                select(func.count()).select_from(
+                    select(Event.agent_id, Event.seq).where(Event.type == "test.synthetic").distinct().subquery()
+                )
+            ).scalar_one()
+            first = rows[1].timestamp() if rows[1] is not None else None
+            return int(rows[0]), int(distinct), first
+    finally:
+        engine.dispose()
+
+
+def _wait_ready(lab: Lab, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Wait until the controller's ingest is connected (its /readyz says ok)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"controller exited; see {lab.root / 'logs'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{lab.http_port}/readyz", timeout=2) as r:  # noqa: S310
+                if json.loads(r.read())["status"] == "ok":
+                    return
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("controller not ready in time")
+
+
+def _sample_event_bytes(pki_dir: Path, agent: str, note_bytes: int) -> bytes:
+    key = signing.load_private_key(AgentCredentials.at(pki_dir, agent).signing_key)
+    return events.build_event(key, agent=agent, seq=1, type="test.synthetic", payload={"n": 1, "note": "x" * note_bytes})
+
+
+def _prefill(lab: Lab, agent: str, count: int, note_bytes: int) -> None:
+    creds = AgentCredentials.at(lab.pki_dir, agent)
+    outbox = Outbox(
+        lab.root / "agents" / agent / "state" / "outbox.sqlite3",
+        signing_key=signing.load_private_key(creds.signing_key),
+        agent_id=agent,
+    )
+    try:
+        note = "x" * note_bytes
+        for start in range(0, count, 5000):
+            outbox.append_many([("test.synthetic", {"n": i, "note": note}) for i in range(start, min(count, start + 5000))])
+    finally:
+        outbox.close()
+
+
+def _workdir(keep: Path | None) -> Path:
+    if keep is not None:
+        if keep.exists():
+            shutil.rmtree(keep)
+        keep.mkdir(parents=True)
+        return keep
+    return Path(tempfile.mkdtemp(prefix="sekisho-bench-"))
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    per_agent: Annotated[int, typer.Option(min=100, help="events per agent process")] = 20_000,
+    agents: Annotated[int, typer.Option(min=1, max=16, help="agent (publisher) processes")] = 3,
+    note_bytes: Annotated[int, typer.Option(min=0, max=4096, help="filler bytes per event")] = 64,
+    workers: Annotated[int, typer.Option(min=1, max=8, help="controller ingest processes (subscribers)")] = 1,
+    database_url: Annotated[str | None, typer.Option(help="store URL (default: SQLite in the work dir)")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="keep state here instead of a temp dir")] = None,
+) -> None:
+    """Raw paho QoS 1 publish→subscribe rate vs. durable agent-outbox→stored-and-acked rate."""
+    root = _workdir(workdir)
+    lab = Lab(root, database_url=database_url)
+    names = [f"bench-{i + 1}" for i in range(agents)]
+    try:
+        lab.start_broker()
+        lab.write_controller_config(batch_max=1000, batch_wait_ms=10)
+        for name in names:
+            lab.add_agent(name, resend_after_s=120, max_inflight=1000, heartbeat_interval_s=60)
+        payload = _sample_event_bytes(lab.pki_dir, names[0], note_bytes)
+        console.print(f"{agents} publisher process(es), {workers} subscriber process(es), {len(payload)}-byte events")
+
+        # (a) the raw baseline
+        pki = PkiPaths.at(lab.pki_dir)
+        ctl_tls = TlsFiles(str(pki.ca_cert), str(pki.controller_cert), str(pki.controller_key))
+        if workers != 1:
+            console.print("[yellow]baseline uses one subscriber process per worker only when workers == 1[/yellow]")
+        raw = run_baseline(
+            lab.broker.port,
+            ctl_tls,
+            [(topics.topic(n, topics.EVENTS), tls_for_dir(AgentCredentials.at(lab.pki_dir, n).directory)) for n in names],
+            payload,
+            per_agent,
+            "$share/bench/" + topics.all_agents(topics.EVENTS),
+        )
+        console.print(f"raw baseline: {raw.messages} messages in {raw.seconds:.2f} s = {raw.rate:,.0f} msg/s")
+
+        # (b) durable: pre-filled outboxes drained through the controller into the store
+        for name in names:
+            _prefill(lab, name, per_agent, note_bytes)
+        lab.register_agents(*names)
+        url = _db_url(lab)
+        controller = lab.spawn_controller(http=True, worker_id="controller-1")
+        extra = [lab.spawn_controller(worker_id=f"controller-{i + 2}") for i in range(workers - 1)]
+        _wait_ready(lab, controller)
+        procs = [
+            lab.spawn(
+                "agent", "simulate", "--config", str(lab.agent_config(n)), "--count", "0",
+                "--exit-when-drained", "--timeout", "900", log_name=n,
+            )
+            for n in names
+        ]
+        deadline = time.monotonic() + 900
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        drained_at = time.time()
+        failed = [n for n, p in zip(names, procs, strict=True) if p.returncode != 0]
+        rows, distinct, first = _distinct_counts(url)
+        expected = per_agent * agents
+        seconds = drained_at - first if first else float("nan")
+        durable = rows / seconds if seconds and seconds > 0 else 0.0
+        ratio = durable / raw.rate if raw.rate else 0.0
+        table = Table("measure", "value", title="bench ingest")
+        table.add_row("raw QoS 1 publish→subscribe (msg/s)", f"{raw.rate:,.0f}")
+        table.add_row("durable outbox→stored+acked (events/s)", f"{durable:,.0f}")
+        table.add_row("ratio", f"{ratio:.2f}")
+        table.add_row("stored rows / expected / distinct", f"{rows} / {expected} / {distinct}")
+        table.add_row("agents not drained", ", ".join(failed) or "none")
+        table.add_row("controller workers", str(len(extra) + 1))
+        console.print(table)
+        print(json.dumps({"raw_eps": round(raw.rate), "durable_eps": round(durable), "ratio": round(ratio, 3),
+                          "stored": rows, "expected": expected, "duplicates": rows - distinct}))
+        if failed or rows != expected or distinct != rows:
+            raise typer.Exit(1)
+    finally:
+        lab.stop_all()
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _db_url(lab: Lab) -> str:
+    from controller.config import load_config
+
+    return load_config(lab.controller_config).resolved_database_url()
+
+
+def _outbox_depth(path: Path) -> int:
+    return Outbox.inspect(path).depth if path.exists() else 0
+
+
+@bench_app.command("outbox")
+def bench_outbox(
+    count: Annotated[int, typer.Option(min=100, help="events queued while the broker is down")] = 1_000_000,
+    note_bytes: Annotated[int, typer.Option(min=0, max=4096)] = 64,
+    idle_seconds: Annotated[float, typer.Option(min=2, help="how long to sample the idle agent")] = 20,
+    workdir: Annotated[Path | None, typer.Option(help="keep state here instead of a temp dir")] = None,
+) -> None:
+    """Queue COUNT events with the broker down, then drain; report drain rate, loss, idle RSS and CPU."""
+    root = _workdir(workdir)
+    lab = Lab(root)
+    name = "bench-outbox"
+    try:
+        lab.write_controller_config(batch_max=1000, batch_wait_ms=10)
+        config = lab.add_agent(name, resend_after_s=120, heartbeat_interval_s=30)
+        outbox_path = lab.root / "agents" / name / "state" / "outbox.sqlite3"
+        # The agent itself buffers: it runs with the broker down and emits in bulk transactions.
+        agent = lab.spawn(
+            "agent", "simulate", "--config", str(config), "--count", str(count), "--note-bytes", str(note_bytes),
+            "--exit-when-drained", "--timeout", "7200", log_name=name,
+        )
+        started = time.monotonic()
+        while _outbox_depth(outbox_path) < count and agent.poll() is None:
+            time.sleep(0.5)
+        queued_s = time.monotonic() - started
+        console.print(f"queued {count:,} events with the broker down in {queued_s:.1f} s ({count / queued_s:,.0f}/s)")
+        lab.start_broker()
+        lab.register_agents(name)
+        controller = lab.spawn_controller(http=True)
+        _wait_ready(lab, controller)
+        drain_start = time.monotonic()
+        while agent.poll() is None and time.monotonic() - drain_start < 7200:
+            time.sleep(0.1)
+        drain_s = time.monotonic() - drain_start
+        url = _db_url(lab)
+        rows, distinct, _first = _distinct_counts(url)
+        lost = count - distinct
+        drain_eps = distinct / drain_s if drain_s > 0 else 0.0
+        console.print(f"drained in {drain_s:.1f} s: {drain_eps:,.0f} events/s; stored {rows}, distinct {distinct}")
+
+        # Idle: a running agent with an empty outbox and a connected link.
+        idle = lab.spawn("agent", "run", "--config", str(config), "--log-level", "WARNING", log_name=f"{name}-idle")
+        time.sleep(3)
+        proc = psutil.Process(idle.pid)
+        proc.cpu_percent(None)
+        time.sleep(idle_seconds)
+        cpu = proc.cpu_percent(None)
+        rss_mb = proc.memory_info().rss / 2**20
+        table = Table("measure", "value", title="bench outbox")
+        table.add_row("queued (broker down)", f"{count:,} in {queued_s:.1f} s")
+        table.add_row("drain rate (events/s)", f"{drain_eps:,.0f}")
+        table.add_row("lost", str(lost))
+        table.add_row("duplicates stored", str(rows - distinct))
+        table.add_row(f"idle agent RSS (MB, after {idle_seconds:.0f} s)", f"{rss_mb:.1f}")
+        table.add_row("idle agent CPU (%)", f"{cpu:.2f}")
+        console.print(table)
+        print(json.dumps({"drain_eps": round(drain_eps), "lost": lost, "idle_rss_mb": round(rss_mb, 1),
+                          "idle_cpu_pct": round(cpu, 2)}))
+        if lost or rows != distinct:
+            raise typer.Exit(1)
+    finally:
+        lab.stop_all()
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(bench_app())

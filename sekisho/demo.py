@@ -1,0 +1,113 @@
+"""`sekisho demo`: a whole site on this machine — broker, controller, simulated agents — until Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from sekisho.lab import Lab
+
+console = Console()
+DEMO_POLICY = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "site.yaml"
+DEMO_AGENTS = ("term-hr-01", "term-acc-01", "door-hr-01")
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL built here
+        return json.loads(response.read())
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the controller exited during start-up; see var/demo/logs/controller-1.log")
+        try:
+            if _get(f"{url}/readyz")["status"] == "ok":
+                return
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("the controller did not become ready in time")
+
+
+def _status_table(base: str) -> Table:
+    table = Table(title="sekisho demo — 最近のイベント / latest events (Ctrl-C で停止 / to stop)")
+    for column in ("時刻 (UTC)", "agent", "seq", "type", "detail"):
+        table.add_column(column)
+    try:
+        agents = _get(f"{base}/api/v1/agents")
+        page = _get(f"{base}/api/v1/events?limit=1000")
+        findings = _get(f"{base}/api/v1/findings?open_only=true")
+        dead = _get(f"{base}/api/v1/dead-letters?limit=1000")
+    except (urllib.error.URLError, OSError, ValueError):
+        table.caption = "controller not answering…"
+        return table
+    for event in page["items"][-12:]:
+        payload = event["payload"]
+        detail = ", ".join(f"{k}={v}" for k, v in payload.items() if k in ("door", "terminal", "person", "reason", "user"))
+        table.add_row(event["occurred_at"][11:19], event["agent_id"], str(event["seq"]), event["type"], detail)
+    depth = ", ".join(f"{a['id']}: outbox {a['outbox_depth']}, policy v{a['policy_version']}" for a in agents)
+    table.caption = (
+        f"events (first page) {len(page['items'])}  dead letters {len(dead)}  open findings {len(findings)}\n{depth}"
+    )
+    return table
+
+
+def demo(
+    root: Annotated[Path, typer.Option(help="where the demo keeps its state")] = Path("var/demo"),
+    duration: Annotated[float, typer.Option(help="stop after this many seconds (0: until Ctrl-C)")] = 0,
+    interval: Annotated[float, typer.Option(help="mean seconds between simulated visits per agent")] = 1.5,
+) -> None:
+    """Run a demo site: its own mosquitto (mTLS + ACL), the controller on SQLite, simulated agents."""
+    lab = Lab(root)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        console.print(f"[bold]sekisho demo[/bold] — state under {lab.root}")
+        lab.start_broker()
+        console.print(f"  broker: mosquitto with mutual TLS + per-agent ACL on 127.0.0.1:{lab.broker.port}")
+        lab.write_controller_config()
+        for name in DEMO_AGENTS:
+            lab.add_agent(name, heartbeat_interval_s=5)
+        lab.register_agents(*DEMO_AGENTS)
+        controller = lab.spawn_controller(http=True)
+        base = f"http://127.0.0.1:{lab.http_port}"
+        _wait_ready(base, controller)
+        applied = lab.sekisho("policy", "apply", str(DEMO_POLICY), "--config", str(lab.controller_config))
+        console.print("  policy: " + (applied.stdout.strip().splitlines() or ["applied"])[-1])
+        for name in DEMO_AGENTS:
+            lab.processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "agents.sim", "--config", str(lab.agent_config(name)), "--interval", str(interval)],
+                    stdout=(lab.root / "logs" / f"{name}.log").open("ab"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        console.print(f"  controller API: {base}/docs   events: {base}/api/v1/events")
+        console.print(f"  verify records: sekisho records verify --config {lab.controller_config}")
+        console.print(f"  logs: {lab.root / 'logs'}")
+        started = time.monotonic()
+        with Live(_status_table(base), console=console, refresh_per_second=1, transient=False) as live:
+            while not stop.is_set() and (duration <= 0 or time.monotonic() - started < duration):
+                stop.wait(2.0)
+                live.update(_status_table(base))
+    finally:
+        console.print("stopping…")
+        lab.stop_all()
+        console.print("stopped. State kept in " + str(lab.root))
