@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from psycopg import sql
+from support.postgres import find_pg_bin, pg_database, postgres_cluster
 
 from controller.store import Store, make_engine, upgrade
-from support.postgres import find_pg_bin, postgres_cluster
 from protocol import signing
 from protocol.events import DecodedEvent, build_event, decode_event
+
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
@@ -29,20 +27,6 @@ def pg_server() -> Iterator[str]:
         pytest.skip("PostgreSQL binaries not installed (./dev.sh test installs them)")
     with postgres_cluster() as base:
         yield base
-
-
-@contextmanager
-def pg_database(base: str) -> Iterator[str]:
-    """Create a randomly named database on the private cluster, yield its URL, and drop it afterwards."""
-    name = f"sekisho_test_{uuid.uuid4().hex[:12]}"
-    admin_dsn = base.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -15,9 +15,13 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import psycopg
+from psycopg import sql
 
 
 def find_pg_bin() -> Path | None:
@@ -73,3 +77,17 @@ def postgres_cluster() -> Iterator[str]:
             capture_output=True, env=env, check=False,
         )
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def pg_database(base: str) -> Iterator[str]:
+    """Create a randomly named database on the private cluster, yield its URL, and drop it afterwards."""
+    name = f"sekisho_test_{uuid.uuid4().hex[:12]}"
+    admin_dsn = base.replace("postgresql+psycopg://", "postgresql://") + "/postgres"
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
