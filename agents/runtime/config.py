@@ -41,7 +41,7 @@ class AgentConfig(BaseSettings):
     outbox_sync: Literal["full", "normal"] = "full"
 
     @classmethod
-    def settings_customise_sources(  # type: ignore[no-untyped-def,override]
+    def settings_customise_sources(
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ):
         """Let environment variables override the TOML file (passed in as init arguments)."""
@@ -65,11 +65,6 @@ class AgentConfig(BaseSettings):
     def outbox_path(self) -> Path:
         """Return the outbox database path."""
         return self.state_dir / "outbox.sqlite3"
-
-    @property
-    def policy_path(self) -> Path:
-        """Return the cached policy bundle path."""
-        return self.state_dir / "policy.bundle"
 
     @property
     def nonce_path(self) -> Path:
@@ -125,12 +120,9 @@ def load_config(path: Path, *, check_files: bool = True) -> AgentConfig:
     except ValidationError as err:
         raise ConfigError(f"invalid config {path}: {_describe(err)}") from err
     # Environment overrides arrive after the TOML paths were resolved, so resolve once more.
-    update = {
-        name: base / getattr(config, name) for name in PATH_FIELDS if not getattr(config, name).is_absolute()
-    }
+    update = {name: base / getattr(config, name) for name in PATH_FIELDS if not getattr(config, name).is_absolute()}
     if update:
         config = config.model_copy(update=update)
     if check_files:
         check_key_files(config)
     return config
-

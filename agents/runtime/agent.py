@@ -1,0 +1,325 @@
+"""The agent process: outbox, MQTT link, sender, policy cache, commands and heartbeats put together.
+
+Capabilities (login, USB, doors) get an `Agent` and use three things from it: `emit` to record an
+event, `policy` to decide, and `commands.register` to accept remote instructions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import queue
+import signal
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agents.runtime.commands import CommandDispatcher
+from agents.runtime.config import AgentConfig, check_key_files
+from agents.runtime.errors import AlreadyRunning, ConfigError
+from agents.runtime.heartbeat import Health, Heartbeater
+from agents.runtime.link import MqttLink, tls_context
+from agents.runtime.outbox import Outbox
+from agents.runtime.policy_cache import PolicyCache, PolicyChange
+from agents.runtime.sender import ClockEstimate, Sender
+from protocol import errors, signing, topics
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "agent.lock"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStats:
+    """A snapshot of the agent's counters (tests and benchmarks read these)."""
+
+    published: int
+    resent: int
+    acked: int
+    forged_acks: int
+    inflight: int
+    outbox_depth: int
+    next_seq: int
+    heartbeats: int
+    connected: bool
+
+
+def _load_keys(config: AgentConfig) -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
+    try:
+        own = signing.load_private_key(config.signing_key)
+    except (ValueError, TypeError, OSError) as err:
+        # The message names the file only: key parsing errors can quote key material.
+        raise ConfigError(f"signing_key {config.signing_key} is not an Ed25519 private key") from err
+    try:
+        controller = signing.load_public_key(config.controller_public_key)
+    except (ValueError, TypeError, OSError) as err:
+        raise ConfigError(f"controller_public_key {config.controller_public_key} is not an Ed25519 public key") from err
+    return own, controller
+
+
+def _check_tls(config: AgentConfig) -> None:
+    try:
+        tls_context(config)
+    except (ssl.SSLError, OSError, ValueError) as err:
+        raise ConfigError(
+            f"TLS files unusable (ca_cert {config.ca_cert}, tls_cert {config.tls_cert}, tls_key {config.tls_key}): "
+            f"{getattr(err, 'reason', None) or type(err).__name__}"
+        ) from err
+
+
+def _lock_state_dir(config: AgentConfig) -> int:
+    config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(config.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # Two agents on one outbox would hand out the same sequence numbers; the kernel drops the lock
+        # when the process dies, however it dies.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        os.close(fd)
+        raise AlreadyRunning(f"another agent is running on {config.state_dir}") from err
+    return fd
+
+
+class Agent:
+    """One endpoint agent; construct it (fails fast on bad config or state), then start() it."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        check_key_files(config)
+        self._signing_key, controller_key = _load_keys(config)
+        _check_tls(config)
+        self._lock_fd = _lock_state_dir(config)
+        self._started = False
+        self._stopped = threading.Event()
+        try:
+            self.clock = ClockEstimate()
+            self.outbox = Outbox(
+                config.outbox_path,
+                signing_key=self._signing_key,
+                agent_id=config.agent_id,
+                clock=self.clock.state,
+                sync=config.outbox_sync,
+            )
+            self.policy = PolicyCache(config.state_dir, controller_key, config.agent_id)
+            self.link = MqttLink(
+                config,
+                on_connected=self._on_connected,
+                on_disconnected=self._on_disconnected,
+                on_message=self._on_message,
+            )
+            self.sender = Sender(
+                self.outbox,
+                self.link.publish_event,
+                agent_id=config.agent_id,
+                controller_key=controller_key,
+                clock=self.clock,
+                max_inflight=config.max_inflight,
+                resend_after_s=config.resend_after_s,
+            )
+            self.commands = CommandDispatcher(
+                agent_id=config.agent_id,
+                controller_key=controller_key,
+                nonce_path=config.nonce_path,
+                emit=self.emit,
+                on_resend=self.sender.resend_all,
+            )
+            self.heartbeats = Heartbeater(
+                agent_id=config.agent_id,
+                signing_key=self._signing_key,
+                interval_s=config.heartbeat_interval_s,
+                health=self.health,
+                publish=self.link.publish_heartbeat,
+                housekeeping=self._housekeeping,
+            )
+        except BaseException:
+            for part in ("commands", "outbox"):
+                if hasattr(self, part):
+                    getattr(self, part).close()
+            self._release()
+            raise
+        self._control: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._control_thread: threading.Thread | None = None
+        self.policy.subscribe(self._on_policy_change)
+
+    # --- the capability API -------------------------------------------------------------------------
+
+    def emit(self, type: str, payload: dict[str, Any]) -> int:
+        """Record an event; it is on disk when this returns. Raises Rejected for an invalid payload."""
+        seq = self.outbox.append(type, payload)
+        self.sender.notify_new()
+        return seq
+
+    def emit_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
+        """Record several events in one transaction (bulk producers and benchmarks)."""
+        seqs = self.outbox.append_many(items)
+        self.sender.notify_new()
+        return seqs
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Record the start, then begin draining, heartbeating and connecting."""
+        if self._started:
+            raise RuntimeError("agent already started")
+        self._started = True
+        self.emit(
+            "agent.started",
+            {
+                "version": self.heartbeats.version[:32],
+                "outbox_depth": self.outbox.depth(),
+                "policy_version": self.policy.version,
+            },
+        )
+        if self.policy.load_error is not None:
+            err = self.policy.load_error
+            self.emit("agent.policy_rejected", {"reason": err.reason, "detail": f"cached bundle: {err.detail}"[:300]})
+        self._control_thread = threading.Thread(target=self._run_control, name="agent-control", daemon=True)
+        self._control_thread.start()
+        self.sender.start()
+        self.heartbeats.start()
+        self.link.start()
+        log.info(
+            "agent %s started (outbox depth %d, policy %s, version %s)",
+            self.config.agent_id,
+            self.outbox.depth(),
+            self.policy.state(),
+            self.policy.version or "-",
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop cleanly: finish the work in hand, disconnect (the session stays), close the stores."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._started:
+            self.heartbeats.stop(timeout)
+            self._control.put(None)
+            if self._control_thread is not None:
+                self._control_thread.join(timeout)
+            self.sender.stop(timeout)
+            # Disconnecting after the sender stopped lets paho write out what it already holds.
+            self.link.stop(timeout)
+        self.commands.close()
+        self.outbox.close()
+        self._release()
+        log.info("agent %s stopped", self.config.agent_id)
+
+    def _release(self) -> None:
+        if self._lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def run_forever(self) -> None:
+        """Run until SIGINT or SIGTERM, then stop cleanly."""
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %d: stopping", signum)
+            stop.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            while not stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def wait_drained(self, timeout: float) -> bool:
+        """Wait until every recorded event has been acknowledged by the controller."""
+        return self.sender.wait_drained(timeout)
+
+    # --- status -------------------------------------------------------------------------------------
+
+    def health(self) -> Health:
+        """Return what the next heartbeat will report."""
+        oldest = self.outbox.oldest_created_at()
+        return Health(
+            outbox_depth=self.outbox.depth(),
+            oldest_unacked_age_s=max(0, int(time.time() - oldest)) if oldest is not None else None,
+            next_seq=self.outbox.next_seq,
+            clock_offset_ms=self.clock.offset_ms,
+            policy_version=self.policy.version,
+            policy_state=self.policy.state(),
+        )
+
+    def stats(self) -> AgentStats:
+        """Return the counters."""
+        s = self.sender.stats
+        return AgentStats(
+            published=s.published,
+            resent=s.resent,
+            acked=s.acked,
+            forged_acks=s.forged_acks,
+            inflight=self.sender.inflight,
+            outbox_depth=self.outbox.depth(),
+            next_seq=self.outbox.next_seq,
+            heartbeats=self.heartbeats.sent,
+            connected=self.link.connected,
+        )
+
+    # --- callbacks ----------------------------------------------------------------------------------
+
+    def _on_connected(self, session_present: bool) -> None:
+        self.sender.on_connected()
+        self.heartbeats.beat_now()
+
+    def _on_disconnected(self) -> None:
+        self.sender.on_disconnected()
+
+    def _on_message(self, channel: str, payload: bytes) -> None:
+        # Runs on paho's network thread: hand everything off so the socket keeps being served.
+        if channel == topics.ACKS:
+            self.sender.offer_ack(payload)
+        else:
+            self._control.put((channel, payload))
+
+    def _run_control(self) -> None:
+        while True:
+            item = self._control.get()
+            if item is None:
+                return
+            channel, payload = item
+            try:
+                if channel == topics.POLICY:
+                    self._offer_policy(payload)
+                elif channel == topics.COMMANDS:
+                    self.commands.handle(payload)
+            except Exception:  # a bad message or a failing store must not end the control loop
+                log.exception("handling a %s message failed", channel)
+
+    def _offer_policy(self, raw: bytes) -> None:
+        if not raw:
+            return  # an empty retained message clears the topic; it is not a bundle
+        outcome = self.policy.offer(raw)
+        if outcome.status == "rejected":
+            log.warning("policy bundle refused: %s", outcome.reason)
+            payload: dict[str, Any] = {"reason": outcome.reason or errors.MALFORMED, "detail": outcome.detail[:300]}
+            if outcome.version is not None:
+                payload["policy_version"] = outcome.version
+            self.emit("agent.policy_rejected", payload)
+
+    def _on_policy_change(self, change: PolicyChange) -> None:
+        version = change.bundle.bundle.version
+        if change.kind == "expired":
+            self.emit("agent.policy_expired", {"policy_version": version})
+        else:
+            self.emit("agent.policy_applied", {"policy_version": version, "previous_version": change.previous_version})
+        self.heartbeats.beat_now()
+
+    def _housekeeping(self) -> float | None:
+        self.policy.check_expiry()
+        left = self.policy.seconds_until_expiry()
+        return left if left is not None and left > 0 else None

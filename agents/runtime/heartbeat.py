@@ -1,0 +1,130 @@
+"""Signed heartbeats: liveness and health every interval, and at once after each connect."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol import messages, timefmt
+
+log = logging.getLogger(__name__)
+
+
+def package_version() -> str:
+    """Return the installed sekisho version ("0.0.0" when running from an uninstalled tree)."""
+    try:
+        return importlib.metadata.version("sekisho")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What a heartbeat reports about the agent right now."""
+
+    outbox_depth: int
+    oldest_unacked_age_s: int | None
+    next_seq: int
+    clock_offset_ms: int | None
+    policy_version: int | None
+    policy_state: str
+
+
+class Heartbeater:
+    """A thread that publishes heartbeats and runs the agent's other timed checks on the same wake-ups."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        signing_key: Ed25519PrivateKey,
+        interval_s: float,
+        health: Callable[[], Health],
+        publish: Callable[[bytes], bool],
+        housekeeping: Callable[[], float | None] | None = None,
+    ) -> None:
+        self.agent_id = agent_id
+        self.boot_id = uuid.uuid4().hex
+        self.version = package_version()
+        self.sent = 0
+        self._key = signing_key
+        self._interval = interval_s
+        self._health = health
+        self._publish = publish
+        self._housekeeping = housekeeping
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def build(self) -> bytes:
+        """Sign a heartbeat describing the agent now."""
+        h = self._health()
+        return messages.build_heartbeat(
+            self._key,
+            agent=self.agent_id,
+            at=timefmt.fmt(timefmt.now()),
+            version=self.version[:32],
+            boot_id=self.boot_id,
+            outbox_depth=h.outbox_depth,
+            oldest_unacked_age_s=h.oldest_unacked_age_s,
+            next_seq=h.next_seq,
+            clock_offset_ms=h.clock_offset_ms,
+            policy_version=h.policy_version,
+            policy_state=h.policy_state,
+        )
+
+    def beat_now(self) -> None:
+        """Send a heartbeat as soon as possible (after a connect or a policy change)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start the heartbeat thread."""
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the heartbeat thread."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        next_beat = time.monotonic()
+        while not self._stop.is_set():
+            wait = max(0.0, next_beat - time.monotonic())
+            extra = self._run_housekeeping()
+            if extra is not None:
+                # Wake just after the deadline (e.g. a policy expiry) rather than up to an interval late.
+                wait = min(wait, max(extra, 0.0) + 0.05)
+            woken = self._wake.wait(wait)
+            if self._stop.is_set():
+                return
+            if woken:
+                self._wake.clear()
+            if woken or time.monotonic() >= next_beat:
+                self._beat()
+                next_beat = time.monotonic() + self._interval
+
+    def _run_housekeeping(self) -> float | None:
+        if self._housekeeping is None:
+            return None
+        try:
+            return self._housekeeping()
+        except Exception:  # a failing check must not stop the heartbeats
+            log.exception("housekeeping failed")
+            return None
+
+    def _beat(self) -> None:
+        try:
+            if self._publish(self.build()):
+                self.sent += 1
+        except Exception:  # a heartbeat is best effort; the next one will try again
+            log.exception("heartbeat failed")

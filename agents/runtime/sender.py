@@ -1,0 +1,288 @@
+"""The drain loop: publish outbox events, and delete them only when the controller's signed ack says so.
+
+One thread owns the in-flight window (seq → when published, wire). It wakes on a new event, an ack,
+a (re)connect or the next resend deadline, and sleeps otherwise, so an idle agent costs no CPU.
+The broker's PUBACK means nothing here: an event stays on disk until the controller has stored it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agents.runtime.outbox import Outbox
+from protocol import errors, messages, timefmt
+
+log = logging.getLogger(__name__)
+
+SYNC_LIMIT_MS = 2000
+# An ack only tells the time if it answers something we published just now: acks that waited in the
+# broker while we were offline carry an old controller_time and would fake a large offset.
+_FRESH_ACK_S = 5.0
+READ_CHUNK = 500
+
+
+class ClockEstimate:
+    """The offset between the controller's clock and ours, learnt from verified acks."""
+
+    def __init__(self) -> None:
+        self._state: tuple[bool, int | None] = (False, None)
+
+    def observe(self, controller_time: str, received_at: float) -> int:
+        """Record one sample (controller_time minus local receive time); return the offset in ms."""
+        moment = timefmt.parse(controller_time, "controller_time").timestamp()
+        offset = round((moment - received_at) * 1000)
+        self._state = (abs(offset) < SYNC_LIMIT_MS, offset)
+        return offset
+
+    def state(self) -> tuple[bool, int | None]:
+        """Return (synced, offset_ms) for the next event's clock field."""
+        return self._state
+
+    @property
+    def offset_ms(self) -> int | None:
+        """Return the last measured offset, if any."""
+        return self._state[1]
+
+
+@dataclass
+class SenderStats:
+    """Counters for tests, heartbeats and benchmarks (written by the drain thread only)."""
+
+    published: int = 0
+    resent: int = 0
+    acked: int = 0
+    acks: int = 0
+    forged_acks: int = 0
+    publish_errors: int = 0
+
+
+class Sender:
+    """Drains the outbox to the broker within a window of unacknowledged events."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        publish: Callable[[bytes], bool],
+        *,
+        agent_id: str,
+        controller_key: Ed25519PublicKey,
+        clock: ClockEstimate,
+        max_inflight: int = 1000,
+        resend_after_s: float = 30.0,
+        chunk: int = READ_CHUNK,
+    ) -> None:
+        self._outbox = outbox
+        self._publish = publish
+        self._agent = agent_id
+        self._key = controller_key
+        self._clock = clock
+        self._max_inflight = max_inflight
+        self._resend_after = resend_after_s
+        self._chunk = chunk
+        self.stats = SenderStats()
+
+        self._cond = threading.Condition()
+        # Shared with other threads, guarded by _cond:
+        self._stop = False
+        self._connected = False
+        self._reset = False
+        self._new = True
+        self._acks: list[tuple[bytes, float]] = []
+        # Owned by the drain thread:
+        self._inflight: dict[int, tuple[float, bytes]] = {}
+        self._cursor = 0
+        self._more = True
+        self._highest_published = 0
+        self._unacked_since: float | None = None
+        self._thread: threading.Thread | None = None
+        self._progress = threading.Condition()
+
+    # --- called from other threads ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the drain thread."""
+        self._thread = threading.Thread(target=self._run, name="outbox-sender", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the drain thread after the batch in hand."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def notify_new(self) -> None:
+        """Tell the sender that new events were stored."""
+        with self._cond:
+            self._new = True
+            self._cond.notify()
+
+    def on_connected(self) -> None:
+        """Re-publish everything unacknowledged from the start of the outbox (the link is fresh)."""
+        with self._cond:
+            self._connected = True
+            self._reset = True
+            self._cond.notify()
+
+    def on_disconnected(self) -> None:
+        """Pause publishing until the next connect."""
+        with self._cond:
+            self._connected = False
+
+    def resend_all(self) -> None:
+        """Re-publish every unacknowledged event now (the `agent.resend` command)."""
+        with self._cond:
+            self._reset = True
+            self._cond.notify()
+
+    def offer_ack(self, raw: bytes) -> None:
+        """Queue a message from the acks topic; it is verified on the drain thread, not the network's."""
+        with self._cond:
+            self._acks.append((raw, time.time()))
+            self._cond.notify()
+
+    @property
+    def inflight(self) -> int:
+        """Return how many events are published but not yet acknowledged."""
+        return len(self._inflight)
+
+    def wait_drained(self, timeout: float) -> bool:
+        """Wait until the outbox is empty; return False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            while self._outbox.depth() > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._progress.wait(min(remaining, 1.0))
+        return True
+
+    # --- the drain thread ----------------------------------------------------------------------------
+
+    def _can_fill(self) -> bool:
+        return self._connected and (self._more or self._new) and len(self._inflight) < self._max_inflight
+
+    def _resend_wait(self, now: float) -> float | None:
+        if not self._connected or not self._inflight:
+            return None
+        oldest = next(iter(self._inflight.values()))[0]
+        return oldest + self._resend_after - now
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stop or self._acks or self._reset or self._can_fill()):
+                    wait = self._resend_wait(time.monotonic())
+                    if wait is not None and wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                if self._stop:
+                    return
+                acks, self._acks = self._acks, []
+                reset, self._reset = self._reset, False
+                if self._new:
+                    self._new = False
+                    self._more = True
+                connected = self._connected
+            try:
+                self._step(acks, reset, connected)
+            except Exception:  # the loop must outlive any one failure; events stay in the outbox
+                log.exception("outbox sender step failed; retrying in 1 s")
+                time.sleep(1.0)
+                with self._cond:
+                    self._reset = True
+
+    def _step(self, acks: list[tuple[bytes, float]], reset: bool, connected: bool) -> None:
+        for raw, received_at in acks:
+            self._apply_ack(raw, received_at)
+        if acks:
+            with self._progress:
+                self._progress.notify_all()
+        if reset:
+            # Start again from the oldest stored event: whatever is unacknowledged goes out again.
+            self._inflight.clear()
+            self._cursor = 0
+            self._more = True
+        if connected:
+            self._resend_overdue()
+            self._fill_one_chunk()
+
+    def _send(self, seq: int, wire: bytes, now: float) -> None:
+        if not self._publish(wire):
+            self.stats.publish_errors += 1
+        if seq <= self._highest_published:
+            self.stats.resent += 1
+        else:
+            self.stats.published += 1
+            self._highest_published = seq
+        self._inflight[seq] = (now, wire)
+
+    def _fill_one_chunk(self) -> None:
+        room = self._max_inflight - len(self._inflight)
+        if room <= 0 or not self._more:
+            return
+        want = min(room, self._chunk)
+        rows = self._outbox.pending(self._cursor, want)
+        if len(rows) < want:
+            self._more = False
+        now = time.monotonic()
+        for seq, wire in rows:
+            self._send(seq, wire, now)
+            self._cursor = seq
+
+    def _resend_overdue(self) -> None:
+        now = time.monotonic()
+        due = []
+        for seq, (published_at, _wire) in self._inflight.items():
+            if now - published_at < self._resend_after:
+                break  # insertion order is publish order, so the rest are younger
+            due.append(seq)
+        if due:
+            # Log the start of a spell without acks once, not every resend round.
+            if self._unacked_since is None:
+                self._unacked_since = now
+                log.warning(
+                    "controller has not acknowledged %d events within %.0f s; re-publishing until it does",
+                    len(due),
+                    self._resend_after,
+                )
+            else:
+                log.debug("re-publishing %d unacknowledged events", len(due))
+        for seq in due:
+            _published_at, wire = self._inflight.pop(seq)
+            self._send(seq, wire, now)
+
+    def _apply_ack(self, raw: bytes, received_at: float) -> None:
+        try:
+            ack = messages.open_ack(raw, self._key, self._agent)
+        except errors.Rejected as err:
+            # A forged or garbled ack deletes nothing; the events are resent and acked for real later.
+            self.stats.forged_acks += 1
+            if self.stats.forged_acks == 1 or self.stats.forged_acks % 1000 == 0:
+                log.warning("ignored %d invalid ack(s); latest: %s", self.stats.forged_acks, err.reason)
+            return
+        self.stats.acks += 1
+        if self._unacked_since is not None:
+            log.info("controller acknowledging again after %.0f s", time.monotonic() - self._unacked_since)
+            self._unacked_since = None
+        fresh = False
+        horizon = time.monotonic() - _FRESH_ACK_S
+        for lo, hi in ack.ranges:
+            # Walk whichever is shorter: the range, or the window.
+            seqs: Iterable[int] = (
+                range(lo, hi + 1) if hi - lo < len(self._inflight) else [s for s in self._inflight if lo <= s <= hi]
+            )
+            for seq in seqs:
+                entry = self._inflight.pop(seq, None)
+                if entry is not None and entry[0] >= horizon:
+                    fresh = True
+        if fresh:
+            self._clock.observe(ack.controller_time, received_at)
+        self.stats.acked += self._outbox.remove_ranges(ack.ranges)
