@@ -115,7 +115,9 @@ def _publish_now(cfg: ControllerConfig, bundles: dict[str, bytes]) -> bool:
         publish_bundles(client, bundles)
         return True
     except (ConnectionError, TimeoutError, OSError) as err:
-        err_console.print(f"[yellow]could not publish now ({err}); the running controller publishes it shortly[/yellow]")
+        err_console.print(
+            f"[yellow]could not publish now ({err}); the running controller publishes it shortly[/yellow]"
+        )
         return False
     finally:
         client.disconnect()

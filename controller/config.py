@@ -38,7 +38,7 @@ class ControllerConfig(BaseSettings):
     api_tokens: list[SecretStr] = Field(default_factory=list)
 
     @classmethod
-    def settings_customise_sources(  # type: ignore[no-untyped-def,override]
+    def settings_customise_sources(
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ):
         """Let environment variables override the TOML file (deployments inject secrets that way)."""

@@ -37,7 +37,7 @@ def make_client(config: ControllerConfig, client_id: str, *, manual_ack: bool = 
     )
     client.on_socket_open = _nodelay
     client.max_inflight_messages_set(1000)
-    client.reconnect_delay_set(0.5, 15)
+    client.reconnect_delay_set(1, 15)
     return client
 
 
@@ -58,7 +58,7 @@ def connect_blocking(client: mqtt.Client, config: ControllerConfig, *, persisten
         result["reason"] = reason
         done.set()
         if previous is not None:
-            previous(c, userdata, flags, reason, props)
+            previous(c, userdata, flags, reason, props)  # type: ignore[call-arg]
 
     client.on_connect = on_connect
     client.connect_async(

@@ -16,9 +16,7 @@ from typing import Any
 # flagging them would dead-letter ordinary events; Japanese text around a number is still caught.
 _D = "0-9０-９"
 _SEP = "[- ‐－]?"
-_CANDIDATE = re.compile(
-    rf"(?<![{_D}A-Za-z])([{_D}]{{4}}){_SEP}([{_D}]{{4}}){_SEP}([{_D}]{{4}})(?![{_D}A-Za-z])"
-)
+_CANDIDATE = re.compile(rf"(?<![{_D}A-Za-z])([{_D}]{{4}}){_SEP}([{_D}]{{4}}){_SEP}([{_D}]{{4}})(?![{_D}A-Za-z])")
 _FULLWIDTH = str.maketrans("０１２３４５６７８９", "0123456789")
 
 

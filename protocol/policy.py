@@ -33,8 +33,8 @@ class Person(_Model):
     id: Ident
     name: Name
     department: Name | None = None
-    roles: list[Literal["designated_handler", "area_manager", "chief_officer", "auditor", "staff", "visitor"]] = (
-        Field(default_factory=list)
+    roles: list[Literal["designated_handler", "area_manager", "chief_officer", "auditor", "staff", "visitor"]] = Field(
+        default_factory=list
     )
     active: bool = True
     valid_from: date | None = None

@@ -1,10 +1,10 @@
 """MQTT topic layout. One agent's topics all live under its own prefix so one ACL pattern confines it.
 
-    sekisho/v1/agents/{agent}/events      agent → controller   signed events, QoS 1
-    sekisho/v1/agents/{agent}/heartbeat   agent → controller   signed heartbeats, QoS 0
-    sekisho/v1/agents/{agent}/acks        controller → agent   signed "stored" acknowledgements, QoS 1
-    sekisho/v1/agents/{agent}/policy      controller → agent   signed policy bundle, QoS 1, retained
-    sekisho/v1/agents/{agent}/commands    controller → agent   signed commands, QoS 1
+sekisho/v1/agents/{agent}/events      agent → controller   signed events, QoS 1
+sekisho/v1/agents/{agent}/heartbeat   agent → controller   signed heartbeats, QoS 0
+sekisho/v1/agents/{agent}/acks        controller → agent   signed "stored" acknowledgements, QoS 1
+sekisho/v1/agents/{agent}/policy      controller → agent   signed policy bundle, QoS 1, retained
+sekisho/v1/agents/{agent}/commands    controller → agent   signed commands, QoS 1
 """
 
 from __future__ import annotations

@@ -58,7 +58,9 @@ def _status_table(base: str) -> Table:
         return table
     for event in page["items"][-12:]:
         payload = event["payload"]
-        detail = ", ".join(f"{k}={v}" for k, v in payload.items() if k in ("door", "terminal", "person", "reason", "user"))
+        detail = ", ".join(
+            f"{k}={v}" for k, v in payload.items() if k in ("door", "terminal", "person", "reason", "user")
+        )
         table.add_row(event["occurred_at"][11:19], event["agent_id"], str(event["seq"]), event["type"], detail)
     depth = ", ".join(f"{a['id']}: outbox {a['outbox_depth']}, policy v{a['policy_version']}" for a in agents)
     table.caption = (
@@ -93,7 +95,15 @@ def demo(
         for name in DEMO_AGENTS:
             lab.processes.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "agents.sim", "--config", str(lab.agent_config(name)), "--interval", str(interval)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "agents.sim",
+                        "--config",
+                        str(lab.agent_config(name)),
+                        "--interval",
+                        str(interval),
+                    ],
                     stdout=(lab.root / "logs" / f"{name}.log").open("ab"),
                     stderr=subprocess.STDOUT,
                     start_new_session=True,

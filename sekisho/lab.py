@@ -109,7 +109,10 @@ class Lab:
         """Run a `sekisho` command to completion (as an administrator would)."""
         return subprocess.run(
             [sys.executable, "-m", "sekisho", *args],
-            check=check, capture_output=True, text=True, timeout=timeout,
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def register_agents(self, *names: str) -> None:
@@ -117,8 +120,14 @@ class Lab:
         for name in names:
             creds = AgentCredentials.at(self.pki_dir, name)
             self.sekisho(
-                "controller", "register-agent", name, "--public-key", str(creds.signing_pub),
-                "--config", str(self.controller_config), "--replace",
+                "controller",
+                "register-agent",
+                name,
+                "--public-key",
+                str(creds.signing_pub),
+                "--config",
+                str(self.controller_config),
+                "--replace",
             )
 
     def spawn(self, *args: str, log_name: str) -> subprocess.Popen[bytes]:

@@ -55,8 +55,13 @@ def signed_raw(key, body: dict) -> bytes:
 
 def body(seq: int, type_: str = "test.synthetic", payload: dict | None = None, agent: str = AGENT) -> dict:
     return {
-        "v": 1, "agent": agent, "seq": seq, "id": f"{seq:032x}", "type": type_,
-        "at": timefmt.fmt(timefmt.now()), "clock": {"synced": False, "offset_ms": None},
+        "v": 1,
+        "agent": agent,
+        "seq": seq,
+        "id": f"{seq:032x}",
+        "type": type_,
+        "at": timefmt.fmt(timefmt.now()),
+        "clock": {"synced": False, "offset_ms": None},
         "payload": payload if payload is not None else {"n": seq, "note": ""},
     }
 
@@ -99,7 +104,12 @@ def test_bad_events_are_dead_lettered_with_reasons_and_only_proven_ones_acked(ru
     assert store.event_seqs(AGENT) == [1]
     letters = {d.reason: d for d in store.list_dead_letters(limit=100)}
     assert set(letters) == {
-        errors.BAD_SIGNATURE, errors.UNKNOWN_TYPE, errors.MY_NUMBER, errors.MALFORMED, errors.TOPIC_MISMATCH, errors.SCHEMA,
+        errors.BAD_SIGNATURE,
+        errors.UNKNOWN_TYPE,
+        errors.MY_NUMBER,
+        errors.MALFORMED,
+        errors.TOPIC_MISMATCH,
+        errors.SCHEMA,
     }
     assert all(d.detail for d in letters.values())
     # The My Number itself is nowhere in the dead letter.
@@ -119,7 +129,8 @@ def test_unregistered_agent_is_refused(running) -> None:
     key = agent_key(lab, name)
     client = connect_client(lab.pki_dir, lab.broker.port, name)
     client.publish_wait(
-        topics.topic(name, topics.EVENTS), events.build_event(key, agent=name, seq=1, type="test.synthetic", payload={"n": 1})
+        topics.topic(name, topics.EVENTS),
+        events.build_event(key, agent=name, seq=1, type="test.synthetic", payload={"n": 1}),
     )
     wait_for(lambda: ctl.worker.stats.dead_lettered >= 1, 10, "the event to be dead-lettered")
     client.close()
@@ -168,7 +179,10 @@ def test_read_api(running) -> None:
     prod = ctl.config.model_copy(update={"profile": "production", "api_tokens": [_secret("t" * 32)]})
     secured = TestClient(create_app(AppState(prod, ctl.store, ctl.worker.stats)))
     assert secured.get("/api/v1/events").status_code == 401
-    assert secured.get("/api/v1/events", headers={"Authorization": "Bearer wrong-token-xxxxxxxxxxxxxxx"}).status_code == 401
+    assert (
+        secured.get("/api/v1/events", headers={"Authorization": "Bearer wrong-token-xxxxxxxxxxxxxxx"}).status_code
+        == 401
+    )
     ok = secured.get("/api/v1/events", headers={"Authorization": "Bearer " + "t" * 32})
     assert ok.status_code == 200 and len(ok.json()["items"]) == 5
     assert secured.get("/healthz").status_code == 200

@@ -45,7 +45,12 @@ def test_event_round_trip_verifies(key):
     raw = event(key, payload={"n": 3, "note": "見本"})
     decoded = events.decode_event(raw, topic_agent="term-001")
     decoded.verify(key.public_key())
-    assert (decoded.agent, decoded.seq, decoded.type, decoded.payload["note"]) == ("term-001", 7, "test.synthetic", "見本")
+    assert (decoded.agent, decoded.seq, decoded.type, decoded.payload["note"]) == (
+        "term-001",
+        7,
+        "test.synthetic",
+        "見本",
+    )
 
 
 @pytest.mark.parametrize(
@@ -82,8 +87,13 @@ def test_forged_and_tampered_events_fail_signature(key):
 def test_controller_refuses_my_number_even_if_agent_signed_it(key):
     number = synthetic_my_number()
     body = {
-        "v": 1, "agent": "term-001", "seq": 1, "id": "0" * 32, "type": "test.synthetic",
-        "at": timefmt.fmt(timefmt.now()), "clock": {"synced": False, "offset_ms": None},
+        "v": 1,
+        "agent": "term-001",
+        "seq": 1,
+        "id": "0" * 32,
+        "type": "test.synthetic",
+        "at": timefmt.fmt(timefmt.now()),
+        "clock": {"synced": False, "offset_ms": None},
         "payload": {"n": 1, "note": f"番号 {number[:4]}-{number[4:8]}-{number[8:]} を確認"},
     }
     raw = canonical_bytes({"event": body, "sig": signing.sign(key, "event", body)})

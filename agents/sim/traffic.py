@@ -66,20 +66,32 @@ def door_visit(agent: Agent, scene: Scene, rng: random.Random) -> None:
     """One person taps a card at one door; on a grant the door opens and closes."""
     door = rng.choice(scene.doors)
     uid = rng.choice(DEMO_CARD_UIDS)
-    agent.emit("card.presented", {"reader": f"{door['id']}-reader", "card_hash": card_hash(uid), "card_masked": masked(uid)})
+    agent.emit(
+        "card.presented", {"reader": f"{door['id']}-reader", "card_hash": card_hash(uid), "card_masked": masked(uid)}
+    )
     card, reason = scene.identify(uid)
     if reason is None and card is not None and card["person"] not in door.get("allowed", []):
         reason = "not_allowed_here"
     if reason is not None:
         agent.emit(
             "door.access_denied",
-            {"door": door["id"], "reason": reason, "person": card["person"] if card else None, "card_masked": masked(uid)},
+            {
+                "door": door["id"],
+                "reason": reason,
+                "person": card["person"] if card else None,
+                "card_masked": masked(uid),
+            },
         )
         return
     assert card is not None
     agent.emit(
         "door.access_granted",
-        {"door": door["id"], "person": card["person"], "card_masked": masked(uid), "rule": f"doors.{door['id']}.allowed"},
+        {
+            "door": door["id"],
+            "person": card["person"],
+            "card_masked": masked(uid),
+            "rule": f"doors.{door['id']}.allowed",
+        },
     )
     agent.emit("door.opened", {"door": door["id"], "forced": False})
     agent.emit("door.closed", {"door": door["id"], "open_seconds": rng.randint(2, 25)})
@@ -105,7 +117,12 @@ def terminal_session(agent: Agent, scene: Scene, rng: random.Random) -> None:
         stick = hashlib.sha256(f"demo-usb-{rng.randint(1, 5)}".encode()).hexdigest()
         agent.emit(
             "usb.blocked",
-            {"terminal": terminal["id"], "vendor_product": "0781:5581", "device_hash": stick, "reason": "mass_storage_not_registered"},
+            {
+                "terminal": terminal["id"],
+                "vendor_product": "0781:5581",
+                "device_hash": stick,
+                "reason": "mass_storage_not_registered",
+            },
         )
     if rng.random() < 0.4:
         agent.emit("session.locked", {"terminal": terminal["id"], "user": user, "cause": "card_removed"})
@@ -113,7 +130,7 @@ def terminal_session(agent: Agent, scene: Scene, rng: random.Random) -> None:
 
 def run_traffic(agent: Agent, stop: threading.Event, *, mean_interval_s: float, seed: int | None = None) -> None:
     """Emit demo traffic until stopped, waiting for a valid policy first (fail closed without one)."""
-    rng = random.Random(seed)  # noqa: S311 - demo traffic, not security
+    rng = random.Random(seed)
     while not stop.is_set():
         bundle = agent.policy.in_force()
         if bundle is None:

@@ -82,7 +82,9 @@ def list_dead_letters(
 @records.get("/findings", response_model=list[FindingPublic])
 def list_findings(state: StateDep, open_only: bool = False) -> list[FindingPublic]:
     """List findings such as sequence gaps."""
-    return [FindingPublic.model_validate(r, from_attributes=True) for r in state.store.list_findings(open_only=open_only)]
+    return [
+        FindingPublic.model_validate(r, from_attributes=True) for r in state.store.list_findings(open_only=open_only)
+    ]
 
 
 @records.get("/agents", response_model=list[AgentPublic])

@@ -70,9 +70,7 @@ class KeyRing:
     def get(self, agent_id: str) -> Ed25519PublicKey | None:
         """Return an active agent's key, refreshing the cache when stale or when the agent is unknown."""
         now = time.monotonic()
-        if now - self._loaded_at > self._refresh_s or (
-            agent_id not in self._keys and now - self._loaded_at > 1.0
-        ):
+        if now - self._loaded_at > self._refresh_s or (agent_id not in self._keys and now - self._loaded_at > 1.0):
             self.reload()
         return self._keys.get(agent_id)
 
@@ -128,7 +126,7 @@ class IngestWorker:
         self.stats.connected = False
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._queue.put(_Incoming(msg.topic, msg.payload, msg.mid, msg.qos))
+        self._queue.put(_Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -244,9 +242,9 @@ class IngestWorker:
                 to_ack[d.agent_id].append(d.seq)
         # The store may dead-letter verified events too (reused event id or seq); those are signed, so ack.
         verified = {(ev.agent, ev.seq) for ev in good}
-        for agent_id, seq in result.dead_lettered:
-            if (agent_id, seq) in verified and agent_id is not None and seq is not None:
-                to_ack[agent_id].append(seq)
+        for letter_agent, letter_seq in result.dead_lettered:
+            if letter_agent is not None and letter_seq is not None and (letter_agent, letter_seq) in verified:
+                to_ack[letter_agent].append(letter_seq)
         for agent_id, seqs in to_ack.items():
             self._client.publish(
                 topics.topic(agent_id, topics.ACKS), messages.build_ack(self._signing_key, agent_id, seqs), qos=1

@@ -67,7 +67,7 @@ def _wait_ready(lab: Lab, proc: subprocess.Popen[bytes], timeout: float = 60) ->
         if proc.poll() is not None:
             raise RuntimeError(f"controller exited; see {lab.root / 'logs'}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{lab.http_port}/readyz", timeout=2) as r:  # noqa: S310
+            with urllib.request.urlopen(f"http://127.0.0.1:{lab.http_port}/readyz", timeout=2) as r:
                 if json.loads(r.read())["status"] == "ok":
                     return
         except (urllib.error.URLError, OSError, ValueError):
@@ -78,7 +78,9 @@ def _wait_ready(lab: Lab, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 
 def _sample_event_bytes(pki_dir: Path, agent: str, note_bytes: int) -> bytes:
     key = signing.load_private_key(AgentCredentials.at(pki_dir, agent).signing_key)
-    return events.build_event(key, agent=agent, seq=1, type="test.synthetic", payload={"n": 1, "note": "x" * note_bytes})
+    return events.build_event(
+        key, agent=agent, seq=1, type="test.synthetic", payload={"n": 1, "note": "x" * note_bytes}
+    )
 
 
 def _prefill(lab: Lab, agent: str, count: int, note_bytes: int) -> None:
@@ -91,7 +93,9 @@ def _prefill(lab: Lab, agent: str, count: int, note_bytes: int) -> None:
     try:
         note = "x" * note_bytes
         for start in range(0, count, 5000):
-            outbox.append_many([("test.synthetic", {"n": i, "note": note}) for i in range(start, min(count, start + 5000))])
+            outbox.append_many(
+                [("test.synthetic", {"n": i, "note": note}) for i in range(start, min(count, start + 5000))]
+            )
     finally:
         outbox.close()
 
@@ -134,7 +138,10 @@ def bench_ingest(
         raw = run_baseline(
             lab.broker.port,
             ctl_tls,
-            [(topics.topic(n, topics.EVENTS), tls_for_dir(AgentCredentials.at(lab.pki_dir, n).directory)) for n in names],
+            [
+                (topics.topic(n, topics.EVENTS), tls_for_dir(AgentCredentials.at(lab.pki_dir, n).directory))
+                for n in names
+            ],
             payload,
             per_agent,
             "$share/bench/" + topics.all_agents(topics.EVENTS),
@@ -151,8 +158,16 @@ def bench_ingest(
         _wait_ready(lab, controller)
         procs = [
             lab.spawn(
-                "agent", "simulate", "--config", str(lab.agent_config(n)), "--count", "0",
-                "--exit-when-drained", "--timeout", "900", log_name=n,
+                "agent",
+                "simulate",
+                "--config",
+                str(lab.agent_config(n)),
+                "--count",
+                "0",
+                "--exit-when-drained",
+                "--timeout",
+                "900",
+                log_name=n,
             )
             for n in names
         ]
@@ -174,8 +189,18 @@ def bench_ingest(
         table.add_row("agents not drained", ", ".join(failed) or "none")
         table.add_row("controller workers", str(len(extra) + 1))
         console.print(table)
-        print(json.dumps({"raw_eps": round(raw.rate), "durable_eps": round(durable), "ratio": round(ratio, 3),
-                          "stored": rows, "expected": expected, "duplicates": rows - distinct}))
+        print(
+            json.dumps(
+                {
+                    "raw_eps": round(raw.rate),
+                    "durable_eps": round(durable),
+                    "ratio": round(ratio, 3),
+                    "stored": rows,
+                    "expected": expected,
+                    "duplicates": rows - distinct,
+                }
+            )
+        )
         if failed or rows != expected or distinct != rows:
             raise typer.Exit(1)
     finally:
@@ -211,8 +236,18 @@ def bench_outbox(
         outbox_path = lab.root / "agents" / name / "state" / "outbox.sqlite3"
         # The agent itself buffers: it runs with the broker down and emits in bulk transactions.
         agent = lab.spawn(
-            "agent", "simulate", "--config", str(config), "--count", str(count), "--note-bytes", str(note_bytes),
-            "--exit-when-drained", "--timeout", "7200", log_name=name,
+            "agent",
+            "simulate",
+            "--config",
+            str(config),
+            "--count",
+            str(count),
+            "--note-bytes",
+            str(note_bytes),
+            "--exit-when-drained",
+            "--timeout",
+            "7200",
+            log_name=name,
         )
         started = time.monotonic()
         while _outbox_depth(outbox_path) < count and agent.poll() is None:
@@ -249,8 +284,16 @@ def bench_outbox(
         table.add_row(f"idle agent RSS (MB, after {idle_seconds:.0f} s)", f"{rss_mb:.1f}")
         table.add_row("idle agent CPU (%)", f"{cpu:.2f}")
         console.print(table)
-        print(json.dumps({"drain_eps": round(drain_eps), "lost": lost, "idle_rss_mb": round(rss_mb, 1),
-                          "idle_cpu_pct": round(cpu, 2)}))
+        print(
+            json.dumps(
+                {
+                    "drain_eps": round(drain_eps),
+                    "lost": lost,
+                    "idle_rss_mb": round(rss_mb, 1),
+                    "idle_cpu_pct": round(cpu, 2),
+                }
+            )
+        )
         if lost or rows != distinct:
             raise typer.Exit(1)
     finally:

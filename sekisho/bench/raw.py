@@ -63,7 +63,9 @@ def publisher(port: int, tls: TlsFiles, topic: str, payload: bytes, count: int, 
     client.loop_stop()
 
 
-def subscriber(port: int, tls: TlsFiles, topic_filter: str, expected: int, ready: Any, out: Any, timeout: float) -> None:
+def subscriber(
+    port: int, tls: TlsFiles, topic_filter: str, expected: int, ready: Any, out: Any, timeout: float
+) -> None:
     """Count QoS 1 messages until `expected` arrived; report (count, first arrival, last arrival)."""
     state = {"n": 0, "first": 0.0, "last": 0.0}
     done = threading.Event()
@@ -123,7 +125,9 @@ def run_baseline(
     if not ready.wait(30):
         sub.terminate()
         raise RuntimeError("baseline subscriber did not start")
-    pubs = [ctx.Process(target=publisher, args=(port, tls, topic, payload, per_publisher, go)) for topic, tls in publishers]
+    pubs = [
+        ctx.Process(target=publisher, args=(port, tls, topic, payload, per_publisher, go)) for topic, tls in publishers
+    ]
     for p in pubs:
         p.start()
     time.sleep(1.0)  # let every publisher finish its TLS handshake so the clock measures traffic only

@@ -79,5 +79,3 @@ class Site:
                 return False
 
         wait_for(ready, timeout, "the controller to be ready")
-
-
