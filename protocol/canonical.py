@@ -28,7 +28,16 @@ def _reject_floats(value: Any, path: str = "$") -> None:
 def canonical_bytes(value: Any) -> bytes:
     """Serialise a JSON value to its canonical signed form."""
     _reject_floats(value)
+    return canonical_bytes_parsed(value)
+
+
+def canonical_bytes_parsed(value: Any) -> bytes:
+    """Serialise a value that came from loads_strict (which already refused floats) canonically."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class _FloatFound(ValueError):
+    pass
 
 
 def loads_strict(raw: bytes, *, max_size: int) -> Any:
@@ -40,9 +49,16 @@ def loads_strict(raw: bytes, *, max_size: int) -> Any:
     except UnicodeDecodeError as err:
         raise errors.Rejected(errors.MALFORMED, f"not UTF-8 at byte {err.start}") from err
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        return json.loads(text, parse_constant=_no_constants, parse_float=_no_floats)
+    except _FloatFound as err:
+        raise errors.Rejected(errors.SCHEMA, "floating-point number; use integers") from err
     except (ValueError, RecursionError) as err:
         raise errors.Rejected(errors.MALFORMED, f"not JSON: {str(err)[:120]}") from err
+
+
+def _no_floats(text: str) -> Any:
+    # Refused while parsing, so everything loads_strict returns is float-free and re-serialises canonically.
+    raise _FloatFound(text)
 
 
 def _no_constants(name: str) -> Any:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from protocol import PROTOCOL_VERSION, errors, mynumber, signing, timefmt, topics
-from protocol.canonical import canonical_bytes, loads_strict
+from protocol.canonical import canonical_bytes, canonical_bytes_parsed, loads_strict
 
 MAX_EVENT_BYTES = 64 * 1024
 
@@ -84,10 +84,11 @@ class DecodedEvent:
     body: dict[str, Any]
     signature: str
     raw: bytes
+    canonical_body: bytes
 
     def verify(self, key: Ed25519PublicKey) -> None:
         """Check the agent's signature over the event body."""
-        signing.verify(key, "event", self.body, self.signature)
+        signing.verify_canonical(key, "event", self.canonical_body, self.signature)
 
 
 def _first_error(err: ValidationError) -> str:
@@ -120,10 +121,8 @@ def decode_event(raw: bytes, *, topic_agent: str | None = None) -> DecodedEvent:
         schema.model_validate(header.payload)
     except ValidationError as err:
         raise errors.Rejected(errors.SCHEMA, f"payload of {header.type}: {_first_error(err)}") from err
-    try:
-        canonical_bytes(body)
-    except errors.Rejected as err:
-        raise errors.Rejected(errors.SCHEMA, err.detail) from err
+    # loads_strict refused floats, so the parsed body re-serialises to exactly what the agent signed.
+    canonical_body = canonical_bytes_parsed(body)
     # Only the payload is scanned: the header holds ids and timestamps, never personal data.
     found = next(mynumber.find_my_numbers(header.payload, "$.payload"), None)
     if found is not None:
@@ -142,6 +141,7 @@ def decode_event(raw: bytes, *, topic_agent: str | None = None) -> DecodedEvent:
         body=body,
         signature=doc["sig"],
         raw=raw,
+        canonical_body=canonical_body,
     )
 
 
