@@ -86,7 +86,7 @@ class DecodedEvent:
     raw: bytes
     canonical_body: bytes
 
-    def verify(self, key: Ed25519PublicKey) -> None:
+    def verify(self, key: Ed25519PublicKey | signing.Verifier) -> None:
         """Check the agent's signature over the event body."""
         signing.verify_canonical(key, "event", self.canonical_body, self.signature)
 

@@ -64,19 +64,26 @@ class KeyRing:
     def __init__(self, store: Store, refresh_s: float) -> None:
         self._store = store
         self._refresh_s = refresh_s
-        self._keys: dict[str, Ed25519PublicKey] = {}
+        self._keys: dict[str, signing.Verifier] = {}
+        self._public: dict[str, Ed25519PublicKey] = {}
         self._loaded_at = 0.0
 
-    def get(self, agent_id: str) -> Ed25519PublicKey | None:
+    def get(self, agent_id: str) -> signing.Verifier | None:
         """Return an active agent's key, refreshing the cache when stale or when the agent is unknown."""
         now = time.monotonic()
         if now - self._loaded_at > self._refresh_s or (agent_id not in self._keys and now - self._loaded_at > 1.0):
             self.reload()
         return self._keys.get(agent_id)
 
+    def public_key(self, agent_id: str) -> Ed25519PublicKey | None:
+        """Return an active agent's key as a cryptography object (for the slower, general checks)."""
+        self.get(agent_id)
+        return self._public.get(agent_id)
+
     def reload(self) -> None:
         """Re-read all active agents' keys from the store."""
-        self._keys = {a: signing.load_public_key_pem(pem.encode()) for a, pem in self._store.agent_keys().items()}
+        self._public = {a: signing.load_public_key_pem(pem.encode()) for a, pem in self._store.agent_keys().items()}
+        self._keys = {a: signing.Verifier(k) for a, k in self._public.items()}
         self._loaded_at = time.monotonic()
 
 
@@ -257,7 +264,7 @@ class IngestWorker:
                 self._on_heartbeat(hb)
 
     def _open_heartbeat(self, agent: str, item: _Incoming) -> messages.Heartbeat | None:
-        key = self._keys.get(agent)
+        key = self._keys.public_key(agent)
         try:
             if key is None:
                 raise errors.Rejected(errors.UNKNOWN_AGENT, f"agent {agent!r} is not registered")
@@ -280,7 +287,7 @@ class IngestWorker:
             if isinstance(claimed_id, str) and len(claimed_id) == 32:
                 event_id = claimed_id
             if err.reason in _ACKABLE_WHEN_SIGNED and body.get("agent") == topic_agent and seq is not None:
-                key = self._keys.get(topic_agent)
+                key = self._keys.public_key(topic_agent)
                 if key is not None:
                     signing.verify(key, "event", body, doc["sig"])
                     ackable = True

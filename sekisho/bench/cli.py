@@ -85,8 +85,10 @@ def _sample_event_bytes(pki_dir: Path, agent: str, note_bytes: int) -> bytes:
 
 def _prefill(lab: Lab, agent: str, count: int, note_bytes: int) -> None:
     creds = AgentCredentials.at(lab.pki_dir, agent)
+    state = lab.root / "agents" / agent / "state"
+    state.mkdir(parents=True, exist_ok=True)
     outbox = Outbox(
-        lab.root / "agents" / agent / "state" / "outbox.sqlite3",
+        state / "outbox.sqlite3",
         signing_key=signing.load_private_key(creds.signing_key),
         agent_id=agent,
     )
@@ -114,7 +116,7 @@ def bench_ingest(
     per_agent: Annotated[int, typer.Option(min=100, help="events per agent process")] = 20_000,
     agents: Annotated[int, typer.Option(min=1, max=16, help="agent (publisher) processes")] = 3,
     note_bytes: Annotated[int, typer.Option(min=0, max=4096, help="filler bytes per event")] = 64,
-    workers: Annotated[int, typer.Option(min=1, max=8, help="controller ingest processes (subscribers)")] = 1,
+    workers: Annotated[int, typer.Option(min=1, max=8, help="controller ingest processes (subscribers)")] = 2,
     database_url: Annotated[str | None, typer.Option(help="store URL (default: SQLite in the work dir)")] = None,
     workdir: Annotated[Path | None, typer.Option(help="keep state here instead of a temp dir")] = None,
 ) -> None:
@@ -133,8 +135,6 @@ def bench_ingest(
         # (a) the raw baseline
         pki = PkiPaths.at(lab.pki_dir)
         ctl_tls = TlsFiles(str(pki.ca_cert), str(pki.controller_cert), str(pki.controller_key))
-        if workers != 1:
-            console.print("[yellow]baseline uses one subscriber process per worker only when workers == 1[/yellow]")
         raw = run_baseline(
             lab.broker.port,
             ctl_tls,
@@ -145,6 +145,7 @@ def bench_ingest(
             payload,
             per_agent,
             "$share/bench/" + topics.all_agents(topics.EVENTS),
+            subscribers=workers,
         )
         console.print(f"raw baseline: {raw.messages} messages in {raw.seconds:.2f} s = {raw.rate:,.0f} msg/s")
 

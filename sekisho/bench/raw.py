@@ -64,22 +64,41 @@ def publisher(port: int, tls: TlsFiles, topic: str, payload: bytes, count: int, 
 
 
 def subscriber(
-    port: int, tls: TlsFiles, topic_filter: str, expected: int, ready: Any, out: Any, timeout: float
+    index: int,
+    port: int,
+    tls: TlsFiles,
+    topic_filter: str,
+    total: Any,
+    expected: int,
+    ready: Any,
+    out: Any,
+    timeout: float,
 ) -> None:
-    """Count QoS 1 messages until `expected` arrived; report (count, first arrival, last arrival)."""
+    """Count QoS 1 messages until all subscribers together saw `expected`; report (count, first, last)."""
     state = {"n": 0, "first": 0.0, "last": 0.0}
     done = threading.Event()
 
     def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
-        now = time.perf_counter()
+        now = time.time()
         if state["n"] == 0:
             state["first"] = now
         state["n"] += 1
         state["last"] = now
-        if state["n"] >= expected:
+        with total.get_lock():
+            total.value += 1
+            finished = total.value >= expected
+        if finished:
             done.set()
 
-    client = _client("bench-sub", tls)
+    def watch_total() -> None:
+        # Another subscriber may receive the last message: stop when the shared count is complete.
+        while not done.wait(0.05):
+            if total.value >= expected:
+                done.set()
+
+    threading.Thread(target=watch_total, daemon=True).start()
+
+    client = _client(f"bench-sub-{index}", tls)
     subscribed = threading.Event()
     client.on_message = on_message
     client.on_subscribe = lambda c, u, mid, rc, p: subscribed.set()
@@ -113,18 +132,28 @@ def run_baseline(
     payload: bytes,
     per_publisher: int,
     topic_filter: str,
+    *,
+    subscribers: int = 1,
     timeout: float = 300,
 ) -> RawResult:
-    """Run the baseline: one subscriber process and one process per (topic, tls) publisher."""
+    """Run the baseline: `subscribers` processes on one shared subscription, one process per publisher."""
     ctx = mp.get_context("spawn")
-    ready, go = ctx.Event(), ctx.Event()
+    go = ctx.Event()
     out: Any = ctx.Queue()
+    total = ctx.Value("q", 0)
     expected = per_publisher * len(publishers)
-    sub = ctx.Process(target=subscriber, args=(port, subscriber_tls, topic_filter, expected, ready, out, timeout))
-    sub.start()
-    if not ready.wait(30):
-        sub.terminate()
-        raise RuntimeError("baseline subscriber did not start")
+    subs = []
+    for index in range(subscribers):
+        ready = ctx.Event()
+        sub = ctx.Process(
+            target=subscriber, args=(index, port, subscriber_tls, topic_filter, total, expected, ready, out, timeout)
+        )
+        sub.start()
+        subs.append(sub)
+        if not ready.wait(30):
+            for started in subs:
+                started.terminate()
+            raise RuntimeError("baseline subscriber did not start")
     pubs = [
         ctx.Process(target=publisher, args=(port, tls, topic, payload, per_publisher, go)) for topic, tls in publishers
     ]
@@ -133,15 +162,17 @@ def run_baseline(
     time.sleep(1.0)  # let every publisher finish its TLS handshake so the clock measures traffic only
     go.set()
     try:
-        count, first, last = out.get(timeout=timeout + 30)
+        reports = [out.get(timeout=timeout + 30) for _ in subs]
     except queue.Empty as err:
         raise RuntimeError("baseline subscriber did not report") from err
     finally:
-        for p in [*pubs, sub]:
+        for p in [*pubs, *subs]:
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
-    return RawResult(count, last - first)
+    seen = [r for r in reports if r[0]]
+    count = sum(r[0] for r in reports)
+    return RawResult(count, max(r[2] for r in seen) - min(r[1] for r in seen)) if seen else RawResult(0, 0.0)
 
 
 def tls_for_dir(directory: Path) -> TlsFiles:
