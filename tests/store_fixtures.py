@@ -13,11 +13,11 @@ from typing import Any, Protocol
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from support.postgres import find_pg_bin, pg_database, postgres_cluster
 
 from controller.store import Store, make_engine, upgrade
 from protocol import signing
 from protocol.events import DecodedEvent, build_event, decode_event
+from sekisho.pgcluster import find_pg_bin, pg_database, postgres_cluster
 
 
 @pytest.fixture(scope="session")

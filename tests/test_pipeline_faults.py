@@ -12,10 +12,10 @@ import time
 
 import pytest
 from sqlalchemy import select
-from support.postgres import pg_database
 from support.site import Site, wait_for
 
 from controller.store.models import Finding
+from sekisho.pgcluster import pg_database
 
 pytest_plugins = ("pipeline_fixtures", "store_fixtures")
 pytestmark = [pytest.mark.broker, pytest.mark.faults]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from deploy.pki import AgentCredentials, PkiPaths
 from protocol import events, signing, topics
 from sekisho.bench.raw import TlsFiles, run_baseline, tls_for_dir
 from sekisho.lab import Lab
+from sekisho.pgcluster import pg_database, postgres_cluster
 
 console = Console()
 bench_app = typer.Typer(help="Measure the pipeline (figures go to docs/benchmarks.md).", no_args_is_help=True)
@@ -118,9 +120,19 @@ def bench_ingest(
     note_bytes: Annotated[int, typer.Option(min=0, max=4096, help="filler bytes per event")] = 64,
     workers: Annotated[int, typer.Option(min=1, max=8, help="controller ingest processes (subscribers)")] = 2,
     database_url: Annotated[str | None, typer.Option(help="store URL (default: SQLite in the work dir)")] = None,
+    postgres: Annotated[bool, typer.Option(help="store in a private PostgreSQL cluster started for the run")] = False,
     workdir: Annotated[Path | None, typer.Option(help="keep state here instead of a temp dir")] = None,
 ) -> None:
     """Raw paho QoS 1 publish→subscribe rate vs. durable agent-outbox→stored-and-acked rate."""
+    with contextlib.ExitStack() as stack:
+        if postgres:
+            database_url = stack.enter_context(pg_database(stack.enter_context(postgres_cluster())))
+        _bench_ingest(per_agent, agents, note_bytes, workers, database_url, workdir)
+
+
+def _bench_ingest(
+    per_agent: int, agents: int, note_bytes: int, workers: int, database_url: str | None, workdir: Path | None
+) -> None:
     root = _workdir(workdir)
     lab = Lab(root, database_url=database_url)
     names = [f"bench-{i + 1}" for i in range(agents)]
@@ -189,6 +201,7 @@ def bench_ingest(
         table.add_row("stored rows / expected / distinct", f"{rows} / {expected} / {distinct}")
         table.add_row("agents not drained", ", ".join(failed) or "none")
         table.add_row("controller workers", str(len(extra) + 1))
+        table.add_row("store", url.split("://")[0])
         console.print(table)
         print(
             json.dumps(

@@ -1,6 +1,6 @@
-"""A throwaway PostgreSQL cluster started by the tests on a free loopback port.
+"""A throwaway PostgreSQL cluster on a free loopback port, for tests and benchmarks.
 
-The tests never rely on a server this machine happens to run: they initdb a cluster in a temp
+Neither relies on a server this machine happens to run: they initdb a cluster in a temp
 directory, start it on a free port, and stop it at the end. As root, PostgreSQL refuses to run, so
 the cluster is owned by and run as the `postgres` system user.
 """
