@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import signal
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +22,7 @@ from controller.config import ControllerConfig, load_config
 from controller.mqtt import connect_blocking, make_client
 from controller.policy.loader import PolicyError, load_policy_file
 from controller.policy.service import PolicyService, publish_bundles
-from protocol import signing, topics
+from protocol import messages, signing, topics
 
 console = Console()
 err_console = Console(stderr=True)
@@ -106,6 +108,57 @@ def revoke_agent(config: ConfigOpt, agent_id: str) -> None:
 
     open_store(_config(config)).revoke_agent(agent_id)
     console.print(f"revoked {agent_id}")
+
+
+@controller_app.command("send-command")
+def send_command(
+    config: ConfigOpt,
+    agent_id: Annotated[str, typer.Argument(help="the agent to instruct")],
+    name: Annotated[str, typer.Argument(help="command name, e.g. agent.ping")],
+    args: Annotated[str, typer.Option(help="arguments as a JSON object")] = "{}",
+    lifetime_s: Annotated[int, typer.Option(min=1, max=600, help="seconds until the command expires")] = 60,
+    save_to: Annotated[Path | None, typer.Option(help="also write the signed message here (audits, drills)")] = None,
+) -> None:
+    """Sign a single-use, expiring command for one agent, record it, and publish it."""
+    from controller.service import open_store
+
+    cfg = _config(config)
+    try:
+        parsed = json.loads(args)
+    except ValueError as err:
+        err_console.print(f"[red]--args is not JSON:[/red] {err}")
+        raise typer.Exit(2) from err
+    if not isinstance(parsed, dict):
+        err_console.print("[red]--args must be a JSON object[/red]")
+        raise typer.Exit(2)
+    key = signing.load_private_key(cfg.signing_key)
+    command_id, raw = messages.build_command(
+        key, agent=topics.check_agent_id(agent_id), name=name, args=parsed, lifetime=timedelta(seconds=lifetime_s)
+    )
+    cmd = messages.open_command(raw, key.public_key(), agent_id)
+    open_store(cfg).add_issued_command(
+        command_id=command_id,
+        agent_id=agent_id,
+        name=name,
+        args=parsed,
+        issued_at=cmd.issued_at,
+        expires_at=cmd.expires_at,
+        nonce=cmd.command.nonce,
+    )
+    if save_to is not None:
+        save_to.write_bytes(raw)
+    client: mqtt.Client = make_client(cfg, f"{cfg.worker_id}-command-cli")
+    try:
+        connect_blocking(client, cfg, persistent=False, timeout=5)
+        info = client.publish(topics.topic(agent_id, topics.COMMANDS), raw, qos=1)
+        info.wait_for_publish(10)
+    except (ConnectionError, OSError, RuntimeError) as err:
+        err_console.print(f"[red]could not publish the command:[/red] {err}")
+        raise typer.Exit(1) from err
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    console.print(f"sent {name} to {agent_id} (id {command_id}, expires {cmd.command.expires_at})")
 
 
 def _publish_now(cfg: ControllerConfig, bundles: dict[str, bytes]) -> bool:
@@ -194,8 +247,13 @@ def records_verify(
         total = sum(s.chain_length for s in streams)
         console.print(f"[green]OK[/green]: {len(streams)} stream(s), {total} record(s), chains intact")
         return
-    table = Table("agent", "chain index", "seq", "event id", "row id", "problem", title="broken records")
+    # One plain line per broken stream: auditors paste these into the review record, scripts grep them.
+    console.print(f"[red]BROKEN[/red]: {len(problems)} of {len(streams)} stream(s)")
     for p in problems:
-        table.add_row(p.agent_id, str(p.chain_index), str(p.seq), p.event_id or "", str(p.row_id), p.problem)
-    console.print(table)
+        console.print(
+            f"{p.agent_id} chain_index={p.chain_index} seq={p.seq} event_id={p.event_id or '-'} row_id={p.row_id}: "
+            f"{p.problem}",
+            soft_wrap=True,
+            highlight=False,
+        )
     raise typer.Exit(1)
