@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol import errors, signing, topics
+from sekisho.files import write_atomically
 
 CA_DAYS = 3650
 # Leaf certificates are re-issued with `issue-agent --force`; about two years keeps rotation a routine
@@ -165,19 +164,7 @@ def _make_dir(path: Path) -> None:
 def _write_file(path: Path, data: bytes, mode: int) -> None:
     """Write a file atomically with the given mode, replacing any previous one."""
     _make_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    # The mode is set at creation, so a private key is never readable by others, not even briefly;
-    # O_EXCL makes sure we never write through a file or symlink someone else put there.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, data, mode=mode)
 
 
 def write_private(path: Path, data: bytes) -> None:

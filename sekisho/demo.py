@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -93,22 +92,8 @@ def demo(
         applied = lab.sekisho("policy", "apply", str(DEMO_POLICY), "--config", str(lab.controller_config))
         console.print("  policy: " + (applied.stdout.strip().splitlines() or ["applied"])[-1])
         for name in DEMO_AGENTS:
-            lab.processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "agents.sim",
-                        "--config",
-                        str(lab.agent_config(name)),
-                        "--interval",
-                        str(interval),
-                    ],
-                    stdout=(lab.root / "logs" / f"{name}.log").open("ab"),
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
+            config = str(lab.agent_config(name))
+            lab.spawn("--config", config, "--interval", str(interval), log_name=name, module="agents.sim")
         console.print(f"  controller API: {base}/docs   events: {base}/api/v1/events")
         console.print(f"  verify records: sekisho records verify --config {lab.controller_config}")
         console.print(f"  logs: {lab.root / 'logs'}")

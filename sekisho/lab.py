@@ -130,26 +130,27 @@ class Lab:
                 "--replace",
             )
 
-    def spawn(self, *args: str, log_name: str) -> subprocess.Popen[bytes]:
-        """Start a long-running `sekisho` command in the background, logging to the lab's logs/."""
+    def spawn(
+        self, *args: str, log_name: str, env: dict[str, str] | None = None, module: str = "sekisho"
+    ) -> subprocess.Popen[bytes]:
+        """Start a long-running `python -m MODULE ARGS` (default: sekisho) in the background, logging to logs/."""
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with (logs / f"{log_name}.log").open("ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "sekisho", *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                [sys.executable, "-m", module, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
             )
         self.processes.append(proc)
         return proc
 
-    def spawn_controller(self, *, http: bool = False, worker_id: str | None = None) -> subprocess.Popen[bytes]:
-        """Start `controller serve` (with HTTP) or `controller ingest` (worker only)."""
+    def spawn_controller(self, *, http: bool = False, worker_id: str = "controller-1") -> subprocess.Popen[bytes]:
+        """Start `controller serve` (with HTTP) or `controller ingest` (worker only) as one named worker."""
         args = ["controller", "serve" if http else "ingest", "--config", str(self.controller_config)]
-        env_worker = worker_id or "controller-1"
-        os.environ["SEKISHO_CONTROLLER_WORKER_ID"] = env_worker
-        try:
-            return self.spawn(*args, log_name=env_worker)
-        finally:
-            del os.environ["SEKISHO_CONTROLLER_WORKER_ID"]
+        return self.spawn(*args, log_name=worker_id, env={"SEKISHO_CONTROLLER_WORKER_ID": worker_id})
 
     def stop_all(self, timeout: float = 15) -> None:
         """Stop every process this lab started (SIGTERM, then SIGKILL), then the broker."""

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.runtime.policy_cache import CACHE_NAME, PolicyCache, PolicyChange, write_atomically
+from agents.runtime.policy_cache import CACHE_NAME, PolicyCache, PolicyChange
 from protocol import errors, messages, signing, timefmt
+from sekisho.files import write_atomically
 
 AGENT = "door-001"
 

@@ -15,6 +15,7 @@ from typing import Annotated
 import psutil
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy import func, select
 
@@ -264,8 +265,11 @@ def bench_outbox(
             log_name=name,
         )
         started = time.monotonic()
-        while _outbox_depth(outbox_path) < count and agent.poll() is None:
-            time.sleep(0.5)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("queueing (broker down)", total=count)
+            while (depth := _outbox_depth(outbox_path)) < count and agent.poll() is None:
+                progress.update(task, completed=depth)
+                time.sleep(0.5)
         queued_s = time.monotonic() - started
         console.print(f"queued {count:,} events with the broker down in {queued_s:.1f} s ({count / queued_s:,.0f}/s)")
         lab.start_broker()
@@ -273,8 +277,15 @@ def bench_outbox(
         controller = lab.spawn_controller(http=True)
         _wait_ready(lab, controller)
         drain_start = time.monotonic()
-        while agent.poll() is None and time.monotonic() - drain_start < 7200:
-            time.sleep(0.1)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("draining to the controller", total=count)
+            shown = 0.0
+            while agent.poll() is None and time.monotonic() - drain_start < 7200:
+                # Counting the outbox costs the agent's disk: look every 2 s, but notice the end at once.
+                if time.monotonic() - shown > 2:
+                    progress.update(task, completed=count - _outbox_depth(outbox_path))
+                    shown = time.monotonic()
+                time.sleep(0.1)
         drain_s = time.monotonic() - drain_start
         url = _db_url(lab)
         rows, distinct, _first = _distinct_counts(url)

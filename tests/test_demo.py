@@ -1,0 +1,37 @@
+"""The demo is the product's front door: it must start everything, fill the records, and stop cleanly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from controller.store import Store, make_engine
+from controller.store.models import DeadLetter, Event
+
+pytestmark = pytest.mark.broker
+
+
+def test_demo_runs_fills_records_and_stops_cleanly(tmp_path: Path) -> None:
+    root = tmp_path / "demo"
+    run = subprocess.run(
+        [sys.executable, "-m", "sekisho", "demo", "--root", str(root), "--duration", "15", "--interval", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "controller API" in run.stdout and "stopped" in run.stdout
+    store = Store(make_engine(f"sqlite:///{root / 'controller' / 'controller.db'}"))
+    with store.engine.connect() as conn:
+        types = set(conn.execute(select(Event.type).distinct()).scalars())
+        dead = conn.execute(select(func.count()).select_from(DeadLetter)).scalar_one()
+    assert {"agent.started", "agent.policy_applied", "card.presented"} <= types
+    assert types & {"door.access_granted", "login.granted"}
+    assert dead == 0, "the demo's own traffic must never be refused"
+    assert store.verify_chains(keys=store.agent_keys()) == []
+    leftover = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", "demo left processes running"
