@@ -7,8 +7,6 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import nacl.exceptions
-import nacl.signing
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -63,16 +61,21 @@ class Verifier:
     measured (docs/benchmarks.md), and it also refuses non-canonical signatures and small-order keys.
     """
 
-    __slots__ = ("_key",)
+    __slots__ = ("_errors", "_key")
 
     def __init__(self, key: Ed25519PublicKey) -> None:
+        # Imported here: only the controller needs it, and every megabyte counts in an idle agent.
+        import nacl.exceptions
+        import nacl.signing
+
         self._key = nacl.signing.VerifyKey(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+        self._errors = (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError)
 
     def verify(self, signature: bytes, message: bytes) -> None:
         """Raise InvalidSignature unless the signature over message verifies."""
         try:
             self._key.verify(message, signature)
-        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError) as err:
+        except self._errors as err:
             raise InvalidSignature from err
 
 

@@ -1,5 +1,5 @@
-"""Allow `python -m sekisho`."""
+"""Allow `python -m sekisho …` (the same light dispatch as the console script)."""
 
-from sekisho.cli import main
+from sekisho.entry import main
 
 main()

@@ -24,7 +24,3 @@ app.add_typer(records_app, name="records")
 app.add_typer(bench_app, name="bench")
 app.command("demo")(demo)
 
-
-def main() -> None:
-    """Run the command line."""
-    app()

@@ -1,0 +1,26 @@
+"""Console entry points. `sekisho agent …` and `sekisho-agent …` load only the agent's modules.
+
+An agent lives on every terminal and door: importing FastAPI, SQLAlchemy, the benchmarks and the
+demo it never uses would double its resident memory (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def agent_main(argv: list[str] | None = None) -> None:
+    """Run the agent command line (`sekisho-agent run|simulate|status`)."""
+    from agents.runtime.cli import app as agent_cli
+
+    agent_cli(args=argv, prog_name="sekisho agent")
+
+
+def main() -> None:
+    """Run the `sekisho` command line."""
+    if sys.argv[1:2] == ["agent"]:
+        agent_main(sys.argv[2:])
+        return
+    from sekisho.cli import app
+
+    app(prog_name="sekisho")
