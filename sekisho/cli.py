@@ -23,4 +23,3 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(records_app, name="records")
 app.add_typer(bench_app, name="bench")
 app.command("demo")(demo)
-
