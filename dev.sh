@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(mosquitto postgresql python3-venv)
+# mosquitto, postgresql: started privately by the tests; umockdev + python3-pyudev + gir: the real
+# udev hot-plug path of the USB guard under umockdev-run (Debian's Python runs that probe).
+APT_PACKAGES=(mosquitto postgresql python3-venv umockdev gir1.2-umockdev-1.0 python3-pyudev python3-gi)
 
 ensure_apt() {
   local missing=()

@@ -1,0 +1,40 @@
+"""USBGuard-compatible USB rules: parse, match, decide, import."""
+
+from agents.usb.rules.importer import ImportReport, import_rules
+from agents.usb.rules.model import (
+    AttributeName,
+    Condition,
+    DeviceIdPattern,
+    InterfacePattern,
+    Rule,
+    SetOperator,
+    StringValue,
+    Target,
+)
+from agents.usb.rules.parser import ParsedRules, RuleProblem, RuleSyntaxError, parse_rule, parse_rules
+from agents.usb.rules.policy import DEFAULT_POLICY_TEXT, decide_device, decide_unreadable, default_ruleset
+from agents.usb.rules.ruleset import Decision, RuleSet
+
+__all__ = [
+    "DEFAULT_POLICY_TEXT",
+    "AttributeName",
+    "Condition",
+    "Decision",
+    "DeviceIdPattern",
+    "ImportReport",
+    "InterfacePattern",
+    "ParsedRules",
+    "Rule",
+    "RuleProblem",
+    "RuleSet",
+    "RuleSyntaxError",
+    "SetOperator",
+    "StringValue",
+    "Target",
+    "decide_device",
+    "decide_unreadable",
+    "default_ruleset",
+    "import_rules",
+    "parse_rule",
+    "parse_rules",
+]
