@@ -6,7 +6,7 @@ forbids unknown keys so a typo in site.yaml is an error, not a silently ignored 
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -80,6 +80,50 @@ class Door(_Model):
     allowed: list[Ident] = Field(default_factory=list, description="people allowed to open it")
 
 
+class Medium(_Model):
+    """A registered electronic medium (電子媒体台帳): the only kind of USB storage a terminal may mount."""
+
+    id: Ident
+    name: Name
+    kind: Literal["usb_memory", "usb_disk", "sd_card", "other"] = "usb_memory"
+    serial_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 (hex) of the USB serial string")
+    device_hash: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9+/]{43}=$",
+        description="drivers.usb device hash (base64 SHA-256 of id, serial and descriptors); pins the exact device",
+    )
+    department: Name
+    status: Literal["active", "lost", "retired", "disposed"] = "active"
+
+
+class MediaLoan(_Model):
+    """A medium lent to one person, for named terminals, within a window (貸出記録)."""
+
+    id: Ident
+    medium: Ident
+    person: Ident
+    terminals: list[Ident] = Field(min_length=1)
+    starts_at: datetime
+    ends_at: datetime
+    purpose: Name
+    read_only: bool = True
+    approved_by: Ident
+    returned_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _window(self) -> MediaLoan:
+        for moment in (self.starts_at, self.ends_at, self.returned_at):
+            if moment is not None and moment.tzinfo is None:
+                raise ValueError(f"loan {self.id!r}: times need a time zone (e.g. +09:00)")
+        if self.ends_at <= self.starts_at:
+            raise ValueError(f"loan {self.id!r}: ends_at must be after starts_at")
+        return self
+
+    def active_at(self, moment: datetime) -> bool:
+        """Tell whether the loan allows use at this moment (in its window and not returned)."""
+        return self.returned_at is None and self.starts_at <= moment < self.ends_at
+
+
 class SitePolicy(_Model):
     """The whole site policy as authored in site.yaml."""
 
@@ -90,6 +134,8 @@ class SitePolicy(_Model):
     areas: list[Area] = Field(default_factory=list)
     terminals: list[Terminal] = Field(default_factory=list)
     doors: list[Door] = Field(default_factory=list)
+    media: list[Medium] = Field(default_factory=list)
+    loans: list[MediaLoan] = Field(default_factory=list, description="managed by `sekisho media lend/return`")
 
     @model_validator(mode="after")
     def _check_references(self) -> SitePolicy:
@@ -125,6 +171,19 @@ class SitePolicy(_Model):
         for person in self.people:
             if person.valid_from and person.valid_until and person.valid_until < person.valid_from:
                 raise ValueError(f"person {person.id!r}: valid_until before valid_from")
+        media = unique("medium", [m.id for m in self.media])
+        unique("medium serial", [m.serial_sha256 for m in self.media])
+        terminals = {t.id for t in self.terminals}
+        unique("loan", [loan.id for loan in self.loans])
+        for loan in self.loans:
+            if loan.medium not in media:
+                raise ValueError(f"loan {loan.id!r} names unknown medium {loan.medium!r}")
+            for pid in (loan.person, loan.approved_by):
+                if pid not in people:
+                    raise ValueError(f"loan {loan.id!r} names unknown person {pid!r}")
+            for tid in loan.terminals:
+                if tid not in terminals:
+                    raise ValueError(f"loan {loan.id!r} names unknown terminal {tid!r}")
         return self
 
     def agent_ids(self) -> list[str]:
@@ -137,13 +196,25 @@ class SitePolicy(_Model):
         doors = [d for d in self.doors if d.agent == agent]
         people_ids = {h for t in terminals for h in t.handlers} | {p for d in doors for p in d.allowed}
         area_ids = {t.area for t in terminals if t.area} | {d.area for d in doors if d.area}
+        terminal_ids = {t.id for t in terminals}
+        # Only loans for this agent's terminals travel to it, with their media and borrowers.
+        loans = [loan for loan in self.loans if terminal_ids & set(loan.terminals)]
+        people_ids |= {loan.person for loan in loans}
+        card_people = set(people_ids)
+        people_ids |= {loan.approved_by for loan in loans}  # named in the loan; their cards stay home
+        medium_ids = {loan.medium for loan in loans}
         part = SitePolicy(
             site=self.site,
             bundle_lifetime_hours=self.bundle_lifetime_hours,
             people=[p for p in self.people if p.id in people_ids],
-            cards=[c for c in self.cards if c.person in people_ids],
+            cards=[c for c in self.cards if c.person in card_people],
             areas=[a for a in self.areas if a.id in area_ids],
             terminals=terminals,
             doors=doors,
+            media=[m for m in self.media if m.id in medium_ids],
+            loans=[
+                loan.model_copy(update={"terminals": [t for t in loan.terminals if t in terminal_ids]})
+                for loan in loans
+            ],
         )
         return part.model_dump(mode="json")
