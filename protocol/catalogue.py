@@ -145,24 +145,114 @@ class SessionLocked(Payload):
     cause: Reason
 
 
-@event_type("usb.blocked")
-class UsbBlocked(Payload):
-    """A USB device was kept unauthorised."""
+# drivers.usb's device hash is base64 SHA-256 (44 characters); the older hex form is still accepted.
+DeviceHash = Annotated[str, Field(pattern=r"^(?:[0-9a-f]{32,64}|[A-Za-z0-9+/]{43}=)$")]
+VendorProduct = Annotated[str, Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$")]
+UsbSysName = Annotated[str, Field(pattern=r"^(?:usb[0-9]{1,3}|[0-9]{1,3}-[0-9]{1,3}(?:\.[0-9]{1,3}){0,6})$")]
+BlockDeviceName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,31}$")]
+# The serial itself never travels: the SHA-256 (hex) is what the media register keys on.
+SerialSha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+UsbTrigger = Literal["insert", "start", "policy", "session", "clock", "write_watch", "block_device"]
+
+
+class _UsbDeviceFields(Payload):
+    """Optional fields shared by the USB decision events."""
+
+    sys_name: UsbSysName | None = None
+    serial_masked: Masked | None = None
+    serial_sha256: SerialSha256 | None = None
+    medium: Id | None = None
+    loan: Id | None = None
+    person: Id | None = None
+    trigger: UsbTrigger | None = None
+
+
+@event_type("usb.inserted")
+class UsbInserted(_UsbDeviceFields):
+    """A USB device appeared (plugged in, or present when the guard started); its decision follows."""
 
     terminal: Id
-    vendor_product: str = Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$")
-    device_hash: CardHash
+    vendor_product: VendorProduct
+    device_hash: DeviceHash
+    product: str | None = Field(default=None, max_length=100)
+    interfaces: list[Annotated[str, Field(pattern=r"^[0-9a-f]{2}:[0-9a-f]{2}:[0-9a-f]{2}$")]] = Field(
+        default_factory=list, max_length=32
+    )
+
+
+@event_type("usb.blocked")
+class UsbBlocked(_UsbDeviceFields):
+    """A USB device was kept (or made) unauthorised; reason is a loan code or the rule's reason."""
+
+    terminal: Id
+    vendor_product: VendorProduct
+    device_hash: DeviceHash
     reason: Reason
+    rule: str | None = Field(default=None, max_length=200)
 
 
 @event_type("usb.allowed")
-class UsbAllowed(Payload):
-    """A USB device was authorised."""
+class UsbAllowed(_UsbDeviceFields):
+    """A USB device was authorised, by a rule or by an active media loan."""
 
     terminal: Id
-    vendor_product: str = Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$")
-    device_hash: CardHash
+    vendor_product: VendorProduct
+    device_hash: DeviceHash
     rule: str = Field(max_length=200)
+    read_only: bool | None = None
+
+
+@event_type("usb.rejected")
+class UsbRejected(_UsbDeviceFields):
+    """A USB device was rejected (e.g. BadUSB): deauthorised and not re-judged until it is plugged again."""
+
+    terminal: Id
+    vendor_product: VendorProduct
+    device_hash: DeviceHash
+    reason: Reason
+    rule: str | None = Field(default=None, max_length=200)
+
+
+@event_type("usb.unreadable")
+class UsbUnreadable(Payload):
+    """A USB device whose descriptors could not be read was kept unauthorised."""
+
+    terminal: Id
+    sys_name: UsbSysName
+    reason: Reason
+    trigger: UsbTrigger | None = None
+
+
+@event_type("usb.removed")
+class UsbRemoved(_UsbDeviceFields):
+    """A USB device was unplugged (fields known from its insertion are repeated)."""
+
+    terminal: Id
+    vendor_product: VendorProduct | None = None
+    device_hash: DeviceHash | None = None
+    was: Literal["allowed", "blocked", "rejected", "unreadable", "unknown"] = "unknown"
+
+
+@event_type("usb.readonly_applied")
+class UsbReadOnlyApplied(_UsbDeviceFields):
+    """A lent medium's block device was set read-only (BLKROSET) after the device was authorised."""
+
+    terminal: Id
+    vendor_product: VendorProduct
+    device_hash: DeviceHash
+    block_device: BlockDeviceName
+
+
+@event_type("usb.write_attempt")
+class UsbWriteAttempt(_UsbDeviceFields):
+    """A read-only medium lost its protection: sectors were written or its read-only flag was cleared."""
+
+    terminal: Id
+    vendor_product: VendorProduct
+    device_hash: DeviceHash
+    block_device: BlockDeviceName
+    detected_by: Literal["sectors_written", "ro_cleared"]
+    sectors_written: int = Field(default=0, ge=0)
 
 
 @event_type("test.synthetic")

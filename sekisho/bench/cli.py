@@ -366,5 +366,13 @@ def bench_outbox(
             shutil.rmtree(root, ignore_errors=True)
 
 
+@bench_app.command("usb")
+def bench_usb(count: Annotated[int, typer.Option(min=1, help="simulated insertions")] = 1000) -> None:
+    """Time add event → decision written for COUNT simulated USB insertions, against a raw baseline."""
+    from sekisho.bench.usb import run_usb_bench
+
+    run_usb_bench(count, console)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(bench_app())

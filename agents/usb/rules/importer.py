@@ -27,8 +27,14 @@ def import_rules(text: str, *, default_target: Target = Target.BLOCK) -> ImportR
     """Parse USBGuard rules text; every rule that cannot be represented becomes a problem."""
     ruleset, problems = parse_rules(text, default_target=default_target)
     warnings = tuple(
-        RuleProblem(line, 1, f"{attribute} values from USBGuard may differ from sekisho's device hash; "
-                    "re-pin them from a sekisho reading of the device", "unsupported", rule.to_text())
+        RuleProblem(
+            line,
+            1,
+            f"{attribute} values from USBGuard may differ from sekisho's device hash; "
+            "re-pin them from a sekisho reading of the device",
+            "unsupported",
+            rule.to_text(),
+        )
         for rule, line in zip(ruleset.rules, ruleset.source_lines, strict=True)
         for attribute in _hash_attributes(rule)
     )
@@ -36,5 +42,4 @@ def import_rules(text: str, *, default_target: Target = Target.BLOCK) -> ImportR
 
 
 def _hash_attributes(rule: Rule) -> list[AttributeName]:
-    return [c.attribute for c in rule.conditions
-            if c.attribute in (AttributeName.HASH, AttributeName.PARENT_HASH)]
+    return [c.attribute for c in rule.conditions if c.attribute in (AttributeName.HASH, AttributeName.PARENT_HASH)]

@@ -60,10 +60,16 @@ class AttributeName(StrEnum):
     WITH_CONNECT_TYPE = "with-connect-type"
 
 
-STRING_ATTRIBUTES = frozenset({
-    AttributeName.HASH, AttributeName.PARENT_HASH, AttributeName.NAME, AttributeName.SERIAL,
-    AttributeName.VIA_PORT, AttributeName.WITH_CONNECT_TYPE,
-})
+STRING_ATTRIBUTES = frozenset(
+    {
+        AttributeName.HASH,
+        AttributeName.PARENT_HASH,
+        AttributeName.NAME,
+        AttributeName.SERIAL,
+        AttributeName.VIA_PORT,
+        AttributeName.WITH_CONNECT_TYPE,
+    }
+)
 
 
 class _Pattern(Protocol):

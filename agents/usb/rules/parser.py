@@ -39,8 +39,18 @@ _UNSUPPORTED = {
     "if": "rule conditions ('if …') cannot be represented: sekisho decides on device attributes only",
     "label": "'label' cannot be represented: sekisho rules carry no labels",
 }
-_ESCAPES = {'"': 0x22, "\\": 0x5C, "'": 0x27, "n": 0x0A, "t": 0x09, "r": 0x0D, "a": 0x07, "b": 0x08,
-            "f": 0x0C, "v": 0x0B}
+_ESCAPES = {
+    '"': 0x22,
+    "\\": 0x5C,
+    "'": 0x27,
+    "n": 0x0A,
+    "t": 0x09,
+    "r": 0x0D,
+    "a": 0x07,
+    "b": 0x08,
+    "f": 0x0C,
+    "v": 0x0B,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +135,7 @@ def _read_string(line: str, start: int) -> tuple[str, int]:
                 break
             escape = line[i + 1]
             if escape == "x":
-                digits = line[i + 2:i + 4]
+                digits = line[i + 2 : i + 4]
                 if len(digits) != 2 or not all(c in "0123456789abcdefABCDEF" for c in digits):
                     raise _Fail(i + 1, "\\x must be followed by two hex digits")
                 out.append(int(digits, 16))
