@@ -21,7 +21,7 @@ from rich.table import Table
 from controller.config import ControllerConfig, load_config
 from controller.mqtt import connect_blocking, make_client
 from controller.policy.loader import PolicyError, load_policy_file
-from controller.policy.service import PolicyService, publish_bundles
+from controller.policy.service import PolicyService, publish_once
 from protocol import messages, signing, topics
 
 console = Console()
@@ -33,7 +33,8 @@ records_app = typer.Typer(help="Check the stored records.", no_args_is_help=True
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
 
 
-def _config(path: Path) -> ControllerConfig:
+def cli_config(path: Path) -> ControllerConfig:
+    """Load the controller config for a command, exiting with status 2 and the reason if it is invalid."""
     try:
         return load_config(path)
     except (ValidationError, OSError, ValueError) as err:
@@ -60,7 +61,7 @@ def serve(config: ConfigOpt, verbose: bool = False) -> None:
     from controller.service import Controller
 
     _logging(verbose)
-    ctl = Controller(_config(config))
+    ctl = Controller(cli_config(config))
     ctl.start()
     console.print(f"controller up: http://{ctl.config.http_host}:{ctl.config.http_port}/docs")
     try:
@@ -75,7 +76,7 @@ def ingest(config: ConfigOpt, verbose: bool = False) -> None:
     from controller.service import Controller
 
     _logging(verbose)
-    ctl = Controller(_config(config), with_policy=False)
+    ctl = Controller(cli_config(config), with_policy=False)
     ctl.start()
     try:
         _wait_for_signal()
@@ -96,7 +97,7 @@ def register_agent(
     topics.check_agent_id(agent_id)
     pem = public_key.read_bytes()
     key = signing.load_public_key_pem(pem)
-    store = open_store(_config(config))
+    store = open_store(cli_config(config))
     store.register_agent(agent_id, pem.decode(), replace=replace)
     console.print(f"registered {agent_id} (key {signing.key_id(key)})")
 
@@ -106,7 +107,7 @@ def revoke_agent(config: ConfigOpt, agent_id: str) -> None:
     """Revoke an agent: its events are refused from the next key refresh on."""
     from controller.service import open_store
 
-    open_store(_config(config)).revoke_agent(agent_id)
+    open_store(cli_config(config)).revoke_agent(agent_id)
     console.print(f"revoked {agent_id}")
 
 
@@ -122,7 +123,7 @@ def send_command(
     """Sign a single-use, expiring command for one agent, record it, and publish it."""
     from controller.service import open_store
 
-    cfg = _config(config)
+    cfg = cli_config(config)
     try:
         parsed = json.loads(args)
     except ValueError as err:
@@ -161,20 +162,17 @@ def send_command(
     console.print(f"sent {name} to {agent_id} (id {command_id}, expires {cmd.command.expires_at})")
 
 
-def _publish_now(cfg: ControllerConfig, bundles: dict[str, bytes]) -> bool:
-    client: mqtt.Client = make_client(cfg, f"{cfg.worker_id}-policy-cli")
+def publish_now(cfg: ControllerConfig, bundles: dict[str, bytes], *, purpose: str = "policy-cli") -> bool:
+    """Publish signed bundles at once; on failure say that the running controller will publish them."""
     try:
-        connect_blocking(client, cfg, persistent=False, timeout=5)
-        publish_bundles(client, bundles)
+        publish_once(cfg, bundles, purpose=purpose)
         return True
     except (ConnectionError, TimeoutError, OSError) as err:
         err_console.print(
-            f"[yellow]could not publish now ({err}); the running controller publishes it shortly[/yellow]"
+            f"[yellow]今は配信できません。稼働中のコントローラーが間もなく配信します / could not publish now ({err}); "
+            "the running controller publishes it shortly[/yellow]"
         )
         return False
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 @policy_app.command("apply")
@@ -187,7 +185,7 @@ def policy_apply(
     """Validate a site policy, show what changes, store it as a new version and publish signed bundles."""
     from controller.service import open_store
 
-    cfg = _config(config)
+    cfg = cli_config(config)
     try:
         policy, sha = load_policy_file(file)
     except PolicyError as err:
@@ -196,7 +194,12 @@ def policy_apply(
         raise typer.Exit(1) from err
     store = open_store(cfg)
     service = PolicyService(store, signing.load_private_key(cfg.signing_key))
-    diff = service.plan(policy)
+    try:
+        diff = service.plan(policy)
+    except PolicyError as err:
+        for problem in err.problems:
+            err_console.print(f"[red]✗[/red] {problem}")
+        raise typer.Exit(1) from err
     if diff.empty:
         console.print(f"no change against version {diff.current_version}")
         return
@@ -211,7 +214,7 @@ def policy_apply(
     version = service.apply(policy, source_sha256=sha, created_by=getpass.getuser(), comment=comment)
     bundles = service.bundles()
     console.print(f"stored policy version {version}; {len(bundles)} agent bundle(s) signed")
-    if _publish_now(cfg, bundles):
+    if publish_now(cfg, bundles):
         console.print("published (retained) to: " + ", ".join(sorted(bundles)))
 
 
@@ -220,7 +223,7 @@ def policy_show(config: ConfigOpt) -> None:
     """Print the policy version in force."""
     from controller.service import open_store
 
-    cfg = _config(config)
+    cfg = cli_config(config)
     current = PolicyService(open_store(cfg), signing.load_private_key(cfg.signing_key)).current()
     if current is None:
         console.print("no policy applied yet")
@@ -239,7 +242,7 @@ def records_verify(
     """Check every stream's hash chain (and signatures); name the first broken record of each."""
     from controller.service import open_store
 
-    store = open_store(_config(config))
+    store = open_store(cli_config(config))
     keys = store.agent_keys(include_revoked=True) if signatures else None
     problems = store.verify_chains(agent, keys=keys)
     streams = store.list_streams()

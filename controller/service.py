@@ -17,6 +17,8 @@ from controller.api.app import create_app
 from controller.api.deps import AppState
 from controller.config import ControllerConfig
 from controller.ingest.worker import IngestWorker
+from controller.media.overdue import OverdueWatch
+from controller.media.service import MediaService
 from controller.policy.service import PolicyService, publish_bundles
 from controller.store.db import make_engine, upgrade
 from controller.store.store import Store
@@ -108,6 +110,7 @@ class Controller:
         self.store = open_store(config)
         self.worker = IngestWorker(config, self.store, on_heartbeat=self._on_heartbeat)
         self.keeper = PolicyKeeper(config, self.store, self.worker) if with_policy else None
+        self.overdue = OverdueWatch(MediaService(self.store, self.keeper.service)) if self.keeper else None
 
     def _on_heartbeat(self, hb: messages.Heartbeat) -> None:
         if self.keeper is not None:
@@ -118,9 +121,13 @@ class Controller:
         self.worker.start()
         if self.keeper is not None:
             self.keeper.start()
+        if self.overdue is not None:
+            self.overdue.start()
 
     def stop(self) -> None:
         """Stop cleanly: finish the batch in hand, then disconnect."""
+        if self.overdue is not None:
+            self.overdue.stop()
         if self.keeper is not None:
             self.keeper.stop()
         self.worker.stop()
@@ -128,5 +135,7 @@ class Controller:
 
     def serve_http(self) -> None:
         """Run the HTTP API in the foreground until interrupted."""
-        app = create_app(AppState(self.config, self.store, self.worker.stats))
+        # Loans made over the API are published at once instead of at the keeper's next 5 s check.
+        publish = self.keeper.check if self.keeper is not None else None
+        app = create_app(AppState(self.config, self.store, self.worker.stats, on_policy_change=publish))
         uvicorn.run(app, host=self.config.http_host, port=self.config.http_port, log_level="warning")

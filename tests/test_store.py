@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from alembic.script import ScriptDirectory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, text
@@ -30,6 +31,7 @@ from controller.store import (
     upgrade,
 )
 from controller.store.chain import record_bytes
+from controller.store.db import alembic_config
 from controller.store.models import DeadLetter, Event
 from protocol import errors, mynumber
 from protocol.canonical import canonical_bytes
@@ -81,7 +83,8 @@ def test_upgrade_twice_is_a_no_op(db_url: str) -> None:
     engine = make_engine(db_url)
     try:
         with engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+            head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head
     finally:
         engine.dispose()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime
 from typing import Annotated
@@ -10,7 +11,11 @@ from fastapi import APIRouter, FastAPI, Query, Response, status
 from sqlalchemy import text
 
 from controller.api.deps import AppState, AuthDep, StateDep
+from controller.api.media import media
 from controller.api.schemas import AgentPublic, DeadLetterPublic, EventPage, EventPublic, FindingPublic, Health
+from protocol import signing
+
+log = logging.getLogger(__name__)
 
 health = APIRouter(tags=["health"])
 records = APIRouter(prefix="/api/v1", tags=["records"], dependencies=[AuthDep])
@@ -98,9 +103,16 @@ def create_app(state: AppState) -> FastAPI:
     app = FastAPI(
         title="sekisho controller",
         version="1",
-        description="関所 — records of card taps, logins, USB media and doors. Read-only API.",
+        description="関所 — records of card taps, logins, USB media and doors; media loans.",
     )
+    if state.signing_key is None:
+        try:
+            state.signing_key = signing.load_private_key(state.config.signing_key)
+        except (OSError, ValueError) as err:
+            # Reads still work; media writes answer 503 until the key is readable and the app restarted.
+            log.warning("signing key %s unreadable (%s): media loan changes disabled", state.config.signing_key, err)
     app.state.sekisho = state
     app.include_router(health)
     app.include_router(records)
+    app.include_router(media)
     return app

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -21,6 +23,10 @@ class AppState:
     config: ControllerConfig
     store: Store
     ingest: IngestStats | None
+    # Called after the API stored a new policy version (the running controller publishes it at once).
+    on_policy_change: Callable[[], None] | None = None
+    # Loaded once by create_app from config.signing_key; None if unreadable (policy writes then answer 503).
+    signing_key: Ed25519PrivateKey | None = None
 
 
 def get_state(request: Request) -> AppState:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class EventPublic(BaseModel):
@@ -76,3 +76,82 @@ class Health(BaseModel):
 
     status: str
     checks: dict[str, Any] = {}
+
+
+class MediaLoanBase(BaseModel):
+    """What a loan says: which medium, to whom, on which terminals, for which window and purpose."""
+
+    medium: str = Field(max_length=64)
+    person: str = Field(max_length=64)
+    terminals: list[str] = Field(min_length=1, max_length=50)
+    ends_at: datetime
+    purpose: str = Field(min_length=1, max_length=100)
+    read_only: bool = True
+    approved_by: str = Field(max_length=64)
+
+
+class MediaLoanCreate(MediaLoanBase):
+    """A lend request; starts_at defaults to now, times need an offset (e.g. +09:00)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    starts_at: datetime | None = None
+    recorded_by: str = Field(default="api", min_length=1, max_length=128, description="who records the loan")
+
+
+class MediaLoanPublic(MediaLoanBase):
+    """A loan of the register with its state (times in UTC)."""
+
+    id: str
+    starts_at: datetime
+    state: str
+    overdue: bool
+    created_by: str
+    created_at: datetime
+    lent_version: int
+    returned_at: datetime | None
+    received_by: str | None
+    revoked_at: datetime | None
+    revoke_reason: str | None
+    ended_version: int | None
+
+
+class MediaLoanReturn(BaseModel):
+    """Who received a medium back, and when (default: now)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    received_by: str = Field(min_length=1, max_length=128)
+    returned_at: datetime | None = None
+
+
+class MediaLoanRevoke(BaseModel):
+    """Why a loan ends early, and who ends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=500)
+    revoked_by: str = Field(default="api", min_length=1, max_length=128)
+
+
+class MediaLoanChange(BaseModel):
+    """The result of a loan action: the loan and the policy version that carries it to the terminals."""
+
+    loan: MediaLoanPublic
+    version: int
+
+
+class MediumPublic(BaseModel):
+    """One line of the media inventory (棚卸し)."""
+
+    id: str
+    name: str
+    kind: str
+    department: str
+    status: str
+    state: str
+    overdue: bool
+    loan: MediaLoanPublic | None
+    last_seen_at: datetime | None
+    last_seen_agent: str | None
+    last_seen_type: str | None

@@ -5,20 +5,78 @@ from __future__ import annotations
 import difflib
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from controller.mqtt import connect_blocking, make_client
+from controller.policy.loader import PolicyError
+from controller.store.store import PolicyVersionConflict
 from protocol import messages, timefmt, topics
-from protocol.policy import SitePolicy
+from protocol.policy import MediaLoan, SitePolicy
 
 if TYPE_CHECKING:
+    from controller.config import ControllerConfig
     from controller.store.store import Store
 
 log = logging.getLogger(__name__)
+
+# Ended loans stay in the bundles this long (agents see the return), then only the loan register keeps them.
+ENDED_LOAN_RETENTION = timedelta(days=7)
+_WRITE_ATTEMPTS = 5
+
+
+def carry_loans(loans: list[MediaLoan], now: datetime) -> list[MediaLoan]:
+    """Return the loans a new version keeps: every outstanding one, and ended ones for a short while."""
+    return [loan for loan in loans if loan.returned_at is None or loan.returned_at > now - ENDED_LOAN_RETENTION]
+
+
+def _orphaned_by(loan: MediaLoan, policy: SitePolicy) -> list[str]:
+    media = {m.id for m in policy.media}
+    people = {p.id for p in policy.people}
+    terminals = {t.id for t in policy.terminals}
+    missing = [f"medium {loan.medium!r}"] if loan.medium not in media else []
+    missing += [f"person {p!r}" for p in dict.fromkeys((loan.person, loan.approved_by)) if p not in people]
+    missing += [f"terminal {t!r}" for t in loan.terminals if t not in terminals]
+    return missing
+
+
+def with_loans_of(policy: SitePolicy, current: SitePolicy | None, now: datetime) -> SitePolicy:
+    """Give an authored policy the loans of the version in force (loans are managed by commands, not YAML).
+
+    A YAML `loans:` key must repeat the current loans unchanged; an outstanding loan whose medium, person
+    or terminal the YAML removes is refused (return or revoke it first); ended loans that would dangle
+    are dropped, the loan register keeps them.
+    """
+    current_loans = current.loans if current is not None else []
+    authored = [loan.model_dump(mode="json") for loan in policy.loans]
+    if "loans" in policy.model_fields_set and authored != [loan.model_dump(mode="json") for loan in current_loans]:
+        raise PolicyError(
+            [
+                "loans: 貸出は `sekisho media lend/return/revoke` で管理します / loans are managed by "
+                "`sekisho media lend/return/revoke`; remove the loans: key from the YAML"
+            ]
+        )
+    problems: list[str] = []
+    kept: list[MediaLoan] = []
+    for loan in carry_loans(current_loans, now):
+        missing = _orphaned_by(loan, policy)
+        if not missing:
+            kept.append(loan)
+        elif loan.returned_at is None:
+            problems.append(
+                f"loans: 貸出 {loan.id} は未返却です / loan {loan.id!r} (medium {loan.medium!r} lent to "
+                f"{loan.person!r}) is outstanding but the YAML removes its {', '.join(missing)}; "
+                "return or revoke it first"
+            )
+    if problems:
+        raise PolicyError(problems)
+    doc = policy.model_dump(mode="json")
+    doc["loans"] = [loan.model_dump(mode="json") for loan in kept]
+    return SitePolicy.model_validate(doc)
 
 
 @dataclass(frozen=True)
@@ -53,7 +111,7 @@ def diff_policy(current: dict[str, Any] | None, new: SitePolicy, current_version
         )
     )
     changes: dict[str, dict[str, list[str]]] = {}
-    for section in ("people", "cards", "areas", "terminals", "doors"):
+    for section in ("people", "cards", "areas", "terminals", "doors", "media", "loans"):
         old_items = {i["id"]: i for i in (current or {}).get(section, [])}
         new_items = {i["id"]: i for i in new_doc.get(section, [])}
         entry = {
@@ -97,6 +155,17 @@ def publish_bundles(client: mqtt.Client, bundles: dict[str, bytes], timeout: flo
             raise TimeoutError("broker did not confirm a policy bundle in time")
 
 
+def publish_once(config: ControllerConfig, bundles: dict[str, bytes], *, purpose: str = "policy-cli") -> None:
+    """Connect to the broker, publish bundles retained and disconnect (ConnectionError/TimeoutError/OSError)."""
+    client: mqtt.Client = make_client(config, f"{config.worker_id}-{purpose}")
+    try:
+        connect_blocking(client, config, persistent=False, timeout=5)
+        publish_bundles(client, bundles)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 class PolicyService:
     """Applies site policy versions and keeps every agent's retained bundle current and unexpired."""
 
@@ -112,18 +181,38 @@ class PolicyService:
         return row.version, SitePolicy.model_validate(row.document)
 
     def plan(self, policy: SitePolicy) -> PolicyDiff:
-        """Diff a candidate policy against the current one without changing anything."""
+        """Diff a candidate policy (with the current loans carried over) against the current one."""
         row = self.store.current_policy_version()
-        return diff_policy(row.document if row else None, policy, row.version if row else None)
+        current = SitePolicy.model_validate(row.document) if row else None
+        merged = with_loans_of(policy, current, timefmt.now())
+        return diff_policy(row.document if row else None, merged, row.version if row else None)
 
     def apply(self, policy: SitePolicy, *, source_sha256: str, created_by: str, comment: str = "") -> int | None:
-        """Store the policy as a new version unless it is unchanged; return the new version or None."""
-        if self.plan(policy).empty:
-            return None
-        row = self.store.add_policy_version(
-            policy.model_dump(mode="json"), source_sha256=source_sha256, created_by=created_by, comment=comment
-        )
-        return row.version
+        """Store the policy, keeping the current loans, as a new version unless unchanged; return it or None.
+
+        Raises PolicyError if the policy would orphan an outstanding loan.
+        """
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            row = self.store.current_policy_version()
+            current = SitePolicy.model_validate(row.document) if row else None
+            merged = with_loans_of(policy, current, timefmt.now())
+            if diff_policy(row.document if row else None, merged, row.version if row else None).empty:
+                return None
+            try:
+                stored = self.store.add_policy_version(
+                    merged.model_dump(mode="json"),
+                    source_sha256=source_sha256,
+                    created_by=created_by,
+                    comment=comment,
+                    base_version=row.version if row else 0,
+                )
+            except PolicyVersionConflict:
+                # A loan (or another apply) landed meanwhile: merge again with what is now current.
+                if attempt == _WRITE_ATTEMPTS:
+                    raise
+                continue
+            return stored.version
+        raise AssertionError("unreachable")
 
     def bundles(self) -> dict[str, bytes]:
         """Sign fresh bundles for the current version, including empty ones for agents dropped from it."""

@@ -11,6 +11,7 @@ from controller.store.store import (
     BatchResult,
     DeadLetterIn,
     GapFinding,
+    PolicyVersionConflict,
     Store,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "ChainProblem",
     "DeadLetterIn",
     "GapFinding",
+    "PolicyVersionConflict",
     "Store",
     "default_url",
     "make_engine",

@@ -188,3 +188,58 @@ class IssuedCommand(Base):
     issued_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     nonce: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class LoanRecord(Base):
+    """A medium loan as the 貸出記録 register keeps it, long after it has left the policy bundles."""
+
+    __tablename__ = "media_loans"
+    __table_args__ = (
+        Index(None, "medium", "starts_at"),
+        Index(None, "person", "starts_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    medium: Mapped[str] = mapped_column(String(64))
+    person: Mapped[str] = mapped_column(String(64))
+    terminals: Mapped[list[str]] = mapped_column(JSON)
+    starts_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ends_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    purpose: Mapped[str] = mapped_column(Text)
+    read_only: Mapped[bool] = mapped_column(Boolean)
+    approved_by: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    lent_version: Mapped[int] = mapped_column(Integer)
+    returned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    received_by: Mapped[str | None] = mapped_column(String(128))
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoke_reason: Mapped[str | None] = mapped_column(Text)
+    ended_version: Mapped[int | None] = mapped_column(Integer)
+    overdue_finding_id: Mapped[int | None] = mapped_column(BigInteger)
+
+    def ended(self) -> bool:
+        """Tell whether the loan was returned or revoked."""
+        return self.returned_at is not None or self.revoked_at is not None
+
+
+class LoanLogEntry(Base):
+    """One append-only line of the loan log: who lent, returned or revoked which loan, when, in which version."""
+
+    __tablename__ = "media_loan_log"
+    __table_args__ = (
+        CheckConstraint("action IN ('lend', 'return', 'revoke')", name="action"),
+        Index(None, "loan_id"),
+        Index(None, "medium", "at"),
+        Index(None, "person", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    action: Mapped[str] = mapped_column(String(16))
+    loan_id: Mapped[str] = mapped_column(String(64), ForeignKey("media_loans.id"))
+    medium: Mapped[str] = mapped_column(String(64))
+    person: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    version: Mapped[int] = mapped_column(Integer)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -1,0 +1,222 @@
+"""`sekisho media …`: lend, return and revoke registered media, list loans, take inventory, check overdue loans."""
+
+from __future__ import annotations
+
+import getpass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from controller.cli import cli_config, publish_now
+from controller.config import ControllerConfig
+from controller.media.service import JST, MediaError, MediaService, loan_state
+from controller.policy.service import PolicyService
+from protocol import signing, timefmt
+
+console = Console()
+err_console = Console(stderr=True)
+app = typer.Typer(help="電子媒体台帳と貸出記録 / Media register and loans.", no_args_is_help=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
+
+_STATE_LABELS = {
+    "in_store": "保管中 / in store",
+    "on_loan": "貸出中 / on loan",
+    "reserved": "予約 / reserved",
+    "overdue": "延滞 / overdue",
+    "returned": "返却済 / returned",
+    "revoked": "取消 / revoked",
+    "lost": "紛失 / lost",
+    "retired": "退役 / retired",
+    "disposed": "廃棄 / disposed",
+}
+
+
+def parse_when(text: str) -> datetime:
+    """Parse an ISO 8601 time; without an offset it is read as JST (the site's time zone)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as err:
+        raise typer.BadParameter(f"ISO 8601 の日時ではありません / not an ISO 8601 time: {text!r}") from err
+    return moment.replace(tzinfo=JST) if moment.tzinfo is None else moment
+
+
+def jst(moment: datetime | None) -> str:
+    """Show a stored UTC time in JST for people."""
+    return "—" if moment is None else f"{moment.astimezone(JST):%Y-%m-%d %H:%M} JST"
+
+
+def _service(cfg: ControllerConfig) -> MediaService:
+    from controller.service import open_store
+
+    store = open_store(cfg)
+    return MediaService(store, PolicyService(store, signing.load_private_key(cfg.signing_key)))
+
+
+def _publish(cfg: ControllerConfig, media: MediaService, version: int) -> None:
+    bundles = media.policy.bundles()
+    console.print(
+        f"ポリシー版 {version} を保存 / stored policy version {version}; {len(bundles)} agent bundle(s) signed"
+    )
+    if publish_now(cfg, bundles, purpose="media-cli"):
+        console.print("配信済み / published (retained) to: " + ", ".join(sorted(bundles)))
+
+
+def _refused(err: MediaError) -> typer.Exit:
+    err_console.print(f"[red]✗[/red] {err}")
+    return typer.Exit(1)
+
+
+@app.command("lend")
+def lend(
+    medium: Annotated[str, typer.Argument(help="medium id from the register")],
+    config: ConfigOpt,
+    person: Annotated[str, typer.Option(help="borrower (person id)")],
+    terminal: Annotated[list[str], typer.Option(help="terminal id where it may be used (repeatable)")],
+    until: Annotated[str, typer.Option(help="due back, ISO 8601 (JST if no offset)")],
+    purpose: Annotated[str, typer.Option(help="why it is lent")],
+    approved_by: Annotated[str, typer.Option(help="approving area_manager / chief_officer (person id)")],
+    from_: Annotated[str | None, typer.Option("--from", help="start, ISO 8601 (default: now)")] = None,
+    read_write: Annotated[bool, typer.Option("--read-write", help="allow writing (default: read-only)")] = False,
+) -> None:
+    """Lend a registered medium to a person for named terminals; terminals get the loan at once."""
+    cfg = cli_config(config)
+    media = _service(cfg)
+    try:
+        loan_id, version = media.lend(
+            medium,
+            person,
+            terminal,
+            parse_when(from_) if from_ else None,
+            parse_when(until),
+            purpose,
+            not read_write,
+            approved_by,
+            getpass.getuser(),
+        )
+    except MediaError as err:
+        raise _refused(err) from err
+    console.print(
+        f"貸出 {loan_id} を記録 / recorded loan {loan_id}: {medium} → {person} until {jst(parse_when(until))}"
+    )
+    _publish(cfg, media, version)
+
+
+@app.command("return")
+def return_(
+    loan: Annotated[str, typer.Argument(help="loan id")],
+    config: ConfigOpt,
+    received_by: Annotated[str | None, typer.Option(help="who received it back (default: you)")] = None,
+) -> None:
+    """Record that a lent medium came back; terminals stop allowing it at once."""
+    cfg = cli_config(config)
+    media = _service(cfg)
+    try:
+        version = media.return_medium(loan, received_by=received_by or getpass.getuser())
+    except MediaError as err:
+        raise _refused(err) from err
+    console.print(f"返却 {loan} を記録 / recorded the return of {loan}")
+    _publish(cfg, media, version)
+
+
+@app.command("revoke")
+def revoke(
+    loan: Annotated[str, typer.Argument(help="loan id")],
+    config: ConfigOpt,
+    reason: Annotated[str, typer.Option(help="why the loan ends early")],
+) -> None:
+    """End a loan early; terminals stop allowing the medium at once."""
+    cfg = cli_config(config)
+    media = _service(cfg)
+    try:
+        version = media.revoke(loan, reason, revoked_by=getpass.getuser())
+    except MediaError as err:
+        raise _refused(err) from err
+    console.print(f"貸出 {loan} を取消 / revoked loan {loan}")
+    _publish(cfg, media, version)
+
+
+@app.command("list")
+def list_loans(
+    config: ConfigOpt,
+    active: Annotated[bool, typer.Option("--active", help="only loans not yet returned or revoked")] = False,
+    medium: Annotated[str | None, typer.Option(help="only this medium")] = None,
+    person: Annotated[str | None, typer.Option(help="only this borrower")] = None,
+) -> None:
+    """List the loan register (貸出記録)."""
+    media = _service(cli_config(config))
+    now = timefmt.now()
+    table = Table(
+        "貸出 / loan",
+        "媒体 / medium",
+        "借用者 / borrower",
+        "端末 / terminals",
+        "開始 / from (JST)",
+        "返却予定 / due (JST)",
+        "状態 / state",
+        "承認 / approved by",
+        "目的 / purpose",
+        title="貸出記録 / Media loans",
+    )
+    for loan in media.loans(active=active, medium=medium, person=person):
+        state = _STATE_LABELS[loan_state(loan, now)]
+        if loan.returned_at is not None:
+            state += f" {jst(loan.returned_at)}"
+        table.add_row(
+            loan.id,
+            loan.medium,
+            loan.person,
+            ", ".join(loan.terminals),
+            jst(loan.starts_at),
+            jst(loan.ends_at),
+            state,
+            loan.approved_by,
+            loan.purpose,
+        )
+    console.print(table)
+
+
+@app.command("inventory")
+def inventory(config: ConfigOpt) -> None:
+    """Take stock (棚卸し) of every registered medium: where it is, whether overdue, when last seen."""
+    media = _service(cli_config(config))
+    table = Table(
+        "媒体 / medium",
+        "状態 / status",
+        "貸出先 / borrower",
+        "端末 / terminals",
+        "返却予定 / due (JST)",
+        "延滞 / overdue",
+        "最終確認 / last seen",
+        title="電子媒体台帳 / Media register",
+    )
+    for line in media.inventory():
+        loan = line.loan
+        seen = f"{jst(line.last_seen_at)} {line.last_seen_agent}" if line.last_seen_at else "—"
+        table.add_row(
+            f"{line.medium.id} {line.medium.name}",
+            _STATE_LABELS.get(line.state, line.state),
+            loan.person if loan else "—",
+            ", ".join(loan.terminals) if loan else "—",
+            jst(loan.ends_at) if loan else "—",
+            "[red]延滞 / yes[/red]" if line.overdue else "—",
+            seen,
+        )
+    console.print(table)
+
+
+@app.command("check-overdue")
+def check_overdue(config: ConfigOpt) -> None:
+    """Raise a finding for every overdue loan that has none yet (the running controller does this every minute)."""
+    media = _service(cli_config(config))
+    created = media.check_overdue()
+    overdue = media.overdue()
+    for loan in overdue:
+        console.print(f"延滞 / overdue: {loan.id} {loan.medium} → {loan.person}, due {jst(loan.ends_at)}")
+    console.print(
+        f"延滞 {len(overdue)} 件、新規の指摘 {len(created)} 件 / {len(overdue)} overdue, {len(created)} new finding(s)"
+    )
