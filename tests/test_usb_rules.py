@@ -75,8 +75,11 @@ def test_good_corpus_as_a_file_has_no_problems() -> None:
 
 def test_unsupported_features_are_reported_as_cannot_represent() -> None:
     _, problems = parse_rules('allow\nallow if true\nblock label "x"\nallow with-port "1"\n')
-    assert [(p.line, p.column, p.kind) for p in problems] == [(2, 7, "unsupported"), (3, 7, "unsupported"),
-                                                             (4, 7, "unsupported")]
+    assert [(p.line, p.column, p.kind) for p in problems] == [
+        (2, 7, "unsupported"),
+        (3, 7, "unsupported"),
+        (4, 7, "unsupported"),
+    ]
     assert "cannot be represented" in problems[0].reason
 
 
@@ -99,11 +102,11 @@ def devices(tmp_path: Path) -> dict[str, UsbDevice]:
     """Devices read from a fake tree: stick, keyboard behind a hub, BadUSB, vendor gadget, phone."""
     tree = FakeSysfsTree(tmp_path / "devices")
     tree.add_root_hub(1)
-    tree.add_device("1-1", 0x05E3, 0x0608, cls=0x09, interfaces=[(0x09, 0x00, 0x00)], name="USB2.0 Hub",
-                    connect_type="hardwired")
+    tree.add_device(
+        "1-1", 0x05E3, 0x0608, cls=0x09, interfaces=[(0x09, 0x00, 0x00)], name="USB2.0 Hub", connect_type="hardwired"
+    )
     tree.add_device("1-2", 0x0781, 0x5581, SERIAL, interfaces=[(0x08, 0x06, 0x50)], name="Ultra")
-    tree.add_device("1-1.3", 0x046D, 0xC31C, interfaces=[(0x03, 0x01, 0x01), (0x03, 0x00, 0x00)],
-                    name="USB Keyboard")
+    tree.add_device("1-1.3", 0x046D, 0xC31C, interfaces=[(0x03, 0x01, 0x01), (0x03, 0x00, 0x00)], name="USB Keyboard")
     tree.add_device("1-1.4", 0x046D, 0xC077, interfaces=[(0x03, 0x01, 0x02)], name="USB Optical Mouse")
     tree.add_device("1-3", 0x1234, 0x5678, "BAD1", interfaces=[(0x08, 0x06, 0x50), (0x03, 0x01, 0x01)])
     tree.add_device("1-4", 0x0BDA, 0x8179, "00E04C0001", interfaces=[(0xFF, 0xFF, 0xFF)], name="WLAN")
@@ -183,7 +186,7 @@ def test_every_condition_must_hold(devices: dict[str, UsbDevice]) -> None:
 
 
 def test_ruleset_first_match_and_default(devices: dict[str, UsbDevice]) -> None:
-    ruleset, problems = parse_rules('# comment\nallow 0781:*\n\nblock 0781:5581\n', default_target=Target.REJECT)
+    ruleset, problems = parse_rules("# comment\nallow 0781:*\n\nblock 0781:5581\n", default_target=Target.REJECT)
     assert not problems
     first = ruleset.decide(devices["1-2"])
     assert (first.target, first.rule_index, first.rule_text) == (Target.ALLOW, 0, "allow id 0781:*")
@@ -198,15 +201,15 @@ def test_ruleset_first_match_and_default(devices: dict[str, UsbDevice]) -> None:
 @pytest.mark.parametrize(
     ("sys_name", "target"),
     [
-        ("usb1", Target.ALLOW),   # root hub
-        ("1-1", Target.ALLOW),    # hub
+        ("usb1", Target.ALLOW),  # root hub
+        ("1-1", Target.ALLOW),  # hub
         ("1-1.3", Target.ALLOW),  # keyboard
         ("1-1.4", Target.ALLOW),  # mouse
-        ("1-2", Target.BLOCK),    # USB stick
-        ("1-3", Target.REJECT),   # storage + HID
-        ("1-4", Target.BLOCK),    # vendor-specific
-        ("1-5", Target.BLOCK),    # MTP/PTP phone
-        ("1-6", Target.BLOCK),    # no interfaces
+        ("1-2", Target.BLOCK),  # USB stick
+        ("1-3", Target.REJECT),  # storage + HID
+        ("1-4", Target.BLOCK),  # vendor-specific
+        ("1-5", Target.BLOCK),  # MTP/PTP phone
+        ("1-6", Target.BLOCK),  # no interfaces
     ],
 )
 def test_default_policy(devices: dict[str, UsbDevice], sys_name: str, target: Target) -> None:
@@ -272,11 +275,42 @@ def test_cli_import_rules(tmp_path: Path) -> None:
 
 # --- fuzzing -------------------------------------------------------------------------------------
 
-_rule_words = st.sampled_from([
-    "allow", "block", "reject", "id", "hash", "parent-hash", "name", "serial", "via-port", "with-interface",
-    "with-connect-type", "all-of", "one-of", "none-of", "equals", "equals-ordered", "match-all", "{", "}",
-    "if", "label", "*:*", "1234:*", "08:*:*", "03:01:01", '"x"', '"\\x41"', '"', "\\", "#", ":", "*",
-])
+_rule_words = st.sampled_from(
+    [
+        "allow",
+        "block",
+        "reject",
+        "id",
+        "hash",
+        "parent-hash",
+        "name",
+        "serial",
+        "via-port",
+        "with-interface",
+        "with-connect-type",
+        "all-of",
+        "one-of",
+        "none-of",
+        "equals",
+        "equals-ordered",
+        "match-all",
+        "{",
+        "}",
+        "if",
+        "label",
+        "*:*",
+        "1234:*",
+        "08:*:*",
+        "03:01:01",
+        '"x"',
+        '"\\x41"',
+        '"',
+        "\\",
+        "#",
+        ":",
+        "*",
+    ]
+)
 _rule_texts = st.one_of(
     st.text(max_size=80),
     st.lists(_rule_words, max_size=12).map(" ".join),

@@ -40,10 +40,17 @@ def tree(tmp_path: Path) -> FakeSysfsTree:
     fake = FakeSysfsTree(tmp_path / "devices")
     fake.add_root_hub(1)
     fake.add_device("1-1", 0x05E3, 0x0608, cls=0x09, interfaces=[(0x09, 0x00, 0x00)], name="USB2.0 Hub")
-    fake.add_device("1-2", SANDISK, ULTRA, SERIAL, interfaces=[(0x08, 0x06, 0x50)],
-                    manufacturer="SanDisk", name="Ultra")
-    fake.add_device("1-1.3", 0x046D, 0xC31C, interfaces=[(0x03, 0x01, 0x01), (0x03, 0x00, 0x00)],
-                    name="USB Keyboard", connect_type="hardwired")
+    fake.add_device(
+        "1-2", SANDISK, ULTRA, SERIAL, interfaces=[(0x08, 0x06, 0x50)], manufacturer="SanDisk", name="Ultra"
+    )
+    fake.add_device(
+        "1-1.3",
+        0x046D,
+        0xC31C,
+        interfaces=[(0x03, 0x01, 0x01), (0x03, 0x00, 0x00)],
+        name="USB Keyboard",
+        connect_type="hardwired",
+    )
     return fake
 
 
@@ -119,8 +126,7 @@ def test_unreadable_parent_leaves_parent_hash_empty(tree: FakeSysfsTree, sysfs: 
     assert sysfs.read_device("1-1.3").parent_hash == ""
 
 
-def test_interfaces_come_from_descriptors_when_the_device_is_deauthorised(tree: FakeSysfsTree,
-                                                                         sysfs: SysfsUsb) -> None:
+def test_interfaces_come_from_descriptors_when_the_device_is_deauthorised(tree: FakeSysfsTree, sysfs: SysfsUsb) -> None:
     # With authorized_default=0 the kernel creates no interface directories; the policy still needs them.
     tree.add_device("1-5", 0x1234, 0x5678, interfaces=[(0x08, 0x06, 0x50), (0x03, 0x01, 0x01)], authorized=False)
     assert not list(tree.root.glob("1-5:*"))
@@ -132,8 +138,13 @@ def test_interfaces_come_from_descriptors_when_the_device_is_deauthorised(tree: 
 def test_interface_only_in_sysfs_is_still_seen(tree: FakeSysfsTree, sysfs: SysfsUsb) -> None:
     hidden = tree.root / "1-2:1.1"
     hidden.mkdir()
-    for key, value in (("bInterfaceNumber", "01"), ("bInterfaceClass", "03"), ("bInterfaceSubClass", "01"),
-                       ("bInterfaceProtocol", "01"), ("authorized", "1")):
+    for key, value in (
+        ("bInterfaceNumber", "01"),
+        ("bInterfaceClass", "03"),
+        ("bInterfaceSubClass", "01"),
+        ("bInterfaceProtocol", "01"),
+        ("authorized", "1"),
+    ):
         (hidden / key).write_text(value + "\n")
     assert sysfs.read_device("1-2").interface_types == ((0x08, 0x06, 0x50), (0x03, 0x01, 0x01))
 
@@ -260,8 +271,12 @@ def test_optional_strings_missing_read_as_empty(tree: FakeSysfsTree, sysfs: Sysf
         (tree.root / "1-2" / name).unlink()
     shutil.rmtree(tree.root / "1-2" / "port")
     device = sysfs.read_device("1-2")
-    assert (device.manufacturer, device.product, device.removable, device.connect_type) == ("", "", "unknown",
-                                                                                             "unknown")
+    assert (device.manufacturer, device.product, device.removable, device.connect_type) == (
+        "",
+        "",
+        "unknown",
+        "unknown",
+    )
 
 
 def test_injected_hotplug_delivers_add_and_remove(tree: FakeSysfsTree, sysfs: SysfsUsb) -> None:
@@ -305,8 +320,9 @@ def test_failing_observer_does_not_starve_the_others(sysfs: SysfsUsb, caplog: py
     assert seen == ["1-2"] and "observer failed" in caplog.text
 
 
-def test_serial_is_masked_in_str_repr_and_logs(tree: FakeSysfsTree, sysfs: SysfsUsb,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_serial_is_masked_in_str_repr_and_logs(
+    tree: FakeSysfsTree, sysfs: SysfsUsb, caplog: pytest.LogCaptureFixture
+) -> None:
     device = sysfs.read_device("1-2")
     assert device.masked_serial == "***1234"
     for text in (str(device), repr(device), f"{device}", f"{device!r}", repr([device])):
@@ -355,9 +371,22 @@ def test_random_descriptor_bytes_never_crash(tmp_path: Path, data: bytes) -> Non
 
 @_FUZZ_SETTINGS
 @given(
-    attribute=st.sampled_from(["idVendor", "idProduct", "bDeviceClass", "bDeviceSubClass", "bDeviceProtocol",
-                               "authorized", "bNumInterfaces", "serial", "product", "removable",
-                               "port/connect_type", "1-2:1.0/bInterfaceClass"]),
+    attribute=st.sampled_from(
+        [
+            "idVendor",
+            "idProduct",
+            "bDeviceClass",
+            "bDeviceSubClass",
+            "bDeviceProtocol",
+            "authorized",
+            "bNumInterfaces",
+            "serial",
+            "product",
+            "removable",
+            "port/connect_type",
+            "1-2:1.0/bInterfaceClass",
+        ]
+    ),
     content=_attribute_bytes,
 )
 def test_random_attribute_files_never_crash(tmp_path: Path, attribute: str, content: bytes) -> None:

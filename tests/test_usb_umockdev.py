@@ -26,7 +26,9 @@ def _missing_prerequisite() -> str | None:
         return "umockdev-run not installed (apt-get install umockdev gir1.2-umockdev-1.0 python3-pyudev)"
     check = subprocess.run(
         [SYSTEM_PYTHON, "-c", "import gi, pyudev; gi.require_version('UMockdev', '1.0')"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if check.returncode != 0:
         return f"{SYSTEM_PYTHON} lacks pyudev or UMockdev GIR: {check.stderr.strip().splitlines()[-1:]}"
@@ -41,7 +43,12 @@ def test_driver_under_umockdev() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run(
         ["umockdev-run", "--", SYSTEM_PYTHON, str(PROBE)],
-        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+        check=False,
     )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])

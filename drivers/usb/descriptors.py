@@ -102,8 +102,20 @@ def build_descriptors(
     """Return a well-formed device + one configuration descriptor stream (for fakes and umockdev files)."""
     device = struct.pack(
         "<BBHBBBBHHHBBBB",
-        DEVICE_DESCRIPTOR_LENGTH, DEVICE_DESCRIPTOR, 0x0200, device_class, device_subclass, device_protocol,
-        64, vendor_id, product_id, 0x0100, 1, 2, 3 if has_serial else 0, 1,
+        DEVICE_DESCRIPTOR_LENGTH,
+        DEVICE_DESCRIPTOR,
+        0x0200,
+        device_class,
+        device_subclass,
+        device_protocol,
+        64,
+        vendor_id,
+        product_id,
+        0x0100,
+        1,
+        2,
+        3 if has_serial else 0,
+        1,
     )
     body = b"".join(
         struct.pack("<BBBBBBBBB", INTERFACE_DESCRIPTOR_LENGTH, INTERFACE_DESCRIPTOR, number, 0, 0, cls, sub, proto, 0)

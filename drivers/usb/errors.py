@@ -9,8 +9,9 @@ from pathlib import Path
 class UsbError(Exception):
     """Base of the USB driver's errors; keeps the sysfs path and the OS errno when there is one."""
 
-    def __init__(self, message: str, *, path: Path | None = None, errno: int | None = None,
-                 sys_name: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, path: Path | None = None, errno: int | None = None, sys_name: str | None = None
+    ) -> None:
         super().__init__(message)
         self.path = path
         self.errno = errno

@@ -31,9 +31,18 @@ class FakeSysfsTree:
         """Create root hub ``usbN`` with its hub interface; return its sys name."""
         sys_name = f"usb{bus}"
         self._write_device(
-            sys_name, vendor=LINUX_FOUNDATION, product=ROOT_HUB_2_0, serial=f"0000:00:{bus:02x}.0",
-            cls=0x09, interfaces=[(0x09, 0x00, 0x00)], descriptors=None, manufacturer="Linux Foundation",
-            name="EHCI Host Controller", connect_type=None, authorized=True, removable="unknown",
+            sys_name,
+            vendor=LINUX_FOUNDATION,
+            product=ROOT_HUB_2_0,
+            serial=f"0000:00:{bus:02x}.0",
+            cls=0x09,
+            interfaces=[(0x09, 0x00, 0x00)],
+            descriptors=None,
+            manufacturer="Linux Foundation",
+            name="EHCI Host Controller",
+            connect_type=None,
+            authorized=True,
+            removable="unknown",
             interface_prefix=f"{bus}-0",
         )
         (self.root / sys_name / "authorized_default").write_text(f"{authorized_default}\n")
@@ -62,9 +71,19 @@ class FakeSysfsTree:
         if parent is not None and not (self.root / parent).is_dir():
             raise ValueError(f"parent {parent} of {sys_name} does not exist")
         return self._write_device(
-            sys_name, vendor=vendor, product=product, serial=serial, cls=cls, interfaces=list(interfaces),
-            descriptors=descriptors, manufacturer=manufacturer, name=name, connect_type=connect_type,
-            authorized=authorized, removable=removable, interface_prefix=sys_name,
+            sys_name,
+            vendor=vendor,
+            product=product,
+            serial=serial,
+            cls=cls,
+            interfaces=list(interfaces),
+            descriptors=descriptors,
+            manufacturer=manufacturer,
+            name=name,
+            connect_type=connect_type,
+            authorized=authorized,
+            removable=removable,
+            interface_prefix=sys_name,
         )
 
     def remove_device(self, sys_name: str) -> None:
@@ -93,15 +112,30 @@ class FakeSysfsTree:
         return (self.root / sys_name / name).read_text().strip()
 
     def _write_device(
-        self, sys_name: str, *, vendor: int, product: int, serial: str, cls: int, interfaces: list[InterfaceSpec],
-        descriptors: bytes | None, manufacturer: str, name: str, connect_type: str | None, authorized: bool,
-        removable: str, interface_prefix: str,
+        self,
+        sys_name: str,
+        *,
+        vendor: int,
+        product: int,
+        serial: str,
+        cls: int,
+        interfaces: list[InterfaceSpec],
+        descriptors: bytes | None,
+        manufacturer: str,
+        name: str,
+        connect_type: str | None,
+        authorized: bool,
+        removable: str,
+        interface_prefix: str,
     ) -> Path:
         directory = self.root / sys_name
         directory.mkdir(parents=True, exist_ok=False)
         if descriptors is None:
             descriptors = build_descriptors(
-                vendor_id=vendor, product_id=product, device_class=cls, interfaces=tuple(interfaces),
+                vendor_id=vendor,
+                product_id=product,
+                device_class=cls,
+                interfaces=tuple(interfaces),
                 has_serial=bool(serial),
             )
         files: dict[str, str] = {
@@ -129,8 +163,12 @@ class FakeSysfsTree:
             for number, (icls, isub, iproto) in enumerate(interfaces):
                 iface = self.root / f"{interface_prefix}:1.{number}"
                 iface.mkdir()
-                for key, byte in (("bInterfaceNumber", number), ("bInterfaceClass", icls),
-                                  ("bInterfaceSubClass", isub), ("bInterfaceProtocol", iproto)):
+                for key, byte in (
+                    ("bInterfaceNumber", number),
+                    ("bInterfaceClass", icls),
+                    ("bInterfaceSubClass", isub),
+                    ("bInterfaceProtocol", iproto),
+                ):
                     (iface / key).write_text(f"{byte:02x}\n")
                 (iface / "authorized").write_text("1\n")
         return directory

@@ -147,7 +147,9 @@ class SysfsUsb:
         if (parsed.vendor_id, parsed.product_id) != (int(vendor_id, 16), int(product_id, 16)):
             raise UsbDescriptorError("descriptors disagree with idVendor/idProduct", path=path, sys_name=sys_name)
         if (parsed.device_class, parsed.device_subclass, parsed.device_protocol) != (
-            device_class, device_subclass, device_protocol,
+            device_class,
+            device_subclass,
+            device_protocol,
         ):
             raise UsbDescriptorError("descriptors disagree with bDeviceClass", path=path, sys_name=sys_name)
         interfaces = self._merge_interfaces(sys_name, parsed.interfaces, self._read_interface_dirs(sys_name))
@@ -222,8 +224,9 @@ class SysfsUsb:
                 data = handle.read(limit + 1)
         except OSError as err:
             if err.errno in _GONE_ERRNOS and not (self._root / sys_name).is_dir():
-                raise UsbDeviceGone("device vanished while reading", path=path, errno=err.errno,
-                                    sys_name=sys_name) from err
+                raise UsbDeviceGone(
+                    "device vanished while reading", path=path, errno=err.errno, sys_name=sys_name
+                ) from err
             reason = "missing attribute" if err.errno == errno.ENOENT else "unreadable attribute"
             raise UsbDescriptorError(reason, path=path, errno=err.errno, sys_name=sys_name) from err
         if len(data) > limit:
@@ -244,16 +247,18 @@ class SysfsUsb:
     def _read_hex(self, sys_name: str, name: str, width: int) -> str:
         text = self._read_text(sys_name, name).strip()
         if len(text) != width or any(c not in "0123456789abcdefABCDEF" for c in text):
-            raise UsbDescriptorError(f"expected {width} hex digits, got {text[:16]!r}",
-                                     path=self._root / sys_name / name, sys_name=sys_name)
+            raise UsbDescriptorError(
+                f"expected {width} hex digits, got {text[:16]!r}", path=self._root / sys_name / name, sys_name=sys_name
+            )
         return text.lower()
 
     def _read_flag(self, sys_name: str, name: str, directory: str | None = None) -> bool:
         entry = directory or sys_name
         text = self._read_text(entry, name).strip()
         if text not in ("0", "1"):
-            raise UsbDescriptorError(f"expected 0 or 1, got {text[:16]!r}", path=self._root / entry / name,
-                                     sys_name=sys_name)
+            raise UsbDescriptorError(
+                f"expected 0 or 1, got {text[:16]!r}", path=self._root / entry / name, sys_name=sys_name
+            )
         return text == "1"
 
     def _check_num_interfaces(self, sys_name: str) -> None:
@@ -265,8 +270,11 @@ class SysfsUsb:
             raise
         # An unconfigured (deauthorised) device shows an empty value; anything else must be a number.
         if text and not text.isdigit():
-            raise UsbDescriptorError(f"bNumInterfaces is not a number: {text[:16]!r}",
-                                     path=self._root / sys_name / "bNumInterfaces", sys_name=sys_name)
+            raise UsbDescriptorError(
+                f"bNumInterfaces is not a number: {text[:16]!r}",
+                path=self._root / sys_name / "bNumInterfaces",
+                sys_name=sys_name,
+            )
 
     def _interface_prefix(self, sys_name: str) -> str:
         hub = _ROOT_HUB.fullmatch(sys_name)
@@ -276,12 +284,14 @@ class SysfsUsb:
         prefix = self._interface_prefix(sys_name)
         try:
             return sorted(
-                entry.name for entry in os.scandir(self._root)
+                entry.name
+                for entry in os.scandir(self._root)
                 if entry.name.startswith(prefix) and _INTERFACE.fullmatch(entry.name)
             )
         except OSError as err:
-            raise UsbDescriptorError("cannot list interfaces", path=self._root, errno=err.errno,
-                                     sys_name=sys_name) from err
+            raise UsbDescriptorError(
+                "cannot list interfaces", path=self._root, errno=err.errno, sys_name=sys_name
+            ) from err
 
     def _interface_dir(self, sys_name: str, interface: int) -> Path:
         for name in self._interface_names(sys_name):
@@ -303,19 +313,22 @@ class SysfsUsb:
                 if err.errno != errno.ENOENT:
                     raise
                 authorized = True  # kernels before 4.4 have no per-interface authorisation
-            interfaces.append(UsbInterface(number=number, cls=cls, subclass=sub, protocol=proto,
-                                           authorized=authorized))
+            interfaces.append(UsbInterface(number=number, cls=cls, subclass=sub, protocol=proto, authorized=authorized))
         return interfaces
 
     @staticmethod
-    def _merge_interfaces(sys_name: str, declared: tuple[UsbInterface, ...],
-                          live: list[UsbInterface]) -> tuple[UsbInterface, ...]:
+    def _merge_interfaces(
+        sys_name: str, declared: tuple[UsbInterface, ...], live: list[UsbInterface]
+    ) -> tuple[UsbInterface, ...]:
         # The union: an interface seen either in the descriptors or in sysfs is one the policy must see.
         live_by_key = {(i.number, i.cls, i.subclass, i.protocol): i for i in live}
         merged = [live_by_key.pop((i.number, i.cls, i.subclass, i.protocol), i) for i in declared]
         if live_by_key:
-            _LOG.warning("USB device %s has interfaces missing from its descriptors: %s", sys_name,
-                         " ".join(i.type_text for i in live_by_key.values()))
+            _LOG.warning(
+                "USB device %s has interfaces missing from its descriptors: %s",
+                sys_name,
+                " ".join(i.type_text for i in live_by_key.values()),
+            )
         merged.extend(live_by_key.values())
         return tuple(merged)
 
@@ -358,10 +371,12 @@ class SysfsUsb:
                 os.close(fd)
         except OSError as err:
             if err.errno in _GONE_ERRNOS:
-                raise UsbDeviceGone("device vanished before the write", path=path, errno=err.errno,
-                                    sys_name=sys_name) from err
-            raise UsbAccessError("cannot write authorisation file", path=path, errno=err.errno,
-                                 sys_name=sys_name) from err
+                raise UsbDeviceGone(
+                    "device vanished before the write", path=path, errno=err.errno, sys_name=sys_name
+                ) from err
+            raise UsbAccessError(
+                "cannot write authorisation file", path=path, errno=err.errno, sys_name=sys_name
+            ) from err
 
 
 def _check_device_name(sys_name: str) -> None:

@@ -24,18 +24,40 @@ HUB = build_descriptors(vendor_id=0x1D6B, product_id=0x0002, device_class=0x09, 
 
 
 def _attrs(vendor: str, product: str, cls: str, serial: str) -> list[str]:
-    return ["idVendor", vendor, "idProduct", product, "bDeviceClass", cls, "bDeviceSubClass", "00",
-            "bDeviceProtocol", "00", "authorized", "1", "serial", serial, "product", "Mock " + vendor]
+    return [
+        "idVendor",
+        vendor,
+        "idProduct",
+        product,
+        "bDeviceClass",
+        cls,
+        "bDeviceSubClass",
+        "00",
+        "bDeviceProtocol",
+        "00",
+        "authorized",
+        "1",
+        "serial",
+        serial,
+        "product",
+        "Mock " + vendor,
+    ]
 
 
 def main() -> None:
     """Build the mocked tree, exercise the driver, print the observations as JSON."""
     testbed = UMockdev.Testbed.new()
-    hub = testbed.add_device("usb", "usb1", None, [*_attrs("1d6b", "0002", "09", "0000:00:14.0"),
-                                                     "authorized_default", "1"], ["DEVTYPE", "usb_device"])
+    hub = testbed.add_device(
+        "usb",
+        "usb1",
+        None,
+        [*_attrs("1d6b", "0002", "09", "0000:00:14.0"), "authorized_default", "1"],
+        ["DEVTYPE", "usb_device"],
+    )
     testbed.set_attribute_binary(hub, "descriptors", HUB)
-    stick = testbed.add_device("usb", "1-2", hub, _attrs("0781", "5581", "00", "4C530001234567891234"),
-                               ["DEVTYPE", "usb_device"])
+    stick = testbed.add_device(
+        "usb", "1-2", hub, _attrs("0781", "5581", "00", "4C530001234567891234"), ["DEVTYPE", "usb_device"]
+    )
     testbed.set_attribute_binary(stick, "descriptors", STICK)
 
     sysfs = SysfsUsb()
@@ -67,8 +89,11 @@ def main() -> None:
         # add_device announces the device at once, possibly before its descriptors are written, so
         # that first add may read as unreadable; the explicit add after them must read the keyboard.
         second = testbed.add_device("usb", "1-3", hub, _attrs("046d", "c31c", "00", ""), ["DEVTYPE", "usb_device"])
-        testbed.set_attribute_binary(second, "descriptors", build_descriptors(
-            vendor_id=0x046D, product_id=0xC31C, interfaces=((0x03, 0x01, 0x01),), has_serial=False))
+        testbed.set_attribute_binary(
+            second,
+            "descriptors",
+            build_descriptors(vendor_id=0x046D, product_id=0xC31C, interfaces=((0x03, 0x01, 0x01),), has_serial=False),
+        )
         testbed.uevent(second, "add")
         testbed.uevent(second, "remove")
         got.wait(10)
