@@ -147,7 +147,7 @@ def make_rig(pki: Path, tmp_path: Path) -> Iterator[Callable[..., Rig]]:
         ctl_key = signing.load_private_key(PkiPaths.at(pki).controller_signing_key)
         clock = [timefmt.now()]
         guard = UsbGuard(
-            agent.emit,
+            agent.emit_many,
             agent.policy,
             sysfs,
             hotplug,

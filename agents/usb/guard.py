@@ -51,7 +51,8 @@ from protocol import timefmt
 from protocol.messages import VerifiedBundle
 from protocol.policy import MediaLoan, Medium, SitePolicy
 
-Emit = Callable[[str, dict[str, Any]], int]
+# The agent's emit_many: records several events in one transaction (one fsync) and returns their seqs.
+EmitMany = Callable[[list[tuple[str, dict[str, Any]]]], list[int]]
 Trigger = Literal["insert", "start", "policy", "session", "clock", "write_watch", "block_device"]
 State = Literal["allowed", "blocked", "rejected", "unreadable"]
 
@@ -155,7 +156,7 @@ class UsbGuard:
 
     def __init__(
         self,
-        agent_emit: Emit,
+        agent_emit_many: EmitMany,
         policy_source: PolicySource,
         sysfs: SysfsUsb,
         hotplug: HotplugSource,
@@ -166,7 +167,7 @@ class UsbGuard:
         rules: RuleSet | None = None,
         now: Callable[[], datetime] = timefmt.now,
     ) -> None:
-        self._emit = agent_emit
+        self._emit_many = agent_emit_many
         self._policy = policy_source
         self._sysfs = sysfs
         self._hotplug = hotplug
@@ -352,8 +353,8 @@ class UsbGuard:
         inserted = self._device_fields(device, None, trigger)
         inserted["product"] = device.product[:100] if device.product else None
         inserted["interfaces"] = [i.type_text for i in device.interfaces][:32]
-        self._record("usb.inserted", inserted)
-        self._settle(tracked, self.judge(device), trigger)
+        # "inserted" and the decision go to disk in one transaction: one fsync on the insertion path.
+        self._settle(tracked, self.judge(device), trigger, preceding=[("usb.inserted", inserted)])
 
     def _admit_unreadable(self, sys_name: str, error: UsbError | None, trigger: Trigger) -> None:
         tracked = _Tracked(sys_name, None, None, "unreadable", sticky=True)
@@ -382,7 +383,13 @@ class UsbGuard:
             return
         self._settle(tracked, verdict, trigger)
 
-    def _settle(self, tracked: _Tracked, verdict: Verdict, trigger: Trigger) -> None:
+    def _settle(
+        self,
+        tracked: _Tracked,
+        verdict: Verdict,
+        trigger: Trigger,
+        preceding: list[tuple[str, dict[str, Any]]] | None = None,
+    ) -> None:
         device = tracked.device
         assert device is not None
         fields = self._device_fields(device, verdict, trigger)
@@ -390,7 +397,7 @@ class UsbGuard:
             fields["rule"] = verdict.rule[:_MAX_TEXT]
             if verdict.medium is not None:
                 fields["read_only"] = verdict.read_only
-            if not self._record("usb.allowed", fields):
+            if not self._record("usb.allowed", fields, preceding):
                 # Design rule: no action without its record. Unrecorded → not authorised.
                 verdict = Verdict(Target.BLOCK, verdict.rule, "allow not recorded", verdict.medium, verdict.loan)
                 self._write(tracked.sys_name, authorize=False)
@@ -408,7 +415,7 @@ class UsbGuard:
         fields["reason"] = verdict.reason[:_MAX_TEXT]
         fields["rule"] = verdict.rule[:_MAX_TEXT]
         # A block is carried out even if its record failed: keeping a device out is always safe.
-        self._record(event, fields)
+        self._record(event, fields, preceding)
         tracked.verdict = verdict
         tracked.state = "rejected" if verdict.target is Target.REJECT else "blocked"
         tracked.protected.clear()
@@ -508,9 +515,12 @@ class UsbGuard:
                     fields[key] = value
         return fields
 
-    def _record(self, type_: str, payload: dict[str, Any]) -> bool:
+    def _record(
+        self, type_: str, payload: dict[str, Any], preceding: list[tuple[str, dict[str, Any]]] | None = None
+    ) -> bool:
+        items = [*(preceding or []), (type_, payload)]
         try:
-            self._emit(type_, {k: v for k, v in payload.items() if v is not None})
+            self._emit_many([(t, {k: v for k, v in p.items() if v is not None}) for t, p in items])
         except Exception as err:  # a full disk or a schema bug must not leave a device half-decided
             _LOG.error("cannot record %s for %s: %s", type_, payload.get("sys_name"), err)
             return False

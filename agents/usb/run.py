@@ -101,7 +101,7 @@ def attach_usb_guard(
     source = hotplug or (InjectedHotplug(sysfs) if fake else UdevHotplug(sysfs))
     control = blockdevs or (FakeBlockDevices(sysfs.root) if fake else IoctlBlockDevices(sysfs.root))
     guard = UsbGuard(
-        agent.emit,
+        agent.emit_many,
         agent.policy,
         sysfs,
         source,

@@ -108,7 +108,7 @@ def run_usb_bench(count: int, console: Console | None = None) -> dict[str, float
         sysfs = SysfsUsb(tree.root)
         hotplug = InjectedHotplug(sysfs)
         guard = UsbGuard(
-            agent.emit, agent.policy, sysfs, hotplug, StaticSession("alice"), TERMINAL, FakeBlockDevices(tree.root)
+            agent.emit_many, agent.policy, sysfs, hotplug, StaticSession("alice"), TERMINAL, FakeBlockDevices(tree.root)
         )
         guard.start()
 
@@ -142,7 +142,7 @@ def run_usb_bench(count: int, console: Console | None = None) -> dict[str, float
         }
         table = Table("measure", "p50 (ms)", "p99 (ms)", "n", title=f"bench usb: add → decision written ({count:,})")
         table.add_row(
-            "guard decision (2 events fsync'd + authorized)",
+            "guard decision (2 events, one fsync, + authorized)",
             f"{summary['decision_p50_ms']:.3f}",
             f"{summary['decision_p99_ms']:.3f}",
             str(len(decision)),
