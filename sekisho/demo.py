@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +23,7 @@ from sekisho.lab import Lab
 console = Console()
 DEMO_POLICY = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "site.yaml"
 DEMO_AGENTS = ("term-hr-01", "term-acc-01", "door-hr-01")
+DEMO_USB_TERMINALS = {"term-hr-01": "t-hr-01"}
 
 
 def _get(url: str) -> Any:
@@ -91,9 +93,18 @@ def demo(
         _wait_ready(base, controller)
         applied = lab.sekisho("policy", "apply", str(DEMO_POLICY), "--config", str(lab.controller_config))
         console.print("  policy: " + (applied.stdout.strip().splitlines() or ["applied"])[-1])
+        # A medium lent to 見本 太郎 (p-0001) for the payroll terminal, approved by the area manager:
+        # the terminal allows it read-only for him and blocks it for anyone else.
+        lent = lab.sekisho(
+            "media", "lend", "m-0001", "--person", "p-0001", "--terminal", "t-hr-01",
+            "--until", (datetime.now(UTC) + timedelta(hours=8)).isoformat(timespec="seconds"),
+            "--purpose", "給与データの提出 (demo)", "--approved-by", "p-0002", "--config", str(lab.controller_config),
+        )  # fmt: skip
+        console.print("  media loan: " + (lent.stdout.strip().splitlines() or ["lent"])[-1])
         for name in DEMO_AGENTS:
             config = str(lab.agent_config(name))
-            lab.spawn("--config", config, "--interval", str(interval), log_name=name, module="agents.sim")
+            usb = ["--usb-terminal", DEMO_USB_TERMINALS[name]] if name in DEMO_USB_TERMINALS else []
+            lab.spawn("--config", config, "--interval", str(interval), *usb, log_name=name, module="agents.sim")
         console.print(f"  controller API: {base}/docs   events: {base}/api/v1/events")
         console.print(f"  verify records: sekisho records verify --config {lab.controller_config}")
         console.print(f"  logs: {lab.root / 'logs'}")

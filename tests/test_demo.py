@@ -29,9 +29,18 @@ def test_demo_runs_fills_records_and_stops_cleanly(tmp_path: Path) -> None:
     with store.engine.connect() as conn:
         types = set(conn.execute(select(Event.type).distinct()).scalars())
         dead = conn.execute(select(func.count()).select_from(DeadLetter)).scalar_one()
+        usb = [
+            (row.type, row.payload)
+            for row in conn.execute(select(Event.type, Event.payload).where(Event.type.like("usb.%")).order_by(Event.id))
+        ]
     assert {"agent.started", "agent.policy_applied", "card.presented"} <= types
     assert types & {"door.access_granted", "login.granted"}
     assert dead == 0, "the demo's own traffic must never be refused"
+    # USB: the lent medium is allowed read-only for its borrower and blocked for someone else;
+    # a keyboard keeps working.
+    assert any(t == "usb.allowed" and p.get("medium") == "m-0001" and p.get("read_only") for t, p in usb)
+    assert any(t == "usb.blocked" and p.get("reason") == "wrong_person" for t, p in usb)
+    assert any(t == "usb.allowed" and p.get("vendor_product") == "046d:c31c" for t, p in usb)
     assert store.verify_chains(keys=store.agent_keys()) == []
     leftover = subprocess.run(["pgrep", "-f", str(root)], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", "demo left processes running"

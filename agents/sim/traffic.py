@@ -98,7 +98,7 @@ def door_visit(agent: Agent, scene: Scene, rng: random.Random) -> None:
 
 
 def terminal_session(agent: Agent, scene: Scene, rng: random.Random) -> None:
-    """Someone tries to log in at a terminal; sometimes a USB stick is plugged in and blocked."""
+    """Someone tries to log in at a terminal; sometimes the card is pulled and the session locks."""
     terminal = rng.choice(scene.terminals)
     uid = rng.choice(DEMO_CARD_UIDS)
     card, reason = scene.identify(uid)
@@ -113,17 +113,6 @@ def terminal_session(agent: Agent, scene: Scene, rng: random.Random) -> None:
         "login.granted",
         {"terminal": terminal["id"], "person": card["person"], "user": user, "methods": ["card", "fingerprint"]},
     )
-    if rng.random() < 0.3:
-        stick = hashlib.sha256(f"demo-usb-{rng.randint(1, 5)}".encode()).hexdigest()
-        agent.emit(
-            "usb.blocked",
-            {
-                "terminal": terminal["id"],
-                "vendor_product": "0781:5581",
-                "device_hash": stick,
-                "reason": "mass_storage_not_registered",
-            },
-        )
     if rng.random() < 0.4:
         agent.emit("session.locked", {"terminal": terminal["id"], "user": user, "cause": "card_removed"})
 
