@@ -31,7 +31,9 @@ def test_demo_runs_fills_records_and_stops_cleanly(tmp_path: Path) -> None:
         dead = conn.execute(select(func.count()).select_from(DeadLetter)).scalar_one()
         usb = [
             (row.type, row.payload)
-            for row in conn.execute(select(Event.type, Event.payload).where(Event.type.like("usb.%")).order_by(Event.id))
+            for row in conn.execute(
+                select(Event.type, Event.payload).where(Event.type.like("usb.%")).order_by(Event.id)
+            )
         ]
     assert {"agent.started", "agent.policy_applied", "card.presented"} <= types
     assert types & {"door.access_granted", "login.granted"}
