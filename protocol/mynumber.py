@@ -17,6 +17,9 @@ from typing import Any
 _D = "0-9０-９"
 _SEP = "[- ‐－]?"
 _CANDIDATE = re.compile(rf"(?<![{_D}A-Za-z])([{_D}]{{4}}){_SEP}([{_D}]{{4}}){_SEP}([{_D}]{{4}})(?![{_D}A-Za-z])")
+# The same digit groups with no boundary checks: a cheap gate over a whole serialised message. If it
+# finds nothing, no field can hold a My Number; if it finds something, the precise walk decides.
+_PREFILTER = re.compile(rf"[{_D}]{{4}}{_SEP}[{_D}]{{4}}{_SEP}[{_D}]{{4}}")
 _FULLWIDTH = str.maketrans("０１２３４５６７８９", "0123456789")
 
 
@@ -39,6 +42,11 @@ def is_my_number(digits: str) -> bool:
     if len(digits) != 12 or not digits.isascii() or not digits.isdigit():
         return False
     return check_digit(digits[:11]) == int(digits[11])
+
+
+def may_contain_my_number(serialised: str) -> bool:
+    """Tell cheaply whether a serialised JSON document could contain a My Number anywhere (no false negatives)."""
+    return _PREFILTER.search(serialised) is not None
 
 
 def contains_my_number(text: str) -> bool:

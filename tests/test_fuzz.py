@@ -85,3 +85,17 @@ def test_policy_loader_survives_random_documents(doc):
         parse_policy(json.dumps({"site": {"name": "x"}, "people": doc}))
     except PolicyError as err:
         assert err.problems
+
+
+@settings(max_examples=500)
+@given(json_values, st.sampled_from(["", " ", "-", "－", "\n", "番号"]))
+def test_my_number_gate_has_no_false_negatives(payload, glue):
+    # The cheap gate over the serialised message must never hide a My Number the field walk would find.
+    from protocol import mynumber
+
+    number = "98765432101" + str(mynumber.check_digit("98765432101"))
+    doc = {"a": payload, "b": f"x{glue}{number[:4]}{glue[:1]}{number[4:8]}{glue[:1]}{number[8:]}"}
+    for candidate in (payload, doc):
+        text = json.dumps(candidate, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        if next(mynumber.find_my_numbers(candidate), None) is not None:
+            assert mynumber.may_contain_my_number(text)
