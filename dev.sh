@@ -6,9 +6,17 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# mosquitto, postgresql: started privately by the tests; umockdev + python3-pyudev + gir: the real
+# mosquitto, postgresql: started privately by the tests. umockdev + python3-pyudev + gir: the real
 # udev hot-plug path of the USB guard under umockdev-run (Debian's Python runs that probe).
-APT_PACKAGES=(mosquitto postgresql python3-venv umockdev gir1.2-umockdev-1.0 python3-pyudev python3-gi)
+# pcscd + vsmartcard-vpcd (+ libpcsclite-dev, gcc, python3-dev to build pyscard): the smart-card tests
+# talk to a real pcscd with a software card. fprintd + libfprint (virtual_device) + dbus + dbusmock:
+# the fingerprint tests run the real fprintd on a private system bus.
+APT_PACKAGES=(
+  mosquitto postgresql python3-venv python3-dev gcc
+  umockdev gir1.2-umockdev-1.0 python3-pyudev python3-gi
+  pcscd pcsc-tools vsmartcard-vpcd libpcsclite-dev
+  fprintd libfprint-2-2 libpam-fprintd dbus python3-dbusmock
+)
 
 ensure_apt() {
   local missing=()

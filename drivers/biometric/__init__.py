@@ -1,0 +1,50 @@
+"""Fingerprint driver: fprintd over D-Bus and a simulated sensor. Only this package imports jeepney.
+
+Templates stay in fprintd on the terminal; the interface answers only "enrolled?" and "matched?".
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from drivers.biometric.errors import BiometricError, DeviceBusy, NoSensor, NotEnrolled, VerifyTimeout
+from drivers.biometric.protocol import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_TIMEOUT_S,
+    STATUS_READY,
+    FingerprintBackend,
+    StatusObserver,
+    VerifyOutcome,
+    VerifyResult,
+)
+from drivers.biometric.simulated import RawStatus, SimulatedFingerprint, Touch
+
+if TYPE_CHECKING:
+    from drivers.biometric.fprintd import FprintdBackend
+
+
+def __getattr__(name: str) -> Any:
+    """Import the fprintd backend (and with it jeepney, an ``agent`` extra) only when it is asked for."""
+    if name == "FprintdBackend":
+        from drivers.biometric.fprintd import FprintdBackend
+
+        return FprintdBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_TIMEOUT_S",
+    "STATUS_READY",
+    "BiometricError",
+    "DeviceBusy",
+    "FingerprintBackend",
+    "FprintdBackend",
+    "NoSensor",
+    "NotEnrolled",
+    "RawStatus",
+    "SimulatedFingerprint",
+    "StatusObserver",
+    "Touch",
+    "VerifyOutcome",
+    "VerifyResult",
+    "VerifyTimeout",
+]
