@@ -223,7 +223,13 @@ class FprintdBackend:
         return DBusAddress(path, bus_name=FPRINT_BUS_NAME, interface=DEVICE_IFACE)
 
     def _call(
-        self, conn: DBusConnection, address: DBusAddress, method: str, signature: str, body: tuple[Any, ...], *,
+        self,
+        conn: DBusConnection,
+        address: DBusAddress,
+        method: str,
+        signature: str,
+        body: tuple[Any, ...],
+        *,
         action: str,
     ) -> tuple[Any, ...]:
         msg = new_method_call(address, method, signature or None, body)
@@ -252,4 +258,3 @@ def _status_of(msg: Message) -> tuple[str, bool]:
         return body[0], body[1]
     # A body of the wrong shape becomes an unknown, finished status: it fails closed in the tally.
     return f"<malformed VerifyStatus body {body!r}>", True
-

@@ -166,4 +166,3 @@ class SimulatedFingerprint:
             step = tally.feed(status, done)
             if step is not Step.CONTINUE:
                 return step
-

@@ -163,8 +163,12 @@ class FprintdStack:
         )
         _wait_for(lambda: self.has_owner(POLKIT_NAME), "polkit stand-in", START_TIMEOUT, self._polkit)
         # Without this the stand-in denies every action and fprintd answers PermissionDenied.
-        self.call(POLKIT_NAME, "/org/freedesktop/PolicyKit1/Authority", "org.freedesktop.DBus.Mock.AllowUnknown",
-                  "boolean:true")
+        self.call(
+            POLKIT_NAME,
+            "/org/freedesktop/PolicyKit1/Authority",
+            "org.freedesktop.DBus.Mock.AllowUnknown",
+            "boolean:true",
+        )
         self.start_fprintd()
 
     def start_bus(self) -> None:
@@ -202,8 +206,16 @@ class FprintdStack:
 
     def call(self, dest: str, path: str, method: str, *args: str, timeout: float = START_TIMEOUT) -> str:
         """Call a method on the private bus with dbus-send and return its printed reply."""
-        argv = [DBUS_SEND, f"--bus={self.address}", "--print-reply", f"--reply-timeout={int(timeout * 1000)}",
-                f"--dest={dest}", path, method, *args]
+        argv = [
+            DBUS_SEND,
+            f"--bus={self.address}",
+            "--print-reply",
+            f"--reply-timeout={int(timeout * 1000)}",
+            f"--dest={dest}",
+            path,
+            method,
+            *args,
+        ]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 5, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"dbus-send {method} failed: {done.stderr.strip()}")
@@ -217,8 +229,13 @@ class FprintdStack:
     def has_owner(self, name: str) -> bool:
         """Return whether ``name`` currently has an owner on the private bus."""
         try:
-            reply = self.call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus.NameHasOwner",
-                              f"string:{name}", timeout=2.0)
+            reply = self.call(
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus.NameHasOwner",
+                f"string:{name}",
+                timeout=2.0,
+            )
         except (RuntimeError, subprocess.TimeoutExpired):
             return False
         return "boolean true" in reply
@@ -249,12 +266,16 @@ class FprintdStack:
         """Touch the virtual sensor with the finger called ``finger_id``."""
         self.send_device_command(f"SCAN {finger_id}", timeout)
 
-    def enroll(self, user: str, finger_id: str, *, finger: str = "right-index-finger", touches: int = 5,
-               timeout: float = 30.0) -> str:
+    def enroll(
+        self, user: str, finger_id: str, *, finger: str = "right-index-finger", touches: int = 5, timeout: float = 30.0
+    ) -> str:
         """Enrol ``finger_id`` for ``user`` through fprintd-enroll on the private bus; return its output."""
         proc = subprocess.Popen(
-            [FPRINTD_ENROLL, "-f", finger, user], env=self.child_env(), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [FPRINTD_ENROLL, "-f", finger, user],
+            env=self.child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         try:
             for _ in range(touches):
@@ -274,7 +295,7 @@ class FprintdStack:
 # values outside its documented list, or with the wrong argument types. It owns net.reactivated.Fprint,
 # so its signals come from the legitimate sender and reach the backend's filter. The statuses to emit on
 # each VerifyStart come from the template parameters as [signature, [args…]] pairs.
-_FAKE_FPRINTD_TEMPLATE = '''
+_FAKE_FPRINTD_TEMPLATE = """
 import dbus
 
 BUS_NAME = "net.reactivated.Fprint"
@@ -298,7 +319,7 @@ def load(mock, parameters):
         ("VerifyStop", "", "", ""),
         ("ListEnrolledFingers", "s", "as", "ret = ['right-index-finger']"),
     ])
-'''
+"""
 
 
 @dataclass
