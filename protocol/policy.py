@@ -6,7 +6,7 @@ forbids unknown keys so a typo in site.yaml is an error, not a silently ignored 
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date, datetime, time
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -39,6 +39,9 @@ class Person(_Model):
     active: bool = True
     valid_from: date | None = None
     valid_until: date | None = None
+    logins: list[Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_.-]{0,31}$")]] = Field(
+        default_factory=list, description="OS account names this person logs in as on terminals"
+    )
 
 
 class Card(_Model):
@@ -49,6 +52,40 @@ class Card(_Model):
     kind: Literal["piv", "felica", "mifare", "osdp", "other"] = "felica"
     uid_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="HMAC-SHA256 of the card UID, site key")
     status: Literal["active", "suspended", "revoked", "lost"] = "active"
+    public_key_pem: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="the card's authentication public key (enrolled from its certificate) for challenge-response",
+    )
+
+
+class Schedule(_Model):
+    """When something is allowed: weekdays and a daily window in site time (JST), holidays optional."""
+
+    id: Ident
+    name: Name
+    weekdays: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(min_length=1)
+    start: time
+    end: time
+    on_public_holidays: bool = Field(default=False, description="allow on Japanese public holidays")
+    exception_days: list[date] = Field(default_factory=list, description="site closure days (always denied)")
+
+    @model_validator(mode="after")
+    def _window(self) -> Schedule:
+        if self.end <= self.start:
+            raise ValueError(f"schedule {self.id!r}: end must be after start (windows across midnight: use two)")
+        return self
+
+
+class LoginSettings(_Model):
+    """Site-wide rules of the terminal login guard."""
+
+    allow_uid_only: bool = Field(default=False, description="accept UID-only cards (flagged weak in every event)")
+    expired_policy_grace_hours: int = Field(default=0, ge=0, le=72)
+    end_session_after_card_removed_s: int = Field(default=300, ge=0, le=86_400)
+    notices: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(
+        default_factory=list, description="security notices shown at login, one per day in rotation"
+    )
 
 
 class Area(_Model):
@@ -67,6 +104,7 @@ class Terminal(_Model):
     agent: AgentId
     area: Ident | None = None
     handlers: list[Ident] = Field(default_factory=list)
+    schedule: Ident | None = Field(default=None, description="login allowed only within this schedule")
 
 
 class Door(_Model):
@@ -129,6 +167,8 @@ class SitePolicy(_Model):
 
     site: Site
     bundle_lifetime_hours: int = Field(default=168, ge=1, le=24 * 90)
+    login: LoginSettings = Field(default_factory=LoginSettings)
+    schedules: list[Schedule] = Field(default_factory=list)
     people: list[Person] = Field(default_factory=list)
     cards: list[Card] = Field(default_factory=list)
     areas: list[Area] = Field(default_factory=list)
@@ -156,7 +196,11 @@ class SitePolicy(_Model):
         for c in self.cards:
             if c.person not in people:
                 raise ValueError(f"card {c.id!r} names unknown person {c.person!r}")
+        schedules = unique("schedule", [s.id for s in self.schedules])
+        unique("login", [name for p in self.people for name in p.logins])
         for t in self.terminals:
+            if t.schedule is not None and t.schedule not in schedules:
+                raise ValueError(f"terminal {t.id!r} names unknown schedule {t.schedule!r}")
             if t.area is not None and t.area not in areas:
                 raise ValueError(f"terminal {t.id!r} names unknown area {t.area!r}")
             for h in t.handlers:
@@ -206,6 +250,8 @@ class SitePolicy(_Model):
         part = SitePolicy(
             site=self.site,
             bundle_lifetime_hours=self.bundle_lifetime_hours,
+            login=self.login,
+            schedules=[s for s in self.schedules if s.id in {t.schedule for t in terminals}],
             people=[p for p in self.people if p.id in people_ids],
             cards=[c for c in self.cards if c.person in card_people],
             areas=[a for a in self.areas if a.id in area_ids],
