@@ -19,6 +19,7 @@ from controller.config import ControllerConfig
 from controller.ingest.worker import IngestWorker
 from controller.media.overdue import OverdueWatch
 from controller.media.service import MediaService
+from controller.periodic import PeriodicJob
 from controller.policy.service import PolicyService, publish_bundles
 from controller.store.db import make_engine, upgrade
 from controller.store.store import Store
@@ -41,10 +42,11 @@ class _Published:
     at: float
 
 
-class PolicyKeeper:
+class PolicyKeeper(PeriodicJob):
     """Publishes the current policy's bundles: on a new version, before they expire, and to stale agents."""
 
-    CHECK_EVERY_S = 5.0
+    name = "policy publication"
+    every_s = 5.0
     STALE_AGENT_COOLDOWN_S = 60.0
 
     def __init__(self, config: ControllerConfig, store: Store, worker: IngestWorker) -> None:
@@ -52,26 +54,12 @@ class PolicyKeeper:
         self.worker = worker
         self._published: _Published | None = None
         self._stale_sent: dict[str, float] = {}
-        self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="policy-keeper", daemon=True)
+        super().__init__()
 
-    def start(self) -> None:
-        """Start the periodic check."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the periodic check."""
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.check()
-            except Exception:  # keep trying; a broker or database hiccup must not end publishing
-                log.exception("policy publication failed; will retry")
-            self._stop.wait(self.CHECK_EVERY_S)
+    def run_once(self) -> None:
+        """Publish when needed (see check)."""
+        self.check()
 
     def check(self) -> None:
         """Publish bundles if the version changed or half their lifetime has passed."""
