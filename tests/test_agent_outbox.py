@@ -186,3 +186,21 @@ def test_appended_events_survive_sigkill_of_the_writer(tmp_path: Path, key) -> N
     for _seq, wire in box.pending(0, 1_000_000):
         events.decode_event(wire, topic_agent=AGENT).verify(key.public_key())
     box.close()
+
+
+def test_two_writers_never_share_a_sequence_number_regression_pam_helper(tmp_path: Path) -> None:
+    # Regression: the next seq was kept in memory, so the PAM login helper (a second process writing the
+    # same outbox) and the running agent handed out the same number.
+    key = signing.generate_key()
+    path = tmp_path / "outbox.sqlite3"
+    agent = Outbox(path, signing_key=key, agent_id="term-001")
+    helper = Outbox(path, signing_key=key, agent_id="term-001")
+    seqs = []
+    for i in range(10):
+        seqs.append(agent.append("test.synthetic", {"n": i}))
+        seqs.append(helper.append("test.synthetic", {"n": 100 + i}))
+        seqs.extend(agent.append_many([("test.synthetic", {"n": 200 + i})]))
+    assert sorted(seqs) == list(range(1, 31))
+    assert [seq for seq, _ in agent.pending(0, 100)] == list(range(1, 31))
+    agent.close()
+    helper.close()

@@ -147,40 +147,41 @@ class Outbox:
             clock_offset_ms=offset,
         )
 
-    def _store(self, rows: list[tuple[int, bytes, float]]) -> None:
+    def _append(self, items: Sequence[tuple[str, dict[str, Any]]], at: datetime | None) -> list[int]:
+        """Number, sign and store events in one transaction.
+
+        The next sequence number is read inside the write lock of the database, not from memory:
+        another local process (the PAM login helper) may append to the same outbox while the agent
+        runs, and a number must never be handed out twice.
+        """
         conn = self._conn
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._wlock:
             try:
-                conn.executemany("INSERT INTO events (seq, wire, created_at) VALUES (?, ?, ?)", rows)
-                conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (rows[-1][0] + 1,))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as err:
-            raise OutboxError(f"cannot write to outbox {self.path}: {err}") from err
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    first = int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
+                    now = time.time()
+                    rows = [(first + i, self._build(first + i, t, p, at), now) for i, (t, p) in enumerate(items)]
+                    conn.executemany("INSERT INTO events (seq, wire, created_at) VALUES (?, ?, ?)", rows)
+                    conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (first + len(rows),))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as err:
+                raise OutboxError(f"cannot write to outbox {self.path}: {err}") from err
+            self._next_seq = first + len(rows)
+            return [row[0] for row in rows]
 
     def append(self, type: str, payload: dict[str, Any], *, at: datetime | None = None) -> int:
         """Sign and durably store one event; return its sequence number (raises Rejected if invalid)."""
-        with self._wlock:
-            seq = self._next_seq
-            wire = self._build(seq, type, payload, at)
-            self._store([(seq, wire, time.time())])
-            self._next_seq = seq + 1
-            return seq
+        return self._append([(type, payload)], at)[0]
 
     def append_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
         """Sign and store several events in one transaction; nothing is stored if any is invalid."""
         if not items:
             return []
-        with self._wlock:
-            first = self._next_seq
-            now = time.time()
-            rows = [(first + i, self._build(first + i, t, p, None), now) for i, (t, p) in enumerate(items)]
-            self._store(rows)
-            self._next_seq = first + len(rows)
-            return [row[0] for row in rows]
+        return self._append(items, None)
 
     def remove_ranges(self, ranges: Iterable[tuple[int, int]]) -> int:
         """Delete acknowledged events (inclusive seq ranges) in one transaction; return how many went."""

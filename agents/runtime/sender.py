@@ -25,6 +25,9 @@ SYNC_LIMIT_MS = 2000
 # broker while we were offline carry an old controller_time and would fake a large offset.
 _FRESH_ACK_S = 5.0
 READ_CHUNK = 500
+# Other local processes (the PAM login helper) append to the same outbox; while connected and idle,
+# look for their rows this often (one indexed SELECT; negligible at idle).
+OTHER_WRITERS_POLL_S = 2.0
 
 
 class ClockEstimate:
@@ -182,7 +185,10 @@ class Sender:
                     wait = self._resend_wait(time.monotonic())
                     if wait is not None and wait <= 0:
                         break
-                    self._cond.wait(wait)
+                    if self._connected:
+                        wait = OTHER_WRITERS_POLL_S if wait is None else min(wait, OTHER_WRITERS_POLL_S)
+                    if not self._cond.wait(wait) and self._connected:
+                        self._new = True
                 if self._stop:
                     return
                 acks, self._acks = self._acks, []
