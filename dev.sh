@@ -10,12 +10,12 @@ cd "$(dirname "$0")"
 # udev hot-plug path of the USB guard under umockdev-run (Debian's Python runs that probe).
 # pcscd + vsmartcard-vpcd (+ libpcsclite-dev, gcc, python3-dev to build pyscard): the smart-card tests
 # talk to a real pcscd with a software card. fprintd + libfprint (virtual_device) + dbus + dbusmock:
-# the fingerprint tests run the real fprintd on a private system bus.
+# the fingerprint tests run the real fprintd on a private system bus. pamtester: the PAM login path.
 APT_PACKAGES=(
   mosquitto postgresql python3-venv python3-dev gcc
   umockdev gir1.2-umockdev-1.0 python3-pyudev python3-gi
   pcscd pcsc-tools vsmartcard-vpcd libpcsclite-dev
-  fprintd libfprint-2-2 libpam-fprintd dbus python3-dbusmock
+  fprintd libfprint-2-2 libpam-fprintd dbus python3-dbusmock pamtester
 )
 
 ensure_apt() {

@@ -117,8 +117,19 @@ class DoorClosed(Payload):
     open_seconds: int = Field(ge=0)
 
 
+class _LoginFields(Payload):
+    """Optional fields shared by the login decision events (agents.login)."""
+
+    card: Id | None = None
+    card_masked: Masked | None = None
+    # A UID-only card (no challenge–response) was accepted or presented: every such event says so.
+    weak: bool = False
+    service: str | None = Field(default=None, max_length=64, description="the PAM service (login, gdm-password…)")
+    fingerprint_attempts: int | None = Field(default=None, ge=0, le=100)
+
+
 @event_type("login.granted")
-class LoginGranted(Payload):
+class LoginGranted(_LoginFields):
     """A terminal login was allowed."""
 
     terminal: Id
@@ -128,12 +139,25 @@ class LoginGranted(Payload):
 
 
 @event_type("login.denied")
-class LoginDenied(Payload):
+class LoginDenied(_LoginFields):
     """A terminal login was refused, with the precise reason."""
 
     terminal: Id
     user: str = Field(max_length=64)
     reason: Reason
+    person: Id | None = None
+    detail: str = Field(default="", max_length=300)
+
+
+@event_type("login.notice_shown")
+class LoginNoticeShown(Payload):
+    """The security notice of the day was shown when a session opened (seed 002 好事例7)."""
+
+    terminal: Id
+    user: str = Field(max_length=64)
+    day: str = Field(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", description="the JST date the notice belongs to")
+    notice_index: int = Field(ge=0)
+    service: str | None = Field(default=None, max_length=64)
 
 
 @event_type("session.locked")

@@ -11,8 +11,11 @@ import sys
 
 def agent_main(argv: list[str] | None = None) -> None:
     """Run the agent command line (`sekisho-agent run|simulate|status`)."""
+    from agents.login.cli import pam_app
     from agents.runtime.cli import app as agent_cli
 
+    # The login guard's PAM entry point (`sekisho-agent pam-auth`) sits beside run/status/simulate.
+    agent_cli.add_typer(pam_app)
     agent_cli(args=argv, prog_name="sekisho agent")
 
 

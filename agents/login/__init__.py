@@ -1,0 +1,1 @@
+"""Terminal login guard: the login decision, the PAM entry point, user messages and daily notices."""

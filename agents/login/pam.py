@@ -1,0 +1,426 @@
+"""The pam_exec helper: decide one login from the cached signed policy, the card and the finger; fail closed.
+
+pam_exec runs this as a short process for each PAM call, with ``PAM_USER``, ``PAM_SERVICE`` and
+``PAM_TYPE`` in the environment. Only ``auth`` decides; ``open_session`` prints the notice of the day.
+Exit 0 grants, anything else refuses — including every exception, so a bug can only lock out, never let in
+(the break-glass group in deploy/pam is the way back in).
+
+The decision is recorded by appending a signed event to the agent's outbox database. The running agent's
+sender picks the row up on its next wake (heartbeat or its next own event), so the helper never needs the
+broker; with the agent down the event simply waits in the outbox.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agents.login.decision import (
+    JST,
+    CardCheck,
+    FingerCheck,
+    LoginDecision,
+    PolicyState,
+    decide_login,
+    refuse_early,
+)
+from agents.login.messages import bilingual
+from agents.login.notices import notice_for
+from agents.runtime.config import AgentConfig, load_config
+from agents.runtime.outbox import Outbox
+from agents.runtime.policy_cache import PolicyCache
+from drivers.biometric import BiometricError, FingerprintBackend, NotEnrolled, SimulatedFingerprint
+from drivers.smartcard import (
+    CardError,
+    EnrolledCard,
+    SimulatedBackend,
+    SimulatedCard,
+    SmartCardBackend,
+    authenticate,
+    hash_uid,
+    mask_uid,
+)
+from protocol import errors, signing, timefmt
+from protocol.policy import Card, SitePolicy
+
+log = logging.getLogger(__name__)
+
+LOGIN_SETTINGS_NAME = "login.toml"
+SIMULATION_ENV = "SEKISHO_LOGIN_SIMULATION"
+_LOGIN_NAME_MAX = 64
+_SIM_FINGER = "sim-finger"
+
+
+class LoginAgentSettings(BaseModel):
+    """``login.toml`` next to agent.toml: this terminal's login-guard settings (unknown keys are an error)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    site_key_file: Path | None = Field(
+        default=None, description="the site key that keys card UID hashes (same as the policy author's)"
+    )
+    reader: str | None = Field(default=None, description="PC/SC reader to use; default: the first with a card")
+    fingerprint_timeout_s: float = Field(default=15.0, gt=0, le=120)
+    fingerprint_max_attempts: int = Field(default=3, ge=1, le=10)
+    fprintd_bus: str = Field(default="SYSTEM", description='"SYSTEM" or a unix:path=… D-Bus address')
+    simulation_allowed: bool = Field(
+        default=False, description=f"honour {SIMULATION_ENV} (tests and the demo only; never on a real terminal)"
+    )
+
+
+class LoginSetupError(Exception):
+    """The helper cannot be set up as configured (bad login.toml, refused simulation, missing site key)."""
+
+
+def load_login_settings(agent_toml: Path) -> LoginAgentSettings:
+    """Load login.toml beside the agent TOML (defaults when absent); relative paths resolve against it."""
+    path = agent_toml.resolve().parent / LOGIN_SETTINGS_NAME
+    if not path.exists():
+        return LoginAgentSettings()
+    mode = path.stat().st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        # It can switch on simulated hardware: anyone who may write it could grant themselves a login.
+        raise LoginSetupError(f"{path} is writable by group or others; refusing it")
+    try:
+        data = tomllib.loads(path.read_text())
+        settings = LoginAgentSettings(**data)
+    except (OSError, tomllib.TOMLDecodeError, ValidationError, TypeError) as err:
+        raise LoginSetupError(f"invalid {path}: {err}") from err
+    if settings.site_key_file is not None and not settings.site_key_file.is_absolute():
+        settings = settings.model_copy(update={"site_key_file": path.parent / settings.site_key_file})
+    return settings
+
+
+# --- hardware: real or scripted by a simulation scenario -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hardware:
+    """The card and fingerprint backends one login uses."""
+
+    cards: SmartCardBackend
+    fingers: FingerprintBackend
+    reader: str | None = None
+    fingerprint_timeout_s: float = 15.0
+
+
+def simulated_hardware(scenario_path: Path, user: str) -> Hardware:
+    """Build simulated backends scripted by a scenario file (see docs/login.md for its format)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    scenario: dict[str, Any] = json.loads(scenario_path.read_text())
+    cards = SimulatedBackend()
+    card = scenario.get("card")
+    if card is not None:
+        key = None
+        if card.get("private_key_pem"):
+            loaded = load_pem_private_key(card["private_key_pem"].encode(), password=None)
+            if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+                raise LoginSetupError("scenario card key must be ECC P-256")
+            key = loaded
+        cards.insert(SimulatedCard(uid=bytes.fromhex(card["uid"]), key=key, uid_only=bool(card.get("uid_only"))))
+    finger = scenario.get("finger", {})
+    outcome = finger.get("outcome", "match")
+    max_attempts = int(finger.get("max_attempts", 3))
+    sensor = SimulatedFingerprint()
+    if outcome != "not_enrolled":
+        sensor.enroll(user, _SIM_FINGER)
+    if outcome == "unavailable":
+        sensor.available = False
+    elif outcome == "match":
+        sensor.touch(_SIM_FINGER)
+    elif outcome == "no_match":
+        for _ in range(max_attempts):
+            sensor.touch("someone-else")
+    # "timeout": nobody touches the sensor.
+    return Hardware(cards, sensor, fingerprint_timeout_s=float(finger.get("timeout_s", 0.3)))
+
+
+def real_hardware(settings: LoginAgentSettings) -> Hardware:
+    """Return pcscd and fprintd backends (imported only here: pyscard and jeepney are agent extras)."""
+    from drivers.biometric import FprintdBackend
+    from drivers.smartcard import pcsc_backend
+
+    return Hardware(
+        pcsc_backend(),
+        FprintdBackend(bus_address=settings.fprintd_bus),
+        reader=settings.reader,
+        fingerprint_timeout_s=settings.fingerprint_timeout_s,
+    )
+
+
+def _enrolled(cards: list[Card]) -> list[EnrolledCard]:
+    # A card with an enrolled key must prove it by challenge–response; one without is UID-only (weak).
+    return [
+        EnrolledCard(
+            card_id=c.id,
+            uid_hash=c.uid_hash,
+            public_key_pem=c.public_key_pem,
+            kind="piv" if c.public_key_pem else "uid_only",
+        )
+        for c in cards
+    ]
+
+
+def check_card(
+    backend: SmartCardBackend, cards: list[Card], *, site_key: bytes, allow_uid_only: bool, reader: str | None = None
+) -> CardCheck:
+    """Find a card in the reader(s), identify it among the policy's cards and run challenge–response."""
+    readers = [reader] if reader else backend.readers()
+    for name in readers:
+        try:
+            conn = backend.connect(name)
+        except CardError:
+            continue  # no card in this reader (or it vanished): try the next one
+        break
+    else:
+        return CardCheck(present=False, detail=f"no card in {len(readers)} reader(s)")
+    try:
+        uid_hash = uid_masked = None
+        try:
+            uid = conn.get_uid()
+            uid_hash, uid_masked = hash_uid(uid, site_key), mask_uid(uid)
+        except CardError:
+            pass  # contact cards have no UID; authenticate() identifies them by certificate
+        result = authenticate(conn, _enrolled(cards), site_key=site_key, allow_uid_only=allow_uid_only)
+    finally:
+        conn.close()
+    common: dict[str, Any] = {"card_id": result.card_id, "uid_hash": uid_hash, "uid_masked": uid_masked}
+    if result.reason in ("no_card", "reader_unavailable"):
+        return CardCheck(present=False, detail=f"{result.reason}: {result.detail}")
+    if result.reason == "ok":
+        return CardCheck(present=True, authenticated=True, **common)
+    if result.reason == "uid_only_weak":
+        return CardCheck(present=True, authenticated=True, weak=True, **common)
+    if result.reason == "uid_only_not_allowed":
+        return CardCheck(present=True, authenticated=False, weak=True, **common)
+    if result.reason == "unknown_card":
+        # Only what the driver matched counts: a UID hash alone must not identify a card it could not match.
+        return CardCheck(present=True, uid_masked=uid_masked, detail=result.detail)
+    return CardCheck(present=True, authenticated=False, detail=f"{result.reason}: {result.detail}", **common)
+
+
+def check_finger(backend: FingerprintBackend, user: str, *, timeout_s: float, max_attempts: int) -> FingerCheck:
+    """Verify the user's finger; sensor trouble becomes ``unavailable``, never an exception."""
+    try:
+        if not backend.enrolled(user):
+            return FingerCheck(outcome="not_enrolled")
+    except BiometricError as err:
+        return FingerCheck(outcome="unavailable", detail=str(err))
+    result = backend.verify(user, timeout_s=timeout_s, max_attempts=max_attempts)
+    if result.outcome == "unavailable" and isinstance(result.error, NotEnrolled):
+        return FingerCheck(outcome="not_enrolled", detail=result.detail)
+    return FingerCheck(outcome=result.outcome, attempts=result.attempts, detail=result.detail)
+
+
+# --- the helper ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PamRequest:
+    """What pam_exec passed: the user, the service and the PAM call type."""
+
+    user: str
+    service: str | None
+    pam_type: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> PamRequest:
+        """Read PAM_USER, PAM_SERVICE and PAM_TYPE."""
+        return cls(env.get("PAM_USER", ""), env.get("PAM_SERVICE") or None, env.get("PAM_TYPE", ""))
+
+
+def _event_user(user: str) -> str:
+    # PAM_USER is whatever was typed at the prompt: keep events small and printable.
+    text = "".join(ch for ch in user if ch.isprintable())
+    return text[:_LOGIN_NAME_MAX] or "(empty)"
+
+
+class LoginRecorder:
+    """Appends login events to the agent's outbox, signed with the agent's key."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self._outbox = Outbox(
+            config.outbox_path,
+            signing_key=signing.load_private_key(config.signing_key),
+            agent_id=config.agent_id,
+            sync=config.outbox_sync,
+        )
+
+    def append(self, type_: str, payload: dict[str, Any]) -> int:
+        """Store one event; a typed user name that looks like a My Number is redacted, never stored."""
+        try:
+            return self._outbox.append(type_, payload)
+        except errors.Rejected as err:
+            if err.reason != errors.MY_NUMBER:
+                raise
+            return self._outbox.append(type_, {**payload, "user": "(redacted)"})
+
+    def close(self) -> None:
+        """Close the outbox."""
+        self._outbox.close()
+
+
+def decision_event(
+    decision: LoginDecision, terminal: str, request: PamRequest, extra: dict[str, Any]
+) -> tuple[str, dict]:
+    """Return the (type, payload) of the event that records a decision."""
+    payload: dict[str, Any] = {"terminal": terminal, "user": _event_user(request.user), "weak": decision.weak}
+    if request.service:
+        payload["service"] = request.service[:64]
+    if decision.card_id:
+        payload["card"] = decision.card_id
+    payload.update({k: v for k, v in extra.items() if v is not None})
+    if decision.granted:
+        assert decision.person_id is not None
+        return "login.granted", {**payload, "person": decision.person_id, "methods": list(decision.methods)}
+    if decision.person_id:
+        payload["person"] = decision.person_id
+    return "login.denied", {**payload, "reason": decision.reason, "detail": decision.detail[:300]}
+
+
+@dataclass
+class PamHelper:
+    """One pam_exec invocation: set up from the agent's files, decide, record, print, return the exit code."""
+
+    config_path: Path
+    terminal: str
+    env: Mapping[str, str]
+    out: TextIO = sys.stdout
+    now: Callable[[], datetime] = timefmt.now
+
+    def run(self) -> int:
+        """Run the PAM call; exit code 0 grants, 1 refuses (also on any error: fail closed)."""
+        request = PamRequest.from_env(self.env)
+        recorder: LoginRecorder | None = None
+        try:
+            config = load_config(self.config_path)
+            recorder = LoginRecorder(config)
+            if request.pam_type == "auth":
+                return self._auth(config, recorder, request)
+            if request.pam_type == "open_session":
+                self._notice(config, recorder, request)
+                return 0
+            if request.pam_type == "close_session":
+                return 0
+            # account/password stacks are not ours to decide: a misconfigured line refuses, loudly.
+            raise LoginSetupError(f"PAM_TYPE {request.pam_type!r} is not handled (use auth or open_session)")
+        except Exception as err:
+            log.exception("login helper failed; refusing")
+            self._print("internal_error")
+            if recorder is not None and request.pam_type == "auth":
+                try:
+                    failed = LoginDecision(
+                        granted=False, reason="internal_error", detail=f"{type(err).__name__}: {err}"
+                    )
+                    recorder.append(*decision_event(failed, self.terminal, request, {}))
+                except Exception:
+                    log.exception("could not record the internal error either")
+            return 1
+        finally:
+            if recorder is not None:
+                recorder.close()
+
+    def _print(self, reason: str) -> None:
+        print(bilingual(reason), file=self.out, flush=True)
+
+    def _policy(self, config: AgentConfig) -> tuple[SitePolicy | None, PolicyState, datetime | None]:
+        cache = PolicyCache(
+            config.state_dir, signing.load_public_key(config.controller_public_key), config.agent_id, now=self.now
+        )
+        bundle = cache.current()
+        if bundle is None:
+            return None, "none", None
+        try:
+            policy = SitePolicy.model_validate(bundle.bundle.policy)
+        except ValidationError:
+            # Signed but not a site policy this agent understands: no policy, fail closed.
+            log.warning("cached bundle %d does not hold a valid site policy", bundle.bundle.version)
+            return None, "none", None
+        return policy, cache.state(), bundle.expires_at
+
+    def _hardware(self, user: str, settings: LoginAgentSettings) -> Hardware:
+        scenario = self.env.get(SIMULATION_ENV)
+        if scenario:
+            if not settings.simulation_allowed:
+                raise LoginSetupError(f"{SIMULATION_ENV} is set but login.toml does not allow simulation")
+            return simulated_hardware(Path(scenario), user)
+        return real_hardware(settings)
+
+    def _auth(self, config: AgentConfig, recorder: LoginRecorder, request: PamRequest) -> int:
+        settings = load_login_settings(self.config_path)
+        policy, state, expires_at = self._policy(config)
+        now = self.now()
+        args = (policy, state, expires_at, self.terminal, request.user)
+        decision = refuse_early(*args, now)
+        extra: dict[str, Any] = {}
+        if decision is None:
+            assert policy is not None
+            if settings.site_key_file is None:
+                raise LoginSetupError("login.toml has no site_key_file: card UIDs cannot be matched")
+            site_key = settings.site_key_file.read_bytes().strip()
+            hardware = self._hardware(request.user, settings)
+            card = check_card(
+                hardware.cards,
+                list(policy.cards),
+                site_key=site_key,
+                allow_uid_only=policy.login.allow_uid_only,
+                reader=hardware.reader,
+            )
+            extra["card_masked"] = card.uid_masked
+            decision = refuse_early(*args, now, card)
+            if decision is None:
+                self._print("touch_sensor")
+                finger = check_finger(
+                    hardware.fingers,
+                    request.user,
+                    timeout_s=hardware.fingerprint_timeout_s,
+                    max_attempts=settings.fingerprint_max_attempts,
+                )
+                extra["fingerprint_attempts"] = finger.attempts
+                decision = decide_login(*args, card, finger, self.now())
+        recorder.append(*decision_event(decision, self.terminal, request, extra))
+        log.info("login %s for %s: %s", "granted" if decision.granted else "denied", request.user, decision.reason)
+        self._print("granted_weak" if decision.granted and decision.weak else decision.reason)
+        return 0 if decision.granted else 1
+
+    def _notice(self, config: AgentConfig, recorder: LoginRecorder, request: PamRequest) -> None:
+        policy, state, _ = self._policy(config)
+        if policy is None or state != "valid":
+            return
+        day = self.now().astimezone(JST).date()
+        notice = notice_for(day, policy.login.notices)
+        if notice is None:
+            return
+        print(f"{bilingual('notice_heading').splitlines()[0]}\n{notice}", file=self.out, flush=True)
+        payload: dict[str, Any] = {
+            "terminal": self.terminal,
+            "user": _event_user(request.user),
+            "day": day.isoformat(),
+            "notice_index": policy.login.notices.index(notice),
+        }
+        if request.service:
+            payload["service"] = request.service[:64]
+        recorder.append("login.notice_shown", payload)
+
+
+def pam_auth(config_path: Path, terminal: str, env: Mapping[str, str] | None = None, out: TextIO | None = None) -> int:
+    """Handle one pam_exec call for ``terminal``; return the exit code (0 grant, 1 refuse)."""
+    if env is None:
+        # pam_exec passes the PAM environment, which pam_env may fill from user files: it must not be able
+        # to override the agent config (e.g. point controller_public_key at a key of the user's own).
+        for name in [n for n in os.environ if n.startswith("SEKISHO_AGENT_")]:
+            del os.environ[name]
+    return PamHelper(config_path, terminal, os.environ if env is None else env, out or sys.stdout).run()
