@@ -169,6 +169,24 @@ class SessionLocked(Payload):
     cause: Reason
 
 
+@event_type("session.unlocked")
+class SessionUnlocked(Payload):
+    """The card came back before the session was ended; the desktop still asks for the unlock."""
+
+    terminal: Id
+    user: str = Field(max_length=64)
+    cause: Reason
+
+
+@event_type("session.ended")
+class SessionEnded(Payload):
+    """A locked terminal session was ended (the card stayed away too long, or by command)."""
+
+    terminal: Id
+    user: str = Field(max_length=64)
+    cause: Reason
+
+
 # drivers.usb's device hash is base64 SHA-256 (44 characters); the older hex form is still accepted.
 DeviceHash = Annotated[str, Field(pattern=r"^(?:[0-9a-f]{32,64}|[A-Za-z0-9+/]{43}=)$")]
 VendorProduct = Annotated[str, Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$")]

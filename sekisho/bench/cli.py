@@ -374,5 +374,13 @@ def bench_usb(count: Annotated[int, typer.Option(min=1, help="simulated insertio
     run_usb_bench(count, console)
 
 
+@bench_app.command("login")
+def bench_login(removals: Annotated[int, typer.Option(min=50, help="card removals through pcscd")] = 50) -> None:
+    """Time card removal → lock command (real pcscd, vpcd) and the PAM decision without the human."""
+    from sekisho.bench.login import run_login_bench
+
+    raise typer.Exit(run_login_bench(removals, console))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(bench_app())

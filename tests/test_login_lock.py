@@ -1,0 +1,284 @@
+"""The card-removal lock: simulated cards for the logic, and one run through the real pcscd and vpcd."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.login.lock import CardRemovalLock
+from drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
+from protocol.events import EVENT_TYPES
+
+READER = "Simulated Reader 0"
+OTHER = "Simulated Reader 1"
+
+
+class Events:
+    """Collects emitted (type, payload) pairs, validating each payload against its registered schema."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict[str, Any]]] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, type_: str, payload: dict[str, Any]) -> None:
+        EVENT_TYPES[type_].model_validate(payload)
+        with self._changed:
+            self.items.append((type_, payload))
+            self._changed.notify_all()
+
+    def types(self) -> list[str]:
+        """Return the event types in order."""
+        with self._changed:
+            return [t for t, _ in self.items]
+
+    def wait_for(self, type_: str, timeout: float = 5.0) -> dict[str, Any]:
+        """Return the payload of the first event of ``type_``, waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for t, payload in self.items:
+                    if t == type_:
+                        return payload
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no {type_} within {timeout} s; saw {self.items}")
+                self._changed.wait(remaining)
+
+
+def _writer(path: Path, word: str) -> list[str]:
+    return [sys.executable, "-c", f"open({str(path)!r}, 'a').write({word + chr(10)!r})"]
+
+
+def _wait_file(path: Path, text: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never contained {text!r}")
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def backend() -> SimulatedBackend:
+    """Two simulated readers, a card in the first."""
+    sim = SimulatedBackend((READER, OTHER))
+    sim.insert(SimulatedCard(uid=bytes.fromhex("04A1B2C3D4E5F6"), uid_only=True), READER)
+    return sim
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Path:
+    """Where the test commands write what they did."""
+    return tmp_path / "commands.log"
+
+
+def _lock(backend: Any, events: Events, log_file: Path, reader: str = READER, **kwargs: Any) -> CardRemovalLock:
+    options: dict[str, Any] = {
+        "lock_command": _writer(log_file, "locked"),
+        "end_command": _writer(log_file, "ended"),
+        "end_after_s": 0.3,
+    }
+    options.update(kwargs)
+    return CardRemovalLock(backend, reader=reader, terminal="term-1", user="tanaka", emit=events, **options)
+
+
+@pytest.fixture
+def events() -> Events:
+    """The emitted events."""
+    return Events()
+
+
+def test_removal_records_then_locks(backend: SimulatedBackend, events: Events, log_file: Path) -> None:
+    lock = _lock(backend, events, log_file, end_after_s=30)
+    seen_before_command: list[bool] = []
+    original = events.__call__
+
+    def emit(type_: str, payload: dict[str, Any]) -> None:
+        # The command must not have run yet when the event is recorded.
+        seen_before_command.append(not log_file.exists())
+        original(type_, payload)
+
+    lock._emit = emit
+    lock.start()
+    try:
+        assert events.items == []
+        backend.remove(READER)
+        assert events.items == [("session.locked", {"terminal": "term-1", "user": "tanaka", "cause": "card_removed"})]
+        assert seen_before_command == [True]
+        _wait_file(log_file, "locked")
+        assert lock.locked
+        assert lock.last_lock_latency_s is not None and 0 <= lock.last_lock_latency_s < 1
+        assert lock.errors == []
+    finally:
+        lock.stop()
+
+
+def test_reinsert_cancels_end(backend: SimulatedBackend, events: Events, log_file: Path) -> None:
+    lock = _lock(backend, events, log_file)
+    lock.start()
+    try:
+        backend.remove(READER)
+        backend.insert(SimulatedCard(uid=bytes.fromhex("04A1B2C3D4E5F6"), uid_only=True), READER)
+        assert events.types() == ["session.locked", "session.unlocked"]
+        assert events.items[1][1]["cause"] == "card_returned"
+        assert not lock.locked
+        time.sleep(0.6)
+        assert events.types() == ["session.locked", "session.unlocked"]
+        _wait_file(log_file, "locked")
+        assert "ended" not in log_file.read_text()
+    finally:
+        lock.stop()
+
+
+def test_absence_ends_session(backend: SimulatedBackend, events: Events, log_file: Path) -> None:
+    lock = _lock(backend, events, log_file)
+    lock.start()
+    try:
+        removed = time.monotonic()
+        backend.remove(READER)
+        payload = events.wait_for("session.ended")
+        assert time.monotonic() - removed >= 0.3
+        assert payload["cause"] == "card_absent"
+        _wait_file(log_file, "ended")
+        assert events.types() == ["session.locked", "session.ended"]
+        assert not lock.locked
+    finally:
+        lock.stop()
+
+
+def test_failing_lock_command_is_recorded(backend: SimulatedBackend, events: Events, log_file: Path) -> None:
+    lock = _lock(backend, events, log_file, lock_command=["/nonexistent/sekisho-lock"], end_command=None)
+    lock.start()
+    try:
+        backend.remove(READER)
+        assert events.types() == ["session.locked"]
+        assert len(lock.errors) == 1 and "could not start" in lock.errors[0]
+        events.wait_for("session.ended")
+    finally:
+        lock.stop()
+
+
+def test_failing_exit_status_is_recorded(backend: SimulatedBackend, events: Events, log_file: Path) -> None:
+    lock = _lock(backend, events, log_file, lock_command=[sys.executable, "-c", "raise SystemExit(3)"], end_after_s=30)
+    lock.start()
+    try:
+        backend.remove(READER)
+        _wait(lambda: bool(lock.errors))
+        assert "exited 3" in lock.errors[0]
+    finally:
+        lock.stop()
+
+
+def test_other_reader_ignored(backend: SimulatedBackend, events: Events, log_file: Path) -> None:
+    backend.insert(SimulatedCard(uid=bytes.fromhex("04FFFFFFFFFFFF"), uid_only=True), OTHER)
+    lock = _lock(backend, events, log_file)
+    lock.start()
+    try:
+        backend.remove(OTHER)
+        time.sleep(0.5)
+        assert events.items == []
+        assert not log_file.exists()
+    finally:
+        lock.stop()
+
+
+def test_stop_cancels_timer(backend: SimulatedBackend, events: Events, log_file: Path) -> None:
+    lock = _lock(backend, events, log_file)
+    lock.start()
+    backend.remove(READER)
+    lock.stop()
+    time.sleep(0.5)
+    assert events.types() == ["session.locked"]
+    backend.insert(SimulatedCard(uid=bytes.fromhex("04A1B2C3D4E5F6"), uid_only=True), READER)
+    assert events.types() == ["session.locked"]
+
+
+# -- the real pcscd --------------------------------------------------------------------------------------
+
+VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
+VPCD_READER = "Virtual PCD 00 00"
+
+
+@pytest.fixture
+def pcscd() -> Iterator[None]:
+    """A pcscd of our own with vpcd's reader; skipped, saying why, when that is impossible."""
+    if importlib.util.find_spec("smartcard") is None:
+        _skip("pyscard is not installed")
+    binary = shutil.which("pcscd") or ("/usr/sbin/pcscd" if os.path.exists("/usr/sbin/pcscd") else None)
+    if binary is None or not VPCD_DRIVER.exists():
+        _skip("needs the Debian packages pcscd and vsmartcard-vpcd")
+    from test_smartcard_pcsc import _running_pcscd
+
+    if _running_pcscd():
+        _skip("a pcscd we did not start is running; its socket is system-wide")
+    from drivers.smartcard.pcsc import PcscBackend
+
+    process = subprocess.Popen([str(binary), "--foreground"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while VPCD_READER not in _readers(PcscBackend):
+            if time.monotonic() > deadline or process.poll() is not None:
+                pytest.fail("pcscd did not list the vpcd reader within 10 s")
+            time.sleep(0.1)
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _skip(why: str) -> None:
+    reason = f"PC/SC lock test skipped: {why}"
+    print(reason)
+    pytest.skip(reason)
+
+
+def _readers(factory: Any) -> list[str]:
+    try:
+        return list(factory().readers())
+    except Exception:
+        return []
+
+
+def test_pcsc_removal_locks(pcscd: None, events: Events, log_file: Path) -> None:
+    from support.vcard import VirtualCard
+
+    from drivers.smartcard.pcsc import PcscBackend
+
+    card = VirtualCard(uid=bytes.fromhex("04A1B2C3D4E5F6"))
+    with PcscBackend() as backend:
+        assert backend.wait_until_monitoring(5)
+        lock = _lock(backend, events, log_file, reader=VPCD_READER, end_after_s=30)
+        lock.start()
+        try:
+            card.insert()
+            time.sleep(1.0)
+            assert events.items == []
+            card.remove()
+            events.wait_for("session.locked")
+            _wait_file(log_file, "locked")
+            assert lock.errors == []
+        finally:
+            lock.stop()
+            card.remove()
