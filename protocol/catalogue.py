@@ -79,11 +79,36 @@ class CardPresented(Payload):
     reader: Id
     card_hash: CardHash
     card_masked: Masked
+    door: Id | None = None
+    # A UID-only or reader-reported number (no challenge-response): anyone who copies it can replay it.
+    weak: bool = False
+
+
+Direction = Literal["entry", "exit", "both"]
+DoorCause = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")]
+
+
+class _DoorAccessFields(Payload):
+    """Optional fields shared by door grants and denials (agents.doors)."""
+
+    reader: Id | None = None
+    direction: Direction | None = None
+    area: Id | None = None
+    card_hash: CardHash | None = None
+    weak: bool = False
+    pin_checked: bool = False
+    # Two-person rule: the other card holder; visitor rule: the escort (both appear in the event).
+    second_person: Id | None = None
+    escort: Id | None = None
+    visitor: bool = False
+    slot: int | None = Field(default=None, ge=0, le=255)
+    passback: bool = Field(default=False, description="granted despite an anti-passback violation (soft mode)")
+    detail: str = Field(default="", max_length=300)
 
 
 @event_type("door.access_granted")
-class DoorAccessGranted(Payload):
-    """A door, locker or key-cabinet slot was unlocked for a person by the local policy."""
+class DoorAccessGranted(_DoorAccessFields):
+    """A door, locker or key cabinet was unlocked for a person by the local policy."""
 
     door: Id
     person: Id
@@ -92,8 +117,8 @@ class DoorAccessGranted(Payload):
 
 
 @event_type("door.access_denied")
-class DoorAccessDenied(Payload):
-    """A request to open a door was refused, with the reason."""
+class DoorAccessDenied(_DoorAccessFields):
+    """A request to open a door was refused, with the reason (also: first card of a pair that timed out)."""
 
     door: Id
     reason: Reason
@@ -101,12 +126,42 @@ class DoorAccessDenied(Payload):
     card_masked: Masked
 
 
+@event_type("door.access_pending")
+class DoorAccessPending(_DoorAccessFields):
+    """A valid first step that needs another: a PIN, a second person, or a visitor's escort."""
+
+    door: Id
+    person: Id
+    card_masked: Masked
+    waiting_for: Literal["pin", "second_person", "escort"]
+    until_s: int = Field(ge=0, le=600)
+
+
+@event_type("door.unlocked")
+class DoorUnlocked(Payload):
+    """The lock was released other than by a card grant: remote command, emergency, or egress."""
+
+    door: Id
+    cause: DoorCause
+    command_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    requested_by: Id | None = None
+
+
+@event_type("door.locked")
+class DoorLocked(Payload):
+    """The lock re-engaged: door closed, grant window passed unopened, lockdown, restart or command."""
+
+    door: Id
+    cause: DoorCause
+
+
 @event_type("door.opened")
 class DoorOpened(Payload):
-    """The door sensor reports the door open."""
+    """The door sensor reports the door open (forced: no grant or unlock preceded it)."""
 
     door: Id
     forced: bool = False
+    person: Id | None = None
 
 
 @event_type("door.closed")
@@ -115,6 +170,84 @@ class DoorClosed(Payload):
 
     door: Id
     open_seconds: int = Field(ge=0)
+    person: Id | None = None
+
+
+AlarmKind = Literal[
+    "held_open",
+    "forced_open",
+    "tamper",
+    "reader_offline",
+    "board_offline",
+    "relay_fault",
+    "key_taken_without_grant",
+    "key_wrong_slot",
+    "passback",
+]
+
+
+@event_type("door.alarm")
+class DoorAlarm(Payload):
+    """Something security staff must see: held open, forced, tamper, a device offline, a key misuse."""
+
+    door: Id
+    alarm: AlarmKind
+    detail: str = Field(default="", max_length=300)
+    person: Id | None = None
+    slot: int | None = Field(default=None, ge=0, le=255)
+    reader: Id | None = None
+
+
+@event_type("door.alarm_cleared")
+class DoorAlarmCleared(Payload):
+    """The condition behind an alarm ended (door closed, device back, tamper restored)."""
+
+    door: Id
+    alarm: AlarmKind
+    detail: str = Field(default="", max_length=300)
+
+
+@event_type("door.mode_changed")
+class DoorModeChanged(Payload):
+    """A door entered or left emergency unlock or lock-down (signed command from the controller)."""
+
+    door: Id
+    mode: Literal["normal", "emergency_unlock", "lockdown"]
+    previous: Literal["normal", "emergency_unlock", "lockdown"]
+    command_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    group: Id | None = None
+
+
+@event_type("door.passback_forgiven")
+class DoorPassbackForgiven(Payload):
+    """Anti-passback state was cleared for a person (or everyone) in an area, by command or timeout."""
+
+    area: Id
+    person: Id | None = None
+    cause: DoorCause
+    command_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+
+
+@event_type("key.taken")
+class KeyTaken(Payload):
+    """A key left its cabinet slot after a grant: a loan in the key-lending register (鍵貸出管理簿)."""
+
+    door: Id
+    slot: int = Field(ge=0, le=255)
+    key: Id
+    person: Id
+    due_at: str = Field(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+(?:Z|[+-][0-9]{2}:[0-9]{2})$")
+
+
+@event_type("key.returned")
+class KeyReturned(Payload):
+    """A key came back to a cabinet slot; wrong_slot when the person returning did not hold this slot's key."""
+
+    door: Id
+    slot: int = Field(ge=0, le=255)
+    key: Id
+    person: Id | None = Field(default=None, description="who opened the cabinet to return it, if anyone")
+    wrong_slot: bool = False
 
 
 class _LoginFields(Payload):

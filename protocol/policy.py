@@ -42,6 +42,11 @@ class Person(_Model):
     logins: list[Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_.-]{0,31}$")]] = Field(
         default_factory=list, description="OS account names this person logs in as on terminals"
     )
+    pin_hash: str | None = Field(
+        default=None,
+        pattern=r"^pbkdf2_sha256\$[0-9]{4,7}\$[0-9a-f]{32}\$[0-9a-f]{64}$",
+        description="door PIN as pbkdf2_sha256$iterations$salt$hash (`sekisho doors hash-pin`); never the PIN",
+    )
 
 
 class Card(_Model):
@@ -57,6 +62,25 @@ class Card(_Model):
         max_length=4096,
         description="the card's authentication public key (enrolled from its certificate) for challenge-response",
     )
+    valid_from: datetime | None = Field(default=None, description="the credential works from this moment")
+    valid_until: datetime | None = Field(default=None, description="the credential stops working at this moment")
+
+    @model_validator(mode="after")
+    def _validity(self) -> Card:
+        for moment in (self.valid_from, self.valid_until):
+            if moment is not None and moment.tzinfo is None:
+                raise ValueError(f"card {self.id!r}: times need a time zone (e.g. +09:00)")
+        if self.valid_from and self.valid_until and self.valid_until <= self.valid_from:
+            raise ValueError(f"card {self.id!r}: valid_until must be after valid_from")
+        return self
+
+    def valid_at(self, moment: datetime) -> bool:
+        """Tell whether the credential is active and inside its validity window at this moment."""
+        if self.status != "active":
+            return False
+        if self.valid_from is not None and moment < self.valid_from:
+            return False
+        return self.valid_until is None or moment < self.valid_until
 
 
 class Schedule(_Model):
@@ -107,8 +131,27 @@ class Terminal(_Model):
     schedule: Ident | None = Field(default=None, description="login allowed only within this schedule")
 
 
+class DoorReader(_Model):
+    """A card reader of a door, as named in the door agent's reader configuration."""
+
+    id: Ident
+    direction: Literal["entry", "exit", "both"] = Field(
+        default="both", description="entry/exit readers drive anti-passback and the room's who-is-inside"
+    )
+
+
+class KeySlot(_Model):
+    """One slot of a key cabinet: which key lives there and who may take it."""
+
+    index: int = Field(ge=0, le=255, description="the slot's presence input on the cabinet's board")
+    key: Ident
+    name: Name
+    allowed: list[Ident] | None = Field(default=None, description="people who may take it (default: the door's)")
+    loan_hours: int = Field(default=8, ge=1, le=24 * 30, description="the key is due back after this many hours")
+
+
 class Door(_Model):
-    """A room door, locker or key cabinet served by a door agent."""
+    """A room door, locker or key cabinet served by a door agent (see docs/doors.md)."""
 
     id: Ident
     name: Name
@@ -116,6 +159,49 @@ class Door(_Model):
     agent: AgentId
     area: Ident | None = None
     allowed: list[Ident] = Field(default_factory=list, description="people allowed to open it")
+    readers: list[DoorReader] = Field(default_factory=list)
+    relay: int = Field(default=0, ge=0, le=255, description="the lock relay on the door agent's board")
+    sensor: int | None = Field(default=None, ge=0, le=255, description="the door sensor input (None: no sensor)")
+    schedule: Ident | None = Field(default=None, description="opens only within this schedule")
+    unlock_s: int = Field(default=5, ge=1, le=60, description="re-lock if not opened within this time")
+    held_open_s: int = Field(default=30, ge=5, le=3600, description="alarm if open longer than this")
+    fail_mode: Literal["secure", "safe"] = Field(
+        default="secure", description="secure: stays locked without power; safe: opens (egress). Lockers: secure"
+    )
+    pin_required: bool = False
+    pin_timeout_s: int = Field(default=10, ge=3, le=60)
+    two_person: bool = Field(default=False, description="two different authorised cards within two_person_window_s")
+    two_person_window_s: int = Field(default=15, ge=2, le=120)
+    anti_passback: Literal["off", "soft", "hard"] = Field(
+        default="off", description="soft: allow and report a passback; hard: refuse it"
+    )
+    passback_reset_minutes: int = Field(default=0, ge=0, le=24 * 60, description="0: never forgets by itself")
+    escort_window_s: int = Field(default=20, ge=2, le=120, description="a visitor's escort must badge within this")
+
+    @model_validator(mode="after")
+    def _shape(self) -> Door:
+        if self.kind != "room" and self.fail_mode != "secure":
+            raise ValueError(f"door {self.id!r}: a {self.kind} must fail secure")
+        if self.anti_passback != "off" and not {r.direction for r in self.readers} >= {"entry", "exit"}:
+            raise ValueError(f"door {self.id!r}: anti-passback needs an entry and an exit reader")
+        if len({r.id for r in self.readers}) != len(self.readers):
+            raise ValueError(f"door {self.id!r}: duplicate reader id")
+        return self
+
+
+class KeyCabinet(_Model):
+    """The slots of a key cabinet door (kind key_cabinet)."""
+
+    door: Ident
+    slots: list[KeySlot] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> KeyCabinet:
+        if len({s.index for s in self.slots}) != len(self.slots):
+            raise ValueError(f"key cabinet {self.door!r}: duplicate slot index")
+        if len({s.key for s in self.slots}) != len(self.slots):
+            raise ValueError(f"key cabinet {self.door!r}: duplicate key id")
+        return self
 
 
 class Medium(_Model):
@@ -174,6 +260,7 @@ class SitePolicy(_Model):
     areas: list[Area] = Field(default_factory=list)
     terminals: list[Terminal] = Field(default_factory=list)
     doors: list[Door] = Field(default_factory=list)
+    key_cabinets: list[KeyCabinet] = Field(default_factory=list)
     media: list[Medium] = Field(default_factory=list)
     loans: list[MediaLoan] = Field(default_factory=list, description="managed by `sekisho media lend/return`")
 
@@ -209,9 +296,24 @@ class SitePolicy(_Model):
         for d in self.doors:
             if d.area is not None and d.area not in areas:
                 raise ValueError(f"door {d.id!r} names unknown area {d.area!r}")
+            if d.schedule is not None and d.schedule not in schedules:
+                raise ValueError(f"door {d.id!r} names unknown schedule {d.schedule!r}")
             for pid in d.allowed:
                 if pid not in people:
                     raise ValueError(f"door {d.id!r} names unknown person {pid!r}")
+        readers = [(d.agent, r.id) for d in self.doors for r in d.readers]
+        if len(set(readers)) != len(readers):
+            raise ValueError("a reader serves two doors of one agent")
+        doors_by_id = {d.id: d for d in self.doors}
+        unique("key cabinet", [c.door for c in self.key_cabinets])
+        for cabinet in self.key_cabinets:
+            door = doors_by_id.get(cabinet.door)
+            if door is None or door.kind != "key_cabinet":
+                raise ValueError(f"key cabinet {cabinet.door!r} is not a door of kind key_cabinet")
+            for slot in cabinet.slots:
+                for pid in slot.allowed or []:
+                    if pid not in people:
+                        raise ValueError(f"key cabinet {cabinet.door!r} slot {slot.index} names unknown person {pid!r}")
         for person in self.people:
             if person.valid_from and person.valid_until and person.valid_until < person.valid_from:
                 raise ValueError(f"person {person.id!r}: valid_until before valid_from")
@@ -238,7 +340,10 @@ class SitePolicy(_Model):
         """Return the slice of the policy one agent needs (least privilege: only its people and cards)."""
         terminals = [t for t in self.terminals if t.agent == agent]
         doors = [d for d in self.doors if d.agent == agent]
+        door_ids = {d.id for d in doors}
+        cabinets = [c for c in self.key_cabinets if c.door in door_ids]
         people_ids = {h for t in terminals for h in t.handlers} | {p for d in doors for p in d.allowed}
+        people_ids |= {p for c in cabinets for s in c.slots for p in (s.allowed or [])}
         area_ids = {t.area for t in terminals if t.area} | {d.area for d in doors if d.area}
         terminal_ids = {t.id for t in terminals}
         # Only loans for this agent's terminals travel to it, with their media and borrowers.
@@ -251,12 +356,15 @@ class SitePolicy(_Model):
             site=self.site,
             bundle_lifetime_hours=self.bundle_lifetime_hours,
             login=self.login,
-            schedules=[s for s in self.schedules if s.id in {t.schedule for t in terminals}],
+            schedules=[
+                s for s in self.schedules if s.id in {t.schedule for t in terminals} | {d.schedule for d in doors}
+            ],
             people=[p for p in self.people if p.id in people_ids],
             cards=[c for c in self.cards if c.person in card_people],
             areas=[a for a in self.areas if a.id in area_ids],
             terminals=terminals,
             doors=doors,
+            key_cabinets=cabinets,
             media=[m for m in self.media if m.id in medium_ids],
             loans=[
                 loan.model_copy(update={"terminals": [t for t in loan.terminals if t in terminal_ids]})

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Literal
 
-import jpholiday
+from agents.runtime.schedules import JST, person_current, schedule_allows
+from protocol.policy import Card, Person, SitePolicy
 
-from protocol.policy import Card, Person, Schedule, SitePolicy
-
-JST = timezone(timedelta(hours=9), "JST")  # Japan has no daylight saving, so a fixed offset is exact
+__all__ = ["JST", "CardCheck", "FingerCheck", "LoginDecision", "decide_login", "refuse_early", "schedule_allows"]
 
 PolicyState = Literal["none", "valid", "expired"]
 LoginReason = Literal[
@@ -41,8 +40,6 @@ LoginReason = Literal[
 ]
 FingerOutcome = Literal["match", "no_match", "timeout", "retry_exhausted", "unavailable", "not_enrolled"]
 Method = Literal["card", "fingerprint"]
-
-_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,27 +89,6 @@ def _deny(
     return LoginDecision(granted=False, reason=reason, person_id=person_id, detail=detail, card_id=card_id, weak=weak)
 
 
-def schedule_allows(schedule: Schedule, moment: datetime) -> bool:
-    """Tell whether a schedule allows this moment (JST weekday and window, holidays and closures)."""
-    local = moment.astimezone(JST)
-    day = local.date()
-    if day in schedule.exception_days:
-        return False
-    if jpholiday.is_holiday(day) and not schedule.on_public_holidays:
-        return False
-    if _WEEKDAYS[day.weekday()] not in schedule.weekdays:
-        return False
-    return schedule.start <= local.time().replace(tzinfo=None) < schedule.end
-
-
-def _person_current(person: Person, today: date) -> bool:
-    if not person.active:
-        return False
-    if person.valid_from is not None and today < person.valid_from:
-        return False
-    return not (person.valid_until is not None and today > person.valid_until)
-
-
 def _find_card(cards: Sequence[Card], check: CardCheck) -> Card | None:
     # The driver names the enrolled card it matched (also for contact cards without a UID); a bare UID
     # hash is the fallback for callers that only identified the card.
@@ -148,7 +124,7 @@ def refuse_early(
         return _deny("not_designated", person, f"terminal {terminal_id!r} is not in the policy")
     if person.id not in terminal.handlers:
         return _deny("not_designated", person)
-    if not _person_current(person, now.astimezone(JST).date()):
+    if not person_current(person, now.astimezone(JST).date()):
         return _deny("not_designated", person, "person inactive or outside valid_from/valid_until")
 
     if terminal.schedule is not None:
