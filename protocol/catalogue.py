@@ -320,6 +320,16 @@ class SessionEnded(Payload):
     cause: Reason
 
 
+@event_type("session.lock_failed")
+class SessionLockFailed(Payload):
+    """The lock or end command for a session failed (did not start, exited non-zero, timed out)."""
+
+    terminal: Id
+    user: str = Field(max_length=64)
+    action: Literal["lock", "end"]
+    detail: str = Field(default="", max_length=300)
+
+
 # drivers.usb's device hash is base64 SHA-256 (44 characters); the older hex form is still accepted.
 DeviceHash = Annotated[str, Field(pattern=r"^(?:[0-9a-f]{32,64}|[A-Za-z0-9+/]{43}=)$")]
 VendorProduct = Annotated[str, Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$")]

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +14,9 @@ import pytest
 from agents.login.lock import CardRemovalLock
 from drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
 from protocol.events import EVENT_TYPES
+from sekisho.pcscd import VPCD_READER
+
+pytest_plugins = ["pcsc_fixtures"]
 
 READER = "Simulated Reader 0"
 OTHER = "Simulated Reader 1"
@@ -169,7 +168,10 @@ def test_failing_lock_command_is_recorded(backend: SimulatedBackend, events: Eve
     lock.start()
     try:
         backend.remove(READER)
-        assert events.types() == ["session.locked"]
+        # The failed lock reaches the controller as an event, not only the log.
+        assert events.types() == ["session.locked", "session.lock_failed"]
+        failed = events.items[1][1]
+        assert failed["action"] == "lock" and "could not start" in failed["detail"]
         assert len(lock.errors) == 1 and "could not start" in lock.errors[0]
         events.wait_for("session.ended")
     finally:
@@ -183,6 +185,7 @@ def test_failing_exit_status_is_recorded(backend: SimulatedBackend, events: Even
         backend.remove(READER)
         _wait(lambda: bool(lock.errors))
         assert "exited 3" in lock.errors[0]
+        events.wait_for("session.lock_failed")
     finally:
         lock.stop()
 
@@ -213,58 +216,10 @@ def test_stop_cancels_timer(backend: SimulatedBackend, events: Events, log_file:
 
 # -- the real pcscd --------------------------------------------------------------------------------------
 
-VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
-VPCD_READER = "Virtual PCD 00 00"
 
-
-@pytest.fixture
-def pcscd() -> Iterator[None]:
-    """A pcscd of our own with vpcd's reader; skipped, saying why, when that is impossible."""
-    if importlib.util.find_spec("smartcard") is None:
-        _skip("pyscard is not installed")
-    binary = shutil.which("pcscd") or ("/usr/sbin/pcscd" if os.path.exists("/usr/sbin/pcscd") else None)
-    if binary is None or not VPCD_DRIVER.exists():
-        _skip("needs the Debian packages pcscd and vsmartcard-vpcd")
-    from test_smartcard_pcsc import _running_pcscd
-
-    if _running_pcscd():
-        _skip("a pcscd we did not start is running; its socket is system-wide")
+def test_pcsc_removal_locks(pcscd: object, events: Events, log_file: Path) -> None:
     from drivers.smartcard.pcsc import PcscBackend
-
-    process = subprocess.Popen([str(binary), "--foreground"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while VPCD_READER not in _readers(PcscBackend):
-            if time.monotonic() > deadline or process.poll() is not None:
-                pytest.fail("pcscd did not list the vpcd reader within 10 s")
-            time.sleep(0.1)
-        yield
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _skip(why: str) -> None:
-    reason = f"PC/SC lock test skipped: {why}"
-    print(reason)
-    pytest.skip(reason)
-
-
-def _readers(factory: Any) -> list[str]:
-    try:
-        return list(factory().readers())
-    except Exception:
-        return []
-
-
-def test_pcsc_removal_locks(pcscd: None, events: Events, log_file: Path) -> None:
-    from support.vcard import VirtualCard
-
-    from drivers.smartcard.pcsc import PcscBackend
+    from firmware_stubs.piv_card import VirtualCard
 
     card = VirtualCard(uid=bytes.fromhex("04A1B2C3D4E5F6"))
     with PcscBackend() as backend:

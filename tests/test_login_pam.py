@@ -7,6 +7,7 @@ agent's outbox as a signed event with the precise reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -28,6 +29,7 @@ from test_login_decision import make_policy
 from agents.login.decision import JST
 from agents.login.messages import message
 from agents.login.pam import SIMULATION_ENV
+from agents.login.sessions import LoginSessions
 from agents.runtime.outbox import Outbox
 from agents.runtime.policy_cache import CACHE_NAME
 from deploy.pki import AgentCredentials, PkiPaths, issue_agent
@@ -169,10 +171,10 @@ class Terminal:
             card_doc = {"uid": uid.hex(), "private_key_pem": _pem_private(key or _key())}
         self.scenario.write_text(json.dumps({"card": card_doc, "finger": {"outcome": finger, "timeout_s": 0.3}}))
 
-    def pamtester(self, user: str, op: str = "authenticate") -> subprocess.CompletedProcess[str]:
-        """Run the real pamtester against the throwaway service."""
+    def pamtester(self, user: str, *ops: str) -> subprocess.CompletedProcess[str]:
+        """Run the real pamtester against the throwaway service (default operation: authenticate)."""
         return subprocess.run(
-            ["pamtester", "-v", self.service, user, op],
+            ["pamtester", "-v", self.service, user, *(ops or ("authenticate",))],
             input="\n",
             capture_output=True,
             text=True,
@@ -200,22 +202,22 @@ class Terminal:
         return Outbox.inspect(path).next_seq - 1 if path.exists() else 0
 
 
-@pytest.fixture(scope="module")
-def terminal(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Terminal]:
+@contextlib.contextmanager
+def make_terminal(pki: Path, base: Path, *, login_toml: str, simulated: bool = True) -> Iterator[Terminal]:
     """Set up the agent, wrapper and /etc/pam.d/sekisho-test-<random>; remove the PAM file afterwards."""
     agent = f"lg-{secrets.token_hex(4)}"
-    base = tmp_path_factory.mktemp("login")
     creds = issue_agent(pki, agent)
     config = write_agent_config(base / "agent.toml", creds, 8883)
     site_key = secrets.token_hex(32).encode()
     (base / "site.key").write_bytes(site_key)
-    (base / "login.toml").write_text('site_key_file = "site.key"\nsimulation_allowed = true\n')
+    (base / "login.toml").write_text('site_key_file = "site.key"\n' + login_toml)
     scenario = base / "scenario.json"
     wrapper = base / "sekisho-pam-auth"
+    simulation = f"export {SIMULATION_ENV}={scenario}\n" if simulated else ""
     wrapper.write_text(
         "#!/bin/sh\n"
         f"cd {REPO}\n"
-        f"export {SIMULATION_ENV}={scenario}\n"
+        f"{simulation}"
         f"exec {sys.executable} -m agents.login pam-auth --config {config} --terminal {TERMINAL} "
         f"2>>{base / 'helper.log'}\n"
     )
@@ -226,6 +228,7 @@ def terminal(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Te
         f"auth required pam_exec.so stdout quiet {wrapper}\n"
         "account required pam_permit.so\n"
         f"session optional pam_exec.so stdout quiet type=open_session {wrapper}\n"
+        f"session optional pam_exec.so quiet type=close_session {wrapper}\n"
     )
     try:
         cards = {
@@ -238,11 +241,24 @@ def terminal(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Te
         pam_file.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="module")
+def terminal(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Terminal]:
+    """A terminal whose card and finger are simulated, scripted per test by a scenario file."""
+    with make_terminal(pki, tmp_path_factory.mktemp("login"), login_toml="simulation_allowed = true\n") as t:
+        yield t
+
+
 @pytest.fixture
 def login(terminal: Terminal) -> Terminal:
     """The terminal with a fresh valid policy (v1) and the right card and finger scripted."""
     terminal.install_bundle(1, terminal.policy_doc())
     terminal.set_scenario("c-alice", "match")
+    registry = LoginSessions(terminal.state)
+    try:
+        for session in registry.active():  # earlier tests' grants
+            registry.closed(session.user)
+    finally:
+        registry.close()
     return terminal
 
 
@@ -390,3 +406,32 @@ def test_open_session_shows_the_notice_of_the_day(login: Terminal) -> None:
     notices = ["離席時はICカードを抜いてください。", "画面ののぞき見に注意。"]
     assert notices[event.payload["notice_index"]] in result.stdout + result.stderr
     assert event.payload["day"] == datetime.now(JST).date().isoformat()
+
+
+def test_session_open_and_logout_are_recorded(login: Terminal) -> None:
+    result = login.pamtester("alice", "authenticate", "open_session")
+    assert result.returncode == 0, result.stdout + result.stderr
+    registry = LoginSessions(login.state)
+    try:
+        (session,) = registry.active()
+        # The running agent watches this reader for the card's removal (agents/login/watch.py).
+        assert (session.user, session.person, session.state, session.card) == ("alice", "p-alice", "open", "c-alice")
+        assert session.reader
+        before = login.event_count()
+        assert login.pamtester("alice", "close_session").returncode == 0
+        assert registry.active() == []
+    finally:
+        registry.close()
+    assert login.event_count() == before + 1
+    logout = login.last_event()
+    assert (logout.type, logout.payload["cause"], logout.payload["user"]) == ("session.ended", "logout", "alice")
+
+
+def test_refused_login_opens_no_session(login: Terminal) -> None:
+    login.set_scenario("c-alice", "no_match")
+    assert login.pamtester("alice", "authenticate").returncode != 0
+    registry = LoginSessions(login.state)
+    try:
+        assert [s.user for s in registry.active()] == []
+    finally:
+        registry.close()

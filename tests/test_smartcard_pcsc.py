@@ -7,18 +7,16 @@ one it did not start (it skips, saying why, rather than killing someone else's).
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import statistics
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from support.vcard import PIV_ATR, VirtualCard
+
+from firmware_stubs.piv_card import PIV_ATR, VirtualCard
 
 # Only drivers/ imports pyscard; the test just needs to know whether the driver can load it.
 if importlib.util.find_spec("smartcard") is None:
@@ -43,68 +41,13 @@ from drivers.smartcard import (  # noqa: E402 - only after the pyscard check abo
 )
 from drivers.smartcard.auth import select_piv  # noqa: E402
 from drivers.smartcard.pcsc import PcscBackend  # noqa: E402
+from sekisho.pcscd import VPCD_READER  # noqa: E402
 
-READER = "Virtual PCD 00 00"
-VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
+pytest_plugins = ["pcsc_fixtures"]
+
+READER = VPCD_READER
 SITE_KEY = b"site-key-for-tests-0123456789abcdef"
 GENUINE_UID = bytes.fromhex("04A1B2C3D4E5F6")
-
-
-def _running_pcscd() -> list[int]:
-    """Return the pids of live (non-zombie) pcscd processes on this machine."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        state = stat[stat.rindex(")") + 2 :].split()[0]
-        if name == "pcscd" and state != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-@pytest.fixture(scope="session")
-def pcscd() -> Iterator[subprocess.Popen[bytes]]:
-    """A pcscd of our own, in the foreground, with vpcd's virtual readers; skipped with the reason if impossible."""
-    binary = shutil.which("pcscd") or ("/usr/sbin/pcscd" if os.path.exists("/usr/sbin/pcscd") else None)
-    if binary is None or not VPCD_DRIVER.exists():
-        reason = "PC/SC tier skipped: needs the Debian packages pcscd and vsmartcard-vpcd (see testbed.md)"
-        print(reason)
-        pytest.skip(reason)
-    others = _running_pcscd()
-    if others:
-        reason = f"PC/SC tier skipped: a pcscd we did not start is running (pid {others}); its socket is system-wide"
-        print(reason)
-        pytest.skip(reason)
-    process = subprocess.Popen([binary, "--foreground"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        readers: list[str] = []
-        while time.monotonic() < deadline and READER not in readers:
-            if process.poll() is not None:
-                err = process.stderr.read().decode(errors="replace") if process.stderr else ""
-                pytest.fail(f"pcscd exited with {process.returncode}: {err[-500:]}")
-            time.sleep(0.1)
-            try:
-                readers = PcscBackend().readers()
-            except Exception:
-                readers = []
-        if READER not in readers:
-            pytest.fail(f"pcscd did not list {READER!r} within 10 s (saw {readers})")
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stderr:
-            process.stderr.close()
 
 
 class Recorder:

@@ -47,6 +47,7 @@ class CardCheck:
     """What the smart-card driver found: presence, which enrolled card (if any), and whether it proved itself."""
 
     present: bool
+    reader: str | None = None
     card_id: str | None = None
     uid_hash: str | None = None
     uid_masked: str | None = None

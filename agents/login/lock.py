@@ -38,6 +38,7 @@ class CardRemovalLock:
         session: str | None = None,
         command_timeout_s: float = COMMAND_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[bool], None] | None = None,
     ) -> None:
         self._backend = backend
         self._reader = reader
@@ -51,6 +52,7 @@ class CardRemovalLock:
         self._end_command = [arg.format_map(values) for arg in end_command] if end_command is not None else None
         self._command_timeout_s = command_timeout_s
         self._clock = clock
+        self._on_change = on_change
         self._mutex = threading.Lock()
         self._unsubscribe: Callable[[], None] | None = None
         self._timer: threading.Timer | None = None
@@ -66,14 +68,17 @@ class CardRemovalLock:
         with self._mutex:
             return self._locked
 
-    def start(self) -> None:
-        """Subscribe to the backend's card events."""
+    def start(self, *, card_present: bool = True) -> None:
+        """Subscribe to the backend's card events; lock at once if the card already left (card_present=False)."""
         with self._mutex:
             if self._unsubscribe is not None:
                 return
         unsubscribe = self._backend.subscribe(self._on_cards)
         with self._mutex:
             self._unsubscribe = unsubscribe
+        if not card_present:
+            # The card left between the login and this watch: no removal event will ever come for it.
+            self._card_removed(self._clock())
 
     def stop(self) -> None:
         """Unsubscribe and cancel a pending end timer; idempotent."""
@@ -106,6 +111,7 @@ class CardRemovalLock:
             self._timer = timer
         # The record comes first so an audit trail exists even if the lock command hangs or fails.
         self._record("session.locked", "card_removed")
+        self._changed(True)
         started = self._run(self._lock_command, "lock")
         with self._mutex:
             self.last_lock_started_at = started
@@ -122,6 +128,7 @@ class CardRemovalLock:
             timer.cancel()
         # Only the end timer is cancelled: the desktop stays locked and still asks for the unlock.
         self._record("session.unlocked", "card_returned")
+        self._changed(False)
 
     def _end_timer_fired(self) -> None:
         try:
@@ -135,6 +142,13 @@ class CardRemovalLock:
                 self._run(self._end_command, "end")
         except Exception:
             log.exception("card removal lock: ending the session failed")
+
+    def _changed(self, locked: bool) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change(locked)
+            except Exception:
+                log.exception("card removal lock: change listener failed")
 
     def _record(self, type_: str, cause: str) -> None:
         try:
@@ -150,7 +164,7 @@ class CardRemovalLock:
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
         except OSError as exc:
-            self._fail(f"{what} command {argv[0]!r} could not start: {exc}")
+            self._fail(f"{what} command {argv[0]!r} could not start: {exc}", action=what)
             return started
         # Waiting happens off the monitor thread so a slow loginctl does not delay the next card event.
         threading.Thread(target=self._reap, args=(process, what), name=f"lock-{what}", daemon=True).start()
@@ -162,12 +176,25 @@ class CardRemovalLock:
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
-            self._fail(f"{what} command timed out after {self._command_timeout_s} s")
+            self._fail(f"{what} command timed out after {self._command_timeout_s} s", action=what)
             return
         if process.returncode != 0:
-            self._fail(f"{what} command exited {process.returncode}: {err.decode(errors='replace')[-200:].strip()}")
+            self._fail(
+                f"{what} command exited {process.returncode}: {err.decode(errors='replace')[-200:].strip()}",
+                action=what,
+            )
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, *, action: str | None = None) -> None:
         log.warning("card removal lock: %s", message)
         with self._mutex:
             self.errors.append(message)
+        if action is None:
+            return
+        # A lock that did not happen is a security finding: it goes to the controller, not only the log.
+        try:
+            self._emit(
+                "session.lock_failed",
+                {"terminal": self._terminal, "user": self._user, "action": action, "detail": message[:300]},
+            )
+        except Exception:
+            log.exception("card removal lock: recording the failure failed")

@@ -35,8 +35,10 @@ from agents.login.decision import (
     decide_login,
     refuse_early,
 )
+from agents.login.lock import DEFAULT_END_COMMAND, DEFAULT_LOCK_COMMAND
 from agents.login.messages import bilingual
 from agents.login.notices import notice_for
+from agents.login.sessions import LoginSessions
 from agents.runtime.config import AgentConfig, load_config
 from agents.runtime.outbox import Outbox
 from agents.runtime.policy_cache import PolicyCache
@@ -74,6 +76,15 @@ class LoginAgentSettings(BaseModel):
     fingerprint_timeout_s: float = Field(default=15.0, gt=0, le=120)
     fingerprint_max_attempts: int = Field(default=3, ge=1, le=10)
     fprintd_bus: str = Field(default="SYSTEM", description='"SYSTEM" or a unix:path=… D-Bus address')
+    lock_command: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_LOCK_COMMAND),
+        min_length=1,
+        description="run (no shell) when the login card leaves; {session} and {user} are substituted",
+    )
+    end_command: list[str] | None = Field(
+        default_factory=lambda: list(DEFAULT_END_COMMAND),
+        description="run when the card stays away past the policy's end_session_after_card_removed_s; null: never",
+    )
     simulation_allowed: bool = Field(
         default=False, description=f"honour {SIMULATION_ENV} (tests and the demo only; never on a real terminal)"
     )
@@ -197,7 +208,12 @@ def check_card(
         result = authenticate(conn, _enrolled(cards), site_key=site_key, allow_uid_only=allow_uid_only)
     finally:
         conn.close()
-    common: dict[str, Any] = {"card_id": result.card_id, "uid_hash": uid_hash, "uid_masked": uid_masked}
+    common: dict[str, Any] = {
+        "card_id": result.card_id,
+        "uid_hash": uid_hash,
+        "uid_masked": uid_masked,
+        "reader": name,
+    }
     if result.reason in ("no_card", "reader_unavailable"):
         return CardCheck(present=False, detail=f"{result.reason}: {result.detail}")
     if result.reason == "ok":
@@ -208,7 +224,7 @@ def check_card(
         return CardCheck(present=True, authenticated=False, weak=True, **common)
     if result.reason == "unknown_card":
         # Only what the driver matched counts: a UID hash alone must not identify a card it could not match.
-        return CardCheck(present=True, uid_masked=uid_masked, detail=result.detail)
+        return CardCheck(present=True, reader=name, uid_masked=uid_masked, detail=result.detail)
     return CardCheck(present=True, authenticated=False, detail=f"{result.reason}: {result.detail}", **common)
 
 
@@ -314,6 +330,7 @@ class PamHelper:
                 self._notice(config, recorder, request)
                 return 0
             if request.pam_type == "close_session":
+                self._logout(config, recorder, request)
                 return 0
             # account/password stacks are not ours to decide: a misconfigured line refuses, loudly.
             raise LoginSetupError(f"PAM_TYPE {request.pam_type!r} is not handled (use auth or open_session)")
@@ -366,6 +383,7 @@ class PamHelper:
         args = (policy, state, expires_at, self.terminal, request.user)
         decision = refuse_early(*args, now)
         extra: dict[str, Any] = {}
+        reader: str | None = None
         if decision is None:
             assert policy is not None
             if settings.site_key_file is None:
@@ -380,6 +398,7 @@ class PamHelper:
                 reader=hardware.reader,
             )
             extra["card_masked"] = card.uid_masked
+            reader = card.reader
             decision = refuse_early(*args, now, card)
             if decision is None:
                 self._print("touch_sensor")
@@ -392,11 +411,35 @@ class PamHelper:
                 extra["fingerprint_attempts"] = finger.attempts
                 decision = decide_login(*args, card, finger, self.now())
         recorder.append(*decision_event(decision, self.terminal, request, extra))
+        if decision.granted:
+            assert decision.person_id is not None
+            # The running agent watches this reader for the card's removal once the session opens.
+            sessions = LoginSessions(config.state_dir)
+            try:
+                sessions.granted(request.user, decision.person_id, reader, decision.card_id)
+            finally:
+                sessions.close()
         log.info("login %s for %s: %s", "granted" if decision.granted else "denied", request.user, decision.reason)
         self._print("granted_weak" if decision.granted and decision.weak else decision.reason)
         return 0 if decision.granted else 1
 
+    def _logout(self, config: AgentConfig, recorder: LoginRecorder, request: PamRequest) -> None:
+        sessions = LoginSessions(config.state_dir)
+        try:
+            ended = sessions.closed(request.user)
+        finally:
+            sessions.close()
+        if ended is not None:
+            recorder.append(
+                "session.ended", {"terminal": self.terminal, "user": _event_user(request.user), "cause": "logout"}
+            )
+
     def _notice(self, config: AgentConfig, recorder: LoginRecorder, request: PamRequest) -> None:
+        sessions = LoginSessions(config.state_dir)
+        try:
+            sessions.opened(request.user, self.env.get("XDG_SESSION_ID") or None)
+        finally:
+            sessions.close()
         policy, state, _ = self._policy(config)
         if policy is None or state != "valid":
             return

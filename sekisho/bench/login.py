@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
-import os
-import shutil
-import socket
 import statistics
-import struct
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from datetime import time as clock_time
 from pathlib import Path
@@ -25,110 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from drivers.smartcard.protocol import CardEvent
+from sekisho.pcscd import VPCD_READER, own_pcscd, pcscd_unavailable
 
-VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
-VPCD_READER = "Virtual PCD 00 00"
-VPCD_ADDRESS = ("127.0.0.1", 35963)
 SITE_KEY = b"bench-site-key-0123456789abcdef!"
-# A T=1 ATR with a correct TCK; pcscd only needs something well formed to report the card.
-_ATR = bytes.fromhex("3B8B800100") + b"sekisho-piv"
-
-
-def _atr() -> bytes:
-    tck = 0
-    for byte in _ATR[1:]:
-        tck ^= byte
-    return _ATR + bytes([tck])
-
-
-class _VpcdCard:
-    """The smallest vpcd card: answers ATR requests and refuses every APDU; closing the socket removes it."""
-
-    def __init__(self) -> None:
-        self._sock: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-
-    def insert(self) -> None:
-        """Connect to vpcd, which pcscd reports as a card inserted."""
-        sock = socket.create_connection(VPCD_ADDRESS, timeout=5)
-        sock.settimeout(None)
-        self._sock = sock
-        self._thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
-        self._thread.start()
-
-    def remove(self) -> float:
-        """Close the socket; return when it was closed (monotonic seconds)."""
-        sock, self._sock = self._sock, None
-        closed = time.monotonic()
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        return closed
-
-    @staticmethod
-    def _serve(sock: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                header = sock.recv(2, socket.MSG_WAITALL)
-                if len(header) < 2:
-                    return
-                (length,) = struct.unpack(">H", header)
-                payload = sock.recv(length, socket.MSG_WAITALL) if length else b""
-                if len(payload) < length:
-                    return
-                if length == 1:
-                    if payload[0] == 4:
-                        atr = _atr()
-                        sock.sendall(struct.pack(">H", len(atr)) + atr)
-                    continue
-                sock.sendall(struct.pack(">H", 2) + b"\x6d\x00")
-
-
-def _pcscd_unavailable() -> str | None:
-    if importlib.util.find_spec("smartcard") is None:
-        return "pyscard is not installed (pip install -e '.[agent]')"
-    if shutil.which("pcscd") is None and not os.path.exists("/usr/sbin/pcscd"):
-        return "pcscd is not installed (Debian package pcscd)"
-    if not VPCD_DRIVER.exists():
-        return "vpcd is not installed (Debian package vsmartcard-vpcd)"
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            stat = (entry / "stat").read_text()
-            if stat[stat.index("(") + 1 : stat.rindex(")")] == "pcscd" and stat[stat.rindex(")") + 2] != "Z":
-                return f"a pcscd we did not start is running (pid {entry.name}); its socket is system-wide"
-    return None
-
-
-@contextlib.contextmanager
-def _own_pcscd() -> Iterator[None]:
-    from drivers.smartcard.pcsc import PcscBackend
-
-    binary = shutil.which("pcscd") or "/usr/sbin/pcscd"
-    process = subprocess.Popen([binary, "--foreground"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            # Until pcscd listens, listing readers fails; that only means "not yet".
-            with contextlib.suppress(Exception):
-                if VPCD_READER in PcscBackend().readers():
-                    break
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("pcscd did not list the vpcd reader within 10 s")
-            time.sleep(0.1)
-        yield
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _percentile(values: list[float], q: int) -> float:
@@ -141,6 +33,7 @@ def _removal_to_lock(removals: int, workdir: Path) -> list[float]:
     """Insert and remove the card ``removals`` times; return socket close → lock command started, in seconds."""
     from agents.login.lock import CardRemovalLock
     from drivers.smartcard.pcsc import PcscBackend
+    from firmware_stubs.piv_card import VirtualCard
 
     marker = workdir / "locked"
     emitted: list[str] = []
@@ -166,7 +59,7 @@ def _removal_to_lock(removals: int, workdir: Path) -> list[float]:
 
         unsubscribe = backend.subscribe(on_cards)
         lock.start()
-        card = _VpcdCard()
+        card = VirtualCard(uid=bytes.fromhex("04BE7C4000AA01"))
         try:
             for _ in range(removals):
                 inserted.clear()
@@ -175,7 +68,8 @@ def _removal_to_lock(removals: int, workdir: Path) -> list[float]:
                 if not inserted.wait(5):
                     raise RuntimeError("pcscd did not report the card inserted within 5 s")
                 before = lock.last_lock_started_at
-                closed = card.remove()
+                closed = time.monotonic()
+                card.remove()
                 _wait_until(lambda before=before: lock.last_lock_started_at != before, 5)
                 started = lock.last_lock_started_at
                 assert started is not None
@@ -256,11 +150,11 @@ def _pam_decision(iterations: int) -> list[float]:
 
 def run_login_bench(removals: int, console: Console, iterations: int = 200) -> int:
     """Run both measurements, print a table and the JSON summary line; return the exit status."""
-    unavailable = _pcscd_unavailable()
+    unavailable = pcscd_unavailable()
     if unavailable is not None:
         console.print(f"login bench needs the real pcscd with vpcd: {unavailable}")
         return 2
-    with tempfile.TemporaryDirectory(prefix="sekisho-bench-login-") as tmp, _own_pcscd():
+    with tempfile.TemporaryDirectory(prefix="sekisho-bench-login-") as tmp, own_pcscd():
         lock_s = _removal_to_lock(removals, Path(tmp))
     pam_s = _pam_decision(iterations)
     figures = {

@@ -1,4 +1,6 @@
-"""A software smart card that plugs into pcscd's vpcd reader over TCP, so PC/SC tests run the real stack.
+"""A software PIV card that plugs into pcscd's vpcd reader over TCP: the real PC/SC stack without a card.
+
+Tests, ``sekisho bench login`` and the demo insert and remove it like a person would a card.
 
 vpcd framing: every frame is a 2-byte big-endian length then the payload. A 1-byte payload is a control
 message (0 power off, 1 power on, 2 reset, 4 send ATR); anything longer is a command APDU that gets a

@@ -1,0 +1,102 @@
+"""Run a terminal agent: the agent runtime, the card-removal watch of open sessions, and the USB guard.
+
+``sekisho-agent terminal --config agent.toml --terminal t-hr-01`` is what a My Number terminal runs as a
+service; the PAM helper (``sekisho-agent pam-auth``) decides logins beside it and tells it which sessions
+are open through the session registry in the state directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from agents.login.pam import load_login_settings
+from agents.login.sessions import LoginSessions
+from agents.login.watch import LoginSessionWatcher, WatchSettings
+from agents.runtime.agent import Agent
+from agents.usb.run import AttachedGuard, UsbGuardConfig, attach_usb_guard
+from drivers.smartcard.protocol import SmartCardBackend
+from protocol.policy import LoginSettings, SitePolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TerminalAgent:
+    """A started terminal: stop() stops the USB guard, the watch and the agent in that order."""
+
+    agent: Agent
+    watcher: LoginSessionWatcher
+    sessions: LoginSessions
+    usb: AttachedGuard | None
+
+    def stop(self) -> None:
+        """Stop everything; idempotent enough for signal handlers and finally blocks."""
+        if self.usb is not None:
+            self.usb.stop()
+        self.watcher.stop()
+        self.sessions.close()
+        self.agent.stop()
+
+
+def _end_after(agent: Agent) -> float:
+    bundle = agent.policy.current()
+    if bundle is None:
+        return float(LoginSettings().end_session_after_card_removed_s)
+    try:
+        return float(SitePolicy.model_validate(bundle.bundle.policy).login.end_session_after_card_removed_s)
+    except ValueError:
+        return float(LoginSettings().end_session_after_card_removed_s)
+
+
+def start_terminal(
+    agent: Agent,
+    config_path: Path,
+    terminal: str,
+    *,
+    backend: SmartCardBackend | None = None,
+    usb: UsbGuardConfig | None = None,
+    poll_s: float = 0.5,
+) -> TerminalAgent:
+    """Start the agent, then the session watch (real PC/SC unless a backend is given) and the USB guard."""
+    settings = load_login_settings(config_path)
+    if backend is None:
+        from drivers.smartcard import pcsc_backend
+
+        backend = pcsc_backend()
+    sessions = LoginSessions(agent.config.state_dir)
+    watcher = LoginSessionWatcher(
+        backend,
+        sessions,
+        agent.emit,
+        WatchSettings(
+            terminal=terminal, lock_command=settings.lock_command, end_command=settings.end_command, poll_s=poll_s
+        ),
+        end_after_s=lambda: _end_after(agent),
+    )
+    agent.start()
+    watcher.start()
+    attached = None
+    if usb is not None:
+        # The USB guard lends media to the person the login guard authenticated (nobody while locked).
+        attached = attach_usb_guard(agent, usb, session=watcher)
+        attached.start()
+    return TerminalAgent(agent, watcher, sessions, attached)
+
+
+def run_terminal(agent: Agent, config_path: Path, terminal: str, *, usb: UsbGuardConfig | None = None) -> None:
+    """Run a terminal agent until SIGINT or SIGTERM."""
+    import signal
+
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    running = start_terminal(agent, config_path, terminal, usb=usb)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        running.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
