@@ -14,7 +14,7 @@ from drivers.smartcard.protocol import CardEvent, SmartCardBackend
 
 log = logging.getLogger(__name__)
 
-Emit = Callable[[str, dict[str, Any]], None]
+Emit = Callable[[str, dict[str, Any]], object]
 
 DEFAULT_LOCK_COMMAND = ("loginctl", "lock-session", "{session}")
 DEFAULT_END_COMMAND = ("loginctl", "terminate-session", "{session}")

@@ -1,8 +1,8 @@
 """Demo traffic: people tap cards at doors and log in at terminals, as the agent's policy allows.
 
-This stands in for the login, USB and door capabilities until they land; it emits the same event
-types they will, through the real runtime (outbox, signing, MQTT), decided from the real cached
-policy bundle. Card identifiers are synthetic and only ever sent hashed and masked.
+Door visits stand in for the door capability in this module; logins run the real login decision
+(agents/sim/login_traffic.py). Everything goes through the real runtime (outbox, signing, MQTT),
+decided from the real cached policy bundle. Card identifiers are synthetic and only ever sent hashed and masked.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agents.runtime.agent import Agent
+from agents.sim.login_traffic import login_scene, terminal_login
 
 DEMO_SITE_KEY = b"demo-site-key"
 DEMO_CARD_UIDS = [f"DEMO-CARD-{i:04d}" for i in range(1, 7)]
@@ -97,26 +98,6 @@ def door_visit(agent: Agent, scene: Scene, rng: random.Random) -> None:
     agent.emit("door.closed", {"door": door["id"], "open_seconds": rng.randint(2, 25)})
 
 
-def terminal_session(agent: Agent, scene: Scene, rng: random.Random) -> None:
-    """Someone tries to log in at a terminal; sometimes the card is pulled and the session locks."""
-    terminal = rng.choice(scene.terminals)
-    uid = rng.choice(DEMO_CARD_UIDS)
-    card, reason = scene.identify(uid)
-    user = f"user{uid[-2:]}"
-    if reason is None and card is not None and card["person"] not in terminal.get("handlers", []):
-        reason = "not_designated_handler"
-    if reason is not None:
-        agent.emit("login.denied", {"terminal": terminal["id"], "user": user, "reason": reason})
-        return
-    assert card is not None
-    agent.emit(
-        "login.granted",
-        {"terminal": terminal["id"], "person": card["person"], "user": user, "methods": ["card", "fingerprint"]},
-    )
-    if rng.random() < 0.4:
-        agent.emit("session.locked", {"terminal": terminal["id"], "user": user, "cause": "card_removed"})
-
-
 def run_traffic(agent: Agent, stop: threading.Event, *, mean_interval_s: float, seed: int | None = None) -> None:
     """Emit demo traffic until stopped, waiting for a valid policy first (fail closed without one)."""
     rng = random.Random(seed)
@@ -126,7 +107,9 @@ def run_traffic(agent: Agent, stop: threading.Event, *, mean_interval_s: float, 
             stop.wait(1.0)
             continue
         scene = Scene.from_policy(bundle.bundle.policy)
-        actions = ([door_visit] if scene.doors else []) + ([terminal_session] if scene.terminals else [])
-        if actions:
-            rng.choice(actions)(agent, scene, rng)
+        logins = login_scene(bundle.bundle.policy, DEMO_CARD_UIDS)
+        if scene.doors and (logins is None or rng.random() < 0.5):
+            door_visit(agent, scene, rng)
+        elif logins is not None:
+            terminal_login(agent, logins, rng, stop)
         stop.wait(rng.expovariate(1 / mean_interval_s))
