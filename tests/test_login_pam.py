@@ -244,7 +244,8 @@ def make_terminal(pki: Path, base: Path, *, login_toml: str, simulated: bool = T
 @pytest.fixture(scope="module")
 def terminal(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Terminal]:
     """A terminal whose card and finger are simulated, scripted per test by a scenario file."""
-    with make_terminal(pki, tmp_path_factory.mktemp("login"), login_toml="simulation_allowed = true\n") as t:
+    toml = 'simulation_allowed = true\ndesktop_notice_file = "run/notice.txt"\n'
+    with make_terminal(pki, tmp_path_factory.mktemp("login"), login_toml=toml) as t:
         yield t
 
 
@@ -417,6 +418,10 @@ def test_session_open_and_logout_are_recorded(login: Terminal) -> None:
         # The running agent watches this reader for the card's removal (agents/login/watch.py).
         assert (session.user, session.person, session.state, session.card) == ("alice", "p-alice", "open", "c-alice")
         assert session.reader
+        # The desktop's autostart entry shows the same notice (deploy/desktop/sekisho-notice.desktop).
+        notice_file = login.dir / "run" / "notice.txt"
+        assert notice_file.read_text().strip() in login.policy_doc()["login"]["notices"]
+        assert notice_file.stat().st_mode & 0o777 == 0o644
         before = login.event_count()
         assert login.pamtester("alice", "close_session").returncode == 0
         assert registry.active() == []

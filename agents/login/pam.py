@@ -55,6 +55,7 @@ from drivers.smartcard import (
 )
 from protocol import errors, signing, timefmt
 from protocol.policy import Card, SitePolicy
+from sekisho.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,13 @@ class LoginAgentSettings(BaseModel):
         min_length=1,
         description="run (no shell) when the login card leaves; {session} and {user} are substituted",
     )
-    end_command: list[str] | None = Field(
+    end_command: list[str] = Field(
         default_factory=lambda: list(DEFAULT_END_COMMAND),
-        description="run when the card stays away past the policy's end_session_after_card_removed_s; null: never",
+        description="run when the card stays away past the policy's end_session_after_card_removed_s; []: never",
+    )
+    desktop_notice_file: Path | None = Field(
+        default=None,
+        description="open_session writes the notice of the day here (world-readable) for the desktop to show",
     )
     simulation_allowed: bool = Field(
         default=False, description=f"honour {SIMULATION_ENV} (tests and the demo only; never on a real terminal)"
@@ -108,8 +113,10 @@ def load_login_settings(agent_toml: Path) -> LoginAgentSettings:
         settings = LoginAgentSettings(**data)
     except (OSError, tomllib.TOMLDecodeError, ValidationError, TypeError) as err:
         raise LoginSetupError(f"invalid {path}: {err}") from err
-    if settings.site_key_file is not None and not settings.site_key_file.is_absolute():
-        settings = settings.model_copy(update={"site_key_file": path.parent / settings.site_key_file})
+    for name in ("site_key_file", "desktop_notice_file"):
+        value = getattr(settings, name)
+        if value is not None and not value.is_absolute():
+            settings = settings.model_copy(update={name: path.parent / value})
     return settings
 
 
@@ -448,6 +455,11 @@ class PamHelper:
         if notice is None:
             return
         print(f"{bilingual('notice_heading').splitlines()[0]}\n{notice}", file=self.out, flush=True)
+        target = load_login_settings(self.config_path).desktop_notice_file
+        if target is not None:
+            # The notice is public text; the policy it comes from stays in the private state directory.
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(target, f"{notice}\n".encode(), mode=0o644)
         payload: dict[str, Any] = {
             "terminal": self.terminal,
             "user": _event_user(request.user),

@@ -72,7 +72,10 @@ def start_terminal(
         sessions,
         agent.emit,
         WatchSettings(
-            terminal=terminal, lock_command=settings.lock_command, end_command=settings.end_command, poll_s=poll_s
+            terminal=terminal,
+            lock_command=settings.lock_command,
+            end_command=settings.end_command or None,
+            poll_s=poll_s,
         ),
         end_after_s=lambda: _end_after(agent),
     )
