@@ -9,7 +9,7 @@ import signal
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import paho.mqtt.client as mqtt
 import typer
@@ -121,8 +121,6 @@ def send_command(
     save_to: Annotated[Path | None, typer.Option(help="also write the signed message here (audits, drills)")] = None,
 ) -> None:
     """Sign a single-use, expiring command for one agent, record it, and publish it."""
-    from controller.service import open_store
-
     cfg = cli_config(config)
     try:
         parsed = json.loads(args)
@@ -132,16 +130,35 @@ def send_command(
     if not isinstance(parsed, dict):
         err_console.print("[red]--args must be a JSON object[/red]")
         raise typer.Exit(2)
+    try:
+        issue_command(cfg, agent_id, name, parsed, lifetime_s=lifetime_s, save_to=save_to)
+    except (ConnectionError, OSError, RuntimeError) as err:
+        err_console.print(f"[red]could not publish the command:[/red] {err}")
+        raise typer.Exit(1) from err
+
+
+def issue_command(
+    cfg: ControllerConfig,
+    agent_id: str,
+    name: str,
+    args: dict[str, Any],
+    *,
+    lifetime_s: int = 60,
+    save_to: Path | None = None,
+) -> str:
+    """Sign, record and publish one command; return its id (raises OSError/ConnectionError if unpublished)."""
+    from controller.service import open_store
+
     key = signing.load_private_key(cfg.signing_key)
     command_id, raw = messages.build_command(
-        key, agent=topics.check_agent_id(agent_id), name=name, args=parsed, lifetime=timedelta(seconds=lifetime_s)
+        key, agent=topics.check_agent_id(agent_id), name=name, args=args, lifetime=timedelta(seconds=lifetime_s)
     )
     cmd = messages.open_command(raw, key.public_key(), agent_id)
     open_store(cfg).add_issued_command(
         command_id=command_id,
         agent_id=agent_id,
         name=name,
-        args=parsed,
+        args=args,
         issued_at=cmd.issued_at,
         expires_at=cmd.expires_at,
         nonce=cmd.command.nonce,
@@ -153,13 +170,11 @@ def send_command(
         connect_blocking(client, cfg, persistent=False, timeout=5)
         info = client.publish(topics.topic(agent_id, topics.COMMANDS), raw, qos=1)
         info.wait_for_publish(10)
-    except (ConnectionError, OSError, RuntimeError) as err:
-        err_console.print(f"[red]could not publish the command:[/red] {err}")
-        raise typer.Exit(1) from err
     finally:
         client.disconnect()
         client.loop_stop()
     console.print(f"sent {name} to {agent_id} (id {command_id}, expires {cmd.command.expires_at})")
+    return command_id
 
 
 def publish_now(cfg: ControllerConfig, bundles: dict[str, bytes], *, purpose: str = "policy-cli") -> bool:

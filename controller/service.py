@@ -16,6 +16,9 @@ import uvicorn
 from controller.api.app import create_app
 from controller.api.deps import AppState
 from controller.config import ControllerConfig
+from controller.doors.jobs import DoorRegisterKeeper
+from controller.doors.projector import DoorProjector
+from controller.doors.registers import DoorRegisters
 from controller.ingest.worker import IngestWorker
 from controller.media.overdue import OverdueWatch
 from controller.media.service import MediaService
@@ -99,6 +102,8 @@ class Controller:
         self.worker = IngestWorker(config, self.store, on_heartbeat=self._on_heartbeat)
         self.keeper = PolicyKeeper(config, self.store, self.worker) if with_policy else None
         self.overdue = OverdueWatch(MediaService(self.store, self.keeper.service)) if self.keeper else None
+        # The registers follow the events table, whichever worker stored them (see controller.doors.jobs).
+        self.doors = DoorRegisterKeeper(DoorProjector(self.store), DoorRegisters(self.store)) if with_policy else None
 
     def _on_heartbeat(self, hb: messages.Heartbeat) -> None:
         if self.keeper is not None:
@@ -111,9 +116,13 @@ class Controller:
             self.keeper.start()
         if self.overdue is not None:
             self.overdue.start()
+        if self.doors is not None:
+            self.doors.start()
 
     def stop(self) -> None:
         """Stop cleanly: finish the batch in hand, then disconnect."""
+        if self.doors is not None:
+            self.doors.stop()
         if self.overdue is not None:
             self.overdue.stop()
         if self.keeper is not None:

@@ -7,6 +7,7 @@ import typer
 from agents.runtime.cli import app as agent_app
 from agents.usb.rules.cli import app as usb_app
 from controller.cli import controller_app, policy_app, records_app
+from controller.doors.cli import app as doors_app
 from controller.media.cli import app as media_app
 from deploy.cli import app as pki_app
 from sekisho.bench import bench_app
@@ -24,6 +25,7 @@ app.add_typer(controller_app, name="controller")
 app.add_typer(policy_app, name="policy")
 app.add_typer(records_app, name="records")
 app.add_typer(media_app, name="media")
+app.add_typer(doors_app, name="doors")
 app.add_typer(usb_app, name="usb", help="USB media guard tools (rule import).")
 app.add_typer(bench_app, name="bench")
 app.command("demo")(demo)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, FastAPI, Query, Response, status
 from sqlalchemy import text
 
 from controller.api.deps import AppState, AuthDep, StateDep
+from controller.api.doors import routers as door_routers
 from controller.api.media import media
 from controller.api.schemas import AgentPublic, DeadLetterPublic, EventPage, EventPublic, FindingPublic, Health
 from protocol import signing
@@ -115,4 +116,6 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(health)
     app.include_router(records)
     app.include_router(media)
+    for router in door_routers:
+        app.include_router(router)
     return app

@@ -243,3 +243,119 @@ class LoanLogEntry(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime)
     version: Mapped[int] = mapped_column(Integer)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+# --- door registers (controller.doors): derived from the events table, rebuilt by `sekisho doors rebuild` ----------
+
+
+class ProjectionCursor(Base):
+    """How far a projection has read the events table (the last events.id it applied)."""
+
+    __tablename__ = "projection_cursors"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    position: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class KeyLoan(Base):
+    """One line of the key-lending register (鍵貸出管理簿): a key taken from a cabinet slot and its return.
+
+    The id is the events.id of the event that opened the line (the key.taken, or a lone key.returned),
+    so a rebuild from the events gives every line its old id back.
+    """
+
+    __tablename__ = "key_loans"
+    __table_args__ = (
+        Index(None, "cabinet", "key", "taken_at"),
+        Index(None, "person", "taken_at"),
+        Index(None, "returned_at", "due_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    agent_id: Mapped[str] = mapped_column(String(64))
+    cabinet: Mapped[str] = mapped_column(String(64))
+    slot: Mapped[int | None] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(64))
+    person: Mapped[str | None] = mapped_column(String(64))
+    taken_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    returned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    returned_by: Mapped[str | None] = mapped_column(String(64))
+    returned_slot: Mapped[int | None] = mapped_column(Integer)
+    wrong_slot: Mapped[bool] = mapped_column(Boolean, default=False)
+    return_only: Mapped[bool] = mapped_column(Boolean, default=False)
+    taken_event_id: Mapped[str | None] = mapped_column(String(32), unique=True)
+    returned_event_id: Mapped[str | None] = mapped_column(String(32), unique=True)
+    overdue_finding_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class DoorLogEntry(Base):
+    """One door event of interest (grant, denial, opening, closing, alarm, unlock, mode change); id = events.id."""
+
+    __tablename__ = "door_log"
+    __table_args__ = (
+        Index(None, "door", "occurred_at"),
+        Index(None, "door_kind", "occurred_at"),
+        Index(None, "person", "occurred_at"),
+        Index(None, "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    event_id: Mapped[str] = mapped_column(String(32), unique=True)
+    agent_id: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(64))
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    door: Mapped[str] = mapped_column(String(64))
+    door_kind: Mapped[str | None] = mapped_column(String(16))
+    area: Mapped[str | None] = mapped_column(String(64))
+    person: Mapped[str | None] = mapped_column(String(64))
+    card_masked: Mapped[str | None] = mapped_column(String(32))
+    reader: Mapped[str | None] = mapped_column(String(64))
+    direction: Mapped[str | None] = mapped_column(String(8))
+    reason: Mapped[str | None] = mapped_column(String(200))
+    detail: Mapped[str | None] = mapped_column(Text)
+    visitor: Mapped[bool] = mapped_column(Boolean, default=False)
+    escort: Mapped[str | None] = mapped_column(String(64))
+    second_person: Mapped[str | None] = mapped_column(String(64))
+    slot: Mapped[int | None] = mapped_column(Integer)
+    passback: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class AreaPresence(Base):
+    """Where one person is in one area: inside since entered_at, or out since exited_at (its latest movement)."""
+
+    __tablename__ = "area_presence"
+    __table_args__ = (Index(None, "area", "inside"),)
+
+    area: Mapped[str] = mapped_column(String(64), primary_key=True)
+    person: Mapped[str] = mapped_column(String(64), primary_key=True)
+    inside: Mapped[bool] = mapped_column(Boolean)
+    entered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    exited_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    door: Mapped[str] = mapped_column(String(64))
+    visitor: Mapped[bool] = mapped_column(Boolean, default=False)
+    escort: Mapped[str | None] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(String(32))
+
+
+class Visit(Base):
+    """One visit of the visitor log (来訪者記録): a visitor, the escort, the area, in and out; id = events.id."""
+
+    __tablename__ = "visits"
+    __table_args__ = (
+        Index(None, "visitor", "entered_at"),
+        Index(None, "area", "exited_at"),
+        Index(None, "entered_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    agent_id: Mapped[str] = mapped_column(String(64))
+    visitor: Mapped[str] = mapped_column(String(64))
+    escort: Mapped[str | None] = mapped_column(String(64))
+    area: Mapped[str] = mapped_column(String(64))
+    entered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    exited_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    doors: Mapped[list[str]] = mapped_column(JSON)
+    entry_event_id: Mapped[str | None] = mapped_column(String(32), unique=True)
+    exit_event_id: Mapped[str | None] = mapped_column(String(32), unique=True)

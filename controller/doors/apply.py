@@ -1,0 +1,391 @@
+"""How one stored door or key event changes the door registers.
+
+Every change here is safe to repeat: re-applying an event that was already applied finds its own trace
+(its event id in a register row, or a movement at the same time) and changes nothing. Times are the
+agent's occurred_at, never the arrival time, so events that come late (an agent was offline) are
+judged against what is already known to have happened after them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from controller.store.models import AreaPresence, DoorLogEntry, Finding, KeyLoan, Visit
+from protocol import timefmt
+from protocol.policy import Door, SitePolicy
+
+_LOANS = cast(Table, KeyLoan.__table__)
+_LOG = cast(Table, DoorLogEntry.__table__)
+_PRESENCE = cast(Table, AreaPresence.__table__)
+_VISITS = cast(Table, Visit.__table__)
+_FINDINGS = cast(Table, Finding.__table__)
+
+# The door log keeps what a reviewer reads; door.locked (after every close) and pending steps are noise.
+LOG_TYPES = frozenset(
+    {
+        "door.access_granted",
+        "door.access_denied",
+        "door.opened",
+        "door.closed",
+        "door.alarm",
+        "door.alarm_cleared",
+        "door.unlocked",
+        "door.mode_changed",
+    }
+)
+KEY_TYPES = frozenset({"key.taken", "key.returned"})
+PROJECTED_TYPES = LOG_TYPES | KEY_TYPES
+
+
+@dataclass(frozen=True)
+class SiteView:
+    """What the projection takes from the policy in force: doors, which key lives in which slot, visitors."""
+
+    doors: dict[str, Door]
+    slot_keys: dict[tuple[str, int], str]
+    visitors: frozenset[str]
+
+    @classmethod
+    def of(cls, policy: SitePolicy | None) -> SiteView:
+        """Index a site policy (None: nothing known, events are still projected from their own fields)."""
+        if policy is None:
+            return cls({}, {}, frozenset())
+        return cls(
+            doors={d.id: d for d in policy.doors},
+            slot_keys={(c.door, s.index): s.key for c in policy.key_cabinets for s in c.slots},
+            visitors=frozenset(p.id for p in policy.people if "visitor" in p.roles),
+        )
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """The columns of a stored event that the projection reads."""
+
+    id: int
+    agent_id: str
+    event_id: str
+    type: str
+    occurred_at: datetime
+    payload: dict[str, Any]
+
+
+def apply_event(conn: Connection, site: SiteView, event: StoredEvent) -> None:
+    """Bring the registers up to date with one stored event (inside the caller's transaction)."""
+    if event.type in LOG_TYPES:
+        _log(conn, site, event)
+        if event.type == "door.access_granted":
+            _movement(conn, site, event)
+    elif event.type == "key.taken":
+        _key_taken(conn, event)
+    elif event.type == "key.returned":
+        _key_returned(conn, site, event)
+
+
+def _insert_ignoring_duplicates(conn: Connection, table: Table, values: dict[str, Any]) -> None:
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    conn.execute(dialect_insert(table).values(**values).on_conflict_do_nothing())
+
+
+# --- the door log ----------------------------------------------------------------------------------
+
+
+def _log(conn: Connection, site: SiteView, event: StoredEvent) -> None:
+    p = event.payload
+    door = site.doors.get(p["door"])
+    reason: str | None = None
+    detail: str | None = p.get("detail") or None
+    person = p.get("person")
+    if event.type == "door.access_granted":
+        reason = p.get("rule")
+    elif event.type == "door.access_denied":
+        reason = p.get("reason")
+    elif event.type in ("door.alarm", "door.alarm_cleared"):
+        reason = p.get("alarm")
+    elif event.type == "door.unlocked":
+        reason = p.get("cause")
+        person = p.get("requested_by")
+    elif event.type == "door.mode_changed":
+        reason = p.get("mode")
+        detail = f"previous: {p.get('previous')}"
+    elif event.type == "door.opened":
+        reason = "forced" if p.get("forced") else None
+    elif event.type == "door.closed":
+        detail = f"open_seconds: {p.get('open_seconds')}"
+    _insert_ignoring_duplicates(
+        conn,
+        _LOG,
+        {
+            "id": event.id,
+            "event_id": event.event_id,
+            "agent_id": event.agent_id,
+            "type": event.type,
+            "occurred_at": event.occurred_at,
+            "door": p["door"],
+            "door_kind": door.kind if door else None,
+            "area": p.get("area") or (door.area if door else None),
+            "person": person,
+            "card_masked": p.get("card_masked"),
+            "reader": p.get("reader"),
+            "direction": p.get("direction"),
+            "reason": reason,
+            "detail": detail,
+            "visitor": bool(p.get("visitor")) or (person is not None and person in site.visitors),
+            "escort": p.get("escort"),
+            "second_person": p.get("second_person"),
+            "slot": p.get("slot"),
+            "passback": bool(p.get("passback")),
+        },
+    )
+
+
+# --- entry and exit: who is inside, visits ---------------------------------------------------------
+
+
+def _movement(conn: Connection, site: SiteView, event: StoredEvent) -> None:
+    p = event.payload
+    direction = p.get("direction")
+    if direction not in ("entry", "exit"):
+        return  # "both" readers (lockers, cabinets, single-reader doors) open a door; nobody changes area
+    door = site.doors.get(p["door"])
+    # A door no longer in the policy still counts: its reader said entry or exit when it happened.
+    if door is not None and door.kind != "room":
+        return
+    area = p.get("area") or (door.area if door else None)
+    if area is None:
+        return
+    person, entering = p["person"], direction == "entry"
+    visitor = bool(p.get("visitor")) or person in site.visitors
+    _presence(conn, event, area, person, entering, visitor, p.get("escort"))
+    if visitor:
+        _visit(conn, event, area, person, entering)
+    second = p.get("second_person")
+    if second and second != person:
+        # A two-person grant lets both through. Should the agent also record the other person's own
+        # grant, that second movement in the same direction moments later changes nothing that matters.
+        second_is_visitor = second in site.visitors
+        _presence(conn, event, area, second, entering, second_is_visitor, person if second_is_visitor else None)
+
+
+def _presence(
+    conn: Connection,
+    event: StoredEvent,
+    area: str,
+    person: str,
+    entering: bool,
+    visitor: bool,
+    escort: str | None,
+) -> None:
+    when = event.occurred_at
+    row = conn.execute(
+        select(_PRESENCE).where(_PRESENCE.c.area == area, _PRESENCE.c.person == person).with_for_update()
+    ).first()
+    values: dict[str, Any] = {
+        "inside": entering,
+        "door": event.payload["door"],
+        "visitor": visitor,
+        "event_id": event.event_id,
+    }
+    if entering:
+        values.update(entered_at=when, exited_at=None, escort=escort)
+    else:
+        values["exited_at"] = when
+    if row is None:
+        conn.execute(insert(_PRESENCE).values(area=area, person=person, **{"entered_at": None, **values}))
+        return
+    latest = max(moment for moment in (row.entered_at, row.exited_at) if moment is not None)
+    if when <= latest:
+        # Older than the movement on record (or that movement itself): it happened, it is in the door
+        # log, but it says nothing about where the person is now.
+        return
+    conn.execute(update(_PRESENCE).where(_PRESENCE.c.area == area, _PRESENCE.c.person == person).values(**values))
+
+
+def _visit(conn: Connection, event: StoredEvent, area: str, visitor: str, entering: bool) -> None:
+    when, door = event.occurred_at, event.payload["door"]
+    escort = event.payload.get("escort")
+    mine = (_VISITS.c.visitor == visitor, _VISITS.c.area == area)
+    if entering:
+        if conn.execute(select(_VISITS.c.id).where(_VISITS.c.entry_event_id == event.event_id)).first():
+            return
+        # An exit already on record without its entry (the entry arrived late) becomes this visit's end.
+        lone = conn.execute(
+            select(_VISITS)
+            .where(*mine, _VISITS.c.entry_event_id.is_(None), _VISITS.c.exited_at >= when)
+            .order_by(_VISITS.c.exited_at, _VISITS.c.id)
+            .limit(1)
+            .with_for_update()
+        ).first()
+        if lone is not None:
+            conn.execute(
+                update(_VISITS)
+                .where(_VISITS.c.id == lone.id)
+                .values(
+                    entered_at=when,
+                    entry_event_id=event.event_id,
+                    escort=escort or lone.escort,
+                    doors=[door, *lone.doors],
+                )
+            )
+            return
+        conn.execute(
+            insert(_VISITS).values(
+                id=event.id,
+                agent_id=event.agent_id,
+                visitor=visitor,
+                escort=escort,
+                area=area,
+                entered_at=when,
+                exited_at=None,
+                doors=[door],
+                entry_event_id=event.event_id,
+                exit_event_id=None,
+            )
+        )
+        return
+    if conn.execute(select(_VISITS.c.id).where(_VISITS.c.exit_event_id == event.event_id)).first():
+        return
+    # The exit ends the latest visit that began before it and has no end yet.
+    open_visit = conn.execute(
+        select(_VISITS)
+        .where(*mine, _VISITS.c.exited_at.is_(None), _VISITS.c.entered_at < when)
+        .order_by(_VISITS.c.entered_at.desc(), _VISITS.c.id.desc())
+        .limit(1)
+        .with_for_update()
+    ).first()
+    if open_visit is not None:
+        conn.execute(
+            update(_VISITS)
+            .where(_VISITS.c.id == open_visit.id)
+            .values(exited_at=when, exit_event_id=event.event_id, doors=[*open_visit.doors, door])
+        )
+        return
+    conn.execute(
+        insert(_VISITS).values(
+            id=event.id,
+            agent_id=event.agent_id,
+            visitor=visitor,
+            escort=escort,
+            area=area,
+            entered_at=None,
+            exited_at=when,
+            doors=[door],
+            entry_event_id=None,
+            exit_event_id=event.event_id,
+        )
+    )
+
+
+# --- the key-lending register ----------------------------------------------------------------------
+
+
+def _key_taken(conn: Connection, event: StoredEvent) -> None:
+    if conn.execute(select(_LOANS.c.id).where(_LOANS.c.taken_event_id == event.event_id)).first():
+        return
+    p = event.payload
+    when = event.occurred_at
+    taken = {
+        "slot": p["slot"],
+        "person": p["person"],
+        "taken_at": when,
+        "due_at": datetime.fromisoformat(p["due_at"]),
+        "taken_event_id": event.event_id,
+        "return_only": False,
+    }
+    # A return already on record without its loan (the taking arrived late) completes this loan.
+    lone = conn.execute(
+        select(_LOANS.c.id)
+        .where(
+            _LOANS.c.cabinet == p["door"],
+            _LOANS.c.key == p["key"],
+            _LOANS.c.taken_event_id.is_(None),
+            _LOANS.c.returned_at >= when,
+        )
+        .order_by(_LOANS.c.returned_at, _LOANS.c.id)
+        .limit(1)
+        .with_for_update()
+    ).first()
+    if lone is not None:
+        conn.execute(update(_LOANS).where(_LOANS.c.id == lone.id).values(**taken))
+        return
+    conn.execute(
+        insert(_LOANS).values(
+            id=event.id,
+            agent_id=event.agent_id,
+            cabinet=p["door"],
+            key=p["key"],
+            returned_at=None,
+            returned_by=None,
+            returned_slot=None,
+            wrong_slot=False,
+            returned_event_id=None,
+            overdue_finding_id=None,
+            **taken,
+        )
+    )
+
+
+def _key_returned(conn: Connection, site: SiteView, event: StoredEvent) -> None:
+    if conn.execute(select(_LOANS.c.id).where(_LOANS.c.returned_event_id == event.event_id)).first():
+        return
+    p = event.payload
+    when, cabinet, slot = event.occurred_at, p["door"], p["slot"]
+    wrong_slot = bool(p.get("wrong_slot"))
+    # A key put into another key's slot fills that slot: the loan it closes is that slot's key's.
+    key = (site.slot_keys.get((cabinet, slot)) if wrong_slot else None) or p["key"]
+    returned = {
+        "returned_at": when,
+        "returned_by": p.get("person"),
+        "returned_slot": slot,
+        "wrong_slot": wrong_slot,
+        "returned_event_id": event.event_id,
+    }
+    loan = conn.execute(
+        select(_LOANS.c.id, _LOANS.c.overdue_finding_id)
+        .where(
+            _LOANS.c.cabinet == cabinet,
+            _LOANS.c.key == key,
+            _LOANS.c.returned_at.is_(None),
+            _LOANS.c.taken_at <= when,
+        )
+        .order_by(_LOANS.c.taken_at.desc(), _LOANS.c.id.desc())
+        .limit(1)
+        .with_for_update()
+    ).first()
+    if loan is None:
+        conn.execute(
+            insert(_LOANS).values(
+                id=event.id,
+                agent_id=event.agent_id,
+                cabinet=cabinet,
+                slot=None,
+                key=key,
+                person=None,
+                taken_at=None,
+                due_at=None,
+                return_only=True,
+                taken_event_id=None,
+                overdue_finding_id=None,
+                **returned,
+            )
+        )
+        return
+    conn.execute(update(_LOANS).where(_LOANS.c.id == loan.id).values(**returned))
+    if loan.overdue_finding_id is not None:
+        resolve_overdue_finding(conn, loan.overdue_finding_id, when, p.get("person"))
+
+
+def resolve_overdue_finding(conn: Connection, finding_id: int, returned_at: datetime, by: str | None) -> None:
+    """Mark a key loan's overdue finding resolved by the key's return (no-op if already resolved)."""
+    conn.execute(
+        update(_FINDINGS)
+        .where(_FINDINGS.c.id == finding_id, _FINDINGS.c.resolved_at.is_(None))
+        .values(
+            resolved_at=timefmt.now(),
+            resolution=f"key returned {timefmt.fmt(returned_at)} by {by or 'unknown'}",
+        )
+    )

@@ -1,0 +1,369 @@
+"""`sekisho doors …`: the key-lending register, door and locker log, who is inside, visits, and door commands."""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Protocol, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.exc import DBAPIError
+
+from controller.cli import cli_config, issue_command
+from controller.config import ControllerConfig
+from controller.doors import commands
+from controller.doors.commands import DoorCommand, TargetError
+from controller.doors.projector import DoorProjector
+from controller.doors.registers import DoorKind, DoorRegisters, loan_state
+from controller.media.cli import jst, parse_when
+from controller.media.service import JST
+from controller.store.store import Store
+from protocol import timefmt
+from protocol.policy import SitePolicy
+
+console = Console()
+err_console = Console(stderr=True)
+app = typer.Typer(
+    help="鍵貸出管理簿・入退室記録・来訪者記録と扉の遠隔操作 / Key loans, door log, presence, visits, door commands.",
+    no_args_is_help=True,
+)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
+LifetimeOpt = Annotated[int, typer.Option(min=1, max=600, help="seconds until the command expires")]
+DoorsOpt = Annotated[list[str] | None, typer.Option("--door", help="door id (repeatable)")]
+AreaOpt = Annotated[str | None, typer.Option("--area", help="every door of this area")]
+AllOpt = Annotated[bool, typer.Option("--all", help="every door of the site")]
+
+_PAGE = 1000
+
+_LOAN_LABELS = {
+    "open": "貸出中 / out",
+    "overdue": "[red]延滞 / overdue[/red]",
+    "returned": "返却済 / returned",
+    "return_only": "[yellow]貸出記録なしの返却 / return without loan[/yellow]",
+}
+
+
+def _open(config: Path) -> tuple[ControllerConfig, Store]:
+    from controller.service import open_store
+
+    cfg = cli_config(config)
+    return cfg, open_store(cfg)
+
+
+def _caught_up(config: Path) -> DoorRegisters:
+    """Open the registers after projecting what was stored since (the running controller does it every second)."""
+    _, store = _open(config)
+    try:
+        DoorProjector(store).run()
+    except DBAPIError as err:
+        # Showing the registers as they are beats showing nothing; say that they may lag.
+        err_console.print(
+            f"[yellow]台帳を最新にできませんでした / could not bring the registers up to date: {err}[/yellow]"
+        )
+    return DoorRegisters(store)
+
+
+class _Row(Protocol):
+    id: int
+
+
+R = TypeVar("R", bound=_Row)
+
+
+def _every(fetch: Callable[[int | None], list[R]]) -> list[R]:
+    """Read every page of a register query (fetch takes after_id and returns at most _PAGE rows)."""
+    rows: list[R] = []
+    after: int | None = None
+    while True:
+        page = fetch(after)
+        rows.extend(page)
+        if len(page) < _PAGE:
+            return rows
+        after = page[-1].id
+
+
+def _policy(store: Store) -> SitePolicy:
+    row = store.current_policy_version()
+    if row is None:
+        err_console.print("[red]✗[/red] ポリシーが未適用です / no site policy applied yet (sekisho policy apply)")
+        raise typer.Exit(1)
+    return SitePolicy.model_validate(row.document)
+
+
+@app.command("keys")
+def keys(
+    config: ConfigOpt,
+    open_: Annotated[bool, typer.Option("--open", help="only keys not yet returned")] = False,
+    overdue: Annotated[bool, typer.Option("--overdue", help="only keys out past their due time")] = False,
+    person: Annotated[str | None, typer.Option(help="only this borrower")] = None,
+    key: Annotated[str | None, typer.Option(help="only this key")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="show at most this many, the latest")] = 500,
+) -> None:
+    """Show the key-lending register (鍵貸出管理簿)."""
+    registers = _caught_up(config)
+    now = timefmt.now()
+    table = Table(
+        "No.",
+        "保管庫 / cabinet",
+        "スロット / slot",
+        "鍵 / key",
+        "借用者 / borrower",
+        "貸出 / taken (JST)",
+        "返却予定 / due (JST)",
+        "返却 / returned (JST)",
+        "返却者 / by",
+        "状態 / state",
+        title="鍵貸出管理簿 / Key-lending register",
+    )
+    loans = _every(
+        lambda after: registers.loans(
+            open_=True if open_ else None,
+            overdue=True if overdue else None,
+            person=person,
+            key=key,
+            after_id=after,
+            limit=_PAGE,
+            now=now,
+        )
+    )
+    for loan in loans[-limit:]:
+        state = _LOAN_LABELS[loan_state(loan, now)]
+        if loan.wrong_slot:
+            state += f" [yellow]別スロットへ返却 / wrong slot {loan.returned_slot}[/yellow]"
+        table.add_row(
+            str(loan.id),
+            loan.cabinet,
+            "—" if loan.slot is None else str(loan.slot),
+            loan.key,
+            loan.person or "—",
+            jst(loan.taken_at),
+            jst(loan.due_at),
+            jst(loan.returned_at),
+            loan.returned_by or "—",
+            state,
+        )
+    console.print(table)
+
+
+@app.command("log")
+def door_log(
+    config: ConfigOpt,
+    door: Annotated[str | None, typer.Option(help="only this door")] = None,
+    kind: Annotated[DoorKind | None, typer.Option(help="room, locker (the locker log) or key_cabinet")] = None,
+    person: Annotated[str | None, typer.Option(help="only this person")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="from this time, ISO 8601 (JST if no offset; default: 7 days ago)")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="before this time, ISO 8601 (JST if no offset)")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="show at most this many, the latest")] = 200,
+) -> None:
+    """Show the door log (入退室・ロッカー記録): grants, denials, openings, alarms, unlocks, mode changes."""
+    start = parse_when(since) if since else timefmt.now() - timedelta(days=7)
+    end = parse_when(until) if until else None
+    registers = _caught_up(config)
+    rows = _every(
+        lambda after: registers.log(
+            door=door, kind=kind, person=person, since=start, until=end, after_id=after, limit=_PAGE
+        )
+    )
+    # Paged in arrival order; a register reads in the order things happened.
+    rows.sort(key=lambda r: (r.occurred_at, r.id))
+    table = Table(
+        "時刻 / at (JST)",
+        "扉 / door",
+        "種別 / kind",
+        "出来事 / event",
+        "人 / person",
+        "方向 / dir",
+        "理由 / reason",
+        "同行 / escort",
+        title="扉の記録 / Door log",
+    )
+    for row in rows[-limit:]:
+        who = row.person or row.card_masked or "—"
+        if row.visitor:
+            who += " (来訪者 / visitor)"
+        if row.second_person:
+            who += f" + {row.second_person}"
+        table.add_row(
+            f"{row.occurred_at.astimezone(JST):%Y-%m-%d %H:%M:%S}",
+            row.door,
+            row.door_kind or "?",
+            row.type.removeprefix("door."),
+            who,
+            row.direction or "—",
+            row.reason or "—",
+            row.escort or "—",
+        )
+    console.print(table)
+
+
+@app.command("inside")
+def inside(
+    config: ConfigOpt,
+    area: Annotated[str | None, typer.Argument(help="only this area")] = None,
+) -> None:
+    """Show who is inside each controlled area now (在室者)."""
+    registers = _caught_up(config)
+    table = Table(
+        "区域 / area",
+        "人 / person",
+        "入室 / since (JST)",
+        "扉 / via",
+        "来訪者 / visitor",
+        "同行 / escort",
+        title="在室者 / Inside now",
+    )
+    rows = registers.inside(area)
+    for row in rows:
+        table.add_row(
+            row.area, row.person, jst(row.entered_at), row.door, "yes" if row.visitor else "—", row.escort or "—"
+        )
+    console.print(table)
+    console.print(f"{len(rows)} 名 / {len(rows)} person(s)")
+
+
+@app.command("visits")
+def visits(
+    config: ConfigOpt,
+    open_: Annotated[bool, typer.Option("--open", help="only visitors not yet out")] = False,
+    since: Annotated[str | None, typer.Option(help="visits going on at or after this time (JST if no offset)")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="show at most this many, the latest")] = 500,
+) -> None:
+    """Show the visitor log (来訪者記録) with escorts."""
+    registers = _caught_up(config)
+    table = Table(
+        "No.",
+        "来訪者 / visitor",
+        "同行者 / escort",
+        "区域 / area",
+        "入室 / in (JST)",
+        "退室 / out (JST)",
+        "扉 / doors",
+        title="来訪者記録 / Visitor log",
+    )
+    start = parse_when(since) if since else None
+    rows = _every(
+        lambda after: registers.visits(open_=True if open_ else None, since=start, after_id=after, limit=_PAGE)
+    )
+    for row in rows[-limit:]:
+        table.add_row(
+            str(row.id),
+            row.visitor,
+            row.escort or "[yellow]—[/yellow]",
+            row.area,
+            jst(row.entered_at),
+            jst(row.exited_at),
+            ", ".join(row.doors),
+        )
+    console.print(table)
+
+
+@app.command("rebuild")
+def rebuild(config: ConfigOpt) -> None:
+    """Rebuild every door register from the stored events (one transaction; ingest waits on SQLite)."""
+    _, store = _open(config)
+    count = DoorProjector(store).rebuild()
+    console.print(f"再構築しました / rebuilt the door registers from {count} door and key event(s)")
+
+
+@app.command("check-overdue")
+def check_overdue(config: ConfigOpt) -> None:
+    """Raise a finding for every overdue key that has none yet (the running controller does this every minute)."""
+    registers = _caught_up(config)
+    created = registers.check_overdue()
+    overdue = _every(lambda after: registers.loans(overdue=True, after_id=after, limit=_PAGE))
+    for loan in overdue:
+        console.print(
+            f"延滞 / overdue: {loan.key} ({loan.cabinet} slot {loan.slot}) → {loan.person}, due {jst(loan.due_at)}"
+        )
+    console.print(
+        f"延滞 {len(overdue)} 件、新規の指摘 {len(created)} 件 / {len(overdue)} overdue, {len(created)} new finding(s)"
+    )
+
+
+# --- remote commands: signed, expiring, single-use, through `sekisho controller send-command` ----------------
+
+
+def _send(config: Path, built: list[DoorCommand], lifetime_s: int) -> None:
+    """Sign, record and publish each command as send-command does; go on past an agent that fails."""
+    cfg = cli_config(config)
+    failed = []
+    for command in built:
+        try:
+            issue_command(cfg, command.agent, command.name, command.args, lifetime_s=lifetime_s)
+        except (ConnectionError, OSError, RuntimeError) as err:
+            err_console.print(f"[red]✗[/red] {command.agent}: {err}")
+            failed.append(command.agent)
+    if failed:
+        err_console.print(f"[red]✗[/red] 送れませんでした / not sent to: {', '.join(failed)}")
+        raise typer.Exit(1)
+
+
+def _targets(config: Path, build: Callable[[SitePolicy], list[DoorCommand]]) -> list[DoorCommand]:
+    _, store = _open(config)
+    try:
+        return build(_policy(store))
+    except TargetError as err:
+        err_console.print(f"[red]✗[/red] {err}")
+        raise typer.Exit(2) from err
+
+
+@app.command("unlock")
+def unlock(
+    door: Annotated[str, typer.Argument(help="door id")],
+    config: ConfigOpt,
+    seconds: Annotated[int, typer.Option(min=1, max=commands.MAX_UNLOCK_S, help="unlock for this long")] = 5,
+    requested_by: Annotated[str | None, typer.Option(help="who asked for it (default: you)")] = None,
+    lifetime_s: LifetimeOpt = 60,
+) -> None:
+    """Unlock one door once, remotely (door.unlock to the agent that drives it)."""
+    who = requested_by or getpass.getuser()
+    built = _targets(config, lambda policy: [commands.unlock(policy, door, seconds, who)])
+    _send(config, built, lifetime_s)
+
+
+@app.command("emergency-unlock")
+def emergency_unlock(
+    config: ConfigOpt, door: DoorsOpt = None, area: AreaOpt = None, all_: AllOpt = False, lifetime_s: LifetimeOpt = 60
+) -> None:
+    """Hold room doors unlocked for evacuation until `normal` (lockers and key cabinets stay locked)."""
+    built = _targets(
+        config, lambda p: commands.set_mode(p, "door.emergency_unlock", doors=door, area=area, all_doors=all_)
+    )
+    _send(config, built, lifetime_s)
+
+
+@app.command("lockdown")
+def lockdown(
+    config: ConfigOpt, door: DoorsOpt = None, area: AreaOpt = None, all_: AllOpt = False, lifetime_s: LifetimeOpt = 60
+) -> None:
+    """Lock doors and refuse every card until `normal`."""
+    built = _targets(config, lambda p: commands.set_mode(p, "door.lockdown", doors=door, area=area, all_doors=all_))
+    _send(config, built, lifetime_s)
+
+
+@app.command("normal")
+def normal(
+    config: ConfigOpt, door: DoorsOpt = None, area: AreaOpt = None, all_: AllOpt = False, lifetime_s: LifetimeOpt = 60
+) -> None:
+    """Return doors to normal operation after an emergency unlock or a lock-down."""
+    built = _targets(config, lambda p: commands.set_mode(p, "door.normal", doors=door, area=area, all_doors=all_))
+    _send(config, built, lifetime_s)
+
+
+@app.command("forgive-passback")
+def forgive_passback(
+    area: Annotated[str, typer.Argument(help="area id")],
+    config: ConfigOpt,
+    person: Annotated[str | None, typer.Option(help="only this person (default: everyone)")] = None,
+    lifetime_s: LifetimeOpt = 60,
+) -> None:
+    """Clear anti-passback state in an area (someone left without badging out)."""
+    built = _targets(config, lambda policy: commands.forgive_passback(policy, area, person))
+    _send(config, built, lifetime_s)

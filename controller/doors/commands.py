@@ -1,0 +1,99 @@
+"""Which signed door commands go to which agents: doors resolved to their agents by the policy in force."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from protocol.policy import Door, SitePolicy
+
+ModeCommand = Literal["door.emergency_unlock", "door.lockdown", "door.normal"]
+UNLOCK = "door.unlock"
+FORGIVE_PASSBACK = "door.forgive_passback"
+MAX_UNLOCK_S = 60
+
+
+class TargetError(ValueError):
+    """The doors named do not resolve to agents (unknown door or area, nothing selected…)."""
+
+
+@dataclass(frozen=True)
+class DoorCommand:
+    """One command for one agent: its name and arguments, ready to be signed."""
+
+    agent: str
+    name: str
+    args: dict[str, Any]
+
+
+def _door(policy: SitePolicy, door_id: str) -> Door:
+    for door in policy.doors:
+        if door.id == door_id:
+            return door
+    raise TargetError(f"扉 {door_id} はポリシーにありません / no door {door_id!r} in the policy in force")
+
+
+def _check_area(policy: SitePolicy, area: str) -> None:
+    if area not in {a.id for a in policy.areas}:
+        raise TargetError(f"区域 {area} はポリシーにありません / no area {area!r} in the policy in force")
+
+
+def unlock(policy: SitePolicy, door_id: str, seconds: int, requested_by: str | None) -> DoorCommand:
+    """Build a one-off remote unlock of one door for its agent."""
+    if not 1 <= seconds <= MAX_UNLOCK_S:
+        raise TargetError(f"解錠時間は 1〜{MAX_UNLOCK_S} 秒です / seconds must be 1..{MAX_UNLOCK_S}")
+    door = _door(policy, door_id)
+    return DoorCommand(door.agent, UNLOCK, {"door": door.id, "seconds": seconds, "requested_by": requested_by})
+
+
+def set_mode(
+    policy: SitePolicy,
+    name: ModeCommand,
+    *,
+    doors: list[str] | None = None,
+    area: str | None = None,
+    all_doors: bool = False,
+) -> list[DoorCommand]:
+    """Build one mode command per agent for the doors named, the doors of an area, or every door.
+
+    By area or --all, an emergency unlock selects room doors only: it is for getting people out, and
+    lockers and key cabinets stay locked (they fail secure). Naming such a door explicitly is refused.
+    """
+    chosen = [bool(doors), area is not None, all_doors]
+    if sum(chosen) != 1:
+        raise TargetError(
+            "--door、--area、--all のどれか一つを指定してください / give exactly one of --door, --area, --all"
+        )
+    if doors:
+        selected = [_door(policy, d) for d in dict.fromkeys(doors)]
+        if name == "door.emergency_unlock":
+            kept = [d.id for d in selected if d.kind != "room"]
+            if kept:
+                raise TargetError(
+                    f"ロッカー・鍵保管庫は非常解錠できません / lockers and key cabinets are never emergency-unlocked: "
+                    f"{', '.join(kept)}"
+                )
+    else:
+        if area is not None:
+            _check_area(policy, area)
+        selected = [d for d in policy.doors if all_doors or d.area == area]
+        if name == "door.emergency_unlock":
+            selected = [d for d in selected if d.kind == "room"]
+    if not selected:
+        raise TargetError("対象の扉がありません / no door matches")
+    by_agent: dict[str, list[str]] = defaultdict(list)
+    for door in selected:
+        by_agent[door.agent].append(door.id)
+    return [DoorCommand(agent, name, {"doors": ids}) for agent, ids in sorted(by_agent.items())]
+
+
+def forgive_passback(policy: SitePolicy, area: str, person: str | None) -> list[DoorCommand]:
+    """Build the command that clears anti-passback state in an area, for every agent with a door there."""
+    _check_area(policy, area)
+    if person is not None and person not in {p.id for p in policy.people}:
+        raise TargetError(f"{person} はポリシーにいません / no person {person!r} in the policy in force")
+    agents = sorted({d.agent for d in policy.doors if d.area == area})
+    if not agents:
+        raise TargetError(f"区域 {area} に扉がありません / area {area!r} has no doors")
+    return [DoorCommand(agent, FORGIVE_PASSBACK, {"area": area, "person": person}) for agent in agents]
