@@ -45,4 +45,4 @@ class ObserverList(Generic[EventT]):
         try:
             callback(event)
         except Exception:
-            _LOG.exception("smart-card %s observer failed", self._kind)
+            _LOG.exception("%s observer failed", self._kind)

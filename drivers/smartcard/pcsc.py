@@ -169,8 +169,8 @@ class PcscBackend:
     """Readers and cards through pcscd; monitoring starts on the first subscription."""
 
     def __init__(self) -> None:
-        self._cards_observers: ObserverList[CardEvent] = ObserverList("card")
-        self._reader_observers: ObserverList[ReaderEvent] = ObserverList("reader")
+        self._cards_observers: ObserverList[CardEvent] = ObserverList("smart-card card")
+        self._reader_observers: ObserverList[ReaderEvent] = ObserverList("smart-card reader")
         self._cards: dict[str, CardPresence] = {}
         self._known_readers: list[str] = []
         self._stop = threading.Event()

@@ -153,8 +153,8 @@ class SimulatedBackend:
         self._readers = list(readers)
         self._slots: dict[str, SimulatedCard] = {}
         self._lock = threading.RLock()
-        self._card_observers: ObserverList[CardEvent] = ObserverList("card")
-        self._reader_observers: ObserverList[ReaderEvent] = ObserverList("reader")
+        self._card_observers: ObserverList[CardEvent] = ObserverList("smart-card card")
+        self._reader_observers: ObserverList[ReaderEvent] = ObserverList("smart-card reader")
 
     def readers(self) -> list[str]:
         """Return the names of the readers present now."""

@@ -1,0 +1,62 @@
+"""OSDP card readers: sekisho as control panel through libosdp (Secure Channel, LED, buzzer, keypad), and a simulator.
+
+Only ``drivers.osdp.link`` and ``drivers.osdp.channel`` import libosdp and pyserial, and only when the real
+link is asked for, so agents and the demo run on ``SimulatedReaderLink`` without them installed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from drivers.osdp.errors import KeySetError, LinkUnavailable, OsdpError, UnknownReader
+from drivers.osdp.protocol import (
+    SCBK_DEFAULT,
+    CardRead,
+    KeypadInput,
+    LedColour,
+    ReaderConfig,
+    ReaderEvent,
+    ReaderLink,
+    ReaderObserver,
+    ReaderStatus,
+)
+from drivers.osdp.simulated import BuzzerFeedback, Feedback, LedFeedback, SimulatedReaderLink, TextFeedback
+
+if TYPE_CHECKING:
+    from drivers.osdp.link import OsdpReaderLink
+
+
+def __getattr__(name: str) -> Any:
+    """Import the libosdp-backed classes on first use (``drivers.osdp.OsdpReaderLink``)."""
+    if name == "OsdpReaderLink":
+        from drivers.osdp.link import OsdpReaderLink
+
+        return OsdpReaderLink
+    if name in ("FdChannel", "SerialChannel"):
+        from drivers.osdp import channel
+
+        return getattr(channel, name)
+    raise AttributeError(f"module 'drivers.osdp' has no attribute {name!r}")
+
+
+__all__ = [
+    "SCBK_DEFAULT",
+    "BuzzerFeedback",
+    "CardRead",
+    "Feedback",
+    "KeySetError",
+    "KeypadInput",
+    "LedColour",
+    "LedFeedback",
+    "LinkUnavailable",
+    "OsdpError",
+    "OsdpReaderLink",
+    "ReaderConfig",
+    "ReaderEvent",
+    "ReaderLink",
+    "ReaderObserver",
+    "ReaderStatus",
+    "SimulatedReaderLink",
+    "TextFeedback",
+    "UnknownReader",
+]
