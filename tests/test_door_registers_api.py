@@ -17,6 +17,7 @@ from support.site import wait_for
 from test_door_registers import T0, Doors, scenario, site_yaml
 from typer.testing import CliRunner
 
+from agents.doors.commands import parse_forgive, parse_selection, parse_unlock
 from controller.api.app import create_app
 from controller.api.deps import AppState
 from controller.config import ControllerConfig, load_config
@@ -305,9 +306,19 @@ def test_door_commands_are_signed_for_the_agents_that_drive_the_doors(
         for name, client in agents.items():
             client.subscribe_wait(topics.topic(name, topics.COMMANDS))
 
+        parsers = {
+            "door.unlock": parse_unlock,
+            "door.emergency_unlock": parse_selection,
+            "door.lockdown": parse_selection,
+            "door.normal": parse_selection,
+            "door.forgive_passback": parse_forgive,
+        }
+
         def received(agent: str) -> tuple[str, dict[str, Any]]:
             raw = agents[agent].next_message().payload
             verified = messages.open_command(raw, controller_key.public_key(), agent)
+            # The door agent's own argument checks accept what the controller sends (the contract).
+            parsers[verified.command.name](verified.command.args)
             return verified.command.name, verified.command.args
 
         cfg = str(config)
@@ -330,6 +341,12 @@ def test_door_commands_are_signed_for_the_agents_that_drive_the_doors(
         run_cli("doors", "forgive-passback", "a-hr-room", "--person", "p-0001", "--config", cfg)
         for agent in ("agent-a", "agent-b"):
             assert received(agent) == ("door.forgive_passback", {"area": "a-hr-room", "person": "p-0001"})
+        run_cli("doors", "forgive-passback", "a-hr-room", "--config", cfg)
+        for agent in ("agent-a", "agent-b"):
+            assert received(agent) == ("door.forgive_passback", {"area": "a-hr-room"})
+        run_cli("doors", "unlock", "locker-01", "--config", cfg)
+        name, args = received("agent-a")  # requested_by defaults to the operator's account
+        assert (name, args["door"], args["seconds"]) == ("door.unlock", "locker-01", 5)
 
         # Refusals name the reason and send nothing.
         assert "no door 'nowhere'" in run_cli("doors", "unlock", "nowhere", "--config", cfg, code=2)
@@ -356,6 +373,9 @@ def test_door_commands_are_signed_for_the_agents_that_drive_the_doors(
             ("agent-b", "door.normal"),
             ("agent-a", "door.forgive_passback"),
             ("agent-b", "door.forgive_passback"),
+            ("agent-a", "door.forgive_passback"),
+            ("agent-b", "door.forgive_passback"),
+            ("agent-a", "door.unlock"),
         ]
     finally:
         for client in agents.values():

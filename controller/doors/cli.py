@@ -264,6 +264,18 @@ def visits(
     console.print(table)
 
 
+@app.command("hash-pin")
+def hash_pin_command() -> None:
+    """Ask for a door PIN twice and print its pin_hash for site.yaml (the PIN itself is never stored)."""
+    from agents.doors.pin import hash_pin, valid_pin
+
+    pin = typer.prompt("PIN (4-8 digits)", hide_input=True, confirmation_prompt=True)
+    if not valid_pin(pin):
+        err_console.print("[red]PIN は4〜8桁の数字です / a PIN is 4 to 8 digits[/red]")
+        raise typer.Exit(2)
+    typer.echo(hash_pin(pin))
+
+
 @app.command("rebuild")
 def rebuild(config: ConfigOpt) -> None:
     """Rebuild every door register from the stored events (one transaction; ingest waits on SQLite)."""

@@ -44,7 +44,11 @@ def unlock(policy: SitePolicy, door_id: str, seconds: int, requested_by: str | N
     if not 1 <= seconds <= MAX_UNLOCK_S:
         raise TargetError(f"解錠時間は 1〜{MAX_UNLOCK_S} 秒です / seconds must be 1..{MAX_UNLOCK_S}")
     door = _door(policy, door_id)
-    return DoorCommand(door.agent, UNLOCK, {"door": door.id, "seconds": seconds, "requested_by": requested_by})
+    # The agent refuses null arguments (agents/doors/commands.py): absent means "not given".
+    args: dict[str, object] = {"door": door.id, "seconds": seconds}
+    if requested_by is not None:
+        args["requested_by"] = requested_by
+    return DoorCommand(door.agent, UNLOCK, args)
 
 
 def set_mode(
@@ -96,4 +100,5 @@ def forgive_passback(policy: SitePolicy, area: str, person: str | None) -> list[
     agents = sorted({d.agent for d in policy.doors if d.area == area})
     if not agents:
         raise TargetError(f"区域 {area} に扉がありません / area {area!r} has no doors")
-    return [DoorCommand(agent, FORGIVE_PASSBACK, {"area": area, "person": person}) for agent in agents]
+    args: dict[str, object] = {"area": area} if person is None else {"area": area, "person": person}
+    return [DoorCommand(agent, FORGIVE_PASSBACK, dict(args)) for agent in agents]
