@@ -1,0 +1,1 @@
+"""Relay-only lock boards: the common USB HID relay boards (``drivers.relay.hid``, pyusb). Each is a ``LockIO``."""
