@@ -24,6 +24,7 @@ console = Console()
 DEMO_POLICY = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "site.yaml"
 DEMO_AGENTS = ("term-hr-01", "term-acc-01", "door-hr-01")
 DEMO_USB_TERMINALS = {"term-hr-01": "t-hr-01"}
+DEMO_DOOR_AGENTS = ("door-hr-01",)
 
 
 def _get(url: str) -> Any:
@@ -103,6 +104,10 @@ def demo(
         console.print("  media loan: " + (lent.stdout.strip().splitlines() or ["lent"])[-1])
         for name in DEMO_AGENTS:
             config = str(lab.agent_config(name))
+            if name in DEMO_DOOR_AGENTS:
+                # The door box runs the real door agent on OSDP reader stubs and the locker board stub.
+                lab.spawn("--config", config, "--interval", str(interval), log_name=name, module="agents.sim.doors")
+                continue
             usb = ["--usb-terminal", DEMO_USB_TERMINALS[name]] if name in DEMO_USB_TERMINALS else []
             lab.spawn("--config", config, "--interval", str(interval), *usb, log_name=name, module="agents.sim")
         console.print(f"  controller API: {base}/docs   events: {base}/api/v1/events")

@@ -21,7 +21,9 @@ READER = "Sim Reader 0"
 
 
 def _outbox_types(agent: Agent) -> list[str]:
-    return [events.decode_event(raw, topic_agent=agent.config.agent_id).type for _, raw in agent.outbox.pending(limit=1000)]
+    return [
+        events.decode_event(raw, topic_agent=agent.config.agent_id).type for _, raw in agent.outbox.pending(limit=1000)
+    ]
 
 
 def _wait(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -382,5 +382,16 @@ def bench_login(removals: Annotated[int, typer.Option(min=50, help="card removal
     raise typer.Exit(run_login_bench(removals, console))
 
 
+@bench_app.command("doors")
+def bench_doors(
+    taps: Annotated[int, typer.Option(min=1000, help="granted taps, controller down")] = 1000,
+    osdp_taps: Annotated[int, typer.Option(min=20, help="taps end to end through the OSDP and board stubs")] = 200,
+) -> None:
+    """Time card presented → relay command with the controller down, and end to end over OSDP + the board stub."""
+    from sekisho.bench.doors import run_doors_bench
+
+    run_doors_bench(taps, osdp_taps, console)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(bench_app())

@@ -1,0 +1,295 @@
+"""Wire the door controller to a running agent and to the real drivers: reader links in, lock board out.
+
+``DoorController`` (service.py) is pure logic; this module feeds it. Reader events (OSDP readers through
+libosdp, PC/SC readers through pcscd) become card evidence keyed with the site key; board events (door
+sensors, key slots, tamper, reboots, stuck relays) become inputs; relay commands go to the board; grants
+and refusals light the reader's LED and sound its buzzer. A timer thread drives the controller's
+deadlines (re-lock, held-open, pending PIN/second person) to within ``tick_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from agents.doors.access import CardEvidence, PolicyState
+from agents.doors.service import Clock, DoorController
+from agents.runtime.policy_cache import PolicyCache
+from drivers.locker import (
+    BoardOffline,
+    BoardOnline,
+    BoardRebooted,
+    InputChanged,
+    LineError,
+    LockIO,
+    RelayFault,
+    RelayTimerExpired,
+)
+from drivers.osdp import CardRead, KeypadInput, ReaderConfig, ReaderLink, ReaderStatus
+from drivers.smartcard import CardError, hash_uid, mask_uid
+from drivers.smartcard.protocol import CardEvent, SmartCardBackend
+from protocol.policy import SitePolicy
+
+log = logging.getLogger(__name__)
+
+EmitFn = Callable[[str, dict[str, Any]], int]
+
+
+def policy_provider(cache: PolicyCache) -> Callable[[], tuple[SitePolicy | None, PolicyState, datetime | None]]:
+    """Read the agent's verified policy cache as the door controller wants it (parsed once per bundle)."""
+    parsed: dict[int, SitePolicy | None] = {}
+
+    def provide() -> tuple[SitePolicy | None, PolicyState, datetime | None]:
+        bundle = cache.current()
+        if bundle is None:
+            return None, "none", None
+        version = bundle.bundle.version
+        if version not in parsed:
+            try:
+                parsed.clear()
+                parsed[version] = SitePolicy.model_validate(bundle.bundle.policy)
+            except ValidationError:
+                log.error("policy version %d holds no usable site policy: doors fail closed", version)
+                parsed[version] = None
+        policy = parsed[version]
+        if policy is None:
+            return None, "none", None
+        state = cache.state()
+        return policy, "expired" if state == "expired" else "valid", bundle.expires_at
+
+    return provide
+
+
+def card_evidence(data: bytes, site_key: bytes) -> CardEvidence:
+    """Key and mask a card number a reader reported (no challenge-response: weak by nature)."""
+    return CardEvidence(card_hash=hash_uid(data, site_key), card_masked=mask_uid(data), weak=True)
+
+
+class PcscDoorReaders:
+    """PC/SC readers serving doors: a card placed on a mapped reader is read once and reported as a tap."""
+
+    def __init__(self, backend: SmartCardBackend, readers: Mapping[str, str]) -> None:
+        self._backend = backend
+        self._readers = dict(readers)  # PC/SC reader name -> door reader id
+        self._on_tap: Callable[[str, bytes], None] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def start(self, on_tap: Callable[[str, bytes], None]) -> None:
+        """Start watching the mapped readers."""
+        self._on_tap = on_tap
+        self._unsubscribe = self._backend.subscribe(self._on_cards)
+
+    def stop(self) -> None:
+        """Stop watching; idempotent."""
+        unsubscribe, self._unsubscribe = self._unsubscribe, None
+        if unsubscribe is not None:
+            unsubscribe()
+
+    def _on_cards(self, event: CardEvent) -> None:
+        for card in event.added:
+            reader_id = self._readers.get(card.reader)
+            if reader_id is None or self._on_tap is None:
+                continue
+            try:
+                conn = self._backend.connect(card.reader)
+                try:
+                    uid = conn.get_uid()
+                finally:
+                    conn.close()
+            except CardError as err:
+                # A card that cannot even give its number is refused by not being read; the log says why.
+                log.warning("door reader %s: card unreadable: %s", reader_id, err)
+                continue
+            self._on_tap(reader_id, uid)
+
+
+@dataclass
+class AttachedDoors:
+    """The door controller with the threads and subscriptions that feed it; stop() undoes start()."""
+
+    controller: DoorController
+    readers: Sequence[ReaderLink]
+    board: LockIO
+    site_key: bytes
+    pcsc: PcscDoorReaders | None = None
+    tick_s: float = 0.05
+    line_errors: int = 0
+    _unsubscribers: list[Callable[[], None]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _wake: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _reader_links: dict[str, ReaderLink] = field(default_factory=dict)
+
+    def start(self) -> None:
+        """Start the board and the readers, then the controller (which takes every relay) and the timer."""
+        self.board.start()
+        self._unsubscribers.append(self.board.subscribe(self._on_board))
+        for link in self.readers:
+            link.start()
+            for reader_id in _reader_ids(link):
+                self._reader_links[reader_id] = link
+            self._unsubscribers.append(link.subscribe(self._on_reader))
+        self.controller.start()
+        self._report_inputs()
+        if self.pcsc is not None:
+            self.pcsc.start(self._tap)
+        self._thread = threading.Thread(target=self._run_timer, name="door-timer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the timer, the subscriptions, the readers and the board; close the controller's store."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.pcsc is not None:
+            self.pcsc.stop()
+        for unsubscribe in self._unsubscribers:
+            with contextlib.suppress(Exception):
+                unsubscribe()
+        for link in self.readers:
+            link.stop()
+        self.board.stop()
+        self.controller.close()
+
+    # --- inputs ----------------------------------------------------------------------------------
+
+    def policy_changed(self) -> None:
+        """Apply a new policy, then report the inputs as they are (doors it names may be new to the controller)."""
+        self.controller.policy_changed()
+        self._report_inputs()
+
+    def _report_inputs(self) -> None:
+        # A board reports changes only: the doors and key slots as they are now come from its status, so a
+        # door left open or a key missing while the agent was down is judged at once.
+        if not self.board.online:
+            # The board's own offline event may have reached a controller that had no doors yet.
+            self.controller.board_online(False)
+            return
+        try:
+            status = self.board.status()
+        except Exception as err:  # an unreachable board is reported by its own offline event
+            log.warning("lock board status unavailable at start: %s", err)
+            return
+        for index, is_open in enumerate(status.doors_open):
+            self.controller.input_changed("door", index, is_open)
+        for index, present in enumerate(status.keys_present):
+            self.controller.input_changed("key_slot", index, present)
+        if status.tamper:
+            self.controller.input_changed("tamper", 0, True)
+
+    def _tap(self, reader_id: str, data: bytes) -> None:
+        self.controller.card_presented(reader_id, card_evidence(data, self.site_key))
+        self._wake.set()
+
+    def _on_reader(self, event: object) -> None:
+        try:
+            if isinstance(event, CardRead):
+                self._tap(event.reader_id, event.data)
+            elif isinstance(event, KeypadInput):
+                self.controller.keys_entered(event.reader_id, event.keys)
+                self._wake.set()
+            elif isinstance(event, ReaderStatus):
+                self.controller.reader_status(event.reader_id, event.online)
+        except Exception:  # one bad event must not silence the reader thread
+            log.exception("door reader event %s failed", type(event).__name__)
+
+    def _on_board(self, event: object) -> None:
+        try:
+            if isinstance(event, InputChanged):
+                self.controller.input_changed(event.kind, event.index, event.active)
+                self._wake.set()
+            elif isinstance(event, BoardRebooted):
+                self.controller.board_rebooted()
+            elif isinstance(event, BoardOnline):
+                self.controller.board_online(True)
+            elif isinstance(event, BoardOffline):
+                self.controller.board_online(False)
+            elif isinstance(event, RelayFault):
+                self.controller.relay_fault(event.index, event.commanded, event.sensed)
+            elif isinstance(event, RelayTimerExpired):
+                # The board's own safety timer ended a release; the controller's window ends on its clock.
+                log.debug("lock board released relay %d on its own timer", event.index)
+            elif isinstance(event, LineError):
+                self.line_errors += 1
+                log.warning("lock board line error: %s", event.reason)
+        except Exception:
+            log.exception("lock board event %s failed", type(event).__name__)
+
+    # --- outputs ---------------------------------------------------------------------------------
+
+    def set_relay(self, index: int, on: bool, max_on_ms: int | None) -> None:
+        """Command a lock relay (the controller calls this; a failure is raised back to it as relay_fault)."""
+        self.board.set_relay(index, on, max_on_ms=max_on_ms)
+
+    def feedback(self, reader_id: str, ok: bool) -> None:
+        """Green and one beep for a grant, red and three beeps for a refusal; best effort."""
+        link = self._reader_links.get(reader_id)
+        if link is None:
+            return
+        try:
+            link.led(reader_id, "green" if ok else "red", on_ms=1500 if ok else 1000)
+            link.buzz(reader_id, times=1 if ok else 3, on_ms=100 if ok else 150, off_ms=100)
+        except Exception as err:
+            log.warning("reader %s feedback failed: %s", reader_id, err)
+
+    def _run_timer(self) -> None:
+        while not self._stop.is_set():
+            deadline = self.controller.next_deadline()
+            wait = self.tick_s
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic()))
+            self._wake.wait(wait)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.controller.tick()
+            except Exception:
+                log.exception("door timer tick failed")
+
+
+def _reader_ids(link: ReaderLink) -> list[str]:
+    # Both OSDP links expose their ReaderConfigs; a link type without them gets no feedback routing.
+    configs: Sequence[ReaderConfig] = getattr(link, "readers", ())
+    return [config.reader_id for config in configs]
+
+
+def attach_doors(
+    *,
+    emit: EmitFn,
+    policy: PolicyCache,
+    state_dir: Path,
+    readers: Sequence[ReaderLink],
+    board: LockIO,
+    site_key: bytes,
+    pcsc: PcscDoorReaders | None = None,
+    commands: Any = None,
+    clock: Clock | None = None,
+    tick_s: float = 0.05,
+) -> AttachedDoors:
+    """Build the door controller on an agent's emit, policy cache and commands; the caller starts it."""
+    holder: dict[str, AttachedDoors] = {}
+    controller = DoorController(
+        policy=policy_provider(policy),
+        emit=emit,
+        set_relay=lambda index, on, max_on_ms: holder["doors"].set_relay(index, on, max_on_ms),
+        feedback=lambda reader_id, ok: holder["doors"].feedback(reader_id, ok),
+        state_dir=state_dir,
+        clock=clock,
+    )
+    attached = AttachedDoors(controller, readers, board, site_key, pcsc, tick_s)
+    holder["doors"] = attached
+    policy.subscribe(lambda change: attached.policy_changed())
+    if commands is not None:
+        controller.register_commands(commands)
+    return attached

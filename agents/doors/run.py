@@ -1,0 +1,201 @@
+"""Run a door agent from ``doors.toml`` beside agent.toml: which readers and which lock board it drives.
+
+``sekisho-agent doors --config /etc/sekisho/agent.toml`` is what a door controller box runs as a service.
+doors.toml (unknown keys are an error; must not be writable by group or others)::
+
+    site_key_file = "site.key"          # keys card numbers the same way the policy's uid_hash does
+
+    [board]                             # the lock relays, door sensors, key slots and tamper input
+    kind = "serial"                     # "serial" (docs/locker-board-protocol.md), "hid_relay" or "simulated"
+    device = "/dev/ttyUSB0"
+    relays = 4
+    doors = 4
+    key_slots = 8
+
+    [[osdp]]                            # one OSDP line (RS-485 through a serial adapter)
+    device = "/dev/ttyS1"
+    readers = [{reader_id = "rdr-hr-in", address = 1, scbk_file = "keys/rdr-hr-in.scbk"}]
+
+    [[pcsc]]                            # a PC/SC reader serving a door
+    reader_id = "rdr-locker-01"
+    pcsc_reader = "ACS ACR122U 00 00"
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import stat
+import threading
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agents.doors.attach import AttachedDoors, PcscDoorReaders, attach_doors
+from agents.runtime.agent import Agent
+from drivers.locker import LockIO
+from drivers.osdp import ReaderConfig, ReaderLink
+
+log = logging.getLogger(__name__)
+
+DOORS_SETTINGS_NAME = "doors.toml"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BoardSettings(_Model):
+    """The lock board this agent drives."""
+
+    kind: Literal["serial", "hid_relay", "simulated"] = "serial"
+    device: str | None = None
+    relays: int = Field(default=4, ge=1, le=64)
+    doors: int = Field(default=4, ge=0, le=64)
+    key_slots: int = Field(default=0, ge=0, le=255)
+    hid_serial: str | None = Field(default=None, max_length=16, description="HID relay board serial (hid_relay)")
+
+
+class OsdpReaderSettings(_Model):
+    """One OSDP reader on a line."""
+
+    reader_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    address: int = Field(ge=0, le=126)
+    scbk_file: Path | None = Field(default=None, description="16-byte Secure Channel key (hex); None: not keyed")
+    install_mode: bool = False
+
+
+class OsdpLineSettings(_Model):
+    """One OSDP line and the readers on it."""
+
+    device: str
+    baud_rate: int = 115200
+    readers: list[OsdpReaderSettings] = Field(min_length=1)
+
+
+class PcscReaderSettings(_Model):
+    """A PC/SC reader serving a door."""
+
+    reader_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    pcsc_reader: str
+
+
+class DoorsSettings(_Model):
+    """``doors.toml``."""
+
+    site_key_file: Path
+    board: BoardSettings = Field(default_factory=BoardSettings)
+    osdp: list[OsdpLineSettings] = Field(default_factory=list)
+    pcsc: list[PcscReaderSettings] = Field(default_factory=list)
+    tick_s: float = Field(default=0.05, gt=0, le=0.5)
+
+
+class DoorsSetupError(Exception):
+    """doors.toml is missing, unsafe or invalid, or a device it names cannot be opened."""
+
+
+def _resolve(base: Path, path: Path) -> Path:
+    return path if path.is_absolute() else base / path
+
+
+def load_doors_settings(agent_toml: Path) -> tuple[DoorsSettings, Path]:
+    """Load doors.toml beside the agent TOML; return it with the directory relative paths resolve against."""
+    path = agent_toml.resolve().parent / DOORS_SETTINGS_NAME
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise DoorsSetupError(f"{path}: {err.strerror}") from err
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise DoorsSetupError(f"{path} is writable by group or others; refusing it")
+    try:
+        return DoorsSettings(**tomllib.loads(path.read_text())), path.parent
+    except (OSError, tomllib.TOMLDecodeError, ValidationError, TypeError) as err:
+        raise DoorsSetupError(f"invalid {path}: {err}") from err
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError) as err:
+        raise DoorsSetupError(f"secure channel key {path}: {err}") from err
+
+
+def build_readers(settings: DoorsSettings, base: Path) -> list[ReaderLink]:
+    """Open one OSDP link per configured line (libosdp as control panel)."""
+    from drivers.osdp import OsdpReaderLink
+
+    links: list[ReaderLink] = []
+    for line in settings.osdp:
+        configs = [
+            ReaderConfig(
+                reader_id=r.reader_id,
+                address=r.address,
+                scbk=_read_key(_resolve(base, r.scbk_file)) if r.scbk_file else None,
+                install_mode=r.install_mode,
+            )
+            for r in line.readers
+        ]
+        links.append(OsdpReaderLink(line.device, configs, baud_rate=line.baud_rate))
+    return links
+
+
+def build_board(settings: BoardSettings) -> LockIO:
+    """Open the configured lock board."""
+    if settings.kind == "simulated":
+        from drivers.locker import SimulatedLockerBoard
+
+        return SimulatedLockerBoard(relays=settings.relays, doors=settings.doors, key_slots=settings.key_slots)
+    if settings.kind == "hid_relay":
+        from drivers.relay.hid import HidRelayBoard
+
+        return HidRelayBoard(serial=settings.hid_serial)
+    if settings.device is None:
+        raise DoorsSetupError("board.device is required for a serial locker board")
+    from drivers.locker import LockerBoardLink
+
+    return LockerBoardLink(settings.device, relays=settings.relays, doors=settings.doors, key_slots=settings.key_slots)
+
+
+def start_doors(agent: Agent, config_path: Path) -> AttachedDoors:
+    """Build everything doors.toml names on a constructed agent, start the agent, then the doors."""
+    settings, base = load_doors_settings(config_path)
+    try:
+        site_key = _resolve(base, settings.site_key_file).read_bytes().strip()
+    except OSError as err:
+        raise DoorsSetupError(f"site_key_file: {err}") from err
+    pcsc = None
+    if settings.pcsc:
+        from drivers.smartcard import pcsc_backend
+
+        pcsc = PcscDoorReaders(pcsc_backend(), {r.pcsc_reader: r.reader_id for r in settings.pcsc})
+    doors = attach_doors(
+        emit=agent.emit,
+        policy=agent.policy,
+        state_dir=agent.config.state_dir,
+        readers=build_readers(settings, base),
+        board=build_board(settings.board),
+        site_key=site_key,
+        pcsc=pcsc,
+        commands=agent.commands,
+        tick_s=settings.tick_s,
+    )
+    agent.start()
+    doors.start()
+    return doors
+
+
+def run_doors(agent: Agent, config_path: Path) -> None:
+    """Run a door agent until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    doors = start_doors(agent, config_path)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        doors.stop()
+        agent.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

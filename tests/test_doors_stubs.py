@@ -1,0 +1,202 @@
+"""The door agent behind the real protocols: OSDP reader stub (Secure Channel) and locker board stub, on ptys.
+
+No simulation between the card and the coil: a card presented at the reader stub travels over OSDP to
+libosdp in the agent, is decided from a signed policy in the agent's cache, recorded in the outbox, and
+switches the coil in the board stub over the framed serial protocol; the reader stub shows the verdict.
+Also: `start_doors` from a doors.toml, and a signed remote unlock arriving through the agent's commands.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.doors.attach import AttachedDoors, attach_doors
+from agents.doors.run import DoorsSetupError, load_doors_settings, start_doors
+from agents.runtime.agent import Agent
+from agents.runtime.config import load_config
+from deploy.pki import PkiPaths, init_pki, issue_agent
+from drivers.locker import LockerBoardLink
+from drivers.osdp import OsdpReaderLink, ReaderConfig
+from drivers.smartcard import hash_uid
+from firmware_stubs.locker_board import StubBoardProcess
+from firmware_stubs.osdp_reader import StubReaderProcess
+from protocol import events, messages, signing
+from protocol.policy import Card, Door, DoorReader, Person, Site, SitePolicy
+from sekisho.lab import write_toml
+
+pytestmark = pytest.mark.timeout(120)
+
+AGENT = "door-stubs"
+SITE_KEY = b"stub-test-site-key-0123456789abc"
+SCBK = bytes.fromhex("a0a1a2a3a4a5a6a7a8a9aaabacadaeaf")
+ALICE = bytes.fromhex("a11ce0a11ce0")
+OSDP_RED, OSDP_GREEN = 1, 2  # OSDP's LED colour codes
+
+
+def _policy() -> dict[str, Any]:
+    return SitePolicy(
+        site=Site(name="stubs"),
+        people=[Person(id="p-alice", name="Alice")],
+        cards=[Card(id="c-alice", person="p-alice", kind="osdp", uid_hash=hash_uid(ALICE, SITE_KEY))],
+        doors=[
+            Door(
+                id="locker-1",
+                name="locker",
+                kind="locker",
+                agent=AGENT,
+                allowed=["p-alice"],
+                readers=[DoorReader(id="rdr-1")],
+                relay=1,
+                sensor=1,
+            )
+        ],
+    ).for_agent(AGENT)
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[tuple[Agent, Path]]:
+    """An agent (no broker: the controller is unreachable) with the signed door policy in its cache."""
+    pki = tmp_path / "pki"
+    init_pki(pki)
+    creds = issue_agent(pki, AGENT)
+    config = write_toml(
+        tmp_path / "agent" / "agent.toml",
+        {
+            "agent_id": AGENT,
+            "broker_port": 9,  # nothing listens: the door must not care
+            "ca_cert": str(creds.ca_cert),
+            "tls_cert": str(creds.tls_cert),
+            "tls_key": str(creds.tls_key),
+            "signing_key": str(creds.signing_key),
+            "controller_public_key": str(creds.controller_signing_pub),
+            "state_dir": str(tmp_path / "agent" / "state"),
+        },
+    )
+    running = Agent(load_config(config))
+    key = signing.load_private_key(PkiPaths.at(pki).controller_signing_key)
+    bundle = messages.build_bundle(key, agent=AGENT, version=1, policy=_policy(), lifetime=timedelta(hours=1))
+    assert running.policy.offer(bundle).status == "applied"
+    try:
+        yield running, pki
+    finally:
+        running.stop()
+
+
+def _types(agent: Agent) -> list[str]:
+    return [events.decode_event(raw, topic_agent=AGENT).type for _, raw in agent.outbox.pending(limit=10_000)]
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def rig(agent: tuple[Agent, Path]) -> Iterator[tuple[Agent, AttachedDoors, StubReaderProcess, StubBoardProcess]]:
+    """The reader stub and the board stub on ptys, wired to the agent's doors."""
+    running, _ = agent
+    reader = StubReaderProcess(address=1, scbk=SCBK)
+    board = StubBoardProcess(relays=2, doors=2, key_slots=0)
+    doors = attach_doors(
+        emit=running.emit,
+        policy=running.policy,
+        state_dir=running.config.state_dir,
+        readers=[OsdpReaderLink(reader.master_fd, [ReaderConfig(reader_id="rdr-1", address=1, scbk=SCBK)])],
+        board=LockerBoardLink(board.host, relays=2, doors=2, key_slots=0),
+        site_key=SITE_KEY,
+        commands=running.commands,
+    )
+    running.start()
+    doors.start()
+    try:
+        reader.wait_status(online=True, secure=True, timeout=15)
+        yield running, doors, reader, board
+    finally:
+        doors.stop()
+        reader.close()
+        board.close()
+
+
+def test_card_to_coil_and_back(rig: tuple[Agent, AttachedDoors, StubReaderProcess, StubBoardProcess]) -> None:
+    agent, _, reader, board = rig
+    reader.present_card(ALICE, bits=48)
+    board.wait_relay(1, True)  # the coil the policy names for locker-1, switched over the serial protocol
+    # The reader shows the verdict: OSDP colour 2 (green), one beep.
+    assert reader.wait_feedback("led")[-1]["on_color"] == OSDP_GREEN
+    assert reader.wait_feedback("buzzer")[-1]["rep_count"] == 1
+    board.open_door(1)
+    board.wait_relay(1, False)  # released at once when the door opens: it re-locks as it closes
+    board.close_door(1)
+    _wait(lambda: "door.locked" in _types(agent)[-1:])
+    types = _types(agent)
+    granted = types.index("door.access_granted")
+    assert types[granted - 1] == "card.presented"  # the tap, then the decision, then the movement
+    assert types[granted + 1 :] == ["door.opened", "door.closed", "door.locked"]
+
+
+def test_unknown_card_leaves_the_coil_alone(
+    rig: tuple[Agent, AttachedDoors, StubReaderProcess, StubBoardProcess],
+) -> None:
+    agent, _, reader, board = rig
+    before = len(board.relay_log())
+    reader.present_card(bytes.fromhex("0000deadbeef"), bits=48)
+    _wait(lambda: "door.access_denied" in _types(agent))
+    assert reader.wait_feedback("led")[-1]["on_color"] == OSDP_RED
+    assert reader.wait_feedback("buzzer")[-1]["rep_count"] == 3
+    time.sleep(0.3)
+    assert [c for c in board.relay_log()[before:] if c.on] == []
+
+
+def test_doors_toml_and_a_signed_remote_unlock(agent: tuple[Agent, Path], tmp_path: Path) -> None:
+    running, pki = agent
+    board = StubBoardProcess(relays=2, doors=2, key_slots=0, host_end="slave")
+    config_dir = Path(running.config.state_dir).parent
+    (config_dir / "site.key").write_bytes(SITE_KEY)
+    toml = config_dir / "doors.toml"
+    toml.write_text(
+        f'site_key_file = "site.key"\n[board]\nkind = "serial"\ndevice = "{board.host}"\nrelays = 2\ndoors = 2\n'
+    )
+    os.chmod(toml, 0o600)
+    settings, _ = load_doors_settings(config_dir / "agent.toml")
+    assert settings.board.device == board.host
+    doors = start_doors(running, config_dir / "agent.toml")
+    try:
+        key = signing.load_private_key(PkiPaths.at(pki).controller_signing_key)
+        _, raw = messages.build_command(
+            key,
+            agent=AGENT,
+            name="door.unlock",
+            args={"door": "locker-1", "seconds": 3},
+            lifetime=timedelta(seconds=30),
+        )
+        outcome = running.commands.handle(raw)
+        assert outcome.executed, outcome
+        board.wait_relay(1, True)
+        assert running.commands.handle(raw).reason == "replay"  # the same signed command never acts twice
+        board.wait_relay(1, False, timeout=8)  # the window passes unopened: locked again
+    finally:
+        doors.stop()
+        board.close()
+
+
+def test_unsafe_doors_toml_is_refused(agent: tuple[Agent, Path]) -> None:
+    running, _ = agent
+    config_dir = Path(running.config.state_dir).parent
+    toml = config_dir / "doors.toml"
+    toml.write_text('site_key_file = "site.key"\n')
+    os.chmod(toml, 0o666)
+    with pytest.raises(DoorsSetupError, match="writable"):
+        load_doors_settings(config_dir / "agent.toml")
+    os.chmod(toml, 0o600)
+    toml.write_text('site_key_file = "site.key"\nmystery = 1\n')
+    with pytest.raises(DoorsSetupError, match="mystery"):
+        load_doors_settings(config_dir / "agent.toml")
