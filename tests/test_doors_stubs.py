@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from agents.doors.attach import AttachedDoors, attach_doors
+from agents.doors.pin import hash_pin
 from agents.doors.run import DoorsSetupError, load_doors_settings, start_doors
 from agents.runtime.agent import Agent
 from agents.runtime.config import load_config
@@ -38,12 +39,13 @@ SITE_KEY = b"stub-test-site-key-0123456789abc"
 SCBK = bytes.fromhex("a0a1a2a3a4a5a6a7a8a9aaabacadaeaf")
 ALICE = bytes.fromhex("a11ce0a11ce0")
 OSDP_RED, OSDP_GREEN = 1, 2  # OSDP's LED colour codes
+PIN = "4321"
 
 
-def _policy() -> dict[str, Any]:
+def _policy(*, pin: bool = False) -> dict[str, Any]:
     return SitePolicy(
         site=Site(name="stubs"),
-        people=[Person(id="p-alice", name="Alice")],
+        people=[Person(id="p-alice", name="Alice", pin_hash=hash_pin(PIN, iterations=10_000) if pin else None)],
         cards=[Card(id="c-alice", person="p-alice", kind="osdp", uid_hash=hash_uid(ALICE, SITE_KEY))],
         doors=[
             Door(
@@ -55,6 +57,7 @@ def _policy() -> dict[str, Any]:
                 readers=[DoorReader(id="rdr-1")],
                 relay=1,
                 sensor=1,
+                pin_required=pin,
             )
         ],
     ).for_agent(AGENT)
@@ -154,6 +157,31 @@ def test_unknown_card_leaves_the_coil_alone(
     assert reader.wait_feedback("buzzer")[-1]["rep_count"] == 3
     time.sleep(0.3)
     assert [c for c in board.relay_log()[before:] if c.on] == []
+
+
+def test_card_and_pin_on_the_reader_keypad(
+    rig: tuple[Agent, AttachedDoors, StubReaderProcess, StubBoardProcess], agent: tuple[Agent, Path]
+) -> None:
+    running, _, reader, board = rig
+    key = signing.load_private_key(PkiPaths.at(agent[1]).controller_signing_key)
+    bundle = messages.build_bundle(key, agent=AGENT, version=2, policy=_policy(pin=True), lifetime=timedelta(hours=1))
+    assert running.policy.offer(bundle).status == "applied"
+    reader.present_card(ALICE, bits=48)
+    _wait(lambda: "door.access_pending" in _types(running))
+    reader.enter_keys("9999#")  # wrong PIN: refused, the coil stays off
+    _wait(lambda: "door.access_denied" in _types(running))
+    assert [c for c in board.relay_log() if c.on] == []
+    reader.present_card(ALICE, bits=48)
+    _wait(lambda: _types(running).count("door.access_pending") == 2)
+    reader.enter_keys(PIN + "#")  # over the OSDP keypad, inside the Secure Channel
+    board.wait_relay(1, True)
+    granted = [
+        events.decode_event(raw, topic_agent=AGENT).payload
+        for _, raw in running.outbox.pending(limit=10_000)
+        if events.decode_event(raw, topic_agent=AGENT).type == "door.access_granted"
+    ]
+    assert granted[-1]["pin_checked"] is True
+    assert PIN not in str(granted)  # the PIN itself is never recorded
 
 
 def test_doors_toml_and_a_signed_remote_unlock(agent: tuple[Agent, Path], tmp_path: Path) -> None:
