@@ -58,6 +58,7 @@ def _policy(*, pin: bool = False) -> dict[str, Any]:
                 relay=1,
                 sensor=1,
                 pin_required=pin,
+                held_open_s=5,
             )
         ],
     ).for_agent(AGENT)
@@ -122,6 +123,10 @@ def rig(agent: tuple[Agent, Path]) -> Iterator[tuple[Agent, AttachedDoors, StubR
     doors.start()
     try:
         reader.wait_status(online=True, secure=True, timeout=15)
+        # The door's state as the board reports it has settled (the agent knows it is shut): from here an
+        # opening without a grant is forced, not "found open at start".
+        _wait(lambda: doors.inputs_reported)
+        time.sleep(0.1)
         yield running, doors, reader, board
     finally:
         doors.stop()
@@ -157,6 +162,36 @@ def test_unknown_card_leaves_the_coil_alone(
     assert reader.wait_feedback("buzzer")[-1]["rep_count"] == 3
     time.sleep(0.3)
     assert [c for c in board.relay_log()[before:] if c.on] == []
+
+
+def _alarms(agent: Agent, type_: str = "door.alarm") -> list[str]:
+    decoded = [events.decode_event(raw, topic_agent=AGENT) for _, raw in agent.outbox.pending(limit=10_000)]
+    return [e.payload["alarm"] for e in decoded if e.type == type_]
+
+
+def test_board_faults_become_alarms(rig: tuple[Agent, AttachedDoors, StubReaderProcess, StubBoardProcess]) -> None:
+    agent, _, reader, board = rig
+    # Forced open: the sensor opens with no grant.
+    board.open_door(1)
+    _wait(lambda: "forced_open" in _alarms(agent))
+    board.close_door(1)
+    _wait(lambda: "forced_open" in _alarms(agent, "door.alarm_cleared"))
+    # Held open: granted, opened, not closed within held_open_s (5 s here).
+    reader.present_card(ALICE, bits=48)
+    board.wait_relay(1, True)
+    board.open_door(1)
+    _wait(lambda: "held_open" in _alarms(agent), timeout=10)
+    board.close_door(1)
+    _wait(lambda: "held_open" in _alarms(agent, "door.alarm_cleared"))
+    # A welded relay: commanded on, its feedback contact never follows.
+    board.stick_relay(1)
+    reader.present_card(ALICE, bits=48)
+    _wait(lambda: "relay_fault" in _alarms(agent))
+    board.stick_relay(1, stuck=False)
+    # Power loss: the board goes silent, then boots with every relay off and says so.
+    board.power_cycle(1.5)
+    _wait(lambda: "board_offline" in _alarms(agent), timeout=10)
+    _wait(lambda: "board_offline" in _alarms(agent, "door.alarm_cleared"), timeout=10)
 
 
 def test_card_and_pin_on_the_reader_keypad(

@@ -128,6 +128,7 @@ class AttachedDoors:
     _wake: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _reader_links: dict[str, ReaderLink] = field(default_factory=dict)
+    _inputs_reported: bool = False
 
     def start(self) -> None:
         """Start the board and the readers, then the controller (which takes every relay) and the timer."""
@@ -161,6 +162,11 @@ class AttachedDoors:
         self.board.stop()
         self.controller.close()
 
+    @property
+    def inputs_reported(self) -> bool:
+        """Tell whether the board's current inputs have reached the controller since start."""
+        return self._inputs_reported
+
     # --- inputs ----------------------------------------------------------------------------------
 
     def policy_changed(self) -> None:
@@ -172,14 +178,17 @@ class AttachedDoors:
         # A board reports changes only: the doors and key slots as they are now come from its status, so a
         # door left open or a key missing while the agent was down is judged at once.
         if not self.board.online:
-            # The board's own offline event may have reached a controller that had no doors yet.
+            # The board's own offline event may have reached a controller that had no doors yet; the
+            # timer reports the inputs once the board answers (a board first heard after start sends no
+            # "online" event).
             self.controller.board_online(False)
             return
         try:
             status = self.board.status()
         except Exception as err:  # an unreachable board is reported by its own offline event
-            log.warning("lock board status unavailable at start: %s", err)
+            log.warning("lock board status unavailable: %s", err)
             return
+        self._inputs_reported = True
         for index, is_open in enumerate(status.doors_open):
             self.controller.input_changed("door", index, is_open)
         for index, present in enumerate(status.keys_present):
@@ -212,6 +221,7 @@ class AttachedDoors:
                 self.controller.board_rebooted()
             elif isinstance(event, BoardOnline):
                 self.controller.board_online(True)
+                self._report_inputs()
             elif isinstance(event, BoardOffline):
                 self.controller.board_online(False)
             elif isinstance(event, RelayFault):
@@ -253,6 +263,9 @@ class AttachedDoors:
             if self._stop.is_set():
                 return
             try:
+                if not self._inputs_reported and self.board.online:
+                    self.controller.board_online(True)
+                    self._report_inputs()
                 self.controller.tick()
             except Exception:
                 log.exception("door timer tick failed")
