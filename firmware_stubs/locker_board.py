@@ -54,6 +54,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from firmware_stubs.reports import follow_reports, wait_for_report
+
 Report = Callable[[dict[str, Any]], None]
 
 # ---- the wire, from docs/locker-board-protocol.md ----
@@ -654,33 +656,17 @@ class StubBoardProcess:
         self._process.stdin.flush()
 
     def _read_reports(self) -> None:
-        stream = self._process.stdout
-        if stream is None:
-            return
-        for text in stream:
-            try:
-                report = json.loads(text)
-            except ValueError:
-                continue
-            with self._changed:
-                self._reports.append(report)
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
+        follow_reports(self._process.stdout, self._reports, self._changed)
 
     def _wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._changed:
-            while True:
-                for report in self._reports[seen:]:
-                    if predicate(report):
-                        return
-                seen = len(self._reports)
-                left = deadline - time.monotonic()
-                if left <= 0 or self._process.poll() is not None:
-                    raise TimeoutError(f"timed out waiting for {what}")
-                self._changed.wait(left)
+        wait_for_report(
+            self._changed,
+            lambda: self._reports,
+            predicate,
+            timeout=timeout,
+            what=what,
+            alive=lambda: self._process.poll() is None,
+        )
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ from osdp import (
     PeripheralDevice,
 )
 
+from firmware_stubs.reports import follow_reports, wait_for_report
+
 Report = Callable[[dict[str, Any]], None]
 
 # No "ascii": libosdp 3.2 drops ASCII card reads (osdp_FMT is deprecated) on both the PD and the CP side.
@@ -662,36 +664,17 @@ class StubReaderProcess:
         return self._process.poll() is None
 
     def _read_reports(self) -> None:
-        stream = self._process.stdout
-        if stream is None:
-            return
-        for text in stream:
-            try:
-                report = json.loads(text)
-            except ValueError:
-                continue
-            with self._changed:
-                self._reports.append(report)
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
+        follow_reports(self._process.stdout, self._reports, self._changed)
 
     def _wait_for(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str, *, latest_status: bool = False
     ) -> None:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                reports = self._reports
-                if latest_status:
-                    statuses = [report for report in reports if "status" in report]
-                    reports = statuses[-1:]
-                if any(predicate(report) for report in reports):
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._process_alive():
-                    raise TimeoutError(f"timed out waiting for {what}")
-                self._changed.wait(left)
+        def view() -> list[dict[str, Any]]:
+            if latest_status:
+                return [report for report in self._reports if "status" in report][-1:]
+            return self._reports
+
+        wait_for_report(self._changed, view, predicate, timeout=timeout, what=what, alive=self._process_alive)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agents.doors.actions import Mode
+from agents.runtime.durable import open_durable, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -88,32 +89,22 @@ class DoorStateStore:
             # A damaged file must not keep doors from working: set it aside (for inspection) and start
             # empty. Anti-passback forgets (fails open for re-entry); key loans are re-learnt from the
             # slot sensors at start, where every empty slot is reported (docs/doors.md).
-            aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+            aside = set_aside(path)
             log.error("door state %s is damaged (%s); moved to %s, starting empty", path, err, aside)
-            path.rename(aside)
-            for suffix in ("-wal", "-shm"):
-                path.with_name(path.name + suffix).unlink(missing_ok=True)
             self._conn = self._open(path)
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            # A loan or a passage must be on disk before the door moves on, or a crash forgets it.
-            conn.execute("PRAGMA synchronous=FULL")
-            if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("integrity check failed")
+        def prepare(conn: sqlite3.Connection) -> None:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > _SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"schema version {version} is newer than this agent's")
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+
+        # A loan or a passage must be on disk before the door moves on, or a crash forgets it.
+        return open_durable(path, prepare)
 
     def close(self) -> None:
         """Close the database."""

@@ -20,6 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agents.runtime.durable import open_durable, set_aside
 from protocol import errors, messages, timefmt
 from protocol.canonical import loads_strict
 
@@ -62,7 +63,7 @@ class NonceStore:
         try:
             self._conn = self._open(path)
         except sqlite3.DatabaseError as err:
-            aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+            aside = set_aside(path)
             log.error(
                 "nonce store %s is damaged (%s); moved to %s, commands refused for %.0f s",
                 path,
@@ -70,29 +71,18 @@ class NonceStore:
                 aside,
                 _NONCE_KEEP_S,
             )
-            path.rename(aside)
-            for suffix in ("-wal", "-shm"):
-                path.with_name(path.name + suffix).unlink(missing_ok=True)
             self._conn = self._open(path)
             self.quarantined_until = time.monotonic() + _NONCE_KEEP_S
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            # The nonce must be on disk before the command acts, or a crash could allow it twice.
-            conn.execute("PRAGMA synchronous=FULL")
-            if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("integrity check failed")
-            conn.execute(
+        return open_durable(
+            path,
+            lambda conn: conn.execute(
                 "CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, command_id TEXT NOT NULL,"
                 " expires_at REAL NOT NULL)"
-            )
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+            ),
+        )
 
     def remember(self, nonce: str, command_id: str, expires_at: datetime) -> bool:
         """Record a nonce; return False if it was seen before (a replay)."""

@@ -29,12 +29,11 @@ from rich.table import Table
 
 from agents.doors.attach import AttachedDoors, attach_doors
 from agents.runtime.agent import Agent
-from agents.runtime.config import AgentConfig
-from deploy.pki import PkiPaths, init_pki, issue_agent
 from drivers.locker import BoardObserver, BoardStatus, LockIO
 from drivers.smartcard import hash_uid
-from protocol import messages, signing, timefmt
+from protocol import timefmt
 from protocol.policy import Card, Door, DoorReader, Person, Site, SitePolicy
+from sekisho.bench.offline import offline_agent
 
 AGENT = "bench-doors"
 SITE_KEY = b"bench-doors-site-key-0123456789ab"
@@ -85,27 +84,7 @@ class JumpingClock:
 
 
 def _agent(root: Path) -> Agent:
-    pki = root / "pki"
-    init_pki(pki)
-    creds = issue_agent(pki, AGENT)
-    agent = Agent(
-        AgentConfig(
-            agent_id=AGENT,
-            ca_cert=creds.ca_cert,
-            tls_cert=creds.tls_cert,
-            tls_key=creds.tls_key,
-            signing_key=creds.signing_key,
-            controller_public_key=creds.controller_signing_pub,
-            state_dir=root / "state",
-        )
-    )
-    ctl_key = signing.load_private_key(PkiPaths.at(pki).controller_signing_key)
-    outcome = agent.policy.offer(
-        messages.build_bundle(ctl_key, agent=AGENT, version=1, policy=_policy(), lifetime=timedelta(hours=12))
-    )
-    if outcome.status == "rejected":
-        raise RuntimeError(f"bench policy refused: {outcome.reason}")
-    return agent
+    return offline_agent(root, AGENT, _policy())
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -21,16 +21,15 @@ from rich.console import Console
 from rich.table import Table
 
 from agents.runtime.agent import Agent
-from agents.runtime.config import AgentConfig
 from agents.usb.guard import UsbGuard
 from agents.usb.session import StaticSession
-from deploy.pki import PkiPaths, init_pki, issue_agent
 from drivers.usb.blockdev import FakeBlockDevices
 from drivers.usb.events import InjectedHotplug
 from drivers.usb.fake import FakeSysfsTree
 from drivers.usb.sysfs import SysfsUsb
-from protocol import messages, signing, timefmt
+from protocol import timefmt
 from protocol.policy import MediaLoan, Medium, Person, Site, SitePolicy, Terminal
+from sekisho.bench.offline import offline_agent
 
 AGENT = "bench-usb"
 TERMINAL = "t-bench-01"
@@ -85,24 +84,7 @@ def run_usb_bench(count: int, console: Console | None = None) -> dict[str, float
     agent: Agent | None = None
     guard: UsbGuard | None = None
     try:
-        pki = root / "pki"
-        init_pki(pki)
-        creds = issue_agent(pki, AGENT)
-        agent = Agent(
-            AgentConfig(
-                agent_id=AGENT,
-                ca_cert=creds.ca_cert,
-                tls_cert=creds.tls_cert,
-                tls_key=creds.tls_key,
-                signing_key=creds.signing_key,
-                controller_public_key=creds.controller_signing_pub,
-                state_dir=root / "state",
-            )
-        )
-        ctl_key = signing.load_private_key(PkiPaths.at(pki).controller_signing_key)
-        agent.policy.offer(
-            messages.build_bundle(ctl_key, agent=AGENT, version=1, policy=_policy(), lifetime=timedelta(hours=12))
-        )
+        agent = offline_agent(root, AGENT, _policy())
         tree = FakeSysfsTree(root / "sys")
         tree.add_root_hub(1)
         sysfs = SysfsUsb(tree.root)
