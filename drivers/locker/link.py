@@ -566,17 +566,7 @@ class LockerBoardLink:
 
     def _work_loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                item = self._events.get(timeout=self._next_wait())
-            except queue.Empty:
-                item = None
-            while True:
-                if item is not None:
-                    self._observers.deliver(item)
-                try:
-                    item = self._events.get_nowait()
-                except queue.Empty:
-                    break
+            self._observers.deliver_queued(self._events, self._next_wait())
             if self._stop.is_set():
                 return
             try:

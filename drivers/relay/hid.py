@@ -418,17 +418,7 @@ class HidRelayBoard:
         while not self._stop.is_set():
             with self._io:
                 deadlines = [next_poll, *self._timers.values()]
-            try:
-                item = self._events.get(timeout=max(min(deadlines) - time.monotonic(), 0.0))
-            except queue.Empty:
-                item = None
-            while True:
-                if item is not None:
-                    self._observers.deliver(item)
-                try:
-                    item = self._events.get_nowait()
-                except queue.Empty:
-                    break
+            self._observers.deliver_queued(self._events, min(deadlines) - time.monotonic())
             if self._stop.is_set():
                 return
             try:

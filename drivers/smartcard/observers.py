@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -46,3 +47,17 @@ class ObserverList(Generic[EventT]):
             callback(event)
         except Exception:
             _LOG.exception("%s observer failed", self._kind)
+
+    def deliver_queued(self, events: queue.SimpleQueue[EventT | None], timeout: float) -> None:
+        """Wait up to ``timeout`` for a queued event, then deliver it and all queued behind it (None only wakes)."""
+        try:
+            item = events.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return
+        while True:
+            if item is not None:
+                self.deliver(item)
+            try:
+                item = events.get_nowait()
+            except queue.Empty:
+                return
