@@ -7,7 +7,6 @@ The watcher follows the session registry the PAM helper writes (agents/login/ses
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -16,7 +15,7 @@ from typing import Any
 
 from agents.login.lock import DEFAULT_END_COMMAND, DEFAULT_LOCK_COMMAND, CardRemovalLock
 from agents.login.sessions import LoginSession, LoginSessions
-from agents.usb.session import SessionListener
+from agents.usb.session import SessionListener, StaticSession
 from drivers.smartcard import CardError
 from drivers.smartcard.protocol import SmartCardBackend
 
@@ -54,28 +53,20 @@ class LoginSessionWatcher:
         self._mutex = threading.Lock()
         self._watched: dict[str, tuple[LoginSession, CardRemovalLock]] = {}
         self._locked: set[str] = set()
-        self._listeners: list[SessionListener] = []
+        # The USB guard's view: who is logged in and not locked; it notifies only on a change.
+        self._session = StaticSession()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._person: str | None = None
 
     # --- SessionProvider (the USB guard reads this) ----------------------------------------------------
 
     def current_person(self) -> str | None:
         """Return the person of the open, unlocked session (None when nobody is, or it is locked)."""
-        with self._mutex:
-            return self._person
+        return self._session.current_person()
 
     def subscribe(self, callback: SessionListener) -> Callable[[], None]:
         """Call ``callback(person)`` after every login, logout, lock or unlock; return an unsubscriber."""
-        with self._mutex:
-            self._listeners.append(callback)
-
-        def unsubscribe() -> None:
-            with self._mutex, contextlib.suppress(ValueError):
-                self._listeners.remove(callback)
-
-        return unsubscribe
+        return self._session.subscribe(callback)
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -154,13 +145,7 @@ class LoginSessionWatcher:
     def _publish(self) -> None:
         with self._mutex:
             open_people = [s.person for user, (s, _) in sorted(self._watched.items()) if user not in self._locked]
-            person = open_people[0] if open_people else None
-            if person == self._person:
-                return
-            self._person = person
-            listeners = list(self._listeners)
-        for listener in listeners:
-            try:
-                listener(person)
-            except Exception:
-                log.exception("session listener %r failed", listener)
+        if open_people:
+            self._session.login(open_people[0])
+        else:
+            self._session.logout()

@@ -1,7 +1,8 @@
 """Who is logged in on this terminal: the interface the USB guard reads the session person through.
 
-The login guard (issue 3) will implement ``SessionProvider`` with the person it authenticated by card
-and fingerprint; until then ``StaticSession`` stands in (tests, the demo, ``python -m agents.usb``).
+The login guard's session watch (agents/login/watch.py) provides the person it authenticated by card and
+fingerprint (nobody while the session is locked); ``StaticSession`` stands in for tests, the demo and
+``python -m agents.usb``.
 The USB guard only needs the person's policy id and a call whenever it changes (login, logout, switch).
 """
 
@@ -31,7 +32,7 @@ class SessionProvider(Protocol):
 
 
 class StaticSession:
-    """A settable session (tests, demo); the login guard will provide the real one with the same protocol."""
+    """A settable session: the login watch (agents/login/watch.py) publishes through one; tests and the demo set it."""
 
     def __init__(self, person: str | None = None) -> None:
         self._person = person
