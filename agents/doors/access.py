@@ -44,6 +44,7 @@ DenyReason = Literal[
     "unknown_reader",
     "lockdown",
     "unknown_card",
+    "card_auth_failed",
     "card_inactive",
     "card_not_valid",
     "person_inactive",
@@ -87,6 +88,8 @@ class CardEvidence:
     card_masked: str
     weak: bool
     card_id: str | None = None
+    # The card was matched to an enrolled key but failed to prove it holds it (a clone, a copied certificate).
+    auth_failed: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -177,6 +180,8 @@ def check_card(
         return refuse("lockdown")
     if card is None or person is None:
         return refuse("unknown_card")
+    if evidence.auth_failed:
+        return refuse("card_auth_failed", f"card {card.id} did not prove its enrolled key")
     if card.status != "active":
         return refuse("card_inactive", f"card {card.id} is {card.status}")
     if not card.valid_at(now):

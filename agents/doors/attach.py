@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from agents.doors.access import CardEvidence, PolicyState
 from agents.doors.service import Clock, DoorController
+from agents.runtime.cards import enrolled_cards
 from agents.runtime.policy_cache import PolicyCache
 from drivers.locker import (
     BoardOffline,
@@ -35,9 +36,9 @@ from drivers.locker import (
     RelayTimerExpired,
 )
 from drivers.osdp import CardRead, KeypadInput, ReaderConfig, ReaderLink, ReaderStatus
-from drivers.smartcard import CardError, hash_uid, mask_uid
+from drivers.smartcard import CardError, authenticate, hash_uid, mask_uid
 from drivers.smartcard.protocol import CardEvent, SmartCardBackend
-from protocol.policy import SitePolicy
+from protocol.policy import Card, SitePolicy
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +76,30 @@ def card_evidence(data: bytes, site_key: bytes) -> CardEvidence:
 
 
 class PcscDoorReaders:
-    """PC/SC readers serving doors: a card placed on a mapped reader is read once and reported as a tap."""
+    """PC/SC readers serving doors: a card placed on a mapped reader is identified once and reported as a tap.
 
-    def __init__(self, backend: SmartCardBackend, readers: Mapping[str, str]) -> None:
+    A card whose policy entry carries an enrolled public key must prove it by challenge–response (the same
+    driver path as the terminal login): proven, it is a strong credential; failing, it is refused as
+    ``card_auth_failed`` (a cloned UID or a copied certificate). Cards enrolled without a key are
+    recognised by their UID hash and flagged weak.
+    """
+
+    def __init__(
+        self,
+        backend: SmartCardBackend,
+        readers: Mapping[str, str],
+        *,
+        site_key: bytes,
+        cards: Callable[[], Sequence[Card]],
+    ) -> None:
         self._backend = backend
         self._readers = dict(readers)  # PC/SC reader name -> door reader id
-        self._on_tap: Callable[[str, bytes], None] | None = None
+        self._site_key = site_key
+        self._cards = cards
+        self._on_tap: Callable[[str, CardEvidence], None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
 
-    def start(self, on_tap: Callable[[str, bytes], None]) -> None:
+    def start(self, on_tap: Callable[[str, CardEvidence], None]) -> None:
         """Start watching the mapped readers."""
         self._on_tap = on_tap
         self._unsubscribe = self._backend.subscribe(self._on_cards)
@@ -94,22 +110,47 @@ class PcscDoorReaders:
         if unsubscribe is not None:
             unsubscribe()
 
+    def identify(self, pcsc_reader: str) -> CardEvidence | None:
+        """Read and check the card in a reader; None when there is no card to speak of."""
+        try:
+            conn = self._backend.connect(pcsc_reader)
+        except CardError as err:
+            log.warning("door reader %s: no card session: %s", pcsc_reader, err)
+            return None
+        try:
+            uid = b""
+            with contextlib.suppress(CardError):
+                uid = conn.get_uid()  # contact cards may have none: the certificate identifies them
+            result = authenticate(conn, enrolled_cards(self._cards()), site_key=self._site_key, allow_uid_only=True)
+        finally:
+            conn.close()
+        if result.reason in ("no_card", "reader_unavailable"):
+            return None
+        card_hash = hash_uid(uid, self._site_key)
+        if result.card_id is not None and not uid:
+            card_hash = next((c.uid_hash for c in self._cards() if c.id == result.card_id), card_hash)
+        masked = mask_uid(uid) if uid else "****"
+        if result.ok:
+            return CardEvidence(card_hash=card_hash, card_masked=masked, weak=result.weak, card_id=result.card_id)
+        if result.reason == "unknown_card":
+            return CardEvidence(card_hash=card_hash, card_masked=masked, weak=True)
+        # Matched an enrolled card but could not prove it (or answered garbage): refused, never granted.
+        return CardEvidence(
+            card_hash=card_hash, card_masked=masked, weak=True, card_id=result.card_id, auth_failed=True
+        )
+
     def _on_cards(self, event: CardEvent) -> None:
         for card in event.added:
             reader_id = self._readers.get(card.reader)
             if reader_id is None or self._on_tap is None:
                 continue
             try:
-                conn = self._backend.connect(card.reader)
-                try:
-                    uid = conn.get_uid()
-                finally:
-                    conn.close()
-            except CardError as err:
-                # A card that cannot even give its number is refused by not being read; the log says why.
-                log.warning("door reader %s: card unreadable: %s", reader_id, err)
+                evidence = self.identify(card.reader)
+            except Exception:  # the monitor thread must survive any card
+                log.exception("door reader %s: identifying a card failed", reader_id)
                 continue
-            self._on_tap(reader_id, uid)
+            if evidence is not None:
+                self._on_tap(reader_id, evidence)
 
 
 @dataclass
@@ -142,7 +183,7 @@ class AttachedDoors:
         self.controller.start()
         self._report_inputs()
         if self.pcsc is not None:
-            self.pcsc.start(self._tap)
+            self.pcsc.start(self._present)
         self._thread = threading.Thread(target=self._run_timer, name="door-timer", daemon=True)
         self._thread.start()
 
@@ -197,7 +238,10 @@ class AttachedDoors:
             self.controller.input_changed("tamper", 0, True)
 
     def _tap(self, reader_id: str, data: bytes) -> None:
-        self.controller.card_presented(reader_id, card_evidence(data, self.site_key))
+        self._present(reader_id, card_evidence(data, self.site_key))
+
+    def _present(self, reader_id: str, evidence: CardEvidence) -> None:
+        self.controller.card_presented(reader_id, evidence)
         self._wake.set()
 
     def _on_reader(self, event: object) -> None:

@@ -33,10 +33,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agents.doors.attach import AttachedDoors, PcscDoorReaders, attach_doors
+from agents.doors.attach import AttachedDoors, PcscDoorReaders, attach_doors, policy_provider
 from agents.runtime.agent import Agent
 from drivers.locker import LockIO
 from drivers.osdp import ReaderConfig, ReaderLink
+from protocol.policy import Card
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,15 @@ def start_doors(agent: Agent, config_path: Path) -> AttachedDoors:
     if settings.pcsc:
         from drivers.smartcard import pcsc_backend
 
-        pcsc = PcscDoorReaders(pcsc_backend(), {r.pcsc_reader: r.reader_id for r in settings.pcsc})
+        provider = policy_provider(agent.policy)
+
+        def cards() -> list[Card]:
+            policy = provider()[0]
+            return list(policy.cards) if policy is not None else []
+
+        pcsc = PcscDoorReaders(
+            pcsc_backend(), {r.pcsc_reader: r.reader_id for r in settings.pcsc}, site_key=site_key, cards=cards
+        )
     doors = attach_doors(
         emit=agent.emit,
         policy=agent.policy,

@@ -39,13 +39,13 @@ from agents.login.lock import DEFAULT_END_COMMAND, DEFAULT_LOCK_COMMAND
 from agents.login.messages import bilingual
 from agents.login.notices import notice_for
 from agents.login.sessions import LoginSessions
+from agents.runtime.cards import enrolled_cards
 from agents.runtime.config import AgentConfig, load_config
 from agents.runtime.outbox import Outbox
 from agents.runtime.policy_cache import PolicyCache
 from drivers.biometric import BiometricError, FingerprintBackend, NotEnrolled, SimulatedFingerprint
 from drivers.smartcard import (
     CardError,
-    EnrolledCard,
     SimulatedBackend,
     SimulatedCard,
     SmartCardBackend,
@@ -179,19 +179,6 @@ def real_hardware(settings: LoginAgentSettings) -> Hardware:
     )
 
 
-def _enrolled(cards: list[Card]) -> list[EnrolledCard]:
-    # A card with an enrolled key must prove it by challenge–response; one without is UID-only (weak).
-    return [
-        EnrolledCard(
-            card_id=c.id,
-            uid_hash=c.uid_hash,
-            public_key_pem=c.public_key_pem,
-            kind="piv" if c.public_key_pem else "uid_only",
-        )
-        for c in cards
-    ]
-
-
 def check_card(
     backend: SmartCardBackend, cards: list[Card], *, site_key: bytes, allow_uid_only: bool, reader: str | None = None
 ) -> CardCheck:
@@ -212,7 +199,7 @@ def check_card(
             uid_hash, uid_masked = hash_uid(uid, site_key), mask_uid(uid)
         except CardError:
             pass  # contact cards have no UID; authenticate() identifies them by certificate
-        result = authenticate(conn, _enrolled(cards), site_key=site_key, allow_uid_only=allow_uid_only)
+        result = authenticate(conn, enrolled_cards(cards), site_key=site_key, allow_uid_only=allow_uid_only)
     finally:
         conn.close()
     common: dict[str, Any] = {
