@@ -263,3 +263,36 @@ def test_unsafe_doors_toml_is_refused(agent: tuple[Agent, Path]) -> None:
     toml.write_text('site_key_file = "site.key"\nmystery = 1\n')
     with pytest.raises(DoorsSetupError, match="mystery"):
         load_doors_settings(config_dir / "agent.toml")
+
+
+def test_new_reader_gets_its_own_key(tmp_path: Path) -> None:
+    from agents.doors.keys import install_reader_key
+    from drivers.osdp import CardRead
+    from drivers.osdp.errors import KeySetError
+
+    reader = StubReaderProcess(address=1, install_mode=True)
+    key_file = tmp_path / "keys" / "rdr-new.scbk"
+    link = OsdpReaderLink(reader.master_fd, [ReaderConfig(reader_id="rdr-new", address=1, install_mode=True)])
+    try:
+        link.start()
+        install_reader_key(link, "rdr-new", key_file)
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = bytes.fromhex(key_file.read_text())
+        assert len(key) == 16 and link.secure("rdr-new")
+        with pytest.raises(KeySetError, match="exists"):  # a key in use is never overwritten
+            install_reader_key(link, "rdr-new", key_file)
+        link.stop()
+        # The door agent restarts with the saved key: the reader is secure and its cards count.
+        cards: list[object] = []
+        keyed = OsdpReaderLink(reader.master_fd, [ReaderConfig(reader_id="rdr-new", address=1, scbk=key)])
+        keyed.subscribe(cards.append)
+        keyed.start()
+        try:
+            _wait(lambda: keyed.secure("rdr-new"), timeout=15)
+            reader.present_card(ALICE, bits=48)
+            _wait(lambda: any(isinstance(c, CardRead) and c.data == ALICE for c in cards))
+        finally:
+            keyed.stop()
+    finally:
+        link.stop()
+        reader.close()

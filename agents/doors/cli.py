@@ -35,3 +35,43 @@ def doors_command(
         agent.stop()
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
+
+
+@doors_app.command("doors-keyset")
+def doors_keyset_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="agent TOML file (doors.toml beside it)")],
+    reader: Annotated[str, typer.Option("--reader", "-r", help="reader id in doors.toml (install_mode = true)")],
+) -> None:
+    """Give a new OSDP reader its own Secure Channel key (stop the door agent first: the line is exclusive)."""
+    from agents.doors.keys import install_reader_key
+    from agents.doors.run import DoorsSetupError, load_doors_settings
+    from drivers.osdp import OsdpError, OsdpReaderLink, ReaderConfig
+
+    try:
+        settings, base = load_doors_settings(config)
+    except DoorsSetupError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    found = [(line, r) for line in settings.osdp for r in line.readers if r.reader_id == reader]
+    if not found:
+        typer.echo(f"error: no OSDP reader {reader!r} in doors.toml", err=True)
+        raise typer.Exit(2)
+    line, entry = found[0]
+    if entry.scbk_file is None:
+        typer.echo(f"error: reader {reader!r} has no scbk_file to keep its key in", err=True)
+        raise typer.Exit(2)
+    key_file = entry.scbk_file if entry.scbk_file.is_absolute() else base / entry.scbk_file
+    link = OsdpReaderLink(
+        line.device,
+        [ReaderConfig(reader_id=reader, address=entry.address, install_mode=True)],
+        baud_rate=line.baud_rate,
+    )
+    try:
+        link.start()
+        install_reader_key(link, reader, key_file)
+    except OsdpError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    finally:
+        link.stop()
+    typer.echo(f"reader {reader}: keyed; key saved to {key_file}. Set install_mode = false in doors.toml.")
