@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -46,29 +47,57 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) ->
     raise RuntimeError("the controller did not become ready in time")
 
 
-def _status_table(base: str) -> Table:
-    table = Table(title="sekisho demo — 最近のイベント / latest events (Ctrl-C で停止 / to stop)")
-    for column in ("時刻 (UTC)", "agent", "seq", "type", "detail"):
-        table.add_column(column)
-    try:
-        agents = _get(f"{base}/api/v1/agents")
-        page = _get(f"{base}/api/v1/events?limit=1000")
-        findings = _get(f"{base}/api/v1/findings?open_only=true")
-        dead = _get(f"{base}/api/v1/dead-letters?limit=1000")
-    except (urllib.error.URLError, OSError, ValueError):
-        table.caption = "controller not answering…"
-        return table
-    for event in page["items"][-12:]:
-        payload = event["payload"]
-        detail = ", ".join(
-            f"{k}={v}" for k, v in payload.items() if k in ("door", "terminal", "person", "reason", "user")
+class DemoView:
+    """The live view: the newest events (followed page by page) and the door registers as they fill."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.after_id: int | None = None
+        self.latest: deque[dict[str, Any]] = deque(maxlen=12)
+        self.total = 0
+
+    def _follow(self) -> None:
+        while True:
+            query = f"?limit=1000&after_id={self.after_id}" if self.after_id is not None else "?limit=1000"
+            page = _get(f"{self.base}/api/v1/events{query}")
+            self.latest.extend(page["items"])
+            self.total += len(page["items"])
+            if page["items"]:
+                self.after_id = page["items"][-1]["id"]
+            if page["next_after_id"] is None:
+                return
+
+    def table(self) -> Table:
+        """Fetch what is new and render it."""
+        table = Table(title="sekisho demo — 最近のイベント / latest events (Ctrl-C で停止 / to stop)")
+        for column in ("時刻 (UTC)", "agent", "seq", "type", "detail"):
+            table.add_column(column)
+        try:
+            self._follow()
+            agents = _get(f"{self.base}/api/v1/agents")
+            findings = _get(f"{self.base}/api/v1/findings?open_only=true")
+            dead = _get(f"{self.base}/api/v1/dead-letters?limit=1000")
+            inside = _get(f"{self.base}/api/v1/areas/presence")
+            loans = _get(f"{self.base}/api/v1/keys/loans?open=true")["items"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            table.caption = "controller not answering…"
+            return table
+        for event in self.latest:
+            payload = event["payload"]
+            detail = ", ".join(
+                f"{k}={v}"
+                for k, v in payload.items()
+                if k in ("door", "terminal", "person", "reason", "alarm", "user", "key", "cause") and v is not None
+            )
+            table.add_row(event["occurred_at"][11:19], event["agent_id"], str(event["seq"]), event["type"], detail)
+        depth = ", ".join(f"{a['id']}: outbox {a['outbox_depth']}, policy v{a['policy_version']}" for a in agents)
+        people = ", ".join(f"{p['person']}{' (来訪者/visitor)' if p['visitor'] else ''}" for p in inside) or "-"
+        keys = ", ".join(f"{loan['key']}→{loan['person']}" for loan in loans) or "-"
+        table.caption = (
+            f"events {self.total}  dead letters {len(dead)}  open findings {len(findings)}\n"
+            f"在室 / inside now: {people}\n貸出中の鍵 / keys out: {keys}\n{depth}"
         )
-        table.add_row(event["occurred_at"][11:19], event["agent_id"], str(event["seq"]), event["type"], detail)
-    depth = ", ".join(f"{a['id']}: outbox {a['outbox_depth']}, policy v{a['policy_version']}" for a in agents)
-    table.caption = (
-        f"events (first page) {len(page['items'])}  dead letters {len(dead)}  open findings {len(findings)}\n{depth}"
-    )
-    return table
+        return table
 
 
 def demo(
@@ -114,10 +143,11 @@ def demo(
         console.print(f"  verify records: sekisho records verify --config {lab.controller_config}")
         console.print(f"  logs: {lab.root / 'logs'}")
         started = time.monotonic()
-        with Live(_status_table(base), console=console, refresh_per_second=1, transient=False) as live:
+        view = DemoView(base)
+        with Live(view.table(), console=console, refresh_per_second=1, transient=False) as live:
             while not stop.is_set() and (duration <= 0 or time.monotonic() - started < duration):
                 stop.wait(2.0)
-                live.update(_status_table(base))
+                live.update(view.table())
     finally:
         console.print("stopping…")
         lab.stop_all()
