@@ -263,6 +263,11 @@ def test_unsafe_doors_toml_is_refused(agent: tuple[Agent, Path]) -> None:
     toml.write_text('site_key_file = "site.key"\nmystery = 1\n')
     with pytest.raises(DoorsSetupError, match="mystery"):
         load_doors_settings(config_dir / "agent.toml")
+    # A board that cannot be opened is a clear set-up error, and nothing is left running.
+    (config_dir / "site.key").write_bytes(SITE_KEY)
+    toml.write_text('site_key_file = "site.key"\n[board]\nkind = "serial"\ndevice = "/nonexistent/ttyX"\n')
+    with pytest.raises(DoorsSetupError, match="door devices"):
+        start_doors(running, config_dir / "agent.toml")
 
 
 def test_new_reader_gets_its_own_key(tmp_path: Path) -> None:

@@ -35,8 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agents.doors.attach import AttachedDoors, PcscDoorReaders, attach_doors, policy_provider
 from agents.runtime.agent import Agent
-from drivers.locker import LockIO
-from drivers.osdp import ReaderConfig, ReaderLink
+from drivers.locker import BoardError, LockIO
+from drivers.osdp import OsdpError, ReaderConfig, ReaderLink
 from protocol.policy import Card
 
 log = logging.getLogger(__name__)
@@ -179,19 +179,29 @@ def start_doors(agent: Agent, config_path: Path) -> AttachedDoors:
         pcsc = PcscDoorReaders(
             pcsc_backend(), {r.pcsc_reader: r.reader_id for r in settings.pcsc}, site_key=site_key, cards=cards
         )
+    try:
+        readers = build_readers(settings, base)
+        board = build_board(settings.board)
+    except (BoardError, OsdpError, OSError, ValueError) as err:
+        raise DoorsSetupError(f"door devices: {type(err).__name__}: {err}") from err
     doors = attach_doors(
         emit=agent.emit,
         policy=agent.policy,
         state_dir=agent.config.state_dir,
-        readers=build_readers(settings, base),
-        board=build_board(settings.board),
+        readers=readers,
+        board=board,
         site_key=site_key,
         pcsc=pcsc,
         commands=agent.commands,
         tick_s=settings.tick_s,
     )
     agent.start()
-    doors.start()
+    try:
+        doors.start()
+    except (BoardError, OsdpError, OSError) as err:
+        # A reader line or board that cannot be opened is a set-up error: say which, leave nothing running.
+        doors.stop()
+        raise DoorsSetupError(f"door devices: {type(err).__name__}: {err}") from err
     return doors
 
 
