@@ -180,7 +180,7 @@ def _scenario(site: DoorSite, rng: random.Random) -> list[Callable[[], None]]:
 
     for person in staff:
         steps.append(room(person))
-    for visitor in visitors:
+    for visitor in visitors if staff else []:
         steps.append(partial(site.escorted_visit, visitor, staff[0]))
     for door in by_kind["locker"]:
         allowed = [p for p in door.allowed if p in site.cards]
