@@ -263,6 +263,11 @@ class SitePolicy(_Model):
     key_cabinets: list[KeyCabinet] = Field(default_factory=list)
     media: list[Medium] = Field(default_factory=list)
     loans: list[MediaLoan] = Field(default_factory=list, description="managed by `sekisho media lend/return`")
+    login_directory: list[Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_.-]{0,31}$")]] = Field(
+        default_factory=list,
+        description="derived by for_agent: every login name on the site (names only), so a terminal can tell "
+        "'not designated here' from 'no such user' without receiving the other people",
+    )
 
     @model_validator(mode="after")
     def _check_references(self) -> SitePolicy:
@@ -370,5 +375,7 @@ class SitePolicy(_Model):
                 loan.model_copy(update={"terminals": [t for t in loan.terminals if t in terminal_ids]})
                 for loan in loans
             ],
+            # Terminals only: login names, no other personal data, so a refusal names the right reason.
+            login_directory=sorted({n for p in self.people for n in p.logins}) if terminals else [],
         )
         return part.model_dump(mode="json")

@@ -231,3 +231,12 @@ def test_refuse_early_without_card_lets_a_designated_handler_through() -> None:
 def test_naive_time_is_refused() -> None:
     with pytest.raises(ValueError, match="timezone"):
         decide(now=datetime(2026, 11, 24, 10, 0))
+
+
+def test_person_left_out_of_the_agents_slice_is_not_designated() -> None:
+    # The controller sends a terminal agent only its handlers, plus the site's login names.
+    sliced = SitePolicy.model_validate(make_policy().for_agent(make_policy().terminals[0].agent))
+    assert "p-carol" not in {p.id for p in sliced.people} and "carol" in sliced.login_directory
+    assert decide(policy=sliced, user="carol").reason == "not_designated"
+    assert decide(policy=sliced, user="mallory").reason == "unknown_user"
+    assert decide(policy=sliced, user="alice").granted

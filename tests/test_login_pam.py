@@ -333,9 +333,10 @@ def test_fingerprint_timeout(login: Terminal) -> None:
 
 
 def test_not_designated(login: Terminal) -> None:
-    # carol has a login on the site but handles no terminal of this agent: the controller's least-privilege
-    # slice does not carry her, so to this agent she is an unknown user (the person sees the same message).
-    assert_denied(login, "carol", "unknown_user")
+    # carol has a login on the site but handles no terminal of this agent: the least-privilege slice does
+    # not carry her, only her login name in the site's login directory, so she is "not designated" here.
+    assert_denied(login, "carol", "not_designated")
+    assert_denied(login, "nobody", "unknown_user")
     login.install_bundle(2, login.policy_doc(inactive=("p-alice",)))
     assert_denied(login, "alice", "not_designated")
 
@@ -370,9 +371,9 @@ def test_expired_policy_within_grace_still_decides(login: Terminal) -> None:
 
 def test_revocation_in_a_new_bundle_refuses_the_next_login(login: Terminal) -> None:
     assert login.pamtester("alice").returncode == 0
-    # Taken off this terminal's handlers: she leaves the agent's slice of the policy altogether.
+    # Taken off this terminal's handlers: she leaves the agent's slice (only her login name stays known).
     login.install_bundle(2, login.policy_doc(handlers=["p-bob"]))
-    assert_denied(login, "alice", "unknown_user")
+    assert_denied(login, "alice", "not_designated")
     login.set_scenario("c-bob")
     assert login.pamtester("bob").returncode == 0
     # Suspended as a person (still listed as handler): refused as not designated.

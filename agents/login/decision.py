@@ -119,6 +119,9 @@ def refuse_early(
 
     person = next((p for p in policy.people if user in p.logins), None)
     if person is None:
+        if user in policy.login_directory:
+            # A site account, just not a handler of any terminal of this agent (the bundle omits such people).
+            return _deny("not_designated", detail="not a designated handler of this terminal")
         return _deny("unknown_user")
     terminal = next((t for t in policy.terminals if t.id == terminal_id), None)
     if terminal is None:
