@@ -232,20 +232,7 @@ def _visit(conn: Connection, event: StoredEvent, area: str, visitor: str, enteri
                 )
             )
             return
-        conn.execute(
-            insert(_VISITS).values(
-                id=event.id,
-                agent_id=event.agent_id,
-                visitor=visitor,
-                escort=escort,
-                area=area,
-                entered_at=when,
-                exited_at=None,
-                doors=[door],
-                entry_event_id=event.event_id,
-                exit_event_id=None,
-            )
-        )
+        _new_visit(conn, event, visitor, escort, area, door, entering=True)
         return
     if conn.execute(select(_VISITS.c.id).where(_VISITS.c.exit_event_id == event.event_id)).first():
         return
@@ -264,6 +251,21 @@ def _visit(conn: Connection, event: StoredEvent, area: str, visitor: str, enteri
             .values(exited_at=when, exit_event_id=event.event_id, doors=[*open_visit.doors, door])
         )
         return
+    # An exit with no entry on record (it was before the register began, or its entry comes late).
+    _new_visit(conn, event, visitor, escort, area, door, entering=False)
+
+
+def _new_visit(
+    conn: Connection,
+    event: StoredEvent,
+    visitor: str,
+    escort: str | None,
+    area: str,
+    door: str,
+    *,
+    entering: bool,
+) -> None:
+    when = event.occurred_at
     conn.execute(
         insert(_VISITS).values(
             id=event.id,
@@ -271,11 +273,11 @@ def _visit(conn: Connection, event: StoredEvent, area: str, visitor: str, enteri
             visitor=visitor,
             escort=escort,
             area=area,
-            entered_at=None,
-            exited_at=when,
+            entered_at=when if entering else None,
+            exited_at=None if entering else when,
             doors=[door],
-            entry_event_id=None,
-            exit_event_id=event.event_id,
+            entry_event_id=event.event_id if entering else None,
+            exit_event_id=None if entering else event.event_id,
         )
     )
 
