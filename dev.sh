@@ -2,7 +2,9 @@
 # One entry point for a fresh Debian/Ubuntu machine:
 #   ./dev.sh demo    install what is missing, then run the demo (Ctrl-C stops everything)
 #   ./dev.sh test    install what is missing, then run every test tier this machine can run
-# Installs: Debian packages (only when root and missing), a .venv, the project with its dev extras.
+#   ./dev.sh upgrade move the locks (requirements/*.txt) to the newest releases, install them, run the tests
+# Installs: Debian packages (only when root and missing), a .venv holding exactly requirements/dev.txt,
+# and the project itself (editable, without build isolation, so its build back-end is locked too).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -41,14 +43,20 @@ ensure_apt() {
 
 ensure_venv() {
   local py=${PYTHON:-python3}
+  # The locks (requirements/*.txt, hashes for every file) decide what is installed, never today's newest
+  # release; an edited pyproject.toml without a new lock stops here with what to do.
+  "$py" requirements/lock.py check
   if [ ! -x .venv/bin/python ]; then
     "$py" -m venv .venv
-    .venv/bin/python -m pip install -q --upgrade pip
   fi
-  # Re-install when pyproject.toml changed since the last install.
-  if [ ! -f .venv/.sekisho-installed ] || [ pyproject.toml -nt .venv/.sekisho-installed ]; then
-    .venv/bin/python -m pip install -q -e '.[dev]'
-    touch .venv/.sekisho-installed
+  # Re-sync when the lock or pyproject.toml changed since the last sync (or a sync was interrupted).
+  local stamp
+  stamp=$(cat requirements/dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+  if [ "$(cat .venv/.sekisho-lock 2>/dev/null)" != "$stamp" ]; then
+    echo "installing the locked dependencies (requirements/dev.txt) into .venv"
+    rm -f .venv/.sekisho-lock
+    .venv/bin/python requirements/lock.py sync .venv dev
+    echo "$stamp" > .venv/.sekisho-lock
   fi
 }
 
@@ -62,11 +70,19 @@ case "$cmd" in
   test)
     ensure_apt; ensure_venv
     .venv/bin/ruff check .
-    .venv/bin/mypy protocol agents controller deploy sekisho drivers firmware_stubs
+    .venv/bin/mypy
     exec .venv/bin/pytest "$@"
     ;;
+  upgrade)
+    # Move every dependency to its newest release, write the locks again, install them, run the tests.
+    ensure_apt
+    [ -x .venv/bin/python ] || { ensure_venv; }
+    .venv/bin/python requirements/lock.py compile --upgrade
+    ensure_venv
+    exec "$0" test "$@"
+    ;;
   *)
-    echo "usage: ./dev.sh demo | ./dev.sh test [pytest args]" >&2
+    echo "usage: ./dev.sh demo | ./dev.sh test [pytest args] | ./dev.sh upgrade" >&2
     exit 2
     ;;
 esac

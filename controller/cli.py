@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from controller.config import ControllerConfig, load_config
-from controller.mqtt import connect_blocking, make_client
-from controller.policy.loader import PolicyError, load_policy_file
-from controller.policy.service import PolicyService, publish_once
-from protocol import messages, signing, topics
+from sekisho.controller.config import ControllerConfig, load_config
+from sekisho.controller.mqtt import connect_blocking, make_client
+from sekisho.controller.policy.loader import PolicyError, load_policy_file
+from sekisho.controller.policy.service import PolicyService, publish_once
+from sekisho.protocol import messages, signing, topics
 
 console = Console()
 err_console = Console(stderr=True)
@@ -58,7 +58,7 @@ def _wait_for_signal() -> None:
 @controller_app.command("serve")
 def serve(config: ConfigOpt, verbose: bool = False) -> None:
     """Run ingest, policy publication and the HTTP API."""
-    from controller.service import Controller
+    from sekisho.controller.service import Controller
 
     _logging(verbose)
     ctl = Controller(cli_config(config))
@@ -73,7 +73,7 @@ def serve(config: ConfigOpt, verbose: bool = False) -> None:
 @controller_app.command("ingest")
 def ingest(config: ConfigOpt, verbose: bool = False) -> None:
     """Run one extra ingest worker (no HTTP): workers share the load through an MQTT shared subscription."""
-    from controller.service import Controller
+    from sekisho.controller.service import Controller
 
     _logging(verbose)
     ctl = Controller(cli_config(config), with_policy=False)
@@ -92,7 +92,7 @@ def register_agent(
     replace: Annotated[bool, typer.Option(help="replace the key of an existing agent")] = False,
 ) -> None:
     """Register an agent's event-signing public key so its events are accepted."""
-    from controller.service import open_store
+    from sekisho.controller.service import open_store
 
     topics.check_agent_id(agent_id)
     pem = public_key.read_bytes()
@@ -105,7 +105,7 @@ def register_agent(
 @controller_app.command("revoke-agent")
 def revoke_agent(config: ConfigOpt, agent_id: str) -> None:
     """Revoke an agent: its events are refused from the next key refresh on."""
-    from controller.service import open_store
+    from sekisho.controller.service import open_store
 
     open_store(cli_config(config)).revoke_agent(agent_id)
     console.print(f"revoked {agent_id}")
@@ -147,7 +147,7 @@ def issue_command(
     save_to: Path | None = None,
 ) -> str:
     """Sign, record and publish one command; return its id (raises OSError/ConnectionError if unpublished)."""
-    from controller.service import open_store
+    from sekisho.controller.service import open_store
 
     key = signing.load_private_key(cfg.signing_key)
     command_id, raw = messages.build_command(
@@ -198,7 +198,7 @@ def policy_apply(
     comment: str = "",
 ) -> None:
     """Validate a site policy, show what changes, store it as a new version and publish signed bundles."""
-    from controller.service import open_store
+    from sekisho.controller.service import open_store
 
     cfg = cli_config(config)
     try:
@@ -236,7 +236,7 @@ def policy_apply(
 @policy_app.command("show")
 def policy_show(config: ConfigOpt) -> None:
     """Print the policy version in force."""
-    from controller.service import open_store
+    from sekisho.controller.service import open_store
 
     cfg = cli_config(config)
     current = PolicyService(open_store(cfg), signing.load_private_key(cfg.signing_key)).current()
@@ -255,7 +255,7 @@ def records_verify(
     signatures: Annotated[bool, typer.Option(help="also re-verify every agent signature")] = True,
 ) -> None:
     """Check every stream's hash chain (and signatures); name the first broken record of each."""
-    from controller.service import open_store
+    from sekisho.controller.service import open_store
 
     store = open_store(cli_config(config))
     keys = store.agent_keys(include_revoked=True) if signatures else None

@@ -12,7 +12,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from controller.config import ControllerConfig
+from sekisho.controller.config import ControllerConfig
 
 
 def _nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:

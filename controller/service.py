@@ -13,20 +13,20 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from controller.api.app import create_app
-from controller.api.deps import AppState
-from controller.config import ControllerConfig
-from controller.doors.jobs import DoorRegisterKeeper
-from controller.doors.projector import DoorProjector
-from controller.doors.registers import DoorRegisters
-from controller.ingest.worker import IngestWorker
-from controller.media.overdue import OverdueWatch
-from controller.media.service import MediaService
-from controller.periodic import PeriodicJob
-from controller.policy.service import PolicyService, publish_bundles
-from controller.store.db import make_engine, upgrade
-from controller.store.store import Store
-from protocol import messages, signing
+from sekisho.controller.api.app import create_app
+from sekisho.controller.api.deps import AppState
+from sekisho.controller.config import ControllerConfig
+from sekisho.controller.doors.jobs import DoorRegisterKeeper
+from sekisho.controller.doors.projector import DoorProjector
+from sekisho.controller.doors.registers import DoorRegisters
+from sekisho.controller.ingest.worker import IngestWorker
+from sekisho.controller.media.overdue import OverdueWatch
+from sekisho.controller.media.service import MediaService
+from sekisho.controller.periodic import PeriodicJob
+from sekisho.controller.policy.service import PolicyService, publish_bundles
+from sekisho.controller.store.db import make_engine, upgrade
+from sekisho.controller.store.store import Store
+from sekisho.protocol import messages, signing
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 
-from deploy.pki import CONTROLLER_CN, PkiPaths
-from protocol import topics
-from protocol.messages import MAX_CONTROL_BYTES
+from sekisho.deploy.pki import CONTROLLER_CN, PkiPaths
+from sekisho.protocol import topics
+from sekisho.protocol.messages import MAX_CONTROL_BYTES
 
 # The largest message on the wire is a control message (policy bundle); the headroom covers the topic,
 # MQTT properties and framing. Anything bigger is hostile, and the broker drops the client.

@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from deploy import pki
-from protocol import signing
+from sekisho.deploy import pki
+from sekisho.protocol import signing
 
 app = typer.Typer(
     help="Create the MQTT transport's PKI (CA, broker, controller) and issue agent credentials.",

@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protocol import errors, signing, topics
-from sekisho.files import write_atomically
+from sekisho.common.files import write_atomically
+from sekisho.protocol import errors, signing, topics
 
 CA_DAYS = 3650
 # Leaf certificates are re-issued with `issue-agent --force`; about two years keeps rotation a routine
@@ -226,7 +226,8 @@ def _load_ca(ca: CaPaths, ca_key_path: Path | None) -> tuple[x509.Certificate, e
     return cert, key
 
 
-def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+def _general_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    """Validate host names and addresses and turn them into SAN entries (an empty list for no hosts)."""
     names: list[x509.GeneralName] = []
     seen: set[str] = set()
     for host in hosts:
@@ -239,6 +240,15 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
             if not host.isascii() or len(host) > 253 or not all(_HOSTNAME_LABEL.match(p) for p in host.split(".")):
                 raise PkiError(f"invalid host name {host!r}") from None
             names.append(x509.DNSName(host.lower()))
+    return names
+
+
+def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+    # cryptography 51 refuses an empty SubjectAlternativeName, and RFC 5280 (4.2.1.6) wants at least one
+    # name in it: a certificate without hosts must leave the extension out, not carry an empty one.
+    names = _general_names(hosts)
+    if not names:
+        raise PkiError("a SubjectAlternativeName needs at least one host")
     return x509.SubjectAlternativeName(names)
 
 
@@ -380,7 +390,7 @@ def init_pki(directory: Path, *, hosts: Sequence[str] = (), force: bool = False)
     """
     paths = PkiPaths.at(directory)
     _refuse_existing([paths.ca_cert, paths.ca_key], force)
-    _san(hosts)  # validate before anything is written
+    _general_names(hosts)  # validate before anything is written
     init_ca(directory, force=force)
     issue_server_cert(directory, hosts, paths.broker_cert.parent, force=True)
     issue_client_cert(directory, CONTROLLER_CN, paths.controller_cert.parent, force=True)

@@ -1,6 +1,6 @@
 """A locker board firmware stand-in: lock relays with feedback contacts, door sensors, key slots and a tamper switch.
 
-Run it as ``python -m firmware_stubs.locker_board --device /dev/pts/N --relays 4 --doors 4 --key-slots 8``.
+Run it as ``python -m sekisho.firmware_stubs.locker_board --device /dev/pts/N --relays 4 --doors 4 --key-slots 8``.
 It opens ``--device`` (the slave side of a pty in tests and the demo; the host holds the master side) in
 raw mode, or uses an inherited descriptor given as ``--fd N``, and speaks docs/locker-board-protocol.md.
 The framing and payloads are written here again from the document, independently of ``drivers/locker``,
@@ -54,7 +54,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from firmware_stubs.reports import follow_reports, wait_for_report
+from sekisho.firmware_stubs.reports import follow_reports, wait_for_report
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -387,7 +387,9 @@ def _open_line(device: str | None, fd: int | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the board until {"quit": true} or the end of stdin."""
-    parser = argparse.ArgumentParser(prog="python -m firmware_stubs.locker_board", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sekisho.firmware_stubs.locker_board", description=__doc__.split("\n")[0]
+    )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--device", help="serial device or pty slave path")
     where.add_argument("--fd", type=int, help="an inherited, already open descriptor of the line")
@@ -504,7 +506,7 @@ class StubBoardProcess:
         self._next_id = 0
         self._closed = False
         self._stderr = open(stderr_path, "ab") if stderr_path is not None else None  # noqa: SIM115
-        command = [sys.executable, "-m", "firmware_stubs.locker_board"]
+        command = [sys.executable, "-m", "sekisho.firmware_stubs.locker_board"]
         command += ["--fd", str(self.master_fd)] if host_end == "slave" else ["--device", self.slave_path]
         command += ["--relays", str(relays), "--doors", str(doors), "--key-slots", str(key_slots)]
         command += ["--boot-count", str(boot_count), "--settle-ms", str(settle_ms)]

@@ -1,6 +1,6 @@
 """An OSDP card reader firmware stand-in (peripheral device, PD) on a serial line or pseudo-terminal.
 
-Run it as ``python -m firmware_stubs.osdp_reader --device /dev/pts/N [--address 1]
+Run it as ``python -m sekisho.firmware_stubs.osdp_reader --device /dev/pts/N [--address 1]
 [--scbk HEX | --install-mode] [--plaintext]``. It opens ``--device`` (the slave side of a pty in tests and
 the demo; the control panel holds the master side) in raw mode and answers the control panel there:
 
@@ -63,7 +63,7 @@ from osdp import (
     PeripheralDevice,
 )
 
-from firmware_stubs.reports import follow_reports, wait_for_report
+from sekisho.firmware_stubs.reports import follow_reports, wait_for_report
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -455,7 +455,9 @@ def _control(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the reader stub until {"quit": true} or the end of stdin."""
-    parser = argparse.ArgumentParser(prog="python -m firmware_stubs.osdp_reader", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sekisho.firmware_stubs.osdp_reader", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--device", required=True, help="serial device or pty slave path")
     parser.add_argument("--address", type=int, default=1, help="OSDP address, 0-126")
     keying = parser.add_mutually_exclusive_group()
@@ -605,7 +607,7 @@ class StubReaderProcess:
                 os.close(fd)
 
     def _spawn(self, *, scbk: bytes | None, install_mode: bool, plaintext: bool) -> None:
-        command = [sys.executable, "-m", "firmware_stubs.osdp_reader", "--device", self.slave_path]
+        command = [sys.executable, "-m", "sekisho.firmware_stubs.osdp_reader", "--device", self.slave_path]
         command += ["--address", str(self.address)]
         if plaintext:
             command.append("--plaintext")

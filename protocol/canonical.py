@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from protocol import errors
+from sekisho.protocol import errors
 
 
 def _reject_floats(value: Any, path: str = "$") -> None:

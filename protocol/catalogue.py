@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from protocol.events import Payload, event_type
+from sekisho.protocol.events import Payload, event_type
 
 # Annotated constraints (not shared Field objects) so each field can still have its own default.
 Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from protocol import PROTOCOL_VERSION, errors, mynumber, signing, timefmt, topics
-from protocol.canonical import canonical_bytes, canonical_bytes_parsed, loads_strict
+from sekisho.protocol import PROTOCOL_VERSION, errors, mynumber, signing, timefmt, topics
+from sekisho.protocol.canonical import canonical_bytes, canonical_bytes_parsed, loads_strict
 
 MAX_EVENT_BYTES = 64 * 1024
 
@@ -188,4 +188,4 @@ def build_event(
 
 
 # Importing the catalogue registers the built-in event types.
-from protocol import catalogue as _catalogue  # noqa: E402,F401
+from sekisho.protocol import catalogue as _catalogue  # noqa: E402,F401

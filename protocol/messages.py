@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from protocol import PROTOCOL_VERSION, errors, signing, timefmt, topics
-from protocol.canonical import canonical_bytes, loads_strict
+from sekisho.protocol import PROTOCOL_VERSION, errors, signing, timefmt, topics
+from sekisho.protocol.canonical import canonical_bytes, loads_strict
 
 MAX_CONTROL_BYTES = 1024 * 1024
 # A command lives minutes at most: long enough to cross a slow link, short enough that a captured

@@ -11,8 +11,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocol import errors
-from protocol.canonical import canonical_bytes
+from sekisho.protocol import errors
+from sekisho.protocol.canonical import canonical_bytes
 
 # Every signature covers the kind of message too, so a signed ack can never pass as a policy bundle.
 KINDS = ("event", "ack", "heartbeat", "command", "bundle")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from protocol import errors
+from sekisho.protocol import errors
 
 
 def now() -> datetime:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from protocol import errors
+from sekisho.protocol import errors
 
 ROOT = "sekisho/v1/agents"
 AGENT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")

@@ -11,9 +11,9 @@ import sys
 
 def agent_main(argv: list[str] | None = None) -> None:
     """Run the agent command line (`sekisho-agent run|simulate|status`)."""
-    from agents.doors.cli import doors_app
-    from agents.login.cli import pam_app
-    from agents.runtime.cli import app as agent_cli
+    from sekisho.agents.doors.cli import doors_app
+    from sekisho.agents.login.cli import pam_app
+    from sekisho.agents.runtime.cli import app as agent_cli
 
     # The login guard's PAM entry point and terminal runner (`sekisho-agent pam-auth|terminal`) and the
     # door runner (`sekisho-agent doors`) sit beside run/status/simulate.

@@ -21,11 +21,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from support.mqtt import SyncClient, connect_client
 
-from agents.runtime.agent import Agent
-from agents.runtime.config import AgentConfig, load_config
-from deploy.broker import Broker
-from deploy.pki import CONTROLLER_CN, AgentCredentials, PkiPaths, issue_agent
-from protocol import errors, events, messages, signing, topics
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.runtime.config import AgentConfig, load_config
+from sekisho.deploy.broker import Broker
+from sekisho.deploy.pki import CONTROLLER_CN, AgentCredentials, PkiPaths, issue_agent
+from sekisho.protocol import errors, events, messages, signing, topics
 
 WAIT = 30.0
 

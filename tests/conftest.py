@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.broker import Broker
-from deploy.pki import init_pki, issue_agent
+from sekisho.deploy.broker import Broker
+from sekisho.deploy.pki import init_pki, issue_agent
 
 AGENTS = ("agent-a", "agent-b")
 

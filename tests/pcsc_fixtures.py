@@ -1,4 +1,4 @@
-"""The session's own pcscd (sekisho.pcscd) as a fixture, for modules that load it with pytest_plugins."""
+"""The session's own pcscd (sekisho.lab.pcscd) as a fixture, for modules that load it with pytest_plugins."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from sekisho.pcscd import own_pcscd, pcscd_unavailable
+from sekisho.lab.pcscd import own_pcscd, pcscd_unavailable
 
 
 @pytest.fixture(scope="session")

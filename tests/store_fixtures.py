@@ -14,10 +14,10 @@ from typing import Any, Protocol
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controller.store import Store, make_engine, upgrade
-from protocol import signing
-from protocol.events import DecodedEvent, build_event, decode_event
-from sekisho.pgcluster import find_pg_bin, pg_database, postgres_cluster
+from sekisho.controller.store import Store, make_engine, upgrade
+from sekisho.lab.pgcluster import find_pg_bin, pg_database, postgres_cluster
+from sekisho.protocol import signing
+from sekisho.protocol.events import DecodedEvent, build_event, decode_event
 
 
 @pytest.fixture(scope="session")

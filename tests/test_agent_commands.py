@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.runtime.commands import HANDLER_FAILED, CommandDispatcher
-from agents.runtime.outbox import Outbox
-from protocol import errors, events, messages, signing, timefmt
+from sekisho.agents.runtime.commands import HANDLER_FAILED, CommandDispatcher
+from sekisho.agents.runtime.outbox import Outbox
+from sekisho.protocol import errors, events, messages, signing, timefmt
 
 AGENT = "door-001"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agents.runtime.config import AgentConfig, load_config
-from agents.runtime.errors import ConfigError
-from protocol import signing
+from sekisho.agents.runtime.config import AgentConfig, load_config
+from sekisho.agents.runtime.errors import ConfigError
+from sekisho.protocol import signing
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("ca.crt", "tls.crt", "tls.key", "signing.key", "controller-signing.pub")
@@ -112,7 +112,7 @@ def test_direct_construction_validates_too(tmp_path: Path) -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "from agents.runtime.cli import app; app()", *args],
+        [sys.executable, "-c", "from sekisho.agents.runtime.cli import app; app()", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

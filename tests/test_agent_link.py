@@ -22,12 +22,12 @@ import psutil
 import pytest
 from support.mqtt import connect_client
 
-from agents.runtime.agent import Agent
-from agents.runtime.errors import AlreadyRunning
-from agents.runtime.outbox import Outbox
-from deploy.broker import Broker
-from deploy.pki import CONTROLLER_CN
-from protocol import errors, messages, signing, topics
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.runtime.errors import AlreadyRunning
+from sekisho.agents.runtime.outbox import Outbox
+from sekisho.deploy.broker import Broker
+from sekisho.deploy.pki import CONTROLLER_CN
+from sekisho.protocol import errors, messages, signing, topics
 
 pytest_plugins = ("agent_fixtures",)
 pytestmark = pytest.mark.broker
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.broker
 if TYPE_CHECKING:
     from agent_fixtures import AckingController, AgentSetup
 
-    from agents.runtime.config import AgentConfig
+    from sekisho.agents.runtime.config import AgentConfig
 
     SetupFn = Callable[..., AgentSetup]
     RunFn = Callable[[AgentConfig], Agent]
@@ -219,7 +219,7 @@ def test_simulate_drains_pre_queued_outbox(
         [
             sys.executable,
             "-c",
-            "from agents.runtime.cli import app; app()",
+            "from sekisho.agents.runtime.cli import app; app()",
             "simulate",
             "--config",
             str(setup.config_path),
@@ -277,7 +277,7 @@ def test_tampered_policy_cache_is_reported_at_start(
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "from agents.runtime.cli import app; app()", *args],
+        [sys.executable, "-c", "from sekisho.agents.runtime.cli import app; app()", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -327,7 +327,7 @@ def test_simulate_times_out_non_zero_without_a_controller(agent_setup: SetupFn) 
 
 
 def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from agents.runtime.cli import app; app()", *args]
+    return [sys.executable, "-c", "from sekisho.agents.runtime.cli import app; app()", *args]
 
 
 def test_sigkill_mid_drain_loses_nothing_and_leaves_no_gap(agent_setup: SetupFn, controller: AckingController) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.runtime.errors import OutboxError
-from agents.runtime.outbox import Outbox
-from protocol import errors, events, mynumber, signing
+from sekisho.agents.runtime.errors import OutboxError
+from sekisho.agents.runtime.outbox import Outbox
+from sekisho.protocol import errors, events, mynumber, signing
 
 AGENT = "term-001"
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,8 +148,8 @@ CHILD = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from agents.runtime.outbox import Outbox
-    from protocol import signing
+    from sekisho.agents.runtime.outbox import Outbox
+    from sekisho.protocol import signing
     key = signing.load_private_key(Path(sys.argv[2]))
     box = Outbox(Path(sys.argv[1]), signing_key=key, agent_id="term-001")
     while True:

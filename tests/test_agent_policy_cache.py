@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.runtime.policy_cache import CACHE_NAME, PolicyCache, PolicyChange
-from protocol import errors, messages, signing, timefmt
-from sekisho.files import write_atomically
+from sekisho.agents.runtime.policy_cache import CACHE_NAME, PolicyCache, PolicyChange
+from sekisho.common.files import write_atomically
+from sekisho.protocol import errors, messages, signing, timefmt
 
 AGENT = "door-001"
 

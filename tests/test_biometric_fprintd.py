@@ -18,9 +18,9 @@ if _MISSING is not None:
     pytest.skip(_MISSING, allow_module_level=True)
 pytest.importorskip("jeepney", reason="jeepney (the agent extra) is not installed in this venv")
 
-from drivers.biometric import DeviceBusy, NoSensor, NotEnrolled  # noqa: E402 - after the skip checks
-from drivers.biometric.fprintd import FprintdBackend  # noqa: E402
-from drivers.biometric.session import RETRY_RESULTS  # noqa: E402
+from sekisho.drivers.biometric import DeviceBusy, NoSensor, NotEnrolled  # noqa: E402 - after the skip checks
+from sekisho.drivers.biometric.fprintd import FprintdBackend  # noqa: E402
+from sekisho.drivers.biometric.session import RETRY_RESULTS  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from drivers.biometric import (
+from sekisho.drivers.biometric import (
     DeviceBusy,
     FingerprintBackend,
     NoSensor,
@@ -15,7 +15,7 @@ from drivers.biometric import (
     SimulatedFingerprint,
     VerifyResult,
 )
-from drivers.biometric.session import Step, VerifyTally
+from sekisho.drivers.biometric.session import Step, VerifyTally
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from support.mqtt import NOT_AUTHORIZED, ConnectRefused, SyncClient, TlsFiles, connect_client
 
-from deploy.broker import Broker, render_acl, render_config
-from deploy.pki import CONTROLLER_CN, PkiPaths, init_ca, issue_client_cert
-from protocol import topics
+from sekisho.deploy.broker import Broker, render_acl, render_config
+from sekisho.deploy.pki import CONTROLLER_CN, PkiPaths, init_ca, issue_client_cert
+from sekisho.protocol import topics
 
 pytestmark = pytest.mark.broker
 

@@ -12,9 +12,9 @@ from sqlalchemy import select
 from support.mqtt import connect_client
 from support.site import Site, wait_for
 
-from controller.store.models import Event
-from deploy.pki import PkiPaths
-from protocol import errors, messages, signing, timefmt, topics
+from sekisho.controller.store.models import Event
+from sekisho.deploy.pki import PkiPaths
+from sekisho.protocol import errors, messages, signing, timefmt, topics
 
 pytest_plugins = ("pipeline_fixtures",)
 pytestmark = pytest.mark.broker

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from controller.store import Store, make_engine
-from controller.store.models import DeadLetter, Event
+from sekisho.controller.store import Store, make_engine
+from sekisho.controller.store.models import DeadLetter, Event
 
 pytestmark = pytest.mark.broker
 

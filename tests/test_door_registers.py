@@ -18,14 +18,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import insert, select, text, update
 
-from controller.doors.jobs import DoorRegisterKeeper
-from controller.doors.projector import REGISTER_TABLES, DoorProjector
-from controller.doors.registers import DoorRegisters, loan_state
-from controller.policy.loader import parse_policy
-from controller.policy.service import PolicyService
-from controller.store import Store
-from controller.store.models import Base, Event, ProjectionCursor
-from protocol import signing, timefmt
+from sekisho.controller.doors.jobs import DoorRegisterKeeper
+from sekisho.controller.doors.projector import REGISTER_TABLES, DoorProjector
+from sekisho.controller.doors.registers import DoorRegisters, loan_state
+from sekisho.controller.policy.loader import parse_policy
+from sekisho.controller.policy.service import PolicyService
+from sekisho.controller.store import Store
+from sekisho.controller.store.models import Base, Event, ProjectionCursor
+from sekisho.protocol import signing, timefmt
 
 pytest_plugins = ("store_fixtures",)
 

@@ -17,20 +17,20 @@ from support.site import wait_for
 from test_door_registers import T0, Doors, scenario, site_yaml
 from typer.testing import CliRunner
 
-from agents.doors.commands import parse_forgive, parse_selection, parse_unlock
-from controller.api.app import create_app
-from controller.api.deps import AppState
-from controller.config import ControllerConfig, load_config
-from controller.doors.registers import DoorRegisters
-from controller.policy.loader import parse_policy
-from controller.policy.service import PolicyService
-from controller.service import Controller
-from controller.store import Store, make_engine, upgrade
-from deploy.broker import Broker
-from deploy.pki import AgentCredentials, PkiPaths
-from protocol import events, messages, signing, timefmt, topics
+from sekisho.agents.doors.commands import parse_forgive, parse_selection, parse_unlock
 from sekisho.cli import app as sekisho_app
+from sekisho.controller.api.app import create_app
+from sekisho.controller.api.deps import AppState
+from sekisho.controller.config import ControllerConfig, load_config
+from sekisho.controller.doors.registers import DoorRegisters
+from sekisho.controller.policy.loader import parse_policy
+from sekisho.controller.policy.service import PolicyService
+from sekisho.controller.service import Controller
+from sekisho.controller.store import Store, make_engine, upgrade
+from sekisho.deploy.broker import Broker
+from sekisho.deploy.pki import AgentCredentials, PkiPaths
 from sekisho.lab import write_toml
+from sekisho.protocol import events, messages, signing, timefmt, topics
 
 pytest_plugins = ("store_fixtures",)
 

@@ -15,17 +15,17 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agents.doors.access import REASONS, CardEvidence, check_card
-from agents.doors.commands import Selection
-from agents.doors.pin import hash_pin
-from agents.doors.service import DoorController
-from agents.doors.store import STATE_NAME, DoorStateStore
-from agents.runtime.schedules import JST
-from drivers.smartcard.auth import hash_uid
-from protocol import timefmt
-from protocol.errors import Rejected
-from protocol.events import build_event
-from protocol.policy import SitePolicy
+from sekisho.agents.doors.access import REASONS, CardEvidence, check_card
+from sekisho.agents.doors.commands import Selection
+from sekisho.agents.doors.pin import hash_pin
+from sekisho.agents.doors.service import DoorController
+from sekisho.agents.doors.store import STATE_NAME, DoorStateStore
+from sekisho.agents.runtime.schedules import JST
+from sekisho.drivers.smartcard.auth import hash_uid
+from sekisho.protocol import timefmt
+from sekisho.protocol.errors import Rejected
+from sekisho.protocol.events import build_event
+from sekisho.protocol.policy import SitePolicy
 
 SITE_KEY = b"synthetic-door-test-site-key"
 # Tuesday 2026-11-24, 10:00 JST: a working day inside the office schedule.

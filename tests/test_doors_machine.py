@@ -20,18 +20,18 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from agents.doors.access import CardEvidence
-from agents.doors.actions import Action, Emit, Opened, Passage, Secured, SetRelay
-from agents.doors.commands import Selection
-from agents.doors.machine import DoorMachine
-from agents.doors.pin import hash_pin, valid_pin, verify_pin
-from agents.doors.service import DoorController, Handler
-from agents.runtime.schedules import JST
-from drivers.smartcard.auth import hash_uid
-from protocol import PROTOCOL_VERSION, messages, timefmt
-from protocol.errors import Rejected
-from protocol.events import build_event
-from protocol.policy import Door, Person, SitePolicy
+from sekisho.agents.doors.access import CardEvidence
+from sekisho.agents.doors.actions import Action, Emit, Opened, Passage, Secured, SetRelay
+from sekisho.agents.doors.commands import Selection
+from sekisho.agents.doors.machine import DoorMachine
+from sekisho.agents.doors.pin import hash_pin, valid_pin, verify_pin
+from sekisho.agents.doors.service import DoorController, Handler
+from sekisho.agents.runtime.schedules import JST
+from sekisho.drivers.smartcard.auth import hash_uid
+from sekisho.protocol import PROTOCOL_VERSION, messages, timefmt
+from sekisho.protocol.errors import Rejected
+from sekisho.protocol.events import build_event
+from sekisho.protocol.policy import Door, Person, SitePolicy
 
 SITE_KEY = b"synthetic-door-machine-site-key"
 SIGNING_KEY = Ed25519PrivateKey.generate()

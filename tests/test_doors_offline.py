@@ -16,14 +16,14 @@ import pytest
 import yaml
 from support.site import Site, wait_for
 
-from agents.doors.attach import AttachedDoors, attach_doors
-from agents.runtime.agent import Agent
-from agents.runtime.config import load_config
-from controller.doors.projector import DoorProjector
-from controller.doors.registers import DoorRegisters
-from drivers.locker import SimulatedLockerBoard
-from drivers.osdp import ReaderConfig, SimulatedReaderLink
-from drivers.smartcard import hash_uid
+from sekisho.agents.doors.attach import AttachedDoors, attach_doors
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.runtime.config import load_config
+from sekisho.controller.doors.projector import DoorProjector
+from sekisho.controller.doors.registers import DoorRegisters
+from sekisho.drivers.locker import SimulatedLockerBoard
+from sekisho.drivers.osdp import ReaderConfig, SimulatedReaderLink
+from sekisho.drivers.smartcard import hash_uid
 
 pytest_plugins = ("pipeline_fixtures",)
 pytestmark = [pytest.mark.broker, pytest.mark.faults]

@@ -17,12 +17,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agents.doors.access import CardEvidence, check_card
-from agents.doors.attach import PcscDoorReaders
-from drivers.smartcard import CardError, hash_uid
-from firmware_stubs.piv_card import VirtualCard
-from protocol.policy import Card, Door, DoorReader, Person, Site, SitePolicy
-from sekisho.pcscd import VPCD_READER
+from sekisho.agents.doors.access import CardEvidence, check_card
+from sekisho.agents.doors.attach import PcscDoorReaders
+from sekisho.drivers.smartcard import CardError, hash_uid
+from sekisho.firmware_stubs.piv_card import VirtualCard
+from sekisho.lab.pcscd import VPCD_READER
+from sekisho.protocol.policy import Card, Door, DoorReader, Person, Site, SitePolicy
 
 pytest_plugins = ["pcsc_fixtures"]
 
@@ -99,7 +99,7 @@ class Taps:
 @pytest.fixture
 def taps(pcscd: object) -> Iterator[Taps]:
     """Door reader "rdr-pcsc" on the vpcd reader."""
-    from drivers.smartcard.pcsc import PcscBackend
+    from sekisho.drivers.smartcard.pcsc import PcscBackend
 
     with PcscBackend() as backend:
         collected = Taps(backend)
@@ -145,7 +145,7 @@ def test_stranger_is_unknown(taps: Taps) -> None:
 
 
 def test_unmapped_reader_is_ignored(pcscd: object) -> None:
-    from drivers.smartcard.pcsc import PcscBackend
+    from sekisho.drivers.smartcard.pcsc import PcscBackend
 
     seen = Taps()
     with PcscBackend() as backend:

@@ -17,20 +17,20 @@ from typing import Any
 
 import pytest
 
-from agents.doors.attach import AttachedDoors, attach_doors
-from agents.doors.pin import hash_pin
-from agents.doors.run import DoorsSetupError, load_doors_settings, start_doors
-from agents.runtime.agent import Agent
-from agents.runtime.config import load_config
-from deploy.pki import PkiPaths, init_pki, issue_agent
-from drivers.locker import LockerBoardLink
-from drivers.osdp import OsdpReaderLink, ReaderConfig
-from drivers.smartcard import hash_uid
-from firmware_stubs.locker_board import StubBoardProcess
-from firmware_stubs.osdp_reader import StubReaderProcess
-from protocol import events, messages, signing
-from protocol.policy import Card, Door, DoorReader, Person, Site, SitePolicy
+from sekisho.agents.doors.attach import AttachedDoors, attach_doors
+from sekisho.agents.doors.pin import hash_pin
+from sekisho.agents.doors.run import DoorsSetupError, load_doors_settings, start_doors
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.runtime.config import load_config
+from sekisho.deploy.pki import PkiPaths, init_pki, issue_agent
+from sekisho.drivers.locker import LockerBoardLink
+from sekisho.drivers.osdp import OsdpReaderLink, ReaderConfig
+from sekisho.drivers.smartcard import hash_uid
+from sekisho.firmware_stubs.locker_board import StubBoardProcess
+from sekisho.firmware_stubs.osdp_reader import StubReaderProcess
 from sekisho.lab import write_toml
+from sekisho.protocol import events, messages, signing
+from sekisho.protocol.policy import Card, Door, DoorReader, Person, Site, SitePolicy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -271,9 +271,9 @@ def test_unsafe_doors_toml_is_refused(agent: tuple[Agent, Path]) -> None:
 
 
 def test_new_reader_gets_its_own_key(tmp_path: Path) -> None:
-    from agents.doors.keys import install_reader_key
-    from drivers.osdp import CardRead
-    from drivers.osdp.errors import KeySetError
+    from sekisho.agents.doors.keys import install_reader_key
+    from sekisho.drivers.osdp import CardRead
+    from sekisho.drivers.osdp.errors import KeySetError
 
     reader = StubReaderProcess(address=1, install_mode=True)
     key_file = tmp_path / "keys" / "rdr-new.scbk"

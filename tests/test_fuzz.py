@@ -7,8 +7,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.policy.loader import PolicyError, parse_policy
-from protocol import errors, events, messages, signing
+from sekisho.controller.policy.loader import PolicyError, parse_policy
+from sekisho.protocol import errors, events, messages, signing
 
 KEY = signing.generate_key()
 GOOD = events.build_event(KEY, agent="term-001", seq=1, type="test.synthetic", payload={"n": 1})
@@ -91,7 +91,7 @@ def test_policy_loader_survives_random_documents(doc):
 @given(json_values, st.sampled_from(["", " ", "-", "－", "\n", "番号"]))
 def test_my_number_gate_has_no_false_negatives(payload, glue):
     # The cheap gate over the serialised message must never hide a My Number the field walk would find.
-    from protocol import mynumber
+    from sekisho.protocol import mynumber
 
     number = "98765432101" + str(mynumber.check_digit("98765432101"))
     doc = {"a": payload, "b": f"x{glue}{number[:4]}{glue[:1]}{number[4:8]}{glue[:1]}{number[8:]}"}

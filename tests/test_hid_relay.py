@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from support.hid_relay_backend import EmulatedHidRelay, HidRelayBackend
 
-from drivers.locker import (
+from sekisho.drivers.locker import (
     BoardError,
     BoardEvent,
     BoardOffline,
@@ -23,7 +23,7 @@ from drivers.locker import (
     RelayFault,
     RelayTimerExpired,
 )
-from drivers.relay.hid import HidRelayAccessDenied, HidRelayBoard, HidRelayNotFound, find_hid_relays
+from sekisho.drivers.relay.hid import HidRelayAccessDenied, HidRelayBoard, HidRelayNotFound, find_hid_relays
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,13 +12,13 @@ from fastapi.testclient import TestClient
 from support.mqtt import connect_client
 from support.site import wait_for
 
-from controller.api.app import create_app
-from controller.api.deps import AppState
-from controller.config import load_config
-from controller.service import Controller
-from deploy.pki import AgentCredentials
-from protocol import canonical, errors, events, messages, mynumber, signing, timefmt, topics
+from sekisho.controller.api.app import create_app
+from sekisho.controller.api.deps import AppState
+from sekisho.controller.config import load_config
+from sekisho.controller.service import Controller
+from sekisho.deploy.pki import AgentCredentials
 from sekisho.lab import Lab
+from sekisho.protocol import canonical, errors, events, messages, mynumber, signing, timefmt, topics
 
 pytestmark = pytest.mark.broker
 AGENT = "term-i1"
@@ -197,7 +197,7 @@ def _secret(value: str):
 def test_controller_config_fails_closed(tmp_path: Path) -> None:
     from pydantic import ValidationError
 
-    from controller.config import ControllerConfig
+    from sekisho.controller.config import ControllerConfig
 
     base = {"ca_cert": "a", "tls_cert": "b", "tls_key": "c", "signing_key": "d"}
     with pytest.raises(ValidationError, match="api_tokens"):

@@ -22,7 +22,7 @@ import serial
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drivers.locker import (
+from sekisho.drivers.locker import (
     BoardError,
     BoardEvent,
     BoardOffline,
@@ -38,8 +38,8 @@ from drivers.locker import (
     RelayTimerExpired,
     SimulatedLockerBoard,
 )
-from drivers.locker.line import LineTarget
-from drivers.locker.protocol import (
+from sekisho.drivers.locker.line import LineTarget
+from sekisho.drivers.locker.protocol import (
     MAX_PAYLOAD,
     Command,
     Frame,
@@ -61,7 +61,7 @@ from drivers.locker.protocol import (
     parse_nak,
     parse_status,
 )
-from firmware_stubs.locker_board import StubBoardProcess
+from sekisho.firmware_stubs.locker_board import StubBoardProcess
 
 pytestmark = pytest.mark.timeout(60)
 

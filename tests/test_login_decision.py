@@ -8,8 +8,8 @@ from typing import Any
 import jpholiday
 import pytest
 
-from agents.login.decision import JST, CardCheck, FingerCheck, LoginDecision, decide_login, refuse_early
-from protocol.policy import SitePolicy
+from sekisho.agents.login.decision import JST, CardCheck, FingerCheck, LoginDecision, decide_login, refuse_early
+from sekisho.protocol.policy import SitePolicy
 
 TERMINAL = "t-hr-01"
 # Tuesday 2026-11-24, 10:00 JST: a working day inside the office schedule.

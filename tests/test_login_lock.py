@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from agents.login.lock import CardRemovalLock
-from drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
-from protocol.events import EVENT_TYPES
-from sekisho.pcscd import VPCD_READER
+from sekisho.agents.login.lock import CardRemovalLock
+from sekisho.drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
+from sekisho.lab.pcscd import VPCD_READER
+from sekisho.protocol.events import EVENT_TYPES
 
 pytest_plugins = ["pcsc_fixtures"]
 
@@ -218,8 +218,8 @@ def test_stop_cancels_timer(backend: SimulatedBackend, events: Events, log_file:
 
 
 def test_pcsc_removal_locks(pcscd: object, events: Events, log_file: Path) -> None:
-    from drivers.smartcard.pcsc import PcscBackend
-    from firmware_stubs.piv_card import VirtualCard
+    from sekisho.drivers.smartcard.pcsc import PcscBackend
+    from sekisho.firmware_stubs.piv_card import VirtualCard
 
     card = VirtualCard(uid=bytes.fromhex("04A1B2C3D4E5F6"))
     with PcscBackend() as backend:

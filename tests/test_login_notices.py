@@ -6,8 +6,8 @@ from datetime import date, datetime, timedelta
 
 import pytest
 
-from agents.login.messages import MESSAGES, bilingual, message
-from agents.login.notices import notice_for, notice_now
+from sekisho.agents.login.messages import MESSAGES, bilingual, message
+from sekisho.agents.login.notices import notice_for, notice_now
 
 NOTICES = ["画面をのぞき見されないように", "USBメモリは貸出記録簿に記入", "離席時はカードを抜く"]
 
@@ -53,6 +53,6 @@ def test_account_reasons_read_alike_so_the_prompt_does_not_reveal_accounts() -> 
 def test_every_login_reason_has_its_own_entry() -> None:
     from typing import get_args
 
-    from agents.login.decision import LoginReason
+    from sekisho.agents.login.decision import LoginReason
 
     assert set(get_args(LoginReason)) <= set(MESSAGES)

@@ -26,16 +26,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from test_login_decision import make_policy
 
-from agents.login.decision import JST
-from agents.login.messages import message
-from agents.login.pam import SIMULATION_ENV
-from agents.login.sessions import LoginSessions
-from agents.runtime.outbox import Outbox
-from agents.runtime.policy_cache import CACHE_NAME
-from deploy.pki import AgentCredentials, PkiPaths, issue_agent
-from drivers.smartcard import hash_uid, mask_uid
-from protocol import events, messages, signing
-from sekisho.files import write_atomically
+from sekisho.agents.login.decision import JST
+from sekisho.agents.login.messages import message
+from sekisho.agents.login.pam import SIMULATION_ENV
+from sekisho.agents.login.sessions import LoginSessions
+from sekisho.agents.runtime.outbox import Outbox
+from sekisho.agents.runtime.policy_cache import CACHE_NAME
+from sekisho.common.files import write_atomically
+from sekisho.deploy.pki import AgentCredentials, PkiPaths, issue_agent
+from sekisho.drivers.smartcard import hash_uid, mask_uid
+from sekisho.protocol import events, messages, signing
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL = "t-hr-01"
@@ -218,7 +218,7 @@ def make_terminal(pki: Path, base: Path, *, login_toml: str, simulated: bool = T
         "#!/bin/sh\n"
         f"cd {REPO}\n"
         f"{simulation}"
-        f"exec {sys.executable} -m agents.login pam-auth --config {config} --terminal {TERMINAL} "
+        f"exec {sys.executable} -m sekisho.agents.login pam-auth --config {config} --terminal {TERMINAL} "
         f"2>>{base / 'helper.log'}\n"
     )
     wrapper.chmod(0o755)

@@ -18,8 +18,8 @@ from support.fprintd import FprintdStack, missing_prerequisites
 from test_login_pam import _REASON as PAM_REASON
 from test_login_pam import Terminal, make_terminal
 
-from firmware_stubs.piv_card import VirtualCard
-from sekisho.pcscd import VPCD_READER
+from sekisho.firmware_stubs.piv_card import VirtualCard
+from sekisho.lab.pcscd import VPCD_READER
 
 pytest_plugins = ["pcsc_fixtures"]
 
@@ -58,8 +58,8 @@ def real(
 
 
 def _card_seen(present: bool, timeout: float = 5.0) -> None:
-    from drivers.smartcard import CardError
-    from drivers.smartcard.pcsc import PcscBackend
+    from sekisho.drivers.smartcard import CardError
+    from sekisho.drivers.smartcard.pcsc import PcscBackend
 
     backend = PcscBackend()
     deadline = time.monotonic() + timeout

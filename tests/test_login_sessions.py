@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from test_login_lock import Events, _wait, _wait_file, _writer
 
-from agents.login.sessions import LoginSessions
-from agents.login.watch import LoginSessionWatcher, WatchSettings
-from drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
+from sekisho.agents.login.sessions import LoginSessions
+from sekisho.agents.login.watch import LoginSessionWatcher, WatchSettings
+from sekisho.drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
 
 READER = "Sim Reader 0"
 CARD = SimulatedCard(uid=bytes.fromhex("04A1B2C3D4E5F6"), uid_only=True)

@@ -9,11 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agents.login.run import start_terminal
-from agents.login.sessions import LoginSessions
-from agents.runtime.agent import Agent
-from drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
-from protocol import events
+from sekisho.agents.login.run import start_terminal
+from sekisho.agents.login.sessions import LoginSessions
+from sekisho.agents.runtime.agent import Agent
+from sekisho.drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
+from sekisho.protocol import events
 
 pytest_plugins = ["agent_fixtures"]
 

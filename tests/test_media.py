@@ -12,12 +12,12 @@ import pytest
 from sqlalchemy import insert, text
 from sqlalchemy.exc import DBAPIError
 
-from controller.media.service import MediaConflict, MediaRefused, MediaService
-from controller.policy.loader import PolicyError, load_policy_file, parse_policy
-from controller.policy.service import PolicyService
-from controller.store import Store, make_engine, upgrade
-from controller.store.models import Event
-from protocol import messages, signing, timefmt
+from sekisho.controller.media.service import MediaConflict, MediaRefused, MediaService
+from sekisho.controller.policy.loader import PolicyError, load_policy_file, parse_policy
+from sekisho.controller.policy.service import PolicyService
+from sekisho.controller.store import Store, make_engine, upgrade
+from sekisho.controller.store.models import Event
+from sekisho.protocol import messages, signing, timefmt
 
 DEMO = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "site.yaml"
 # The demo site plus what the refusals need: a chief officer, a leaver, a retired medium.

@@ -12,13 +12,13 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from test_media import site_yaml
 
-from controller.api.app import create_app
-from controller.api.deps import AppState
-from controller.config import ControllerConfig
-from controller.policy.loader import parse_policy
-from controller.policy.service import PolicyService
-from controller.store import Store, make_engine, upgrade
-from protocol import signing, timefmt
+from sekisho.controller.api.app import create_app
+from sekisho.controller.api.deps import AppState
+from sekisho.controller.config import ControllerConfig
+from sekisho.controller.policy.loader import parse_policy
+from sekisho.controller.policy.service import PolicyService
+from sekisho.controller.store import Store, make_engine, upgrade
+from sekisho.protocol import signing, timefmt
 
 TOKEN = "t" * 32
 

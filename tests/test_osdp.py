@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from drivers.osdp import (
+from sekisho.drivers.osdp import (
     SCBK_DEFAULT,
     BuzzerFeedback,
     CardRead,
@@ -36,8 +36,8 @@ from drivers.osdp import (
     SimulatedReaderLink,
     UnknownReader,
 )
-from drivers.osdp.link import OsdpReaderLink
-from firmware_stubs.osdp_reader import StubReaderProcess, crc16_osdp
+from sekisho.drivers.osdp.link import OsdpReaderLink
+from sekisho.firmware_stubs.osdp_reader import StubReaderProcess, crc16_osdp
 
 pytestmark = pytest.mark.timeout(60)
 

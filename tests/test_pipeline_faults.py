@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import select
 from support.site import Site, wait_for
 
-from controller.store.models import Finding
-from sekisho.pgcluster import pg_database
+from sekisho.controller.store.models import Finding
+from sekisho.lab.pgcluster import pg_database
 
 pytest_plugins = ("pipeline_fixtures", "store_fixtures")
 pytestmark = [pytest.mark.broker, pytest.mark.faults]

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
-from deploy.cli import app
-from deploy.pki import (
+from sekisho.deploy.cli import app
+from sekisho.deploy.pki import (
     AgentCredentials,
     PkiError,
     PkiPaths,
@@ -24,7 +24,7 @@ from deploy.pki import (
     issue_client_cert,
     load_cert,
 )
-from protocol import signing
+from sekisho.protocol import signing
 
 
 def _cn(cert: x509.Certificate) -> str:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.policy.loader import PolicyError, load_policy_file, parse_policy
-from controller.policy.service import diff_policy, sign_bundles
-from protocol import messages, signing
+from sekisho.controller.policy.loader import PolicyError, load_policy_file, parse_policy
+from sekisho.controller.policy.service import diff_policy, sign_bundles
+from sekisho.protocol import messages, signing
 
 DEMO = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "site.yaml"
 

@@ -7,8 +7,8 @@ from datetime import timedelta
 
 import pytest
 
-from protocol import errors, events, messages, mynumber, signing, timefmt, topics
-from protocol.canonical import canonical_bytes
+from sekisho.protocol import errors, events, messages, mynumber, signing, timefmt, topics
+from sekisho.protocol.canonical import canonical_bytes
 
 
 @pytest.fixture(scope="module")

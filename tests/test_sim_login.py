@@ -8,10 +8,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from agents.sim.login_traffic import login_scene, terminal_login
-from agents.sim.traffic import DEMO_CARD_UIDS
-from controller.policy.loader import load_policy_file
-from protocol.events import EVENT_TYPES
+from sekisho.agents.sim.login_traffic import login_scene, terminal_login
+from sekisho.agents.sim.traffic import DEMO_CARD_UIDS
+from sekisho.controller.policy.loader import load_policy_file
+from sekisho.protocol.events import EVENT_TYPES
 
 SITE = Path(__file__).resolve().parent.parent / "deploy" / "demo" / "site.yaml"
 

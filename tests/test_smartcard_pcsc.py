@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from firmware_stubs.piv_card import PIV_ATR, VirtualCard
+from sekisho.firmware_stubs.piv_card import PIV_ATR, VirtualCard
 
 # Only drivers/ imports pyscard; the test just needs to know whether the driver can load it.
 if importlib.util.find_spec("smartcard") is None:
@@ -27,7 +27,7 @@ if importlib.util.find_spec("smartcard") is None:
 # PC/SC's documented SCARD_E_NO_SMARTCARD, written out so the test does not import pyscard.
 SCARD_E_NO_SMARTCARD = 0x8010000C
 
-from drivers.smartcard import (  # noqa: E402 - only after the pyscard check above
+from sekisho.drivers.smartcard import (  # noqa: E402 - only after the pyscard check above
     CardEvent,
     CardRemoved,
     EnrolledCard,
@@ -39,9 +39,9 @@ from drivers.smartcard import (  # noqa: E402 - only after the pyscard check abo
     hash_uid,
     identify_by_uid,
 )
-from drivers.smartcard.auth import select_piv  # noqa: E402
-from drivers.smartcard.pcsc import PcscBackend  # noqa: E402
-from sekisho.pcscd import VPCD_READER  # noqa: E402
+from sekisho.drivers.smartcard.auth import select_piv  # noqa: E402
+from sekisho.drivers.smartcard.pcsc import PcscBackend  # noqa: E402
+from sekisho.lab.pcscd import VPCD_READER  # noqa: E402
 
 pytest_plugins = ["pcsc_fixtures"]
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.smartcard import (
+from sekisho.drivers.smartcard import (
     CardError,
     CardEvent,
     CardRemoved,
@@ -27,9 +27,9 @@ from drivers.smartcard import (
     identify_by_uid,
     mask_uid,
 )
-from drivers.smartcard.apdu import encode_tlv, find_tlv, parse_tlv, split_response, transmit_apdu
-from drivers.smartcard.auth import general_authenticate, read_card_auth_certificate
-from drivers.smartcard.simulated import SimulatedConnection
+from sekisho.drivers.smartcard.apdu import encode_tlv, find_tlv, parse_tlv, split_response, transmit_apdu
+from sekisho.drivers.smartcard.auth import general_authenticate, read_card_auth_certificate
+from sekisho.drivers.smartcard.simulated import SimulatedConnection
 
 SITE_KEY = b"simulated-site-key-0123456789"
 READER = "Simulated Reader 0"

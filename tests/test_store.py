@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
-from controller.store import (
+from sekisho.controller.store import (
     DUPLICATE_ID,
     SEQ_CONFLICT,
     SEQUENCE_GAP,
@@ -30,11 +30,11 @@ from controller.store import (
     make_engine,
     upgrade,
 )
-from controller.store.chain import record_bytes
-from controller.store.db import alembic_config
-from controller.store.models import DeadLetter, Event
-from protocol import errors, mynumber
-from protocol.canonical import canonical_bytes
+from sekisho.controller.store.chain import record_bytes
+from sekisho.controller.store.db import alembic_config
+from sekisho.controller.store.models import DeadLetter, Event
+from sekisho.protocol import errors, mynumber
+from sekisho.protocol.canonical import canonical_bytes
 
 pytest_plugins = ("store_fixtures",)
 

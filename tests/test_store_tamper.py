@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from sqlalchemy import Connection, delete, insert, select, update
 
-from controller.store import Store, record_hash
-from controller.store.models import ZERO_HASH, Event, Stream
-from protocol import signing
-from protocol.events import build_event, decode_event
+from sekisho.controller.store import Store, record_hash
+from sekisho.controller.store.models import ZERO_HASH, Event, Stream
+from sekisho.protocol import signing
+from sekisho.protocol.events import build_event, decode_event
 
 pytest_plugins = ("store_fixtures",)
 

@@ -12,17 +12,17 @@ from typing import Any
 
 import pytest
 
-from agents.runtime.agent import Agent
-from agents.runtime.config import AgentConfig
-from agents.usb.guard import UsbGuard, site_ruleset
-from agents.usb.session import StaticSession
-from deploy.pki import AgentCredentials, PkiPaths
-from drivers.usb.blockdev import FakeBlockDevices
-from drivers.usb.events import InjectedHotplug
-from drivers.usb.fake import FakeSysfsTree
-from drivers.usb.sysfs import SysfsUsb
-from protocol import events, messages, signing, timefmt
-from protocol.policy import MediaLoan, Medium, Person, Site, SitePolicy, Terminal
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.runtime.config import AgentConfig
+from sekisho.agents.usb.guard import UsbGuard, site_ruleset
+from sekisho.agents.usb.session import StaticSession
+from sekisho.deploy.pki import AgentCredentials, PkiPaths
+from sekisho.drivers.usb.blockdev import FakeBlockDevices
+from sekisho.drivers.usb.events import InjectedHotplug
+from sekisho.drivers.usb.fake import FakeSysfsTree
+from sekisho.drivers.usb.sysfs import SysfsUsb
+from sekisho.protocol import events, messages, signing, timefmt
+from sekisho.protocol.policy import MediaLoan, Medium, Person, Site, SitePolicy, Terminal
 
 AGENT = "agent-a"
 TERMINAL = "t-hr-01"

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from agents.usb.rules import (
+from sekisho.agents.usb.rules import (
     AttributeName,
     Condition,
     DeviceIdPattern,
@@ -28,11 +28,11 @@ from agents.usb.rules import (
     parse_rule,
     parse_rules,
 )
-from agents.usb.rules.cli import app
-from agents.usb.rules.model import Value
-from agents.usb.rules.policy import BADUSB_REASON, NO_INTERFACES_REASON, UNREADABLE_REASON
-from drivers.usb import SysfsUsb, UsbDescriptorError, UsbDevice
-from drivers.usb.fake import FakeSysfsTree
+from sekisho.agents.usb.rules.cli import app
+from sekisho.agents.usb.rules.model import Value
+from sekisho.agents.usb.rules.policy import BADUSB_REASON, NO_INTERFACES_REASON, UNREADABLE_REASON
+from sekisho.drivers.usb import SysfsUsb, UsbDescriptorError, UsbDevice
+from sekisho.drivers.usb.fake import FakeSysfsTree
 
 DATA = Path(__file__).parent / "data" / "usb"
 SERIAL = "4C530001234567891234"

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drivers.usb import (
+from sekisho.drivers.usb import (
     InjectedHotplug,
     SysfsUsb,
     UsbAccessError,
@@ -25,10 +25,10 @@ from drivers.usb import (
     UsbEvent,
     descriptor_details,
 )
-from drivers.usb.descriptors import build_descriptors, parse_descriptors
-from drivers.usb.fake import FakeSysfsTree
-from drivers.usb.model import mask_serial
-from drivers.usb.sysfs import parent_of
+from sekisho.drivers.usb.descriptors import build_descriptors, parse_descriptors
+from sekisho.drivers.usb.fake import FakeSysfsTree
+from sekisho.drivers.usb.model import mask_serial
+from sekisho.drivers.usb.sysfs import parent_of
 
 SERIAL = "4C530001234567891234"
 SANDISK, ULTRA = 0x0781, 0x5581

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Literal, get_args
 
-from agents.doors.actions import Action, Emit, Feedback, Mode, Passage, Unlock, compact
-from agents.doors.pin import verify_pin
-from agents.doors.store import DoorStateStore
-from agents.runtime.schedules import JST, person_current, schedule_refusal
-from protocol.policy import Card, Door, DoorReader, Person, SitePolicy
+from sekisho.agents.doors.actions import Action, Emit, Feedback, Mode, Passage, Unlock, compact
+from sekisho.agents.doors.pin import verify_pin
+from sekisho.agents.doors.store import DoorStateStore
+from sekisho.agents.runtime.schedules import JST, person_current, schedule_refusal
+from sekisho.protocol.policy import Card, Door, DoorReader, Person, SitePolicy
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agents.doors.access import CardEvidence, PolicyState
-from agents.doors.service import Clock, DoorController
-from agents.runtime.cards import enrolled_cards
-from agents.runtime.policy_cache import PolicyCache
-from drivers.locker import (
+from sekisho.agents.doors.access import CardEvidence, PolicyState
+from sekisho.agents.doors.service import Clock, DoorController
+from sekisho.agents.runtime.cards import enrolled_cards
+from sekisho.agents.runtime.policy_cache import PolicyCache
+from sekisho.drivers.locker import (
     BoardOffline,
     BoardOnline,
     BoardRebooted,
@@ -35,10 +35,10 @@ from drivers.locker import (
     RelayFault,
     RelayTimerExpired,
 )
-from drivers.osdp import CardRead, KeypadInput, ReaderConfig, ReaderLink, ReaderStatus
-from drivers.smartcard import CardError, authenticate, hash_uid, mask_uid
-from drivers.smartcard.protocol import CardEvent, SmartCardBackend
-from protocol.policy import Card, SitePolicy
+from sekisho.drivers.osdp import CardRead, KeypadInput, ReaderConfig, ReaderLink, ReaderStatus
+from sekisho.drivers.smartcard import CardError, authenticate, hash_uid, mask_uid
+from sekisho.drivers.smartcard.protocol import CardEvent, SmartCardBackend
+from sekisho.protocol.policy import Card, SitePolicy
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from agents.doors.actions import Action, Emit, compact
-from agents.doors.debounce import DEFAULT_DEBOUNCE_S, Debouncer
-from agents.doors.store import DoorStateStore, KeyLoan
-from protocol import timefmt
-from protocol.policy import Door, KeyCabinet, KeySlot, SitePolicy
+from sekisho.agents.doors.actions import Action, Emit, compact
+from sekisho.agents.doors.debounce import DEFAULT_DEBOUNCE_S, Debouncer
+from sekisho.agents.doors.store import DoorStateStore, KeyLoan
+from sekisho.protocol import timefmt
+from sekisho.protocol.policy import Door, KeyCabinet, KeySlot, SitePolicy
 
 log = logging.getLogger(__name__)
 

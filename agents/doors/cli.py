@@ -18,10 +18,10 @@ def doors_command(
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
 ) -> None:
     """Run this box's door agent until SIGINT/SIGTERM: readers, lock board, decisions, events, commands."""
-    from agents.doors.run import DoorsSetupError, run_doors
-    from agents.runtime.agent import Agent
-    from agents.runtime.config import load_config
-    from agents.runtime.errors import AgentError
+    from sekisho.agents.doors.run import DoorsSetupError, run_doors
+    from sekisho.agents.runtime.agent import Agent
+    from sekisho.agents.runtime.config import load_config
+    from sekisho.agents.runtime.errors import AgentError
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr)
     try:
@@ -43,9 +43,9 @@ def doors_keyset_command(
     reader: Annotated[str, typer.Option("--reader", "-r", help="reader id in doors.toml (install_mode = true)")],
 ) -> None:
     """Give a new OSDP reader its own Secure Channel key (stop the door agent first: the line is exclusive)."""
-    from agents.doors.keys import install_reader_key
-    from agents.doors.run import DoorsSetupError, load_doors_settings
-    from drivers.osdp import OsdpError, OsdpReaderLink, ReaderConfig
+    from sekisho.agents.doors.keys import install_reader_key
+    from sekisho.agents.doors.run import DoorsSetupError, load_doors_settings
+    from sekisho.drivers.osdp import OsdpError, OsdpReaderLink, ReaderConfig
 
     try:
         settings, base = load_doors_settings(config)

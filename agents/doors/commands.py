@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.errors import Rejected
+from sekisho.protocol.errors import Rejected
 
 BAD_ARGS = "bad_args"
 UNKNOWN_DOOR = "unknown_door"

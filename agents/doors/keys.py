@@ -14,9 +14,9 @@ import secrets
 import time
 from pathlib import Path
 
-from drivers.osdp import OsdpReaderLink
-from drivers.osdp.errors import KeySetError
-from sekisho.files import write_atomically
+from sekisho.common.files import write_atomically
+from sekisho.drivers.osdp import OsdpReaderLink
+from sekisho.drivers.osdp.errors import KeySetError
 
 
 def install_reader_key(link: OsdpReaderLink, reader_id: str, key_file: Path, *, timeout: float = 15.0) -> None:

@@ -31,9 +31,9 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from agents.doors.actions import Action, Emit, Mode, Opened, Passage, Secured, SetRelay, compact
-from agents.doors.debounce import DEFAULT_DEBOUNCE_S, Debouncer
-from protocol.policy import Door
+from sekisho.agents.doors.actions import Action, Emit, Mode, Opened, Passage, Secured, SetRelay, compact
+from sekisho.agents.doors.debounce import DEFAULT_DEBOUNCE_S, Debouncer
+from sekisho.protocol.policy import Door
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agents.doors.attach import AttachedDoors, PcscDoorReaders, attach_doors, policy_provider
-from agents.runtime.agent import Agent
-from drivers.locker import BoardError, LockIO
-from drivers.osdp import OsdpError, ReaderConfig, ReaderLink
-from protocol.policy import Card
+from sekisho.agents.doors.attach import AttachedDoors, PcscDoorReaders, attach_doors, policy_provider
+from sekisho.agents.runtime.agent import Agent
+from sekisho.drivers.locker import BoardError, LockIO
+from sekisho.drivers.osdp import OsdpError, ReaderConfig, ReaderLink
+from sekisho.protocol.policy import Card
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _read_key(path: Path) -> bytes:
 
 def build_readers(settings: DoorsSettings, base: Path) -> list[ReaderLink]:
     """Open one OSDP link per configured line (libosdp as control panel)."""
-    from drivers.osdp import OsdpReaderLink
+    from sekisho.drivers.osdp import OsdpReaderLink
 
     links: list[ReaderLink] = []
     for line in settings.osdp:
@@ -145,16 +145,16 @@ def build_readers(settings: DoorsSettings, base: Path) -> list[ReaderLink]:
 def build_board(settings: BoardSettings) -> LockIO:
     """Open the configured lock board."""
     if settings.kind == "simulated":
-        from drivers.locker import SimulatedLockerBoard
+        from sekisho.drivers.locker import SimulatedLockerBoard
 
         return SimulatedLockerBoard(relays=settings.relays, doors=settings.doors, key_slots=settings.key_slots)
     if settings.kind == "hid_relay":
-        from drivers.relay.hid import HidRelayBoard
+        from sekisho.drivers.relay.hid import HidRelayBoard
 
         return HidRelayBoard(serial=settings.hid_serial)
     if settings.device is None:
         raise DoorsSetupError("board.device is required for a serial locker board")
-    from drivers.locker import LockerBoardLink
+    from sekisho.drivers.locker import LockerBoardLink
 
     return LockerBoardLink(settings.device, relays=settings.relays, doors=settings.doors, key_slots=settings.key_slots)
 
@@ -168,7 +168,7 @@ def start_doors(agent: Agent, config_path: Path) -> AttachedDoors:
         raise DoorsSetupError(f"site_key_file: {err}") from err
     pcsc = None
     if settings.pcsc:
-        from drivers.smartcard import pcsc_backend
+        from sekisho.drivers.smartcard import pcsc_backend
 
         provider = policy_provider(agent.policy)
 

@@ -25,10 +25,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from agents.doors.access import AccessController, CardEvidence, PolicyState
-from agents.doors.actions import Action, Emit, Feedback, Mode, Opened, Secured, SetRelay, Unlock
-from agents.doors.cabinet import KeyCabinetTracker
-from agents.doors.commands import (
+from sekisho.agents.doors.access import AccessController, CardEvidence, PolicyState
+from sekisho.agents.doors.actions import Action, Emit, Feedback, Mode, Opened, Secured, SetRelay, Unlock
+from sekisho.agents.doors.cabinet import KeyCabinetTracker
+from sekisho.agents.doors.commands import (
     LOCKDOWN,
     NO_DOORS,
     NOT_RECORDED,
@@ -39,12 +39,12 @@ from agents.doors.commands import (
     parse_selection,
     parse_unlock,
 )
-from agents.doors.debounce import DEFAULT_DEBOUNCE_S
-from agents.doors.machine import DoorMachine, DoorState, emergency_capable
-from agents.doors.store import STATE_NAME, DoorStateStore
-from protocol import messages, timefmt
-from protocol.errors import Rejected
-from protocol.policy import Door, SitePolicy
+from sekisho.agents.doors.debounce import DEFAULT_DEBOUNCE_S
+from sekisho.agents.doors.machine import DoorMachine, DoorState, emergency_capable
+from sekisho.agents.doors.store import STATE_NAME, DoorStateStore
+from sekisho.protocol import messages, timefmt
+from sekisho.protocol.errors import Rejected
+from sekisho.protocol.policy import Door, SitePolicy
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agents.doors.actions import Mode
-from agents.runtime.durable import open_durable, set_aside
+from sekisho.agents.doors.actions import Mode
+from sekisho.agents.runtime.durable import open_durable, set_aside
 
 log = logging.getLogger(__name__)
 

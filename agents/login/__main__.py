@@ -1,11 +1,11 @@
-"""``python -m agents.login pam-auth --config agent.toml --terminal T`` (what the PAM wrapper runs)."""
+"""``python -m sekisho.agents.login pam-auth --config agent.toml --terminal T`` (what the PAM wrapper runs)."""
 
 from __future__ import annotations
 
 import logging
 import sys
 
-from agents.login.cli import pam_app
+from sekisho.agents.login.cli import pam_app
 
 if __name__ == "__main__":
     # Errors go to stderr (pam_exec's `log=` or the journal); only the user message goes to stdout.

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from agents.login.pam import pam_auth
+from sekisho.agents.login.pam import pam_auth
 
 pam_app = typer.Typer(help="Terminal login guard: the PAM entry point.", no_args_is_help=True)
 
@@ -30,11 +30,11 @@ def terminal_command(
     import logging
     import sys
 
-    from agents.login.run import run_terminal
-    from agents.runtime.agent import Agent
-    from agents.runtime.config import load_config
-    from agents.runtime.errors import AgentError
-    from agents.usb.run import UsbGuardConfig
+    from sekisho.agents.login.run import run_terminal
+    from sekisho.agents.runtime.agent import Agent
+    from sekisho.agents.runtime.config import load_config
+    from sekisho.agents.runtime.errors import AgentError
+    from sekisho.agents.usb.run import UsbGuardConfig
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr)
     try:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from agents.runtime.schedules import JST, person_current, schedule_allows
-from protocol.policy import Card, Person, SitePolicy
+from sekisho.agents.runtime.schedules import JST, person_current, schedule_allows
+from sekisho.protocol.policy import Card, Person, SitePolicy
 
 __all__ = ["JST", "CardCheck", "FingerCheck", "LoginDecision", "decide_login", "refuse_early", "schedule_allows"]
 

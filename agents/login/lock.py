@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from drivers.smartcard.protocol import CardEvent, SmartCardBackend
+from sekisho.drivers.smartcard.protocol import CardEvent, SmartCardBackend
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date, datetime
 
-from agents.login.decision import JST
+from sekisho.agents.login.decision import JST
 
 
 def notice_for(day: date, notices: Sequence[str]) -> str | None:

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agents.login.decision import (
+from sekisho.agents.login.decision import (
     JST,
     CardCheck,
     FingerCheck,
@@ -35,16 +35,17 @@ from agents.login.decision import (
     decide_login,
     refuse_early,
 )
-from agents.login.lock import DEFAULT_END_COMMAND, DEFAULT_LOCK_COMMAND
-from agents.login.messages import bilingual
-from agents.login.notices import notice_for
-from agents.login.sessions import LoginSessions
-from agents.runtime.cards import enrolled_cards
-from agents.runtime.config import AgentConfig, load_config
-from agents.runtime.outbox import Outbox
-from agents.runtime.policy_cache import PolicyCache
-from drivers.biometric import BiometricError, FingerprintBackend, NotEnrolled, SimulatedFingerprint
-from drivers.smartcard import (
+from sekisho.agents.login.lock import DEFAULT_END_COMMAND, DEFAULT_LOCK_COMMAND
+from sekisho.agents.login.messages import bilingual
+from sekisho.agents.login.notices import notice_for
+from sekisho.agents.login.sessions import LoginSessions
+from sekisho.agents.runtime.cards import enrolled_cards
+from sekisho.agents.runtime.config import AgentConfig, load_config
+from sekisho.agents.runtime.outbox import Outbox
+from sekisho.agents.runtime.policy_cache import PolicyCache
+from sekisho.common.files import write_atomically
+from sekisho.drivers.biometric import BiometricError, FingerprintBackend, NotEnrolled, SimulatedFingerprint
+from sekisho.drivers.smartcard import (
     CardError,
     SimulatedBackend,
     SimulatedCard,
@@ -53,9 +54,8 @@ from drivers.smartcard import (
     hash_uid,
     mask_uid,
 )
-from protocol import errors, signing, timefmt
-from protocol.policy import Card, SitePolicy
-from sekisho.files import write_atomically
+from sekisho.protocol import errors, signing, timefmt
+from sekisho.protocol.policy import Card, SitePolicy
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,8 @@ def simulated_hardware(scenario_path: Path, user: str) -> Hardware:
 
 def real_hardware(settings: LoginAgentSettings) -> Hardware:
     """Return pcscd and fprintd backends (imported only here: pyscard and jeepney are agent extras)."""
-    from drivers.biometric import FprintdBackend
-    from drivers.smartcard import pcsc_backend
+    from sekisho.drivers.biometric import FprintdBackend
+    from sekisho.drivers.smartcard import pcsc_backend
 
     return Hardware(
         pcsc_backend(),

@@ -12,13 +12,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents.login.pam import load_login_settings
-from agents.login.sessions import LoginSessions
-from agents.login.watch import LoginSessionWatcher, WatchSettings
-from agents.runtime.agent import Agent
-from agents.usb.run import AttachedGuard, UsbGuardConfig, attach_usb_guard
-from drivers.smartcard.protocol import SmartCardBackend
-from protocol.policy import LoginSettings, SitePolicy
+from sekisho.agents.login.pam import load_login_settings
+from sekisho.agents.login.sessions import LoginSessions
+from sekisho.agents.login.watch import LoginSessionWatcher, WatchSettings
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.usb.run import AttachedGuard, UsbGuardConfig, attach_usb_guard
+from sekisho.drivers.smartcard.protocol import SmartCardBackend
+from sekisho.protocol.policy import LoginSettings, SitePolicy
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def start_terminal(
     """Start the agent, then the session watch (real PC/SC unless a backend is given) and the USB guard."""
     settings = load_login_settings(config_path)
     if backend is None:
-        from drivers.smartcard import pcsc_backend
+        from sekisho.drivers.smartcard import pcsc_backend
 
         backend = pcsc_backend()
     sessions = LoginSessions(agent.config.state_dir)

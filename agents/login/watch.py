@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agents.login.lock import DEFAULT_END_COMMAND, DEFAULT_LOCK_COMMAND, CardRemovalLock
-from agents.login.sessions import LoginSession, LoginSessions
-from agents.usb.session import SessionListener, StaticSession
-from drivers.smartcard import CardError
-from drivers.smartcard.protocol import SmartCardBackend
+from sekisho.agents.login.lock import DEFAULT_END_COMMAND, DEFAULT_LOCK_COMMAND, CardRemovalLock
+from sekisho.agents.login.sessions import LoginSession, LoginSessions
+from sekisho.agents.usb.session import SessionListener, StaticSession
+from sekisho.drivers.smartcard import CardError
+from sekisho.drivers.smartcard.protocol import SmartCardBackend
 
 log = logging.getLogger(__name__)
 

@@ -22,15 +22,15 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agents.runtime.commands import CommandDispatcher
-from agents.runtime.config import AgentConfig, check_key_files
-from agents.runtime.errors import AlreadyRunning, ConfigError
-from agents.runtime.heartbeat import Health, Heartbeater
-from agents.runtime.link import MqttLink, tls_context
-from agents.runtime.outbox import Outbox
-from agents.runtime.policy_cache import PolicyCache, PolicyChange
-from agents.runtime.sender import ClockEstimate, Sender
-from protocol import errors, signing, topics
+from sekisho.agents.runtime.commands import CommandDispatcher
+from sekisho.agents.runtime.config import AgentConfig, check_key_files
+from sekisho.agents.runtime.errors import AlreadyRunning, ConfigError
+from sekisho.agents.runtime.heartbeat import Health, Heartbeater
+from sekisho.agents.runtime.link import MqttLink, tls_context
+from sekisho.agents.runtime.outbox import Outbox
+from sekisho.agents.runtime.policy_cache import PolicyCache, PolicyChange
+from sekisho.agents.runtime.sender import ClockEstimate, Sender
+from sekisho.protocol import errors, signing, topics
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from drivers.smartcard import EnrolledCard
-from protocol.policy import Card
+from sekisho.drivers.smartcard import EnrolledCard
+from sekisho.protocol.policy import Card
 
 
 def enrolled_cards(cards: Iterable[Card]) -> list[EnrolledCard]:

@@ -16,12 +16,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agents.runtime.agent import Agent
-from agents.runtime.config import load_config
-from agents.runtime.errors import AgentError, ConfigError
-from agents.runtime.outbox import Outbox
-from agents.runtime.policy_cache import PolicyCache
-from protocol import signing
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.runtime.config import load_config
+from sekisho.agents.runtime.errors import AgentError, ConfigError
+from sekisho.agents.runtime.outbox import Outbox
+from sekisho.agents.runtime.policy_cache import PolicyCache
+from sekisho.protocol import signing
 
 app = typer.Typer(help="Endpoint agent: durable outbox, MQTT link, policy cache, commands.", no_args_is_help=True)
 

@@ -20,9 +20,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agents.runtime.durable import open_durable, set_aside
-from protocol import errors, messages, timefmt
-from protocol.canonical import loads_strict
+from sekisho.agents.runtime.durable import open_durable, set_aside
+from sekisho.protocol import errors, messages, timefmt
+from sekisho.protocol.canonical import loads_strict
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agents.runtime.errors import ConfigError
-from protocol import topics
+from sekisho.agents.runtime.errors import ConfigError
+from sekisho.protocol import topics
 
 # Files the agent must be able to read before it does anything (fail closed without them).
 KEY_FIELDS = ("ca_cert", "tls_cert", "tls_key", "signing_key", "controller_public_key")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol import messages, timefmt
+from sekisho.protocol import messages, timefmt
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agents.runtime.config import AgentConfig
-from protocol import topics
+from sekisho.agents.runtime.config import AgentConfig
+from sekisho.protocol import topics
 
 log = logging.getLogger(__name__)
 

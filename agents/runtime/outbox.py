@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agents.runtime.errors import OutboxError
-from protocol import events, topics
+from sekisho.agents.runtime.errors import OutboxError
+from sekisho.protocol import events, topics
 
 SCHEMA_VERSION = 1
 ClockFn = Callable[[], tuple[bool, int | None]]

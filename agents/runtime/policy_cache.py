@@ -17,8 +17,8 @@ from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from protocol import errors, messages, timefmt
-from sekisho.files import write_atomically
+from sekisho.common.files import write_atomically
+from sekisho.protocol import errors, messages, timefmt
 
 log = logging.getLogger(__name__)
 

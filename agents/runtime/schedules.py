@@ -6,7 +6,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import jpholiday
 
-from protocol.policy import Person, Schedule
+from sekisho.protocol.policy import Person, Schedule
 
 JST = timezone(timedelta(hours=9), "JST")  # Japan has no daylight saving, so a fixed offset is exact
 

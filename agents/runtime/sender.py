@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agents.runtime.outbox import Outbox
-from protocol import errors, messages, timefmt
+from sekisho.agents.runtime.outbox import Outbox
+from sekisho.protocol import errors, messages, timefmt
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`python -m agents.sim --config agent.toml`: an agent that emits demo traffic (used by `sekisho demo`).
+"""`python -m sekisho.agents.sim --config agent.toml`: an agent that emits demo traffic (used by `sekisho demo`).
 
 With `--usb-terminal`, the agent also runs the real USB guard on a fake sysfs tree and plugs demo
 devices into it: an unregistered stick, a keyboard, and a lent medium for its borrower and for
@@ -13,16 +13,16 @@ import signal
 import threading
 from pathlib import Path
 
-from agents.runtime.agent import Agent
-from agents.runtime.config import load_config
-from agents.sim.traffic import run_traffic
-from agents.sim.usb_traffic import run_usb_traffic
-from agents.usb.guard import UsbGuard
-from agents.usb.session import StaticSession
-from drivers.usb.blockdev import FakeBlockDevices
-from drivers.usb.events import InjectedHotplug
-from drivers.usb.fake import FakeSysfsTree
-from drivers.usb.sysfs import SysfsUsb
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.runtime.config import load_config
+from sekisho.agents.sim.traffic import run_traffic
+from sekisho.agents.sim.usb_traffic import run_usb_traffic
+from sekisho.agents.usb.guard import UsbGuard
+from sekisho.agents.usb.session import StaticSession
+from sekisho.drivers.usb.blockdev import FakeBlockDevices
+from sekisho.drivers.usb.events import InjectedHotplug
+from sekisho.drivers.usb.fake import FakeSysfsTree
+from sekisho.drivers.usb.sysfs import SysfsUsb
 
 
 def _start_usb(agent: Agent, args: argparse.Namespace, stop: threading.Event) -> UsbGuard:

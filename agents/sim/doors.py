@@ -1,4 +1,4 @@
-"""``python -m agents.sim.doors --config agent.toml``: the demo's door agent, driven by the firmware stubs.
+"""``python -m sekisho.agents.sim.doors --config agent.toml``: the demo's door agent, driven by the firmware stubs.
 
 Everything below the people is real: one OSDP reader stub (libosdp peripheral, Secure Channel with its
 own key) per reader of the policy on its own pseudo-terminal, the locker board stub on another, the real
@@ -20,13 +20,13 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from agents.doors.attach import AttachedDoors, attach_doors
-from agents.runtime.agent import Agent
-from agents.runtime.config import load_config
-from agents.sim.login_traffic import DEMO_SITE_KEY
-from agents.sim.traffic import DEMO_CARD_UIDS
-from drivers.smartcard import hash_uid
-from protocol.policy import Door, SitePolicy
+from sekisho.agents.doors.attach import AttachedDoors, attach_doors
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.runtime.config import load_config
+from sekisho.agents.sim.login_traffic import DEMO_SITE_KEY
+from sekisho.agents.sim.traffic import DEMO_CARD_UIDS
+from sekisho.drivers.smartcard import hash_uid
+from sekisho.protocol.policy import Door, SitePolicy
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,10 @@ class DoorSite:
     """The stubs, the drivers and the door agent of one demo door box, plus the people's moves."""
 
     def __init__(self, agent: Agent, policy: SitePolicy, stop: threading.Event) -> None:
-        from drivers.locker import LockerBoardLink
-        from drivers.osdp import OsdpReaderLink, ReaderConfig
-        from firmware_stubs.locker_board import StubBoardProcess
-        from firmware_stubs.osdp_reader import StubReaderProcess
+        from sekisho.drivers.locker import LockerBoardLink
+        from sekisho.drivers.osdp import OsdpReaderLink, ReaderConfig
+        from sekisho.firmware_stubs.locker_board import StubBoardProcess
+        from sekisho.firmware_stubs.osdp_reader import StubReaderProcess
 
         self.agent = agent
         self.policy = policy

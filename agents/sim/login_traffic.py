@@ -20,15 +20,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
-from agents.login.decision import JST, PolicyState, decide_login, refuse_early
-from agents.login.lock import CardRemovalLock
-from agents.login.notices import notice_for
-from agents.login.pam import PamRequest, check_card, check_finger, decision_event
-from agents.runtime.agent import Agent
-from drivers.biometric import SimulatedFingerprint
-from drivers.smartcard import SimulatedBackend, SimulatedCard
-from protocol import timefmt
-from protocol.policy import SitePolicy
+from sekisho.agents.login.decision import JST, PolicyState, decide_login, refuse_early
+from sekisho.agents.login.lock import CardRemovalLock
+from sekisho.agents.login.notices import notice_for
+from sekisho.agents.login.pam import PamRequest, check_card, check_finger, decision_event
+from sekisho.agents.runtime.agent import Agent
+from sekisho.drivers.biometric import SimulatedFingerprint
+from sekisho.drivers.smartcard import SimulatedBackend, SimulatedCard
+from sekisho.protocol import timefmt
+from sekisho.protocol.policy import SitePolicy
 
 DEMO_SITE_KEY = b"demo-site-key"
 READER = "Demo Reader 0"
@@ -111,7 +111,7 @@ def terminal_login(agent: Agent, scene: LoginScene, rng: random.Random, stop: th
 
 
 def _hash(uid: str) -> str:
-    from drivers.smartcard import hash_uid
+    from sekisho.drivers.smartcard import hash_uid
 
     return hash_uid(uid.encode(), DEMO_SITE_KEY)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 import threading
 
-from agents.runtime.agent import Agent
-from agents.sim.login_traffic import login_scene, terminal_login
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.sim.login_traffic import login_scene, terminal_login
 
 # The demo's synthetic card numbers (deploy/demo/site.yaml holds their keyed hashes).
 DEMO_CARD_UIDS = [f"DEMO-CARD-{i:04d}" for i in range(1, 7)]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from agents.usb.guard import UsbGuard
-from agents.usb.session import StaticSession
-from drivers.usb.blockdev import FakeBlockDevices
-from drivers.usb.events import InjectedHotplug
-from drivers.usb.fake import FakeSysfsTree
+from sekisho.agents.usb.guard import UsbGuard
+from sekisho.agents.usb.session import StaticSession
+from sekisho.drivers.usb.blockdev import FakeBlockDevices
+from sekisho.drivers.usb.events import InjectedHotplug
+from sekisho.drivers.usb.fake import FakeSysfsTree
 
 _LOG = logging.getLogger(__name__)
 

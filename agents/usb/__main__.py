@@ -1,4 +1,4 @@
-"""``python -m agents.usb --config agent.toml --terminal t-hr-01``: run an agent with the USB guard attached.
+"""``python -m sekisho.agents.usb --config agent.toml --terminal t-hr-01``: run an agent with the USB guard attached.
 
 Admin rules (``--rules FILE``, USBGuard syntax) are evaluated before the product default. Until the
 login guard exists the session is static: ``--person ID`` logs that person in, otherwise nobody is
@@ -15,16 +15,16 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from agents.runtime.agent import Agent
-from agents.runtime.config import load_config
-from agents.runtime.errors import AgentError
-from agents.usb.run import UsbGuardConfig, attach_usb_guard
-from agents.usb.session import StaticSession
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.runtime.config import load_config
+from sekisho.agents.runtime.errors import AgentError
+from sekisho.agents.usb.run import UsbGuardConfig, attach_usb_guard
+from sekisho.agents.usb.session import StaticSession
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the agent and its USB guard until SIGINT or SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m agents.usb", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sekisho.agents.usb", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=Path, help="agent TOML file")
     parser.add_argument("--terminal", required=True, help="terminal id in the site policy")
     parser.add_argument("--sysfs-root", type=Path, help="a fake tree laid out like /sys/bus/usb/devices")

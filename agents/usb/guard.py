@@ -39,17 +39,17 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
-from agents.usb.rules import RuleSet, Target, decide_device, default_ruleset, parse_rules
-from agents.usb.rules.policy import MASS_STORAGE_CLASS
-from agents.usb.session import SessionProvider
-from drivers.usb.blockdev import BlockDevice, BlockDeviceControl
-from drivers.usb.errors import UsbAccessError, UsbDescriptorError, UsbDeviceGone, UsbError
-from drivers.usb.events import HotplugSource, UsbEvent
-from drivers.usb.model import UsbDevice
-from drivers.usb.sysfs import SysfsUsb
-from protocol import timefmt
-from protocol.messages import VerifiedBundle
-from protocol.policy import MediaLoan, Medium, SitePolicy
+from sekisho.agents.usb.rules import RuleSet, Target, decide_device, default_ruleset, parse_rules
+from sekisho.agents.usb.rules.policy import MASS_STORAGE_CLASS
+from sekisho.agents.usb.session import SessionProvider
+from sekisho.drivers.usb.blockdev import BlockDevice, BlockDeviceControl
+from sekisho.drivers.usb.errors import UsbAccessError, UsbDescriptorError, UsbDeviceGone, UsbError
+from sekisho.drivers.usb.events import HotplugSource, UsbEvent
+from sekisho.drivers.usb.model import UsbDevice
+from sekisho.drivers.usb.sysfs import SysfsUsb
+from sekisho.protocol import timefmt
+from sekisho.protocol.messages import VerifiedBundle
+from sekisho.protocol.policy import MediaLoan, Medium, SitePolicy
 
 # The agent's emit_many: records several events in one transaction (one fsync) and returns their seqs.
 EmitMany = Callable[[list[tuple[str, dict[str, Any]]]], list[int]]

@@ -7,12 +7,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents.runtime.agent import Agent
-from agents.usb.guard import UsbGuard, site_ruleset
-from agents.usb.session import SessionProvider, StaticSession
-from drivers.usb.blockdev import BlockDeviceControl, FakeBlockDevices, IoctlBlockDevices, UdevBlockMonitor
-from drivers.usb.events import HotplugSource, InjectedHotplug, UdevHotplug
-from drivers.usb.sysfs import DEFAULT_SYSFS_ROOT, SysfsUsb
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.usb.guard import UsbGuard, site_ruleset
+from sekisho.agents.usb.session import SessionProvider, StaticSession
+from sekisho.drivers.usb.blockdev import BlockDeviceControl, FakeBlockDevices, IoctlBlockDevices, UdevBlockMonitor
+from sekisho.drivers.usb.events import HotplugSource, InjectedHotplug, UdevHotplug
+from sekisho.drivers.usb.sysfs import DEFAULT_SYSFS_ROOT, SysfsUsb
 
 _LOG = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The login guard's session watch (agents/login/watch.py) provides the person it authenticated by card and
 fingerprint (nobody while the session is locked); ``StaticSession`` stands in for tests, the demo and
-``python -m agents.usb``.
+``python -m sekisho.agents.usb``.
 The USB guard only needs the person's policy id and a call whenever it changes (login, logout, switch).
 """
 

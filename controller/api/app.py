@@ -10,11 +10,11 @@ from typing import Annotated
 from fastapi import APIRouter, FastAPI, Query, Response, status
 from sqlalchemy import text
 
-from controller.api.deps import AppState, AuthDep, StateDep
-from controller.api.doors import routers as door_routers
-from controller.api.media import media
-from controller.api.schemas import AgentPublic, DeadLetterPublic, EventPage, EventPublic, FindingPublic, Health
-from protocol import signing
+from sekisho.controller.api.deps import AppState, AuthDep, StateDep
+from sekisho.controller.api.doors import routers as door_routers
+from sekisho.controller.api.media import media
+from sekisho.controller.api.schemas import AgentPublic, DeadLetterPublic, EventPage, EventPublic, FindingPublic, Health
+from sekisho.protocol import signing
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from controller.config import ControllerConfig
-from controller.ingest.worker import IngestStats
-from controller.store.store import Store
+from sekisho.controller.config import ControllerConfig
+from sekisho.controller.ingest.worker import IngestStats
+from sekisho.controller.store.store import Store
 
 
 @dataclass

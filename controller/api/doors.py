@@ -13,10 +13,10 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel, ConfigDict
 
-from controller.api.deps import AuthDep, StateDep
-from controller.doors.registers import DoorKind, DoorRegisters, LoanState, loan_state
-from controller.store.models import KeyLoan
-from protocol import timefmt
+from sekisho.controller.api.deps import AuthDep, StateDep
+from sekisho.controller.doors.registers import DoorKind, DoorRegisters, LoanState, loan_state
+from sekisho.controller.store.models import KeyLoan
+from sekisho.protocol import timefmt
 
 keys = APIRouter(prefix="/api/v1/keys", tags=["doors"], dependencies=[AuthDep])
 door_log = APIRouter(prefix="/api/v1/doors", tags=["doors"], dependencies=[AuthDep])

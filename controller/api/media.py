@@ -12,8 +12,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
 
-from controller.api.deps import AppState, AuthDep, StateDep
-from controller.api.schemas import (
+from sekisho.controller.api.deps import AppState, AuthDep, StateDep
+from sekisho.controller.api.schemas import (
     MediaLoanChange,
     MediaLoanCreate,
     MediaLoanPublic,
@@ -21,10 +21,10 @@ from controller.api.schemas import (
     MediaLoanRevoke,
     MediumPublic,
 )
-from controller.media.service import LoanNotFound, MediaConflict, MediaError, MediaService, loan_state
-from controller.policy.service import PolicyService
-from controller.store.models import LoanRecord
-from protocol import timefmt
+from sekisho.controller.media.service import LoanNotFound, MediaConflict, MediaError, MediaService, loan_state
+from sekisho.controller.policy.service import PolicyService
+from sekisho.controller.store.models import LoanRecord
+from sekisho.protocol import timefmt
 
 log = logging.getLogger(__name__)
 

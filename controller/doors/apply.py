@@ -15,9 +15,9 @@ from typing import Any, cast
 from sqlalchemy import Connection, Table, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from controller.store.models import AreaPresence, DoorLogEntry, Finding, KeyLoan, Visit
-from protocol import timefmt
-from protocol.policy import Door, SitePolicy
+from sekisho.controller.store.models import AreaPresence, DoorLogEntry, Finding, KeyLoan, Visit
+from sekisho.protocol import timefmt
+from sekisho.protocol.policy import Door, SitePolicy
 
 _LOANS = cast(Table, KeyLoan.__table__)
 _LOG = cast(Table, DoorLogEntry.__table__)

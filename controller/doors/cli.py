@@ -13,17 +13,17 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import DBAPIError
 
-from controller.cli import cli_config, issue_command
-from controller.config import ControllerConfig
-from controller.doors import commands
-from controller.doors.commands import DoorCommand, TargetError
-from controller.doors.projector import DoorProjector
-from controller.doors.registers import DoorKind, DoorRegisters, loan_state
-from controller.media.cli import jst, parse_when
-from controller.media.service import JST
-from controller.store.store import Store
-from protocol import timefmt
-from protocol.policy import SitePolicy
+from sekisho.controller.cli import cli_config, issue_command
+from sekisho.controller.config import ControllerConfig
+from sekisho.controller.doors import commands
+from sekisho.controller.doors.commands import DoorCommand, TargetError
+from sekisho.controller.doors.projector import DoorProjector
+from sekisho.controller.doors.registers import DoorKind, DoorRegisters, loan_state
+from sekisho.controller.media.cli import jst, parse_when
+from sekisho.controller.media.service import JST
+from sekisho.controller.store.store import Store
+from sekisho.protocol import timefmt
+from sekisho.protocol.policy import SitePolicy
 
 console = Console()
 err_console = Console(stderr=True)
@@ -49,7 +49,7 @@ _LOAN_LABELS = {
 
 
 def _open(config: Path) -> tuple[ControllerConfig, Store]:
-    from controller.service import open_store
+    from sekisho.controller.service import open_store
 
     cfg = cli_config(config)
     return cfg, open_store(cfg)
@@ -267,7 +267,7 @@ def visits(
 @app.command("hash-pin")
 def hash_pin_command() -> None:
     """Ask for a door PIN twice and print its pin_hash for site.yaml (the PIN itself is never stored)."""
-    from agents.doors.pin import hash_pin, valid_pin
+    from sekisho.agents.doors.pin import hash_pin, valid_pin
 
     pin = typer.prompt("PIN (4-8 digits)", hide_input=True, confirmation_prompt=True)
     if not valid_pin(pin):

@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from protocol.policy import Door, SitePolicy
+from sekisho.protocol.policy import Door, SitePolicy
 
 ModeCommand = Literal["door.emergency_unlock", "door.lockdown", "door.normal"]
 UNLOCK = "door.unlock"

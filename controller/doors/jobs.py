@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from controller.doors.projector import DoorProjector
-from controller.doors.registers import DoorRegisters
-from controller.periodic import PeriodicJob
+from sekisho.controller.doors.projector import DoorProjector
+from sekisho.controller.doors.registers import DoorRegisters
+from sekisho.controller.periodic import PeriodicJob
 
 
 class DoorRegisterKeeper(PeriodicJob):

@@ -24,9 +24,9 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, delete, func, insert, select, text, update
 
-from controller.doors.apply import PROJECTED_TYPES, SiteView, StoredEvent, apply_event, resolve_overdue_finding
-from controller.store.db import SQLITE_BEGIN
-from controller.store.models import (
+from sekisho.controller.doors.apply import PROJECTED_TYPES, SiteView, StoredEvent, apply_event, resolve_overdue_finding
+from sekisho.controller.store.db import SQLITE_BEGIN
+from sekisho.controller.store.models import (
     AreaPresence,
     DoorLogEntry,
     Event,
@@ -36,9 +36,9 @@ from controller.store.models import (
     ProjectionCursor,
     Visit,
 )
-from controller.store.store import Store
-from protocol import timefmt
-from protocol.policy import SitePolicy
+from sekisho.controller.store.store import Store
+from sekisho.protocol import timefmt
+from sekisho.protocol.policy import SitePolicy
 
 log = logging.getLogger(__name__)
 

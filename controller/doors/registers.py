@@ -9,10 +9,10 @@ from typing import Literal, TypeVar, cast
 from sqlalchemy import Select, Table, and_, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from controller.doors.projector import KEY_LOAN_OVERDUE, write_transaction
-from controller.store.models import AreaPresence, DoorLogEntry, Finding, KeyLoan, Visit
-from controller.store.store import Store
-from protocol import timefmt
+from sekisho.controller.doors.projector import KEY_LOAN_OVERDUE, write_transaction
+from sekisho.controller.store.models import AreaPresence, DoorLogEntry, Finding, KeyLoan, Visit
+from sekisho.controller.store.store import Store
+from sekisho.protocol import timefmt
 
 log = logging.getLogger(__name__)
 

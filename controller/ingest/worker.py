@@ -20,11 +20,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from controller.config import ControllerConfig
-from controller.mqtt import connect_blocking, make_client
-from controller.store.store import DeadLetterIn, Store
-from protocol import errors, events, messages, signing, timefmt, topics
-from protocol.canonical import loads_strict
+from sekisho.controller.config import ControllerConfig
+from sekisho.controller.mqtt import connect_blocking, make_client
+from sekisho.controller.store.store import DeadLetterIn, Store
+from sekisho.protocol import errors, events, messages, signing, timefmt, topics
+from sekisho.protocol.canonical import loads_strict
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from controller.cli import cli_config, publish_now
-from controller.config import ControllerConfig
-from controller.media.service import JST, MediaError, MediaService, loan_state
-from controller.policy.service import PolicyService
-from protocol import signing, timefmt
+from sekisho.controller.cli import cli_config, publish_now
+from sekisho.controller.config import ControllerConfig
+from sekisho.controller.media.service import JST, MediaError, MediaService, loan_state
+from sekisho.controller.policy.service import PolicyService
+from sekisho.protocol import signing, timefmt
 
 console = Console()
 err_console = Console(stderr=True)
@@ -51,7 +51,7 @@ def jst(moment: datetime | None) -> str:
 
 
 def _service(cfg: ControllerConfig) -> MediaService:
-    from controller.service import open_store
+    from sekisho.controller.service import open_store
 
     store = open_store(cfg)
     return MediaService(store, PolicyService(store, signing.load_private_key(cfg.signing_key)))

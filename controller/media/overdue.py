@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from controller.media.service import MediaService
-from controller.periodic import PeriodicJob
+from sekisho.controller.media.service import MediaService
+from sekisho.controller.periodic import PeriodicJob
 
 
 class OverdueWatch(PeriodicJob):

@@ -10,11 +10,11 @@ from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
 
-from controller.policy.service import PolicyService, carry_loans
-from controller.store.models import LoanRecord
-from controller.store.store import PolicyVersionConflict, Store
-from protocol import timefmt
-from protocol.policy import MediaLoan, Medium, SitePolicy
+from sekisho.controller.policy.service import PolicyService, carry_loans
+from sekisho.controller.store.models import LoanRecord
+from sekisho.controller.store.store import PolicyVersionConflict, Store
+from sekisho.protocol import timefmt
+from sekisho.protocol.policy import MediaLoan, Medium, SitePolicy
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from protocol.policy import SitePolicy
+from sekisho.protocol.policy import SitePolicy
 
 
 class PolicyError(ValueError):

@@ -12,15 +12,15 @@ import paho.mqtt.client as mqtt
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from controller.mqtt import connect_blocking, make_client
-from controller.policy.loader import PolicyError
-from controller.store.store import PolicyVersionConflict
-from protocol import messages, timefmt, topics
-from protocol.policy import MediaLoan, SitePolicy
+from sekisho.controller.mqtt import connect_blocking, make_client
+from sekisho.controller.policy.loader import PolicyError
+from sekisho.controller.store.store import PolicyVersionConflict
+from sekisho.protocol import messages, timefmt, topics
+from sekisho.protocol.policy import MediaLoan, SitePolicy
 
 if TYPE_CHECKING:
-    from controller.config import ControllerConfig
-    from controller.store.store import Store
+    from sekisho.controller.config import ControllerConfig
+    from sekisho.controller.store.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The controller's storage layer: SQLAlchemy models, Alembic migrations and the record store."""
 
-from controller.store.chain import ChainProblem, record_hash
-from controller.store.db import default_url, make_engine, upgrade
-from controller.store.store import (
+from sekisho.controller.store.chain import ChainProblem, record_hash
+from sekisho.controller.store.db import default_url, make_engine, upgrade
+from sekisho.controller.store.store import (
     DUPLICATE_ID,
     SEQ_CONFLICT,
     SEQUENCE_GAP,

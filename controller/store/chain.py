@@ -18,8 +18,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, select
 
-from controller.store.models import ZERO_HASH, Event, Stream
-from protocol import errors, events, signing, timefmt
+from sekisho.controller.store.models import ZERO_HASH, Event, Stream
+from sekisho.protocol import errors, events, signing, timefmt
 
 # Rows fetched per round trip while walking a chain; the walk never holds more than this.
 _WALK_BATCH = 1000

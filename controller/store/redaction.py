@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 
-from protocol import mynumber
+from sekisho.protocol import mynumber
 
 BASE64_PREFIX = "base64:"
 

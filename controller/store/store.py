@@ -41,9 +41,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased
 
-from controller.store.chain import ChainProblem, record_hash, verify_stream
-from controller.store.db import SQLITE_BEGIN
-from controller.store.models import (
+from sekisho.controller.store.chain import ChainProblem, record_hash, verify_stream
+from sekisho.controller.store.db import SQLITE_BEGIN
+from sekisho.controller.store.models import (
     ZERO_HASH,
     Agent,
     DeadLetter,
@@ -55,9 +55,9 @@ from controller.store.models import (
     PolicyVersion,
     Stream,
 )
-from controller.store.redaction import clean_text, redact_payload
-from protocol import errors, mynumber, signing, timefmt, topics
-from protocol.events import DecodedEvent
+from sekisho.controller.store.redaction import clean_text, redact_payload
+from sekisho.protocol import errors, mynumber, signing, timefmt, topics
+from sekisho.protocol.events import DecodedEvent
 
 log = logging.getLogger(__name__)
 

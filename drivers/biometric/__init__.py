@@ -5,8 +5,8 @@ Templates stay in fprintd on the terminal; the interface answers only "enrolled?
 
 from typing import TYPE_CHECKING, Any
 
-from drivers.biometric.errors import BiometricError, DeviceBusy, NoSensor, NotEnrolled, VerifyTimeout
-from drivers.biometric.protocol import (
+from sekisho.drivers.biometric.errors import BiometricError, DeviceBusy, NoSensor, NotEnrolled, VerifyTimeout
+from sekisho.drivers.biometric.protocol import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_TIMEOUT_S,
     STATUS_READY,
@@ -15,16 +15,16 @@ from drivers.biometric.protocol import (
     VerifyOutcome,
     VerifyResult,
 )
-from drivers.biometric.simulated import RawStatus, SimulatedFingerprint, Touch
+from sekisho.drivers.biometric.simulated import RawStatus, SimulatedFingerprint, Touch
 
 if TYPE_CHECKING:
-    from drivers.biometric.fprintd import FprintdBackend
+    from sekisho.drivers.biometric.fprintd import FprintdBackend
 
 
 def __getattr__(name: str) -> Any:
     """Import the fprintd backend (and with it jeepney, an ``agent`` extra) only when it is asked for."""
     if name == "FprintdBackend":
-        from drivers.biometric.fprintd import FprintdBackend
+        from sekisho.drivers.biometric.fprintd import FprintdBackend
 
         return FprintdBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,7 +29,7 @@ from jeepney import (
 )
 from jeepney.io.blocking import DBusConnection, open_dbus_connection
 
-from drivers.biometric.errors import (
+from sekisho.drivers.biometric.errors import (
     ERROR_ALREADY_IN_USE,
     ERROR_NAME_HAS_NO_OWNER,
     ERROR_NO_ENROLLED_PRINTS,
@@ -41,14 +41,14 @@ from drivers.biometric.errors import (
     NotEnrolled,
     VerifyTimeout,
 )
-from drivers.biometric.protocol import (
+from sekisho.drivers.biometric.protocol import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_TIMEOUT_S,
     STATUS_READY,
     StatusObserver,
     VerifyResult,
 )
-from drivers.biometric.session import Step, VerifyTally, notify_status
+from sekisho.drivers.biometric.session import Step, VerifyTally, notify_status
 
 FPRINT_BUS_NAME = "net.reactivated.Fprint"
 MANAGER_PATH = "/net/reactivated/Fprint/Manager"

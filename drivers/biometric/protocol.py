@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from drivers.biometric.errors import BiometricError
+from sekisho.drivers.biometric.errors import BiometricError
 
 VerifyOutcome = Literal["match", "no_match", "timeout", "retry_exhausted", "unavailable"]
 

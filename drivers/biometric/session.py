@@ -13,8 +13,8 @@ import enum
 import logging
 from dataclasses import dataclass
 
-from drivers.biometric.errors import BiometricError, NoSensor
-from drivers.biometric.protocol import StatusObserver, VerifyOutcome, VerifyResult
+from sekisho.drivers.biometric.errors import BiometricError, NoSensor
+from sekisho.drivers.biometric.protocol import StatusObserver, VerifyOutcome, VerifyResult
 
 VERIFY_MATCH = "verify-match"
 VERIFY_NO_MATCH = "verify-no-match"

@@ -14,15 +14,15 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from drivers.biometric.errors import BiometricError, DeviceBusy, NoSensor, NotEnrolled
-from drivers.biometric.protocol import (
+from sekisho.drivers.biometric.errors import BiometricError, DeviceBusy, NoSensor, NotEnrolled
+from sekisho.drivers.biometric.protocol import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_TIMEOUT_S,
     STATUS_READY,
     StatusObserver,
     VerifyResult,
 )
-from drivers.biometric.session import VERIFY_MATCH, VERIFY_NO_MATCH, Step, VerifyTally, notify_status
+from sekisho.drivers.biometric.session import VERIFY_MATCH, VERIFY_NO_MATCH, Step, VerifyTally, notify_status
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from drivers.locker.errors import BoardError, BoardRefused, BoardTimeout, BoardUnavailable, MalformedFrame
-from drivers.locker.events import (
+from sekisho.drivers.locker.errors import BoardError, BoardRefused, BoardTimeout, BoardUnavailable, MalformedFrame
+from sekisho.drivers.locker.events import (
     BoardEvent,
     BoardObserver,
     BoardOffline,
@@ -24,10 +24,10 @@ from drivers.locker.events import (
     RelayFault,
     RelayTimerExpired,
 )
-from drivers.locker.simulated import SimulatedLockerBoard
+from sekisho.drivers.locker.simulated import SimulatedLockerBoard
 
 if TYPE_CHECKING:
-    from drivers.locker.link import LockerBoardLink
+    from sekisho.drivers.locker.link import LockerBoardLink
 
 
 @runtime_checkable
@@ -57,10 +57,10 @@ class LockIO(Protocol):
 def __getattr__(name: str) -> Any:
     """Import the pyserial-backed link on first use (``drivers.locker.LockerBoardLink``)."""
     if name == "LockerBoardLink":
-        from drivers.locker.link import LockerBoardLink
+        from sekisho.drivers.locker.link import LockerBoardLink
 
         return LockerBoardLink
-    raise AttributeError(f"module 'drivers.locker' has no attribute {name!r}")
+    raise AttributeError(f"module 'sekisho.drivers.locker' has no attribute {name!r}")
 
 
 __all__ = [

@@ -16,8 +16,8 @@ from typing import Any
 
 import serial
 
-from drivers.locker.errors import BoardUnavailable
-from drivers.locker.protocol import BAUD_RATE
+from sekisho.drivers.locker.errors import BoardUnavailable
+from sekisho.drivers.locker.protocol import BAUD_RATE
 
 LineTarget = str | os.PathLike[str] | int | serial.SerialBase
 

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from drivers.locker.errors import BoardError, BoardRefused, BoardTimeout, BoardUnavailable, MalformedFrame
-from drivers.locker.events import (
+from sekisho.drivers.locker.errors import BoardError, BoardRefused, BoardTimeout, BoardUnavailable, MalformedFrame
+from sekisho.drivers.locker.events import (
     BoardEvent,
     BoardObserver,
     BoardOffline,
@@ -35,8 +35,8 @@ from drivers.locker.events import (
     RelayFault,
     RelayTimerExpired,
 )
-from drivers.locker.line import Line, LineTarget
-from drivers.locker.protocol import (
+from sekisho.drivers.locker.line import Line, LineTarget
+from sekisho.drivers.locker.protocol import (
     BAUD_RATE,
     PROTOCOL_VERSION,
     BoardInfo,
@@ -57,7 +57,7 @@ from drivers.locker.protocol import (
     parse_nak,
     parse_status,
 )
-from drivers.smartcard.observers import ObserverList
+from sekisho.drivers.observers import ObserverList
 
 _LOG = logging.getLogger(__name__)
 

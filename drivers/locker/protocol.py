@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-from drivers.locker.errors import MalformedFrame
+from sekisho.drivers.locker.errors import MalformedFrame
 
 STX = 0x02
 DLE = 0x10

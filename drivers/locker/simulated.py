@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from drivers.locker.errors import BoardError, BoardRefused, BoardTimeout
-from drivers.locker.events import (
+from sekisho.drivers.locker.errors import BoardError, BoardRefused, BoardTimeout
+from sekisho.drivers.locker.events import (
     BoardEvent,
     BoardObserver,
     BoardOffline,
@@ -28,8 +28,8 @@ from drivers.locker.events import (
     RelayFault,
     RelayTimerExpired,
 )
-from drivers.locker.protocol import NAK_REASONS, encode_set_relay
-from drivers.smartcard.observers import ObserverList
+from sekisho.drivers.locker.protocol import NAK_REASONS, encode_set_relay
+from sekisho.drivers.observers import ObserverList
 
 _NAK_BAD_INDEX = next(code for code, name in NAK_REASONS.items() if name == "bad_index")
 

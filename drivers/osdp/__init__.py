@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from drivers.osdp.errors import KeySetError, LinkUnavailable, OsdpError, UnknownReader
-from drivers.osdp.protocol import (
+from sekisho.drivers.osdp.errors import KeySetError, LinkUnavailable, OsdpError, UnknownReader
+from sekisho.drivers.osdp.protocol import (
     SCBK_DEFAULT,
     CardRead,
     KeypadInput,
@@ -20,23 +20,23 @@ from drivers.osdp.protocol import (
     ReaderObserver,
     ReaderStatus,
 )
-from drivers.osdp.simulated import BuzzerFeedback, Feedback, LedFeedback, SimulatedReaderLink, TextFeedback
+from sekisho.drivers.osdp.simulated import BuzzerFeedback, Feedback, LedFeedback, SimulatedReaderLink, TextFeedback
 
 if TYPE_CHECKING:
-    from drivers.osdp.link import OsdpReaderLink
+    from sekisho.drivers.osdp.link import OsdpReaderLink
 
 
 def __getattr__(name: str) -> Any:
     """Import the libosdp-backed classes on first use (``drivers.osdp.OsdpReaderLink``)."""
     if name == "OsdpReaderLink":
-        from drivers.osdp.link import OsdpReaderLink
+        from sekisho.drivers.osdp.link import OsdpReaderLink
 
         return OsdpReaderLink
     if name in ("FdChannel", "SerialChannel"):
-        from drivers.osdp import channel
+        from sekisho.drivers.osdp import channel
 
         return getattr(channel, name)
-    raise AttributeError(f"module 'drivers.osdp' has no attribute {name!r}")
+    raise AttributeError(f"module 'sekisho.drivers.osdp' has no attribute {name!r}")
 
 
 __all__ = [

@@ -20,7 +20,7 @@ from typing import Any
 import serial
 from osdp import Channel
 
-from drivers.osdp.errors import LinkUnavailable
+from sekisho.drivers.osdp.errors import LinkUnavailable
 
 _LOG = logging.getLogger(__name__)
 

@@ -50,9 +50,10 @@ from osdp import (
     PDInfo,
 )
 
-from drivers.osdp.channel import DEFAULT_BAUD_RATE, FdChannel, ForeignChannel, SerialChannel, TrackedChannel
-from drivers.osdp.errors import KeySetError, LinkUnavailable, OsdpError, UnknownReader
-from drivers.osdp.protocol import (
+from sekisho.drivers.observers import ObserverList
+from sekisho.drivers.osdp.channel import DEFAULT_BAUD_RATE, FdChannel, ForeignChannel, SerialChannel, TrackedChannel
+from sekisho.drivers.osdp.errors import KeySetError, LinkUnavailable, OsdpError, UnknownReader
+from sekisho.drivers.osdp.protocol import (
     SCBK_DEFAULT,
     CardRead,
     KeypadInput,
@@ -67,7 +68,6 @@ from drivers.osdp.protocol import (
     validate_scbk,
     validate_text,
 )
-from drivers.smartcard.observers import ObserverList
 
 _LOG = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from drivers.osdp.errors import KeySetError, OsdpError, UnknownReader
-from drivers.osdp.protocol import (
+from sekisho.drivers.observers import ObserverList
+from sekisho.drivers.osdp.errors import KeySetError, OsdpError, UnknownReader
+from sekisho.drivers.osdp.protocol import (
     KEYPAD_KEYS,
     SCBK_DEFAULT,
     CardRead,
@@ -30,7 +31,6 @@ from drivers.osdp.protocol import (
     validate_scbk,
     validate_text,
 )
-from drivers.smartcard.observers import ObserverList
 
 CARD_FORMATS = ("raw", "wiegand")
 

@@ -30,8 +30,8 @@ from typing import Any
 import usb.core
 import usb.util
 
-from drivers.locker.errors import BoardError, BoardRefused, BoardTimeout, BoardUnavailable
-from drivers.locker.events import (
+from sekisho.drivers.locker.errors import BoardError, BoardRefused, BoardTimeout, BoardUnavailable
+from sekisho.drivers.locker.events import (
     BoardEvent,
     BoardObserver,
     BoardOffline,
@@ -41,8 +41,8 @@ from drivers.locker.events import (
     RelayFault,
     RelayTimerExpired,
 )
-from drivers.locker.protocol import NAK_REASONS, encode_set_relay
-from drivers.smartcard.observers import ObserverList
+from sekisho.drivers.locker.protocol import NAK_REASONS, encode_set_relay
+from sekisho.drivers.observers import ObserverList
 
 _LOG = logging.getLogger(__name__)
 

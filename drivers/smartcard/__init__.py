@@ -4,7 +4,7 @@ Only ``drivers.smartcard.pcsc`` imports pyscard, and only when the real backend 
 the demo run on the simulated backend without pyscard installed.
 """
 
-from drivers.smartcard.auth import (
+from sekisho.drivers.smartcard.auth import (
     AuthResult,
     EnrolledCard,
     EnrolmentError,
@@ -16,8 +16,14 @@ from drivers.smartcard.auth import (
     identify_by_uid,
     public_key_fingerprint,
 )
-from drivers.smartcard.errors import CardError, CardRemoved, MalformedResponse, ReaderUnavailable, StatusWordError
-from drivers.smartcard.protocol import (
+from sekisho.drivers.smartcard.errors import (
+    CardError,
+    CardRemoved,
+    MalformedResponse,
+    ReaderUnavailable,
+    StatusWordError,
+)
+from sekisho.drivers.smartcard.protocol import (
     CardConnection,
     CardEvent,
     CardObserver,
@@ -27,12 +33,12 @@ from drivers.smartcard.protocol import (
     SmartCardBackend,
     mask_uid,
 )
-from drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
+from sekisho.drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
 
 
 def pcsc_backend() -> SmartCardBackend:
     """Return the real PC/SC backend (imports pyscard; raises ImportError without it)."""
-    from drivers.smartcard.pcsc import PcscBackend
+    from sekisho.drivers.smartcard.pcsc import PcscBackend
 
     return PcscBackend()
 

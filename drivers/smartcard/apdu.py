@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from drivers.smartcard.errors import MalformedResponse, StatusWordError
+from sekisho.drivers.smartcard.errors import MalformedResponse, StatusWordError
 
 RawTransmit = Callable[[bytes], bytes]
 

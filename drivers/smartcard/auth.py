@@ -21,9 +21,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from drivers.smartcard.apdu import encode_tlv, find_tlv, parse_tlv
-from drivers.smartcard.errors import CardError, CardRemoved, MalformedResponse, ReaderUnavailable, StatusWordError
-from drivers.smartcard.protocol import CardConnection, mask_uid
+from sekisho.drivers.smartcard.apdu import encode_tlv, find_tlv, parse_tlv
+from sekisho.drivers.smartcard.errors import (
+    CardError,
+    CardRemoved,
+    MalformedResponse,
+    ReaderUnavailable,
+    StatusWordError,
+)
+from sekisho.drivers.smartcard.protocol import CardConnection, mask_uid
 
 PIV_AID = bytes.fromhex("A000000308000010000100")
 CARD_AUTH_CERT_OBJECT = bytes.fromhex("5FC101")

@@ -15,10 +15,10 @@ from typing import Any
 
 from smartcard import scard
 
-from drivers.smartcard.apdu import transmit_apdu
-from drivers.smartcard.errors import CardError, CardRemoved, MalformedResponse, ReaderUnavailable
-from drivers.smartcard.observers import ObserverList
-from drivers.smartcard.protocol import (
+from sekisho.drivers.observers import ObserverList
+from sekisho.drivers.smartcard.apdu import transmit_apdu
+from sekisho.drivers.smartcard.errors import CardError, CardRemoved, MalformedResponse, ReaderUnavailable
+from sekisho.drivers.smartcard.protocol import (
     GET_UID_APDU,
     CardEvent,
     CardObserver,

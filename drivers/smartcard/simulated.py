@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import NameOID
 
-from drivers.smartcard.apdu import encode_tlv, parse_tlv, transmit_apdu
-from drivers.smartcard.errors import CardRemoved, MalformedResponse, ReaderUnavailable
-from drivers.smartcard.observers import ObserverList
-from drivers.smartcard.protocol import (
+from sekisho.drivers.observers import ObserverList
+from sekisho.drivers.smartcard.apdu import encode_tlv, parse_tlv, transmit_apdu
+from sekisho.drivers.smartcard.errors import CardRemoved, MalformedResponse, ReaderUnavailable
+from sekisho.drivers.smartcard.protocol import (
     GET_UID_APDU,
     CardEvent,
     CardObserver,

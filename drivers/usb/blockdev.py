@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from drivers.usb.errors import UsbDeviceGone, UsbError
-from drivers.usb.sysfs import DEFAULT_SYSFS_ROOT, is_device_name
+from sekisho.drivers.usb.errors import UsbDeviceGone, UsbError
+from sekisho.drivers.usb.sysfs import DEFAULT_SYSFS_ROOT, is_device_name
 
 # <linux/fs.h>: _IO(0x12, 93) and _IO(0x12, 94); the argument is an int.
 BLKROSET = 0x125D

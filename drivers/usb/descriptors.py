@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from drivers.usb.model import UsbInterface
+from sekisho.drivers.usb.model import UsbInterface
 
 DEVICE_DESCRIPTOR = 0x01
 CONFIG_DESCRIPTOR = 0x02

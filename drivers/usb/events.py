@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from drivers.usb.errors import UsbDescriptorError, UsbDeviceGone
-from drivers.usb.model import UsbDevice
-from drivers.usb.sysfs import SysfsUsb, is_device_name
+from sekisho.drivers.usb.errors import UsbDescriptorError, UsbDeviceGone
+from sekisho.drivers.usb.model import UsbDevice
+from sekisho.drivers.usb.sysfs import SysfsUsb, is_device_name
 
 UsbAction = Literal["add", "remove"]
 UsbObserver = Callable[["UsbEvent"], None]

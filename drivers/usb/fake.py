@@ -10,8 +10,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from drivers.usb.descriptors import build_descriptors
-from drivers.usb.sysfs import is_device_name, parent_of
+from sekisho.drivers.usb.descriptors import build_descriptors
+from sekisho.drivers.usb.sysfs import is_device_name, parent_of
 
 InterfaceSpec = tuple[int, int, int]
 

@@ -17,9 +17,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers.usb.descriptors import DescriptorFormatError, parse_descriptors
-from drivers.usb.errors import UsbAccessError, UsbDescriptorError, UsbDeviceGone
-from drivers.usb.model import (
+from sekisho.drivers.usb.descriptors import DescriptorFormatError, parse_descriptors
+from sekisho.drivers.usb.errors import UsbAccessError, UsbDescriptorError, UsbDeviceGone
+from sekisho.drivers.usb.model import (
     ConnectType,
     Removable,
     UsbDevice,

@@ -21,14 +21,14 @@ from rich.progress import Progress
 from rich.table import Table
 from sqlalchemy import func, select
 
-from agents.runtime.outbox import Outbox
-from controller.store.db import make_engine
-from controller.store.models import Event
-from deploy.pki import AgentCredentials, PkiPaths
-from protocol import events, signing, topics
+from sekisho.agents.runtime.outbox import Outbox
 from sekisho.bench.raw import TlsFiles, run_baseline, tls_for_dir
+from sekisho.controller.store.db import make_engine
+from sekisho.controller.store.models import Event
+from sekisho.deploy.pki import AgentCredentials, PkiPaths
 from sekisho.lab import Lab
-from sekisho.pgcluster import pg_database, postgres_cluster
+from sekisho.lab.pgcluster import pg_database, postgres_cluster
+from sekisho.protocol import events, signing, topics
 
 console = Console()
 bench_app = typer.Typer(help="Measure the pipeline (figures go to docs/benchmarks.md).", no_args_is_help=True)
@@ -261,7 +261,7 @@ def _cpu_seconds(lab: Lab, controllers: list[subprocess.Popen[bytes]]) -> dict[s
 
 
 def _db_url(lab: Lab) -> str:
-    from controller.config import load_config
+    from sekisho.controller.config import load_config
 
     return load_config(lab.controller_config).resolved_database_url()
 

@@ -27,13 +27,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from agents.doors.attach import AttachedDoors, attach_doors
-from agents.runtime.agent import Agent
-from drivers.locker import BoardObserver, BoardStatus, LockIO
-from drivers.smartcard import hash_uid
-from protocol import timefmt
-from protocol.policy import Card, Door, DoorReader, Person, Site, SitePolicy
+from sekisho.agents.doors.attach import AttachedDoors, attach_doors
+from sekisho.agents.runtime.agent import Agent
 from sekisho.bench.offline import offline_agent
+from sekisho.drivers.locker import BoardObserver, BoardStatus, LockIO
+from sekisho.drivers.smartcard import hash_uid
+from sekisho.protocol import timefmt
+from sekisho.protocol.policy import Card, Door, DoorReader, Person, Site, SitePolicy
 
 AGENT = "bench-doors"
 SITE_KEY = b"bench-doors-site-key-0123456789ab"
@@ -131,8 +131,8 @@ class TimedBoard:
 
 def tap_to_relay(root: Path, taps: int) -> tuple[list[float], list[float], int]:
     """Part 1: return (decision latencies ms, baseline latencies ms, events recorded)."""
-    from drivers.locker import SimulatedLockerBoard
-    from drivers.osdp import ReaderConfig, SimulatedReaderLink
+    from sekisho.drivers.locker import SimulatedLockerBoard
+    from sekisho.drivers.osdp import ReaderConfig, SimulatedReaderLink
 
     agent = _agent(root)
     clock = JumpingClock()
@@ -178,10 +178,10 @@ def tap_to_relay(root: Path, taps: int) -> tuple[list[float], list[float], int]:
 
 def osdp_end_to_end(root: Path, taps: int) -> list[float]:
     """Part 2: reader stub → OSDP Secure Channel → agent → locker board stub; return latencies in ms."""
-    from drivers.locker import LockerBoardLink
-    from drivers.osdp import OsdpReaderLink, ReaderConfig
-    from firmware_stubs.locker_board import StubBoardProcess
-    from firmware_stubs.osdp_reader import StubReaderProcess
+    from sekisho.drivers.locker import LockerBoardLink
+    from sekisho.drivers.osdp import OsdpReaderLink, ReaderConfig
+    from sekisho.firmware_stubs.locker_board import StubBoardProcess
+    from sekisho.firmware_stubs.osdp_reader import StubReaderProcess
 
     agent = _agent(root)
     reader = StubReaderProcess(address=1, scbk=SCBK)

@@ -17,8 +17,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from drivers.smartcard.protocol import CardEvent
-from sekisho.pcscd import VPCD_READER, own_pcscd, pcscd_unavailable
+from sekisho.drivers.smartcard.protocol import CardEvent
+from sekisho.lab.pcscd import VPCD_READER, own_pcscd, pcscd_unavailable
 
 SITE_KEY = b"bench-site-key-0123456789abcdef!"
 
@@ -31,9 +31,9 @@ def _percentile(values: list[float], q: int) -> float:
 
 def _removal_to_lock(removals: int, workdir: Path) -> list[float]:
     """Insert and remove the card ``removals`` times; return socket close → lock command started, in seconds."""
-    from agents.login.lock import CardRemovalLock
-    from drivers.smartcard.pcsc import PcscBackend
-    from firmware_stubs.piv_card import VirtualCard
+    from sekisho.agents.login.lock import CardRemovalLock
+    from sekisho.drivers.smartcard.pcsc import PcscBackend
+    from sekisho.firmware_stubs.piv_card import VirtualCard
 
     marker = workdir / "locked"
     emitted: list[str] = []
@@ -93,10 +93,10 @@ def _wait_until(predicate: Any, timeout: float) -> None:
 
 def _pam_decision(iterations: int) -> list[float]:
     """Time the simulated card check, a finger result and ``decide_login`` together, ``iterations`` times."""
-    from agents.login.decision import CardCheck, FingerCheck, decide_login
-    from drivers.smartcard.auth import authenticate, enrol_card
-    from drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
-    from protocol.policy import SitePolicy
+    from sekisho.agents.login.decision import CardCheck, FingerCheck, decide_login
+    from sekisho.drivers.smartcard.auth import authenticate, enrol_card
+    from sekisho.drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
+    from sekisho.protocol.policy import SitePolicy
 
     backend = SimulatedBackend()
     card = SimulatedCard(uid=bytes.fromhex("04A1B2C3D4E5F6"))

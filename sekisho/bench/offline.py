@@ -6,10 +6,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from agents.runtime.agent import Agent
-from agents.runtime.config import AgentConfig
-from deploy.pki import PkiPaths, init_pki, issue_agent
-from protocol import messages, signing
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.runtime.config import AgentConfig
+from sekisho.deploy.pki import PkiPaths, init_pki, issue_agent
+from sekisho.protocol import messages, signing
 
 
 def offline_agent(root: Path, agent_id: str, policy: dict[str, Any]) -> Agent:

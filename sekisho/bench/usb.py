@@ -20,16 +20,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from agents.runtime.agent import Agent
-from agents.usb.guard import UsbGuard
-from agents.usb.session import StaticSession
-from drivers.usb.blockdev import FakeBlockDevices
-from drivers.usb.events import InjectedHotplug
-from drivers.usb.fake import FakeSysfsTree
-from drivers.usb.sysfs import SysfsUsb
-from protocol import timefmt
-from protocol.policy import MediaLoan, Medium, Person, Site, SitePolicy, Terminal
+from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.usb.guard import UsbGuard
+from sekisho.agents.usb.session import StaticSession
 from sekisho.bench.offline import offline_agent
+from sekisho.drivers.usb.blockdev import FakeBlockDevices
+from sekisho.drivers.usb.events import InjectedHotplug
+from sekisho.drivers.usb.fake import FakeSysfsTree
+from sekisho.drivers.usb.sysfs import SysfsUsb
+from sekisho.protocol import timefmt
+from sekisho.protocol.policy import MediaLoan, Medium, Person, Site, SitePolicy, Terminal
 
 AGENT = "bench-usb"
 TERMINAL = "t-bench-01"

@@ -16,7 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from deploy.pki import CONTROLLER_CN, AgentCredentials, PkiPaths
+from sekisho.deploy.pki import CONTROLLER_CN, AgentCredentials, PkiPaths
 
 TIMEOUT = 5.0
 NOT_AUTHORIZED = 135

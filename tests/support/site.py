@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 from sqlalchemy import func, select
 
-from agents.runtime.outbox import Outbox
-from controller.config import load_config
-from controller.store import Store, make_engine
-from controller.store.models import Event
+from sekisho.agents.runtime.outbox import Outbox
+from sekisho.controller.config import load_config
+from sekisho.controller.store import Store, make_engine
+from sekisho.controller.store.models import Event
 from sekisho.lab import Lab
 
 

@@ -1,7 +1,7 @@
 """USBGuard-compatible USB rules: parse, match, decide, import."""
 
-from agents.usb.rules.importer import ImportReport, import_rules
-from agents.usb.rules.model import (
+from sekisho.agents.usb.rules.importer import ImportReport, import_rules
+from sekisho.agents.usb.rules.model import (
     AttributeName,
     Condition,
     DeviceIdPattern,
@@ -11,9 +11,9 @@ from agents.usb.rules.model import (
     StringValue,
     Target,
 )
-from agents.usb.rules.parser import ParsedRules, RuleProblem, RuleSyntaxError, parse_rule, parse_rules
-from agents.usb.rules.policy import DEFAULT_POLICY_TEXT, decide_device, decide_unreadable, default_ruleset
-from agents.usb.rules.ruleset import Decision, RuleSet
+from sekisho.agents.usb.rules.parser import ParsedRules, RuleProblem, RuleSyntaxError, parse_rule, parse_rules
+from sekisho.agents.usb.rules.policy import DEFAULT_POLICY_TEXT, decide_device, decide_unreadable, default_ruleset
+from sekisho.agents.usb.rules.ruleset import Decision, RuleSet
 
 __all__ = [
     "DEFAULT_POLICY_TEXT",

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from agents.usb.rules.importer import import_rules
+from sekisho.agents.usb.rules.importer import import_rules
 
 app = typer.Typer(help="USB rules in the USBGuard-compatible language.", no_args_is_help=True)
 

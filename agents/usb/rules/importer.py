@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agents.usb.rules.model import AttributeName, Rule, Target
-from agents.usb.rules.parser import RuleProblem, parse_rules
-from agents.usb.rules.ruleset import RuleSet
+from sekisho.agents.usb.rules.model import AttributeName, Rule, Target
+from sekisho.agents.usb.rules.parser import RuleProblem, parse_rules
+from sekisho.agents.usb.rules.ruleset import RuleSet
 
 
 @dataclass(frozen=True, slots=True)

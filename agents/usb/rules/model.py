@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from drivers.usb.model import UsbDevice
+from sekisho.drivers.usb.model import UsbDevice
 
 
 class Target(StrEnum):

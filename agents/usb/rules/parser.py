@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from agents.usb.rules.model import (
+from sekisho.agents.usb.rules.model import (
     STRING_ATTRIBUTES,
     AttributeName,
     Condition,
@@ -30,7 +30,7 @@ from agents.usb.rules.model import (
     Target,
     Value,
 )
-from agents.usb.rules.ruleset import RuleSet
+from sekisho.agents.usb.rules.ruleset import RuleSet
 
 ProblemKind = Literal["syntax", "unsupported"]
 

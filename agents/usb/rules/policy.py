@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from functools import cache
 
-from agents.usb.rules.model import Target
-from agents.usb.rules.parser import parse_rules
-from agents.usb.rules.ruleset import Decision, RuleSet
-from drivers.usb.errors import UsbError
-from drivers.usb.model import UsbDevice
+from sekisho.agents.usb.rules.model import Target
+from sekisho.agents.usb.rules.parser import parse_rules
+from sekisho.agents.usb.rules.ruleset import Decision, RuleSet
+from sekisho.drivers.usb.errors import UsbError
+from sekisho.drivers.usb.model import UsbDevice
 
 HUB_CLASS = 0x09
 HID_CLASS = 0x03

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agents.usb.rules.model import Rule, Target
-from drivers.usb.model import UsbDevice
+from sekisho.agents.usb.rules.model import Rule, Target
+from sekisho.drivers.usb.model import UsbDevice
 
 DEFAULT_RULE = "default"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from controller.store.db import make_engine
-from controller.store.models import Base
+from sekisho.controller.store.db import make_engine
+from sekisho.controller.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -16,8 +16,8 @@ import gi
 gi.require_version("UMockdev", "1.0")
 from gi.repository import UMockdev  # noqa: E402
 
-from drivers.usb import SysfsUsb, UdevHotplug, UsbEvent  # noqa: E402
-from drivers.usb.descriptors import build_descriptors  # noqa: E402
+from sekisho.drivers.usb import SysfsUsb, UdevHotplug, UsbEvent  # noqa: E402
+from sekisho.drivers.usb.descriptors import build_descriptors  # noqa: E402
 
 STICK = build_descriptors(vendor_id=0x0781, product_id=0x5581, interfaces=((0x08, 0x06, 0x50),))
 HUB = build_descriptors(vendor_id=0x1D6B, product_id=0x0002, device_class=0x09, interfaces=((0x09, 0x00, 0x00),))

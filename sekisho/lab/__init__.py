@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.broker import Broker, find_free_port
-from deploy.pki import AgentCredentials, PkiPaths, init_pki, issue_agent
+from sekisho.deploy.broker import Broker, find_free_port
+from sekisho.deploy.pki import AgentCredentials, PkiPaths, init_pki, issue_agent
 
 
 def _toml_value(value: object) -> str:

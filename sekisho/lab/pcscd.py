@@ -57,7 +57,7 @@ def pcscd_unavailable() -> str | None:
 @contextlib.contextmanager
 def own_pcscd(timeout_s: float = START_TIMEOUT_S) -> Iterator[subprocess.Popen[bytes]]:
     """Start pcscd in the foreground, wait until it lists the vpcd reader, stop it on exit."""
-    from drivers.smartcard.pcsc import PcscBackend
+    from sekisho.drivers.smartcard.pcsc import PcscBackend
 
     binary = pcscd_binary()
     if binary is None:

@@ -135,10 +135,11 @@ def demo(
             config = str(lab.agent_config(name))
             if name in DEMO_DOOR_AGENTS:
                 # The door box runs the real door agent on OSDP reader stubs and the locker board stub.
-                lab.spawn("--config", config, "--interval", str(interval), log_name=name, module="agents.sim.doors")
+                door_module = "sekisho.agents.sim.doors"
+                lab.spawn("--config", config, "--interval", str(interval), log_name=name, module=door_module)
                 continue
             usb = ["--usb-terminal", DEMO_USB_TERMINALS[name]] if name in DEMO_USB_TERMINALS else []
-            lab.spawn("--config", config, "--interval", str(interval), *usb, log_name=name, module="agents.sim")
+            lab.spawn("--config", config, "--interval", str(interval), *usb, log_name=name, module="sekisho.agents.sim")
         console.print(f"  controller API: {base}/docs   events: {base}/api/v1/events")
         console.print(f"  verify records: sekisho records verify --config {lab.controller_config}")
         console.print(f"  logs: {lab.root / 'logs'}")

@@ -1,0 +1,1 @@
+"""Helpers shared by every layer; this package imports nothing else of sekisho."""
