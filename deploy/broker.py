@@ -200,7 +200,7 @@ class Broker:
         # but only before the first successful start, so the port stays the same across restarts.
         self._may_repick = port is None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], Broker] | None = None
 
     @property
     def port(self) -> int:

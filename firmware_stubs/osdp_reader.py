@@ -74,7 +74,7 @@ _KEY_BYTES = {**{digit: ord(digit) for digit in "0123456789"}, "*": 0x7F, "#": 0
 _POLL_INTERVAL = 0.005
 
 
-class _Line(Channel):
+class _Line(Channel):  # type: ignore[misc]  # libosdp ships no type information
     """The reader's end of the line: raw, non-blocking, with the silence and garbage faults built in."""
 
     def __init__(self, device: str) -> None:
@@ -138,7 +138,7 @@ class _Line(Channel):
             select.select([self.fd], [], [], timeout)
 
 
-class _WakingPeripheralDevice(PeripheralDevice):
+class _WakingPeripheralDevice(PeripheralDevice):  # type: ignore[misc]  # libosdp ships no type information
     """libosdp's PeripheralDevice, refreshed as soon as the line has data rather than every 20 ms."""
 
     def __init__(self, *args: Any, line: _Line, on_refresh: Callable[[Any], None], **kwargs: Any) -> None:

@@ -37,11 +37,13 @@ def _dump(kind: str, key: Ed25519PrivateKey, body: dict[str, Any]) -> bytes:
     return canonical_bytes({kind: body, "sig": signing.sign(key, kind, body)})
 
 
-def _open(kind: str, raw: bytes, key: Ed25519PublicKey | None, max_size: int = MAX_CONTROL_BYTES) -> dict:
+def _open(
+    kind: str, raw: bytes, key: Ed25519PublicKey | None, max_size: int = MAX_CONTROL_BYTES
+) -> dict[str, Any]:
     doc = loads_strict(raw, max_size=max_size)
     if not isinstance(doc, dict) or set(doc) != {kind, "sig"} or not isinstance(doc[kind], dict):
         raise errors.Rejected(errors.MALFORMED, f'expected {{"{kind}": {{...}}, "sig": "..."}}')
-    body = doc[kind]
+    body: dict[str, Any] = doc[kind]
     if body.get("v") != PROTOCOL_VERSION:
         raise errors.Rejected(errors.UNSUPPORTED_VERSION, f"{kind} version {body.get('v')!r}")
     if not isinstance(doc["sig"], str):

@@ -7,7 +7,7 @@ forbids unknown keys so a typo in site.yaml is an error, not a silently ignored 
 from __future__ import annotations
 
 from datetime import date, datetime, time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -341,7 +341,7 @@ class SitePolicy(_Model):
         """Return every agent id that enforces part of this policy."""
         return sorted({t.agent for t in self.terminals} | {d.agent for d in self.doors})
 
-    def for_agent(self, agent: str) -> dict:
+    def for_agent(self, agent: str) -> dict[str, Any]:
         """Return the slice of the policy one agent needs (least privilege: only its people and cards)."""
         terminals = [t for t in self.terminals if t.agent == agent]
         doors = [d for d in self.doors if d.agent == agent]

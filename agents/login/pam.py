@@ -285,7 +285,7 @@ class LoginRecorder:
 
 def decision_event(
     decision: LoginDecision, terminal: str, request: PamRequest, extra: dict[str, Any]
-) -> tuple[str, dict]:
+) -> tuple[str, dict[str, Any]]:
     """Return the (type, payload) of the event that records a decision."""
     payload: dict[str, Any] = {"terminal": terminal, "user": _event_user(request.user), "weak": decision.weak}
     if request.service:

@@ -27,7 +27,7 @@ _LOG = logging.getLogger(__name__)
 DEFAULT_BAUD_RATE = 115200
 
 
-class TrackedChannel(Channel):
+class TrackedChannel(Channel):  # type: ignore[misc]  # libosdp ships no type information
     """A libosdp Channel that never raises, notes the time of the last received byte and line hang-ups."""
 
     def __init__(self, name: str) -> None:

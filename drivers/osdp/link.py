@@ -139,7 +139,7 @@ class _KeysetWait:
     status: int | None = None
 
 
-class _WakingControlPanel(ControlPanel):
+class _WakingControlPanel(ControlPanel):  # type: ignore[misc]  # libosdp ships no type information
     """libosdp's ControlPanel whose refresh thread runs the link's loop instead of a fixed 20 ms sleep."""
 
     def __init__(self, pd_info_list: list[Any], *, loop: Callable[[threading.Event, Any, Any], None], **kw: Any):

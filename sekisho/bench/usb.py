@@ -16,6 +16,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -42,7 +43,7 @@ KINDS = (
 )
 
 
-def _policy() -> dict:
+def _policy() -> dict[str, Any]:
     now = timefmt.now()
     return SitePolicy(
         site=Site(name="bench"),
