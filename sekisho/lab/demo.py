@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import threading
@@ -45,6 +46,39 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) ->
             pass
         time.sleep(0.3)
     raise RuntimeError("the controller did not become ready in time")
+
+
+def _demo_ran_here(root: Path) -> bool:
+    """Tell whether an earlier demo left its site (CA, controller database) under root."""
+    return (root / "pki" / "ca.crt").exists() or (root / "controller" / "controller.db").exists()
+
+
+def _start_over(root: Path) -> None:
+    """Remove an earlier demo's state, refusing anything that is not a demo site."""
+    root = root.resolve()
+    known = {"pki", "broker", "controller", "agents", "logs"}
+    strangers = sorted(p.name for p in root.iterdir() if p.name not in known)
+    if strangers:
+        # --fresh deletes a whole folder: only one that holds nothing but what the demo writes.
+        raise typer.BadParameter(f"{root} holds more than a demo site ({', '.join(strangers)}); not removing it")
+    shutil.rmtree(root)
+
+
+def _lend_demo_medium(lab: Lab, base: str) -> str:
+    """Lend the demo medium for the next 8 hours, or keep the loan an earlier run made if it still runs."""
+    now = datetime.now(UTC)
+    open_loans = _get(f"{base}/api/v1/media/loans?active=true&medium=m-0001")
+    for loan in open_loans:
+        if loan["person"] == "p-0001" and datetime.fromisoformat(loan["ends_at"]) > now:
+            return f"{loan['id']} from the earlier run is still open (due {loan['ends_at']})"
+        # An overdue loan of an earlier run comes back first, as its borrower would bring it.
+        lab.sekisho("media", "return", loan["id"], "--received-by", "p-0002", "--config", str(lab.controller_config))
+    lent = lab.sekisho(
+        "media", "lend", "m-0001", "--person", "p-0001", "--terminal", "t-hr-01",
+        "--until", (now + timedelta(hours=8)).isoformat(timespec="seconds"),
+        "--purpose", "給与データの提出 (demo)", "--approved-by", "p-0002", "--config", str(lab.controller_config),
+    )  # fmt: skip
+    return (lent.stdout.strip().splitlines() or ["lent"])[-1]
 
 
 class DemoView:
@@ -104,8 +138,16 @@ def demo(
     root: Annotated[Path, typer.Option(help="where the demo keeps its state")] = Path("var/demo"),
     duration: Annotated[float, typer.Option(help="stop after this many seconds (0: until Ctrl-C)")] = 0,
     interval: Annotated[float, typer.Option(help="mean seconds between simulated visits per agent")] = 1.5,
+    fresh: Annotated[bool, typer.Option("--fresh", help="remove an earlier run's state and start over")] = False,
 ) -> None:
     """Run a demo site: its own mosquitto (mTLS + ACL), the controller on SQLite, simulated agents."""
+    earlier = _demo_ran_here(root)
+    if earlier and fresh:
+        _start_over(root)
+        console.print(f"--fresh: removed the earlier demo site under {root.resolve()}")
+    elif earlier:
+        # Keep the earlier site (CA, registers, agents' outboxes and sequence numbers): a re-run continues it.
+        console.print(f"continuing the demo site of an earlier run under {root.resolve()} (--fresh starts over)")
     lab = Lab(root)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -125,12 +167,7 @@ def demo(
         console.print("  policy: " + (applied.stdout.strip().splitlines() or ["applied"])[-1])
         # A medium lent to 見本 太郎 (p-0001) for the payroll terminal, approved by the area manager:
         # the terminal allows it read-only for him and blocks it for anyone else.
-        lent = lab.sekisho(
-            "media", "lend", "m-0001", "--person", "p-0001", "--terminal", "t-hr-01",
-            "--until", (datetime.now(UTC) + timedelta(hours=8)).isoformat(timespec="seconds"),
-            "--purpose", "給与データの提出 (demo)", "--approved-by", "p-0002", "--config", str(lab.controller_config),
-        )  # fmt: skip
-        console.print("  media loan: " + (lent.stdout.strip().splitlines() or ["lent"])[-1])
+        console.print("  media loan: " + _lend_demo_medium(lab, base))
         for name in DEMO_AGENTS:
             config = str(lab.agent_config(name))
             if name in DEMO_DOOR_AGENTS:
