@@ -93,7 +93,7 @@ def test_lend_is_a_new_version_only_the_named_terminals_get(site: Site) -> None:
     raw = site.policy.bundles()["term-hr-01"]
     policy = messages.open_bundle(raw, site.key.public_key(), "term-hr-01").bundle.policy
     assert [m["id"] for m in policy["media"]] == ["m-0001"]
-    record = site.store.get_loan(loan_id)
+    record = site.media.register.get_loan(loan_id)
     assert record is not None and record.lent_version == 2 and record.created_by == "tester"
 
 
@@ -107,11 +107,11 @@ def test_return_and_revoke_end_the_loan_in_new_versions(site: Site) -> None:
     assert v4 == 4 and [loan["id"] for loan in site.bundle_loans("term-acc-01")] == [second]
     assert site.media.revoke(second, "異動のため / transferred", revoked_by="p-0002") == 5
     assert all(loan["returned_at"] for loan in site.bundle_loans("term-acc-01"))
-    record = site.store.get_loan(second)
+    record = site.media.register.get_loan(second)
     assert record is not None and record.revoked_at is not None and record.revoke_reason.startswith("異動")
     with pytest.raises(MediaConflict, match="already ended"):
         site.media.return_medium(second, received_by="p-0002")
-    log = site.store.list_loan_log()
+    log = site.media.register.list_loan_log()
     assert [(e.action, e.loan_id, e.version) for e in log] == [
         ("lend", first, 2),
         ("return", first, 3),
@@ -139,7 +139,7 @@ def test_lend_refusals(site: Site, overrides: dict[str, Any], error: type[Except
     with pytest.raises(error, match=needle):
         site.lend(**overrides)
     assert site.store.current_policy_version().version == 1  # type: ignore[union-attr]
-    assert site.store.list_loans() == [] and site.store.list_loan_log() == []
+    assert site.media.register.list_loans() == [] and site.media.register.list_loan_log() == []
 
 
 def test_chief_officer_may_approve_and_overlap_is_refused(site: Site) -> None:
@@ -170,7 +170,7 @@ def test_policy_apply_keeps_loans_and_refuses_to_orphan_one(site: Site) -> None:
     site.media.return_medium(loan_id, received_by="p-0002")
     diff = site.policy.plan(parse_policy(site_yaml(drop_medium="m-0001")))
     assert diff.changes["media"]["removed"] == ["m-0001"] and diff.changes["loans"]["removed"] == [loan_id]
-    assert site.store.get_loan(loan_id) is not None
+    assert site.media.register.get_loan(loan_id) is not None
 
 
 def test_demo_policy_still_applies_with_media(tmp_path: Path) -> None:
@@ -249,4 +249,4 @@ def test_loan_log_is_append_only(site: Site) -> None:
         conn.execute(text("UPDATE media_loan_log SET actor = 'someone else'"))
     with site.engine.begin() as conn, pytest.raises(DBAPIError, match="append-only"):
         conn.execute(text("DELETE FROM media_loan_log"))
-    assert len(site.store.list_loan_log()) == 1
+    assert len(site.media.register.list_loan_log()) == 1

@@ -15,6 +15,7 @@ from test_media import site_yaml
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.deps import AppState
 from sekisho.controller.config import ControllerConfig
+from sekisho.controller.media.register import MediaRegister
 from sekisho.controller.policy.loader import parse_policy
 from sekisho.controller.policy.service import PolicyService
 from sekisho.controller.store import Store, make_engine, upgrade
@@ -88,7 +89,7 @@ def test_lend_return_revoke_over_http(api: tuple[TestClient, Store, list[int]]) 
     second = client.post("/api/v1/media/loans", json=_loan(read_only=False)).json()["loan"]["id"]
     revoked = client.post(f"/api/v1/media/loans/{second}/revoke", json={"reason": "目的外使用の疑い"})
     assert revoked.status_code == 200 and revoked.json()["loan"]["revoke_reason"] == "目的外使用の疑い"
-    assert [e.action for e in store.list_loan_log()] == ["lend", "return", "lend", "revoke"]
+    assert [e.action for e in MediaRegister(store).list_loan_log()] == ["lend", "return", "lend", "revoke"]
     assert len(published) == 4
 
 
@@ -107,7 +108,7 @@ def test_lend_refusals_over_http(api: tuple[TestClient, Store, list[int]], overr
     client, store, _ = api
     refused = client.post("/api/v1/media/loans", json=_loan(**overrides))
     assert refused.status_code == code and needle in refused.text
-    assert store.list_loans() == []
+    assert MediaRegister(store).list_loans() == []
 
 
 def test_overlap_is_409(api: tuple[TestClient, Store, list[int]]) -> None:

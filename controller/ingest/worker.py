@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from sekisho.controller.config import ControllerConfig
 from sekisho.controller.mqtt import connect_blocking, make_client
-from sekisho.controller.store.store import DeadLetterIn, Store
+from sekisho.controller.store.events import DeadLetterIn
+from sekisho.controller.store.store import Store
 from sekisho.protocol import errors, events, messages, signing, timefmt, topics
 from sekisho.protocol.canonical import loads_strict
 

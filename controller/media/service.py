@@ -10,9 +10,11 @@ from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
 
+from sekisho.controller.media.register import MediaRegister
 from sekisho.controller.policy.service import PolicyService, carry_loans
 from sekisho.controller.store.models import LoanRecord
-from sekisho.controller.store.store import PolicyVersionConflict, Store
+from sekisho.controller.store.policy import PolicyVersionConflict
+from sekisho.controller.store.store import Store
 from sekisho.protocol import timefmt
 from sekisho.protocol.policy import MediaLoan, Medium, SitePolicy
 
@@ -63,10 +65,10 @@ def loan_state(loan: LoanRecord, now: datetime) -> str:
     return "overdue" if now >= loan.ends_at else "on_loan"
 
 
-def new_loan_id(store: Store, when: datetime) -> str:
+def new_loan_id(register: MediaRegister, when: datetime) -> str:
     """Return the next readable loan id of the day (JST), e.g. loan-20261130-003."""
     prefix = f"loan-{when.astimezone(JST):%Y%m%d}-"
-    taken = {r.id for r in store.list_loans(id_prefix=prefix)}
+    taken = {r.id for r in register.list_loans(id_prefix=prefix)}
     n = len(taken) + 1
     while f"{prefix}{n:03d}" in taken:
         n += 1
@@ -83,7 +85,9 @@ class MediaService:
     """The media loan register on top of the policy versions: validates, records, and re-versions the policy."""
 
     def __init__(self, store: Store, policy_service: PolicyService) -> None:
+        """Keep the register in this store and change loans through this policy service."""
         self.store = store
+        self.register = MediaRegister(store)
         self.policy = policy_service
 
     # --- reading -----------------------------------------------------------------------------------
@@ -96,7 +100,7 @@ class MediaService:
 
     def loan(self, loan_id: str) -> LoanRecord:
         """Return one loan of the register or raise LoanNotFound."""
-        found = self.store.get_loan(loan_id)
+        found = self.register.get_loan(loan_id)
         if found is None:
             raise LoanNotFound(f"貸出 {loan_id} がありません / no loan {loan_id!r}")
         return found
@@ -111,21 +115,21 @@ class MediaService:
         until: datetime | None = None,
     ) -> list[LoanRecord]:
         """Return register loans by medium, person or period; active = not yet returned or revoked."""
-        return self.store.list_loans(
+        return self.register.list_loans(
             medium=medium, person=person, since=since, until=until, outstanding=True if active else None
         )
 
     def overdue(self, now: datetime | None = None) -> list[LoanRecord]:
         """Return loans past their end and neither returned nor revoked."""
         moment = _aware(now or timefmt.now(), "now")
-        return [loan for loan in self.store.list_loans(outstanding=True) if loan.ends_at <= moment]
+        return [loan for loan in self.register.list_loans(outstanding=True) if loan.ends_at <= moment]
 
     def inventory(self, now: datetime | None = None) -> list[MediumStatus]:
         """Take stock (棚卸し): every registered medium, its current loan, overdue flag and last sighting."""
         moment = _aware(now or timefmt.now(), "now")
         current = self.policy.current()
         media = current[1].media if current else []
-        outstanding = self.store.list_loans(outstanding=True)
+        outstanding = self.register.list_loans(outstanding=True)
         lines = []
         for medium in media:
             mine = [loan for loan in outstanding if loan.medium == medium.id]
@@ -134,7 +138,7 @@ class MediaService:
             state = loan_state(loan, moment) if loan else "in_store"
             if medium.status != "active":
                 state = medium.status
-            seen = self.store.last_medium_sighting(medium.id)
+            seen = self.register.last_medium_sighting(medium.id)
             lines.append(
                 MediumStatus(
                     medium=medium,
@@ -169,7 +173,7 @@ class MediaService:
             end = _aware(ends_at, "ends_at")
             version, policy = self._current()
             self._check_lend(policy, medium, person, terminals, start, end, approved_by, now)
-            loan_id = new_loan_id(self.store, now)
+            loan_id = new_loan_id(self.register, now)
             try:
                 loan = MediaLoan(
                     id=loan_id,
@@ -187,7 +191,7 @@ class MediaService:
             document = self._with_loans(policy, [*carry_loans(policy.loans, now), loan])
             row = loan.model_dump(exclude={"returned_at"})
             try:
-                stored = self.store.add_loan_version(
+                stored = self.register.add_loan_version(
                     document,
                     base_version=version,
                     created_by=created_by,
@@ -247,7 +251,7 @@ class MediaService:
             }
             # Findings belong to an agent: the first terminal's, or the controller's if it left the policy.
             agent = next((agents[t] for t in loan.terminals if t in agents), "controller")
-            finding = self.store.open_overdue_finding(loan.id, agent_id=agent, detail=detail, at=moment)
+            finding = self.register.open_overdue_finding(loan.id, agent_id=agent, detail=detail, at=moment)
             if finding is not None:
                 log.warning("media loan %s overdue since %s (finding %d)", loan.id, loan.ends_at, finding)
                 created.append(finding)
@@ -276,7 +280,7 @@ class MediaService:
             if reason is not None:
                 detail["reason"] = reason
             try:
-                stored = self.store.add_loan_version(
+                stored = self.register.add_loan_version(
                     self._with_loans(policy, loans),
                     base_version=version,
                     created_by=actor,
@@ -371,7 +375,7 @@ class MediaService:
             raise MediaRefused("返却予定は開始より後にしてください / ends_at must be after starts_at")
         if end <= now:
             raise MediaRefused("返却予定が過去です / ends_at lies in the past")
-        for other in self.store.list_loans(medium=medium_id, outstanding=True):
+        for other in self.register.list_loans(medium=medium_id, outstanding=True):
             # An unreturned loan past its end still holds the medium: it is out until someone receives it.
             other_end = other.ends_at if other.ends_at > now else datetime.max.replace(tzinfo=UTC)
             if other.starts_at < end and start < other_end:

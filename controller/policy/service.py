@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sekisho.controller.mqtt import connect_blocking, make_client
 from sekisho.controller.policy.loader import PolicyError
-from sekisho.controller.store.store import PolicyVersionConflict
+from sekisho.controller.store.policy import PolicyVersionConflict
 from sekisho.protocol import messages, timefmt, topics
 from sekisho.protocol.policy import MediaLoan, SitePolicy
 

@@ -1,19 +1,18 @@
 """The controller's storage layer: SQLAlchemy models, Alembic migrations and the record store."""
 
+from sekisho.controller.store.agents import AgentExists, AgentNotFound
 from sekisho.controller.store.chain import ChainProblem, record_hash
 from sekisho.controller.store.db import default_url, make_engine, upgrade
-from sekisho.controller.store.store import (
+from sekisho.controller.store.events import (
     DUPLICATE_ID,
     SEQ_CONFLICT,
     SEQUENCE_GAP,
-    AgentExists,
-    AgentNotFound,
     BatchResult,
     DeadLetterIn,
     GapFinding,
-    PolicyVersionConflict,
-    Store,
 )
+from sekisho.controller.store.policy import PolicyVersionConflict
+from sekisho.controller.store.store import Store
 
 __all__ = [
     "DUPLICATE_ID",

@@ -1,0 +1,110 @@
+"""Registered agents: enrolment with their Ed25519 keys, revocation, and the latest heartbeat of each."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, insert, or_, select, update
+
+from sekisho.controller.store.models import Agent
+from sekisho.controller.store.records import Records, aware_utc, int_or_none
+from sekisho.protocol import errors, mynumber, signing, timefmt, topics
+
+ACTIVE = "active"
+REVOKED = "revoked"
+
+_AGENTS = cast(Table, Agent.__table__)
+
+
+class AgentExists(Exception):
+    """The agent is already registered with another key or is revoked; pass replace=True to re-enrol."""
+
+
+class AgentNotFound(LookupError):
+    """No agent with that id is registered."""
+
+
+class AgentRecords(Records):
+    """The ``agents`` table: who may send events, with which key, and when each was last heard from."""
+
+    def register_agent(
+        self, agent_id: str, public_key_pem: str, *, replace: bool = False, registered_at: datetime | None = None
+    ) -> None:
+        """Enrol an agent with its Ed25519 public key (idempotent for the same key)."""
+        try:
+            topics.check_agent_id(agent_id)
+        except errors.Rejected as err:
+            raise ValueError(err.detail) from err
+        signing.load_public_key_pem(public_key_pem.encode())  # raises ValueError if not Ed25519 PEM
+        when = aware_utc(registered_at or timefmt.now(), "registered_at")
+
+        def work(conn: Connection) -> None:
+            row = conn.execute(
+                select(_AGENTS.c.public_key_pem, _AGENTS.c.status).where(_AGENTS.c.id == agent_id)
+            ).first()
+            if row is None:
+                conn.execute(
+                    insert(_AGENTS).values(
+                        id=agent_id, public_key_pem=public_key_pem, status=ACTIVE, registered_at=when
+                    )
+                )
+            elif row.public_key_pem == public_key_pem and row.status == ACTIVE:
+                return
+            elif not replace:
+                raise AgentExists(f"agent {agent_id!r} is already registered ({row.status}, other key?)")
+            else:
+                conn.execute(
+                    update(_AGENTS)
+                    .where(_AGENTS.c.id == agent_id)
+                    .values(public_key_pem=public_key_pem, status=ACTIVE, registered_at=when)
+                )
+
+        self.write(work, retry_unique=True)
+
+    def revoke_agent(self, agent_id: str) -> None:
+        """Mark an agent revoked: its key is no longer offered for verifying new events."""
+
+        def work(conn: Connection) -> None:
+            done = conn.execute(update(_AGENTS).where(_AGENTS.c.id == agent_id).values(status=REVOKED))
+            if done.rowcount == 0:
+                raise AgentNotFound(agent_id)
+
+        self.write(work)
+
+    def agent_keys(self, *, include_revoked: bool = False) -> dict[str, str]:
+        """Return agent id → public key PEM, for active agents (or all, to re-verify old records)."""
+        stmt = select(_AGENTS.c.id, _AGENTS.c.public_key_pem)
+        if not include_revoked:
+            stmt = stmt.where(_AGENTS.c.status == ACTIVE)
+        with self.engine.connect() as conn:
+            return {row.id: row.public_key_pem for row in conn.execute(stmt)}
+
+    def record_heartbeat(self, agent_id: str, info: dict[str, Any], seen_at: datetime) -> bool:
+        """Record an agent's latest heartbeat; older heartbeats than the one stored are ignored."""
+        seen = aware_utc(seen_at, "seen_at")
+        version = info.get("version")
+        values = {
+            "last_seen_at": seen,
+            "version": version[:32] if isinstance(version, str) else None,
+            "outbox_depth": int_or_none(info.get("outbox_depth")),
+            "clock_offset_ms": int_or_none(info.get("clock_offset_ms")),
+            "policy_version": int_or_none(info.get("policy_version")),
+            "last_heartbeat": mynumber.redact(info),
+        }
+
+        def work(conn: Connection) -> bool:
+            # Heartbeats may be handled by different workers out of order: keep the newest.
+            stmt = (
+                update(_AGENTS)
+                .where(_AGENTS.c.id == agent_id)
+                .where(or_(_AGENTS.c.last_seen_at.is_(None), _AGENTS.c.last_seen_at <= seen))
+                .values(**values)
+            )
+            return conn.execute(stmt).rowcount > 0
+
+        return self.write(work)
+
+    def list_agents(self) -> list[Agent]:
+        """Return every registered agent, ordered by id."""
+        return self.read(select(Agent).order_by(Agent.id))
