@@ -27,6 +27,15 @@ def main() -> None:
     if sys.argv[1:2] == ["agent"]:
         agent_main(sys.argv[2:])
         return
-    from sekisho.cli import app
-
+    try:
+        from sekisho.cli import app
+    except ModuleNotFoundError as err:
+        # An agent host is installed without the controller's stack (requirements/agent.txt): say what to
+        # run there instead of a traceback.
+        print(
+            f"sekisho: this install has no controller ({err.name} is not installed). On an agent host use "
+            "`sekisho-agent` (or `sekisho agent …`); the controller needs the controller install set.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     app(prog_name="sekisho")
