@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from sqlalchemy import func, select
 
+from sekisho.agents.runtime.errors import OutboxError
 from sekisho.agents.runtime.outbox import Outbox
 from sekisho.controller.config import load_config
 from sekisho.controller.store import Store, make_engine
@@ -64,9 +65,14 @@ class Site:
             engine.dispose()
 
     def outbox_depth(self, agent: str) -> int:
-        """Return an agent's outbox depth (0 if it has none yet)."""
+        """Return an agent's outbox depth (0 if it has none yet, or is still creating it)."""
         path = self.lab.root / "agents" / agent / "state" / "outbox.sqlite3"
-        return Outbox.inspect(path).depth if path.exists() else 0
+        try:
+            return Outbox.inspect(path).depth
+        except OutboxError:
+            # The file appears before its tables: an agent starting up has an outbox that is not readable
+            # yet. Callers poll with a deadline, so a really damaged outbox still fails them.
+            return 0
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Wait until `controller serve` answers /readyz with ok."""
