@@ -207,13 +207,17 @@ class DoorAlarmCleared(Payload):
     detail: str = Field(default="", max_length=300)
 
 
+# The modes a door command puts a door in (protocol.door_commands).
+DoorMode = Literal["normal", "emergency_unlock", "lockdown"]
+
+
 @event_type("door.mode_changed")
 class DoorModeChanged(Payload):
     """A door entered or left emergency unlock or lock-down (signed command from the controller)."""
 
     door: Id
-    mode: Literal["normal", "emergency_unlock", "lockdown"]
-    previous: Literal["normal", "emergency_unlock", "lockdown"]
+    mode: DoorMode
+    previous: DoorMode
     command_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
     group: Id | None = None
 

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sekisho.protocol.pin import PIN_HASH_PATTERN
+
 Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 AgentId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 Name = Annotated[str, Field(min_length=1, max_length=100)]
@@ -44,7 +46,7 @@ class Person(_Model):
     )
     pin_hash: str | None = Field(
         default=None,
-        pattern=r"^pbkdf2_sha256\$[0-9]{4,7}\$[0-9a-f]{32}\$[0-9a-f]{64}$",
+        pattern=PIN_HASH_PATTERN,
         description="door PIN as pbkdf2_sha256$iterations$salt$hash (`sekisho doors hash-pin`); never the PIN",
     )
 

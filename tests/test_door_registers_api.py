@@ -17,7 +17,6 @@ from support.site import wait_for
 from test_door_registers import T0, Doors, scenario, site_yaml
 from typer.testing import CliRunner
 
-from sekisho.agents.doors.commands import parse_forgive, parse_selection, parse_unlock
 from sekisho.cli import app as sekisho_app
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.deps import AppState
@@ -30,7 +29,7 @@ from sekisho.controller.store import Store, make_engine, upgrade
 from sekisho.deploy.broker import Broker
 from sekisho.deploy.pki import AgentCredentials, PkiPaths
 from sekisho.lab import write_toml
-from sekisho.protocol import events, messages, signing, timefmt, topics
+from sekisho.protocol import door_commands, events, messages, signing, timefmt, topics
 
 pytest_plugins = ("store_fixtures",)
 
@@ -306,19 +305,11 @@ def test_door_commands_are_signed_for_the_agents_that_drive_the_doors(
         for name, client in agents.items():
             client.subscribe_wait(topics.topic(name, topics.COMMANDS))
 
-        parsers = {
-            "door.unlock": parse_unlock,
-            "door.emergency_unlock": parse_selection,
-            "door.lockdown": parse_selection,
-            "door.normal": parse_selection,
-            "door.forgive_passback": parse_forgive,
-        }
-
         def received(agent: str) -> tuple[str, dict[str, Any]]:
             raw = agents[agent].next_message().payload
             verified = messages.open_command(raw, controller_key.public_key(), agent)
             # The door agent's own argument checks accept what the controller sends (the contract).
-            parsers[verified.command.name](verified.command.args)
+            door_commands.parse_args(door_commands.ARGS[verified.command.name], verified.command.args)
             return verified.command.name, verified.command.args
 
         cfg = str(config)

@@ -16,15 +16,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sekisho.agents.doors.access import REASONS, CardEvidence, check_card
-from sekisho.agents.doors.commands import Selection
-from sekisho.agents.doors.pin import hash_pin
 from sekisho.agents.doors.service import DoorController
 from sekisho.agents.doors.store import STATE_NAME, DoorStateStore
 from sekisho.agents.runtime.schedules import JST
 from sekisho.drivers.smartcard.auth import hash_uid
 from sekisho.protocol import timefmt
+from sekisho.protocol.door_commands import Selection
 from sekisho.protocol.errors import Rejected
 from sekisho.protocol.events import build_event
+from sekisho.protocol.pin import hash_pin
 from sekisho.protocol.policy import SitePolicy
 
 SITE_KEY = b"synthetic-door-test-site-key"

@@ -22,15 +22,15 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from sekisho.agents.doors.access import CardEvidence
 from sekisho.agents.doors.actions import Action, Emit, Opened, Passage, Secured, SetRelay
-from sekisho.agents.doors.commands import Selection
 from sekisho.agents.doors.machine import DoorMachine
-from sekisho.agents.doors.pin import hash_pin, valid_pin, verify_pin
 from sekisho.agents.doors.service import DoorController, Handler
 from sekisho.agents.runtime.schedules import JST
 from sekisho.drivers.smartcard.auth import hash_uid
 from sekisho.protocol import PROTOCOL_VERSION, messages, timefmt
+from sekisho.protocol.door_commands import Selection
 from sekisho.protocol.errors import Rejected
 from sekisho.protocol.events import build_event
+from sekisho.protocol.pin import hash_pin, valid_pin, verify_pin
 from sekisho.protocol.policy import Door, Person, SitePolicy
 
 SITE_KEY = b"synthetic-door-machine-site-key"

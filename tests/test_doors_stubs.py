@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from sekisho.agents.doors.attach import AttachedDoors, attach_doors
-from sekisho.agents.doors.pin import hash_pin
 from sekisho.agents.doors.run import DoorsSetupError, load_doors_settings, start_doors
 from sekisho.agents.runtime.agent import Agent
 from sekisho.agents.runtime.config import load_config
@@ -30,6 +29,7 @@ from sekisho.firmware_stubs.locker_board import StubBoardProcess
 from sekisho.firmware_stubs.osdp_reader import StubReaderProcess
 from sekisho.lab import write_toml
 from sekisho.protocol import events, messages, signing
+from sekisho.protocol.pin import hash_pin
 from sekisho.protocol.policy import Card, Door, DoorReader, Person, Site, SitePolicy
 
 pytestmark = pytest.mark.timeout(120)

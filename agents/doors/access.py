@@ -30,9 +30,9 @@ from datetime import datetime, timedelta
 from typing import Literal, get_args
 
 from sekisho.agents.doors.actions import Action, Emit, Feedback, Mode, Passage, Unlock, compact
-from sekisho.agents.doors.pin import verify_pin
 from sekisho.agents.doors.store import DoorStateStore
 from sekisho.agents.runtime.schedules import JST, person_current, schedule_refusal
+from sekisho.protocol.pin import verify_pin
 from sekisho.protocol.policy import Card, Door, DoorReader, Person, SitePolicy
 
 log = logging.getLogger(__name__)

@@ -28,21 +28,12 @@ from typing import Any, Literal, Protocol
 from sekisho.agents.doors.access import AccessController, CardEvidence, PolicyState
 from sekisho.agents.doors.actions import Action, Emit, Feedback, Mode, Opened, Secured, SetRelay, Unlock
 from sekisho.agents.doors.cabinet import KeyCabinetTracker
-from sekisho.agents.doors.commands import (
-    LOCKDOWN,
-    NO_DOORS,
-    NOT_RECORDED,
-    UNKNOWN_AREA,
-    UNKNOWN_DOOR,
-    Selection,
-    parse_forgive,
-    parse_selection,
-    parse_unlock,
-)
+from sekisho.agents.doors.commands import LOCKDOWN, NO_DOORS, NOT_RECORDED, UNKNOWN_AREA, UNKNOWN_DOOR
 from sekisho.agents.doors.debounce import DEFAULT_DEBOUNCE_S
 from sekisho.agents.doors.machine import DoorMachine, DoorState, emergency_capable
 from sekisho.agents.doors.store import STATE_NAME, DoorStateStore
-from sekisho.protocol import messages, timefmt
+from sekisho.protocol import door_commands, messages, timefmt
+from sekisho.protocol.door_commands import Selection, parse_forgive, parse_selection, parse_unlock
 from sekisho.protocol.errors import Rejected
 from sekisho.protocol.policy import Door, SitePolicy
 
@@ -275,11 +266,10 @@ class DoorController:
             args = parse_forgive(command.command.args)
             return self.forgive_passback(args.area, args.person, command_id=command.command.id)
 
-        dispatcher.register("door.unlock", unlock)
-        dispatcher.register("door.emergency_unlock", mode("emergency_unlock"))
-        dispatcher.register("door.lockdown", mode("lockdown"))
-        dispatcher.register("door.normal", mode("normal"))
-        dispatcher.register("door.forgive_passback", forgive)
+        dispatcher.register(door_commands.UNLOCK, unlock)
+        for name, door_mode in door_commands.MODE_OF.items():
+            dispatcher.register(name, mode(door_mode))
+        dispatcher.register(door_commands.FORGIVE_PASSBACK, forgive)
 
     def unlock(
         self, door_id: str, seconds: int | None = None, *, command_id: str | None, requested_by: str | None = None

@@ -22,7 +22,7 @@ from sekisho.controller.doors.registers import DoorKind, DoorRegisters, loan_sta
 from sekisho.controller.media.cli import jst, parse_when
 from sekisho.controller.media.service import JST
 from sekisho.controller.store.store import Store
-from sekisho.protocol import timefmt
+from sekisho.protocol import door_commands, pin, timefmt
 from sekisho.protocol.policy import SitePolicy
 
 console = Console()
@@ -267,13 +267,11 @@ def visits(
 @app.command("hash-pin")
 def hash_pin_command() -> None:
     """Ask for a door PIN twice and print its pin_hash for site.yaml (the PIN itself is never stored)."""
-    from sekisho.agents.doors.pin import hash_pin, valid_pin
-
-    pin = typer.prompt("PIN (4-8 digits)", hide_input=True, confirmation_prompt=True)
-    if not valid_pin(pin):
+    entered = typer.prompt("PIN (4-8 digits)", hide_input=True, confirmation_prompt=True)
+    if not pin.valid_pin(entered):
         err_console.print("[red]PIN は4〜8桁の数字です / a PIN is 4 to 8 digits[/red]")
         raise typer.Exit(2)
-    typer.echo(hash_pin(pin))
+    typer.echo(pin.hash_pin(entered))
 
 
 @app.command("rebuild")
@@ -330,7 +328,7 @@ def _targets(config: Path, build: Callable[[SitePolicy], list[DoorCommand]]) -> 
 def unlock(
     door: Annotated[str, typer.Argument(help="door id")],
     config: ConfigOpt,
-    seconds: Annotated[int, typer.Option(min=1, max=commands.MAX_UNLOCK_S, help="unlock for this long")] = 5,
+    seconds: Annotated[int, typer.Option(min=1, max=door_commands.MAX_UNLOCK_S, help="unlock for this long")] = 5,
     requested_by: Annotated[str | None, typer.Option(help="who asked for it (default: you)")] = None,
     lifetime_s: LifetimeOpt = 60,
 ) -> None:
@@ -346,7 +344,7 @@ def emergency_unlock(
 ) -> None:
     """Hold room doors unlocked for evacuation until `normal` (lockers and key cabinets stay locked)."""
     built = _targets(
-        config, lambda p: commands.set_mode(p, "door.emergency_unlock", doors=door, area=area, all_doors=all_)
+        config, lambda p: commands.set_mode(p, door_commands.EMERGENCY_UNLOCK, doors=door, area=area, all_doors=all_)
     )
     _send(config, built, lifetime_s)
 
@@ -356,7 +354,9 @@ def lockdown(
     config: ConfigOpt, door: DoorsOpt = None, area: AreaOpt = None, all_: AllOpt = False, lifetime_s: LifetimeOpt = 60
 ) -> None:
     """Lock doors and refuse every card until `normal`."""
-    built = _targets(config, lambda p: commands.set_mode(p, "door.lockdown", doors=door, area=area, all_doors=all_))
+    built = _targets(
+        config, lambda p: commands.set_mode(p, door_commands.LOCKDOWN, doors=door, area=area, all_doors=all_)
+    )
     _send(config, built, lifetime_s)
 
 
@@ -365,7 +365,9 @@ def normal(
     config: ConfigOpt, door: DoorsOpt = None, area: AreaOpt = None, all_: AllOpt = False, lifetime_s: LifetimeOpt = 60
 ) -> None:
     """Return doors to normal operation after an emergency unlock or a lock-down."""
-    built = _targets(config, lambda p: commands.set_mode(p, "door.normal", doors=door, area=area, all_doors=all_))
+    built = _targets(
+        config, lambda p: commands.set_mode(p, door_commands.NORMAL, doors=door, area=area, all_doors=all_)
+    )
     _send(config, built, lifetime_s)
 
 

@@ -1,17 +1,29 @@
-"""Which signed door commands go to which agents: doors resolved to their agents by the policy in force."""
+"""Which signed door commands go to which agents: doors resolved to their agents by the policy in force.
+
+The names, argument models and limits are the wire contract in ``protocol.door_commands``; the
+arguments are built with those models, so what is sent is what the door agent accepts.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from sekisho.protocol.door_commands import (
+    EMERGENCY_UNLOCK,
+    FORGIVE_PASSBACK,
+    MAX_UNLOCK_S,
+    UNLOCK,
+    CommandArgs,
+    ForgiveArgs,
+    ModeCommand,
+    Selection,
+    UnlockArgs,
+    parse_args,
+)
+from sekisho.protocol.errors import Rejected
 from sekisho.protocol.policy import Door, SitePolicy
-
-ModeCommand = Literal["door.emergency_unlock", "door.lockdown", "door.normal"]
-UNLOCK = "door.unlock"
-FORGIVE_PASSBACK = "door.forgive_passback"
-MAX_UNLOCK_S = 60
 
 
 class TargetError(ValueError):
@@ -25,6 +37,16 @@ class DoorCommand:
     agent: str
     name: str
     args: dict[str, Any]
+
+
+def _wire(model: type[CommandArgs], **values: Any) -> dict[str, Any]:
+    """Build a command's arguments with the agent's own check, so nothing it would refuse is sent."""
+    # None is "not given": such an argument is left out (the agent refuses a null).
+    given = {name: value for name, value in values.items() if value is not None}
+    try:
+        return parse_args(model, given).wire()
+    except Rejected as err:
+        raise TargetError(f"扉の操作の引数が不正です / the door agent would refuse this: {err.detail}") from err
 
 
 def _door(policy: SitePolicy, door_id: str) -> Door:
@@ -44,10 +66,7 @@ def unlock(policy: SitePolicy, door_id: str, seconds: int, requested_by: str | N
     if not 1 <= seconds <= MAX_UNLOCK_S:
         raise TargetError(f"解錠時間は 1〜{MAX_UNLOCK_S} 秒です / seconds must be 1..{MAX_UNLOCK_S}")
     door = _door(policy, door_id)
-    # The agent refuses null arguments (agents/doors/commands.py): absent means "not given".
-    args: dict[str, object] = {"door": door.id, "seconds": seconds}
-    if requested_by is not None:
-        args["requested_by"] = requested_by
+    args = _wire(UnlockArgs, door=door.id, seconds=seconds, requested_by=requested_by)
     return DoorCommand(door.agent, UNLOCK, args)
 
 
@@ -71,7 +90,7 @@ def set_mode(
         )
     if doors:
         selected = [_door(policy, d) for d in dict.fromkeys(doors)]
-        if name == "door.emergency_unlock":
+        if name == EMERGENCY_UNLOCK:
             kept = [d.id for d in selected if d.kind != "room"]
             if kept:
                 raise TargetError(
@@ -82,14 +101,14 @@ def set_mode(
         if area is not None:
             _check_area(policy, area)
         selected = [d for d in policy.doors if all_doors or d.area == area]
-        if name == "door.emergency_unlock":
+        if name == EMERGENCY_UNLOCK:
             selected = [d for d in selected if d.kind == "room"]
     if not selected:
         raise TargetError("対象の扉がありません / no door matches")
     by_agent: dict[str, list[str]] = defaultdict(list)
     for door in selected:
         by_agent[door.agent].append(door.id)
-    return [DoorCommand(agent, name, {"doors": ids}) for agent, ids in sorted(by_agent.items())]
+    return [DoorCommand(agent, name, _wire(Selection, doors=ids)) for agent, ids in sorted(by_agent.items())]
 
 
 def forgive_passback(policy: SitePolicy, area: str, person: str | None) -> list[DoorCommand]:
@@ -100,5 +119,5 @@ def forgive_passback(policy: SitePolicy, area: str, person: str | None) -> list[
     agents = sorted({d.agent for d in policy.doors if d.area == area})
     if not agents:
         raise TargetError(f"区域 {area} に扉がありません / area {area!r} has no doors")
-    args: dict[str, object] = {"area": area} if person is None else {"area": area, "person": person}
+    args = _wire(ForgiveArgs, area=area, person=person)
     return [DoorCommand(agent, FORGIVE_PASSBACK, dict(args)) for agent in agents]

@@ -1,4 +1,8 @@
-"""Door PINs: PBKDF2-SHA256 hashes in the form ``Person.pin_hash`` accepts, and a constant-time check.
+"""The door PIN hash format: PBKDF2-SHA256 as ``pbkdf2_sha256$<iterations>$<salt hex>$<hash hex>``.
+
+The controller writes it (``sekisho doors hash-pin`` for site.yaml), the policy model checks its shape
+(``Person.pin_hash``) and the door agent verifies a PIN against it in constant time; all three use
+this module, so the format is written down once.
 
 A 4–8 digit PIN has at most 10^8 values, so no hash makes a leaked bundle safe against an offline
 search; the hash only keeps PINs out of plain sight in the policy and its backups. What protects a PIN
@@ -15,11 +19,14 @@ import secrets
 
 ALGORITHM = "pbkdf2_sha256"
 DEFAULT_ITERATIONS = 100_000
-# The policy model accepts 4 to 7 digits of iterations.
+# The format has 4 to 7 digits of iterations.
 MIN_ITERATIONS = 1_000
 MAX_ITERATIONS = 9_999_999
+SALT_BYTES = 16
+# The shape of a stored hash, for the policy model (Person.pin_hash) and for verify_pin.
+PIN_HASH_PATTERN = r"^pbkdf2_sha256\$([0-9]{4,7})\$([0-9a-f]{32})\$([0-9a-f]{64})$"
 _PIN = re.compile(r"[0-9]{4,8}")
-_HASH = re.compile(r"pbkdf2_sha256\$([0-9]{4,7})\$([0-9a-f]{32})\$([0-9a-f]{64})")
+_HASH = re.compile(PIN_HASH_PATTERN)
 
 
 def valid_pin(pin: str) -> bool:
@@ -33,9 +40,9 @@ def hash_pin(pin: str, *, iterations: int = DEFAULT_ITERATIONS, salt: bytes | No
         raise ValueError("a door PIN is 4 to 8 digits")
     if isinstance(iterations, bool) or not MIN_ITERATIONS <= iterations <= MAX_ITERATIONS:
         raise ValueError(f"iterations must be between {MIN_ITERATIONS} and {MAX_ITERATIONS}")
-    salt = secrets.token_bytes(16) if salt is None else salt
-    if len(salt) != 16:
-        raise ValueError("the salt is 16 bytes")
+    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
+    if len(salt) != SALT_BYTES:
+        raise ValueError(f"the salt is {SALT_BYTES} bytes")
     digest = hashlib.pbkdf2_hmac("sha256", pin.encode("ascii"), salt, iterations)
     return f"{ALGORITHM}${iterations}${salt.hex()}${digest.hex()}"
 
