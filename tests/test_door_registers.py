@@ -18,6 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import insert, select, text, update
 
+from sekisho.controller.doors.apply import UNREADABLE_EVENT
 from sekisho.controller.doors.jobs import DoorRegisterKeeper
 from sekisho.controller.doors.projector import REGISTER_TABLES, DoorProjector
 from sekisho.controller.doors.registers import DoorRegisters, loan_state
@@ -374,6 +375,27 @@ def test_keeper_projects_and_checks_overdue(doors: Doors) -> None:
     assert len(doors.registers.loans(overdue=True)) == 1
     [finding] = doors.store.list_findings(open_only=True, kind="key_loan_overdue")
     assert finding.agent_id == "door-hr-01"
+
+
+def test_a_stored_payload_its_model_refuses_is_a_finding_and_the_projection_goes_on(doors: Doors) -> None:
+    edited = doors.pass_door("p-0001", "entry", T0)
+    # The stored row is edited behind ingest's back (the signed raw event is untouched): no person any more.
+    with doors.store.engine.begin() as conn:
+        conn.execute(
+            update(Event).where(Event.id == edited).values(payload={"door": "room-hr", "card_masked": "x", "rule": "r"})
+        )
+    last = doors.pass_door("p-0002", "entry", T0 + timedelta(minutes=1))
+    assert doors.projector.run() == 2
+    assert doors.projector.position() == last
+    assert set(doors.inside()) == {"p-0002"}
+    assert [row.person for row in doors.registers.log()] == ["p-0002"]
+    [finding] = doors.store.list_findings(open_only=True, kind=UNREADABLE_EVENT)
+    assert (finding.agent_id, finding.first_seq, finding.last_seq) == ("door-hr-01", 1, 1)
+    assert finding.detail["event"] == edited and finding.detail["type"] == "door.access_granted"
+    assert finding.detail["error"] == "person: Field required"
+    # Projecting it again (a rebuild) raises no second finding for the same event.
+    assert doors.projector.rebuild() == 2
+    assert len(doors.store.list_findings(kind=UNREADABLE_EVENT)) == 1
 
 
 def test_projection_waits_for_an_uncommitted_event_with_a_lower_id(doors: Doors) -> None:

@@ -4,20 +4,42 @@ Every change here is safe to repeat: re-applying an event that was already appli
 (its event id in a register row, or a movement at the same time) and changes nothing. Times are the
 agent's occurred_at, never the arrival time, so events that come late (an agent was offline) are
 judged against what is already known to have happened after them.
+
+Payloads are read through their catalogue models (``protocol.catalogue``), as ingest checked them. A
+stored payload its model refuses (the database was edited, or a schema changed under stored events)
+changes no register: it becomes one ``door_event_unreadable`` finding, and the projection goes on, so
+one bad row neither stops the registers nor disappears unnoticed.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
+from pydantic import ValidationError
 from sqlalchemy import Connection, Table, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from sekisho.controller.store.models import AreaPresence, DoorLogEntry, Finding, KeyLoan, Visit
 from sekisho.protocol import timefmt
+from sekisho.protocol.catalogue import (
+    DoorAccessDenied,
+    DoorAccessGranted,
+    DoorAlarm,
+    DoorAlarmCleared,
+    DoorClosed,
+    DoorModeChanged,
+    DoorOpened,
+    DoorUnlocked,
+    KeyReturned,
+    KeyTaken,
+)
+from sekisho.protocol.events import EVENT_TYPES
 from sekisho.protocol.policy import Door, SitePolicy
+
+log = logging.getLogger(__name__)
 
 _LOANS = cast(Table, KeyLoan.__table__)
 _LOG = cast(Table, DoorLogEntry.__table__)
@@ -40,6 +62,19 @@ LOG_TYPES = frozenset(
 )
 KEY_TYPES = frozenset({"key.taken", "key.returned"})
 PROJECTED_TYPES = LOG_TYPES | KEY_TYPES
+# A stored door or key event whose payload its catalogue model refuses (see the module docstring).
+UNREADABLE_EVENT = "door_event_unreadable"
+
+LogPayload = (
+    DoorAccessGranted
+    | DoorAccessDenied
+    | DoorOpened
+    | DoorClosed
+    | DoorAlarm
+    | DoorAlarmCleared
+    | DoorUnlocked
+    | DoorModeChanged
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +103,7 @@ class StoredEvent:
 
     id: int
     agent_id: str
+    seq: int
     event_id: str
     type: str
     occurred_at: datetime
@@ -76,14 +112,47 @@ class StoredEvent:
 
 def apply_event(conn: Connection, site: SiteView, event: StoredEvent) -> None:
     """Bring the registers up to date with one stored event (inside the caller's transaction)."""
-    if event.type in LOG_TYPES:
-        _log(conn, site, event)
-        if event.type == "door.access_granted":
-            _movement(conn, site, event)
-    elif event.type == "key.taken":
-        _key_taken(conn, event)
-    elif event.type == "key.returned":
-        _key_returned(conn, site, event)
+    schema = EVENT_TYPES.get(event.type)
+    if event.type not in PROJECTED_TYPES or schema is None:
+        return
+    try:
+        payload = schema.model_validate(event.payload)
+    except ValidationError as err:
+        _unreadable(conn, event, err)
+        return
+    if isinstance(payload, LogPayload):
+        _log(conn, site, event, payload)
+        if isinstance(payload, DoorAccessGranted):
+            _movement(conn, site, event, payload)
+    elif isinstance(payload, KeyTaken):
+        _key_taken(conn, event, payload)
+    elif isinstance(payload, KeyReturned):
+        _key_returned(conn, site, event, payload)
+
+
+def _unreadable(conn: Connection, event: StoredEvent, err: ValidationError) -> None:
+    """Raise the finding for a payload its model refuses, once per event (a rebuild finds it again)."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "$"
+    problem = f"{where}: {first.get('msg', 'invalid')}"[:300]
+    log.error("door event %s (%s seq %d) not projected: %s", event.event_id, event.agent_id, event.seq, problem)
+    f = _FINDINGS.c
+    raised = conn.execute(
+        select(f.id).where(f.kind == UNREADABLE_EVENT, f.agent_id == event.agent_id, f.first_seq == event.seq)
+    ).first()
+    if raised is not None:
+        return
+    detail = {"event_id": event.event_id, "type": event.type, "event": event.id, "error": problem}
+    conn.execute(
+        insert(_FINDINGS).values(
+            kind=UNREADABLE_EVENT,
+            agent_id=event.agent_id,
+            first_seq=event.seq,
+            last_seq=event.seq,
+            detail=detail,
+            created_at=timefmt.now(),
+        )
+    )
 
 
 def _insert_ignoring_duplicates(conn: Connection, table: Table, values: dict[str, Any]) -> None:
@@ -94,28 +163,56 @@ def _insert_ignoring_duplicates(conn: Connection, table: Table, values: dict[str
 # --- the door log ----------------------------------------------------------------------------------
 
 
-def _log(conn: Connection, site: SiteView, event: StoredEvent) -> None:
-    p = event.payload
-    door = site.doors.get(p["door"])
+@dataclass(frozen=True)
+class _LogLine:
+    """The columns of a door log row that depend on the event type (the rest come from the envelope)."""
+
+    person: str | None = None
     reason: str | None = None
-    detail: str | None = p.get("detail") or None
-    person = p.get("person")
-    if event.type == "door.access_granted":
-        reason = p.get("rule")
-    elif event.type == "door.access_denied":
-        reason = p.get("reason")
-    elif event.type in ("door.alarm", "door.alarm_cleared"):
-        reason = p.get("alarm")
-    elif event.type == "door.unlocked":
-        reason = p.get("cause")
-        person = p.get("requested_by")
-    elif event.type == "door.mode_changed":
-        reason = p.get("mode")
-        detail = f"previous: {p.get('previous')}"
-    elif event.type == "door.opened":
-        reason = "forced" if p.get("forced") else None
-    elif event.type == "door.closed":
-        detail = f"open_seconds: {p.get('open_seconds')}"
+    detail: str | None = None
+    area: str | None = None
+    card_masked: str | None = None
+    reader: str | None = None
+    direction: str | None = None
+    visitor: bool = False
+    escort: str | None = None
+    second_person: str | None = None
+    slot: int | None = None
+    passback: bool = False
+
+
+def _log_line(p: LogPayload) -> _LogLine:
+    if isinstance(p, DoorAccessGranted | DoorAccessDenied):
+        return _LogLine(
+            person=p.person,
+            reason=p.rule if isinstance(p, DoorAccessGranted) else p.reason,
+            detail=p.detail or None,
+            area=p.area,
+            card_masked=p.card_masked,
+            reader=p.reader,
+            direction=p.direction,
+            visitor=p.visitor,
+            escort=p.escort,
+            second_person=p.second_person,
+            slot=p.slot,
+            passback=p.passback,
+        )
+    if isinstance(p, DoorAlarm):
+        return _LogLine(person=p.person, reason=p.alarm, detail=p.detail or None, reader=p.reader, slot=p.slot)
+    if isinstance(p, DoorAlarmCleared):
+        return _LogLine(reason=p.alarm, detail=p.detail or None)
+    if isinstance(p, DoorUnlocked):
+        return _LogLine(person=p.requested_by, reason=p.cause)
+    if isinstance(p, DoorModeChanged):
+        return _LogLine(reason=p.mode, detail=f"previous: {p.previous}")
+    if isinstance(p, DoorOpened):
+        return _LogLine(person=p.person, reason="forced" if p.forced else None)
+    return _LogLine(person=p.person, detail=f"open_seconds: {p.open_seconds}")
+
+
+def _log(conn: Connection, site: SiteView, event: StoredEvent, p: LogPayload) -> None:
+    door = site.doors.get(p.door)
+    line = _log_line(p)
     _insert_ignoring_duplicates(
         conn,
         _LOG,
@@ -125,20 +222,20 @@ def _log(conn: Connection, site: SiteView, event: StoredEvent) -> None:
             "agent_id": event.agent_id,
             "type": event.type,
             "occurred_at": event.occurred_at,
-            "door": p["door"],
+            "door": p.door,
             "door_kind": door.kind if door else None,
-            "area": p.get("area") or (door.area if door else None),
-            "person": person,
-            "card_masked": p.get("card_masked"),
-            "reader": p.get("reader"),
-            "direction": p.get("direction"),
-            "reason": reason,
-            "detail": detail,
-            "visitor": bool(p.get("visitor")) or (person is not None and person in site.visitors),
-            "escort": p.get("escort"),
-            "second_person": p.get("second_person"),
-            "slot": p.get("slot"),
-            "passback": bool(p.get("passback")),
+            "area": line.area or (door.area if door else None),
+            "person": line.person,
+            "card_masked": line.card_masked,
+            "reader": line.reader,
+            "direction": line.direction,
+            "reason": line.reason,
+            "detail": line.detail,
+            "visitor": line.visitor or (line.person is not None and line.person in site.visitors),
+            "escort": line.escort,
+            "second_person": line.second_person,
+            "slot": line.slot,
+            "passback": line.passback,
         },
     )
 
@@ -146,34 +243,34 @@ def _log(conn: Connection, site: SiteView, event: StoredEvent) -> None:
 # --- entry and exit: who is inside, visits ---------------------------------------------------------
 
 
-def _movement(conn: Connection, site: SiteView, event: StoredEvent) -> None:
-    p = event.payload
-    direction = p.get("direction")
-    if direction not in ("entry", "exit"):
+def _movement(conn: Connection, site: SiteView, event: StoredEvent, p: DoorAccessGranted) -> None:
+    if p.direction not in ("entry", "exit"):
         return  # "both" readers (lockers, cabinets, single-reader doors) open a door; nobody changes area
-    door = site.doors.get(p["door"])
+    door = site.doors.get(p.door)
     # A door no longer in the policy still counts: its reader said entry or exit when it happened.
     if door is not None and door.kind != "room":
         return
-    area = p.get("area") or (door.area if door else None)
+    area = p.area or (door.area if door else None)
     if area is None:
         return
-    person, entering = p["person"], direction == "entry"
-    visitor = bool(p.get("visitor")) or person in site.visitors
-    _presence(conn, event, area, person, entering, visitor, p.get("escort"))
+    person, entering = p.person, p.direction == "entry"
+    visitor = p.visitor or person in site.visitors
+    _presence(conn, event, p.door, area, person, entering, visitor, p.escort)
     if visitor:
-        _visit(conn, event, area, person, entering)
-    second = p.get("second_person")
+        _visit(conn, event, p.door, area, person, p.escort, entering)
+    second = p.second_person
     if second and second != person:
         # A two-person grant lets both through. Should the agent also record the other person's own
         # grant, that second movement in the same direction moments later changes nothing that matters.
         second_is_visitor = second in site.visitors
-        _presence(conn, event, area, second, entering, second_is_visitor, person if second_is_visitor else None)
+        escort = person if second_is_visitor else None
+        _presence(conn, event, p.door, area, second, entering, second_is_visitor, escort)
 
 
 def _presence(
     conn: Connection,
     event: StoredEvent,
+    door: str,
     area: str,
     person: str,
     entering: bool,
@@ -186,7 +283,7 @@ def _presence(
     ).first()
     values: dict[str, Any] = {
         "inside": entering,
-        "door": event.payload["door"],
+        "door": door,
         "visitor": visitor,
         "event_id": event.event_id,
     }
@@ -205,9 +302,10 @@ def _presence(
     conn.execute(update(_PRESENCE).where(_PRESENCE.c.area == area, _PRESENCE.c.person == person).values(**values))
 
 
-def _visit(conn: Connection, event: StoredEvent, area: str, visitor: str, entering: bool) -> None:
-    when, door = event.occurred_at, event.payload["door"]
-    escort = event.payload.get("escort")
+def _visit(
+    conn: Connection, event: StoredEvent, door: str, area: str, visitor: str, escort: str | None, entering: bool
+) -> None:
+    when = event.occurred_at
     mine = (_VISITS.c.visitor == visitor, _VISITS.c.area == area)
     if entering:
         if conn.execute(select(_VISITS.c.id).where(_VISITS.c.entry_event_id == event.event_id)).first():
@@ -285,16 +383,15 @@ def _new_visit(
 # --- the key-lending register ----------------------------------------------------------------------
 
 
-def _key_taken(conn: Connection, event: StoredEvent) -> None:
+def _key_taken(conn: Connection, event: StoredEvent, p: KeyTaken) -> None:
     if conn.execute(select(_LOANS.c.id).where(_LOANS.c.taken_event_id == event.event_id)).first():
         return
-    p = event.payload
     when = event.occurred_at
     taken = {
-        "slot": p["slot"],
-        "person": p["person"],
+        "slot": p.slot,
+        "person": p.person,
         "taken_at": when,
-        "due_at": datetime.fromisoformat(p["due_at"]),
+        "due_at": datetime.fromisoformat(p.due_at),
         "taken_event_id": event.event_id,
         "return_only": False,
     }
@@ -302,8 +399,8 @@ def _key_taken(conn: Connection, event: StoredEvent) -> None:
     lone = conn.execute(
         select(_LOANS.c.id)
         .where(
-            _LOANS.c.cabinet == p["door"],
-            _LOANS.c.key == p["key"],
+            _LOANS.c.cabinet == p.door,
+            _LOANS.c.key == p.key,
             _LOANS.c.taken_event_id.is_(None),
             _LOANS.c.returned_at >= when,
         )
@@ -318,8 +415,8 @@ def _key_taken(conn: Connection, event: StoredEvent) -> None:
         insert(_LOANS).values(
             id=event.id,
             agent_id=event.agent_id,
-            cabinet=p["door"],
-            key=p["key"],
+            cabinet=p.door,
+            key=p.key,
             returned_at=None,
             returned_by=None,
             returned_slot=None,
@@ -331,17 +428,16 @@ def _key_taken(conn: Connection, event: StoredEvent) -> None:
     )
 
 
-def _key_returned(conn: Connection, site: SiteView, event: StoredEvent) -> None:
+def _key_returned(conn: Connection, site: SiteView, event: StoredEvent, p: KeyReturned) -> None:
     if conn.execute(select(_LOANS.c.id).where(_LOANS.c.returned_event_id == event.event_id)).first():
         return
-    p = event.payload
-    when, cabinet, slot = event.occurred_at, p["door"], p["slot"]
-    wrong_slot = bool(p.get("wrong_slot"))
+    when, cabinet, slot = event.occurred_at, p.door, p.slot
+    wrong_slot = p.wrong_slot
     # A key put into another key's slot fills that slot: the loan it closes is that slot's key's.
-    key = (site.slot_keys.get((cabinet, slot)) if wrong_slot else None) or p["key"]
+    key = (site.slot_keys.get((cabinet, slot)) if wrong_slot else None) or p.key
     returned = {
         "returned_at": when,
-        "returned_by": p.get("person"),
+        "returned_by": p.person,
         "returned_slot": slot,
         "wrong_slot": wrong_slot,
         "returned_event_id": event.event_id,
@@ -378,7 +474,7 @@ def _key_returned(conn: Connection, site: SiteView, event: StoredEvent) -> None:
         return
     conn.execute(update(_LOANS).where(_LOANS.c.id == loan.id).values(**returned))
     if loan.overdue_finding_id is not None:
-        resolve_overdue_finding(conn, loan.overdue_finding_id, when, p.get("person"))
+        resolve_overdue_finding(conn, loan.overdue_finding_id, when, p.person)
 
 
 def resolve_overdue_finding(conn: Connection, finding_id: int, returned_at: datetime, by: str | None) -> None:

@@ -146,7 +146,7 @@ class DoorProjector:
     def _read(self, conn: Connection, after: int, upto: int) -> list[StoredEvent]:
         e = _EVENTS.c
         stmt = (
-            select(e.id, e.agent_id, e.event_id, e.type, e.occurred_at, e.payload)
+            select(e.id, e.agent_id, e.seq, e.event_id, e.type, e.occurred_at, e.payload)
             .where(e.id > after, e.id <= upto, e.type.in_(sorted(PROJECTED_TYPES)))
             .order_by(e.id)
             .limit(self.batch)
