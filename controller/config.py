@@ -32,6 +32,11 @@ class ControllerConfig(BaseSettings):
     batch_max: int = Field(default=500, ge=1, le=10_000)
     batch_wait_ms: int = Field(default=20, ge=0, le=5_000)
     key_refresh_s: int = Field(default=10, ge=1)
+    # A batch that fails this many times in a row is split, and a message that still fails alone this many
+    # times is kept as a dead letter and released, so one bad message can never stop ingest for everyone.
+    ingest_attempts: int = Field(default=3, ge=1, le=100)
+    # /readyz answers 503 when messages wait and nothing was stored or dead-lettered for this long.
+    ingest_stall_s: int = Field(default=60, ge=5)
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)

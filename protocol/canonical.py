@@ -7,6 +7,7 @@ float formatting differs between implementations and would make a signature unve
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from sekisho.protocol import errors
@@ -40,8 +41,45 @@ class _FloatFound(ValueError):
     pass
 
 
+# Deeper than any message of ours (an event is four levels deep, a policy bundle about eight). Every
+# later step (schema checks, the My Number walk, canonical serialisation) recurses, so a document
+# nested hundreds of levels deep would otherwise fail there with RecursionError instead of here.
+MAX_DEPTH = 32
+# A lone surrogate can only come from a \uD800-\uDFFF escape (UTF-8 itself cannot carry one); it parses
+# but cannot be encoded back to UTF-8, so the signature check and storage would fail on it.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_shape(value: Any, raw: bytes) -> None:
+    """Refuse nesting deeper than MAX_DEPTH and strings holding lone surrogates."""
+    # Cheap gates first: the usual event has a handful of brackets and no surrogate escapes at all.
+    deep = raw.count(b"{") + raw.count(b"[") > MAX_DEPTH
+    surrogates = _SURROGATE_ESCAPE.search(raw) is not None
+    if not (deep or surrogates):
+        return
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if surrogates and _SURROGATE.search(item):
+                raise errors.Rejected(errors.MALFORMED, "string holds a lone surrogate (not encodable as UTF-8)")
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if depth > MAX_DEPTH:
+            raise errors.Rejected(errors.MALFORMED, f"nested deeper than {MAX_DEPTH} levels")
+        children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children)
+
+
 def loads_strict(raw: bytes, *, max_size: int) -> Any:
-    """Parse JSON from the wire with a size limit; any failure becomes a Rejected with a reason."""
+    """Parse JSON from the wire with a size limit; any failure becomes a Rejected with a reason.
+
+    Besides syntax, this refuses floats, non-standard constants, duplicate object keys, nesting deeper
+    than MAX_DEPTH and lone surrogates, so whatever it returns can be walked, checked and re-serialised
+    to UTF-8 without raising anything but Rejected.
+    """
     if len(raw) > max_size:
         raise errors.Rejected(errors.TOO_LARGE, f"{len(raw)} bytes > limit {max_size}")
     try:
@@ -49,11 +87,34 @@ def loads_strict(raw: bytes, *, max_size: int) -> Any:
     except UnicodeDecodeError as err:
         raise errors.Rejected(errors.MALFORMED, f"not UTF-8 at byte {err.start}") from err
     try:
-        return json.loads(text, parse_constant=_no_constants, parse_float=_no_floats)
+        value = json.loads(
+            text, parse_constant=_no_constants, parse_float=_no_floats, object_pairs_hook=_no_duplicate_keys
+        )
     except _FloatFound as err:
         raise errors.Rejected(errors.SCHEMA, "floating-point number; use integers") from err
+    except _DuplicateKey as err:
+        # Parsers disagree on which of two equal keys wins; a signature over one reading must not let a
+        # reader of the other see different content.
+        raise errors.Rejected(errors.MALFORMED, f"duplicate object key {str(err)[:64]!r}") from err
     except (ValueError, RecursionError) as err:
         raise errors.Rejected(errors.MALFORMED, f"not JSON: {str(err)[:120]}") from err
+    _check_shape(value, raw)
+    return value
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return result
 
 
 def _no_floats(text: str) -> Any:

@@ -29,4 +29,7 @@ WRONG_AGENT = "wrong_agent"
 ROLLBACK = "rollback"
 # Raised by the store: an event id reused by another (agent, seq), or a seq reused with another event id.
 DUPLICATE_ID = "duplicate_id"
+# Raised by ingest: a message whose processing failed in a way no other reason describes (a bug, or input
+# that defeats a check), or that the store could not take after repeated attempts. Kept, never retried forever.
+UNPROCESSABLE = "unprocessable"
 SEQ_CONFLICT = "seq_conflict"

@@ -121,7 +121,11 @@ def decode_event(raw: bytes, *, topic_agent: str | None = None) -> DecodedEvent:
         schema.model_validate(header.payload)
     except ValidationError as err:
         raise errors.Rejected(errors.SCHEMA, f"payload of {header.type}: {_first_error(err)}") from err
-    # loads_strict refused floats, so the parsed body re-serialises to exactly what the agent signed.
+    if not isinstance(doc["sig"], str):
+        raise errors.Rejected(errors.MALFORMED, "sig is not a string")
+    # loads_strict refused floats, duplicate keys and lone surrogates, so the parsed body re-serialises to
+    # exactly what the agent signed. The wire form must be that canonical form too: then the raw bytes the
+    # store keeps are exactly the signed content, and no reader can find anything else in them.
     canonical_body = canonical_bytes_parsed(body)
     # Only the payload is scanned: the header holds ids and timestamps, never personal data. The cheap
     # gate over the whole canonical text skips the per-field walk for the usual digit-free payload.
@@ -130,14 +134,15 @@ def decode_event(raw: bytes, *, topic_agent: str | None = None) -> DecodedEvent:
         found = next(mynumber.find_my_numbers(header.payload, "$.payload"), None)
     if found is not None:
         raise errors.Rejected(errors.MY_NUMBER, f"field {found} looks like a My Number")
-    if not isinstance(doc["sig"], str):
-        raise errors.Rejected(errors.MALFORMED, "sig is not a string")
+    occurred_at = timefmt.parse(header.at, "at")
+    if canonical_bytes_parsed(doc) != raw:
+        raise errors.Rejected(errors.MALFORMED, "event is not in canonical form (sorted keys, no whitespace)")
     return DecodedEvent(
         agent=header.agent,
         seq=header.seq,
         id=header.id,
         type=header.type,
-        occurred_at=timefmt.parse(header.at, "at"),
+        occurred_at=occurred_at,
         clock_synced=header.clock.synced,
         clock_offset_ms=header.clock.offset_ms,
         payload=header.payload,

@@ -38,7 +38,8 @@ def reason_of(raw: bytes, *, topic_agent: str | None = "term-001", key=None) -> 
 def tamper(raw: bytes, mutate) -> bytes:
     doc = json.loads(raw)
     mutate(doc)
-    return json.dumps(doc).encode()
+    # Canonical serialisation (floats allowed here, to test their refusal), so only the mutation is wrong.
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def test_event_round_trip_verifies(key):
@@ -71,6 +72,13 @@ def test_event_round_trip_verifies(key):
         (lambda k: tamper(event(k), lambda d: d["event"].update(at="2026-11-24 09:00")), errors.SCHEMA),
         (lambda k: tamper(event(k), lambda d: d.update(sig=5)), errors.MALFORMED),
         (lambda k: event(k, agent="term-002"), errors.TOPIC_MISMATCH),
+        # Regression (attack run): a non-canonical wire form, a duplicate key placed before the signed one,
+        # a lone surrogate and deep nesting are refused with a reason instead of raising elsewhere.
+        (lambda k: json.dumps(json.loads(event(k))).encode(), errors.MALFORMED),
+        (lambda k: event(k).replace(b'{"event":{', b'{"event":{"type":"door.opened",', 1), errors.MALFORMED),
+        (lambda k: event(k).replace(b'"payload":{', b'"payload":{"note":"\\ud800",', 1), errors.MALFORMED),
+        (lambda k: event(k).replace(b'"payload":{', b'"payload":{"deep":' + b"[" * 985 + b"]" * 985 + b",", 1),
+         errors.MALFORMED),
     ],
 )
 def test_decoder_rejects_with_reason(key, raw_factory, reason):

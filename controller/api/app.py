@@ -48,7 +48,12 @@ def readyz(state: StateDep, response: Response) -> Health:
         checks["ingest_dead_lettered"] = state.ingest.dead_lettered
         if state.ingest.last_batch_at:
             checks["last_batch_age_s"] = round(time.time() - state.ingest.last_batch_at, 1)
-        ok = ok and state.ingest.connected
+        checks["ingest_waiting"] = state.ingest.waiting
+        stalled = state.ingest.stalled()
+        if stalled:
+            # Connected but not advancing (e.g. the database refuses every batch): not ready, whatever else.
+            checks["ingest"] = f"stalled: nothing finished for over {state.ingest.stall_s:.0f} s"
+        ok = ok and state.ingest.connected and not stalled
     if not ok:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     return Health(status="ok" if ok else "unavailable", checks=checks)

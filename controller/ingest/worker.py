@@ -49,6 +49,15 @@ class IngestStats:
     connected: bool = False
     last_batch_at: float | None = None
     reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # Messages received and not yet stored, dead-lettered or released; and when the last batch finished.
+    waiting: int = 0
+    last_progress_at: float = field(default_factory=time.time)
+    stall_s: float = 60.0
+
+    def stalled(self, now: float | None = None) -> bool:
+        """Tell whether messages wait while nothing has been finished for longer than stall_s."""
+        idle = (time.time() if now is None else now) - self.last_progress_at
+        return self.waiting > 0 and idle > self.stall_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +109,7 @@ class IngestWorker:
     ) -> None:
         self.config = config
         self.store = store
-        self.stats = IngestStats()
+        self.stats = IngestStats(stall_s=config.ingest_stall_s)
         self._signing_key: Ed25519PrivateKey = signing.load_private_key(config.signing_key)
         self._keys = KeyRing(store, config.key_refresh_s)
         self._queue: queue.Queue[_Incoming] = queue.Queue()
@@ -134,6 +143,7 @@ class IngestWorker:
         self.stats.connected = False
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.stats.waiting += 1
         self._queue.put(_Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -184,22 +194,67 @@ class IngestWorker:
 
     def _run(self) -> None:
         pending: list[_Incoming] = []
+        single = False  # after a batch failed ingest_attempts times: one message at a time
+        attempts = 0
         backoff = 0.2
         while not (self._stop.is_set() and not pending and self._queue.empty()):
             if not pending:
-                pending = self._collect()
+                pending, single, attempts = self._collect(), False, 0
                 if not pending:
                     continue
+            current = pending[:1] if single else pending
+            giving_up = single and attempts >= self.config.ingest_attempts
             try:
-                self.process(pending)
-            except Exception:  # the loop must survive anything; the batch is retried, never dropped
+                if giving_up:
+                    self._give_up(current[0])
+                else:
+                    self.process(current)
+            except Exception:  # the loop must survive anything; what failed is retried, never dropped
+                # A store that refuses even the dead letter is down (not this message's fault): start this
+                # message's count again, so it is stored normally once the store is back.
+                attempts = 0 if giving_up else attempts + 1
                 self.stats.store_errors += 1
-                log.exception("ingest batch of %d failed; retrying in %.1fs", len(pending), backoff)
-                time.sleep(backoff)
+                log.exception("ingest of %d message(s) failed (attempt %d)", len(current), attempts)
+                if not single and attempts >= self.config.ingest_attempts:
+                    # Find the message that breaks the batch, so the others are stored meanwhile.
+                    single = True
+                    if len(pending) > 1:
+                        attempts = 0
+                        continue
+                self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
             backoff = 0.2
-            pending = []
+            attempts = 0
+            pending = pending[len(current) :]
+
+    def _give_up(self, item: _Incoming) -> None:
+        """Keep a message the store refused again and again as a dead letter, then release it.
+
+        If even the dead letter cannot be stored, the store itself is down: that raises, and the loop
+        retries with back-off, losing nothing.
+        """
+        agent = item.topic.split("/")[3] if item.topic.count("/") >= 4 else None
+        letter = DeadLetterIn(
+            topic=item.topic,
+            raw=item.payload,
+            reason=errors.UNPROCESSABLE,
+            detail=f"not stored after {self.config.ingest_attempts} attempts",
+            agent_id=agent if agent and topics.AGENT_ID.fullmatch(agent) else None,
+        )
+        self.store.store_batch([], [letter], timefmt.now())
+        self.stats.dead_lettered += 1
+        self.stats.reasons[errors.UNPROCESSABLE] += 1
+        log.error("ingest: a message on %s was %s; kept as a dead letter", item.topic, letter.detail)
+        self._release([item])
+
+    def _release(self, batch: list[_Incoming]) -> None:
+        """PUBACK finished messages and note the progress."""
+        for item in batch:
+            if item.qos > 0:
+                self._client.ack(item.mid, item.qos)
+        self.stats.waiting = max(0, self.stats.waiting - len(batch))
+        self.stats.last_progress_at = time.time()
 
     def process(self, batch: list[_Incoming]) -> None:
         """Decode, verify, store and acknowledge one batch of messages."""
@@ -228,6 +283,10 @@ class IngestWorker:
                 good.append(decoded)
             except errors.Rejected as err:
                 dead.append(self._dead_letter(item, agent, err))
+            except Exception as err:  # a check defeated by its input must cost that message only
+                log.warning("ingest: a message on %s raised %s while being checked", item.topic, type(err).__name__)
+                detail = f"{type(err).__name__} while checking"
+                dead.append(DeadLetterIn(item.topic, item.payload, errors.UNPROCESSABLE, detail, agent_id=agent))
 
         result = self.store.store_batch(good, dead, received_at)
         for hb in heartbeats:
@@ -257,9 +316,7 @@ class IngestWorker:
             self._client.publish(
                 topics.topic(agent_id, topics.ACKS), messages.build_ack(self._signing_key, agent_id, seqs), qos=1
             )
-        for item in batch:
-            if item.qos > 0:
-                self._client.ack(item.mid, item.qos)
+        self._release(batch)
         for hb in heartbeats:
             if self._on_heartbeat is not None:
                 self._on_heartbeat(hb)
@@ -270,10 +327,11 @@ class IngestWorker:
             if key is None:
                 raise errors.Rejected(errors.UNKNOWN_AGENT, f"agent {agent!r} is not registered")
             return messages.open_heartbeat(item.payload, key, agent)
-        except errors.Rejected as err:
+        except Exception as err:  # Rejected, or a check defeated by its input: either way, not this heartbeat
             # Heartbeats are not records; count the reason instead of filling the dead-letter table.
-            self.stats.reasons[f"heartbeat_{err.reason}"] += 1
-            log.debug("heartbeat from %s refused: %s", agent, err.reason)
+            reason = err.reason if isinstance(err, errors.Rejected) else errors.UNPROCESSABLE
+            self.stats.reasons[f"heartbeat_{reason}"] += 1
+            log.debug("heartbeat from %s refused: %s", agent, reason)
             return None
 
     def _dead_letter(self, item: _Incoming, topic_agent: str, err: errors.Rejected) -> DeadLetterIn:
@@ -292,7 +350,7 @@ class IngestWorker:
                 if key is not None:
                     signing.verify(key, "event", body, doc["sig"])
                     ackable = True
-        except (errors.Rejected, KeyError, TypeError, AttributeError):
+        except Exception:  # noqa: S110 - best effort: a dead letter without seq or ack is still kept
             pass
         return DeadLetterIn(
             topic=item.topic,
