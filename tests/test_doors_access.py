@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sekisho.agents.doors.access import REASONS, CardEvidence, check_card
+from sekisho.agents.doors.checks import REASONS, CardEvidence, check_card
 from sekisho.agents.doors.service import DoorController
 from sekisho.agents.doors.store import STATE_NAME, DoorStateStore
 from sekisho.agents.runtime.schedules import JST

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from sekisho.agents.doors.access import CardEvidence
 from sekisho.agents.doors.actions import Action, Emit, Opened, Passage, Secured, SetRelay
+from sekisho.agents.doors.checks import CardEvidence
 from sekisho.agents.doors.machine import DoorMachine
 from sekisho.agents.doors.service import DoorController, Handler
 from sekisho.agents.runtime.schedules import JST

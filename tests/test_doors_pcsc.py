@@ -17,8 +17,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sekisho.agents.doors.access import CardEvidence, check_card
 from sekisho.agents.doors.attach import PcscDoorReaders
+from sekisho.agents.doors.checks import CardEvidence, check_card
 from sekisho.drivers.smartcard import CardError, hash_uid
 from sekisho.firmware_stubs.piv_card import VirtualCard
 from sekisho.lab.pcscd import VPCD_READER

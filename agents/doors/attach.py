@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sekisho.agents.doors.access import CardEvidence, PolicyState
+from sekisho.agents.doors.checks import CardEvidence, PolicyState
 from sekisho.agents.doors.service import Clock, DoorController
 from sekisho.agents.runtime.cards import enrolled_cards
 from sekisho.agents.runtime.policy_cache import PolicyCache

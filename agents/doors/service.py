@@ -25,9 +25,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from sekisho.agents.doors.access import AccessController, CardEvidence, PolicyState
+from sekisho.agents.doors.access import AccessController
 from sekisho.agents.doors.actions import Action, Emit, Feedback, Mode, Opened, Secured, SetRelay, Unlock
 from sekisho.agents.doors.cabinet import KeyCabinetTracker
+from sekisho.agents.doors.checks import CardEvidence, PolicyState
 from sekisho.agents.doors.commands import LOCKDOWN, NO_DOORS, NOT_RECORDED, UNKNOWN_AREA, UNKNOWN_DOOR
 from sekisho.agents.doors.debounce import DEFAULT_DEBOUNCE_S
 from sekisho.agents.doors.machine import DoorMachine, DoorState, emergency_capable
