@@ -1,4 +1,4 @@
-"""Door access decisions through the real DoorController: reasons, PIN, two-person, escorts, anti-passback,
+"""Door access decisions through the real DoorAgentCore: reasons, PIN, two-person, escorts, anti-passback,
 schedules with Japanese public holidays, key-cabinet loans, and the state that survives a restart.
 
 All data is synthetic; every emitted event is validated (schema and My Number guard) as the outbox would.
@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sekisho.agents.doors.checks import REASONS, CardEvidence, check_card
-from sekisho.agents.doors.service import DoorController
+from sekisho.agents.doors.service import DoorAgentCore
 from sekisho.agents.doors.store import STATE_NAME, DoorStateStore
 from sekisho.agents.runtime.schedules import JST
 from sekisho.drivers.smartcard.auth import hash_uid
@@ -198,7 +198,7 @@ class FakeClock:
 
 
 class Rig:
-    """A DoorController on a fake clock whose outputs are recorded (events validated like the outbox)."""
+    """A DoorAgentCore on a fake clock whose outputs are recorded (events validated like the outbox)."""
 
     def __init__(self, state_dir: Path, policy: SitePolicy | None, *, start: datetime = WORKDAY) -> None:
         self.policy = policy
@@ -208,7 +208,7 @@ class Rig:
         self.feedback: list[tuple[str, bool]] = []
         self.clock = FakeClock(start)
         state_dir.mkdir(parents=True, exist_ok=True)
-        self.ctl = DoorController(
+        self.ctl = DoorAgentCore(
             policy=lambda: (self.policy, self.state, None),  # type: ignore[arg-type,return-value]
             emit=self._emit,
             set_relay=lambda index, on, max_on: self.relays.append((index, on, max_on)),

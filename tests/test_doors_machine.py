@@ -1,5 +1,5 @@
 """The door state machine: relay windows, debounced openings, forced and held-open alarms, device faults,
-modes and restarts — unit tests, then a hypothesis stateful test of the whole DoorController.
+modes and restarts — unit tests, then a hypothesis stateful test of the whole DoorAgentCore.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sekisho.agents.doors.actions import Action, Emit, Opened, Passage, Secured, SetRelay
 from sekisho.agents.doors.checks import CardEvidence
 from sekisho.agents.doors.machine import DoorMachine
-from sekisho.agents.doors.service import DoorController, Handler
+from sekisho.agents.doors.service import DoorAgentCore, Handler
 from sekisho.agents.runtime.schedules import JST
 from sekisho.drivers.smartcard.auth import hash_uid
 from sekisho.protocol import PROTOCOL_VERSION, messages, timefmt
@@ -308,7 +308,7 @@ def test_pin_iterations_and_hash_shape() -> None:
         verify_pin("1234", "sha1$1$00$00")
 
 
-# --- DoorController: I/O boundary -------------------------------------------------------------
+# --- DoorAgentCore: I/O boundary --------------------------------------------------------------
 
 
 def card_hash(name: str) -> str:
@@ -385,7 +385,7 @@ class Clock:
 
 
 class Dispatcher:
-    """Collects the handlers a DoorController registers, like CommandDispatcher.register."""
+    """Collects the handlers a DoorAgentCore registers, like CommandDispatcher.register."""
 
     def __init__(self) -> None:
         self.handlers: dict[str, Handler] = {}
@@ -412,7 +412,7 @@ class Dispatcher:
 
 
 class Harness:
-    """A DoorController whose outbox, relay board and reader LEDs are recorded in one ordered log."""
+    """A DoorAgentCore whose outbox, relay board and reader LEDs are recorded in one ordered log."""
 
     def __init__(self, state_dir: Path, policy: SitePolicy | None = None) -> None:
         self.clock = Clock()
@@ -421,7 +421,7 @@ class Harness:
         self.fail_emit: set[str] = set()
         self.dispatcher = Dispatcher()
         self.policy = policy or site_policy()
-        self.ctl = DoorController(
+        self.ctl = DoorAgentCore(
             policy=lambda: (self.policy, "valid", None),
             emit=self._emit,
             set_relay=self._set_relay,
@@ -614,7 +614,7 @@ DEBOUNCE_MS = 50
 UNLOCK_S = {"room": 5, "locker": 3}
 
 
-class DoorControllerMachine(RuleBasedStateMachine):
+class DoorAgentCoreMachine(RuleBasedStateMachine):
     """Random taps, bouncing sensors, time, reboots, board outages, relay failures and mode commands.
 
     After every step the ordered log (events, relay commands, raw sensor edges) is replayed into an
@@ -814,8 +814,8 @@ class DoorControllerMachine(RuleBasedStateMachine):
             assert self.forced[door] == self.forced_alarms[door]
 
 
-TestDoorControllerStateful = DoorControllerMachine.TestCase
-TestDoorControllerStateful.settings = settings(
+TestDoorAgentCoreStateful = DoorAgentCoreMachine.TestCase
+TestDoorAgentCoreStateful.settings = settings(
     max_examples=150,
     stateful_step_count=40,
     deadline=None,

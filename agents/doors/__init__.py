@@ -3,6 +3,6 @@
 ``machine`` is one door's lock/sensor state machine, ``checks`` decides a single card tap from the
 cached signed policy, ``access`` adds the steps that span taps (PIN, two-person, escort,
 anti-passback), ``cabinet`` keeps the key-lending register of key cabinets, ``store`` persists what
-must survive a restart, and ``service.DoorController`` ties them to the agent's outbox, the lock board
+must survive a restart, and ``service.DoorAgentCore`` ties them to the agent's outbox, the lock board
 and the readers.
 """

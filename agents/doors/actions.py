@@ -1,7 +1,7 @@
 """What the pure door logic asks its owner to do: the explicit boundary between decisions and I/O.
 
 ``DoorMachine``, ``AccessController`` and ``KeyCabinetTracker`` return lists of these; only
-``service.DoorController`` carries them out (outbox, lock board, reader LEDs), in list order, so an
+``service.DoorAgentCore`` carries them out (outbox, lock board, reader LEDs), in list order, so an
 event that justifies an action always comes before the action in the same list.
 """
 

@@ -1,9 +1,9 @@
-"""Wire the door controller to a running agent and to the real drivers: reader links in, lock board out.
+"""Wire the door agent core to a running agent and to the real drivers: reader links in, lock board out.
 
-``DoorController`` (service.py) is pure logic; this module feeds it. Reader events (OSDP readers through
+``DoorAgentCore`` (service.py) is pure logic; this module feeds it. Reader events (OSDP readers through
 libosdp, PC/SC readers through pcscd) become card evidence keyed with the site key; board events (door
 sensors, key slots, tamper, reboots, stuck relays) become inputs; relay commands go to the board; grants
-and refusals light the reader's LED and sound its buzzer. A timer thread drives the controller's
+and refusals light the reader's LED and sound its buzzer. A timer thread drives the core's
 deadlines (re-lock, held-open, pending PIN/second person) to within ``tick_s``.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sekisho.agents.doors.checks import CardEvidence, PolicyState
-from sekisho.agents.doors.service import Clock, DoorController
+from sekisho.agents.doors.service import Clock, DoorAgentCore
 from sekisho.agents.runtime.cards import enrolled_cards
 from sekisho.agents.runtime.policy_cache import PolicyCache
 from sekisho.drivers.locker import (
@@ -46,7 +46,7 @@ EmitFn = Callable[[str, dict[str, Any]], int]
 
 
 def policy_provider(cache: PolicyCache) -> Callable[[], tuple[SitePolicy | None, PolicyState, datetime | None]]:
-    """Read the agent's verified policy cache as the door controller wants it (parsed once per bundle)."""
+    """Read the agent's verified policy cache as the door agent core wants it (parsed once per bundle)."""
     parsed: dict[int, SitePolicy | None] = {}
 
     def provide() -> tuple[SitePolicy | None, PolicyState, datetime | None]:
@@ -155,9 +155,9 @@ class PcscDoorReaders:
 
 @dataclass
 class AttachedDoors:
-    """The door controller with the threads and subscriptions that feed it; stop() undoes start()."""
+    """The door agent core with the threads and subscriptions that feed it; stop() undoes start()."""
 
-    controller: DoorController
+    core: DoorAgentCore
     readers: Sequence[ReaderLink]
     board: LockIO
     site_key: bytes
@@ -172,7 +172,7 @@ class AttachedDoors:
     _inputs_reported: bool = False
 
     def start(self) -> None:
-        """Start the board and the readers, then the controller (which takes every relay) and the timer."""
+        """Start the board and the readers, then the core (which takes every relay) and the timer."""
         self.board.start()
         self._unsubscribers.append(self.board.subscribe(self._on_board))
         for link in self.readers:
@@ -180,7 +180,7 @@ class AttachedDoors:
             for reader_id in _reader_ids(link):
                 self._reader_links[reader_id] = link
             self._unsubscribers.append(link.subscribe(self._on_reader))
-        self.controller.start()
+        self.core.start()
         self._report_inputs()
         if self.pcsc is not None:
             self.pcsc.start(self._present)
@@ -188,7 +188,7 @@ class AttachedDoors:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the timer, the subscriptions, the readers and the board; close the controller's store."""
+        """Stop the timer, the subscriptions, the readers and the board; close the core's store."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -201,28 +201,28 @@ class AttachedDoors:
         for link in self.readers:
             link.stop()
         self.board.stop()
-        self.controller.close()
+        self.core.close()
 
     @property
     def inputs_reported(self) -> bool:
-        """Tell whether the board's current inputs have reached the controller since start."""
+        """Tell whether the board's current inputs have reached the core since start."""
         return self._inputs_reported
 
     # --- inputs ----------------------------------------------------------------------------------
 
     def policy_changed(self) -> None:
-        """Apply a new policy, then report the inputs as they are (doors it names may be new to the controller)."""
-        self.controller.policy_changed()
+        """Apply a new policy, then report the inputs as they are (doors it names may be new to the core)."""
+        self.core.policy_changed()
         self._report_inputs()
 
     def _report_inputs(self) -> None:
         # A board reports changes only: the doors and key slots as they are now come from its status, so a
         # door left open or a key missing while the agent was down is judged at once.
         if not self.board.online:
-            # The board's own offline event may have reached a controller that had no doors yet; the
+            # The board's own offline event may have reached a core that had no doors yet; the
             # timer reports the inputs once the board answers (a board first heard after start sends no
             # "online" event).
-            self.controller.board_online(False)
+            self.core.board_online(False)
             return
         try:
             status = self.board.status()
@@ -231,17 +231,17 @@ class AttachedDoors:
             return
         self._inputs_reported = True
         for index, is_open in enumerate(status.doors_open):
-            self.controller.input_changed("door", index, is_open)
+            self.core.input_changed("door", index, is_open)
         for index, present in enumerate(status.keys_present):
-            self.controller.input_changed("key_slot", index, present)
+            self.core.input_changed("key_slot", index, present)
         if status.tamper:
-            self.controller.input_changed("tamper", 0, True)
+            self.core.input_changed("tamper", 0, True)
 
     def _tap(self, reader_id: str, data: bytes) -> None:
         self._present(reader_id, card_evidence(data, self.site_key))
 
     def _present(self, reader_id: str, evidence: CardEvidence) -> None:
-        self.controller.card_presented(reader_id, evidence)
+        self.core.card_presented(reader_id, evidence)
         self._wake.set()
 
     def _on_reader(self, event: object) -> None:
@@ -249,29 +249,29 @@ class AttachedDoors:
             if isinstance(event, CardRead):
                 self._tap(event.reader_id, event.data)
             elif isinstance(event, KeypadInput):
-                self.controller.keys_entered(event.reader_id, event.keys)
+                self.core.keys_entered(event.reader_id, event.keys)
                 self._wake.set()
             elif isinstance(event, ReaderStatus):
-                self.controller.reader_status(event.reader_id, event.online)
+                self.core.reader_status(event.reader_id, event.online)
         except Exception:  # one bad event must not silence the reader thread
             log.exception("door reader event %s failed", type(event).__name__)
 
     def _on_board(self, event: object) -> None:
         try:
             if isinstance(event, InputChanged):
-                self.controller.input_changed(event.kind, event.index, event.active)
+                self.core.input_changed(event.kind, event.index, event.active)
                 self._wake.set()
             elif isinstance(event, BoardRebooted):
-                self.controller.board_rebooted()
+                self.core.board_rebooted()
             elif isinstance(event, BoardOnline):
-                self.controller.board_online(True)
+                self.core.board_online(True)
                 self._report_inputs()
             elif isinstance(event, BoardOffline):
-                self.controller.board_online(False)
+                self.core.board_online(False)
             elif isinstance(event, RelayFault):
-                self.controller.relay_fault(event.index, event.commanded, event.sensed)
+                self.core.relay_fault(event.index, event.commanded, event.sensed)
             elif isinstance(event, RelayTimerExpired):
-                # The board's own safety timer ended a release; the controller's window ends on its clock.
+                # The board's own safety timer ended a release; the core's window ends on its clock.
                 log.debug("lock board released relay %d on its own timer", event.index)
             elif isinstance(event, LineError):
                 self.line_errors += 1
@@ -282,7 +282,7 @@ class AttachedDoors:
     # --- outputs ---------------------------------------------------------------------------------
 
     def set_relay(self, index: int, on: bool, max_on_ms: int | None) -> None:
-        """Command a lock relay (the controller calls this; a failure is raised back to it as relay_fault)."""
+        """Command a lock relay (the core calls this; a failure is raised back to it as relay_fault)."""
         self.board.set_relay(index, on, max_on_ms=max_on_ms)
 
     def feedback(self, reader_id: str, ok: bool) -> None:
@@ -298,7 +298,7 @@ class AttachedDoors:
 
     def _run_timer(self) -> None:
         while not self._stop.is_set():
-            deadline = self.controller.next_deadline()
+            deadline = self.core.next_deadline()
             wait = self.tick_s
             if deadline is not None:
                 wait = max(0.0, min(wait, deadline - time.monotonic()))
@@ -308,9 +308,9 @@ class AttachedDoors:
                 return
             try:
                 if not self._inputs_reported and self.board.online:
-                    self.controller.board_online(True)
+                    self.core.board_online(True)
                     self._report_inputs()
-                self.controller.tick()
+                self.core.tick()
             except Exception:
                 log.exception("door timer tick failed")
 
@@ -334,9 +334,9 @@ def attach_doors(
     clock: Clock | None = None,
     tick_s: float = 0.05,
 ) -> AttachedDoors:
-    """Build the door controller on an agent's emit, policy cache and commands; the caller starts it."""
+    """Build the door agent core on an agent's emit, policy cache and commands; the caller starts it."""
     holder: dict[str, AttachedDoors] = {}
-    controller = DoorController(
+    core = DoorAgentCore(
         policy=policy_provider(policy),
         emit=emit,
         set_relay=lambda index, on, max_on_ms: holder["doors"].set_relay(index, on, max_on_ms),
@@ -344,9 +344,9 @@ def attach_doors(
         state_dir=state_dir,
         clock=clock,
     )
-    attached = AttachedDoors(controller, readers, board, site_key, pcsc, tick_s)
+    attached = AttachedDoors(core, readers, board, site_key, pcsc, tick_s)
     holder["doors"] = attached
     policy.subscribe(lambda change: attached.policy_changed())
     if commands is not None:
-        controller.register_commands(commands)
+        core.register_commands(commands)
     return attached

@@ -1,6 +1,6 @@
 """Run a door agent from ``doors.toml`` beside agent.toml: which readers and which lock board it drives.
 
-``sekisho-agent doors --config /etc/sekisho/agent.toml`` is what a door controller box runs as a service.
+``sekisho-agent doors --config /etc/sekisho/agent.toml`` is what a door box runs as a service.
 doors.toml (unknown keys are an error; must not be writable by group or others)::
 
     site_key_file = "site.key"          # keys card numbers the same way the policy's uid_hash does

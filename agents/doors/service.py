@@ -1,6 +1,6 @@
-"""The door agent's orchestrator: policy, readers, keypads, the lock board and commands in; events and
-relay commands out. The adapters to the real drivers call the methods below; nothing here touches a
-device, a socket or a thread of its own.
+"""The door agent's core (``DoorAgentCore``): policy, readers, keypads, the lock board and commands in;
+events and relay commands out. The adapters to the real drivers call the methods below; nothing here
+touches a device, a socket or a thread of its own.
 
 Order of work for a card tap: ``card.presented`` and the decision are written to the outbox (``emit``
 returns once the event is on disk), and only then is the relay commanded. If recording fails, the
@@ -11,7 +11,7 @@ the reader (LED/buzzer) is best effort.
 
 All public methods take one lock: reader, keypad, board and command callbacks arrive on different
 threads. The callbacks given to the constructor are called with that lock held, in order, so they must
-not block for long, and must not wait for another thread that calls into this controller.
+not block for long, and must not wait for another thread that calls into this core.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class CommandRegistry(Protocol):
         ...
 
 
-class DoorController:
+class DoorAgentCore:
     """Runs the doors of one agent: card decisions, door machines, key cabinets, commands."""
 
     def __init__(

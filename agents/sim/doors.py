@@ -95,7 +95,7 @@ class DoorSite:
     def _released(self, door: Door, timeout: float = 2.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            state = self.attached.controller.door_states().get(door.id)
+            state = self.attached.core.door_states().get(door.id)
             if state is not None and state[0] == "unlocked":
                 return True
             if self.stop.wait(0.05):

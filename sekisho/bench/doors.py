@@ -3,7 +3,7 @@
 Part 1 (≥1,000 taps): the real door agent (decision from the cached signed policy, ``card.presented`` and
 the grant fsync'd into the real outbox, then the relay command) on the simulated reader link and lock
 board; no broker, no controller. Each grant is timed from the reader event's delivery to the relay
-command; between taps the door is re-locked by letting its grant window pass on the controller's clock
+command; between taps the door is re-locked by letting its grant window pass on the door agent's clock
 (the clock jumps, nobody waits). Baseline, measured in the same run: the same reader event going straight
 to the relay with no decision and no record.
 
@@ -163,7 +163,7 @@ def tap_to_relay(root: Path, taps: int) -> tuple[list[float], list[float], int]:
             latencies.append((watch.on_at[-1] - started) * 1000)
             # Let the grant window pass (unopened locker re-locks) before the next tap on this locker.
             clock.offset += 60.0
-            doors.controller.tick()
+            doors.core.tick()
             # Baseline: the same reader event straight to the same relay, no decision, no record.
             started = time.perf_counter()
             board.set_relay(n, True, max_on_ms=5000)
