@@ -32,4 +32,6 @@ DUPLICATE_ID = "duplicate_id"
 # Raised by ingest: a message whose processing failed in a way no other reason describes (a bug, or input
 # that defeats a check), or that the store could not take after repeated attempts. Kept, never retried forever.
 UNPROCESSABLE = "unprocessable"
+# Raised by ingest: a signed event naming a door, terminal or area that the policy gives to another agent.
+NOT_OWNER = "not_owner"
 SEQ_CONFLICT = "seq_conflict"

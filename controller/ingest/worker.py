@@ -14,13 +14,14 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sekisho.controller.config import ControllerConfig
+from sekisho.controller.ingest.ownership import OwnershipCheck
 from sekisho.controller.mqtt import connect_blocking, make_client
 from sekisho.controller.store.events import DeadLetterIn
 from sekisho.controller.store.store import Store
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 # dead letter keeps it, so the agent may drop it from its outbox. Anything else is not acked,
 # because an unverified sequence number must never make an agent delete a real event.
 _ACKABLE_WHEN_SIGNED = {errors.SCHEMA, errors.UNKNOWN_TYPE, errors.MY_NUMBER, errors.UNSUPPORTED_VERSION}
+# A signed event about a door, terminal or area its sender does not own: possible tampering.
+NOT_OWNER_FINDING = "not_owner"
 
 
 @dataclass
@@ -112,6 +115,7 @@ class IngestWorker:
         self.stats = IngestStats(stall_s=config.ingest_stall_s)
         self._signing_key: Ed25519PrivateKey = signing.load_private_key(config.signing_key)
         self._keys = KeyRing(store, config.key_refresh_s)
+        self._owners = OwnershipCheck(store, config.key_refresh_s)
         self._queue: queue.Queue[_Incoming] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -280,6 +284,13 @@ class IngestWorker:
                 if key is None:
                     raise errors.Rejected(errors.UNKNOWN_AGENT, f"agent {decoded.agent!r} is not registered")
                 decoded.verify(key)
+                refusal = self._owners.refusal(decoded)
+                if refusal is not None:
+                    # Proven to come from this agent (so acked: resending would change nothing) but about
+                    # something it does not drive: kept as evidence, never projected into a register.
+                    letter = DeadLetterIn(item.topic, item.payload, errors.NOT_OWNER, refusal, agent_id=decoded.agent)
+                    dead.append(replace(letter, seq=decoded.seq, event_id=decoded.id, ackable=True))
+                    continue
                 good.append(decoded)
             except errors.Rejected as err:
                 dead.append(self._dead_letter(item, agent, err))
@@ -289,6 +300,15 @@ class IngestWorker:
                 dead.append(DeadLetterIn(item.topic, item.payload, errors.UNPROCESSABLE, detail, agent_id=agent))
 
         result = self.store.store_batch(good, dead, received_at)
+        for letter in dead:
+            if letter.reason == errors.NOT_OWNER and letter.agent_id is not None:
+                log.warning("ingest: %s sent a fact it does not own: %s", letter.agent_id, letter.detail)
+                self.store.note_finding(
+                    NOT_OWNER_FINDING,
+                    letter.agent_id,
+                    letter.seq,
+                    {"reason": "possible tampering", "detail": letter.detail, "event_id": letter.event_id},
+                )
         for hb in heartbeats:
             self.store.record_heartbeat(hb.agent, hb.model_dump(), received_at)
         self.stats.batches += 1

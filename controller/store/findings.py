@@ -6,10 +6,15 @@ door registers: overdue loans); this module only reads them back.
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, insert, select, update
 
 from sekisho.controller.store.models import Finding
 from sekisho.controller.store.records import Records
+from sekisho.protocol import timefmt
+
+_FINDINGS = cast(Table, Finding.__table__)
 
 
 class FindingRecords(Records):
@@ -27,3 +32,42 @@ class FindingRecords(Records):
         if agent_id is not None:
             stmt = stmt.where(Finding.agent_id == agent_id)
         return self.read(stmt)
+
+    def note_finding(self, kind: str, agent_id: str, seq: int | None, detail: dict[str, Any]) -> int:
+        """Raise a finding of one kind for an agent, or count one more occurrence on the open one; return its id.
+
+        Repeats are grouped (one open finding per kind and agent, with a count and the latest detail), so an
+        agent that keeps sending the same refused fact cannot bury the others under findings.
+        """
+
+        def work(conn: Connection) -> int:
+            f = _FINDINGS.c
+            row = conn.execute(
+                select(f.id, f.detail, f.first_seq, f.last_seq)
+                .where(f.kind == kind, f.agent_id == agent_id, f.resolved_at.is_(None))
+                .order_by(f.id)
+                .limit(1)
+            ).first()
+            now = timefmt.now()
+            if row is None:
+                values = {**detail, "count": 1, "last_at": timefmt.fmt(now)}
+                inserted = conn.execute(
+                    insert(_FINDINGS)
+                    .values(kind=kind, agent_id=agent_id, first_seq=seq, last_seq=seq, detail=values, created_at=now)
+                    .returning(f.id)
+                ).scalar_one()
+                return int(inserted)
+            count = int(dict(row.detail).get("count", 1)) + 1
+            seqs = [s for s in (row.first_seq, row.last_seq, seq) if s is not None]
+            conn.execute(
+                update(_FINDINGS)
+                .where(f.id == row.id)
+                .values(
+                    detail={**detail, "count": count, "last_at": timefmt.fmt(now)},
+                    first_seq=min(seqs) if seqs else None,
+                    last_seq=max(seqs) if seqs else None,
+                )
+            )
+            return int(row.id)
+
+        return self.write(work)
