@@ -1,7 +1,8 @@
 """Findings: what the controller noticed and raised for people to look at (sequence gaps, overdue loans…).
 
-Each kind is raised by the code that notices it (ingest: sequence gaps; the media register and the
-door registers: overdue loans); this module only reads them back.
+Each kind is raised by the code that notices it (ingest: sequence gaps and facts from a non-owner; the
+media register and the door registers: overdue loans). This module reads them back, and raises the
+grouped kinds (one open finding per kind and agent, counting repeats) through note_finding.
 """
 
 from __future__ import annotations
