@@ -24,7 +24,7 @@ from sekisho.controller.media.overdue import OverdueWatch
 from sekisho.controller.media.service import MediaService
 from sekisho.controller.periodic import PeriodicJob
 from sekisho.controller.policy.service import PolicyService, publish_bundles
-from sekisho.controller.store.db import make_engine, upgrade
+from sekisho.controller.store.db import make_engine, private_dir, upgrade
 from sekisho.controller.store.store import Store
 from sekisho.protocol import messages, signing
 
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def open_store(config: ControllerConfig) -> Store:
-    """Open the configured database and bring its schema up to date."""
-    config.var_dir.mkdir(parents=True, exist_ok=True)
+    """Open the configured database and bring its schema up to date (var_dir: 0700, SQLite files: 0600)."""
+    private_dir(config.var_dir)
     engine = make_engine(config.resolved_database_url())
     upgrade(engine)
     return Store(engine)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +12,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, Connection, make_url
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -19,10 +24,62 @@ SQLITE_BEGIN = "sekisho_sqlite_begin"
 _MIGRATION_LOCK_KEY = 0x5E_C1_5E_0001
 _BUSY_TIMEOUT_MS = 30_000
 
+# The database holds who handled My Number data when: only the controller's own user may read it.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+# SQLite creates these next to the database with the database file's own mode.
+_SQLITE_FILES = ("", "-wal", "-shm", "-journal")
+
 
 def default_url(var_dir: Path) -> str:
     """Return the URL of the default SQLite database under the controller's state directory."""
     return f"sqlite:///{(var_dir / 'controller.db').resolve()}"
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """Take away every permission bit outside mode from an existing file or folder, saying so."""
+    try:
+        current = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    if not current & ~mode:
+        return
+    try:
+        path.chmod(current & mode)
+    except OSError as err:  # not our file (e.g. run as another user): the warning is all we can do
+        log.warning("%s is %s, wider than %s, and cannot be tightened: %s", path, oct(current), oct(mode), err)
+        return
+    log.warning(
+        "tightened %s from %s to %s (others could read the controller's records)",
+        path,
+        oct(current),
+        oct(current & mode),
+    )
+
+
+def private_dir(path: Path) -> None:
+    """Create a folder only its owner can enter (0700), or tighten an existing one to that."""
+    if path.is_dir():
+        _tighten(path, PRIVATE_DIR_MODE)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+    _tighten(path, PRIVATE_DIR_MODE)
+
+
+def private_sqlite_files(database: Path) -> None:
+    """Make a SQLite database file 0600 before SQLite opens it, and tighten its -wal/-shm files.
+
+    Created here (an empty file is an empty database), the file never exists with a wider mode; SQLite then
+    creates the -wal and -shm files with the database file's mode. Files of an earlier start are tightened.
+    A missing folder is created 0700; an existing one is left as it is (it may not be ours alone).
+    """
+    if not database.parent.exists():
+        private_dir(database.parent)
+    fd = os.open(database, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
+    os.close(fd)
+    for suffix in _SQLITE_FILES:
+        _tighten(database.with_name(database.name + suffix), PRIVATE_FILE_MODE)
 
 
 def _normalise(url: str | URL) -> URL:
@@ -42,7 +99,7 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
 
     database = parsed.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite_files(Path(database))
     engine = create_engine(parsed, **kwargs)
 
     @event.listens_for(engine, "connect")
@@ -93,6 +150,11 @@ def upgrade(target: Engine | str | URL, revision: str = "head") -> None:
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
                 config.attributes["connection"] = conn
                 command.upgrade(config, revision)
+        if engine.dialect.name == "sqlite":
+            # Copy the migrated pages into the database file now and empty the WAL: data a migration drops
+            # (0004: the dead letters' plain digests) then has no older copy left in either file.
+            with engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         if engine is not target:
             engine.dispose()
