@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +41,14 @@ class ControllerConfig(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
+    # Tokens with the write scope (every route); api_read_tokens may only read (GET/HEAD). A plain token in
+    # api_tokens keeps the full access it always had, so existing deployments keep working.
     api_tokens: list[SecretStr] = Field(default_factory=list)
+    api_read_tokens: list[SecretStr] = Field(default_factory=list)
+    # Failed authentication, per client address (IPv6: per /64) and per controller process: after this many
+    # failures within api_auth_window_s the address gets 429 (even with a right token) for api_auth_window_s.
+    api_auth_failures: int = Field(default=10, ge=1, le=1000)
+    api_auth_window_s: int = Field(default=60, ge=1, le=3600)
 
     @classmethod
     def settings_customise_sources(
@@ -54,7 +62,7 @@ class ControllerConfig(BaseSettings):
         """Let environment variables override the TOML file (deployments inject secrets that way)."""
         return (env_settings, init_settings)
 
-    @field_validator("api_tokens")
+    @field_validator("api_tokens", "api_read_tokens")
     @classmethod
     def _tokens_strong(cls, tokens: list[SecretStr]) -> list[SecretStr]:
         for token in tokens:
@@ -65,8 +73,26 @@ class ControllerConfig(BaseSettings):
     @model_validator(mode="after")
     def _production_needs_tokens(self) -> ControllerConfig:
         # Fail closed: a production controller without API tokens would serve records to anyone.
-        if self.profile == "production" and not self.api_tokens:
-            raise ValueError("profile 'production' requires api_tokens (or set profile = 'dev')")
+        if self.profile == "production" and not self.api_tokens and not self.api_read_tokens:
+            raise ValueError("profile 'production' requires api_tokens (or api_read_tokens, or set profile = 'dev')")
+        return self
+
+    @model_validator(mode="after")
+    def _network_needs_tokens(self) -> ControllerConfig:
+        # Fail closed in every profile: without tokens the API is open, which only loopback may see.
+        if not self.api_tokens and not self.api_read_tokens and not is_loopback(self.http_host):
+            raise ValueError(
+                f"http_host {self.http_host!r} is not a loopback address: without api_tokens the API would be "
+                "open to the network; set api_tokens or bind to 127.0.0.1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _one_scope_per_token(self) -> ControllerConfig:
+        values = [t.get_secret_value() for t in (*self.api_tokens, *self.api_read_tokens)]
+        if len(set(values)) != len(values):
+            # A token listed twice, or as both write and read, has no single scope: refuse rather than guess.
+            raise ValueError("each API token may appear only once, in api_tokens or in api_read_tokens")
         return self
 
     def resolved_database_url(self) -> str:
@@ -74,6 +100,20 @@ class ControllerConfig(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.var_dir / 'controller.db').resolve()}"
+
+
+def is_loopback(host: str) -> bool:
+    """Tell whether an http_host binds to loopback only (127.0.0.0/8, ::1 or the name localhost)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        # Any other name may resolve to a public address; "" and "0.0.0.0" bind everywhere.
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, FastAPI, Query, Response, status
 from sqlalchemy import text
 
-from sekisho.controller.api.deps import AppState, AuthDep, StateDep
+from sekisho.controller.api.deps import AppState, AuthDep, OptionalPrincipalDep, StateDep
 from sekisho.controller.api.doors import routers as door_routers
 from sekisho.controller.api.media import media
 from sekisho.controller.api.schemas import AgentPublic, DeadLetterPublic, EventPage, EventPublic, FindingPublic, Health
@@ -30,9 +30,13 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@health.get("/readyz", response_model=Health)
-def readyz(state: StateDep, response: Response) -> Health:
-    """Answer whether the database and (when running) the broker link are usable."""
+@health.get("/readyz", response_model=Health, response_model_exclude_unset=True)
+def readyz(state: StateDep, response: Response, principal: OptionalPrincipalDep) -> Health:
+    """Answer whether the database and (when running) the broker link are usable.
+
+    Open to load balancers, which get only the status (and 200/503); the checks (ingest counters,
+    failed API authentications) need a token, except in the dev profile without tokens (loopback).
+    """
     checks: dict[str, object] = {}
     ok = True
     try:
@@ -56,6 +60,9 @@ def readyz(state: StateDep, response: Response) -> Health:
         ok = ok and state.ingest.connected and not stalled
     if not ok:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    if principal is None:
+        return Health(status="ok" if ok else "unavailable")
+    checks["api_auth"] = state.auth.limiter.counts()
     return Health(status="ok" if ok else "unavailable", checks=checks)
 
 

@@ -1,19 +1,22 @@
-"""FastAPI dependencies: the store, the ingest status and bearer-token authentication."""
+"""FastAPI dependencies: the store, the ingest status, and who is calling (bearer tokens with scopes)."""
 
 from __future__ import annotations
 
-import hmac
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from sekisho.controller.api.auth import ApiAuth, Principal, Throttled, Unauthenticated, required_scope
 from sekisho.controller.config import ControllerConfig
 from sekisho.controller.ingest.worker import IngestStats
 from sekisho.controller.store.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,6 +30,11 @@ class AppState:
     on_policy_change: Callable[[], None] | None = None
     # Loaded once by create_app from config.signing_key; None if unreadable (policy writes then answer 503).
     signing_key: Ed25519PrivateKey | None = None
+    # Tokens and the failed-authentication limiter of this process, built from config.
+    auth: ApiAuth = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.auth = ApiAuth.from_config(self.config)
 
 
 def get_state(request: Request) -> AppState:
@@ -39,21 +47,55 @@ StateDep = Annotated[AppState, Depends(get_state)]
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_token(
-    state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
-    """Refuse the request unless it carries one of the configured API tokens (dev profile: optional)."""
-    tokens = [t.get_secret_value() for t in state.config.api_tokens]
-    if not tokens and state.config.profile == "dev":
-        return
-    offered = credentials.credentials if credentials else ""
-    # Compare against every token in constant time so timing reveals nothing about which is close.
-    if not any(hmac.compare_digest(offered.encode(), t.encode()) for t in tokens):
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _where(request: Request) -> str:
+    return f"{request.method} {request.url.path}"
+
+
+def _client(request: Request) -> str | None:
+    # uvicorn puts the X-Forwarded-For address here only for proxies in its forwarded_allow_ips (127.0.0.1).
+    return request.client.host if request.client else None
+
+
+def authorize(request: Request, state: StateDep, credentials: Credentials) -> Principal:
+    """Return who is calling, refusing unless the token holds the scope this request's method needs.
+
+    401 without a configured token, 403 for a read-only token on a write route, 429 (with Retry-After) from
+    an address locked out after too many failed attempts. Dev profile without tokens (loopback): anyone.
+    """
+    offered = credentials.credentials if credentials else None
+    try:
+        principal = state.auth.authenticate(offered, _client(request), _where(request))
+    except Throttled as err:
+        raise HTTPException(
+            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+            detail="too many failed authentications from this address; retry later",
+            headers={"Retry-After": str(err.retry_after)},
+        ) from err
+    except Unauthenticated as err:
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
             detail="missing or invalid API token",
             headers={"WWW-Authenticate": "Bearer"},
+        ) from err
+    scope = required_scope(request.method)
+    if not principal.may(scope):
+        log.warning("API: %s refused on %s: needs the %s scope", principal.name, _where(request), scope)
+        raise HTTPException(
+            status_code=status.HTTP_403_FORBIDDEN, detail=f"this token lacks the {scope} scope {request.method} needs"
         )
+    return principal
 
 
-AuthDep = Depends(require_token)
+def identify(request: Request, state: StateDep, credentials: Credentials) -> Principal | None:
+    """Return who is calling if a valid token came along, else None (for routes open to anyone, e.g. /readyz)."""
+    offered = credentials.credentials if credentials else None
+    return state.auth.identify(offered, _client(request), _where(request))
+
+
+# Every /api router depends on AuthDep: the route's method decides the scope (auth.required_scope).
+AuthDep = Depends(authorize)
+PrincipalDep = Annotated[Principal, Depends(authorize)]
+OptionalPrincipalDep = Annotated[Principal | None, Depends(identify)]
