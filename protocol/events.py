@@ -127,11 +127,13 @@ def decode_event(raw: bytes, *, topic_agent: str | None = None) -> DecodedEvent:
     # exactly what the agent signed. The wire form must be that canonical form too: then the raw bytes the
     # store keeps are exactly the signed content, and no reader can find anything else in them.
     canonical_body = canonical_bytes_parsed(body)
-    # Only the payload is scanned: the header holds ids and timestamps, never personal data. The cheap
-    # gate over the whole canonical text skips the per-field walk for the usual digit-free payload.
+    # Every field is scanned, the header (ids, clock.offset_ms) and the signature too: whatever the agent
+    # sent is what the store keeps. The cheap gate over the canonical text skips the per-field walk for
+    # the usual event, whose only digit runs are its timestamp and ids.
     found = None
-    if mynumber.may_contain_my_number(canonical_body.decode()):
-        found = next(mynumber.find_my_numbers(header.payload, "$.payload"), None)
+    signature = doc["sig"]
+    if mynumber.may_contain_my_number(canonical_body.decode()) or mynumber.may_contain_my_number(signature):
+        found = next(mynumber.find_my_numbers({**body, "sig": signature}), None)
     if found is not None:
         raise errors.Rejected(errors.MY_NUMBER, f"field {found} looks like a My Number")
     occurred_at = timefmt.parse(header.at, "at")
@@ -175,10 +177,6 @@ def build_event(
         schema.model_validate(checked)
     except ValidationError as err:
         raise errors.Rejected(errors.SCHEMA, f"payload of {type}: {_first_error(err)}") from err
-    found = next(mynumber.find_my_numbers(checked), None)
-    if found is not None:
-        # Defence in depth: the agent refuses too, so such a value never even reaches the disk.
-        raise errors.Rejected(errors.MY_NUMBER, f"field {found} looks like a My Number")
     body = {
         "v": PROTOCOL_VERSION,
         "agent": topics.check_agent_id(agent),
@@ -189,6 +187,10 @@ def build_event(
         "clock": {"synced": clock_synced, "offset_ms": clock_offset_ms},
         "payload": checked,
     }
+    found = next(mynumber.find_my_numbers(body), None)
+    if found is not None:
+        # Defence in depth: the agent refuses too, so such a value never even reaches the disk.
+        raise errors.Rejected(errors.MY_NUMBER, f"field {found} looks like a My Number")
     return canonical_bytes({"event": body, "sig": signing.sign(key, "event", body)})
 
 

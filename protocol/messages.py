@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sekisho.protocol import PROTOCOL_VERSION, errors, signing, timefmt, topics
+from sekisho.protocol import PROTOCOL_VERSION, errors, mynumber, signing, timefmt, topics
 from sekisho.protocol.canonical import canonical_bytes, loads_strict
 
 MAX_CONTROL_BYTES = 1024 * 1024
@@ -133,8 +133,12 @@ def build_heartbeat(key: Ed25519PrivateKey, **fields: Any) -> bytes:
 
 
 def open_heartbeat(raw: bytes, key: Ed25519PublicKey, topic_agent: str) -> Heartbeat:
-    """Verify and parse a heartbeat received on an agent's topic."""
+    """Verify and parse a heartbeat received on an agent's topic; one carrying a My Number is refused."""
     body = _open("heartbeat", raw, key)
+    # Every field, not only the free-text ones: the controller keeps the whole heartbeat (agents table).
+    found = next(mynumber.find_my_numbers(body, "$.heartbeat"), None)
+    if found is not None:
+        raise errors.Rejected(errors.MY_NUMBER, f"heartbeat field {found} looks like a My Number")
     hb = _validate(Heartbeat, body, "heartbeat")
     if hb.agent != topic_agent:
         raise errors.Rejected(errors.TOPIC_MISMATCH, f"heartbeat of {hb.agent!r} on topic of {topic_agent!r}")
@@ -188,6 +192,8 @@ def build_command(
     """Sign a command for one agent; return (command id, wire bytes)."""
     if lifetime > MAX_COMMAND_LIFETIME or lifetime <= timedelta(0):
         raise ValueError(f"command lifetime must be in (0, {MAX_COMMAND_LIFETIME}]")
+    # Commands are recorded (issued_commands) and logged by the agent: no My Number in them either.
+    mynumber.refuse_my_numbers(args or {}, "$.args", what=f"command {name}")
     issued = issued_at or timefmt.now()
     command_id = uuid.uuid4().hex
     body = {
