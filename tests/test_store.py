@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from alembic.script import ScriptDirectory
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, text
@@ -33,6 +34,7 @@ from sekisho.controller.store import (
 from sekisho.controller.store.chain import record_bytes
 from sekisho.controller.store.db import alembic_config
 from sekisho.controller.store.models import DeadLetter, Event
+from sekisho.controller.store.redaction import letter_mac
 from sekisho.protocol import errors, mynumber
 from sekisho.protocol.canonical import canonical_bytes
 
@@ -283,7 +285,7 @@ def test_a_batch_larger_than_one_lookup_chunk(store: Store, make_agent: MakeAgen
 # --- dead letters and conflicts --------------------------------------------------------------------
 
 
-def test_dead_letters_are_stored_with_reason(store: Store) -> None:
+def test_dead_letters_are_stored_with_reason(store: Store, controller_key: Ed25519PrivateKey) -> None:
     raw = b'{"event": {"v": 99}}'
     letter = DeadLetterIn(
         topic="sekisho/v1/agents/term-x/events",
@@ -304,7 +306,9 @@ def test_dead_letters_are_stored_with_reason(store: Store) -> None:
         7,
     )
     assert row.payload == raw.decode()  # clean JSON is kept byte for byte
-    assert row.payload_sha256 == hashlib.sha256(raw).hexdigest() and row.size == len(raw)
+    # A MAC keyed from the controller's key, never a plain digest of what arrived.
+    assert row.payload_mac == letter_mac(controller_key, raw) and row.size == len(raw)
+    assert row.payload_mac != hashlib.sha256(raw).hexdigest()
     assert row.received_at == T0
 
 
@@ -312,7 +316,9 @@ def test_dead_letters_are_stored_with_reason(store: Store) -> None:
     "shape",
     ["json-string", "json-int", "json-float", "json-escaped", "json-key", "text-grouped", "binary", "fullwidth"],
 )
-def test_dead_letter_with_a_my_number_is_stored_redacted(store: Store, shape: str) -> None:
+def test_dead_letter_with_a_my_number_is_stored_redacted(
+    store: Store, controller_key: Ed25519PrivateKey, shape: str
+) -> None:
     number = synthetic_my_number()
     grouped = f"{number[:4]}-{number[4:8]}-{number[8:]}"
     fullwidth = number.translate(str.maketrans("0123456789", "０１２３４５６７８９"))
@@ -336,7 +342,9 @@ def test_dead_letter_with_a_my_number_is_stored_redacted(store: Store, shape: st
         assert form not in stored
     assert not mynumber.contains_my_number(stored)
     assert "[REDACTED:my_number]" in row.payload or row.payload.startswith("base64:")
-    assert row.payload_sha256 == hashlib.sha256(raw).hexdigest() and row.size == len(raw)
+    # No unkeyed digest of the refused bytes: refilling the redacted digits cannot be checked against it.
+    assert row.payload_mac == letter_mac(controller_key, raw) and row.size == len(raw)
+    assert hashlib.sha256(raw).hexdigest() not in stored
     if shape == "binary":
         assert row.payload.startswith("base64:")
 

@@ -9,7 +9,6 @@ transaction. Writers of the same agent's stream are serialised by a row lock on 
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -39,7 +38,7 @@ from sqlalchemy.orm import aliased
 from sekisho.controller.store.chain import ChainProblem, record_hash, verify_stream
 from sekisho.controller.store.models import ZERO_HASH, Agent, DeadLetter, Event, Finding, Stream
 from sekisho.controller.store.records import INT64, Records, aware_utc, int_or_none
-from sekisho.controller.store.redaction import clean_text, redact_payload
+from sekisho.controller.store.redaction import clean_text, letter_mac, redact_payload
 from sekisho.protocol import errors, timefmt, topics
 from sekisho.protocol.events import DecodedEvent
 
@@ -554,8 +553,7 @@ class EventRecords(Records):
 
     # --- dead letters ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _dead_letter_row(letter: DeadLetterIn, received_at: datetime) -> dict[str, Any]:
+    def _dead_letter_row(self, letter: DeadLetterIn, received_at: datetime) -> dict[str, Any]:
         return {
             "received_at": received_at,
             "topic": clean_text(letter.topic, 1024) or "",
@@ -565,7 +563,7 @@ class EventRecords(Records):
             "reason": clean_text(letter.reason, 64) or "unknown",
             "detail": clean_text(letter.detail, 4000) or "",
             "payload": redact_payload(letter.raw),
-            "payload_sha256": hashlib.sha256(letter.raw).hexdigest(),
+            "payload_mac": letter_mac(self.signing_key, letter.raw),
             "size": len(letter.raw),
         }
 

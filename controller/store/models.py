@@ -141,7 +141,9 @@ class DeadLetter(Base):
     reason: Mapped[str] = mapped_column(String(64))
     detail: Mapped[str] = mapped_column(Text)
     payload: Mapped[str] = mapped_column(Text)
-    payload_sha256: Mapped[str] = mapped_column(String(64))
+    # HMAC-SHA256 of the bytes that arrived, keyed from the controller's signing key (redaction.letter_mac);
+    # NULL when the store had no key. Never a plain digest: that would confirm guesses of a redacted value.
+    payload_mac: Mapped[str | None] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
 
 

@@ -3,11 +3,41 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
+from functools import lru_cache
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sekisho.protocol import mynumber
 
 BASE64_PREFIX = "base64:"
+# HKDF label of the dead-letter MAC key. Changing it (or the signing key) changes every later MAC.
+LETTER_MAC_INFO = b"sekisho/v1/dead-letter-mac"
+
+
+@lru_cache(maxsize=4)
+def letter_mac_key(signing_key: Ed25519PrivateKey) -> bytes:
+    """Derive the dead-letter MAC key from the controller's signing key (HKDF-SHA256, fixed label)."""
+    seed = signing_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=LETTER_MAC_INFO).derive(seed)
+
+
+def letter_mac(signing_key: Ed25519PrivateKey | None, raw: bytes) -> str | None:
+    """Return HMAC-SHA256 (hex) of received bytes under the dead-letter key, or None without a key.
+
+    A plain digest of the refused bytes would let anyone who reads the database confirm a guessed My
+    Number in a redacted payload (about 10**n guesses for n hidden digits); the MAC needs the key, which
+    only the controller holds. It still tells repeated deliveries of the same message apart from others.
+    """
+    if signing_key is None:
+        return None
+    return hmac.new(letter_mac_key(signing_key), raw, hashlib.sha256).hexdigest()
 
 
 def _scrub_text(text: str) -> str:
