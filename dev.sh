@@ -13,8 +13,10 @@ cd "$(dirname "$0")"
 # pcscd + vsmartcard-vpcd (+ libpcsclite-dev, gcc, python3-dev to build pyscard): the smart-card tests
 # talk to a real pcscd with a software card. fprintd + libfprint (virtual_device) + dbus + dbusmock:
 # the fingerprint tests run the real fprintd on a private system bus. pamtester: the PAM login path.
+# mosquitto-dev + libmosquitto-dev (+ gcc): the headers to build the broker plugin that limits what agents
+# subscribe to (deploy/mosquitto/sekisho_agent_acl.c; deploy.broker builds it for the tests and the demo).
 APT_PACKAGES=(
-  mosquitto postgresql python3-venv python3-dev gcc
+  mosquitto mosquitto-dev libmosquitto-dev postgresql python3-venv python3-dev gcc
   umockdev gir1.2-umockdev-1.0 python3-pyudev python3-gi
   pcscd pcsc-tools vsmartcard-vpcd libpcsclite-dev
   fprintd libfprint-2-2 libpam-fprintd dbus python3-dbusmock pamtester

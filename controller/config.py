@@ -21,12 +21,14 @@ class ControllerConfig(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite under var_dir if unset")
 
     broker_host: str = "127.0.0.1"
-    broker_port: int = Field(default=8883, ge=1, le=65535)
+    # The broker's controllers' listener (8883 is the agents'; deploy/mosquitto/mosquitto.conf.example).
+    broker_port: int = Field(default=8884, ge=1, le=65535)
     ca_cert: Path
     tls_cert: Path
     tls_key: Path
     signing_key: Path = Field(description="Ed25519 key that signs acks, policy bundles and commands")
-    worker_id: str = Field(default="controller-1", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    # Starts with "controller": it prefixes the MQTT client ids, and no agent name may (protocol/topics.py).
+    worker_id: str = Field(default="controller-1", pattern=r"^controller[A-Za-z0-9_-]{0,30}$")
     share_group: str = Field(default="controllers", pattern=r"^[A-Za-z0-9_-]{1,40}$")
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
 

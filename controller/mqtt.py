@@ -13,6 +13,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from sekisho.controller.config import ControllerConfig
+from sekisho.protocol.topics import CONTROLLER_CLIENT_PREFIX
 
 
 def _nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -22,7 +23,17 @@ def _nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
 
 
 def make_client(config: ControllerConfig, client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
-    """Create a TLS MQTT v5 client for the controller (not yet connected)."""
+    """Create a TLS MQTT v5 client for the controller (not yet connected).
+
+    The client id must start with "controller" (so `worker_id` does: "controller-1", "controller-2", …).
+    """
+    # An agent's client id is its certificate's CN, and no agent name starts with this prefix: a controller
+    # client id that does can never be taken over by an agent, nor take over one.
+    if not client_id.startswith(CONTROLLER_CLIENT_PREFIX):
+        raise ValueError(
+            f"controller client id {client_id!r} must start with {CONTROLLER_CLIENT_PREFIX!r} (set worker_id to "
+            f"{CONTROLLER_CLIENT_PREFIX}-N): other names belong to agents"
+        )
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,

@@ -1,12 +1,25 @@
-"""Mosquitto for the MQTT transport: the ACL, the configuration, and a managed broker for demos and tests.
+"""Mosquitto for the MQTT transport: the ACLs, the configuration, and a managed broker for demos and tests.
 
-Production brokers use ``deploy/mosquitto/*.example``; :class:`Broker` runs a private mosquitto on a
-loopback port with the same ACL and settings.
+Identity is bound by the listener a client reaches (mosquitto 2.0, ``per_listener_settings true``):
+
+- the agents' listener trusts only the site CA (which issues agent certificates); the certificate's CN is
+  the username (``use_identity_as_username``) *and* the client id (``use_username_as_clientid``), so an
+  agent can neither take over another agent's persistent session nor disconnect anyone but itself. The
+  plugin ``deploy/mosquitto/sekisho_agent_acl.c`` lets an agent subscribe to its own inbound topics only
+  (mosquitto's acl_file grants every SUBSCRIBE, ``$share/...`` included), and the ACL limits what it
+  publishes and receives;
+- the controllers' listener trusts only the controller CA, so no agent certificate gets in there; the
+  controller picks its own client ids (``controller-1-ingest``, …), all starting with ``controller``,
+  a prefix no agent name may have (deploy/pki.py).
+
+Production brokers use ``deploy/mosquitto/*.example``; :class:`Broker` runs a private mosquitto on two
+loopback ports with the same ACLs, plugin and settings.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -34,35 +47,54 @@ MAX_QUEUED_MESSAGES = 1_000_000
 MAX_INFLIGHT_MESSAGES = 1000
 
 CONFIG_NAME = "mosquitto.conf"
-ACL_NAME = "acl"
+AGENT_ACL_NAME = "acl-agents"
+CONTROLLER_ACL_NAME = "acl-controllers"
 LOG_NAME = "mosquitto.log"
 STDERR_NAME = "mosquitto.stderr"
 DB_NAME = "mosquitto.db"
+
+
+# The agents' inbound channels: the only topics (their own) an agent may subscribe to.
+AGENT_INBOUND = (topics.ACKS, topics.POLICY, topics.COMMANDS)
+PLUGIN_NAME = "sekisho_agent_acl"
+PLUGIN_SOURCE = Path(__file__).resolve().parent / "mosquitto" / f"{PLUGIN_NAME}.c"
+PLUGIN_CFLAGS = ("-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared")
 
 
 class BrokerError(RuntimeError):
     """The broker could not be started, or was used in the wrong state."""
 
 
-def render_acl() -> str:
-    """Return the mosquitto ACL file: the controller reaches every agent, an agent only its own topics."""
+def render_agent_acl() -> str:
+    """Return the ACL of the agents' listener: each agent publishes and receives on its own topics only."""
     own = f"{topics.ROOT}/%u"
     lines = [
-        "# sekisho MQTT ACL. The username is the CN of the client certificate (use_identity_as_username),",
-        "# so an identity is whatever the sekisho CA issued. Anything not granted here is denied.",
+        "# sekisho MQTT ACL of the agents' listener. The username is the CN of the client certificate",
+        "# (use_identity_as_username), which the site CA issued; the client id is the same name",
+        "# (use_username_as_clientid). Anything not granted here is denied.",
         "",
-        "# The controller reads events and heartbeats and writes acks, policy and commands of every agent.",
-        f"user {CONTROLLER_CN}",
-        f"topic readwrite {topics.ROOT}/#",
-        "",
-        "# Agents: %u is the agent's own CN, so each agent reaches its own topics only, in one direction.",
-        "# Subscribing elsewhere is granted by mosquitto but nothing is ever delivered there, because",
-        "# every delivered message is checked against the read rules.",
+        "# %u is the agent's own CN, so each agent reaches its own topics only, in one direction. Every",
+        "# delivered message is checked against the read rules; the sekisho_agent_acl plugin refuses any",
+        "# subscription but an agent's own acks, policy and commands (wildcards and $share included).",
         f"pattern write {own}/{topics.EVENTS}",
         f"pattern write {own}/{topics.HEARTBEAT}",
         f"pattern read {own}/{topics.ACKS}",
         f"pattern read {own}/{topics.POLICY}",
         f"pattern read {own}/{topics.COMMANDS}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_controller_acl() -> str:
+    """Return the ACL of the controllers' listener: the controller reaches every agent's topics."""
+    lines = [
+        "# sekisho MQTT ACL of the controllers' listener, which only certificates of the controller CA reach.",
+        "# Anything not granted here is denied.",
+        "",
+        "# The controller reads events and heartbeats and writes acks, policy and commands of every agent.",
+        f"user {CONTROLLER_CN}",
+        f"topic readwrite {topics.ROOT}/#",
         "",
     ]
     return "\n".join(lines)
@@ -79,17 +111,22 @@ def _config_value(value: object) -> str:
 def render_config(
     *,
     port: int,
+    controller_port: int,
     pki_dir: Path,
     state_dir: Path,
-    acl_path: Path,
+    agent_acl_path: Path,
+    controller_acl_path: Path,
+    plugin_path: Path,
     bind: str = "127.0.0.1",
+    controller_bind: str | None = None,
     log_path: Path | None = None,
     user: str | None = None,
 ) -> str:
-    """Return a mosquitto.conf: one mutual-TLS listener, the ACL, persistence and throughput settings.
+    """Return a mosquitto.conf: the agents' and the controllers' mutual-TLS listeners, each with its CA,
+    identity rules and ACL, then persistence and throughput settings.
 
-    `user` is the account mosquitto switches to when started as root (mosquitto's default is
-    "mosquitto"; "root" keeps root).
+    `controller_bind` defaults to `bind`. `user` is the account mosquitto switches to when started as root
+    (mosquitto's default is "mosquitto"; "root" keeps root).
     """
     pki = PkiPaths.at(pki_dir)
     log = log_path if log_path is not None else state_dir / LOG_NAME
@@ -97,24 +134,45 @@ def render_config(
     lines = [
         "# Generated by deploy.broker.render_config.",
         "",
-        "# Global settings, so the ACL and allow_anonymous below cover every listener.",
-        "per_listener_settings false",
+        "# Each listener has its own CA, identity rules, ACL and plugin: who may connect where decides who",
+        "# a client is. Persisted sessions find their listener again by its port after a restart, so the two",
+        "# ports must stay the same (a session whose listener is gone gets no access at all).",
+        "per_listener_settings true",
     ]
     if user is not None:
         lines += ["# Account the broker runs as once it has read this file (when started as root).", f"user {v(user)}"]
-    lines += [
-        "",
-        "# Mutual TLS: only clients with a certificate from the sekisho CA get in, and the CN is the",
-        "# username the ACL matches. TLS 1.2 is the minimum; 1.3 is preferred when both ends have it.",
-        f"listener {int(port)} {v(bind)}",
-        f"cafile {v(pki.ca_cert)}",
+    tls = [
         f"certfile {v(pki.broker_cert)}",
         f"keyfile {v(pki.broker_key)}",
         "tls_version tlsv1.2",
         "require_certificate true",
         "use_identity_as_username true",
         "allow_anonymous false",
-        f"acl_file {v(acl_path)}",
+    ]
+    lines += [
+        "",
+        "# Agents: mutual TLS with a certificate from the site CA only. TLS 1.2 is the minimum; 1.3 is",
+        "# preferred when both ends have it. The certificate's CN is the username the ACL matches and also",
+        "# the client id, whatever the client asks for: an agent cannot take over another agent's",
+        "# persistent session, nor a controller's (no agent name starts with 'controller').",
+        f"listener {int(port)} {v(bind)}",
+        f"cafile {v(pki.ca_cert)}",
+        *tls,
+        "use_username_as_clientid true",
+        f"acl_file {v(agent_acl_path)}",
+        "# Subscriptions: an agent may subscribe to its own acks, policy and commands and nothing else (the",
+        "# acl_file grants every SUBSCRIBE, so an agent could join the controllers' $share group and have",
+        "# events assigned to it, then dropped).",
+        f"plugin {v(plugin_path)}",
+        f"plugin_opt_topic_root {topics.ROOT}",
+        f"plugin_opt_inbound {','.join(AGENT_INBOUND)}",
+        "",
+        "# Controllers: mutual TLS with a certificate from the controller CA only, so no agent certificate",
+        "# connects where the controllers' client ids (controller-1-ingest, ...) live.",
+        f"listener {int(controller_port)} {v(controller_bind if controller_bind is not None else bind)}",
+        f"cafile {v(pki.controller_ca_cert)}",
+        *tls,
+        f"acl_file {v(controller_acl_path)}",
         "",
         "# Persistence: queued QoS 1 messages, retained policies and persistent sessions survive a",
         '# restart or a crash. "Every second" is in practice about every two (mosquitto compares whole',
@@ -173,6 +231,53 @@ def _service_user() -> str | None:
     return "root" if os.geteuid() == 0 else None
 
 
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sekisho"
+
+
+def agent_acl_plugin(cache_dir: Path | None = None) -> Path:
+    """Return the compiled sekisho_agent_acl plugin: $SEKISHO_MOSQUITTO_PLUGIN, else built once from source.
+
+    The build (a C compiler and mosquitto's plugin headers: Debian gcc, mosquitto-dev, libmosquitto-dev) is
+    kept in the cache directory under the hash of the source and flags, so it happens once per change.
+    """
+    configured = os.environ.get("SEKISHO_MOSQUITTO_PLUGIN")
+    if configured:
+        return Path(configured)
+    try:
+        source = PLUGIN_SOURCE.read_bytes()
+    except OSError as err:
+        raise BrokerError(f"plugin source {PLUGIN_SOURCE} missing: set SEKISHO_MOSQUITTO_PLUGIN") from err
+    digest = hashlib.sha256(source + "\0".join(PLUGIN_CFLAGS).encode()).hexdigest()[:16]
+    directory = cache_dir if cache_dir is not None else _cache_dir()
+    target = directory / f"{PLUGIN_NAME}-{digest}.so"
+    if target.exists():
+        return target
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise BrokerError("no C compiler to build the mosquitto plugin: install gcc (or set SEKISHO_MOSQUITTO_PLUGIN)")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Built beside the target and renamed over it, so concurrent builds never load a half-written file.
+    partial = directory / f".{target.name}.{os.getpid()}.tmp"
+    built = subprocess.run(
+        [compiler, *PLUGIN_CFLAGS, "-o", str(partial), str(PLUGIN_SOURCE)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if built.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise BrokerError(
+            "building the mosquitto plugin failed (Debian: apt-get install gcc mosquitto-dev libmosquitto-dev):\n"
+            + built.stderr[-2000:]
+        )
+    partial.chmod(0o755)
+    os.replace(partial, target)
+    return target
+
+
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
     # Safety net at interpreter exit or garbage collection: never leave a broker behind.
     if proc.poll() is None:
@@ -191,23 +296,41 @@ def _tail(path: Path, lines: int = 30) -> str:
 class Broker:
     """One mosquitto process for demos, tests and benchmarks, with its state kept in `state_dir`."""
 
-    def __init__(self, pki_dir: Path, state_dir: Path, port: int | None = None, *, bind: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        pki_dir: Path,
+        state_dir: Path,
+        port: int | None = None,
+        *,
+        controller_port: int | None = None,
+        bind: str = "127.0.0.1",
+    ) -> None:
         self.pki_dir = Path(pki_dir)
         self.state_dir = Path(state_dir)
         self.bind = bind
         self._port = port
+        self._controller_port = controller_port
         # A port we picked may be taken by someone else before mosquitto binds it; then we pick again,
-        # but only before the first successful start, so the port stays the same across restarts.
-        self._may_repick = port is None
+        # but only before the first successful start, so the ports stay the same across restarts.
+        self._may_repick = (port is None, controller_port is None)
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], Broker] | None = None
 
     @property
     def port(self) -> int:
-        """The TCP port the broker listens on (fixed once chosen)."""
+        """The TCP port of the agents' listener (fixed once chosen)."""
         if self._port is None:
             self._port = find_free_port(self.connect_host)
         return self._port
+
+    @property
+    def controller_port(self) -> int:
+        """The TCP port of the controllers' listener (fixed once chosen)."""
+        while self._controller_port is None:
+            candidate = find_free_port(self.connect_host)
+            if candidate != self.port:
+                self._controller_port = candidate
+        return self._controller_port
 
     @property
     def connect_host(self) -> str:
@@ -220,9 +343,14 @@ class Broker:
         return self.state_dir / CONFIG_NAME
 
     @property
-    def acl_path(self) -> Path:
-        """The rendered ACL file."""
-        return self.state_dir / ACL_NAME
+    def agent_acl_path(self) -> Path:
+        """The rendered ACL of the agents' listener."""
+        return self.state_dir / AGENT_ACL_NAME
+
+    @property
+    def controller_acl_path(self) -> Path:
+        """The rendered ACL of the controllers' listener."""
+        return self.state_dir / CONTROLLER_ACL_NAME
 
     @property
     def log_path(self) -> Path:
@@ -244,15 +372,23 @@ class Broker:
         return self._proc is not None and self._proc.poll() is None
 
     def write_config(self) -> None:
-        """Write mosquitto.conf and the ACL into the state directory."""
+        """Write mosquitto.conf and both ACLs into the state directory (building the plugin if needed)."""
+        pki = PkiPaths.at(self.pki_dir)
+        if not pki.controller_ca_cert.exists():
+            raise BrokerError(f"{self.pki_dir} has no controller CA: run `sekisho pki upgrade --dir {self.pki_dir}`")
+        plugin = agent_acl_plugin()
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.acl_path.write_text(render_acl())
+        self.agent_acl_path.write_text(render_agent_acl())
+        self.controller_acl_path.write_text(render_controller_acl())
         self.config_path.write_text(
             render_config(
                 port=self.port,
+                controller_port=self.controller_port,
                 pki_dir=self.pki_dir.resolve(),
                 state_dir=self.state_dir.resolve(),
-                acl_path=self.acl_path.resolve(),
+                agent_acl_path=self.agent_acl_path.resolve(),
+                controller_acl_path=self.controller_acl_path.resolve(),
+                plugin_path=plugin.resolve(),
                 bind=self.bind,
                 log_path=self.log_path.resolve(),
                 user=_service_user(),
@@ -263,16 +399,20 @@ class Broker:
         """Start mosquitto and wait until it completes a TLS handshake; raise BrokerError otherwise."""
         if self.is_running():
             raise BrokerError("broker already running")
-        for _attempt in range(3):
+        attempts = 3
+        for attempt in range(attempts):
             try:
                 self._start_once(timeout)
-                self._may_repick = False
+                self._may_repick = (False, False)
                 return
             except BrokerError as err:
-                if not (self._may_repick and "Address already in use" in str(err)):
+                # The port in use may be one we were given: then the last attempt's error says so.
+                if not (any(self._may_repick) and "Address already in use" in str(err)) or attempt == attempts - 1:
                     raise
-                self._port = None
-        raise BrokerError("no free port found for the broker")
+                if self._may_repick[0]:
+                    self._port = None
+                if self._may_repick[1]:
+                    self._controller_port = None
 
     def _start_once(self, timeout: float) -> None:
         self.write_config()
@@ -294,8 +434,9 @@ class Broker:
             if not self.is_running():
                 self._proc.wait()
                 raise BrokerError(f"mosquitto exited with {self._proc.returncode}:\n{self._diagnostics(log_mark)}")
-            # Another process may already listen on the port and answer the probe: only our own
-            # broker's "running" line (logged once its listener is bound) makes the probe meaningful.
+            # Another process may already listen on a port and answer the probe: only our own broker's
+            # "running" line (logged once both listeners are bound) makes the probe meaningful. The probe
+            # uses the controllers' listener, the one whose certificate this broker's PKI holds.
             if self._logged_running(log_mark) and self._handshake(probe) and self.is_running():
                 return
             if time.monotonic() > deadline:
@@ -319,6 +460,7 @@ class Broker:
         return "\n".join(part for part in (_tail(self.state_dir / STDERR_NAME), log) if part)
 
     def _probe_context(self) -> ssl.SSLContext:
+        # The controller's certificate: the PKI always has it, while it may have no agent yet.
         pki = PkiPaths.at(self.pki_dir)
         ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
         ctx.load_cert_chain(str(pki.controller_cert), str(pki.controller_key))
@@ -329,7 +471,7 @@ class Broker:
         # merely accepting TCP connections does not.
         try:
             with (
-                socket.create_connection((self.connect_host, self.port), timeout=1) as raw,
+                socket.create_connection((self.connect_host, self.controller_port), timeout=1) as raw,
                 ctx.wrap_socket(raw, server_hostname="localhost") as tls,
             ):
                 # TLS 1.3 finishes the client side before the server has checked our certificate;
@@ -376,7 +518,7 @@ class Broker:
         self._proc = None
 
     def restart(self, timeout: float = 10) -> None:
-        """Stop the broker gracefully and start it again on the same port."""
+        """Stop the broker gracefully and start it again on the same ports."""
         self.stop()
         self.start(timeout)
 

@@ -58,7 +58,7 @@ def init_command(
         bool, typer.Option("--force", help="Replace an existing CA (every agent must then be re-issued).")
     ] = False,
 ) -> None:
-    """Create the CA, the broker's and the controller's certificates and the controller's signing key."""
+    """Create the site CA, the controller CA, the broker's and the controller's certificates and signing key."""
     try:
         paths = pki.init_pki(directory, hosts=host or (), force=force)
     except pki.PkiError as err:
@@ -69,6 +69,8 @@ def init_command(
         [
             paths.ca_cert,
             paths.ca_key,
+            paths.controller_ca_cert,
+            paths.controller_ca_key,
             paths.broker_cert,
             paths.broker_key,
             paths.controller_cert,
@@ -79,6 +81,41 @@ def init_command(
     )
     if force:
         Console().print("[yellow]The CA changed: issue every agent again (issue-agent NAME --force).[/]")
+
+
+@app.command("upgrade")
+def upgrade_command(directory: DirOption = DEFAULT_DIR) -> None:
+    """Bring an existing PKI up to date: add the controller CA and re-issue the controller's certificate.
+
+    The site CA, the broker's and the agents' certificates stay as they are. Run it once when upgrading a
+    site made before the controller CA existed (docs/operations.md); running it again changes nothing.
+    """
+    try:
+        result = pki.upgrade_pki(directory)
+    except pki.PkiError as err:
+        raise _fail(err) from err
+    console = Console()
+    paths = result.paths
+    if not (result.created_controller_ca or result.reissued_controller_cert):
+        console.print(f"[bold green]{escape(str(paths.directory))} is up to date[/]", soft_wrap=True)
+    else:
+        changed = []
+        if result.created_controller_ca:
+            changed += [paths.controller_ca_cert, paths.controller_ca_key]
+        changed += [paths.controller_cert, paths.controller_key]
+        _report(console, f"PKI upgraded in {paths.directory}", changed)
+        console.print(
+            "[yellow]Install controller-ca/ca.crt on the broker (controllers' listener) and the new "
+            "controller/tls.crt and tls.key on every controller host.[/]",
+            soft_wrap=True,
+        )
+    if result.reserved_agents:
+        names = escape(", ".join(result.reserved_agents))
+        Console(stderr=True).print(
+            f"[bold red]warning:[/] reserved agent names (their client ids could take over a controller's): {names}. "
+            "Issue these agents again under new names and revoke the old certificates.",
+            soft_wrap=True,
+        )
 
 
 @app.command("issue-agent")

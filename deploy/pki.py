@@ -1,19 +1,23 @@
-"""A small PKI for the MQTT transport: one CA, the broker, the controller and one identity per agent.
+"""A small PKI for the MQTT transport: two CAs, the broker, the controller and one identity per agent.
 
 Layout of a PKI directory::
 
-    ca.crt, ca.key                         self-signed CA (ECDSA P-256)
-    broker/tls.crt, broker/tls.key         server certificate (serverAuth)
-    controller/tls.crt, controller/tls.key client certificate, CN=controller (clientAuth)
+    ca.crt, ca.key                         site CA (ECDSA P-256): the broker's and the agents' certificates
+    controller-ca/ca.crt, ca.key           controller CA: the controller's client certificate only
+    broker/tls.crt, broker/tls.key         server certificate (serverAuth), from the site CA
+    controller/tls.crt, controller/tls.key client certificate, CN=controller (clientAuth), from the controller CA
     controller/signing.key, signing.pub    Ed25519: signs acks, policy bundles and commands
     agents/NAME/tls.crt, tls.key           client certificate, CN=NAME (clientAuth)
     agents/NAME/signing.key, signing.pub   Ed25519: signs the agent's events
     agents/NAME/ca.crt                     copy, so an agent's directory is all it needs
     agents/NAME/controller-signing.pub     copy, to verify what the controller sends
 
-The broker maps a client certificate's CN to the MQTT username (``use_identity_as_username``), and the
-ACL confines each username to its own topics, so the CN *is* the identity: names that the ACL treats
-specially can never be issued to an agent.
+The broker has one listener per CA (deploy/broker.py). On the agents' listener, which trusts only the site
+CA, the certificate's CN becomes the MQTT username *and* the client id, and the ACL confines each
+username to its own topics: the CN *is* the identity. The controllers' listener trusts only the controller
+CA, so no agent certificate gets in where the controller's client ids live. Client ids share one namespace
+across listeners, so agent names starting with ``controller`` (the prefix of every controller client id)
+are refused, as are the other names that the ACL treats specially.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -42,9 +47,15 @@ BACKDATE = dt.timedelta(minutes=5)
 
 CONTROLLER_CN = "controller"
 BROKER_CN = "sekisho-broker"
+CONTROLLER_CA_DIR = "controller-ca"
+CA_NAME = "sekisho CA"
+CONTROLLER_CA_NAME = "sekisho controller CA"
 # A certificate CN becomes the broker username: an agent called "controller" would get the controller's
 # ACL, so these names are refused for agents.
 RESERVED_NAMES = frozenset({CONTROLLER_CN, BROKER_CN, "broker", "ca"})
+# An agent's CN is also its MQTT client id, and client ids are one namespace for the whole broker: every
+# controller client id starts with this (controller.mqtt.make_client), so no agent name may.
+RESERVED_PREFIX = topics.CONTROLLER_CLIENT_PREFIX
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -84,6 +95,8 @@ class PkiPaths:
     directory: Path
     ca_cert: Path
     ca_key: Path
+    controller_ca_cert: Path
+    controller_ca_key: Path
     broker_cert: Path
     broker_key: Path
     controller_cert: Path
@@ -95,10 +108,13 @@ class PkiPaths:
     def at(cls, directory: Path) -> PkiPaths:
         """Return the PKI layout inside a directory (nothing is read or written)."""
         ca = CaPaths.at(directory)
+        controller_ca = CaPaths.at(directory / CONTROLLER_CA_DIR)
         return cls(
             directory=directory,
             ca_cert=ca.cert,
             ca_key=ca.key,
+            controller_ca_cert=controller_ca.cert,
+            controller_ca_key=controller_ca.key,
             broker_cert=directory / "broker" / "tls.crt",
             broker_key=directory / "broker" / "tls.key",
             controller_cert=directory / "controller" / "tls.crt",
@@ -145,6 +161,11 @@ def check_agent_name(name: str) -> str:
         raise PkiError(f"invalid agent name {name!r}: lower-case letters, digits, '-', '_'") from err
     if name in RESERVED_NAMES:
         raise PkiError(f"agent name {name!r} is reserved")
+    if name.startswith(RESERVED_PREFIX):
+        raise PkiError(
+            f"agent name {name!r} is reserved: names starting with {RESERVED_PREFIX!r} are the controllers' "
+            "MQTT client ids"
+        )
     return name
 
 
@@ -298,7 +319,7 @@ def _issue(
 # --- public API --------------------------------------------------------------------------------------
 
 
-def init_ca(directory: Path, *, force: bool = False, common_name: str = "sekisho CA") -> CaPaths:
+def init_ca(directory: Path, *, force: bool = False, common_name: str = CA_NAME) -> CaPaths:
     """Create a self-signed CA (ca.crt, ca.key) in a directory; refuse to replace one unless force."""
     ca = CaPaths.at(directory)
     _refuse_existing([ca.cert, ca.key], force)
@@ -382,21 +403,69 @@ def _write_signing_key(key_path: Path, pub_path: Path) -> None:
     write_public(pub_path, signing.public_key_pem(key.public_key()))
 
 
+def _issue_controller_cert(paths: PkiPaths) -> TlsIdentity:
+    return issue_client_cert(paths.controller_ca_cert.parent, CONTROLLER_CN, paths.controller_cert.parent, force=True)
+
+
 def init_pki(directory: Path, *, hosts: Sequence[str] = (), force: bool = False) -> PkiPaths:
-    """Create the CA, broker and controller material; refuse to replace an existing CA unless force.
+    """Create both CAs, the broker and controller material; refuse to replace an existing CA unless force.
 
     With force every file is regenerated: agents issued before then no longer chain to the CA and must
     be issued again.
     """
     paths = PkiPaths.at(directory)
-    _refuse_existing([paths.ca_cert, paths.ca_key], force)
+    _refuse_existing([paths.ca_cert, paths.ca_key, paths.controller_ca_cert, paths.controller_ca_key], force)
     _general_names(hosts)  # validate before anything is written
     init_ca(directory, force=force)
+    init_ca(paths.controller_ca_cert.parent, force=True, common_name=CONTROLLER_CA_NAME)
     issue_server_cert(directory, hosts, paths.broker_cert.parent, force=True)
-    issue_client_cert(directory, CONTROLLER_CN, paths.controller_cert.parent, force=True)
+    _issue_controller_cert(paths)
     _write_signing_key(paths.controller_signing_key, paths.controller_signing_pub)
     _make_dir(directory / "agents")
     return paths
+
+
+@dataclass(frozen=True)
+class PkiUpgrade:
+    """What :func:`upgrade_pki` did, and the agents whose names are now reserved."""
+
+    paths: PkiPaths
+    created_controller_ca: bool
+    reissued_controller_cert: bool
+    reserved_agents: tuple[str, ...]
+
+
+def _issued_by(cert_path: Path, ca_path: Path) -> bool:
+    try:
+        load_cert(cert_path).verify_directly_issued_by(load_cert(ca_path))
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def upgrade_pki(directory: Path) -> PkiUpgrade:
+    """Bring a PKI made before the controller CA existed up to date; a PKI already up to date is left alone.
+
+    Adds the controller CA if it is missing and re-issues the controller's client certificate from it (same
+    CN, new key; the controller's Ed25519 signing key is kept). The site CA, the broker's and the agents'
+    certificates do not change. Also lists agents whose names are now reserved: they must be renamed.
+    """
+    paths = PkiPaths.at(directory)
+    if not paths.ca_cert.exists():
+        raise PkiError(f"no CA at {directory} (run init first)")
+    created = False
+    if not paths.controller_ca_cert.exists() or not paths.controller_ca_key.exists():
+        _refuse_existing([paths.controller_ca_cert, paths.controller_ca_key], force=False)
+        init_ca(paths.controller_ca_cert.parent, common_name=CONTROLLER_CA_NAME)
+        created = True
+    reissued = False
+    if not _issued_by(paths.controller_cert, paths.controller_ca_cert):
+        _issue_controller_cert(paths)
+        reissued = True
+    agents_dir = directory / "agents"
+    names = sorted(p.name for p in agents_dir.iterdir() if p.is_dir()) if agents_dir.is_dir() else []
+    reserved = tuple(n for n in names if n in RESERVED_NAMES or n.startswith(RESERVED_PREFIX))
+    return PkiUpgrade(paths, created, reissued, reserved)
 
 
 def issue_agent(

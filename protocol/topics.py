@@ -16,6 +16,10 @@ from sekisho.protocol import errors
 ROOT = "sekisho/v1/agents"
 AGENT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SHARE_GROUP = "controllers"
+# MQTT client ids are one namespace for the whole broker. An agent's client id is its agent id (the broker
+# sets it to the certificate's CN); every controller client id starts with this prefix, which no agent id
+# issued by `sekisho pki issue-agent` may start with, so neither can take over the other's session.
+CONTROLLER_CLIENT_PREFIX = "controller"
 
 EVENTS = "events"
 HEARTBEAT = "heartbeat"

@@ -262,7 +262,7 @@ def make_controller(pki: Path, broker: Broker) -> Iterator[Callable[..., AckingC
     made: list[AckingController] = []
 
     def make(**kw: Any) -> AckingController:
-        ctl = AckingController(pki, broker.port, **kw)
+        ctl = AckingController(pki, broker.controller_port, **kw)
         made.append(ctl)
         return ctl
 

@@ -173,7 +173,7 @@ def test_retained_policy_bundle_is_applied_and_rollback_refused(
 def test_command_round_trip_and_heartbeat(
     pki: Path, broker: Broker, agent_setup: SetupFn, run_agent: RunFn, controller: AckingController
 ) -> None:
-    watcher = connect_client(pki, broker.port, "hb-watch", identity=CONTROLLER_CN)
+    watcher = connect_client(pki, broker.controller_port, "hb-watch", identity=CONTROLLER_CN)
     try:
         watcher.subscribe_wait(topics.all_agents(topics.HEARTBEAT), qos=0)
         setup = agent_setup()

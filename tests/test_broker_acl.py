@@ -1,6 +1,8 @@
 """The broker as deployed: mutual TLS, per-agent ACL, shared subscriptions, persistence across a crash.
 
-Every test runs a real mosquitto (see the `broker` fixture); nothing is mocked.
+Every test runs a real mosquitto (see the `broker` fixture); nothing is mocked. Agents connect to the
+agents' listener (`broker.port`), the controller to the controllers' listener (`broker.controller_port`);
+tests/test_broker_identity.py attacks the identity rules of both.
 """
 
 from __future__ import annotations
@@ -12,8 +14,15 @@ from pathlib import Path
 import pytest
 from support.mqtt import NOT_AUTHORIZED, ConnectRefused, SyncClient, TlsFiles, connect_client
 
-from sekisho.deploy.broker import Broker, render_acl, render_config
-from sekisho.deploy.pki import CONTROLLER_CN, PkiPaths, init_ca, issue_client_cert
+from sekisho.deploy.broker import (
+    Broker,
+    BrokerError,
+    agent_acl_plugin,
+    render_agent_acl,
+    render_config,
+    render_controller_acl,
+)
+from sekisho.deploy.pki import CONTROLLER_CN, PkiPaths, init_ca, init_pki, issue_client_cert
 from sekisho.protocol import topics
 
 pytestmark = pytest.mark.broker
@@ -34,7 +43,8 @@ def clients() -> Iterator[list[SyncClient]]:
 def _connect(
     clients: list[SyncClient], pki: Path, broker: Broker, client_id: str, identity: str | None = None
 ) -> SyncClient:
-    client = connect_client(pki, broker.port, client_id, identity=identity)
+    port = broker.controller_port if identity == CONTROLLER_CN else broker.port
+    client = connect_client(pki, port, client_id, identity=identity)
     clients.append(client)
     return client
 
@@ -119,10 +129,10 @@ def test_agent_receives_only_its_own_inbound_topics(pki: Path, broker: Broker, c
     controller = _connect(clients, pki, broker, "controller-1", CONTROLLER_CN)
     snoop = _connect(clients, pki, broker, "agent-a")
     owner = _connect(clients, pki, broker, "agent-b")
-    # mosquitto grants the subscriptions; the ACL is applied to every message delivered.
-    assert [r.value for r in snoop.subscribe_wait(topics.topic("agent-b", topics.ACKS))] == [1]
-    assert [r.value for r in snoop.subscribe_wait("sekisho/#")] == [1]
-    snoop.subscribe_wait(topics.topic("agent-a", topics.ACKS))
+    # The plugin refuses these subscriptions; the ACL would also withhold every message delivered there.
+    assert [r.value for r in snoop.subscribe_wait(topics.topic("agent-b", topics.ACKS))] == [NOT_AUTHORIZED]
+    assert [r.value for r in snoop.subscribe_wait("sekisho/#")] == [NOT_AUTHORIZED]
+    assert [r.value for r in snoop.subscribe_wait(topics.topic("agent-a", topics.ACKS))] == [1]
     owner.subscribe_wait(topics.topic("agent-b", topics.ACKS))
 
     assert not controller.publish_wait(topics.topic("agent-b", topics.ACKS), b"for-b").is_failure
@@ -132,7 +142,7 @@ def test_agent_receives_only_its_own_inbound_topics(pki: Path, broker: Broker, c
     # Deliveries to one client keep their order: "for-a" arriving first proves "for-b" never will.
     # (With overlapping subscriptions mosquitto may deliver "for-a" once per matching subscription.)
     seen = [snoop.next_message(), *snoop.received()]
-    assert {(m.topic, m.payload) for m in seen} == {(topics.topic("agent-a", topics.ACKS), b"for-a")}
+    assert [(m.topic, m.payload) for m in seen] == [(topics.topic("agent-a", topics.ACKS), b"for-a")]
 
 
 @pytest.mark.parametrize("channel", [topics.ACKS, topics.POLICY, topics.COMMANDS])
@@ -153,40 +163,65 @@ def test_retained_policy_reaches_agent_that_subscribes_later(
     policy = topics.topic("agent-b", topics.POLICY)
     assert not controller.publish_wait(policy, b"bundle-v1", retain=True).is_failure
     snoop = _connect(clients, pki, broker, "agent-a")
-    snoop.subscribe_wait("sekisho/v1/agents/+/policy")
+    # A wildcard would match agent-b's retained policy: the subscription is refused.
+    assert [r.value for r in snoop.subscribe_wait("sekisho/v1/agents/+/policy")] == [NOT_AUTHORIZED]
     agent = _connect(clients, pki, broker, "agent-b")
     agent.subscribe_wait(policy)
     message = agent.next_message()
     assert (message.payload, message.retain) == (b"bundle-v1", True)
-    # agent-a's wildcard matched agent-b's retained policy, but the ACL withheld it.
     snoop.subscribe_wait(topics.topic("agent-a", topics.POLICY))
     assert controller.publish_wait(topics.topic("agent-a", topics.POLICY), b"mine").value == 0
-    # Both of agent-a's subscriptions match its own policy topic, so "mine" may come twice; retained
-    # messages are sent at subscribe time, so bundle-v1 would have arrived before "mine".
-    assert {m.payload for m in [snoop.next_message(), *snoop.received()]} == {b"mine"}
+    # Retained messages are sent at subscribe time, so bundle-v1 would have arrived before "mine".
+    assert [m.payload for m in [snoop.next_message(), *snoop.received()]] == [b"mine"]
 
 
-def test_client_without_certificate_is_refused(pki: Path, broker: Broker) -> None:
+LISTENERS = ["agents", "controllers"]
+
+
+def _listener_port(broker: Broker, listener: str) -> int:
+    return broker.port if listener == "agents" else broker.controller_port
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_client_without_certificate_is_refused(pki: Path, broker: Broker, listener: str) -> None:
     with pytest.raises(ConnectRefused):
-        connect_client(TlsFiles(PkiPaths.at(pki).ca_cert), broker.port, "anonymous")
+        connect_client(TlsFiles(PkiPaths.at(pki).ca_cert), _listener_port(broker, listener), "anonymous")
 
 
-def test_client_with_certificate_from_another_ca_is_refused(pki: Path, broker: Broker, tmp_path: Path) -> None:
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_client_with_certificate_from_another_ca_is_refused(
+    pki: Path, broker: Broker, tmp_path: Path, listener: str
+) -> None:
     other = init_ca(tmp_path / "other-ca")
     rogue = issue_client_cert(other.directory, CONTROLLER_CN, tmp_path / "rogue")
     with pytest.raises(ConnectRefused):
-        connect_client(TlsFiles(PkiPaths.at(pki).ca_cert, rogue.cert, rogue.key), broker.port, "rogue")
+        connect_client(
+            TlsFiles(PkiPaths.at(pki).ca_cert, rogue.cert, rogue.key), _listener_port(broker, listener), "rogue"
+        )
 
 
-def test_broker_server_certificate_is_not_a_client_certificate(pki: Path, broker: Broker) -> None:
+def test_each_listener_refuses_the_other_ones_certificates(pki: Path, broker: Broker) -> None:
+    # An agent's certificate (site CA) never reaches the controllers' listener, where the controllers'
+    # client ids live; the controller's (controller CA) is not an agent's.
+    with pytest.raises(ConnectRefused):
+        connect_client(pki, broker.controller_port, "controller-1-ingest", identity="agent-a")
+    with pytest.raises(ConnectRefused):
+        connect_client(pki, broker.port, "agent-b", identity=CONTROLLER_CN)
+
+
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_broker_server_certificate_is_not_a_client_certificate(pki: Path, broker: Broker, listener: str) -> None:
     paths = PkiPaths.at(pki)
     with pytest.raises(ConnectRefused):
-        connect_client(TlsFiles(paths.ca_cert, paths.broker_cert, paths.broker_key), broker.port, "broker")
+        connect_client(
+            TlsFiles(paths.ca_cert, paths.broker_cert, paths.broker_key), _listener_port(broker, listener), "broker"
+        )
 
 
-def test_plain_tcp_client_is_refused(broker: Broker) -> None:
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_plain_tcp_client_is_refused(broker: Broker, listener: str) -> None:
     with pytest.raises(ConnectRefused):
-        connect_client(None, broker.port, "plain", timeout=3)
+        connect_client(None, _listener_port(broker, listener), "plain", timeout=3)
 
 
 def test_tls_with_valid_certificate_is_accepted(pki: Path, broker: Broker, clients: list[SyncClient]) -> None:
@@ -197,7 +232,12 @@ def test_tls_with_valid_certificate_is_accepted(pki: Path, broker: Broker, clien
 
 def _durable_controller(pki: Path, broker: Broker) -> SyncClient:
     return connect_client(
-        pki, broker.port, "controller-durable", identity=CONTROLLER_CN, clean_start=False, session_expiry=3600
+        pki,
+        broker.controller_port,
+        "controller-durable",
+        identity=CONTROLLER_CN,
+        clean_start=False,
+        session_expiry=3600,
     )
 
 
@@ -221,9 +261,10 @@ def test_queued_messages_survive_broker_crash(pki: Path, broker: Broker, subscri
 
     broker.kill()
     assert not broker.is_running()
-    port = broker.port
+    ports = (broker.port, broker.controller_port)
     broker.start()
-    assert broker.port == port
+    # Same ports: mosquitto finds a persisted session's listener again by its port.
+    assert (broker.port, broker.controller_port) == ports
 
     controller = _durable_controller(pki, broker)
     try:
@@ -235,12 +276,37 @@ def test_queued_messages_survive_broker_crash(pki: Path, broker: Broker, subscri
         controller.close()
 
 
-def test_broker_restart_keeps_port_and_accepts_clients(pki: Path, broker: Broker) -> None:
-    port = broker.port
+@pytest.mark.faults
+def test_offline_agent_session_keeps_its_listener_across_a_restart(pki: Path, broker: Broker) -> None:
+    # With per-listener ACLs a session is checked against its listener's; after a restart mosquitto finds
+    # the listener of a persisted session by its port (a session without one would get nothing queued).
+    own = topics.topic("agent-a", topics.COMMANDS)
+    agent = connect_client(pki, broker.port, "agent-a", clean_start=False, session_expiry=3600)
+    agent.subscribe_wait(own)
+    agent.close()
+    mark = time.time()
+    broker.wait_saved(since=mark)
     broker.restart()
-    assert broker.is_running() and broker.port == port
-    client = connect_client(pki, broker.port, "agent-b")
-    client.close()
+
+    controller = connect_client(pki, broker.controller_port, "controller-1", identity=CONTROLLER_CN)
+    try:
+        assert not controller.publish_wait(own, b"while-offline").is_failure
+    finally:
+        controller.close()
+    agent = connect_client(pki, broker.port, "agent-a", clean_start=False, session_expiry=3600)
+    try:
+        assert agent.session_present
+        assert agent.next_message().payload == b"while-offline"
+    finally:
+        agent.close()
+
+
+def test_broker_restart_keeps_ports_and_accepts_clients(pki: Path, broker: Broker) -> None:
+    ports = (broker.port, broker.controller_port)
+    broker.restart()
+    assert broker.is_running() and (broker.port, broker.controller_port) == ports
+    connect_client(pki, broker.port, "agent-b").close()
+    connect_client(pki, broker.controller_port, "controller-1", identity=CONTROLLER_CN).close()
 
 
 def test_broker_start_failure_reports_log(pki: Path, tmp_path: Path, broker: Broker) -> None:
@@ -256,12 +322,16 @@ def _options(text: str) -> list[str]:
 
 
 def test_examples_match_rendered_files() -> None:
-    assert _options((EXAMPLES / "acl.example").read_text()) == _options(render_acl())
+    assert _options((EXAMPLES / "acl-agents.example").read_text()) == _options(render_agent_acl())
+    assert _options((EXAMPLES / "acl-controllers.example").read_text()) == _options(render_controller_acl())
     rendered = render_config(
         port=8883,
+        controller_port=8884,
         pki_dir=Path("/etc/mosquitto/sekisho"),
         state_dir=Path("/var/lib/mosquitto"),
-        acl_path=Path("/etc/mosquitto/sekisho/acl"),
+        agent_acl_path=Path("/etc/mosquitto/sekisho/acl-agents"),
+        controller_acl_path=Path("/etc/mosquitto/sekisho/acl-controllers"),
+        plugin_path=Path("/usr/local/lib/sekisho/sekisho_agent_acl.so"),
         bind="0.0.0.0",
         log_path=Path("/var/log/mosquitto/mosquitto.log"),
         user="mosquitto",
@@ -271,4 +341,56 @@ def test_examples_match_rendered_files() -> None:
 
 def test_config_rejects_line_breaks_in_paths(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="line break"):
-        render_config(port=1, pki_dir=tmp_path, state_dir=tmp_path / "x\nlistener 1", acl_path=tmp_path)
+        render_config(
+            port=1,
+            controller_port=2,
+            pki_dir=tmp_path,
+            state_dir=tmp_path / "x\nlistener 1",
+            agent_acl_path=tmp_path,
+            controller_acl_path=tmp_path,
+            plugin_path=tmp_path,
+        )
+
+
+def test_broker_refuses_a_pki_without_the_controller_ca(tmp_path: Path) -> None:
+    # A PKI made before the controller CA existed: the broker says how to upgrade it instead of starting
+    # a controllers' listener that would trust nothing (or the agents' CA).
+    paths = init_pki(tmp_path / "pki")
+    paths.controller_ca_cert.unlink()
+    with pytest.raises(BrokerError, match="sekisho pki upgrade"):
+        Broker(paths.directory, tmp_path / "broker").start()
+
+
+def test_plugin_is_built_once_per_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SEKISHO_MOSQUITTO_PLUGIN", raising=False)
+    first = agent_acl_plugin(tmp_path / "cache")
+    assert first.is_file() and first.stat().st_size > 0
+    assert agent_acl_plugin(tmp_path / "cache") == first
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]
+
+
+class _BrokerWithoutIdBinding(Broker):
+    """The agents' listener as someone might misconfigure it: without use_username_as_clientid."""
+
+    def write_config(self) -> None:
+        super().write_config()
+        text = self.config_path.read_text()
+        assert "use_username_as_clientid true\n" in text
+        self.config_path.write_text(text.replace("use_username_as_clientid true\n", ""))
+
+
+def test_plugin_fails_closed_for_a_client_id_that_is_not_its_certificate_name(pki: Path, tmp_path: Path) -> None:
+    # Without the id binding an agent could pick another's client id; the plugin then grants that
+    # connection nothing at all, while an agent whose id is its name keeps working.
+    with _BrokerWithoutIdBinding(pki, tmp_path / "broker") as broker:
+        honest = connect_client(pki, broker.port, "agent-a")
+        impostor = connect_client(pki, broker.port, "agent-x", identity="agent-b")
+        try:
+            own = topics.topic("agent-b", topics.COMMANDS)
+            assert [r.value for r in impostor.subscribe_wait(own)] == [NOT_AUTHORIZED]
+            assert impostor.publish_wait(topics.topic("agent-b", topics.EVENTS), b"x").value == NOT_AUTHORIZED
+            assert [r.value for r in honest.subscribe_wait(topics.topic("agent-a", topics.COMMANDS))] == [1]
+            assert not honest.publish_wait(topics.topic("agent-a", topics.EVENTS), b"y").is_failure
+        finally:
+            honest.close()
+            impostor.close()

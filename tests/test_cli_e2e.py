@@ -33,7 +33,7 @@ def events_of(site: Site, type_: str) -> list[dict]:
 
 
 def publish_as_controller(site: Site, channel: str, raw: bytes, *, retain: bool = False) -> None:
-    client = connect_client(site.lab.pki_dir, site.lab.broker.port, "controller-test", identity="controller")
+    client = connect_client(site.lab.pki_dir, site.lab.broker.controller_port, "controller-test", identity="controller")
     try:
         client.publish_wait(topics.topic(AGENT, channel), raw, retain=retain)
     finally:

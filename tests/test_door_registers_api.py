@@ -242,7 +242,7 @@ def broker_site(pki: Path, broker: Broker, tmp_path: Path, **overrides: object) 
     config = write_config(
         tmp_path,
         tmp_path / "var",
-        broker_port=broker.port,
+        broker_port=broker.controller_port,
         ca_cert=str(paths.ca_cert),
         tls_cert=str(paths.controller_cert),
         tls_key=str(paths.controller_key),

@@ -22,7 +22,9 @@ from sekisho.deploy.pki import (
     init_pki,
     issue_agent,
     issue_client_cert,
+    issue_server_cert,
     load_cert,
+    upgrade_pki,
 )
 from sekisho.protocol import signing
 
@@ -81,7 +83,11 @@ def test_broker_cert_is_server_only_with_sans(built: PkiPaths) -> None:
 
 def test_controller_cert_is_client_with_cn_controller(built: PkiPaths) -> None:
     cert = load_cert(built.controller_cert)
-    _assert_issued_by(cert, load_cert(built.ca_cert))
+    # From the controller CA, which the broker trusts on the controllers' listener only; never from the
+    # site CA, which issues the agents' certificates.
+    _assert_issued_by(cert, load_cert(built.controller_ca_cert))
+    with pytest.raises(Exception):  # noqa: B017 - cryptography raises ValueError or InvalidSignature
+        _assert_issued_by(cert, load_cert(built.ca_cert))
     assert _cn(cert) == "controller"
     assert _eku(cert) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     key = signing.load_private_key(built.controller_signing_key)
@@ -105,10 +111,19 @@ def test_agent_directory_is_self_contained(built: PkiPaths) -> None:
     assert tls_key.public_key() == cert.public_key()
 
 
+def test_controller_ca_is_a_separate_ca(built: PkiPaths) -> None:
+    site, controller = load_cert(built.ca_cert), load_cert(built.controller_ca_cert)
+    _assert_issued_by(controller, controller)
+    assert controller.public_key() != site.public_key()
+    assert controller.subject != site.subject
+    assert controller.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
 def test_private_keys_are_0600_and_directories_0700(built: PkiPaths) -> None:
     agent = AgentCredentials.at(built.directory, "kiosk-01")
     for key in (
         built.ca_key,
+        built.controller_ca_key,
         built.broker_key,
         built.controller_key,
         built.controller_signing_key,
@@ -116,7 +131,12 @@ def test_private_keys_are_0600_and_directories_0700(built: PkiPaths) -> None:
         agent.signing_key,
     ):
         assert _mode(key) == 0o600, key
-    for directory in (built.controller_cert.parent, built.broker_cert.parent, agent.directory):
+    for directory in (
+        built.controller_cert.parent,
+        built.controller_ca_cert.parent,
+        built.broker_cert.parent,
+        agent.directory,
+    ):
         assert _mode(directory) == 0o700, directory
     assert not list(built.directory.rglob(".*.tmp")), "temporary files left behind"
 
@@ -145,7 +165,11 @@ def test_issue_agent_refuses_to_overwrite(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["", "Agent", "a/b", "a+b", "#", "../x", "a b", "-lead", "x" * 64, "controller", "sekisho-broker"],
+    [
+        *("", "Agent", "a/b", "a+b", "#", "../x", "a b", "-lead", "x" * 64, "controller", "sekisho-broker"),
+        # An agent's name is its MQTT client id: these would collide with a controller's client ids.
+        *("controller-1-ingest", "controller-1-policy", "controllerx"),
+    ],
 )
 def test_bad_agent_names_are_refused(tmp_path: Path, name: str) -> None:
     init_pki(tmp_path)
@@ -199,3 +223,73 @@ def test_cli_init_and_issue_agent(tmp_path: Path) -> None:
     assert refused.exit_code != 0
     bad = runner.invoke(app, ["issue-agent", "Bad/Name", "--dir", str(directory)])
     assert bad.exit_code != 0
+
+
+def _old_layout_pki(directory: Path) -> PkiPaths:
+    """A PKI as `pki init` made it before the controller CA: the site CA issued the controller's certificate."""
+    paths = PkiPaths.at(directory)
+    init_ca(directory)
+    issue_server_cert(directory, [], paths.broker_cert.parent)
+    issue_client_cert(directory, "controller", paths.controller_cert.parent)
+    paths.controller_signing_key.write_bytes(signing.private_key_pem(signing.generate_key()))
+    paths.controller_signing_key.chmod(0o600)
+    paths.controller_signing_pub.write_bytes(
+        signing.public_key_pem(signing.load_private_key(paths.controller_signing_key).public_key())
+    )
+    # An agent named before the prefix was reserved, written as the old issue-agent did.
+    issue_client_cert(directory, "controller-door", directory / "agents" / "controller-door")
+    return paths
+
+
+def test_upgrade_adds_the_controller_ca_and_keeps_everything_else(tmp_path: Path) -> None:
+    paths = _old_layout_pki(tmp_path / "pki")
+    agent = issue_agent(paths.directory, "door-1")
+    kept = {p: p.read_bytes() for p in (paths.ca_cert, paths.ca_key, paths.broker_cert, agent.tls_cert)}
+    signing_key = paths.controller_signing_key.read_bytes()
+
+    result = upgrade_pki(paths.directory)
+
+    assert (result.created_controller_ca, result.reissued_controller_cert) == (True, True)
+    assert result.reserved_agents == ("controller-door",)
+    controller = load_cert(paths.controller_cert)
+    _assert_issued_by(controller, load_cert(paths.controller_ca_cert))
+    assert _cn(controller) == "controller"
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert paths.controller_signing_key.read_bytes() == signing_key
+    assert _mode(paths.controller_ca_key) == 0o600 and _mode(paths.controller_key) == 0o600
+
+    before = {p: p.read_bytes() for p in (paths.controller_ca_cert, paths.controller_cert, paths.controller_key)}
+    again = upgrade_pki(paths.directory)
+    assert (again.created_controller_ca, again.reissued_controller_cert) == (False, False)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_upgrade_of_a_current_pki_changes_nothing(tmp_path: Path) -> None:
+    paths = init_pki(tmp_path / "pki")
+    before = {p: p.read_bytes() for p in paths.directory.rglob("*") if p.is_file()}
+    result = upgrade_pki(paths.directory)
+    assert (result.created_controller_ca, result.reissued_controller_cert, result.reserved_agents) == (
+        False,
+        False,
+        (),
+    )
+    assert {p: p.read_bytes() for p in paths.directory.rglob("*") if p.is_file()} == before
+
+
+def test_upgrade_needs_a_pki(tmp_path: Path) -> None:
+    with pytest.raises(PkiError, match="run init"):
+        upgrade_pki(tmp_path)
+
+
+def test_cli_upgrade(tmp_path: Path) -> None:
+    paths = _old_layout_pki(tmp_path / "pki")
+    runner = CliRunner()
+    result = runner.invoke(app, ["upgrade", "--dir", str(paths.directory)])
+    assert result.exit_code == 0, result.output
+    assert str(paths.controller_ca_cert) in result.output.replace("\n", "")
+    assert "controller-door" in result.output
+    assert "-----BEGIN" not in result.output
+    again = runner.invoke(app, ["upgrade", "--dir", str(paths.directory)])
+    assert again.exit_code == 0 and "up to date" in again.output
+    refused = runner.invoke(app, ["issue-agent", "controller-2", "--dir", str(paths.directory)])
+    assert refused.exit_code != 0 and "reserved" in refused.output

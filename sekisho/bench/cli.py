@@ -177,6 +177,7 @@ def _bench_ingest(
             payload,
             per_agent,
             "$share/bench/" + topics.all_agents(topics.EVENTS),
+            subscriber_port=lab.broker.controller_port,
             subscribers=workers,
         )
         console.print(f"raw baseline: {raw.messages} messages in {raw.seconds:.2f} s = {raw.rate:,.0f} msg/s")

@@ -133,10 +133,15 @@ def run_baseline(
     per_publisher: int,
     topic_filter: str,
     *,
+    subscriber_port: int | None = None,
     subscribers: int = 1,
     timeout: float = 300,
 ) -> RawResult:
-    """Run the baseline: `subscribers` processes on one shared subscription, one process per publisher."""
+    """Run the baseline: `subscribers` processes on one shared subscription, one process per publisher.
+
+    Publishers connect to `port`, subscribers to `subscriber_port` (default `port`): on a sekisho broker the
+    agents' and the controllers' listeners are two ports.
+    """
     ctx = mp.get_context("spawn")
     go = ctx.Event()
     out: Any = ctx.Queue()
@@ -146,7 +151,8 @@ def run_baseline(
     for index in range(subscribers):
         ready = ctx.Event()
         sub = ctx.Process(
-            target=subscriber, args=(index, port, subscriber_tls, topic_filter, total, expected, ready, out, timeout)
+            target=subscriber,
+            args=(index, subscriber_port or port, subscriber_tls, topic_filter, total, expected, ready, out, timeout),
         )
         sub.start()
         subs.append(sub)

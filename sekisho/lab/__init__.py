@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sekisho.deploy.broker import Broker, find_free_port
-from sekisho.deploy.pki import AgentCredentials, PkiPaths, init_pki, issue_agent
+from sekisho.deploy.pki import AgentCredentials, PkiPaths, init_pki, issue_agent, upgrade_pki
 
 
 def _toml_value(value: object) -> str:
@@ -50,18 +50,27 @@ class Lab:
         self.pki_dir = self.root / "pki"
         if not (self.pki_dir / "ca.crt").exists():
             init_pki(self.pki_dir)
+        else:
+            # A site made before the controller CA existed is upgraded as an administrator would.
+            upgrade_pki(self.pki_dir)
         self.pki = PkiPaths.at(self.pki_dir)
-        self.broker = Broker(self.pki_dir, self.root / "broker", port=self._saved_port())
+        self.broker = Broker(
+            self.pki_dir,
+            self.root / "broker",
+            port=self._saved_port("port"),
+            controller_port=self._saved_port("controller-port"),
+        )
         self.controller_config = self.root / "controller" / "controller.toml"
 
-    def _saved_port(self) -> int | None:
-        saved = self.root / "broker" / "port"
+    def _saved_port(self, name: str) -> int | None:
+        saved = self.root / "broker" / name
         return int(saved.read_text()) if saved.exists() else None
 
     def start_broker(self) -> None:
-        """Start the broker and remember its port, so a restarted lab reuses it."""
+        """Start the broker and remember its ports, so a restarted lab reuses them."""
         self.broker.start()
         (self.root / "broker" / "port").write_text(str(self.broker.port))
+        (self.root / "broker" / "controller-port").write_text(str(self.broker.controller_port))
 
     def write_controller_config(self, **overrides: object) -> Path:
         """Write controller.toml for this lab (dev profile: no API tokens needed on loopback)."""
@@ -72,7 +81,8 @@ class Lab:
             "var_dir": str(self.root / "controller"),
             "database_url": self.database_url,
             "broker_host": "127.0.0.1",
-            "broker_port": self.broker.port,
+            # The controllers' listener: it trusts only the controller CA (deploy/broker.py).
+            "broker_port": self.broker.controller_port,
             "ca_cert": str(self.pki.ca_cert),
             "tls_cert": str(self.pki.controller_cert),
             "tls_key": str(self.pki.controller_key),

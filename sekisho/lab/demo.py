@@ -155,7 +155,10 @@ def demo(
     try:
         console.print(f"[bold]sekisho demo[/bold] — state under {lab.root}")
         lab.start_broker()
-        console.print(f"  broker: mosquitto with mutual TLS + per-agent ACL on 127.0.0.1:{lab.broker.port}")
+        console.print(
+            f"  broker: mosquitto with mutual TLS + per-agent ACL, agents on 127.0.0.1:{lab.broker.port}, "
+            f"controllers on 127.0.0.1:{lab.broker.controller_port}"
+        )
         lab.write_controller_config()
         for name in DEMO_AGENTS:
             lab.add_agent(name, heartbeat_interval_s=5)
