@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import insert, select, text, update
+from sqlalchemy import Engine, insert, select, text, update
 
 from sekisho.controller.doors.apply import UNREADABLE_EVENT
 from sekisho.controller.doors.jobs import DoorRegisterKeeper
@@ -398,6 +398,15 @@ def test_a_stored_payload_its_model_refuses_is_a_finding_and_the_projection_goes
     assert len(doors.store.list_findings(kind=UNREADABLE_EVENT)) == 1
 
 
+def _waits_for_events_lock(engine: Engine) -> bool:
+    """Tell whether some session is waiting for a lock on the events table (PostgreSQL)."""
+    with engine.connect() as conn:
+        waiting = conn.execute(
+            text("SELECT count(*) FROM pg_locks WHERE relation = 'events'::regclass AND NOT granted")
+        ).scalar()
+    return bool(waiting)
+
+
 def test_projection_waits_for_an_uncommitted_event_with_a_lower_id(doors: Doors) -> None:
     if doors.store.engine.dialect.name != "postgresql":
         pytest.skip("SQLite writers take turns: a lower id can never commit after a higher one")
@@ -427,8 +436,13 @@ def test_projection_waits_for_an_uncommitted_event_with_a_lower_id(doors: Doors)
         done = threading.Event()
         worker = threading.Thread(target=lambda: (doors.projector.run(), done.set()))
         worker.start()
-        time.sleep(0.5)
-        assert not done.is_set(), "the projection moved past an id that was not committed yet"
+        # The projection is seen waiting for the ingest transaction's lock on events (not merely slow)...
+        deadline = time.monotonic() + 4  # within the projector's lock_timeout_s (5 s)
+        while not _waits_for_events_lock(engine):
+            assert not done.is_set(), "the projection moved past an id that was not committed yet"
+            assert time.monotonic() < deadline, "the projection never waited for the uncommitted event"
+            time.sleep(0.02)
+        assert not done.is_set()  # ...and has not finished meanwhile
         slow_tx.commit()
     finally:
         slow.close()

@@ -8,8 +8,7 @@ store exactly once, and the controller's registers show the loan and who is insi
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from sekisho.controller.doors.registers import DoorRegisters
 from sekisho.drivers.locker import SimulatedLockerBoard
 from sekisho.drivers.osdp import ReaderConfig, SimulatedReaderLink
 from sekisho.drivers.smartcard import hash_uid
+from sekisho.protocol import events
 
 pytest_plugins = ("pipeline_fixtures",)
 pytestmark = [pytest.mark.broker, pytest.mark.faults]
@@ -107,11 +107,22 @@ def door_agent(site: Site) -> Iterator[tuple[Agent, AttachedDoors, SimulatedRead
         agent.stop()
 
 
-def _walk_through(board: SimulatedLockerBoard, door: int) -> None:
-    board.open_door(door)
-    time.sleep(0.2)  # longer than the sensor debounce
-    board.close_door(door)
-    time.sleep(0.2)
+def _recorded(agent: Agent, type_: str, door: str) -> int:
+    """Count the events of ``type_`` at ``door`` still in the agent's outbox (offline: all since the stop)."""
+    decoded = [events.decode_event(raw, topic_agent=AGENT) for _, raw in agent.outbox.pending(limit=10_000)]
+    return sum(1 for e in decoded if e.type == type_ and e.payload.get("door") == door)
+
+
+def _then(agent: Agent, type_: str, door: str, act: Callable[[], object]) -> None:
+    """Do ``act`` and wait until the door agent has recorded one more ``type_`` at ``door`` (past the debounce)."""
+    before = _recorded(agent, type_, door)
+    act()
+    wait_for(lambda: _recorded(agent, type_, door) > before, 5, f"{type_} at {door}")
+
+
+def _walk_through(agent: Agent, board: SimulatedLockerBoard, door: int) -> None:
+    _then(agent, "door.opened", "room-1", lambda: board.open_door(door))
+    _then(agent, "door.closed", "room-1", lambda: board.close_door(door))
 
 
 def test_decisions_continue_offline_and_arrive_later(site: Site, door_agent: tuple) -> None:
@@ -119,24 +130,24 @@ def test_decisions_continue_offline_and_arrive_later(site: Site, door_agent: tup
     wait_for(lambda: agent.stats().outbox_depth == 0, 30, "the start-up events to be stored")
     site.lab.broker.stop()
 
-    readers.present_card("rdr-in", ALICE)
-    wait_for(lambda: board.status().relays_commanded[0], 2, "room relay released for Alice (offline)")
-    _walk_through(board, 0)
-    readers.present_card("rdr-in", BOB)
-    _walk_through(board, 0)
-    readers.present_card("rdr-keys", ALICE)
-    wait_for(lambda: board.status().relays_commanded[1], 2, "key cabinet released for Alice (offline)")
-    board.open_door(1)
-    time.sleep(0.2)
-    board.take_key(0)
-    time.sleep(0.2)
-    board.close_door(1)
-    time.sleep(0.2)
-    readers.present_card("rdr-out", BOB)
-    _walk_through(board, 0)
-    readers.present_card("rdr-keys", BOB)  # not allowed at the cabinet: refused offline too
-    time.sleep(0.3)
+    # The simulated reader link hands a tap to the door agent before present_card returns: decided at once.
+    assert readers.present_card("rdr-in", ALICE)
+    assert board.status().relays_commanded[0], "room relay released for Alice (offline)"
+    _walk_through(agent, board, 0)
+    assert readers.present_card("rdr-in", BOB)
+    _walk_through(agent, board, 0)
+    assert readers.present_card("rdr-keys", ALICE)
+    assert board.status().relays_commanded[1], "key cabinet released for Alice (offline)"
+    _then(agent, "door.opened", "keys-1", lambda: board.open_door(1))
+    _then(agent, "key.taken", "keys-1", lambda: board.take_key(0))
+    _then(agent, "door.closed", "keys-1", lambda: board.close_door(1))
+    assert readers.present_card("rdr-out", BOB)
+    _walk_through(agent, board, 0)
+    denied = _recorded(agent, "door.access_denied", "keys-1")
+    assert readers.present_card("rdr-keys", BOB)  # not allowed at the cabinet: refused offline too
+    assert _recorded(agent, "door.access_denied", "keys-1") == denied + 1
     assert not board.status().relays_commanded[1]
+    assert [c for c in board.relay_log() if c.relay == 1 and c.on] == [(1, True, "command")]  # Alice's only
 
     pending = agent.stats().outbox_depth
     assert pending >= 12, pending
@@ -148,7 +159,7 @@ def test_decisions_continue_offline_and_arrive_later(site: Site, door_agent: tup
     assert final >= total
     wait_for(lambda: len(store.event_seqs(AGENT)) >= final, 30, "every event stored")
     assert store.event_seqs(AGENT)[:final] == list(range(1, final + 1))  # every one, once, no gap
-    assert store.verify_chains(AGENT, keys=store.agent_keys()) == []
+    assert store.verify_chains(AGENT, signatures=True) == []
 
     registers = DoorRegisters(store)
     DoorProjector(store).run()

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sekisho.agents.doors.attach import PcscDoorReaders
 from sekisho.agents.doors.checks import CardEvidence, check_card
 from sekisho.drivers.smartcard import CardError, hash_uid
+from sekisho.drivers.smartcard.protocol import CardEvent
 from sekisho.firmware_stubs.piv_card import VirtualCard
 from sekisho.lab.pcscd import VPCD_READER
 from sekisho.protocol.policy import Card, Door, DoorReader, Person, Site, SitePolicy
@@ -148,12 +149,23 @@ def test_unmapped_reader_is_ignored(pcscd: object) -> None:
     from sekisho.drivers.smartcard.pcsc import PcscBackend
 
     seen = Taps()
+    arrived = threading.Event()
+
+    def watch(event: CardEvent) -> None:
+        if any(card.reader == VPCD_READER for card in event.added):
+            arrived.set()
+
     with PcscBackend() as backend:
         assert backend.wait_until_monitoring(5)
         readers = PcscDoorReaders(backend, {"Some Other Reader 00 00": "rdr-x"}, site_key=SITE_KEY, cards=list)
         readers.start(seen)
+        # Subscribed after the door readers: the backend calls its observers in order within one delivery,
+        # so once this one has seen the card, the door readers have handled (and ignored) it.
+        unsubscribe = backend.subscribe(watch)
         try:
             with VirtualCard(uid=PIV_UID):
-                assert not seen.event.wait(1.0)
+                assert arrived.wait(10), "pcscd never reported the card"
+                assert seen.seen == [] and not seen.event.is_set()
         finally:
+            unsubscribe()
             readers.stop()

@@ -136,11 +136,46 @@ def osdp() -> Iterator[Callable[..., Rig]]:
             thing.close()
 
 
-def assert_no_card(events: Recorder, seconds: float, since: int = 0) -> None:
-    """Give a card time to (wrongly) arrive, then assert none did."""
-    time.sleep(seconds)
-    assert events.of_type(CardRead, since) == []
-    assert events.of_type(KeypadInput, since) == []
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def delivered(link: OsdpReaderLink) -> None:
+    """Return once every event the link queued so far has reached its observers.
+
+    A new subscriber's status snapshot goes through the same queue as cards and keys: when it arrives,
+    everything queued before it has been delivered.
+    """
+    late = Recorder()
+    unsubscribe = link.subscribe(late)
+    try:
+        late.wait_for(lambda e: isinstance(e, ReaderStatus))
+    finally:
+        unsubscribe()
+
+
+def assert_no_card(rig: Rig, since: int = 0) -> None:
+    """Assert that no card read and no keypad input has reached the observers (all queued so far delivered)."""
+    delivered(rig.link)
+    assert rig.events.of_type(CardRead, since) == []
+    assert rig.events.of_type(KeypadInput, since) == []
+
+
+def wait_restarts(rig: Rig, count: int) -> None:
+    """Wait until the link has restarted the reader ``count`` times: every attempt before the last failed."""
+    wait_until(lambda: rig.link.restarts(READER) >= count, f"{count} restarts of {READER}")
+
+
+def wait_refused(caplog: pytest.LogCaptureFixture, what: str) -> None:
+    """Wait until the link has logged that it refused a ``what`` ("card read", "keypad input") from the reader."""
+    wait_until(
+        lambda: any(what in r.getMessage() and "refused" in r.getMessage() for r in list(caplog.records)),
+        f"the link to refuse a {what}",
+    )
 
 
 # ---- secure channel, cards, keypad, feedback ----
@@ -231,20 +266,22 @@ def test_an_observer_may_answer_a_card_with_feedback(osdp: Callable[..., Rig]) -
 
 
 def test_wrong_key_never_online_and_no_card(osdp: Callable[..., Rig]) -> None:
-    rig = osdp(stub={"scbk": OTHER_KEY}, reader={"scbk": KEY}, reconnect_initial=0.5)
+    rig = osdp(stub={"scbk": OTHER_KEY}, reader={"scbk": KEY}, reconnect_initial=0.5, reconnect_max=1.0)
     rig.stub.present_card(CARD)
     rig.stub.enter_keys("1234")
-    # 2.5 s: the first attempt and at least two restarts by the link all fail.
-    assert_no_card(rig.events, 2.5)
+    # The first attempt and two restarts by the link all fail (only a reader still offline is restarted).
+    wait_restarts(rig, 3)
+    assert_no_card(rig)
     assert not any(isinstance(e, ReaderStatus) and (e.online or e.secure) for e in rig.events.events)
     assert not rig.link.online(READER) and not rig.link.secure(READER)
     assert not rig.link.led(READER, "green")  # nothing is sent to a reader that is not online
 
 
 def test_plaintext_reader_refused_once_keyed(osdp: Callable[..., Rig]) -> None:
-    rig = osdp(stub={"plaintext": True}, reader={"scbk": KEY})
+    rig = osdp(stub={"plaintext": True}, reader={"scbk": KEY}, reconnect_initial=0.5, reconnect_max=1.0)
     rig.stub.present_card(CARD)
-    assert_no_card(rig.events, 1.5)
+    wait_restarts(rig, 2)  # the first attempt and the link's restart of it both fail
+    assert_no_card(rig)
     assert not rig.link.online(READER) and not rig.link.secure(READER)
     assert all(isinstance(e, ReaderStatus) and not e.secure for e in rig.events.events)
 
@@ -261,7 +298,9 @@ def test_link_refuses_cards_without_secure_channel_even_when_libosdp_goes_online
     rig.stub.wait_feedback("led")
     rig.stub.present_card(CARD)
     rig.stub.enter_keys("9999#")
-    assert_no_card(rig.events, 1.0)  # ...but its card and keys never reach the door logic
+    wait_refused(caplog, "card read")
+    wait_refused(caplog, "keypad input")
+    assert_no_card(rig)  # ...but its card and keys never reach the door logic
     assert "card read (5 bytes) refused" in caplog.text
     assert CARD.hex() not in caplog.text.lower()
     with pytest.raises(KeySetError):
@@ -279,13 +318,16 @@ def test_unkeyed_plaintext_reader_delivers_cards(osdp: Callable[..., Rig]) -> No
 # ---- install mode and keys ----
 
 
-def test_install_mode_set_key_then_reconnect_with_new_key(osdp: Callable[..., Rig]) -> None:
+def test_install_mode_set_key_then_reconnect_with_new_key(
+    osdp: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
     rig = osdp(stub={"install_mode": True}, reader={"install_mode": True})
     # First connection: secure channel under SCBK-D only, which is not "secure" and carries no cards.
     rig.events.wait_status(online=True, secure=False)
     assert not rig.link.secure(READER)
     rig.stub.present_card(CARD)
-    assert_no_card(rig.events, 0.5)
+    wait_refused(caplog, "card read")
+    assert_no_card(rig)
 
     rig.link.set_key(READER, NEW_KEY)
     assert rig.link.secure(READER)
@@ -343,7 +385,7 @@ def test_reader_back_after_libosdp_gave_up(osdp: Callable[..., Rig]) -> None:
     # A wrong reader on the line makes libosdp go offline and wait 300 s; the link restarts it much sooner,
     # so the right reader (swapped in, or the same one re-keyed) is back within a few seconds.
     rig = osdp(stub={"scbk": OTHER_KEY}, reader={"scbk": KEY}, reconnect_initial=0.5, reconnect_max=2.0)
-    time.sleep(1.0)
+    wait_restarts(rig, 1)
     assert not rig.link.online(READER)
     rig.stub.restart(scbk=KEY)
     rig.events.wait_status(online=True, secure=True, timeout=6)
@@ -464,8 +506,7 @@ class RealReader:
         self._stub.enter_keys(keys)
 
     def feedback_count(self) -> int:
-        time.sleep(0.3)
-        return len(self._stub.feedback("led")) + len(self._stub.feedback("buzzer"))
+        return len(self._stub.wait_feedback("led")) + len(self._stub.wait_feedback("buzzer"))
 
 
 class SimulatedReader:

@@ -229,13 +229,13 @@ class AttachedDoors:
         except Exception as err:  # an unreachable board is reported by its own offline event
             log.warning("lock board status unavailable: %s", err)
             return
-        self._inputs_reported = True
         for index, is_open in enumerate(status.doors_open):
             self.core.input_changed("door", index, is_open)
         for index, present in enumerate(status.keys_present):
             self.core.input_changed("key_slot", index, present)
         if status.tamper:
             self.core.input_changed("tamper", 0, True)
+        self._inputs_reported = True
 
     def _tap(self, reader_id: str, data: bytes) -> None:
         self._present(reader_id, card_evidence(data, self.site_key))

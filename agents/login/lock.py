@@ -8,7 +8,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from sekisho.drivers.smartcard.protocol import CardEvent, SmartCardBackend
 
@@ -19,6 +19,21 @@ Emit = Callable[[str, dict[str, Any]], object]
 DEFAULT_LOCK_COMMAND = ("loginctl", "lock-session", "{session}")
 DEFAULT_END_COMMAND = ("loginctl", "terminate-session", "{session}")
 COMMAND_TIMEOUT_S = 10.0
+
+
+class EndTimer(Protocol):
+    """The session-end timer: started once, cancelled when the card returns or the watch stops."""
+
+    def start(self) -> None: ...
+
+    def cancel(self) -> None: ...
+
+
+def daemon_timer(interval_s: float, function: Callable[[], None]) -> EndTimer:
+    """Return a (not yet started) daemon ``threading.Timer``: the default end timer."""
+    timer = threading.Timer(interval_s, function)
+    timer.daemon = True
+    return timer
 
 
 class CardRemovalLock:
@@ -38,6 +53,7 @@ class CardRemovalLock:
         session: str | None = None,
         command_timeout_s: float = COMMAND_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
+        timer: Callable[[float, Callable[[], None]], EndTimer] = daemon_timer,
         on_change: Callable[[bool], None] | None = None,
     ) -> None:
         self._backend = backend
@@ -52,10 +68,11 @@ class CardRemovalLock:
         self._end_command = [arg.format_map(values) for arg in end_command] if end_command is not None else None
         self._command_timeout_s = command_timeout_s
         self._clock = clock
+        self._make_timer = timer
         self._on_change = on_change
         self._mutex = threading.Lock()
         self._unsubscribe: Callable[[], None] | None = None
-        self._timer: threading.Timer | None = None
+        self._timer: EndTimer | None = None
         self._locked = False
         self.last_removal_at: float | None = None
         self.last_lock_started_at: float | None = None
@@ -106,8 +123,7 @@ class CardRemovalLock:
                 return
             self._locked = True
             self.last_removal_at = removed_at
-            timer = threading.Timer(self._end_after_s, self._end_timer_fired)
-            timer.daemon = True
+            timer = self._make_timer(self._end_after_s, self._end_timer_fired)
             self._timer = timer
         # The record comes first so an audit trail exists even if the lock command hangs or fails.
         self._record("session.locked", "card_removed")

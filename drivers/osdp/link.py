@@ -120,6 +120,7 @@ class _ReaderState:
     secure: bool = False
     next_restart: float | None = None
     restarting: bool = False
+    restarts: int = 0
     drop_logged: bool = False
 
     @property
@@ -298,6 +299,10 @@ class OsdpReaderLink:
     def secure(self, reader_id: str) -> bool:
         """Return whether the reader is online over a secure channel opened with its own (non-default) key."""
         return self._state(reader_id).secure
+
+    def restarts(self, reader_id: str) -> int:
+        """Return how often the link restarted the reader after libosdp gave up on it (each a fresh attempt)."""
+        return self._state(reader_id).restarts
 
     def led(self, reader_id: str, colour: LedColour, *, on_ms: int = 1000, off_ms: int = 0, count: int = 1) -> bool:
         """Show ``colour`` on the reader's LED for ``count`` on/off cycles; return whether it was sent to it."""
@@ -517,6 +522,7 @@ class OsdpReaderLink:
                 # libosdp applies a disable request only between exchanges; enable once it has.
                 if not cp.is_pd_enabled(address):
                     cp.enable_pd(address)
+                    state.restarts += 1
                     state.restarting = False
                     state.next_restart = now + state.backoff
                     state.backoff = min(state.backoff * 2, self._reconnect_max)
