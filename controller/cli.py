@@ -22,7 +22,7 @@ from sekisho.controller.config import ControllerConfig, load_config
 from sekisho.controller.mqtt import connect_blocking, make_client
 from sekisho.controller.policy.loader import PolicyError, load_policy_file
 from sekisho.controller.policy.service import PolicyService, publish_once
-from sekisho.protocol import messages, signing, topics
+from sekisho.protocol import messages, mynumber, signing, topics
 
 console = Console()
 err_console = Console(stderr=True)
@@ -132,6 +132,9 @@ def send_command(
         raise typer.Exit(2)
     try:
         issue_command(cfg, agent_id, name, parsed, lifetime_s=lifetime_s, save_to=save_to)
+    except mynumber.MyNumberFound as err:
+        err_console.print(f"[red]✗[/red] {err}")
+        raise typer.Exit(2) from err
     except (ConnectionError, OSError, RuntimeError) as err:
         err_console.print(f"[red]could not publish the command:[/red] {err}")
         raise typer.Exit(1) from err
@@ -226,7 +229,12 @@ def policy_apply(
     if dry_run:
         console.print("[bold]dry run:[/bold] nothing stored or published")
         return
-    version = service.apply(policy, source_sha256=sha, created_by=getpass.getuser(), comment=comment)
+    try:
+        version = service.apply(policy, source_sha256=sha, created_by=getpass.getuser(), comment=comment)
+    except PolicyError as err:
+        for problem in err.problems:
+            err_console.print(f"[red]✗[/red] {problem}")
+        raise typer.Exit(1) from err
     bundles = service.bundles()
     console.print(f"stored policy version {version}; {len(bundles)} agent bundle(s) signed")
     if publish_now(cfg, bundles):

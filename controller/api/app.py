@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, FastAPI, Query, Response, status
 from sqlalchemy import text
 
+from sekisho.controller.api import privacy
 from sekisho.controller.api.deps import AppState, AuthDep, OptionalPrincipalDep, StateDep
 from sekisho.controller.api.doors import routers as door_routers
 from sekisho.controller.api.media import media
@@ -125,6 +126,7 @@ def create_app(state: AppState) -> FastAPI:
             # Reads still work; media writes answer 503 until the key is readable and the app restarted.
             log.warning("signing key %s unreadable (%s): media loan changes disabled", state.config.signing_key, err)
     app.state.sekisho = state
+    privacy.install(app)
     app.include_router(health)
     app.include_router(records)
     app.include_router(media)

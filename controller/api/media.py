@@ -24,7 +24,7 @@ from sekisho.controller.api.schemas import (
 from sekisho.controller.media.service import LoanNotFound, MediaConflict, MediaError, MediaService, loan_state
 from sekisho.controller.policy.service import PolicyService
 from sekisho.controller.store.models import LoanRecord
-from sekisho.protocol import timefmt
+from sekisho.protocol import mynumber, timefmt
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,13 @@ def _writing(state: AppState) -> MediaService:
 
 
 def _http_error(err: MediaError) -> HTTPException:
+    # The service names fields, never values; the app's handler redacts the detail too (api/privacy.py).
+    detail = mynumber.redact(str(err))
     if isinstance(err, LoanNotFound):
-        return HTTPException(status.HTTP_404_NOT_FOUND, str(err))
+        return HTTPException(status.HTTP_404_NOT_FOUND, detail)
     if isinstance(err, MediaConflict):
-        return HTTPException(status.HTTP_409_CONFLICT, str(err))
-    return HTTPException(422, str(err))
+        return HTTPException(status.HTTP_409_CONFLICT, detail)
+    return HTTPException(422, detail)
 
 
 def _public(loan: LoanRecord, now: datetime) -> MediaLoanPublic:

@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from sekisho.protocol import mynumber
+
+
+def _no_my_number(value: str) -> str:
+    if mynumber.contains_my_number(value):
+        # The field name is in the error's "loc"; the value is never repeated (see controller/api/privacy.py).
+        raise ValueError(
+            "マイナンバー（個人番号）らしき値は記録できません / looks like a My Number "
+            "(12 digits with a valid check digit); refused, value not shown"
+        )
+    return value
+
+
+# Every free-text or id field a request may store: refused with 422 if it looks like a My Number.
+# (MediaService checks the same fields again, for the CLI and any other caller.)
+AdminText = Annotated[str, AfterValidator(_no_my_number)]
 
 
 class EventPublic(BaseModel):
@@ -95,8 +112,14 @@ class MediaLoanCreate(MediaLoanBase):
 
     model_config = ConfigDict(extra="forbid")
 
+    # The base's text fields again, as AdminText: a request is checked, a stored loan is only served.
+    medium: AdminText = Field(max_length=64)
+    person: AdminText = Field(max_length=64)
+    terminals: list[AdminText] = Field(min_length=1, max_length=50)
+    purpose: AdminText = Field(min_length=1, max_length=100)
+    approved_by: AdminText = Field(max_length=64)
     starts_at: datetime | None = None
-    recorded_by: str = Field(default="api", min_length=1, max_length=128, description="who records the loan")
+    recorded_by: AdminText = Field(default="api", min_length=1, max_length=128, description="who records the loan")
 
 
 class MediaLoanPublic(MediaLoanBase):
@@ -121,7 +144,7 @@ class MediaLoanReturn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    received_by: str = Field(min_length=1, max_length=128)
+    received_by: AdminText = Field(min_length=1, max_length=128)
     returned_at: datetime | None = None
 
 
@@ -130,8 +153,8 @@ class MediaLoanRevoke(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=1, max_length=500)
-    revoked_by: str = Field(default="api", min_length=1, max_length=128)
+    reason: AdminText = Field(min_length=1, max_length=500)
+    revoked_by: AdminText = Field(default="api", min_length=1, max_length=128)
 
 
 class MediaLoanChange(BaseModel):

@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from sekisho.protocol import mynumber
 from sekisho.protocol.door_commands import (
     EMERGENCY_UNLOCK,
     FORGIVE_PASSBACK,
@@ -49,6 +50,16 @@ def _wire(model: type[CommandArgs], **values: Any) -> dict[str, Any]:
         raise TargetError(f"扉の操作の引数が不正です / the door agent would refuse this: {err.detail}") from err
 
 
+def _refuse_my_numbers(**fields: Any) -> None:
+    """Refuse names that look like a My Number before any message below repeats them (never the value)."""
+    found = [name for name, value in fields.items() if next(mynumber.find_my_numbers(value), None) is not None]
+    if found:
+        raise TargetError(
+            f"{', '.join(found)}: マイナンバー（個人番号）らしき値は使えません / looks like a My Number; "
+            "refused, value not shown"
+        )
+
+
 def _door(policy: SitePolicy, door_id: str) -> Door:
     for door in policy.doors:
         if door.id == door_id:
@@ -63,6 +74,7 @@ def _check_area(policy: SitePolicy, area: str) -> None:
 
 def unlock(policy: SitePolicy, door_id: str, seconds: int, requested_by: str | None) -> DoorCommand:
     """Build a one-off remote unlock of one door for its agent."""
+    _refuse_my_numbers(door=door_id, requested_by=requested_by)
     if not 1 <= seconds <= MAX_UNLOCK_S:
         raise TargetError(f"解錠時間は 1〜{MAX_UNLOCK_S} 秒です / seconds must be 1..{MAX_UNLOCK_S}")
     door = _door(policy, door_id)
@@ -83,6 +95,7 @@ def set_mode(
     By area or --all, an emergency unlock selects room doors only: it is for getting people out, and
     lockers and key cabinets stay locked (they fail secure). Naming such a door explicitly is refused.
     """
+    _refuse_my_numbers(door=doors, area=area)
     chosen = [bool(doors), area is not None, all_doors]
     if sum(chosen) != 1:
         raise TargetError(
@@ -113,6 +126,7 @@ def set_mode(
 
 def forgive_passback(policy: SitePolicy, area: str, person: str | None) -> list[DoorCommand]:
     """Build the command that clears anti-passback state in an area, for every agent with a door there."""
+    _refuse_my_numbers(area=area, person=person)
     _check_area(policy, area)
     if person is not None and person not in {p.id for p in policy.people}:
         raise TargetError(f"{person} はポリシーにいません / no person {person!r} in the policy in force")

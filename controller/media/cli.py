@@ -15,7 +15,7 @@ from sekisho.controller.cli import cli_config, publish_now
 from sekisho.controller.config import ControllerConfig
 from sekisho.controller.media.service import JST, MediaError, MediaService, loan_state
 from sekisho.controller.policy.service import PolicyService
-from sekisho.protocol import signing, timefmt
+from sekisho.protocol import mynumber, signing, timefmt
 
 console = Console()
 err_console = Console(stderr=True)
@@ -41,7 +41,8 @@ def parse_when(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError as err:
-        raise typer.BadParameter(f"ISO 8601 の日時ではありません / not an ISO 8601 time: {text!r}") from err
+        shown = mynumber.redact(text)  # never repeat a My Number typed into the wrong option
+        raise typer.BadParameter(f"ISO 8601 の日時ではありません / not an ISO 8601 time: {shown!r}") from err
     return moment.replace(tzinfo=JST) if moment.tzinfo is None else moment
 
 
@@ -67,7 +68,8 @@ def _publish(cfg: ControllerConfig, media: MediaService, version: int) -> None:
 
 
 def _refused(err: MediaError) -> typer.Exit:
-    err_console.print(f"[red]✗[/red] {err}")
+    # The service names fields, never values; redacting the message is the backstop.
+    err_console.print(f"[red]✗[/red] {mynumber.redact(str(err))}")
     return typer.Exit(1)
 
 

@@ -17,7 +17,7 @@ from sekisho.controller.store.models import Event, Finding, LoanLogEntry, LoanRe
 from sekisho.controller.store.policy import PolicyVersionConflict, insert_policy_version
 from sekisho.controller.store.records import aware_utc
 from sekisho.controller.store.store import Store
-from sekisho.protocol import timefmt
+from sekisho.protocol import mynumber, timefmt
 
 MEDIA_LOAN_OVERDUE = "media_loan_overdue"
 # Event types whose payload may name the registered medium seen (agents/usb adds "medium").
@@ -53,6 +53,8 @@ class MediaRegister:
         loan named in ``log`` (return, revoke: its open overdue finding is resolved too).
         """
         when = aware_utc(at or timefmt.now(), "at")
+        # Backstop of MediaService's input check: nothing of a loan that looks like a My Number is stored.
+        mynumber.refuse_my_numbers({"new_loan": new_loan, "end_loan": end_loan, "log": log}, what="media loan")
         loan_id = log["loan_id"]
         # No YAML file behind a loan version: its source digest is that of the document itself.
         digest = hashlib.sha256(json.dumps(document, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

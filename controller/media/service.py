@@ -15,7 +15,7 @@ from sekisho.controller.policy.service import PolicyService, carry_loans
 from sekisho.controller.store.models import LoanRecord
 from sekisho.controller.store.policy import PolicyVersionConflict
 from sekisho.controller.store.store import Store
-from sekisho.protocol import timefmt
+from sekisho.protocol import mynumber, timefmt
 from sekisho.protocol.policy import MediaLoan, Medium, SitePolicy
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,16 @@ def new_loan_id(register: MediaRegister, when: datetime) -> str:
     return f"{prefix}{n:03d}"
 
 
+def refuse_my_numbers(**fields: Any) -> None:
+    """Refuse admin input with a My-Number-like value in any field; the message names fields, never values."""
+    found = [name for name, value in fields.items() if next(mynumber.find_my_numbers(value), None) is not None]
+    if found:
+        raise MediaRefused(
+            f"{', '.join(found)}: マイナンバー（個人番号）らしき値は記録できません / looks like a My Number "
+            "(12 digits with a valid check digit); nothing recorded, value not shown"
+        )
+
+
 def _aware(moment: datetime, name: str) -> datetime:
     if moment.tzinfo is None:
         raise MediaRefused(f"{name}: 時刻にはタイムゾーンが必要です / {name} needs a time zone")
@@ -100,6 +110,7 @@ class MediaService:
 
     def loan(self, loan_id: str) -> LoanRecord:
         """Return one loan of the register or raise LoanNotFound."""
+        refuse_my_numbers(loan=loan_id)  # the refusals below repeat the id
         found = self.register.get_loan(loan_id)
         if found is None:
             raise LoanNotFound(f"貸出 {loan_id} がありません / no loan {loan_id!r}")
@@ -167,6 +178,15 @@ class MediaService:
         created_by: str,
     ) -> tuple[str, int]:
         """Lend a registered medium for named terminals and a window; return the loan id and new version."""
+        # First, before any refusal below repeats an input: the API and the CLI both come through here.
+        refuse_my_numbers(
+            medium=medium,
+            person=person,
+            terminals=terminals,
+            purpose=purpose,
+            approved_by=approved_by,
+            recorded_by=created_by,
+        )
         for attempt in range(1, _ATTEMPTS + 1):
             now = timefmt.now()
             start = _aware(starts_at, "starts_at") if starts_at else now
@@ -222,6 +242,7 @@ class MediaService:
 
     def return_medium(self, loan_id: str, returned_at: datetime | None = None, received_by: str = "") -> int:
         """Record that a lent medium came back; the loan ends in a new policy version, which is returned."""
+        refuse_my_numbers(loan=loan_id, received_by=received_by)
         when = _aware(returned_at, "returned_at") if returned_at else None
         if when is not None and when > timefmt.now() + timedelta(minutes=5):
             raise MediaRefused("返却時刻が未来です / returned_at lies in the future")
@@ -229,6 +250,7 @@ class MediaService:
 
     def revoke(self, loan_id: str, reason: str, revoked_by: str = "") -> int:
         """End a loan early (e.g. the borrower left); terminals stop allowing the medium at once."""
+        refuse_my_numbers(loan=loan_id, reason=reason, revoked_by=revoked_by)
         if not reason.strip():
             raise MediaRefused("取消理由が必要です / a reason is required to revoke a loan")
         return self._end(loan_id, "revoke", revoked_by or "unknown", None, reason=reason.strip())

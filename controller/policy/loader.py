@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from sekisho.protocol import mynumber
 from sekisho.protocol.policy import SitePolicy
 
 
@@ -37,14 +38,37 @@ def _mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
+def _yaml_path(path: str) -> str:
+    """Turn a JSON path of mynumber.find_my_numbers ("$.people[2].name") into the loader's "people.2.name"."""
+    return path.removeprefix("$").removeprefix(".").replace("[", ".").replace("]", "") or "(document)"
+
+
 def parse_policy(text: str, source: str = "<policy>") -> SitePolicy:
-    """Parse and validate site policy YAML, raising PolicyError with every problem located."""
+    """Parse and validate site policy YAML, raising PolicyError with every problem located.
+
+    Any value or key that looks like a My Number is refused first, wherever it is (a person's name, a
+    comment field, a door's label…): the policy is signed into the bundles every agent gets. The error
+    names the field, never the value.
+    """
     try:
         doc = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise PolicyError([f"{source}: YAML error: {err}"]) from err
+        # PyYAML quotes the offending line: never repeat a My Number from it.
+        raise PolicyError([f"{source}: YAML error: {mynumber.redact(str(err))}"]) from err
     if not isinstance(doc, dict):
         raise PolicyError([f"{source}: the document must be a mapping"])
+    try:
+        found = [_yaml_path(path) for path in mynumber.find_my_numbers(doc)]
+    except RecursionError as err:  # YAML aliases can make a document contain itself
+        raise PolicyError([f"{source}: the document nests too deeply or contains itself"]) from err
+    if found:
+        raise PolicyError(
+            [
+                f"{source}: {where}: マイナンバー（個人番号）らしき値は登録できません / looks like a My Number "
+                "(12 digits with a valid check digit); refused, value not shown"
+                for where in found
+            ]
+        )
     try:
         return SitePolicy.model_validate(doc)
     except ValidationError as err:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sekisho.controller.mqtt import connect_blocking, make_client
 from sekisho.controller.policy.loader import PolicyError
 from sekisho.controller.store.policy import PolicyVersionConflict
-from sekisho.protocol import messages, timefmt, topics
+from sekisho.protocol import messages, mynumber, timefmt, topics
 from sekisho.protocol.policy import MediaLoan, SitePolicy
 
 if TYPE_CHECKING:
@@ -190,8 +190,14 @@ class PolicyService:
     def apply(self, policy: SitePolicy, *, source_sha256: str, created_by: str, comment: str = "") -> int | None:
         """Store the policy, keeping the current loans, as a new version unless unchanged; return it or None.
 
-        Raises PolicyError if the policy would orphan an outstanding loan.
+        Raises PolicyError if the policy would orphan an outstanding loan, or if the comment or author looks
+        like a My Number (the YAML itself is checked by the loader; the store refuses any that slipped by).
         """
+        texts = {"comment": comment, "created_by": created_by}
+        found = [name for name, text in texts.items() if mynumber.contains_my_number(text)]
+        if found:
+            refusal = "マイナンバー（個人番号）らしき値は記録できません / looks like a My Number; refused"
+            raise PolicyError([f"{name}: {refusal}" for name in found])
         for attempt in range(1, _WRITE_ATTEMPTS + 1):
             row = self.store.current_policy_version()
             current = SitePolicy.model_validate(row.document) if row else None

@@ -36,6 +36,9 @@ class AgentRecords(Records):
             topics.check_agent_id(agent_id)
         except errors.Rejected as err:
             raise ValueError(err.detail) from err
+        if mynumber.contains_my_number(agent_id):
+            # Every event of such an agent would be refused (the header is scanned too): say so now.
+            raise ValueError("agent id: looks like a My Number (12 digits with a valid check digit); choose another")
         signing.load_public_key_pem(public_key_pem.encode())  # raises ValueError if not Ed25519 PEM
         when = aware_utc(registered_at or timefmt.now(), "registered_at")
 
@@ -81,7 +84,11 @@ class AgentRecords(Records):
             return {row.id: row.public_key_pem for row in conn.execute(stmt)}
 
     def record_heartbeat(self, agent_id: str, info: dict[str, Any], seen_at: datetime) -> bool:
-        """Record an agent's latest heartbeat; older heartbeats than the one stored are ignored."""
+        """Record an agent's latest heartbeat; older heartbeats than the one stored are ignored.
+
+        A heartbeat with a My-Number-like value in any field is not recorded at all (False), like an old
+        one: ingest refuses such heartbeats already (protocol.messages.open_heartbeat); this is the backstop.
+        """
         seen = aware_utc(seen_at, "seen_at")
         version = info.get("version")
         values = {
@@ -90,8 +97,11 @@ class AgentRecords(Records):
             "outbox_depth": int_or_none(info.get("outbox_depth")),
             "clock_offset_ms": int_or_none(info.get("clock_offset_ms")),
             "policy_version": int_or_none(info.get("policy_version")),
-            "last_heartbeat": mynumber.redact(info),
+            "last_heartbeat": info,
         }
+        # The stored values too: cutting the version at 32 characters may shorten a longer digit run to 12.
+        if next(mynumber.find_my_numbers([info, values["version"]]), None) is not None:
+            return False
 
         def work(conn: Connection) -> bool:
             # Heartbeats may be handled by different workers out of order: keep the newest.

@@ -13,7 +13,7 @@ from sqlalchemy import Connection, Table, func, insert, select
 
 from sekisho.controller.store.models import IssuedCommand, PolicyVersion
 from sekisho.controller.store.records import Records, aware_utc
-from sekisho.protocol import timefmt
+from sekisho.protocol import mynumber, timefmt
 
 _POLICY = cast(Table, PolicyVersion.__table__)
 _COMMANDS = cast(Table, IssuedCommand.__table__)
@@ -32,7 +32,14 @@ def insert_policy_version(
     when: datetime,
     base_version: int | None,
 ) -> PolicyVersion:
-    """Insert the next policy version inside the caller's transaction (which may write more with it)."""
+    """Insert the next policy version inside the caller's transaction (which may write more with it).
+
+    Raises mynumber.MyNumberFound if any field of the document, the comment or the author looks like a My
+    Number: a policy version is signed into the agents' bundles, so it must never carry one.
+    """
+    mynumber.refuse_my_numbers(
+        {"document": document, "comment": comment, "created_by": created_by}, "$", what="policy version"
+    )
     # Two workers may pick the same number; the loser hits the primary key and retries.
     current = int(conn.execute(select(func.max(_POLICY.c.version))).scalar() or 0)
     if base_version is not None and current != base_version:
@@ -97,7 +104,8 @@ class PolicyRecords(Records):
         expires_at: datetime,
         nonce: str,
     ) -> IssuedCommand:
-        """Record a command sent to an agent; a reused nonce or id raises IntegrityError."""
+        """Record a command sent to an agent; a reused nonce or id raises IntegrityError, a My Number MyNumberFound."""
+        mynumber.refuse_my_numbers({"agent_id": agent_id, "name": name, "args": args}, "$", what="command")
         values = {
             "id": command_id,
             "agent_id": agent_id,
