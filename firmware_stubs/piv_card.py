@@ -9,6 +9,13 @@ response APDU. Connecting inserts the card; closing the socket removes it.
 The card speaks just enough PIV for the driver's tests (SELECT, GET DATA 5FC101, GENERAL AUTHENTICATE with
 a P-256 key over a host challenge) and the reader pseudo-APDU GET DATA UID. Written independently of
 drivers/smartcard so that a shared misreading of the protocol does not make the tests pass.
+
+Fault modes (``fault=``) for the time-outs: ``"stall"`` stops answering at the first command whose INS is
+``fault_ins`` (every command when None, GET DATA UID included) — for ``stall_s`` seconds, then it answers as
+if nothing happened, or until it is pulled when ``stall_s`` is None; ``"empty"`` answers that command with an
+empty frame, which leaves vpcd (and so pcscd's SCardTransmit) waiting until the card is pulled. Control
+messages (power, ATR) are always answered, so pcscd still sees the card in the reader. ``stalled`` is set
+when the fault has struck, ``stall_answered`` when a timed stall has been answered after all.
 """
 
 from __future__ import annotations
@@ -32,9 +39,13 @@ VPCD_PORT = 35963
 PIV_AID = bytes.fromhex("A000000308000010000100")
 CARD_AUTH_OBJECT = bytes.fromhex("5FC101")
 
-Mode = Literal["piv", "wrong_key", "malformed", "felica_uid_only"]
-# "mute" never answers (until the card is pulled). A 0-byte answer is not offered: vpcd then never returns
-# to pcscd, which is a vpcd artefact, not something a real card can do.
+# "refuses_to_sign": a clone with the genuine (public) certificate that answers GENERAL AUTHENTICATE with 6982.
+Mode = Literal["piv", "wrong_key", "refuses_to_sign", "malformed", "felica_uid_only"]
+Fault = Literal["stall", "empty"]
+INS_GENERAL_AUTHENTICATE = 0x87
+INS_SELECT = 0xA4
+# "mute" never answers (until the card is pulled). A 0-byte answer is the "empty" fault instead: vpcd then
+# never returns to pcscd until the card is pulled.
 MalformedKind = Literal["one_byte", "bad_tlv", "garbage", "endless_61", "bad_signature_tlv", "mute"]
 
 
@@ -95,18 +106,27 @@ class VirtualCard:
         malformed: MalformedKind = "bad_tlv",
         port: int = VPCD_PORT,
         seed: int = 0,
+        fault: Fault | None = None,
+        fault_ins: int | None = None,
+        stall_s: float | None = None,
     ) -> None:
         self.uid = uid
         self.key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
         self.certificate = certificate if certificate is not None else make_certificate(self.key)
-        if mode == "wrong_key":
+        if mode in ("wrong_key", "refuses_to_sign"):
             # A clone: the genuine UID and the genuine (public) certificate, but not the genuine private key.
             self.key = ec.generate_private_key(ec.SECP256R1())
         self.mode = mode
         self.malformed = malformed
         self.port = port
         self.atr = FELICA_ATR if mode == "felica_uid_only" else PIV_ATR
+        self.fault = fault
+        self.fault_ins = fault_ins
+        self.stall_s = stall_s
+        self.stalled = threading.Event()
+        self.stall_answered = threading.Event()
         self.commands: list[bytes] = []
+        self._gone = threading.Event()
         self._random = random.Random(seed)
         self._selected = False
         self._pending = b""
@@ -119,12 +139,16 @@ class VirtualCard:
         """Connect to vpcd, which makes pcscd see the card inserted."""
         sock = socket.create_connection((VPCD_HOST, self.port), timeout=timeout)
         sock.settimeout(None)
+        self._gone.clear()
+        self.stalled.clear()
+        self.stall_answered.clear()
         self._sock = sock
         self._thread = threading.Thread(target=self._serve, args=(sock,), name="vcard", daemon=True)
         self._thread.start()
 
     def remove(self) -> None:
         """Close the connection to vpcd, which makes pcscd see the card removed."""
+        self._gone.set()
         sock, self._sock = self._sock, None
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -156,12 +180,31 @@ class VirtualCard:
                     if answer is not None:
                         sock.sendall(struct.pack(">H", len(answer)) + answer)
                     continue
+                late = False
+                if self._fault_strikes(payload):
+                    self.stalled.set()
+                    if self.fault == "empty":
+                        self.commands.append(payload)
+                        sock.sendall(struct.pack(">H", 0))
+                        continue
+                    if self.stall_s is None or self._gone.wait(self.stall_s):
+                        self.commands.append(payload)
+                        continue  # never answered: the card stays silent until it is pulled
+                    late = True
                 response = self.respond(payload)
                 if self.mode == "malformed" and self.malformed == "mute" and payload[:2] != b"\xff\xca":
                     continue
                 sock.sendall(struct.pack(">H", len(response)) + response)
+                if late:
+                    self.stall_answered.set()
         except OSError:
             return
+
+    def _fault_strikes(self, apdu: bytes) -> bool:
+        """Tell whether this command meets the card's fault (only the first such command of an insertion)."""
+        if self.fault is None or self.stalled.is_set():
+            return False
+        return self.fault_ins is None or apdu[1] == self.fault_ins
 
     @staticmethod
     def _read_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -261,6 +304,8 @@ class VirtualCard:
             return b"\x69\x85"
         if apdu[2] != 0x11 or apdu[3] != 0x9E:
             return b"\x6a\x86"
+        if self.mode == "refuses_to_sign":
+            return b"\x69\x82"  # security status not satisfied: a clone has no key to sign with
         body = self._command_data(apdu)
         # Expect 7C { 82 00, 81 <challenge> } in either order.
         if len(body) < 2 or body[0] != 0x7C:

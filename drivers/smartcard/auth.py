@@ -25,6 +25,7 @@ from sekisho.drivers.smartcard.apdu import encode_tlv, find_tlv, parse_tlv
 from sekisho.drivers.smartcard.errors import (
     CardError,
     CardRemoved,
+    CardTimeout,
     MalformedResponse,
     ReaderUnavailable,
     StatusWordError,
@@ -47,6 +48,7 @@ AuthReason = Literal[
     "uid_only_weak",
     "uid_only_not_allowed",
     "reader_unavailable",
+    "card_timeout",
 ]
 Rng = Callable[[int], bytes]
 
@@ -200,24 +202,43 @@ def authenticate(
     rng: Rng = secrets.token_bytes,
     allow_uid_only: bool = False,
 ) -> AuthResult:
-    """Identify the card among the enrolled ones and prove it holds the enrolled key; never raises on card faults."""
+    """Identify the card among the enrolled ones and prove it holds the enrolled key; never raises on card faults.
+
+    A fault after the card was matched to an enrolment keeps that card's id in the result, so a clone that
+    presents a copied certificate and then will not sign is a failed authentication of that card, not an
+    unknown card. A card that left during the check is ``no_card``; one that stopped answering within the
+    connection's deadline is ``card_timeout``.
+    """
     if conn is None:
         return AuthResult(ok=False, reason="no_card")
     cards = list(enrolled)
+    matched: list[str] = []
     try:
-        return _authenticate(conn, cards, site_key=site_key, rng=rng, allow_uid_only=allow_uid_only)
+        return _authenticate(conn, cards, site_key=site_key, rng=rng, allow_uid_only=allow_uid_only, matched=matched)
+    except CardTimeout as err:
+        return AuthResult(ok=False, reason="card_timeout", card_id=_last(matched), detail=str(err))
     except CardRemoved as err:
         return AuthResult(ok=False, reason="no_card", detail=str(err))
     except ReaderUnavailable as err:
         return AuthResult(ok=False, reason="reader_unavailable", detail=str(err))
     except MalformedResponse as err:
-        return AuthResult(ok=False, reason="malformed_response", detail=str(err))
+        return AuthResult(ok=False, reason="malformed_response", card_id=_last(matched), detail=str(err))
     except CardError as err:
-        return AuthResult(ok=False, reason="card_auth_failed", detail=str(err))
+        return AuthResult(ok=False, reason="card_auth_failed", card_id=_last(matched), detail=str(err))
+
+
+def _last(matched: list[str]) -> str | None:
+    return matched[-1] if matched else None
 
 
 def _authenticate(
-    conn: CardConnection, cards: list[EnrolledCard], *, site_key: bytes, rng: Rng, allow_uid_only: bool
+    conn: CardConnection,
+    cards: list[EnrolledCard],
+    *,
+    site_key: bytes,
+    rng: Rng,
+    allow_uid_only: bool,
+    matched: list[str],
 ) -> AuthResult:
     uid_hash: str | None = None
     try:
@@ -225,6 +246,8 @@ def _authenticate(
     except StatusWordError:
         uid_hash = None
     match = next((card for card in cards if uid_hash is not None and card.uid_hash == uid_hash), None)
+    if match is not None:
+        matched.append(match.card_id)
 
     if match is not None and match.kind == "uid_only":
         if allow_uid_only:
@@ -251,6 +274,7 @@ def _authenticate(
         match = next((c for c in candidates if public_key_fingerprint(c.public_key_pem or "") == fingerprint), None)
         if match is None:
             return AuthResult(ok=False, reason="unknown_card")
+        matched.append(match.card_id)
 
     if not match.public_key_pem:
         return AuthResult(ok=False, reason="card_auth_failed", card_id=match.card_id, detail="no key enrolled")

@@ -96,6 +96,14 @@ class CardRemoved(CardError):
     """The card left the reader (or was reset by someone else) before or during the exchange."""
 
 
+class CardTimeout(CardError):
+    """The card (or its reader) did not answer in the time allowed: one command, or the whole check.
+
+    The PC/SC call it was waiting for may still be running (pcsc-lite cannot interrupt a transmit): the session
+    that raised this is finished, and its handles are released once that call comes back.
+    """
+
+
 class ReaderUnavailable(CardError):
     """The reader or the PC/SC service is gone, unknown or not answering."""
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 GET_UID_APDU = bytes.fromhex("FFCA000000")
+# A card's answer to one command: PIV signatures take well under a second on real cards.
+DEFAULT_APDU_TIMEOUT_S = 2.0
 
 
 def mask_uid(uid: bytes) -> str:
@@ -41,6 +44,33 @@ class ReaderEvent:
 
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """How long a card may take: each command (APDU) at most ``apdu_s``, the whole check over by ``at``.
+
+    ``at`` is a ``time.monotonic()`` instant; None bounds each command only. A backend raises CardTimeout
+    when either bound passes, and never waits beyond it.
+    """
+
+    apdu_s: float = DEFAULT_APDU_TIMEOUT_S
+    at: float | None = None
+
+    @classmethod
+    def within(cls, check_s: float, apdu_s: float = DEFAULT_APDU_TIMEOUT_S) -> Deadline:
+        """Return the bounds for a check that must be over ``check_s`` from now."""
+        return cls(apdu_s=apdu_s, at=time.monotonic() + check_s)
+
+    def remaining(self) -> float:
+        """Return the seconds left for the whole check (infinite without ``at``, never negative)."""
+        if self.at is None:
+            return float("inf")
+        return max(0.0, self.at - time.monotonic())
+
+    def step_s(self) -> float:
+        """Return how long the next command may take: the per-command bound, cut to the time left."""
+        return min(self.apdu_s, self.remaining())
 
 
 CardObserver = Callable[[CardEvent], None]
@@ -80,8 +110,12 @@ class SmartCardBackend(Protocol):
         """Deliver reader diffs to ``observer`` (the current readers first, as added); return an unsubscriber."""
         ...
 
-    def connect(self, reader: str) -> CardConnection:
-        """Open a session with the card in ``reader``; raise CardRemoved if there is none."""
+    def connect(self, reader: str, *, deadline: Deadline | None = None) -> CardConnection:
+        """Open a session with the card in ``reader``; raise CardRemoved if there is none.
+
+        Every exchange of the session (the connect included) keeps to ``deadline`` (the backend's own
+        per-command bound when None) and raises CardTimeout rather than wait longer.
+        """
         ...
 
     def close(self) -> None:

@@ -20,12 +20,13 @@ from cryptography.x509.oid import NameOID
 
 from sekisho.drivers.observers import ObserverList
 from sekisho.drivers.smartcard.apdu import encode_tlv, parse_tlv, transmit_apdu
-from sekisho.drivers.smartcard.errors import CardRemoved, MalformedResponse, ReaderUnavailable
+from sekisho.drivers.smartcard.errors import CardRemoved, CardTimeout, MalformedResponse, ReaderUnavailable
 from sekisho.drivers.smartcard.protocol import (
     GET_UID_APDU,
     CardEvent,
     CardObserver,
     CardPresence,
+    Deadline,
     ReaderEvent,
     ReaderObserver,
     mask_uid,
@@ -220,8 +221,13 @@ class SimulatedBackend:
                 self._reader_observers.deliver_to(observer, ReaderEvent(added=list(self._readers)))
         return unsubscribe
 
-    def connect(self, reader: str) -> SimulatedConnection:
-        """Open a session with the card in ``reader``; raise CardRemoved if there is none."""
+    def connect(self, reader: str, *, deadline: Deadline | None = None) -> SimulatedConnection:
+        """Open a session with the card in ``reader``; raise CardRemoved if there is none.
+
+        Simulated cards answer at once, so ``deadline`` only refuses a check whose time is already up.
+        """
+        if deadline is not None and deadline.remaining() <= 0:
+            raise CardTimeout(f"no time left to connect to {reader!r}")
         with self._lock:
             if reader not in self._readers:
                 raise ReaderUnavailable(f"no reader {reader!r}")

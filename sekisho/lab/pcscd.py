@@ -17,6 +17,10 @@ from pathlib import Path
 
 VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
 VPCD_READER = "Virtual PCD 00 00"
+# vpcd's second slot (a software card connects to TCP 35964 for it): a reader of its own for pcscd, since vpcd
+# says its slots may be used at the same time, so a card stuck in one does not hold up the other.
+VPCD_READER_2 = "Virtual PCD 00 01"
+VPCD_PORT_2 = 35964
 START_TIMEOUT_S = 10.0
 
 
