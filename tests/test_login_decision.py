@@ -185,6 +185,10 @@ def test_terminal_without_schedule_allows_any_time() -> None:
         # A clone of Bob's card fails to prove itself: that, not whose card it copies, is the reason.
         (CardCheck(present=True, card_id="c-bob", authenticated=False), "card_auth_failed"),
         (CardCheck(present=True, card_id="c-alice-felica", authenticated=True, weak=True), "uid_only_not_allowed"),
+        # A card that stopped answering proved nothing, whatever it had said before.
+        (CardCheck(present=True, timed_out=True), "card_timeout"),
+        (CardCheck(present=True, card_id="c-alice", uid_hash=uid_hash(1), timed_out=True), "card_timeout"),
+        (CardCheck(present=True, card_id="c-bob", timed_out=True), "card_timeout"),
     ],
 )
 def test_card_reasons(card: CardCheck, reason: str) -> None:

@@ -3,6 +3,8 @@
 No simulation: the helper reads a software PIV card through our own pcscd and vpcd (challenge–response
 against the enrolled key) and verifies the finger through the real fprintd with libfprint's virtual
 sensor on a private system bus (login.toml points it there). Each case must end in the right signed event.
+Cards that stop answering (mid challenge–response, at all, or with an empty frame) are refused as
+card_timeout while they are still silent — the deadline decides, not the card.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from support.fprintd import FprintdStack, missing_prerequisites
 from test_login_pam import _REASON as PAM_REASON
 from test_login_pam import Terminal, make_terminal
 
-from sekisho.firmware_stubs.piv_card import VirtualCard
+from sekisho.agents.login.messages import message
+from sekisho.firmware_stubs.piv_card import INS_GENERAL_AUTHENTICATE, INS_SELECT, Fault, VirtualCard, make_certificate
 from sekisho.lab.pcscd import VPCD_READER
 
 pytest_plugins = ["pcsc_fixtures"]
@@ -51,6 +54,8 @@ def real(
         f'fprintd_bus = "{fprintd.address}"\n'
         "fingerprint_timeout_s = 8\n"
         "fingerprint_max_attempts = 2\n"
+        "card_timeout_s = 3\n"
+        "card_apdu_timeout_s = 2\n"
     )
     with make_terminal(pki, tmp_path_factory.mktemp("real"), login_toml=login_toml, simulated=False) as t:
         t.install_bundle(1, t.policy_doc())
@@ -144,3 +149,92 @@ def test_no_card_is_refused(real: Terminal) -> None:
     assert result.returncode != 0
     event = real.last_event()
     assert (event.type, event.payload["reason"]) == ("login.denied", "no_card")
+
+
+@pytest.mark.parametrize(
+    ("mode", "fault", "ins"),
+    [("wrong_key", "stall", INS_GENERAL_AUTHENTICATE), ("piv", "stall", None), ("piv", "empty", INS_SELECT)],
+    ids=["stalls mid challenge-response", "never answers", "answers with an empty frame"],
+)
+def test_card_that_stops_answering_is_refused_card_timeout(
+    real: Terminal, mode: str, fault: Fault, ins: int | None
+) -> None:
+    uid, key = real.cards["c-alice"]
+    card = VirtualCard(uid=uid, key=key, mode=mode, fault=fault, fault_ins=ins)  # type: ignore[arg-type]
+    with card:
+        _card_seen(True)
+        result = real.pamtester("alice")
+        # Refused while the card still owes its answer: the helper's deadline ended the wait.
+        assert card.stalled.is_set() and not card.stall_answered.is_set()
+    assert result.returncode != 0
+    assert message("card_timeout") in result.stdout + result.stderr
+    event = real.last_event()
+    assert (event.type, event.payload["reason"]) == ("login.denied", "card_timeout")
+    assert event.payload.get("fingerprint_attempts") is None  # no finger asked for after a failed card
+    _card_seen(False)
+
+
+def test_enrolled_card_that_stalls_is_refused_and_the_reader_recovers(real: Terminal, fprintd: FprintdStack) -> None:
+    uid, key = real.cards["c-alice"]
+    # Alice's own card, which would sign correctly, but only after the deadline.
+    slow = VirtualCard(uid=uid, key=key, fault="stall", fault_ins=INS_GENERAL_AUTHENTICATE, stall_s=30)
+    with slow:
+        _card_seen(True)
+        result = real.pamtester("alice")
+        assert slow.stalled.is_set() and not slow.stall_answered.is_set()
+    assert result.returncode != 0
+    event = real.last_event()
+    assert (event.type, event.payload["reason"], event.payload.get("card")) == (
+        "login.denied",
+        "card_timeout",
+        "c-alice",
+    )
+    _card_seen(False)
+    # Once the stalled card has left, the same reader serves the next login as usual.
+    with VirtualCard(uid=uid, key=key):
+        _card_seen(True)
+        granted = _login(real, fprintd, [ALICE_FINGER])
+    assert granted.returncode == 0, granted.stdout + granted.stderr
+    assert real.last_event().type == "login.granted"
+    _card_seen(False)
+
+
+def test_clone_with_copied_certificate_that_will_not_sign_is_card_auth_failed(real: Terminal) -> None:
+    _, key = real.cards["c-alice"]
+    # Not alice's UID: only the copied (public) certificate names her card, and the clone cannot sign.
+    clone = VirtualCard(uid=bytes.fromhex("08C0FFEE"), certificate=make_certificate(key), mode="refuses_to_sign")
+    with clone:
+        _card_seen(True)
+        result = real.pamtester("alice")
+    assert result.returncode != 0
+    event = real.last_event()
+    assert (event.type, event.payload["reason"], event.payload.get("card")) == (
+        "login.denied",
+        "card_auth_failed",
+        "c-alice",
+    )
+    _card_seen(False)
+
+
+def test_card_pulled_mid_challenge_is_no_card(real: Terminal) -> None:
+    uid, key = real.cards["c-alice"]
+    card = VirtualCard(uid=uid, key=key, fault="stall", fault_ins=INS_GENERAL_AUTHENTICATE)
+
+    def pull_when_challenged() -> None:
+        if card.stalled.wait(30):
+            card.remove()
+
+    card.insert()
+    _card_seen(True)
+    puller = threading.Thread(target=pull_when_challenged, daemon=True)
+    puller.start()
+    try:
+        result = real.pamtester("alice")
+    finally:
+        puller.join(30)
+        card.remove()
+    assert card.stalled.is_set()
+    assert result.returncode != 0
+    event = real.last_event()
+    assert (event.type, event.payload["reason"]) == ("login.denied", "no_card")
+    _card_seen(False)

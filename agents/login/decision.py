@@ -27,6 +27,7 @@ LoginReason = Literal[
     "not_designated",
     "outside_hours",
     "no_card",
+    "card_timeout",
     "unknown_card",
     "card_bound_to_other",
     "card_inactive",
@@ -53,6 +54,8 @@ class CardCheck:
     uid_masked: str | None = None
     authenticated: bool = False
     weak: bool = False
+    # The card (or its reader) stopped answering before the check was over: nothing it said counts.
+    timed_out: bool = False
     detail: str = ""
 
 
@@ -141,6 +144,9 @@ def refuse_early(
         return None
     if not card.present:
         return _deny("no_card", person, card.detail)
+    if card.timed_out:
+        # Fail closed, whoever the card claimed to be: a check that did not finish proved nothing.
+        return _deny("card_timeout", person, card.detail, card_id=card.card_id)
     found = _find_card(policy.cards, card)
     if found is None:
         return _deny("unknown_card", person, card.detail)

@@ -37,6 +37,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "Login is not allowed at this time. Log in during the permitted hours.",
     ),
     "no_card": ("ICカードをリーダーに置いてください。", "Place your ID card on the reader."),
+    "card_timeout": (
+        "ICカードが時間内に応答しませんでした。カードを取り出し、置き直してもう一度お試しください。",
+        "The card did not answer in time. Take it off the reader, place it again and retry.",
+    ),
     "unknown_card": (
         "登録されていないICカードです。ご自身のICカードを置いてください。",
         "This card is not registered. Place your own ID card on the reader.",

@@ -17,6 +17,8 @@ import logging
 import os
 import stat
 import sys
+import threading
+import time
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,6 +49,8 @@ from sekisho.common.files import write_atomically
 from sekisho.drivers.biometric import BiometricError, FingerprintBackend, NotEnrolled, SimulatedFingerprint
 from sekisho.drivers.smartcard import (
     CardError,
+    CardTimeout,
+    Deadline,
     SimulatedBackend,
     SimulatedCard,
     SmartCardBackend,
@@ -63,6 +67,8 @@ LOGIN_SETTINGS_NAME = "login.toml"
 SIMULATION_ENV = "SEKISHO_LOGIN_SIMULATION"
 _LOGIN_NAME_MAX = 64
 _SIM_FINGER = "sim-finger"
+# The driver's own deadline falls this much before the helper's, so its reason and detail come first.
+_CARD_MARGIN_S = 0.25
 
 
 class LoginAgentSettings(BaseModel):
@@ -74,6 +80,14 @@ class LoginAgentSettings(BaseModel):
         default=None, description="the site key that keys card UID hashes (same as the policy author's)"
     )
     reader: str | None = Field(default=None, description="PC/SC reader to use; default: the first with a card")
+    card_timeout_s: float = Field(
+        default=4.0,
+        gt=0,
+        le=30,
+        description="the card part of a login (find, identify, challenge–response) is over within this; "
+        "past it the login is refused as card_timeout (the fingerprint wait has its own bound)",
+    )
+    card_apdu_timeout_s: float = Field(default=2.0, gt=0, le=30, description="the card's answer to one command")
     fingerprint_timeout_s: float = Field(default=15.0, gt=0, le=120)
     fingerprint_max_attempts: int = Field(default=3, ge=1, le=10)
     fprintd_bus: str = Field(default="SYSTEM", description='"SYSTEM" or a unix:path=… D-Bus address')
@@ -180,13 +194,25 @@ def real_hardware(settings: LoginAgentSettings) -> Hardware:
 
 
 def check_card(
-    backend: SmartCardBackend, cards: list[Card], *, site_key: bytes, allow_uid_only: bool, reader: str | None = None
+    backend: SmartCardBackend,
+    cards: list[Card],
+    *,
+    site_key: bytes,
+    allow_uid_only: bool,
+    reader: str | None = None,
+    deadline: Deadline | None = None,
 ) -> CardCheck:
-    """Find a card in the reader(s), identify it among the policy's cards and run challenge–response."""
+    """Find a card in the reader(s), identify it among the policy's cards and run challenge–response.
+
+    Every exchange with the card keeps to ``deadline``; a card that stops answering is ``timed_out``.
+    """
     readers = [reader] if reader else backend.readers()
     for name in readers:
         try:
-            conn = backend.connect(name)
+            conn = backend.connect(name, deadline=deadline)
+        except CardTimeout as err:
+            # pcscd is still busy with a card in this reader that does not answer: fail closed.
+            return CardCheck(present=True, timed_out=True, reader=name, detail=f"card_timeout: {err}")
         except CardError:
             continue  # no card in this reader (or it vanished): try the next one
         break
@@ -210,6 +236,8 @@ def check_card(
     }
     if result.reason in ("no_card", "reader_unavailable"):
         return CardCheck(present=False, detail=f"{result.reason}: {result.detail}")
+    if result.reason == "card_timeout":
+        return CardCheck(present=True, timed_out=True, detail=f"{result.reason}: {result.detail}", **common)
     if result.reason == "ok":
         return CardCheck(present=True, authenticated=True, **common)
     if result.reason == "uid_only_weak":
@@ -220,6 +248,55 @@ def check_card(
         # Only what the driver matched counts: a UID hash alone must not identify a card it could not match.
         return CardCheck(present=True, reader=name, uid_masked=uid_masked, detail=result.detail)
     return CardCheck(present=True, authenticated=False, detail=f"{result.reason}: {result.detail}", **common)
+
+
+def check_card_within(
+    backend: SmartCardBackend,
+    cards: list[Card],
+    *,
+    until: float,
+    apdu_timeout_s: float,
+    site_key: bytes,
+    allow_uid_only: bool,
+    reader: str | None = None,
+) -> CardCheck:
+    """Run ``check_card`` to be over by ``until`` (``time.monotonic()``); past it, the card is ``timed_out``.
+
+    The driver bounds each exchange with the card (per command, and the whole check a little before
+    ``until``); this bounds everything else as well (pcscd not answering at all, a driver fault), so the
+    helper never waits for the card longer than it was configured to. A check still running at ``until`` is
+    left behind on its daemon thread: the helper decides, records and exits.
+    """
+    margin = min(_CARD_MARGIN_S, (until - time.monotonic()) / 4)
+    deadline = Deadline(apdu_s=apdu_timeout_s, at=until - max(margin, 0.0))
+    done: list[CardCheck] = []
+    failed: list[Exception] = []
+
+    def run() -> None:
+        try:
+            done.append(
+                check_card(
+                    backend,
+                    cards,
+                    site_key=site_key,
+                    allow_uid_only=allow_uid_only,
+                    reader=reader,
+                    deadline=deadline,
+                )
+            )
+        except Exception as err:  # raised again on the helper's thread: refused as an internal error
+            failed.append(err)
+
+    worker = threading.Thread(target=run, name="login-card-check", daemon=True)
+    worker.start()
+    worker.join(max(0.0, until - time.monotonic()))
+    if failed:
+        raise failed[0]
+    if done:
+        return done[0]
+    return CardCheck(
+        present=True, timed_out=True, reader=reader, detail="card_timeout: the card check did not finish in time"
+    )
 
 
 def check_finger(backend: FingerprintBackend, user: str, *, timeout_s: float, max_attempts: int) -> FingerCheck:
@@ -382,11 +459,16 @@ class PamHelper:
             assert policy is not None
             if settings.site_key_file is None:
                 raise LoginSetupError("login.toml has no site_key_file: card UIDs cannot be matched")
+            # The card part's deadline counts from here: a card (or pcscd) that stops answering ends the
+            # login as card_timeout by then, never later.
+            card_until = time.monotonic() + settings.card_timeout_s
             site_key = settings.site_key_file.read_bytes().strip()
             hardware = self._hardware(request.user, settings)
-            card = check_card(
+            card = check_card_within(
                 hardware.cards,
                 list(policy.cards),
+                until=card_until,
+                apdu_timeout_s=settings.card_apdu_timeout_s,
                 site_key=site_key,
                 allow_uid_only=policy.login.allow_uid_only,
                 reader=hardware.reader,
