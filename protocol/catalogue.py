@@ -17,6 +17,9 @@ Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 # A card identifier is only ever sent keyed-hashed (hex) and masked for display.
 CardHash = Annotated[str, Field(pattern=r"^[0-9a-f]{32,64}$")]
 Masked = Annotated[str, Field(max_length=32)]
+# A machine reason code (snake_case). The vocabularies live with the deciders and their docs: login denials in
+# agents/login/decision.py LoginReason (docs/login.md), door denials in agents/doors/checks.py DenyReason
+# (docs/doors.md). Both have ``card_timeout``: a smart card that stopped answering before its check was over.
 Reason = Annotated[str, Field(max_length=200)]
 
 

@@ -325,6 +325,15 @@ def test_unknown_reader_and_unknown_card(rig: Rig) -> None:
     assert denied(rig.tap("r-vis", "stranger")) == "unknown_card"
 
 
+@pytest.mark.parametrize("name", ["aoki", "stranger"])
+def test_card_that_stopped_answering_is_card_timeout(name: str) -> None:
+    # Known or not, a card whose check did not finish proved nothing; an unknown reader still comes first.
+    timed_out = CardEvidence(card_hash=card_hash(name), card_masked="****", weak=True, timed_out=True)
+    policy = make_policy()
+    assert check_card(policy, "valid", "r-a-in", timed_out, WORKDAY).reason == "card_timeout"
+    assert check_card(policy, "valid", "r-nowhere", timed_out, WORKDAY).reason == "unknown_reader"
+
+
 @pytest.mark.parametrize(
     ("card", "reason"),
     [

@@ -3,26 +3,31 @@
 The door adapter uses the login guard's driver path: a card enrolled with a key must prove it by
 challenge–response (a clone with the right UID and the wrong key is refused as card_auth_failed, all the way
 through the door decision), a card enrolled without a key is recognised by its UID hash and flagged weak.
+A card that stops answering is refused as card_timeout, holds up no other reader of the door box (vpcd's two
+slots are two readers for pcscd), and leaves its reader serving the next card once it has gone.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sekisho.agents.doors.attach import PcscDoorReaders
+from sekisho.agents.doors.attach import AttachedDoors, PcscDoorReaders
 from sekisho.agents.doors.checks import CardEvidence, check_card
+from sekisho.agents.doors.service import DoorAgentCore
+from sekisho.drivers.locker import SimulatedLockerBoard
 from sekisho.drivers.smartcard import CardError, hash_uid
 from sekisho.drivers.smartcard.protocol import CardEvent
-from sekisho.firmware_stubs.piv_card import VirtualCard
-from sekisho.lab.pcscd import VPCD_READER
+from sekisho.firmware_stubs.piv_card import INS_GENERAL_AUTHENTICATE, INS_SELECT, Fault, VirtualCard
+from sekisho.lab.pcscd import VPCD_PORT_2, VPCD_READER, VPCD_READER_2
 from sekisho.protocol.policy import Card, Door, DoorReader, Person, Site, SitePolicy
 
 pytest_plugins = ["pcsc_fixtures"]
@@ -106,7 +111,12 @@ def taps(pcscd: object) -> Iterator[Taps]:
         collected = Taps(backend)
         assert backend.wait_until_monitoring(5)
         readers = PcscDoorReaders(
-            backend, {VPCD_READER: "rdr-pcsc"}, site_key=SITE_KEY, cards=lambda: list(POLICY.cards)
+            backend,
+            {VPCD_READER: "rdr-pcsc"},
+            site_key=SITE_KEY,
+            cards=lambda: list(POLICY.cards),
+            card_timeout_s=2.0,
+            apdu_timeout_s=1.5,
         )
         readers.start(collected)
         try:
@@ -169,3 +179,143 @@ def test_unmapped_reader_is_ignored(pcscd: object) -> None:
         finally:
             unsubscribe()
             readers.stop()
+
+
+# --- cards that stop answering ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "ins"),
+    [("stall", INS_GENERAL_AUTHENTICATE), ("stall", None), ("empty", INS_SELECT)],
+    ids=["stalls mid challenge-response", "never answers", "answers with an empty frame"],
+)
+def test_card_that_stops_answering_is_refused_card_timeout(taps: Taps, fault: Fault, ins: int | None) -> None:
+    silent = VirtualCard(uid=PIV_UID, key=KEY, fault=fault, fault_ins=ins)
+    evidence = taps.place(silent)
+    assert evidence.timed_out and silent.stalled.is_set()
+    assert _verdict(evidence) == "card_timeout"
+    # The silent card has gone: the reader serves the next card as before.
+    follow = taps.place(VirtualCard(uid=PIV_UID, key=KEY))
+    assert (follow.card_id, follow.timed_out) == ("c-piv", False)
+    assert _verdict(follow) is None
+
+
+def test_clone_with_a_copied_certificate_that_will_not_sign_is_card_auth_failed(taps: Taps) -> None:
+    genuine = VirtualCard(uid=PIV_UID, key=KEY)
+    # Another UID (so only the copied certificate names the enrolled card), and a refusal to sign.
+    clone = VirtualCard(uid=bytes.fromhex("08ABCDEF"), certificate=genuine.certificate, mode="refuses_to_sign")
+    evidence = taps.place(clone)
+    assert (evidence.card_id, evidence.auth_failed) == ("c-piv", True)
+    assert _verdict(evidence) == "card_auth_failed"
+
+
+def test_card_pulled_mid_challenge_is_no_tap(taps: Taps) -> None:
+    card = VirtualCard(uid=PIV_UID, key=KEY, fault="stall", fault_ins=INS_GENERAL_AUTHENTICATE)
+    taps.event.clear()
+    card.insert()
+    try:
+        assert card.stalled.wait(10), "the door reader never challenged the card"
+    finally:
+        card.remove()
+    # Pulled before its check was over: no tap at all. Proven by the next card's tap being the first one.
+    evidence = taps.place(VirtualCard(uid=PIV_UID, key=KEY))
+    assert [e for _, e in taps.seen] == [evidence] and evidence.card_id == "c-piv"
+
+
+BOX_POLICY = SitePolicy(
+    site=Site(name="pcsc door box"),
+    people=[Person(id="p-piv", name="PIV holder")],
+    cards=[
+        Card(
+            id="c-piv",
+            person="p-piv",
+            kind="piv",
+            uid_hash=hash_uid(PIV_UID, SITE_KEY),
+            public_key_pem=_public_pem(KEY),
+        )
+    ],
+    doors=[
+        Door(
+            id="room-1",
+            name="records room",
+            kind="room",
+            agent="door-pcsc",
+            allowed=["p-piv"],
+            readers=[DoorReader(id="rdr-in"), DoorReader(id="rdr-side")],
+            relay=1,
+        )
+    ],
+)
+
+
+class Outbox:
+    """The door box's events in order, waited for by predicate."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self._changed = threading.Condition()
+
+    def emit(self, type_: str, payload: dict[str, Any]) -> int:
+        with self._changed:
+            self.events.append((type_, payload))
+            self._changed.notify_all()
+            return len(self.events)
+
+    def decisions(self, reader: str) -> list[tuple[str, dict[str, Any]]]:
+        with self._changed:
+            return [(t, p) for t, p in self.events if t.startswith("door.access_") and p.get("reader") == reader]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
+        with self._changed:
+            assert self._changed.wait_for(predicate, timeout), f"not recorded; events so far: {self.events}"
+
+
+@pytest.fixture
+def door_box(pcscd: object, tmp_path: Path) -> Iterator[Outbox]:
+    """A door box: one room door with two PC/SC readers (vpcd's two slots) and a lock board, events recorded."""
+    from sekisho.drivers.smartcard.pcsc import PcscBackend
+
+    outbox = Outbox()
+    holder: dict[str, AttachedDoors] = {}
+    with PcscBackend() as backend:
+        assert backend.wait_until_monitoring(5)
+        core = DoorAgentCore(
+            policy=lambda: (BOX_POLICY, "valid", None),
+            emit=outbox.emit,
+            set_relay=lambda index, on, max_on_ms: holder["doors"].set_relay(index, on, max_on_ms),
+            feedback=lambda reader_id, ok: None,
+            state_dir=tmp_path,
+        )
+        pcsc = PcscDoorReaders(
+            backend,
+            {VPCD_READER: "rdr-in", VPCD_READER_2: "rdr-side"},
+            site_key=SITE_KEY,
+            cards=lambda: list(BOX_POLICY.cards),
+            card_timeout_s=6.0,  # long enough that the other reader is certainly decided first
+            apdu_timeout_s=6.0,
+        )
+        doors = AttachedDoors(core, [], SimulatedLockerBoard(relays=2, doors=0), SITE_KEY, pcsc)
+        holder["doors"] = doors
+        doors.start()
+        try:
+            yield outbox
+        finally:
+            doors.stop()
+
+
+def test_a_stalling_card_does_not_delay_another_reader_of_the_box(door_box: Outbox) -> None:
+    stalling = VirtualCard(uid=PIV_UID, key=KEY, fault="stall", fault_ins=INS_GENERAL_AUTHENTICATE)
+    enrolled = VirtualCard(uid=PIV_UID, key=KEY, port=VPCD_PORT_2)
+    with stalling:
+        assert stalling.stalled.wait(10), "the door box never challenged the stalling card"
+        with enrolled:
+            door_box.wait_for(lambda: bool(door_box.decisions("rdr-side")))
+            # Granted at the other reader while this reader's card is still being waited for.
+            assert [t for t, _ in door_box.decisions("rdr-side")] == ["door.access_granted"]
+            assert door_box.decisions("rdr-in") == [] and not stalling.stall_answered.is_set()
+            door_box.wait_for(lambda: bool(door_box.decisions("rdr-in")))
+    ((decision, payload),) = door_box.decisions("rdr-in")
+    assert (decision, payload["reason"], payload["door"]) == ("door.access_denied", "card_timeout", "room-1")
+    # Every decision follows its own card.presented, and the stalled card was recorded too.
+    presented = [p["reader"] for t, p in door_box.events if t == "card.presented"]
+    assert presented == ["rdr-side", "rdr-in"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,13 +37,16 @@ from sekisho.drivers.locker import (
     RelayTimerExpired,
 )
 from sekisho.drivers.osdp import CardRead, KeypadInput, ReaderConfig, ReaderLink, ReaderStatus
-from sekisho.drivers.smartcard import CardError, authenticate, hash_uid, mask_uid
+from sekisho.drivers.smartcard import CardError, CardTimeout, Deadline, authenticate, hash_uid, mask_uid
 from sekisho.drivers.smartcard.protocol import CardEvent, SmartCardBackend
 from sekisho.protocol.policy import Card, SitePolicy
 
 log = logging.getLogger(__name__)
 
 EmitFn = Callable[[str, dict[str, Any]], int]
+# A person waits at the door: a PC/SC card's whole check, and its answer to any one command.
+DOOR_CARD_TIMEOUT_S = 3.0
+DOOR_APDU_TIMEOUT_S = 1.5
 
 
 def policy_provider(cache: PolicyCache) -> Callable[[], tuple[SitePolicy | None, PolicyState, datetime | None]]:
@@ -82,6 +86,12 @@ class PcscDoorReaders:
     driver path as the terminal login): proven, it is a strong credential; failing, it is refused as
     ``card_auth_failed`` (a cloned UID or a copied certificate). Cards enrolled without a key are
     recognised by their UID hash and flagged weak.
+
+    Each mapped reader has a thread of its own, and the backend's monitor only hands cards to it: a card that
+    stalls holds up its own reader and no other. Its check is over within ``card_timeout_s`` (each command
+    within ``apdu_timeout_s``); a card that stops answering is a tap refused as ``card_timeout``. A card
+    taken away before its check is over is no tap. The reader serves its next card once the silent one has
+    left (pcscd cannot interrupt the transmit that waits for it; see drivers/smartcard/pcsc.py).
     """
 
     def __init__(
@@ -91,29 +101,54 @@ class PcscDoorReaders:
         *,
         site_key: bytes,
         cards: Callable[[], Sequence[Card]],
+        card_timeout_s: float = DOOR_CARD_TIMEOUT_S,
+        apdu_timeout_s: float = DOOR_APDU_TIMEOUT_S,
     ) -> None:
         self._backend = backend
         self._readers = dict(readers)  # PC/SC reader name -> door reader id
         self._site_key = site_key
         self._cards = cards
+        self._card_timeout_s = card_timeout_s
+        self._apdu_timeout_s = apdu_timeout_s
         self._on_tap: Callable[[str, CardEvidence], None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        self._queues: dict[str, queue.SimpleQueue[str | None]] = {}
+        self._threads: list[threading.Thread] = []
 
     def start(self, on_tap: Callable[[str, CardEvidence], None]) -> None:
-        """Start watching the mapped readers."""
+        """Start one thread per mapped reader, then watch the readers."""
         self._on_tap = on_tap
+        for pcsc_reader, reader_id in self._readers.items():
+            jobs: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+            thread = threading.Thread(
+                target=self._serve, args=(pcsc_reader, reader_id, jobs), name=f"door-reader {reader_id}", daemon=True
+            )
+            self._queues[pcsc_reader] = jobs
+            self._threads.append(thread)
+            thread.start()
         self._unsubscribe = self._backend.subscribe(self._on_cards)
 
     def stop(self) -> None:
-        """Stop watching; idempotent."""
+        """Stop watching; a check under way still ends (within its time-out) and reports; idempotent."""
         unsubscribe, self._unsubscribe = self._unsubscribe, None
         if unsubscribe is not None:
             unsubscribe()
+        for jobs in self._queues.values():
+            jobs.put(None)
+        for thread in self._threads:
+            thread.join(self._card_timeout_s + 1.0)
+        self._queues.clear()
+        self._threads.clear()
+        self._on_tap = None
 
     def identify(self, pcsc_reader: str) -> CardEvidence | None:
-        """Read and check the card in a reader; None when there is no card to speak of."""
+        """Read and check the card in a reader within the time-outs; None when there is no card to speak of."""
+        deadline = Deadline.within(self._card_timeout_s, self._apdu_timeout_s)
         try:
-            conn = self._backend.connect(pcsc_reader)
+            conn = self._backend.connect(pcsc_reader, deadline=deadline)
+        except CardTimeout as err:
+            log.warning("door reader %s: %s", pcsc_reader, err)
+            return CardEvidence(card_hash=hash_uid(b"", self._site_key), card_masked="****", weak=True, timed_out=True)
         except CardError as err:
             log.warning("door reader %s: no card session: %s", pcsc_reader, err)
             return None
@@ -125,6 +160,7 @@ class PcscDoorReaders:
         finally:
             conn.close()
         if result.reason in ("no_card", "reader_unavailable"):
+            log.info("door reader %s: no tap (%s): %s", pcsc_reader, result.reason, result.detail)
             return None
         card_hash = hash_uid(uid, self._site_key)
         if result.card_id is not None and not uid:
@@ -132,6 +168,11 @@ class PcscDoorReaders:
         masked = mask_uid(uid) if uid else "****"
         if result.ok:
             return CardEvidence(card_hash=card_hash, card_masked=masked, weak=result.weak, card_id=result.card_id)
+        if result.reason == "card_timeout":
+            log.warning("door reader %s: %s", pcsc_reader, result.detail)
+            return CardEvidence(
+                card_hash=card_hash, card_masked=masked, weak=True, card_id=result.card_id, timed_out=True
+            )
         if result.reason == "unknown_card":
             return CardEvidence(card_hash=card_hash, card_masked=masked, weak=True)
         # Matched an enrolled card but could not prove it (or answered garbage): refused, never granted.
@@ -140,17 +181,21 @@ class PcscDoorReaders:
         )
 
     def _on_cards(self, event: CardEvent) -> None:
+        # On the backend's monitor thread: hand each card to its reader's thread and return at once.
         for card in event.added:
-            reader_id = self._readers.get(card.reader)
-            if reader_id is None or self._on_tap is None:
-                continue
+            jobs = self._queues.get(card.reader)
+            if jobs is not None:
+                jobs.put(card.reader)
+
+    def _serve(self, pcsc_reader: str, reader_id: str, jobs: queue.SimpleQueue[str | None]) -> None:
+        while jobs.get() is not None:
             try:
-                evidence = self.identify(card.reader)
-            except Exception:  # the monitor thread must survive any card
+                evidence = self.identify(pcsc_reader)
+                on_tap = self._on_tap
+                if evidence is not None and on_tap is not None:
+                    on_tap(reader_id, evidence)
+            except Exception:  # the reader's thread must survive any card
                 log.exception("door reader %s: identifying a card failed", reader_id)
-                continue
-            if evidence is not None:
-                self._on_tap(reader_id, evidence)
 
 
 @dataclass

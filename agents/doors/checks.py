@@ -7,6 +7,7 @@ docs/doors.md lists them)::
     no_policy / policy_expired      fail closed: no valid bundle, no door opens by card
     unknown_reader                  the reader is not a reader of any door in this agent's policy
     lockdown                        the door is in lock-down: every card is refused
+    card_timeout                    the card stopped answering before its check was over (PC/SC readers)
     unknown_card                    no card with this keyed hash (or id)
     card_auth_failed                the card did not prove it holds its enrolled key
     card_inactive                   suspended, revoked or lost
@@ -37,6 +38,7 @@ DenyReason = Literal[
     "policy_expired",
     "unknown_reader",
     "lockdown",
+    "card_timeout",
     "unknown_card",
     "card_auth_failed",
     "card_inactive",
@@ -74,6 +76,8 @@ class CardEvidence:
     card_id: str | None = None
     # The card was matched to an enrolled key but failed to prove it holds it (a clone, a copied certificate).
     auth_failed: bool = False
+    # The card (or its reader) stopped answering before the check was over: it proved nothing.
+    timed_out: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,6 +173,8 @@ def check_card(
         return refuse("unknown_reader")
     if mode_of is not None and mode_of(door.id) == "lockdown":
         return refuse("lockdown")
+    if evidence.timed_out:
+        return refuse("card_timeout", "the card stopped answering before its check was over")
     if card is None or person is None:
         return refuse("unknown_card")
     if evidence.auth_failed:

@@ -4,6 +4,8 @@
 doors.toml (unknown keys are an error; must not be writable by group or others)::
 
     site_key_file = "site.key"          # keys card numbers the same way the policy's uid_hash does
+    pcsc_card_timeout_s = 3.0           # a PC/SC card's whole check; past it the tap is refused card_timeout
+    pcsc_apdu_timeout_s = 1.5           # a PC/SC card's answer to any one command
 
     [board]                             # the lock relays, door sensors, key slots and tamper input
     kind = "serial"                     # "serial" (docs/locker-board-protocol.md), "hid_relay" or "simulated"
@@ -33,7 +35,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sekisho.agents.doors.attach import AttachedDoors, PcscDoorReaders, attach_doors, policy_provider
+from sekisho.agents.doors.attach import (
+    DOOR_APDU_TIMEOUT_S,
+    DOOR_CARD_TIMEOUT_S,
+    AttachedDoors,
+    PcscDoorReaders,
+    attach_doors,
+    policy_provider,
+)
 from sekisho.agents.runtime.agent import Agent
 from sekisho.drivers.locker import BoardError, LockIO
 from sekisho.drivers.osdp import OsdpError, ReaderConfig, ReaderLink
@@ -90,6 +99,8 @@ class DoorsSettings(_Model):
     board: BoardSettings = Field(default_factory=BoardSettings)
     osdp: list[OsdpLineSettings] = Field(default_factory=list)
     pcsc: list[PcscReaderSettings] = Field(default_factory=list)
+    pcsc_card_timeout_s: float = Field(default=DOOR_CARD_TIMEOUT_S, gt=0, le=30)
+    pcsc_apdu_timeout_s: float = Field(default=DOOR_APDU_TIMEOUT_S, gt=0, le=30)
     tick_s: float = Field(default=0.05, gt=0, le=0.5)
 
 
@@ -177,7 +188,12 @@ def start_doors(agent: Agent, config_path: Path) -> AttachedDoors:
             return list(policy.cards) if policy is not None else []
 
         pcsc = PcscDoorReaders(
-            pcsc_backend(), {r.pcsc_reader: r.reader_id for r in settings.pcsc}, site_key=site_key, cards=cards
+            pcsc_backend(),
+            {r.pcsc_reader: r.reader_id for r in settings.pcsc},
+            site_key=site_key,
+            cards=cards,
+            card_timeout_s=settings.pcsc_card_timeout_s,
+            apdu_timeout_s=settings.pcsc_apdu_timeout_s,
         )
     try:
         readers = build_readers(settings, base)
