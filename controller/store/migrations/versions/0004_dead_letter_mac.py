@@ -51,3 +51,6 @@ def downgrade() -> None:
     with op.batch_alter_table("dead_letters") as batch:
         batch.drop_column("payload_mac")
         batch.add_column(sa.Column("payload_sha256", sa.String(64), nullable=False, server_default=""))
+    with op.batch_alter_table("dead_letters") as batch:
+        # The default only filled the existing rows; revision 0003's column has none.
+        batch.alter_column("payload_sha256", existing_type=sa.String(64), server_default=None)
