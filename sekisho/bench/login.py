@@ -1,15 +1,18 @@
-"""Benchmark of the terminal login guard: card removal → lock command, and the PAM decision without the human."""
+"""Benchmark of the terminal login guard: card removal → lock command, the PAM decision without the human, and
+the PAM decision when the card stalls mid challenge–response (real pcscd, vpcd, the helper's own deadline).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from datetime import time as clock_time
 from pathlib import Path
 from typing import Any
@@ -148,24 +151,148 @@ def _pam_decision(iterations: int) -> list[float]:
     return timings
 
 
-def run_login_bench(removals: int, console: Console, iterations: int = 200) -> int:
-    """Run both measurements, print a table and the JSON summary line; return the exit status."""
+def _stalled_refusals(stalls: int, workdir: Path) -> tuple[list[float], float]:
+    """Run the PAM helper ``stalls`` times while the enrolled card stalls at GENERAL AUTHENTICATE.
+
+    Returns each ``PamHelper.run()`` duration (policy check, card part until its deadline, the signed
+    ``login.denied`` written to the outbox) in seconds, and the configured ``card_timeout_s``. In-process, so
+    the interpreter's start-up (pam_exec starts a new one each time) is not part of it.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sekisho.agents.login.messages import message
+    from sekisho.agents.login.pam import LoginAgentSettings, PamHelper
+    from sekisho.agents.runtime.outbox import Outbox
+    from sekisho.agents.runtime.policy_cache import CACHE_NAME
+    from sekisho.common.files import write_atomically
+    from sekisho.deploy.pki import PkiPaths, init_pki, issue_agent
+    from sekisho.drivers.smartcard import hash_uid
+    from sekisho.drivers.smartcard.pcsc import PcscBackend
+    from sekisho.firmware_stubs.piv_card import INS_GENERAL_AUTHENTICATE, VirtualCard
+    from sekisho.lab import write_toml
+    from sekisho.protocol import events, messages, signing
+    from sekisho.protocol.policy import SitePolicy
+
+    agent, terminal, uid = "bench-login", "bench-term", bytes.fromhex("04BE7C4000AA02")
+    key = ec.generate_private_key(ec.SECP256R1())
+    init_pki(workdir / "pki")
+    creds = issue_agent(workdir / "pki", agent)
+    config = write_toml(
+        workdir / "agent" / "agent.toml",
+        {
+            "agent_id": agent,
+            "ca_cert": str(creds.ca_cert),
+            "tls_cert": str(creds.tls_cert),
+            "tls_key": str(creds.tls_key),
+            "signing_key": str(creds.signing_key),
+            "controller_public_key": str(creds.controller_signing_pub),
+            "state_dir": str(workdir / "agent" / "state"),
+        },
+    )
+    (workdir / "agent" / "site.key").write_bytes(SITE_KEY)
+    # The shipped defaults for the card part; only the reader is named.
+    write_toml(workdir / "agent" / "login.toml", {"site_key_file": "site.key", "reader": VPCD_READER})
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    policy = SitePolicy.model_validate(
+        {
+            "site": {"name": "bench"},
+            "people": [{"id": "p1", "name": "Bench", "logins": ["bench"]}],
+            "cards": [
+                {
+                    "id": "card-1",
+                    "person": "p1",
+                    "kind": "piv",
+                    "uid_hash": hash_uid(uid, SITE_KEY),
+                    "public_key_pem": pem.decode(),
+                }
+            ],
+            "terminals": [{"id": terminal, "name": "Bench", "agent": agent, "handlers": ["p1"]}],
+        }
+    )
+    controller_key = signing.load_private_key(PkiPaths.at(workdir / "pki").controller_signing_key)
+    bundle = messages.build_bundle(
+        controller_key, agent=agent, version=1, policy=policy.for_agent(agent), lifetime=timedelta(hours=1)
+    )
+    state = workdir / "agent" / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    write_atomically(state / CACHE_NAME, bundle)
+
+    env = {"PAM_USER": "bench", "PAM_TYPE": "auth", "PAM_SERVICE": "bench"}
+    timings: list[float] = []
+    present = threading.Event()
+    absent = threading.Event()
+
+    def on_cards(event: CardEvent) -> None:
+        if any(c.reader == VPCD_READER for c in event.removed):
+            absent.set()
+        if any(c.reader == VPCD_READER for c in event.added):
+            present.set()
+
+    with PcscBackend() as backend:
+        if not backend.wait_until_monitoring(5):
+            raise RuntimeError("the PC/SC monitor did not start")
+        unsubscribe = backend.subscribe(on_cards)
+        try:
+            for _ in range(stalls):
+                card = VirtualCard(uid=uid, key=key, fault="stall", fault_ins=INS_GENERAL_AUTHENTICATE)
+                present.clear()
+                card.insert()
+                try:
+                    if not present.wait(5):
+                        raise RuntimeError("pcscd did not report the card inserted within 5 s")
+                    out = io.StringIO()
+                    began = time.perf_counter()
+                    code = PamHelper(config, terminal, env, out).run()
+                    timings.append(time.perf_counter() - began)
+                    if code == 0 or message("card_timeout", "en") not in out.getvalue() or card.stall_answered.is_set():
+                        raise RuntimeError(f"the stalled card was not refused as card_timeout: {out.getvalue()!r}")
+                finally:
+                    absent.clear()
+                    card.remove()
+                # The next card must be a new insertion pcscd sees on its own.
+                if not absent.wait(5):
+                    raise RuntimeError("pcscd did not report the card removed within 5 s")
+        finally:
+            unsubscribe()
+    outbox = Outbox(state / "outbox.sqlite3", signing_key=signing.generate_key(), agent_id=agent)
+    try:
+        reasons = [
+            events.decode_event(raw, topic_agent=agent).payload.get("reason")
+            for _, raw in outbox.pending(limit=100_000)
+        ]
+    finally:
+        outbox.close()
+    if reasons != ["card_timeout"] * stalls:
+        raise RuntimeError(f"expected {stalls} card_timeout refusals recorded, found {reasons}")
+    return timings, LoginAgentSettings().card_timeout_s
+
+
+def run_login_bench(removals: int, console: Console, iterations: int = 200, stalls: int = 20) -> int:
+    """Run the measurements, print a table and the JSON summary line; return the exit status."""
     unavailable = pcscd_unavailable()
     if unavailable is not None:
         console.print(f"login bench needs the real pcscd with vpcd: {unavailable}")
         return 2
     with tempfile.TemporaryDirectory(prefix="sekisho-bench-login-") as tmp, own_pcscd():
         lock_s = _removal_to_lock(removals, Path(tmp))
+        stalled_s, deadline_s = _stalled_refusals(stalls, Path(tmp))
     pam_s = _pam_decision(iterations)
     figures = {
         "removal_to_lock_p50_ms": round(_percentile(lock_s, 50) * 1000, 2),
         "removal_to_lock_p95_ms": round(_percentile(lock_s, 95) * 1000, 2),
         "pam_decision_p95_ms": round(_percentile(pam_s, 95) * 1000, 2),
+        "stalled_card_refusal_p99_ms": round(_percentile(stalled_s, 99) * 1000, 2),
+        "stalled_card_deadline_ms": round(deadline_s * 1000, 2),
     }
     table = Table(title="terminal login guard")
     for column in ("measurement", "samples", "p50 ms", "p95 ms", "max ms"):
         table.add_column(column)
-    for name, values in (("card removal → lock command started", lock_s), ("PAM decision (no human)", pam_s)):
+    for name, values in (
+        ("card removal → lock command started", lock_s),
+        ("PAM decision (no human)", pam_s),
+        (f"PAM refusal, card stalled (deadline {deadline_s:g} s)", stalled_s),
+    ):
         table.add_row(
             name,
             str(len(values)),
