@@ -216,7 +216,8 @@ class Medium(_Model):
     device_hash: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9+/]{43}=$",
-        description="drivers.usb device hash (base64 SHA-256 of id, serial and descriptors); pins the exact device",
+        description="USBGuard's device hash as drivers.usb computes it (base64 SHA-256 of product name, id, serial "
+        "and descriptors); pins the exact device",
     )
     department: Name
     status: Literal["active", "lost", "retired", "disposed"] = "active"

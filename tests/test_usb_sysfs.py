@@ -91,8 +91,62 @@ def test_parent_names_follow_the_kernel_naming_rule() -> None:
 
 def test_device_hash_is_the_documented_recipe(sysfs: SysfsUsb, tree: FakeSysfsTree) -> None:
     descriptors = (tree.root / "1-2" / "descriptors").read_bytes()
-    expected = base64.b64encode(hashlib.sha256(b"0781:5581" + SERIAL.encode() + descriptors).digest()).decode()
-    assert sysfs.read_device("1-2").device_hash == expected
+    expected = base64.b64encode(hashlib.sha256(b"Ultra0781" + b"5581" + SERIAL.encode() + descriptors).digest())
+    assert sysfs.read_device("1-2").device_hash == expected.decode()
+    # The value usbguard-daemon 1.1.2 printed for this very device (same product, ids, serial and
+    # descriptors) under umockdev; tests/test_usb_usbguard.py checks many more against the daemon.
+    assert sysfs.read_device("1-2").device_hash == "YtVAMyRN4QfZmKsej07FjGOzZN4MUXqdTBPg1ZYnhV0="
+
+
+def test_root_hub_hash_ignores_bcd_device_as_usbguard_does(tmp_path: Path) -> None:
+    hashes = set()
+    for bcd in (0x0515, 0x0601):
+        fake = FakeSysfsTree(tmp_path / f"k{bcd:x}")
+        hub = build_descriptors(vendor_id=0x1D6B, product_id=0x0002, device_class=9, interfaces=((9, 0, 0),))
+        fake.add_root_hub(1)
+        fake.write_attribute("usb1", "descriptors", hub[:12] + bcd.to_bytes(2, "little") + hub[14:])
+        hashes.add(SysfsUsb(fake.root).read_device("usb1").device_hash)
+    assert len(hashes) == 1, "a kernel update (bcdDevice of the root hub) must not change its hash"
+
+
+def test_sysfs_text_is_trimmed_as_usbguard_trims_it(tree: FakeSysfsTree, sysfs: SysfsUsb) -> None:
+    tree.write_attribute("1-2", "product", b"Ultra\t\r\x00\n")
+    tree.write_attribute("1-2", "serial", SERIAL + "\n\n")
+    device = sysfs.read_device("1-2")
+    assert (device.raw_product, device.serial) == (b"Ultra", SERIAL)
+    assert device.device_hash == "YtVAMyRN4QfZmKsej07FjGOzZN4MUXqdTBPg1ZYnhV0="
+    tree.write_attribute("1-2", "product", b" Ultra \n")  # USBGuard keeps leading and inner spaces
+    assert sysfs.read_device("1-2").raw_product == b" Ultra "
+
+
+def test_root_hub_parent_hash_is_the_controller_path_hash_in_a_sysfs_layout(tmp_path: Path) -> None:
+    # Laid out like sysfs: devices under devices/…, bus/usb/devices/ holding links to them.
+    mount = tmp_path / "sys"
+    controller = mount / "devices" / "pci0000:00" / "0000:00:14.0"
+    flat = FakeSysfsTree(tmp_path / "flat")
+    flat.add_root_hub(1)
+    flat.add_device("1-2", SANDISK, ULTRA, SERIAL, interfaces=[(0x08, 0x06, 0x50)], name="Ultra")
+    links = mount / "bus" / "usb" / "devices"
+    links.mkdir(parents=True)
+    controller.mkdir(parents=True)
+    shutil.copytree(flat.root / "usb1", controller / "usb1")
+    shutil.copytree(flat.root / "1-2", controller / "usb1" / "1-2")
+    shutil.copytree(flat.root / "1-0:1.0", controller / "usb1" / "1-0:1.0")
+    shutil.copytree(flat.root / "1-2:1.0", controller / "usb1" / "1-2" / "1-2:1.0")
+    for name, target in (
+        ("usb1", "usb1"),
+        ("1-2", "usb1/1-2"),
+        ("1-0:1.0", "usb1/1-0:1.0"),
+        ("1-2:1.0", "usb1/1-2/1-2:1.0"),
+    ):
+        (links / name).symlink_to(f"../../../devices/pci0000:00/0000:00:14.0/{target}")
+    sysfs = SysfsUsb(links)
+    hub = sysfs.read_device("usb1")
+    assert sysfs.sysfs_path("usb1") == "/devices/pci0000:00/0000:00:14.0/usb1"
+    # usbguard-daemon 1.1.2 printed this parent-hash for a root hub under that controller.
+    assert hub.parent_hash == "rV9bfLq7c2eA4tYjVjwO4bxhm+y6GgZpl9J60L0fBkY="
+    assert sysfs.read_device("1-2").parent_hash == hub.device_hash
+    assert SysfsUsb(flat.root).read_device("usb1").parent_hash == "", "a flat tree has no sysfs path"
 
 
 def test_hashes_are_stable_across_rereads_and_trees(sysfs: SysfsUsb, tmp_path: Path) -> None:
@@ -100,9 +154,13 @@ def test_hashes_are_stable_across_rereads_and_trees(sysfs: SysfsUsb, tmp_path: P
     assert sysfs.read_device("1-2") == first
     other = FakeSysfsTree(tmp_path / "other")
     other.add_root_hub(1)
-    other.add_device("1-2", SANDISK, ULTRA, SERIAL, interfaces=[(0x08, 0x06, 0x50)])
+    other.add_device("1-2", SANDISK, ULTRA, SERIAL, interfaces=[(0x08, 0x06, 0x50)], name="Ultra")
     again = SysfsUsb(other.root).read_device("1-2")
     assert (again.device_hash, again.parent_hash) == (first.device_hash, first.parent_hash)
+    renamed = FakeSysfsTree(tmp_path / "renamed")
+    renamed.add_root_hub(1)
+    renamed.add_device("1-2", SANDISK, ULTRA, SERIAL, interfaces=[(0x08, 0x06, 0x50)], name="Ultra Fit")
+    assert SysfsUsb(renamed.root).read_device("1-2").device_hash != first.device_hash, "USBGuard hashes the name"
 
 
 def test_hash_differs_for_serial_and_descriptors(tree: FakeSysfsTree, sysfs: SysfsUsb) -> None:
@@ -271,12 +329,16 @@ def test_optional_strings_missing_read_as_empty(tree: FakeSysfsTree, sysfs: Sysf
         (tree.root / "1-2" / name).unlink()
     shutil.rmtree(tree.root / "1-2" / "port")
     device = sysfs.read_device("1-2")
-    assert (device.manufacturer, device.product, device.removable, device.connect_type) == (
-        "",
-        "",
-        "unknown",
-        "unknown",
-    )
+    assert (device.manufacturer, device.product, device.removable, device.connect_type) == ("", "", "unknown", "")
+
+
+def test_missing_connect_type_is_empty_as_in_usbguard(tree: FakeSysfsTree, sysfs: SysfsUsb) -> None:
+    # Issue 15: sekisho said "unknown" where USBGuard says "" (and the kernel's own "unknown" is a value).
+    shutil.rmtree(tree.root / "1-2" / "port")
+    assert sysfs.read_device("1-2").connect_type == ""
+    assert sysfs.read_device("usb1").connect_type == "", "USBGuard never reads a root hub's connect type"
+    tree.write_attribute("1-1.3", "port/connect_type", "unknown\n")
+    assert sysfs.read_device("1-1.3").connect_type == "unknown"
 
 
 def test_injected_hotplug_delivers_add_and_remove(tree: FakeSysfsTree, sysfs: SysfsUsb) -> None:

@@ -16,9 +16,12 @@ from sekisho.drivers.usb.model import UsbInterface
 DEVICE_DESCRIPTOR = 0x01
 CONFIG_DESCRIPTOR = 0x02
 INTERFACE_DESCRIPTOR = 0x04
+ENDPOINT_DESCRIPTOR = 0x05
 DEVICE_DESCRIPTOR_LENGTH = 18
 CONFIG_DESCRIPTOR_LENGTH = 9
 INTERFACE_DESCRIPTOR_LENGTH = 9
+# An endpoint descriptor is 7 bytes, or 9 for an audio-class endpoint.
+ENDPOINT_DESCRIPTOR_LENGTHS = frozenset({7, 9})
 # A device has at most 8 configurations with wTotalLength ≤ 65535 each; anything bigger is not a
 # descriptor file and is refused before parsing.
 MAX_DESCRIPTORS_SIZE = DEVICE_DESCRIPTOR_LENGTH + 8 * 65535
@@ -35,7 +38,12 @@ class DescriptorFormatError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ParsedDescriptors:
-    """What the descriptor stream says about the device."""
+    """What the descriptor stream says about the device.
+
+    ``interfaces`` holds each distinct (number, class, subclass, protocol) once; ``interface_types``
+    holds the triple of every interface descriptor in stream order, alternate settings and further
+    configurations included — the list USBGuard's ``with-interface`` compares against.
+    """
 
     vendor_id: int
     product_id: int
@@ -44,10 +52,17 @@ class ParsedDescriptors:
     device_protocol: int
     num_configurations: int
     interfaces: tuple[UsbInterface, ...]
+    interface_types: tuple[tuple[int, int, int], ...] = ()
 
 
 def parse_descriptors(data: bytes) -> ParsedDescriptors:
-    """Parse a device descriptor followed by configuration descriptors; raise DescriptorFormatError."""
+    """Parse a device descriptor followed by configuration descriptors; raise DescriptorFormatError.
+
+    The stream is refused wherever USBGuard's descriptor parser refuses it (so a device USBGuard cannot
+    judge is unreadable here too, and blocked): a device, configuration or interface descriptor whose
+    length is not exactly 18, 9 or 9 bytes, an endpoint descriptor that is neither 7 nor 9 bytes, a
+    second device descriptor, an interface outside a configuration, an endpoint outside an interface.
+    """
     if len(data) > MAX_DESCRIPTORS_SIZE:
         raise DescriptorFormatError("descriptor data too large", MAX_DESCRIPTORS_SIZE)
     if len(data) < DEVICE_DESCRIPTOR_LENGTH:
@@ -58,7 +73,9 @@ def parse_descriptors(data: bytes) -> ParsedDescriptors:
         "<BBHBBBBHHHBBBB", data, 0
     )
     interfaces: list[UsbInterface] = []
+    types: list[tuple[int, int, int]] = []
     seen: set[tuple[int, int, int, int]] = set()
+    in_config = in_interface = False
     offset = DEVICE_DESCRIPTOR_LENGTH
     while offset < len(data):
         if len(data) - offset < 2:
@@ -66,17 +83,30 @@ def parse_descriptors(data: bytes) -> ParsedDescriptors:
         length, kind = data[offset], data[offset + 1]
         if length < 2 or offset + length > len(data):
             raise DescriptorFormatError(f"descriptor length {length} out of bounds", offset)
-        if kind == CONFIG_DESCRIPTOR and length < CONFIG_DESCRIPTOR_LENGTH:
-            raise DescriptorFormatError("short configuration descriptor", offset)
-        if kind == INTERFACE_DESCRIPTOR:
-            if length < INTERFACE_DESCRIPTOR_LENGTH:
-                raise DescriptorFormatError("short interface descriptor", offset)
+        if kind == DEVICE_DESCRIPTOR:
+            raise DescriptorFormatError("second device descriptor", offset)
+        if kind == CONFIG_DESCRIPTOR:
+            if length != CONFIG_DESCRIPTOR_LENGTH:
+                raise DescriptorFormatError(f"configuration descriptor of {length} bytes", offset)
+            in_config, in_interface = True, False
+        elif kind == INTERFACE_DESCRIPTOR:
+            if length != INTERFACE_DESCRIPTOR_LENGTH:
+                raise DescriptorFormatError(f"interface descriptor of {length} bytes", offset)
+            if not in_config:
+                raise DescriptorFormatError("interface descriptor outside a configuration", offset)
+            in_interface = True
             number, cls, sub, proto = data[offset + 2], data[offset + 5], data[offset + 6], data[offset + 7]
+            types.append((cls, sub, proto))
             # Every alternate setting counts: a device must not hide a HID function behind altsetting 1.
             key = (number, cls, sub, proto)
             if key not in seen:
                 seen.add(key)
                 interfaces.append(UsbInterface(number=number, cls=cls, subclass=sub, protocol=proto))
+        elif kind == ENDPOINT_DESCRIPTOR:
+            if length not in ENDPOINT_DESCRIPTOR_LENGTHS:
+                raise DescriptorFormatError(f"endpoint descriptor of {length} bytes", offset)
+            if not in_interface:
+                raise DescriptorFormatError("endpoint descriptor outside an interface", offset)
         offset += length
     return ParsedDescriptors(
         vendor_id=vendor,
@@ -86,6 +116,7 @@ def parse_descriptors(data: bytes) -> ParsedDescriptors:
         device_protocol=dev_proto,
         num_configurations=num_configs,
         interfaces=tuple(interfaces),
+        interface_types=tuple(types),
     )
 
 
@@ -98,8 +129,14 @@ def build_descriptors(
     device_protocol: int = 0,
     interfaces: tuple[tuple[int, int, int], ...] = (),
     has_serial: bool = True,
+    alternates: tuple[tuple[int, int, int, int], ...] = (),
+    bcd_device: int = 0x0100,
 ) -> bytes:
-    """Return a well-formed device + one configuration descriptor stream (for fakes and umockdev files)."""
+    """Return a well-formed device + one configuration descriptor stream (for fakes and umockdev files).
+
+    ``interfaces`` become interfaces 0, 1, … (alternate setting 0); each ``alternates`` entry
+    ``(number, class, subclass, protocol)`` adds alternate setting 1 of interface ``number``.
+    """
     device = struct.pack(
         "<BBHBBBBHHHBBBB",
         DEVICE_DESCRIPTOR_LENGTH,
@@ -111,7 +148,7 @@ def build_descriptors(
         64,
         vendor_id,
         product_id,
-        0x0100,
+        bcd_device,
         1,
         2,
         3 if has_serial else 0,
@@ -120,6 +157,9 @@ def build_descriptors(
     body = b"".join(
         struct.pack("<BBBBBBBBB", INTERFACE_DESCRIPTOR_LENGTH, INTERFACE_DESCRIPTOR, number, 0, 0, cls, sub, proto, 0)
         for number, (cls, sub, proto) in enumerate(interfaces)
+    ) + b"".join(
+        struct.pack("<BBBBBBBBB", INTERFACE_DESCRIPTOR_LENGTH, INTERFACE_DESCRIPTOR, number, 1, 0, cls, sub, proto, 0)
+        for number, cls, sub, proto in alternates
     )
     total = CONFIG_DESCRIPTOR_LENGTH + len(body)
     config = struct.pack(

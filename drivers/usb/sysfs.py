@@ -26,6 +26,8 @@ from sekisho.drivers.usb.model import (
     UsbInterface,
     compute_descriptors_hash,
     compute_device_hash,
+    compute_path_hash,
+    usbguard_trim,
 )
 
 DEFAULT_SYSFS_ROOT = Path("/sys/bus/usb/devices")
@@ -37,7 +39,6 @@ _INTERFACE = re.compile(r"(\d+)-(\d+(?:\.\d+)*):(\d+)\.(\d+)")
 _MAX_ATTRIBUTE_SIZE = 4096
 _MAX_DESCRIPTORS_FILE = 600 * 1024
 _GONE_ERRNOS = frozenset({errno.ENOENT, errno.ENODEV, errno.ENXIO})
-_CONNECT_TYPES: frozenset[str] = frozenset({"hotplug", "hardwired", "not used", "unknown"})
 _REMOVABLE: frozenset[str] = frozenset({"removable", "fixed", "unknown"})
 
 _LOG = logging.getLogger(__name__)
@@ -128,12 +129,12 @@ class SysfsUsb:
             raise UsbDeviceGone("device not present", path=device_dir, errno=errno.ENOENT, sys_name=sys_name)
         vendor_id = self._read_hex(sys_name, "idVendor", 4)
         product_id = self._read_hex(sys_name, "idProduct", 4)
+        raw_serial = self._read_raw_text(sys_name, "serial", optional=True)
+        raw_product = self._read_raw_text(sys_name, "product", optional=True)
         device_class = int(self._read_hex(sys_name, "bDeviceClass", 2), 16)
         device_subclass = int(self._read_hex(sys_name, "bDeviceSubClass", 2), 16)
         device_protocol = int(self._read_hex(sys_name, "bDeviceProtocol", 2), 16)
-        serial = self._read_text(sys_name, "serial", optional=True)
         manufacturer = self._read_text(sys_name, "manufacturer", optional=True)
-        product = self._read_text(sys_name, "product", optional=True)
         authorized = self._read_flag(sys_name, "authorized")
         self._check_num_interfaces(sys_name)
         descriptors = self._read_bytes(sys_name, "descriptors", limit=_MAX_DESCRIPTORS_FILE)
@@ -153,16 +154,20 @@ class SysfsUsb:
         ):
             raise UsbDescriptorError("descriptors disagree with bDeviceClass", path=path, sys_name=sys_name)
         interfaces = self._merge_interfaces(sys_name, parsed.interfaces, self._read_interface_dirs(sys_name))
+        # USBGuard's with-interface list is every interface descriptor; an interface seen only in sysfs
+        # (never on a real kernel) is appended so that no rule can overlook it.
+        extras = tuple((i.cls, i.subclass, i.protocol) for i in interfaces[len(parsed.interfaces) :])
         parent = parent_of(sys_name)
         return UsbDevice(
             sys_name=sys_name,
             bus=bus,
             port_path=port_path,
-            vendor_id=vendor_id,
-            product_id=product_id,
-            serial=serial,
+            # The kernel writes lowercase hex; the hash takes the files as read, as USBGuard does.
+            vendor_id=vendor_id.lower(),
+            product_id=product_id.lower(),
+            serial=_display(raw_serial),
             manufacturer=manufacturer,
-            product=product,
+            product=_display(raw_product),
             device_class=device_class,
             device_subclass=device_subclass,
             device_protocol=device_protocol,
@@ -171,19 +176,43 @@ class SysfsUsb:
             connect_type=self._read_connect_type(sys_name),
             removable=self._read_removable(sys_name),
             descriptors_hash=compute_descriptors_hash(descriptors),
-            device_hash=compute_device_hash(vendor_id, product_id, serial, descriptors),
-            parent_hash=self._parent_hash(parent),
+            device_hash=compute_device_hash(
+                raw_product, vendor_id.encode("ascii"), product_id.encode("ascii"), raw_serial, descriptors
+            ),
+            parent_hash=self._parent_hash(sys_name, parent),
             authorized=authorized,
+            rule_interfaces=parsed.interface_types + extras,
+            raw_product=raw_product,
+            raw_serial=raw_serial,
         )
 
     def device_hash(self, sys_name: str) -> str:
-        """Return a device's hash from its ID, serial and descriptor files without parsing the rest."""
+        """Return a device's USBGuard hash from its product, ID, serial and descriptor files."""
         _check_device_name(sys_name)
         vendor_id = self._read_hex(sys_name, "idVendor", 4)
         product_id = self._read_hex(sys_name, "idProduct", 4)
-        serial = self._read_text(sys_name, "serial", optional=True)
+        serial = self._read_raw_text(sys_name, "serial", optional=True)
+        product = self._read_raw_text(sys_name, "product", optional=True)
         descriptors = self._read_bytes(sys_name, "descriptors", limit=_MAX_DESCRIPTORS_FILE)
-        return compute_device_hash(vendor_id, product_id, serial, descriptors)
+        return compute_device_hash(product, vendor_id.encode("ascii"), product_id.encode("ascii"), serial, descriptors)
+
+    def sysfs_path(self, sys_name: str) -> str | None:
+        """Return the device's path below the sysfs mount (``/devices/…/usb1``), or None in a flat tree.
+
+        The root must be ``<mount>/bus/usb/devices`` with its entries linking into ``<mount>/devices``,
+        as in the kernel's sysfs (and under umockdev); a plain test tree has no such path.
+        """
+        _check_device_name(sys_name)
+        try:
+            root = os.path.realpath(self._root)
+            mount = os.path.realpath(self._root / ".." / ".." / "..")
+            real = os.path.realpath(self._root / sys_name)
+        except OSError:
+            return None
+        mount = mount.rstrip("/")
+        if root != f"{mount}/bus/usb/devices" or not real.startswith(f"{mount}/devices/"):
+            return None
+        return real[len(mount) :]
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -233,19 +262,22 @@ class SysfsUsb:
             raise UsbDescriptorError(f"attribute larger than {limit} bytes", path=path, sys_name=sys_name)
         return data
 
-    def _read_text(self, sys_name: str, name: str, *, optional: bool = False) -> str:
+    def _read_raw_text(self, sys_name: str, name: str, *, optional: bool = False) -> bytes:
+        """Return an attribute's bytes as USBGuard reads them (trailing NUL, LF, CR, TAB, BS removed)."""
         try:
             raw = self._read_bytes(sys_name, name)
         except UsbDescriptorError as err:
-            if optional and err.errno == errno.ENOENT:
-                # serial/manufacturer/product files exist only when the device has those strings.
-                return ""
+            if optional and err.errno in (errno.ENOENT, errno.ENOTDIR):
+                # serial/manufacturer/product (and port/) exist only when the device has them.
+                return b""
             raise
-        # Device strings are attacker-controlled; undecodable bytes are kept visible, never fatal.
-        return raw.decode("utf-8", errors="backslashreplace").removesuffix("\n")
+        return usbguard_trim(raw)
+
+    def _read_text(self, sys_name: str, name: str, *, optional: bool = False) -> str:
+        return _display(self._read_raw_text(sys_name, name, optional=optional))
 
     def _read_hex(self, sys_name: str, name: str, width: int) -> str:
-        text = self._read_text(sys_name, name).strip()
+        text = self._read_text(sys_name, name)
         if len(text) != width or any(c not in "0123456789abcdefABCDEF" for c in text):
             raise UsbDescriptorError(
                 f"expected {width} hex digits, got {text[:16]!r}", path=self._root / sys_name / name, sys_name=sys_name
@@ -333,13 +365,10 @@ class SysfsUsb:
         return tuple(merged)
 
     def _read_connect_type(self, sys_name: str) -> ConnectType:
-        try:
-            text = self._read_text(sys_name, "port/connect_type").strip()
-        except UsbDescriptorError as err:
-            if err.errno in (errno.ENOENT, errno.ENOTDIR):
-                return "unknown"
-            raise
-        return text if text in _CONNECT_TYPES else "unknown"  # type: ignore[return-value]
+        # As USBGuard: a root hub's is "" (not read), a missing file is "", anything else is kept as read.
+        if _ROOT_HUB.fullmatch(sys_name):
+            return ""
+        return self._read_text(sys_name, "port/connect_type", optional=True)
 
     def _read_removable(self, sys_name: str) -> Removable:
         try:
@@ -350,9 +379,11 @@ class SysfsUsb:
             raise
         return text if text in _REMOVABLE else "unknown"  # type: ignore[return-value]
 
-    def _parent_hash(self, parent: str | None) -> str:
+    def _parent_hash(self, sys_name: str, parent: str | None) -> str:
         if parent is None:
-            return ""
+            # A root hub's parent is the host controller: USBGuard hashes that device's sysfs path.
+            path = self.sysfs_path(sys_name)
+            return compute_path_hash(path.rsplit("/", 1)[0]) if path else ""
         try:
             return self.device_hash(parent)
         except (UsbDescriptorError, UsbDeviceGone) as err:
@@ -377,6 +408,11 @@ class SysfsUsb:
             raise UsbAccessError(
                 "cannot write authorisation file", path=path, errno=err.errno, sys_name=sys_name
             ) from err
+
+
+def _display(raw: bytes) -> str:
+    # Device strings are attacker-controlled; undecodable bytes are kept visible, never fatal.
+    return raw.decode("utf-8", errors="backslashreplace")
 
 
 def _check_device_name(sys_name: str) -> None:
