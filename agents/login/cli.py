@@ -34,12 +34,13 @@ def terminal_command(
     from sekisho.agents.runtime.agent import Agent
     from sekisho.agents.runtime.config import load_config
     from sekisho.agents.runtime.errors import AgentError
+    from sekisho.agents.usb.rules import read_rules_text
     from sekisho.agents.usb.run import UsbGuardConfig
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr)
     try:
         agent = Agent(load_config(config))
-        rules = usb_rules.read_text() if usb_rules else None
+        rules = read_rules_text(usb_rules.read_bytes()) if usb_rules else None
     except (OSError, AgentError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(getattr(err, "exit_code", 2)) from err

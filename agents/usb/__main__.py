@@ -18,6 +18,7 @@ from types import FrameType
 from sekisho.agents.runtime.agent import Agent
 from sekisho.agents.runtime.config import load_config
 from sekisho.agents.runtime.errors import AgentError
+from sekisho.agents.usb.rules import read_rules_text
 from sekisho.agents.usb.run import UsbGuardConfig, attach_usb_guard
 from sekisho.agents.usb.session import StaticSession
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        rules_text = args.rules.read_text() if args.rules else None
+        rules_text = read_rules_text(args.rules.read_bytes()) if args.rules else None
         agent = Agent(load_config(args.config))
     except (OSError, AgentError) as err:
         print(f"error: {err}", file=sys.stderr)

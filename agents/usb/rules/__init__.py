@@ -1,6 +1,6 @@
-"""USBGuard-compatible USB rules: parse, match, decide, import."""
+"""USB rules in USBGuard's rule language (usbguard 1.1.2): parse, match, decide, import."""
 
-from sekisho.agents.usb.rules.importer import ImportReport, import_rules
+from sekisho.agents.usb.rules.importer import ImportReport, import_rules, may_allow_mass_storage
 from sekisho.agents.usb.rules.model import (
     AttributeName,
     Condition,
@@ -11,7 +11,14 @@ from sekisho.agents.usb.rules.model import (
     StringValue,
     Target,
 )
-from sekisho.agents.usb.rules.parser import ParsedRules, RuleProblem, RuleSyntaxError, parse_rule, parse_rules
+from sekisho.agents.usb.rules.parser import (
+    ParsedRules,
+    RuleProblem,
+    RuleSyntaxError,
+    parse_rule,
+    parse_rules,
+    read_rules_text,
+)
 from sekisho.agents.usb.rules.policy import DEFAULT_POLICY_TEXT, decide_device, decide_unreadable, default_ruleset
 from sekisho.agents.usb.rules.ruleset import Decision, RuleSet
 
@@ -35,6 +42,8 @@ __all__ = [
     "decide_unreadable",
     "default_ruleset",
     "import_rules",
+    "may_allow_mass_storage",
     "parse_rule",
     "parse_rules",
+    "read_rules_text",
 ]

@@ -1,21 +1,33 @@
-"""Rules of the USBGuard-compatible subset: targets, attribute conditions, set operators, matching.
+"""Rules of the USBGuard-compatible language: targets, attribute conditions, set operators, matching.
 
-Matching follows USBGuard's ``usbguard-rules.conf(5)``: a rule applies when every attribute it names
-applies to the device. An attribute's values (the rule side) are compared with the device's values:
+Matching is usbguard-daemon 1.1.2's (``Rule::Attribute::appliesTo`` and the ``Predicates``), checked
+against the daemon in ``tests/test_usb_usbguard.py``. A rule applies when every attribute it names
+applies to the device; an attribute compares the rule's values with the device's values:
 
 - ``all-of``: every rule value matches some device value;
 - ``one-of``: some rule value matches some device value;
 - ``none-of``: no rule value matches any device value;
-- ``equals`` (the default, and what a single value means): as many device values as rule values,
-  every rule value matching some device value — and, stricter than USBGuard, every device value
-  matched by some rule value, so ``equals { 08:*:* 08:06:* }`` cannot let a device with a hidden
-  second function through on the count alone;
-- ``equals-ordered``: same length, value *i* matching device value *i*;
-- ``match-all``: every device value matches some rule value (the device set is a subset).
+- ``equals`` (the default, and what a single value means): as many device values as rule values, and
+  every rule value matching some device value. This is a count, not a set equality: with overlapping
+  patterns (``equals { 08:*:* 08:06:* }``) a second device interface need not match any rule value,
+  so the importer warns about overlapping ``equals`` values;
+- ``equals-ordered``: same length, rule value *i* matching device value *i*;
+- ``match-all``: every device value "is a subset of" some rule value — which USBGuard implements only
+  for interface types. For ``id`` a device id is a subset only of the identical id (``0781:5581``,
+  never ``0781:*``); for the string attributes the test is not implemented and always holds, so
+  ``match-all`` on ``name``, ``serial``, ``hash``, ``parent-hash``, ``via-port`` or
+  ``with-connect-type`` matches every device. Both quirks are kept (the verdict must be the daemon's)
+  and the importer warns about them.
 
-Device-side values: ``id`` → ``vvvv:pppp``; ``hash``/``parent-hash`` → the driver's device hashes;
-``name`` → the product string; ``serial``; ``via-port`` → the sys name (``1-2``, ``usb1``);
-``with-interface`` → each interface's class triple; ``with-connect-type`` → ``port/connect_type``.
+Values are compared as USBGuard compares them: ids as the strings written (case-sensitive; the
+kernel reports lowercase hex, so ``0A5C:*`` matches nothing), interface types by value, strings byte
+for byte (a rule string holds bytes; ``StringValue.text`` keeps bytes that are not UTF-8 as
+``surrogateescape`` characters).
+
+Device-side values: ``id`` → ``vvvv:pppp``; ``hash``/``parent-hash`` → USBGuard's device hashes
+(``drivers.usb.model``); ``name`` → the product string; ``serial``; ``via-port`` → the sys name
+(``1-2``, ``usb1``); ``with-interface`` → every interface descriptor's class triple, alternate settings
+counted again; ``with-connect-type`` → ``port/connect_type`` (``""`` for root hubs and when missing).
 """
 
 from __future__ import annotations
@@ -74,29 +86,41 @@ STRING_ATTRIBUTES = frozenset(
 
 class _Pattern(Protocol):
     def matches(self, value: object) -> bool: ...
+    def contains(self, value: object) -> bool: ...
     def to_text(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceIdPattern:
-    """``vvvv:pppp`` with ``*`` wildcards (``vvvv:*``, ``*:*``); None stands for ``*``."""
+    """``vvvv:pppp`` with ``*`` wildcards (``vvvv:*``, ``*:*``), hex digits as written; None stands for ``*``."""
 
     vendor: str | None
     product: str | None
 
     def __post_init__(self) -> None:
         for part in (self.vendor, self.product):
-            if part is not None and (len(part) != 4 or part != part.lower() or not _is_hex(part)):
-                raise ValueError(f"device id part must be 4 lowercase hex digits: {part!r}")
+            if part is not None and (len(part) != 4 or not _is_hex(part)):
+                raise ValueError(f"device id part must be 4 hex digits: {part!r}")
         if self.vendor is None and self.product is not None:
             raise ValueError("a wildcard vendor needs a wildcard product")
 
     def matches(self, value: object) -> bool:
-        """Return whether a device's ``vvvv:pppp`` matches."""
+        """Return whether a device's ``vvvv:pppp`` matches (wildcards apply; digits compared as written)."""
         if not isinstance(value, str):
             return False
         vendor, _, product = value.partition(":")
-        return (self.vendor is None or self.vendor == vendor) and (self.product is None or self.product == product)
+        if self.vendor is None:
+            return True
+        return self.vendor == vendor and (self.product is None or self.product == product)
+
+    def contains(self, value: object) -> bool:
+        """USBGuard's ``match-all`` test: the device id "is a subset of" this one only if identical."""
+        return isinstance(value, str) and value == f"{self.vendor}:{self.product}"
+
+    @property
+    def lowercase(self) -> bool:
+        """Return whether the id can match a kernel-reported id (which is lowercase hex)."""
+        return all(part is None or part == part.lower() for part in (self.vendor, self.product))
 
     def to_text(self) -> str:
         """Return the rule-language form."""
@@ -129,6 +153,18 @@ class InterfacePattern:
             and (self.protocol is None or proto == self.protocol)
         )
 
+    def contains(self, value: object) -> bool:
+        """USBGuard's ``match-all`` test for interfaces: the same as ``matches``."""
+        return self.matches(value)
+
+    def overlaps(self, other: InterfacePattern) -> bool:
+        """Return whether some interface triple matches both patterns."""
+        return (
+            self.cls == other.cls
+            and (self.subclass is None or other.subclass is None or self.subclass == other.subclass)
+            and (self.protocol is None or other.protocol is None or self.protocol == other.protocol)
+        )
+
     def to_text(self) -> str:
         """Return the rule-language form."""
         sub = "*" if self.subclass is None else f"{self.subclass:02x}"
@@ -138,13 +174,17 @@ class InterfacePattern:
 
 @dataclass(frozen=True, slots=True)
 class StringValue:
-    """A quoted string compared exactly."""
+    """A quoted string compared byte for byte (non-UTF-8 bytes held as ``surrogateescape`` characters)."""
 
     text: str
 
     def matches(self, value: object) -> bool:
         """Return whether the device value equals the string."""
         return value == self.text
+
+    def contains(self, value: object) -> bool:
+        """USBGuard's ``match-all`` test for strings is not implemented and always holds."""
+        return True
 
     def to_text(self) -> str:
         """Return the quoted, escaped rule-language form."""
@@ -163,7 +203,7 @@ class Condition:
     values: tuple[Value, ...]
 
     def applies_to(self, device_values: Sequence[object]) -> bool:
-        """Return whether this condition holds for the device's values of the attribute."""
+        """Return whether this condition holds for the device's values of the attribute (as USBGuard)."""
         rule = self.values
         if self.operator is SetOperator.ALL_OF:
             return all(any(r.matches(d) for d in device_values) for r in rule)
@@ -172,17 +212,13 @@ class Condition:
         if self.operator is SetOperator.NONE_OF:
             return not any(r.matches(d) for r in rule for d in device_values)
         if self.operator is SetOperator.EQUALS:
-            return (
-                len(rule) == len(device_values)
-                and all(any(r.matches(d) for d in device_values) for r in rule)
-                and all(any(r.matches(d) for r in rule) for d in device_values)
-            )
+            return len(rule) == len(device_values) and all(any(r.matches(d) for d in device_values) for r in rule)
         if self.operator is SetOperator.EQUALS_ORDERED:
             return len(rule) == len(device_values) and all(
                 r.matches(d) for r, d in zip(rule, device_values, strict=True)
             )
         # MATCH_ALL
-        return all(any(r.matches(d) for r in rule) for d in device_values)
+        return all(any(r.contains(d) for r in rule) for d in device_values)
 
     def to_text(self) -> str:
         """Return ``name value`` or ``name [operator] { values }`` as USBGuard writes it."""
@@ -201,13 +237,13 @@ def device_values(device: UsbDevice, attribute: AttributeName) -> tuple[object, 
     if attribute is AttributeName.PARENT_HASH:
         return (device.parent_hash,)
     if attribute is AttributeName.NAME:
-        return (device.product,)
+        return (device.raw_product.decode("utf-8", "surrogateescape"),)
     if attribute is AttributeName.SERIAL:
-        return (device.serial,)
+        return (device.raw_serial.decode("utf-8", "surrogateescape"),)
     if attribute is AttributeName.VIA_PORT:
         return (device.sys_name,)
     if attribute is AttributeName.WITH_INTERFACE:
-        return device.interface_types
+        return device.rule_interfaces
     return (device.connect_type,)
 
 
@@ -222,6 +258,10 @@ class Rule:
         """Return whether every condition of the rule holds for the device."""
         return all(c.applies_to(device_values(device, c.attribute)) for c in self.conditions)
 
+    def condition(self, attribute: AttributeName) -> Condition | None:
+        """Return the rule's condition on an attribute, or None."""
+        return next((c for c in self.conditions if c.attribute is attribute), None)
+
     def to_text(self) -> str:
         """Return the rule in the rule language; ``parse_rule(rule.to_text()) == rule``."""
         return " ".join([str(self.target), *(c.to_text() for c in self.conditions)])
@@ -231,7 +271,7 @@ class Rule:
 
 
 def quote(text: str) -> str:
-    """Quote a string for the rule language: ``\\"``, ``\\\\`` and non-printable/non-ASCII bytes as ``\\xHH``."""
+    """Quote a string as USBGuard does: ``\\"``, ``\\\\``, printable ASCII as is, every other byte as ``\\xHH``."""
     out = ['"']
     for char in text:
         if char in ('"', "\\"):
@@ -240,7 +280,7 @@ def quote(text: str) -> str:
             out.append(char)
         else:
             # USBGuard writes device strings byte by byte; UTF-8 keeps Japanese product names intact.
-            out.extend(f"\\x{byte:02x}" for byte in char.encode("utf-8", errors="surrogatepass"))
+            out.extend(f"\\x{byte:02x}" for byte in char.encode("utf-8", errors="surrogateescape"))
     out.append('"')
     return "".join(out)
 
