@@ -250,11 +250,47 @@ def test_unusable_site_policy_fails_closed(make_rig: Callable[..., Rig]) -> None
 
 
 def test_admin_rule_allows_a_device_the_default_blocks(make_rig: Callable[..., Rig]) -> None:
-    rig = make_rig(rules="allow id 0781:5581 with-interface 08:06:50\n")
+    # A gaming keyboard with a vendor-specific interface: blocked by default, allowed by a pinned rule.
+    rig = make_rig(rules="allow id 1532:0227 with-interface equals { 03:01:01 ff:00:00 }\n")
     rig.offer(site_policy([]))
-    rig.plug_stick()
+    rig.tree.add_device("1-2", 0x1532, 0x0227, interfaces=[KEYBOARD, (0xFF, 0, 0)], authorized=False)
+    rig.hotplug.inject_add("1-2")
     assert rig.authorized("1-2") == "1"
-    assert rig.last("usb.allowed")["rule"] == "allow id 0781:5581 with-interface 08:06:50"
+    assert rig.last("usb.allowed")["rule"] == "allow id 1532:0227 with-interface { 03:01:01 ff:00:00 }"
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        "allow with-interface equals { 08:*:* }\n",  # usbguard-rules.conf(5)'s own example
+        "allow id 0781:5581 with-interface 08:06:50\n",
+        "allow\n",
+    ],
+)
+def test_admin_rules_do_not_outrank_the_media_register(make_rig: Callable[..., Rig], rules: str) -> None:
+    # Issue 15: an imported allow rule made any unregistered stick usable on a My Number terminal.
+    rig = make_rig(rules=rules)
+    rig.offer(site_policy([loan()]))
+    rig.plug_stick("1-2")
+    assert rig.authorized("1-2") == "0"
+    blocked = rig.last("usb.blocked")
+    assert blocked["reason"].startswith("not_registered: mass storage outside the media register")
+    assert blocked["rule"] == rules.strip().replace("equals { 08:*:* }", "08:*:*")
+    # The register still decides for registered media: lent to alice here, so allowed.
+    rig.plug_medium("1-4")
+    assert rig.authorized("1-4") == "1" and rig.last("usb.allowed")["rule"] == "media-loan"
+    # And a keyboard is still allowed by the same rules.
+    rig.plug_keyboard("1-3")
+    assert rig.authorized("1-3") == "1"
+
+
+def test_registered_medium_without_a_loan_for_this_person_stays_out_whatever_the_rules(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(rules="allow with-interface equals { 08:*:* }\n", person="bob")
+    rig.offer(site_policy([loan()]))
+    rig.plug_medium("1-4")
+    assert rig.authorized("1-4") == "0" and rig.last("usb.blocked")["reason"] == "wrong_person"
 
 
 def test_lent_medium_allowed_read_only_for_its_borrower(rig: Rig) -> None:

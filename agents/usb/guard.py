@@ -11,7 +11,15 @@ Order of judgement for one device:
    unregistered stick): allowed only with a loan that is active now, names this terminal and is held
    by the person logged in; otherwise blocked with a precise reason code.
 4. Anything else → the rule set (the admin's rules from the agent's rules file first, then the
-   product default; first match wins, default block).
+   product default; first match wins, default block) — except that on a My Number terminal (every
+   terminal this guard runs on) the media register outranks admin allow rules for mass storage: a
+   device with a mass-storage interface (class 08) that step 3 did not allow is blocked
+   (``not_registered``) even when an admin rule allows it. ``sekisho usb import-rules`` refuses such
+   rules up front (or, with ``--allow-mass-storage-outside-register``, imports them knowing this).
+
+Precedence, highest first: no valid policy → product default only; class checks (BadUSB, no
+interfaces); the media register and its loans; for mass storage, "not in the register → block";
+admin rules; product default.
 
 Decisions are recorded before they are carried out: the event is on the outbox's disk before
 ``authorized`` is written. An allow whose event cannot be recorded is not carried out.
@@ -39,7 +47,14 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
-from sekisho.agents.usb.rules import RuleSet, Target, decide_device, default_ruleset, parse_rules
+from sekisho.agents.usb.rules import (
+    RuleSet,
+    Target,
+    decide_device,
+    default_ruleset,
+    may_allow_mass_storage,
+    parse_rules,
+)
 from sekisho.agents.usb.rules.policy import MASS_STORAGE_CLASS
 from sekisho.agents.usb.session import SessionProvider
 from sekisho.drivers.usb.blockdev import BlockDevice, BlockDeviceControl
@@ -90,6 +105,7 @@ class MediaReason(StrEnum):
     MEDIUM_NOT_STORAGE = "medium_not_storage"
     READONLY_FAILED = "readonly_failed"
     WRITE_DETECTED = "write_detected"
+    NOT_REGISTERED = "not_registered"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +157,11 @@ def site_ruleset(admin_rules_text: str | None = None) -> RuleSet:
         raise ValueError("; ".join(str(p) for p in parsed.problems))
     admin = parsed.ruleset
     lines = admin.source_lines if len(admin.source_lines) == len(admin.rules) else ()
+    for rule, line in zip(admin.rules, lines, strict=False):
+        if may_allow_mass_storage(rule):
+            _LOG.warning(
+                "admin USB rule on line %d can allow mass storage; the media register outranks it: %s", line, rule
+            )
     return RuleSet(
         rules=admin.rules + default.rules,
         default_target=Target.BLOCK,
@@ -288,6 +309,10 @@ class UsbGuard:
         if medium is not None:
             return self._judge_medium(device, medium, view)
         decision = decide_device(device, self._rules)
+        if decision.allowed and any(interface.cls == MASS_STORAGE_CLASS for interface in device.interfaces):
+            # The media register outranks admin allow rules: storage outside it stays out.
+            reason = f"{MediaReason.NOT_REGISTERED.value}: mass storage outside the media register ({decision.reason})"
+            return Verdict(Target.BLOCK, decision.rule_text, reason)
         return Verdict(decision.target, decision.rule_text, decision.reason)
 
     def _judge_medium(self, device: UsbDevice, medium: Medium, view: _PolicyView) -> Verdict:
