@@ -15,11 +15,13 @@ cd "$(dirname "$0")"
 # the fingerprint tests run the real fprintd on a private system bus. pamtester: the PAM login path.
 # mosquitto-dev + libmosquitto-dev (+ gcc): the headers to build the broker plugin that limits what agents
 # subscribe to (deploy/mosquitto/sekisho_agent_acl.c; deploy.broker builds it for the tests and the demo).
+# usbguard: the usbguard-daemon and usbguard-rule-parser the USB rule tests compare sekisho against.
 APT_PACKAGES=(
   mosquitto mosquitto-dev libmosquitto-dev postgresql python3-venv python3-dev gcc
   umockdev gir1.2-umockdev-1.0 python3-pyudev python3-gi
   pcscd pcsc-tools vsmartcard-vpcd libpcsclite-dev
   fprintd libfprint-2-2 libpam-fprintd dbus python3-dbusmock pamtester
+  usbguard
 )
 
 ensure_apt() {
