@@ -43,6 +43,12 @@ ensure_apt() {
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   if [ $own_policy -eq 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+  # Debian enables usbguard.service at boot with rules generated from the devices present now: on a
+  # workstation that would start blocking USB devices after the next reboot. The tests run their own
+  # daemon; a usbguard that this script installed stays disabled (one installed before is left alone).
+  if [[ " ${missing[*]} " == *" usbguard "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable usbguard.service >/dev/null 2>&1 || true
+  fi
 }
 
 ensure_venv() {
