@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import statistics
 import threading
 import time
 import tty
@@ -467,18 +466,6 @@ def test_concurrent_callers_each_get_their_answer(stub: StubBoardProcess, link: 
         thread.join(timeout=30)
     assert failures == []
     wait_until(lambda: stub.state()["coils"] == [True] * RELAYS, what="every coil on after an odd number of rounds")
-
-
-def test_set_relay_round_trip_time(stub: StubBoardProcess, link: LockerBoardLink) -> None:
-    """Measure set_relay over the pty (printed, not asserted: it depends on the machine)."""
-    samples = []
-    for round_ in range(200):
-        started = time.perf_counter()
-        link.set_relay(round_ % RELAYS, round_ % 2 == 0, max_on_ms=5000)
-        samples.append((time.perf_counter() - started) * 1000)
-    samples.sort()
-    p50, p99 = statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
-    print(f"\nset_relay round trip over a pty: p50 {p50:.3f} ms, p99 {p99:.3f} ms, max {samples[-1]:.3f} ms")
 
 
 # ---- a scripted board: exact frames the stub would never send ----

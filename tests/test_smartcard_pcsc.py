@@ -7,7 +7,6 @@ one it did not start (it skips, saying why, rather than killing someone else's).
 from __future__ import annotations
 
 import importlib.util
-import statistics
 import subprocess
 import threading
 import time
@@ -323,27 +322,6 @@ def test_removed_card_raises_card_removed_with_pcsc_code(
     with pytest.raises(CardRemoved) as empty:
         backend.connect(READER)
     assert empty.value.pcsc_code == SCARD_E_NO_SMARTCARD
-
-
-def test_removal_detection_latency(backend: PcscBackend, recorder: Recorder) -> None:
-    latencies = []
-    for i in range(20):
-        card = VirtualCard(uid=bytes([0x04, i, 0xAA, 0x55]))
-        since = len(recorder.events)
-        card.insert()
-        recorder.wait_for(_added, since=since)
-        # Remove at varied phases of pcscd's polling, as a person would.
-        time.sleep(0.03 * (i % 7))
-        since = len(recorder.events)
-        started = time.monotonic()
-        card.remove()
-        latencies.append((recorder.wait_for(_removed, since=since) - started) * 1000)
-    latencies.sort()
-    p95 = latencies[int(0.95 * (len(latencies) - 1))]
-    print(
-        f"\nPC/SC removal detection over {len(latencies)} removals: p50 {statistics.median(latencies):.0f} ms, "
-        f"p95 {p95:.0f} ms, max {latencies[-1]:.0f} ms"
-    )
 
 
 # --- time-outs: a card that stops answering ends the check, within the deadline, as card_timeout ----------

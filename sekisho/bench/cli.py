@@ -387,11 +387,12 @@ def bench_login(removals: Annotated[int, typer.Option(min=50, help="card removal
 def bench_doors(
     taps: Annotated[int, typer.Option(min=1000, help="granted taps, controller down")] = 1000,
     osdp_taps: Annotated[int, typer.Option(min=20, help="taps end to end through the OSDP and board stubs")] = 200,
+    relay_rounds: Annotated[int, typer.Option(min=20, help="set_relay round trips to the board stub")] = 200,
 ) -> None:
-    """Time card presented → relay command with the controller down, and end to end over OSDP + the board stub."""
+    """Time card → relay with the controller down, end to end over OSDP + the board stub, and set_relay's round trip."""
     from sekisho.bench.doors import run_doors_bench
 
-    run_doors_bench(taps, osdp_taps, console)
+    run_doors_bench(taps, osdp_taps, console, relay_rounds=relay_rounds)
 
 
 if __name__ == "__main__":  # pragma: no cover

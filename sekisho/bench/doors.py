@@ -10,6 +10,9 @@ to the relay with no decision and no record.
 Part 2: the same agent behind the real protocols — the OSDP reader stub (libosdp peripheral, Secure
 Channel) on one pseudo-terminal and the locker board stub on another. Each tap is timed from the card
 handed to the reader stub until the board acknowledged the relay command.
+
+Part 3: the board link alone — ``LockerBoardLink.set_relay`` against the locker board stub over a
+pseudo-terminal, timed from the call until the stub's ACK returned it (the floor under part 2's last hop).
 """
 
 from __future__ import annotations
@@ -222,20 +225,45 @@ def osdp_end_to_end(root: Path, taps: int) -> list[float]:
     return latencies
 
 
-def run_doors_bench(taps: int, osdp_taps: int, console: Console | None = None) -> dict[str, float]:
-    """Run both parts; print a table and the JSON summary line; return the summary."""
+def relay_round_trip(rounds: int) -> list[float]:
+    """Part 3: ``set_relay`` over a pty to the locker board stub, call → ACK; return latencies in ms."""
+    from sekisho.drivers.locker import LockerBoardLink
+    from sekisho.firmware_stubs.locker_board import StubBoardProcess
+
+    latencies: list[float] = []
+    with StubBoardProcess(relays=LOCKERS, doors=LOCKERS, key_slots=0) as stub:
+        link = LockerBoardLink(stub.host, relays=LOCKERS, doors=LOCKERS, key_slots=0)
+        link.start()
+        try:
+            for i in range(rounds):
+                started = time.perf_counter()
+                link.set_relay(i % LOCKERS, i % 2 == 0, max_on_ms=5000)
+                latencies.append((time.perf_counter() - started) * 1000)
+        finally:
+            link.stop()
+    return latencies
+
+
+def run_doors_bench(
+    taps: int, osdp_taps: int, console: Console | None = None, relay_rounds: int = 200
+) -> dict[str, float]:
+    """Run the three parts; print a table and the JSON summary line; return the summary."""
     console = console or Console()
     with tempfile.TemporaryDirectory(prefix="sekisho-bench-doors-") as tmp:
         root = Path(tmp)
         latencies, baseline, recorded = tap_to_relay(root / "offline", taps)
         osdp = osdp_end_to_end(root / "osdp", osdp_taps)
-    table = Table(title=f"door taps (controller down): {taps} grants; OSDP end to end: {osdp_taps}")
+    relay = relay_round_trip(relay_rounds)
+    table = Table(
+        title=f"door taps (controller down): {taps} grants; OSDP end to end: {osdp_taps}; relay: {relay_rounds}"
+    )
     for column in ("path", "p50 ms", "p99 ms", "max ms"):
         table.add_column(column)
     for name, values in (
         ("tap → relay (decision + fsync'd events)", latencies),
         ("baseline: reader event → relay, no decision", baseline),
         ("OSDP stub → Secure Channel → agent → board stub ACK", osdp),
+        ("set_relay → board stub ACK over a pty", relay),
     ):
         table.add_row(
             name,
@@ -251,6 +279,8 @@ def run_doors_bench(taps: int, osdp_taps: int, console: Console | None = None) -
         "osdp_end_to_end_p99_ms": round(_percentile(osdp, 0.99), 3),
         "osdp_end_to_end_p50_ms": round(statistics.median(osdp), 3),
         "baseline_p99_ms": round(_percentile(baseline, 0.99), 3),
+        "relay_round_trip_p50_ms": round(statistics.median(relay), 3),
+        "relay_round_trip_p99_ms": round(_percentile(relay, 0.99), 3),
     }
     print(json.dumps(summary), flush=True)
     return summary

@@ -32,14 +32,19 @@ def _percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def _removal_to_lock(removals: int, workdir: Path) -> list[float]:
-    """Insert and remove the card ``removals`` times; return socket close → lock command started, in seconds."""
+def _removal_to_lock(removals: int, workdir: Path) -> tuple[list[float], list[float]]:
+    """Insert and remove the card ``removals`` times; return (removal reported, lock started) times in seconds.
+
+    Both from the card's vpcd socket closing: to the backend's observers learning of the removal (pcscd's
+    detection), and to ``CardRemovalLock`` starting the lock command.
+    """
     from sekisho.agents.login.lock import CardRemovalLock
     from sekisho.drivers.smartcard.pcsc import PcscBackend
     from sekisho.firmware_stubs.piv_card import VirtualCard
 
     marker = workdir / "locked"
     emitted: list[str] = []
+    detections: list[float] = []
     latencies: list[float] = []
     with PcscBackend() as backend:
         if not backend.wait_until_monitoring(5):
@@ -55,8 +60,12 @@ def _removal_to_lock(removals: int, workdir: Path) -> list[float]:
             end_after_s=3600,
         )
         inserted = threading.Event()
+        removed_at: list[float] = []
 
         def on_cards(event: CardEvent) -> None:
+            # Subscribed before the lock, so called first: the moment the observers learn of the removal.
+            if any(c.reader == VPCD_READER for c in event.removed):
+                removed_at.append(time.monotonic())
             if any(c.reader == VPCD_READER for c in event.added):
                 inserted.set()
 
@@ -71,11 +80,13 @@ def _removal_to_lock(removals: int, workdir: Path) -> list[float]:
                 if not inserted.wait(5):
                     raise RuntimeError("pcscd did not report the card inserted within 5 s")
                 before = lock.last_lock_started_at
+                reported = len(removed_at)
                 closed = time.monotonic()
                 card.remove()
                 _wait_until(lambda before=before: lock.last_lock_started_at != before, 5)
                 started = lock.last_lock_started_at
-                assert started is not None
+                assert started is not None and len(removed_at) > reported
+                detections.append(removed_at[reported] - closed)
                 latencies.append(started - closed)
         finally:
             lock.stop()
@@ -83,7 +94,7 @@ def _removal_to_lock(removals: int, workdir: Path) -> list[float]:
             card.remove()
         if lock.errors:
             raise RuntimeError(f"lock command failures: {lock.errors[:3]}")
-    return latencies
+    return detections, latencies
 
 
 def _wait_until(predicate: Any, timeout: float) -> None:
@@ -275,10 +286,12 @@ def run_login_bench(removals: int, console: Console, iterations: int = 200, stal
         console.print(f"login bench needs the real pcscd with vpcd: {unavailable}")
         return 2
     with tempfile.TemporaryDirectory(prefix="sekisho-bench-login-") as tmp, own_pcscd():
-        lock_s = _removal_to_lock(removals, Path(tmp))
+        detect_s, lock_s = _removal_to_lock(removals, Path(tmp))
         stalled_s, deadline_s = _stalled_refusals(stalls, Path(tmp))
     pam_s = _pam_decision(iterations)
     figures = {
+        "removal_detected_p50_ms": round(_percentile(detect_s, 50) * 1000, 2),
+        "removal_detected_p95_ms": round(_percentile(detect_s, 95) * 1000, 2),
         "removal_to_lock_p50_ms": round(_percentile(lock_s, 50) * 1000, 2),
         "removal_to_lock_p95_ms": round(_percentile(lock_s, 95) * 1000, 2),
         "pam_decision_p95_ms": round(_percentile(pam_s, 95) * 1000, 2),
@@ -289,6 +302,7 @@ def run_login_bench(removals: int, console: Console, iterations: int = 200, stal
     for column in ("measurement", "samples", "p50 ms", "p95 ms", "max ms"):
         table.add_column(column)
     for name, values in (
+        ("card removal → reported by PcscBackend", detect_s),
         ("card removal → lock command started", lock_s),
         ("PAM decision (no human)", pam_s),
         (f"PAM refusal, card stalled (deadline {deadline_s:g} s)", stalled_s),
