@@ -9,7 +9,7 @@ import signal
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import paho.mqtt.client as mqtt
 import typer
@@ -22,7 +22,11 @@ from sekisho.controller.config import ControllerConfig, load_config
 from sekisho.controller.mqtt import connect_blocking, make_client
 from sekisho.controller.policy.loader import PolicyError, load_policy_file
 from sekisho.controller.policy.service import PolicyService, publish_once
-from sekisho.protocol import messages, mynumber, signing, topics
+from sekisho.protocol import messages, mynumber, signing, timefmt, topics
+
+if TYPE_CHECKING:
+    from sekisho.controller.store.chain import ChainProblem
+    from sekisho.controller.store.store import Store
 
 console = Console()
 err_console = Console(stderr=True)
@@ -92,12 +96,11 @@ def register_agent(
     replace: Annotated[bool, typer.Option(help="replace the key of an existing agent")] = False,
 ) -> None:
     """Register an agent's event-signing public key so its events are accepted."""
-    from sekisho.controller.service import open_store
 
     topics.check_agent_id(agent_id)
     pem = public_key.read_bytes()
     key = signing.load_public_key_pem(pem)
-    store = open_store(cli_config(config))
+    store = _signing_store(cli_config(config))
     store.register_agent(agent_id, pem.decode(), replace=replace)
     console.print(f"registered {agent_id} (key {signing.key_id(key)})")
 
@@ -105,10 +108,22 @@ def register_agent(
 @controller_app.command("revoke-agent")
 def revoke_agent(config: ConfigOpt, agent_id: str) -> None:
     """Revoke an agent: its events are refused from the next key refresh on."""
+    _signing_store(cli_config(config)).revoke_agent(agent_id)
+    console.print(f"revoked {agent_id}")
+
+
+def _signing_store(cfg: ControllerConfig) -> Store:
+    """Open the store for a command that writes key lines: they must be signed, so the key must be readable."""
     from sekisho.controller.service import open_store
 
-    open_store(cli_config(config)).revoke_agent(agent_id)
-    console.print(f"revoked {agent_id}")
+    store = open_store(cfg)
+    if store.signing_key is None:
+        err_console.print(
+            f"[red]cannot read the controller's signing key {cfg.signing_key}:[/red] an agent's key line must be "
+            "signed with it (run this as the controller's user)"
+        )
+        raise typer.Exit(2)
+    return store
 
 
 @controller_app.command("send-command")
@@ -259,27 +274,68 @@ def policy_show(config: ConfigOpt) -> None:
 @records_app.command("verify")
 def records_verify(
     config: ConfigOpt,
-    agent: Annotated[str | None, typer.Option(help="only this agent's stream")] = None,
+    agent: Annotated[str | None, typer.Option(help="only this agent's stream (and its key history)")] = None,
     signatures: Annotated[bool, typer.Option(help="also re-verify every agent signature")] = True,
+    controller_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="the controller's signing.pub, to verify without its private key (default: from signing_key)",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
-    """Check every stream's hash chain (and signatures); name the first broken record of each."""
+    """Check every hash chain, key line and signed checkpoint; name the first broken record of each chain."""
     from sekisho.controller.service import open_store
+    from sekisho.controller.store.verification import KEY_GRACE
 
-    store = open_store(cli_config(config))
-    keys = store.agent_keys(include_revoked=True) if signatures else None
-    problems = store.verify_chains(agent, keys=keys)
-    streams = store.list_streams()
-    if not problems:
-        total = sum(s.chain_length for s in streams)
-        console.print(f"[green]OK[/green]: {len(streams)} stream(s), {total} record(s), chains intact")
-        return
-    # One plain line per broken stream: auditors paste these into the review record, scripts grep them.
-    console.print(f"[red]BROKEN[/red]: {len(problems)} of {len(streams)} stream(s)")
-    for p in problems:
-        console.print(
-            f"{p.agent_id} chain_index={p.chain_index} seq={p.seq} event_id={p.event_id or '-'} row_id={p.row_id}: "
-            f"{p.problem}",
-            soft_wrap=True,
-            highlight=False,
+    cfg = cli_config(config)
+    store = open_store(cfg)
+    if controller_key is not None:
+        public = signing.load_public_key(controller_key)
+    elif store.signing_key is not None:
+        public = store.signing_key.public_key()
+    else:
+        err_console.print(
+            f"[red]cannot read the controller's signing key {cfg.signing_key}:[/red] the checkpoints are signed "
+            "with it; pass --controller-key with its public half (signing.pub) to verify without it"
         )
-    raise typer.Exit(1)
+        raise typer.Exit(2)
+    grace = max(KEY_GRACE, timedelta(seconds=3 * cfg.key_refresh_s))
+    report = store.verify_records(agent, signatures=signatures, controller_key=public, key_grace=grace)
+    head = f"#{report.head[0]} {report.head[1]}" if report.head else "none"
+    genesis = timefmt.fmt(report.genesis_at) if report.genesis_at else "none"
+    counts = (
+        f"{report.streams} stream(s), {report.records} record(s), {report.dead_letters} dead letter(s), "
+        f"{report.checkpoints} signed checkpoint(s)"
+    )
+    if not report.problems:
+        console.print(f"[green]OK[/green]: {counts}; chains intact", soft_wrap=True, highlight=False)
+    else:
+        # One plain line per problem: auditors paste these into the review record, scripts grep them.
+        console.print(
+            f"[red]BROKEN[/red]: {len(report.problems)} problem(s); checked {counts}", soft_wrap=True, highlight=False
+        )
+        for p in report.problems:
+            console.print(_problem_line(p), soft_wrap=True, highlight=False, markup=False)
+    # Keep this line with the review record: a later run showing an older head means the log was cut back.
+    console.print(f"checkpoint head: {head}; genesis (log begun): {genesis}", soft_wrap=True, highlight=False)
+    if not signatures:
+        console.print("not checked: agent signatures on events (--no-signatures)", highlight=False)
+    console.print("not checked: " + "; ".join(report.not_checked), soft_wrap=True, highlight=False)
+    if report.problems:
+        raise typer.Exit(1)
+
+
+def _problem_line(p: ChainProblem) -> str:
+    """Render one problem as the plain line `records verify` prints (the events table keeps its old form)."""
+    if p.table == "events":
+        return (
+            f"{p.agent_id} chain_index={p.chain_index} seq={p.seq} event_id={p.event_id or '-'} row_id={p.row_id}: "
+            f"{p.problem}"
+        )
+    if p.table == "dead_letters":
+        return f"dead_letters chain_index={p.chain_index} agent={p.agent_id or '-'} row_id={p.row_id}: {p.problem}"
+    if p.table == "checkpoints":
+        return f"checkpoints #{p.row_id}: {p.problem}"
+    return f"{p.table} {p.agent_id or '-'} row_id={p.row_id}: {p.problem}"

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.deps import AppState
@@ -36,7 +37,20 @@ def open_store(config: ControllerConfig) -> Store:
     private_dir(config.var_dir)
     engine = make_engine(config.resolved_database_url())
     upgrade(engine)
-    return Store(engine)
+    return Store(engine, signing_key=controller_signing_key(config))
+
+
+def controller_signing_key(config: ControllerConfig) -> Ed25519PrivateKey | None:
+    """Return the controller's signing key if this process can read it, else None.
+
+    It signs the checkpoint log and the agents' key lines (controller/store/checkpoints.py). A command that
+    only reads may run without it; the controller's ingest refuses to start without it, and the commands
+    that write key lines or verify the log say so.
+    """
+    try:
+        return signing.load_private_key(config.signing_key)
+    except OSError:
+        return None
 
 
 @dataclass
@@ -110,7 +124,10 @@ class Controller:
             self.keeper.on_heartbeat(hb)
 
     def start(self) -> None:
-        """Connect ingest and start publishing policy."""
+        """Seal the records as they stand if the checkpoint log has not begun, connect ingest, publish policy."""
+        genesis = self.store.seal_existing()
+        if genesis is not None:
+            log.warning("checkpoint log begun: the records as they stand now are sealed as genesis #%d", genesis)
         self.worker.start()
         if self.keeper is not None:
             self.keeper.start()

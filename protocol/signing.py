@@ -15,7 +15,9 @@ from sekisho.protocol import errors
 from sekisho.protocol.canonical import canonical_bytes
 
 # Every signature covers the kind of message too, so a signed ack can never pass as a policy bundle.
-KINDS = ("event", "ack", "heartbeat", "command", "bundle")
+# "checkpoint" and "agent_key" never go on the wire: the controller signs its own records with them
+# (controller/store/checkpoints.py), and their own kinds keep those signatures from passing as messages.
+KINDS = ("event", "ack", "heartbeat", "command", "bundle", "checkpoint", "agent_key")
 
 
 def signing_input(kind: str, body: Any) -> bytes:

@@ -44,11 +44,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    """Yield a Store on a fresh database of each backend."""
+def controller_key() -> Ed25519PrivateKey:
+    """Return the test controller's signing key (it signs the store's checkpoints and key lines)."""
+    return signing.generate_key()
+
+
+@pytest.fixture
+def store(db_url: str, controller_key: Ed25519PrivateKey) -> Iterator[Store]:
+    """Yield a Store on a fresh database of each backend, opened with the controller's signing key."""
     engine = make_engine(db_url)
     try:
-        yield Store(engine)
+        yield Store(engine, signing_key=controller_key)
     finally:
         engine.dispose()
 

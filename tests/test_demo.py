@@ -59,7 +59,7 @@ def test_demo_runs_fills_records_and_stops_cleanly(tmp_path: Path) -> None:
     assert any(t == "usb.allowed" and p.get("medium") == "m-0001" and p.get("read_only") for t, p in usb)
     assert any(t == "usb.blocked" and p.get("reason") == "wrong_person" for t, p in usb)
     assert any(t == "usb.allowed" and p.get("vendor_product") == "046d:c31c" for t, p in usb)
-    assert store.verify_chains(keys=store.agent_keys()) == []
+    assert store.verify_chains(signatures=True) == []
     with store.engine.connect() as conn:
         loans = conn.exec_driver_sql("SELECT key, person FROM key_loans").all()
     assert loans, "the key-lending register stayed empty"
@@ -81,7 +81,7 @@ def test_demo_run_again_continues_and_fresh_starts_over(tmp_path: Path) -> None:
     assert after_again > after_first, "the second run stored nothing"
     store = Store(make_engine(f"sqlite:///{root / 'controller' / 'controller.db'}"))
     try:
-        assert store.verify_chains(keys=store.agent_keys()) == []  # one chain per agent across both runs
+        assert store.verify_chains(signatures=True) == []  # one chain per agent across both runs
         with store.engine.connect() as conn:
             assert conn.execute(select(func.count()).select_from(DeadLetter)).scalar_one() == 0
             loans = conn.exec_driver_sql("SELECT count(*) FROM media_loans WHERE medium = 'm-0001'").scalar_one()

@@ -58,7 +58,7 @@ def assert_exactly_once(site: Site, agent: str, count: int) -> None:
     with store.engine.connect() as conn:
         open_gaps = conn.execute(select(Finding).where(Finding.agent_id == agent, Finding.resolved_at.is_(None))).all()
     assert open_gaps == []
-    assert store.verify_chains(agent, keys=store.agent_keys()) == []
+    assert store.verify_chains(agent, signatures=True) == []
     assert site.outbox_depth(agent) == 0
 
 

@@ -160,7 +160,7 @@ def test_store_and_read_back(store: Store, make_agent: MakeAgent) -> None:
         assert row["occurred_at"].tzinfo is not None and row["occurred_at"].utcoffset() == timedelta(0)
         assert row["received_at"] == T0
     assert store.verify_chains() == []
-    assert store.verify_chains(agent.agent_id, keys=store.agent_keys()) == []
+    assert store.verify_chains(agent.agent_id, signatures=True) == []
 
 
 def test_datetimes_round_trip_exactly_as_aware_utc(store: Store, make_agent: MakeAgent) -> None:
@@ -173,7 +173,7 @@ def test_datetimes_round_trip_exactly_as_aware_utc(store: Store, make_agent: Mak
     assert row.occurred_at == at and row.occurred_at.utcoffset() == timedelta(0)
     assert row.received_at == received and row.received_at.tzinfo == UTC
     assert row.received_at.microsecond == 1
-    assert store.verify_chains(keys=store.agent_keys()) == []
+    assert store.verify_chains(signatures=True) == []
 
 
 def test_restoring_the_same_batch_counts_duplicates_and_changes_nothing(store: Store, make_agent: MakeAgent) -> None:
@@ -212,7 +212,7 @@ def test_out_of_order_arrival_chains_in_arrival_order(store: Store, make_agent: 
     stream = store.get_stream(agent.agent_id)
     assert stream is not None and (stream.max_seq, stream.contiguous_seq) == (5, 5)
     assert store.list_findings(open_only=True) == []
-    assert store.verify_chains(keys=store.agent_keys()) == []
+    assert store.verify_chains(signatures=True) == []
 
 
 def test_gap_findings_are_created_split_and_resolved(store: Store, make_agent: MakeAgent) -> None:
@@ -247,7 +247,7 @@ def test_gap_findings_are_created_split_and_resolved(store: Store, make_agent: M
     assert len(resolved) == 3 and all(f.resolved_at is not None and f.resolution for f in resolved)
     stream = store.get_stream(agent.agent_id)
     assert stream is not None and (stream.max_seq, stream.contiguous_seq) == (10, 10)
-    assert store.verify_chains(keys=store.agent_keys()) == []
+    assert store.verify_chains(signatures=True) == []
 
 
 def test_first_event_after_a_jump_reports_the_gap_from_one(store: Store, make_agent: MakeAgent) -> None:
@@ -269,7 +269,7 @@ def test_awkward_payload_text_round_trips(store: Store, make_agent: MakeAgent) -
     rows = store.list_events(agent_id=agent.agent_id)
     assert rows[0].payload["note"] == note and rows[1].payload["n"] == 2**62
     assert (rows[2].clock_synced, rows[2].clock_offset_ms) == (True, -(2**62))
-    assert store.verify_chains(keys=store.agent_keys()) == []
+    assert store.verify_chains(signatures=True) == []
 
 
 def test_a_batch_larger_than_one_lookup_chunk(store: Store, make_agent: MakeAgent) -> None:
@@ -362,7 +362,7 @@ def test_event_id_reused_by_another_agent_is_dead_lettered(store: Store, make_ag
     assert [letter.reason for letter in letters] == [DUPLICATE_ID, DUPLICATE_ID]
     assert letters[0].payload.encode() == clash.raw
     assert store.event_seqs(b.agent_id) == [6]
-    assert store.verify_chains(keys=store.agent_keys()) == []
+    assert store.verify_chains(signatures=True) == []
 
 
 def test_reused_seq_with_another_event_is_kept_as_dead_letter(store: Store, make_agent: MakeAgent) -> None:
@@ -452,10 +452,12 @@ def test_policy_versions_and_issued_commands(store: Store, make_agent: MakeAgent
 # --- concurrency -----------------------------------------------------------------------------------
 
 
-def test_two_workers_storing_the_same_agent_keep_one_consistent_chain(db_url: str, make_agent: MakeAgent) -> None:
+def test_two_workers_storing_the_same_agent_keep_one_consistent_chain(
+    db_url: str, make_agent: MakeAgent, controller_key: Ed25519PrivateKey
+) -> None:
     engines = [make_engine(db_url), make_engine(db_url)]
     try:
-        stores = [Store(engine) for engine in engines]
+        stores = [Store(engine, signing_key=controller_key) for engine in engines]
         agent = make_agent(stores[0])
         events = agent.events(range(1, 301))
         # Each worker gets overlapping, differently ordered batches: every event reaches both.
@@ -487,7 +489,7 @@ def test_two_workers_storing_the_same_agent_keep_one_consistent_chain(db_url: st
         assert sorted(stored) == [(agent.agent_id, seq) for seq in range(1, 301)]
         assert len(duplicates) == 300
         assert store_state(stores[0], agent.agent_id) == (list(range(1, 301)), 300, 300, 300)
-        assert stores[1].verify_chains(keys=stores[1].agent_keys()) == []
+        assert stores[1].verify_chains(signatures=True) == []
         assert stores[0].list_findings(open_only=True) == []
     finally:
         for engine in engines:
@@ -500,11 +502,13 @@ def store_after(start: threading.Barrier, store: Store, batch: list[Any], result
     results[index] = store.store_batch(batch, [], T0)
 
 
-def test_one_event_id_raced_by_two_agents_is_stored_once(db_url: str, make_agent: MakeAgent) -> None:
+def test_one_event_id_raced_by_two_agents_is_stored_once(
+    db_url: str, make_agent: MakeAgent, controller_key: Ed25519PrivateKey
+) -> None:
     """Workers lock different streams, so only the unique index sees the clash; the loser retries."""
     engines = [make_engine(db_url), make_engine(db_url)]
     try:
-        stores = [Store(engine) for engine in engines]
+        stores = [Store(engine, signing_key=controller_key) for engine in engines]
         agents = [make_agent(stores[0], "race"), make_agent(stores[0], "race")]
         for round_ in range(5):
             shared = uuid.uuid4().hex
@@ -525,7 +529,7 @@ def test_one_event_id_raced_by_two_agents_is_stored_once(db_url: str, make_agent
             assert sorted(len(result.stored) for result in results) == [99, 100]
             assert sorted(len(result.dead_lettered) for result in results) == [0, 1]
         assert [letter.reason for letter in stores[0].list_dead_letters()] == [DUPLICATE_ID] * 5
-        assert stores[0].verify_chains(keys=stores[0].agent_keys()) == []
+        assert stores[0].verify_chains(signatures=True) == []
     finally:
         for engine in engines:
             engine.dispose()
@@ -599,7 +603,7 @@ def test_any_interleaving_stores_each_seq_once_and_gaps_cover_the_holes(
             stream = store.get_stream(agent.agent_id)
             assert stream is None or stream.chain_length == 0
             continue
-        assert store.verify_chains(agent.agent_id, keys=store.agent_keys()) == []
+        assert store.verify_chains(agent.agent_id, signatures=True) == []
         missing = set(range(1, wanted[-1] + 1)) - set(wanted)
         covered: list[int] = []
         for finding in store.list_findings(open_only=True, kind=SEQUENCE_GAP, agent_id=agent.agent_id):

@@ -13,9 +13,11 @@ from sekisho.controller.store.events import (
 )
 from sekisho.controller.store.policy import PolicyVersionConflict
 from sekisho.controller.store.store import Store
+from sekisho.controller.store.verification import NOT_CHECKED, Verification
 
 __all__ = [
     "DUPLICATE_ID",
+    "NOT_CHECKED",
     "SEQUENCE_GAP",
     "SEQ_CONFLICT",
     "AgentExists",
@@ -26,6 +28,7 @@ __all__ = [
     "GapFinding",
     "PolicyVersionConflict",
     "Store",
+    "Verification",
     "default_url",
     "make_engine",
     "record_hash",

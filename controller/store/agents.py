@@ -1,4 +1,9 @@
-"""Registered agents: enrolment with their Ed25519 keys, revocation, and the latest heartbeat of each."""
+"""Registered agents: enrolment with their Ed25519 keys, revocation, and the latest heartbeat of each.
+
+Every enrolment, key replacement and revocation also adds a controller-signed line to the agent's key
+history (``agent_keys``) and records it in the checkpoint log, so `records verify` checks each event
+against the key that was registered when it was received, and a key swapped in ``agents`` shows.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,17 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Table, insert, or_, select, update
 
-from sekisho.controller.store.models import Agent
-from sekisho.controller.store.records import Records, aware_utc, int_or_none
+from sekisho.controller.store.checkpoints import CheckpointRecords, add_key_line
+from sekisho.controller.store.models import Agent, AgentKey
+from sekisho.controller.store.records import aware_utc, int_or_none
 from sekisho.protocol import errors, mynumber, signing, timefmt, topics
 
 ACTIVE = "active"
 REVOKED = "revoked"
+# Actions of a key-history line (agent_keys.action).
+REGISTER = "register"
+REPLACE = "replace"
+REVOKE = "revoke"
 
 _AGENTS = cast(Table, Agent.__table__)
 
@@ -25,8 +35,8 @@ class AgentNotFound(LookupError):
     """No agent with that id is registered."""
 
 
-class AgentRecords(Records):
-    """The ``agents`` table: who may send events, with which key, and when each was last heard from."""
+class AgentRecords(CheckpointRecords):
+    """The ``agents`` table and its key history: who may send events, with which key, and when last heard from."""
 
     def register_agent(
         self, agent_id: str, public_key_pem: str, *, replace: bool = False, registered_at: datetime | None = None
@@ -41,12 +51,14 @@ class AgentRecords(Records):
             raise ValueError("agent id: looks like a My Number (12 digits with a valid check digit); choose another")
         signing.load_public_key_pem(public_key_pem.encode())  # raises ValueError if not Ed25519 PEM
         when = aware_utc(registered_at or timefmt.now(), "registered_at")
+        self._ensure_sealed()
 
         def work(conn: Connection) -> None:
             row = conn.execute(
                 select(_AGENTS.c.public_key_pem, _AGENTS.c.status).where(_AGENTS.c.id == agent_id)
             ).first()
             if row is None:
+                action = REGISTER
                 conn.execute(
                     insert(_AGENTS).values(
                         id=agent_id, public_key_pem=public_key_pem, status=ACTIVE, registered_at=when
@@ -57,23 +69,45 @@ class AgentRecords(Records):
             elif not replace:
                 raise AgentExists(f"agent {agent_id!r} is already registered ({row.status}, other key?)")
             else:
+                action = REPLACE
                 conn.execute(
                     update(_AGENTS)
                     .where(_AGENTS.c.id == agent_id)
                     .values(public_key_pem=public_key_pem, status=ACTIVE, registered_at=when)
                 )
+            add_key_line(
+                conn, self.signing_key, agent_id=agent_id, action=action, public_key_pem=public_key_pem, valid_from=when
+            )
 
         self.write(work, retry_unique=True)
 
     def revoke_agent(self, agent_id: str) -> None:
         """Mark an agent revoked: its key is no longer offered for verifying new events."""
+        self._ensure_sealed()
 
         def work(conn: Connection) -> None:
-            done = conn.execute(update(_AGENTS).where(_AGENTS.c.id == agent_id).values(status=REVOKED))
-            if done.rowcount == 0:
+            row = conn.execute(
+                select(_AGENTS.c.public_key_pem, _AGENTS.c.status).where(_AGENTS.c.id == agent_id)
+            ).first()
+            if row is None:
                 raise AgentNotFound(agent_id)
+            if row.status == REVOKED:
+                return
+            conn.execute(update(_AGENTS).where(_AGENTS.c.id == agent_id).values(status=REVOKED))
+            add_key_line(
+                conn,
+                self.signing_key,
+                agent_id=agent_id,
+                action=REVOKE,
+                public_key_pem=row.public_key_pem,
+                valid_from=timefmt.now(),
+            )
 
-        self.write(work)
+        self.write(work, retry_unique=True)
+
+    def key_history(self, agent_id: str) -> list[AgentKey]:
+        """Return the lines of one agent's key history, oldest first."""
+        return self.read(select(AgentKey).where(AgentKey.agent_id == agent_id).order_by(AgentKey.version))
 
     def agent_keys(self, *, include_revoked: bool = False) -> dict[str, str]:
         """Return agent id → public key PEM, for active agents (or all, to re-verify old records)."""

@@ -1,24 +1,31 @@
-"""The per-agent hash chain over stored events: how a record is hashed and how a chain is re-checked.
+"""The hash chains over stored records: how a record is hashed and how a chain is re-checked.
 
 Each agent's events form a chain in the order they were stored (chain_index 1, 2, 3...), not in
 sequence order, because events may arrive late. A record's hash covers the previous hash and the
 canonical form of the record, so editing, deleting, inserting or reordering rows is detectable.
-The hash carries no secret: whoever can rewrite the whole table can also recompute the chain, which
-is why verification can also re-check the agents' own signatures on the stored wire bytes.
+The dead letters form one more chain of the same kind. The hash carries no secret: whoever can
+rewrite a whole table can also recompute its chain, which is why verification holds each chain's end
+against the controller-signed checkpoint log (checkpoints.py) and re-checks the agents' own
+signatures on the stored wire bytes against the signed key history.
+
+Record format 1 (every record stored before the checkpoint log existed) leaves ``stored_at`` out;
+format 2 (every later record) covers it. Which records are format 1 is fixed by the signed genesis
+checkpoint: those up to each stream's length at that time.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, select
 
-from sekisho.controller.store.models import ZERO_HASH, Event, Stream
+from sekisho.controller.store.models import ZERO_HASH, DeadLetter, Event, Stream
 from sekisho.protocol import errors, events, signing, timefmt
 
 # Rows fetched per round trip while walking a chain; the walk never holds more than this.
@@ -29,6 +36,8 @@ _WALK_BATCH = 1000
 # UTF-8; tests/test_store.py pins the equality) minus its float scan: a record holds only str and int.
 # Keeping the encoder here also freezes the chain format even if the wire's canonical form ever changes.
 _RECORD_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+# Dead letters hold whatever arrived (cleaned, redacted): escape non-ASCII so any text hashes the same.
+_LETTER_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def record_bytes(
@@ -41,8 +50,13 @@ def record_bytes(
     occurred_at: datetime,
     received_at: datetime,
     raw: str,
+    stored_at: datetime | None = None,
 ) -> bytes:
-    """Return the canonical bytes of one stored event record, the part of it the chain hash covers."""
+    """Return the canonical bytes of one stored event record, the part of it the chain hash covers.
+
+    With stored_at, the record is in format 2 (every record stored since the checkpoint log exists);
+    without it, in format 1 (the records sealed by the genesis checkpoint).
+    """
     record = {
         "agent": agent,
         "seq": seq,
@@ -53,6 +67,8 @@ def record_bytes(
         "received_at": timefmt.fmt(received_at),
         "raw": raw,
     }
+    if stored_at is not None:
+        record["stored_at"] = timefmt.fmt(stored_at)
     return _RECORD_ENCODER.encode(record).encode()
 
 
@@ -67,6 +83,7 @@ def record_hash(
     occurred_at: datetime,
     received_at: datetime,
     raw: str,
+    stored_at: datetime | None = None,
 ) -> str:
     """Return the chain hash of one stored event record given the hash of the record before it."""
     record = record_bytes(
@@ -78,20 +95,104 @@ def record_hash(
         occurred_at=occurred_at,
         received_at=received_at,
         raw=raw,
+        stored_at=stored_at,
     )
     return hashlib.sha256(prev_hash.encode() + b"\n" + record).hexdigest()
 
 
+def letter_hash(prev_hash: str, letter: Any) -> str:
+    """Return the chain hash of one dead letter (a row or a mapping of its columns) after prev_hash.
+
+    It covers every column but the row id and the keyed digest of the bytes that arrived (payload_mac,
+    kept apart from the chain); the stored, redacted payload text itself is covered.
+    """
+    columns = letter if isinstance(letter, dict) else letter._mapping
+    get = columns.get
+    record = {
+        "chain_index": get("chain_index"),
+        "received_at": timefmt.fmt(columns["received_at"]),
+        "topic": get("topic"),
+        "agent_id": get("agent_id"),
+        "seq": get("seq"),
+        "event_id": get("event_id"),
+        "reason": get("reason"),
+        "detail": get("detail"),
+        "payload": get("payload"),
+        "size": get("size"),
+    }
+    return hashlib.sha256(prev_hash.encode() + b"\n" + _LETTER_ENCODER.encode(record).encode()).hexdigest()
+
+
 @dataclass(frozen=True, slots=True)
 class ChainProblem:
-    """The first broken record of one agent's chain, and what is wrong with it."""
+    """The first broken record of one chain (or a broken row of another checked table), and what is wrong.
 
-    agent_id: str
+    table is the table the problem was found in: "events" (agent_id names the stream), "dead_letters",
+    "checkpoints", "agent_keys" or "agents".
+    """
+
+    agent_id: str | None
     chain_index: int | None
     seq: int | None
     event_id: str | None
     row_id: int | None
     problem: str
+    table: str = "events"
+
+
+@dataclass(frozen=True, slots=True)
+class SignedHead:
+    """A chain's end as the newest signed checkpoint that names it has it."""
+
+    checkpoint: int
+    length: int
+    head: str
+    max_seq: int = 0
+    contiguous_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpan:
+    """One line of an agent's signed key history: from valid_from on, key signs its events (None: revoked)."""
+
+    version: int
+    valid_from: datetime
+    key: signing.Verifier | None
+
+
+class KeyHistory:
+    """The keys an agent's events may be signed with, by the time the controller received them.
+
+    An event is checked against the key valid when it was received. A running ingest worker holds the
+    keys it read for up to key_refresh_s, so around a replacement or a revocation the key on either side
+    is accepted for ``grace``; an event received later than that after a revocation is a problem.
+    """
+
+    def __init__(self, spans: Sequence[KeySpan], grace: timedelta) -> None:
+        """Use spans in version order."""
+        self.spans = list(spans)
+        self._starts = [span.valid_from for span in self.spans]
+        self.grace = grace
+
+    def keys_at(self, received_at: datetime) -> list[signing.Verifier]:
+        """Return the keys an event received at that time may verify with, the one valid then first."""
+        if not self.spans:
+            return []
+        # Before the first line (records older than a key history made at an upgrade): the first key.
+        at = max(bisect.bisect_right(self._starts, received_at) - 1, 0)
+        found = [self.spans[at].key]
+        if at > 0 and received_at < self.spans[at].valid_from + self.grace:
+            found.append(self.spans[at - 1].key)
+        if at + 1 < len(self.spans) and self.spans[at + 1].valid_from - self.grace <= received_at:
+            found.append(self.spans[at + 1].key)
+        return [key for key in found if key is not None]
+
+    def revoked_at(self, received_at: datetime) -> datetime | None:
+        """Return when the agent was revoked if it was at that time, else None."""
+        at = bisect.bisect_right(self._starts, received_at) - 1
+        if at >= 0 and self.spans[at].key is None:
+            return self.spans[at].valid_from
+        return None
 
 
 def _json_text(value: Any) -> str:
@@ -117,12 +218,8 @@ def _column_mismatch(row: Any, signed: events.DecodedEvent) -> str | None:
     return None
 
 
-def _check_record(row: Any, expected_index: int, prev_hash: str, stream: Any | None) -> str | None:
-    if row.chain_index > expected_index:
-        return f"missing record(s) before chain index {row.chain_index}"
-    if row.chain_index < expected_index or row.prev_hash != prev_hash:
-        return "record inserted/reordered"
-    recomputed = record_hash(
+def _recomputed(row: Any, prev_hash: str, stored_at: datetime | None) -> str:
+    return record_hash(
         prev_hash,
         agent=row.agent_id,
         seq=row.seq,
@@ -132,8 +229,23 @@ def _check_record(row: Any, expected_index: int, prev_hash: str, stream: Any | N
         occurred_at=row.occurred_at,
         received_at=row.received_at,
         raw=row.raw,
+        stored_at=stored_at,
     )
-    if recomputed != row.hash:
+
+
+def _check_record(
+    row: Any, expected_index: int, prev_hash: str, stream: Any | None, legacy_length: int | None
+) -> str | None:
+    if row.chain_index > expected_index:
+        return f"missing record(s) before chain index {row.chain_index}"
+    if row.chain_index < expected_index or row.prev_hash != prev_hash:
+        return "record inserted/reordered"
+    if legacy_length is None:
+        # No genesis to say which records are in format 1: either format is a well-formed chain.
+        formats: tuple[datetime | None, ...] = (row.stored_at, None)
+    else:
+        formats = (None,) if row.chain_index <= legacy_length else (row.stored_at,)
+    if all(_recomputed(row, prev_hash, stored_at) != row.hash for stored_at in formats):
         return "hash mismatch: record edited"
     if stream is None:
         return "stream row missing"
@@ -142,7 +254,7 @@ def _check_record(row: Any, expected_index: int, prev_hash: str, stream: Any | N
     return None
 
 
-def _check_signed(row: Any, key: Ed25519PublicKey | None) -> str | None:
+def _check_signed(row: Any, keys: KeyHistory | None) -> str | None:
     try:
         signed = events.decode_event(row.raw.encode())
     except errors.Rejected as err:
@@ -150,30 +262,93 @@ def _check_signed(row: Any, key: Ed25519PublicKey | None) -> str | None:
     mismatch = _column_mismatch(row, signed)
     if mismatch is not None:
         return f"stored column {mismatch} differs from signed event"
-    if key is not None:
+    if keys is None:
+        return None
+    candidates = keys.keys_at(row.received_at)
+    for key in candidates:
         try:
             signed.verify(key)
         except errors.Rejected:
-            return "signature invalid"
+            continue
+        return None
+    revoked = keys.revoked_at(row.received_at)
+    if not candidates and revoked is not None:
+        return f"stored after the agent was revoked ({timefmt.fmt(revoked)})"
+    return "signature invalid"
+
+
+def _head_text(signed: SignedHead) -> str:
+    return f"signed checkpoint #{signed.checkpoint} has {signed.length} record(s), seq up to {signed.max_seq}"
+
+
+def _against_signed(
+    agent_id: str, walked: int, last_hash: str, stream: Any | None, signed: SignedHead | None
+) -> ChainProblem | None:
+    """Hold a walked chain and its streams row against the newest signed checkpoint of the stream."""
+    if signed is None:
+        if walked == 0:
+            return None
+        return ChainProblem(
+            agent_id, 1, None, None, None, f"{walked} record(s) not covered by any signed checkpoint: records inserted"
+        )
+    if walked < signed.length:
+        what = "stream deleted: all records missing" if walked == 0 else "last record(s) deleted"
+        if stream is None and walked == 0:
+            what += ", and its streams row"
+        return ChainProblem(
+            agent_id,
+            walked + 1,
+            None,
+            None,
+            None,
+            f"{what}: the chain ends at index {walked}, {_head_text(signed)} "
+            f"(chain index {walked + 1}–{signed.length} missing)",
+        )
+    if walked > signed.length:
+        return ChainProblem(
+            agent_id,
+            signed.length + 1,
+            None,
+            None,
+            None,
+            f"record(s) beyond the last signed checkpoint: {_head_text(signed)}, the chain has {walked}: "
+            "records inserted",
+        )
+    if last_hash != signed.head:
+        return ChainProblem(
+            agent_id,
+            walked,
+            None,
+            None,
+            None,
+            f"head differs from signed checkpoint #{signed.checkpoint}: records replaced and rehashed",
+        )
+    if stream is None:
+        return ChainProblem(agent_id, None, None, None, None, "stream row missing")
+    stored = (stream.chain_length, stream.head_hash, stream.max_seq, stream.contiguous_seq)
+    if stored != (signed.length, signed.head, signed.max_seq, signed.contiguous_seq):
+        return ChainProblem(
+            agent_id, None, None, None, None, f"streams row differs from signed checkpoint #{signed.checkpoint}"
+        )
     return None
 
 
-def _load_key(pem: str | None) -> Ed25519PublicKey | None:
-    if pem is None:
-        return None
-    try:
-        return signing.load_public_key_pem(pem.encode())
-    except ValueError:
-        return None
+def verify_stream(
+    conn: Connection,
+    agent_id: str,
+    *,
+    signed: SignedHead | None,
+    legacy_length: int | None = 0,
+    keys: KeyHistory | None = None,
+) -> tuple[ChainProblem | None, int]:
+    """Walk one agent's chain in chain_index order; return its first problem (None if intact) and its length.
 
-
-def verify_stream(conn: Connection, agent_id: str, keys: dict[str, str] | None = None) -> ChainProblem | None:
-    """Walk one agent's chain in chain_index order and return its first problem, or None if intact.
-
-    Run it inside one transaction with a stable snapshot, so that concurrent appends are either
-    wholly visible (stream row and records) or not at all.
+    signed is the stream's end as the newest signed checkpoint has it (None: never checkpointed);
+    records up to legacy_length are in record format 1 (None: unknown, the log has no genesis, so either
+    format is accepted and the problem is the log's). With keys, every event's signature is checked
+    against the agent's key history. Run it inside the transaction that read the checkpoints, so the
+    stream row, the records and the signed heads are one snapshot despite concurrent appends.
     """
-    key = _load_key(keys.get(agent_id)) if keys is not None else None
     stream = conn.execute(select(Stream).where(Stream.agent_id == agent_id)).first()
     query = select(*Event.__table__.columns).where(Event.agent_id == agent_id).order_by(Event.chain_index)
     expected_index = 1
@@ -182,24 +357,67 @@ def verify_stream(conn: Connection, agent_id: str, keys: dict[str, str] | None =
     result = conn.execute(query, execution_options={"yield_per": _WALK_BATCH})
     try:
         for row in result:
-            problem = _check_record(row, expected_index, prev_hash, stream) or _check_signed(row, key)
+            problem = _check_record(row, expected_index, prev_hash, stream, legacy_length) or _check_signed(row, keys)
             if problem is not None:
-                return ChainProblem(agent_id, row.chain_index, row.seq, row.event_id, row.id, problem)
+                return ChainProblem(agent_id, row.chain_index, row.seq, row.event_id, row.id, problem), 0
             expected_index += 1
             prev_hash = row.hash
     finally:
         result.close()
     last_index = expected_index - 1
-    if stream is None:
-        if last_index == 0:
-            return None
-        return ChainProblem(agent_id, None, None, None, None, "stream row missing")
-    if last_index < stream.chain_length:
-        return ChainProblem(
-            agent_id, last_index + 1, None, None, None, "stream head does not match: last record(s) deleted"
+    if stream is not None:
+        if last_index < stream.chain_length:
+            return ChainProblem(
+                agent_id, last_index + 1, None, None, None, "stream head does not match: last record(s) deleted"
+            ), 0
+        if prev_hash != stream.head_hash:
+            return ChainProblem(
+                agent_id, last_index, None, None, None, "stream head does not match: last record replaced"
+            ), 0
+    elif last_index > 0:
+        return ChainProblem(agent_id, None, None, None, None, "stream row missing"), 0
+    return _against_signed(agent_id, last_index, prev_hash, stream, signed), last_index
+
+
+def verify_letters(conn: Connection, signed: SignedHead | None) -> tuple[ChainProblem | None, int]:
+    """Walk the dead letters' chain; return its first problem (None if intact) and its length."""
+    query = select(*DeadLetter.__table__.columns).order_by(DeadLetter.chain_index)
+    expected_index = 1
+    prev_hash = ZERO_HASH
+    result = conn.execute(query, execution_options={"yield_per": _WALK_BATCH})
+
+    def problem_at(row: Any, text: str) -> ChainProblem:
+        return ChainProblem(row.agent_id, row.chain_index, row.seq, row.event_id, row.id, text, "dead_letters")
+
+    try:
+        for row in result:
+            if row.chain_index > expected_index:
+                return problem_at(row, f"missing dead letter(s) before chain index {row.chain_index}"), 0
+            if row.chain_index < expected_index or row.prev_hash != prev_hash:
+                return problem_at(row, "dead letter inserted/reordered"), 0
+            if letter_hash(prev_hash, row) != row.hash:
+                return problem_at(row, "hash mismatch: dead letter edited"), 0
+            expected_index += 1
+            prev_hash = row.hash
+    finally:
+        result.close()
+    walked = expected_index - 1
+    text: str | None = None
+    if signed is None:
+        if walked:
+            text = f"{walked} dead letter(s) not covered by any signed checkpoint: dead letters inserted"
+    elif walked < signed.length:
+        text = (
+            f"last dead letter(s) deleted: the chain ends at index {walked}, signed checkpoint "
+            f"#{signed.checkpoint} has {signed.length} (chain index {walked + 1}–{signed.length} missing)"
         )
-    if prev_hash != stream.head_hash:
-        return ChainProblem(agent_id, last_index, None, None, None, "stream head does not match: last record replaced")
-    if keys is not None and key is None and last_index > 0:
-        return ChainProblem(agent_id, None, None, None, None, "no usable public key: signatures not checked")
-    return None
+    elif walked > signed.length:
+        text = (
+            f"dead letter(s) beyond the last signed checkpoint #{signed.checkpoint} (it has {signed.length}): "
+            "dead letters inserted"
+        )
+    elif prev_hash != signed.head:
+        text = f"head differs from signed checkpoint #{signed.checkpoint}: dead letters replaced and rehashed"
+    if text is not None:
+        return ChainProblem(None, walked + 1, None, None, None, text, "dead_letters"), 0
+    return None, walked

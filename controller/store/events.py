@@ -1,9 +1,10 @@
 """Events and their hash chains: the ingest batch, each agent's stream head, sequence gaps and dead letters.
 
 ``store_batch`` is the one write of the ingest path: it appends verified events to their agents'
-chains, opens or closes sequence-gap findings and keeps refused messages as dead letters, all in one
-transaction. Writers of the same agent's stream are serialised by a row lock on its ``streams`` row
-(PostgreSQL) or by SQLite's single writer lock, taken at BEGIN IMMEDIATE.
+chains, opens or closes sequence-gap findings, keeps refused messages as dead letters (a chain of
+their own) and appends one signed checkpoint naming the new heads, all in one transaction. Writers of
+the same agent's stream are serialised by a row lock on its ``streams`` row (PostgreSQL) or by
+SQLite's single writer lock, taken at BEGIN IMMEDIATE; the checkpoint log by a lock taken last.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import aliased
 
-from sekisho.controller.store.chain import ChainProblem, record_hash, verify_stream
+from sekisho.controller.store.chain import letter_hash, record_hash
+from sekisho.controller.store.checkpoints import INGEST, CheckpointRecords, append, head_fields, lock_log
 from sekisho.controller.store.models import ZERO_HASH, Agent, DeadLetter, Event, Finding, Stream
-from sekisho.controller.store.records import INT64, Records, aware_utc, int_or_none
+from sekisho.controller.store.records import INT64, aware_utc, int_or_none
 from sekisho.controller.store.redaction import clean_text, letter_mac, redact_payload
 from sekisho.protocol import errors, timefmt, topics
 from sekisho.protocol.events import DecodedEvent
@@ -112,6 +114,7 @@ class BatchResult:
     dead_lettered: list[tuple[str | None, int | None]] = field(default_factory=list)
     gaps: list[GapFinding] = field(default_factory=list)
     resolved_gaps: list[int] = field(default_factory=list)
+    checkpoint: int | None = None
 
 
 @dataclass(slots=True)
@@ -141,7 +144,7 @@ def _missing_ranges(first: int, last: int, present: Sequence[int]) -> list[tuple
     return ranges
 
 
-class EventRecords(Records):
+class EventRecords(CheckpointRecords):
     """The ``events``, ``streams`` and ``dead_letters`` tables, and the sequence-gap findings ingest raises."""
 
     def store_batch(
@@ -152,6 +155,7 @@ class EventRecords(Records):
     ) -> BatchResult:
         """Store verified events and dead letters in one transaction; idempotent on (agent, seq)."""
         received = aware_utc(received_at or timefmt.now(), "received_at")
+        self._ensure_sealed()
         return self.write(lambda conn: self._store_batch(conn, events, dead_letters, received), retry_unique=True)
 
     def _store_batch(
@@ -227,6 +231,7 @@ class EventRecords(Records):
                 occurred_at=occurred_at,
                 received_at=received_at,
                 raw=raw,
+                stored_at=now,
             )
             rows.append(
                 {
@@ -280,9 +285,37 @@ class EventRecords(Records):
                     for s in (streams[agent_id] for agent_id in new_seqs)
                 ],
             )
-        if letters:
-            conn.execute(insert(_DEAD_LETTERS), letters)
+        if letters or new_seqs:
+            self._seal_batch(conn, [streams[agent_id] for agent_id in sorted(new_seqs)], letters, now, result)
         return result
+
+    def _seal_batch(
+        self,
+        conn: Connection,
+        advanced: list[_StreamState],
+        letters: list[dict[str, Any]],
+        now: datetime,
+        result: BatchResult,
+    ) -> None:
+        """Chain and insert the dead letters, then append the checkpoint naming every head this batch moved."""
+        lock_log(conn)
+        heads = {s.agent_id: head_fields(s.chain_length, s.head_hash, s.max_seq, s.contiguous_seq) for s in advanced}
+        fields: dict[str, Any] = {"streams": heads}
+        if letters:
+            last = conn.execute(
+                select(_DEAD_LETTERS.c.chain_index, _DEAD_LETTERS.c.hash)
+                .order_by(_DEAD_LETTERS.c.chain_index.desc())
+                .limit(1)
+            ).first()
+            length, head = (0, ZERO_HASH) if last is None else (int(last.chain_index), str(last.hash))
+            for letter in letters:
+                length += 1
+                letter["chain_index"] = length
+                letter["prev_hash"] = head
+                head = letter["hash"] = letter_hash(head, letter)
+            conn.execute(insert(_DEAD_LETTERS), letters)
+            fields["dead_letters"] = head_fields(length, head)
+        result.checkpoint = append(conn, self.signing_key, INGEST, fields, now)
 
     @staticmethod
     def _insert_events(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -479,28 +512,6 @@ class EventRecords(Records):
                 )
 
     # --- chains and reading ------------------------------------------------------------------------
-
-    def verify_chains(self, agent_id: str | None = None, *, keys: dict[str, str] | None = None) -> list[ChainProblem]:
-        """Re-check every (or one) agent's hash chain; with keys, re-verify the agents' signatures too."""
-        if agent_id is not None:
-            agent_ids = [agent_id]
-        else:
-            with self.engine.connect() as conn:
-                found = set(conn.execute(select(_STREAMS.c.agent_id)).scalars())
-                # An agent with records but no stream row is itself a finding, so look at both.
-                found.update(conn.execute(select(_EVENTS.c.agent_id).distinct()).scalars())
-            agent_ids = sorted(found)
-        problems = []
-        for one in agent_ids:
-            with self.engine.connect() as conn:
-                if conn.dialect.name == "postgresql":
-                    # One snapshot for the stream row and its records, despite concurrent appends.
-                    conn.execution_options(isolation_level="REPEATABLE READ")
-                with conn.begin():
-                    problem = verify_stream(conn, one, keys)
-            if problem is not None:
-                problems.append(problem)
-        return problems
 
     def list_events(
         self,

@@ -126,10 +126,55 @@ class Stream(Base):
     contiguous_seq: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class AgentKey(Base):
+    """One line of an agent's key history: registered, replaced or revoked, signed by the controller.
+
+    Lines are only ever added. A key is valid from its line's valid_from until the agent's next line;
+    a revoke line ends the validity of the key it names. See controller/store/checkpoints.py.
+    """
+
+    __tablename__ = "agent_keys"
+    __table_args__ = (
+        CheckConstraint("action IN ('register', 'replace', 'revoke')", name="action"),
+        UniqueConstraint("agent_id", "version"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    agent_id: Mapped[str] = mapped_column(String(64), ForeignKey("agents.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(16))
+    public_key_pem: Mapped[str] = mapped_column(Text)
+    valid_from: Mapped[datetime] = mapped_column(UTCDateTime)
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The controller's Ed25519 signature over the line; NULL only until the first seal after an upgrade.
+    signature: Mapped[str | None] = mapped_column(Text)
+
+
+class Checkpoint(Base):
+    """One entry of the controller-signed checkpoint log: a hash chain over everything the store seals.
+
+    Entry n's body (canonical JSON) names the stream heads an ingest batch advanced, the dead-letter
+    chain head, a key-history line, or, for the first entry (genesis), the whole state at the time.
+    """
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (CheckConstraint("kind IN ('genesis', 'ingest', 'agent_key')", name="kind"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    body: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+    # NULL when written by a store opened without the controller's signing key (verify reports it).
+    signature: Mapped[str | None] = mapped_column(Text)
+
+
 class DeadLetter(Base):
-    """A message that could not be stored as an event, kept (redacted) with the reason."""
+    """A message that could not be stored as an event, kept (redacted) with the reason, in one hash chain."""
 
     __tablename__ = "dead_letters"
+    __table_args__ = (UniqueConstraint("chain_index"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -145,6 +190,9 @@ class DeadLetter(Base):
     # NULL when the store had no key. Never a plain digest: that would confirm guesses of a redacted value.
     payload_mac: Mapped[str | None] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
+    chain_index: Mapped[int] = mapped_column(BigInteger)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
 
 
 class Finding(Base):

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, Engine, Select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
@@ -58,12 +59,19 @@ def _is_transient(err: DBAPIError, *, unique: bool) -> bool:
 class Records:
     """The engine and transaction helpers shared by the store's record families (and the media register)."""
 
-    def __init__(self, engine: Engine, *, attempts: int = 5) -> None:
-        """Use the given engine; retry transient write conflicts up to ``attempts`` times."""
+    def __init__(self, engine: Engine, *, attempts: int = 5, signing_key: Ed25519PrivateKey | None = None) -> None:
+        """Use the given engine; retry transient write conflicts up to ``attempts`` times.
+
+        signing_key is the controller's Ed25519 key (config.signing_key): it signs the checkpoint log and
+        the agents' key lines. Without it they are written unsigned, and `records verify` reports them.
+        """
         if engine.dialect.name not in ("sqlite", "postgresql"):
             raise ValueError(f"unsupported database {engine.dialect.name!r}")
         self.engine = engine
+        self.signing_key = signing_key
         self._attempts = attempts
+        # Whether this process has seen the checkpoint log begun (checkpoints.CheckpointRecords); only a shortcut.
+        self._sealed = False
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
     def write(self, work: Callable[[Connection], T], *, retry_unique: bool = False) -> T:

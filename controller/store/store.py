@@ -1,9 +1,14 @@
 """The controller's record store: one object over the database, made of the record families in this package.
 
 ``Store`` owns the engine and its retried transactions (``records``) and offers every family's methods:
-agents (``agents``), events with their chains, gaps and dead letters (``events``), findings
-(``findings``), policy versions and issued commands (``policy``). The media-loan register builds on
-it in ``controller/media/register.py``.
+agents and their key history (``agents``), events with their chains, gaps and dead letters
+(``events``), findings (``findings``), policy versions and issued commands (``policy``), the signed
+checkpoint log they append to (``checkpoints``) and `records verify` (``verification``). The
+media-loan register builds on it in ``controller/media/register.py``.
+
+A controller opens it with its signing key (``Store(engine, signing_key=…)``, see ``service.open_store``):
+the checkpoint log and the key lines are signed with it. A store opened without one writes them unsigned
+(tests, tools); `records verify` with the controller's key reports every such entry.
 
 Every method runs in its own transaction and keeps no state between calls, so any number of
 controller workers (threads or processes) may share one database. Writers of the same agent's
@@ -17,7 +22,8 @@ from sekisho.controller.store.agents import AgentRecords
 from sekisho.controller.store.events import EventRecords
 from sekisho.controller.store.findings import FindingRecords
 from sekisho.controller.store.policy import PolicyRecords
+from sekisho.controller.store.verification import VerificationRecords
 
 
-class Store(AgentRecords, EventRecords, FindingRecords, PolicyRecords):
+class Store(AgentRecords, EventRecords, FindingRecords, PolicyRecords, VerificationRecords):
     """The controller's persistent records, on an engine made by ``db.make_engine``."""
