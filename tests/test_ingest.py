@@ -154,6 +154,36 @@ def test_duplicates_are_stored_once_and_acked_again(running) -> None:
     assert ctl.worker.stats.duplicates == 2
 
 
+def test_a_conflicting_duplicate_is_kept_as_evidence_and_raised(running) -> None:
+    """Same seq and id, other content signed by the agent's key: never acked-and-dropped as a copy (issue 10)."""
+    lab, ctl = running
+    key = agent_key(lab)
+    first = body(1)
+    original = signed_raw(key, first)
+    conflicting = signed_raw(key, {**first, "payload": {"n": 1, "note": "another story"}})
+    client = connect_client(lab.pki_dir, lab.broker.port, AGENT)
+    client.subscribe_wait(topics.topic(AGENT, topics.ACKS))
+    events_topic = topics.topic(AGENT, topics.EVENTS)
+    client.publish_wait(events_topic, original)
+    wait_for(lambda: ctl.store.event_seqs(AGENT) == [1], 10, "the original to be stored")
+    client.publish_wait(events_topic, original)  # an exact copy: harmless
+    client.publish_wait(events_topic, conflicting)
+    wait_for(lambda: ctl.worker.stats.received >= 3, 10, "ingest to see all three")
+    assert acked_seqs(client, lab) == {1}  # kept as evidence, so the agent may drop it
+    client.close()
+
+    store = ctl.store
+    [stored] = store.list_events(agent_id=AGENT)
+    assert stored.raw.encode() == original
+    [letter] = store.list_dead_letters()
+    assert (letter.reason, letter.seq, letter.event_id) == (errors.SEQ_CONFLICT, 1, first["id"])
+    assert letter.payload.encode() == conflicting
+    [finding] = store.list_findings(open_only=True, kind=errors.SEQ_CONFLICT)
+    assert (finding.agent_id, finding.first_seq, finding.detail["dead_letter_id"]) == (AGENT, 1, letter.id)
+    assert ctl.worker.stats.duplicates == 1
+    assert store.verify_chains(signatures=True) == []
+
+
 def test_read_api(running) -> None:
     lab, ctl = running
     key = agent_key(lab)

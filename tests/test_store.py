@@ -374,6 +374,78 @@ def test_reused_seq_with_another_event_is_kept_as_dead_letter(store: Store, make
     assert result.dead_lettered == [(agent.agent_id, 1)] and result.duplicates == []
     assert [letter.reason for letter in store.list_dead_letters()] == [SEQ_CONFLICT]
     assert event_rows(store, agent.agent_id) == before
+    [finding] = store.list_findings(kind=SEQ_CONFLICT)
+    assert (finding.agent_id, finding.first_seq, finding.detail["event_id"]) == (agent.agent_id, 1, other.id)
+
+
+# --- conflicting duplicates: evidence and a finding, never acked and dropped (issue 10, item 6) -----
+
+
+def test_same_seq_and_id_with_other_content_is_evidence_and_a_finding(store: Store, make_agent: MakeAgent) -> None:
+    agent = make_agent(store)
+    original = agent.event(1)
+    store.store_batch([original, agent.event(2)], [], T0)
+    before = event_rows(store, agent.agent_id)
+    # Signed by the agent's own key: the same seq and id, a different story.
+    conflicting = agent.event(1, event_id=original.id, payload={"n": 1, "note": "another story"})
+    assert conflicting.raw != original.raw
+
+    result = store.store_batch([conflicting], [], T0 + timedelta(minutes=1))
+    assert (result.stored, result.duplicates, result.dead_lettered) == ([], [], [(agent.agent_id, 1)])
+    [letter] = store.list_dead_letters()
+    assert (letter.reason, letter.agent_id, letter.seq, letter.event_id) == (
+        SEQ_CONFLICT,
+        agent.agent_id,
+        1,
+        original.id,
+    )
+    assert letter.payload.encode() == conflicting.raw  # the whole signed message is kept as evidence
+    assert "other content" in letter.detail
+    [conflict] = result.conflicts
+    [finding] = store.list_findings(open_only=True, kind=SEQ_CONFLICT)
+    assert (conflict.finding_id, conflict.dead_letter_id, conflict.seq) == (finding.id, letter.id, 1)
+    assert (finding.agent_id, finding.first_seq, finding.last_seq) == (agent.agent_id, 1, 1)
+    assert finding.detail["dead_letter_id"] == letter.id and finding.detail["count"] == 1
+    assert finding.detail["reason"].startswith("possible tampering")
+    assert event_rows(store, agent.agent_id) == before  # the stored event is never overwritten
+
+    # The same conflicting bytes again (a redelivery): one more piece of evidence, counted on the open finding.
+    again = store.store_batch([conflicting], [], T0 + timedelta(minutes=2))
+    assert again.dead_lettered == [(agent.agent_id, 1)] and len(store.list_dead_letters()) == 2
+    [finding] = store.list_findings(open_only=True, kind=SEQ_CONFLICT)
+    assert finding.detail["count"] == 2
+    assert store.verify_chains(signatures=True) == []
+
+
+def test_an_exact_duplicate_stays_harmless(store: Store, make_agent: MakeAgent) -> None:
+    agent = make_agent(store)
+    event = agent.event(1)
+    store.store_batch([event], [], T0)
+    result = store.store_batch([event, event], [], T0 + timedelta(minutes=1))
+    assert (result.duplicates, result.dead_lettered, result.conflicts) == ([(agent.agent_id, 1)] * 2, [], [])
+    assert store.list_dead_letters() == [] and store.list_findings() == []
+
+
+def test_a_conflict_inside_one_batch_is_caught_too(store: Store, make_agent: MakeAgent) -> None:
+    agent = make_agent(store)
+    first = agent.event(1)
+    second = agent.event(1, event_id=first.id, payload={"n": 7})
+    result = store.store_batch([first, first, second], [], T0)
+    assert result.stored == [(agent.agent_id, 1)] and result.duplicates == [(agent.agent_id, 1)]
+    assert [(c.kind, c.event_id) for c in result.conflicts] == [(SEQ_CONFLICT, first.id)]
+    assert [letter.payload.encode() for letter in store.list_dead_letters()] == [second.raw]
+
+
+def test_an_event_id_reused_is_a_finding_too(store: Store, make_agent: MakeAgent) -> None:
+    a, b = make_agent(store, "a"), make_agent(store, "b")
+    original = a.event(1)
+    store.store_batch([original], [], T0)
+    result = store.store_batch([b.event(5, event_id=original.id), a.event(2, event_id=original.id)], [], T0)
+    assert sorted((c.kind, c.agent_id, c.seq) for c in result.conflicts) == [
+        (DUPLICATE_ID, a.agent_id, 2),
+        (DUPLICATE_ID, b.agent_id, 5),
+    ]
+    assert {f.agent_id for f in store.list_findings(open_only=True, kind=DUPLICATE_ID)} == {a.agent_id, b.agent_id}
 
 
 def test_events_of_unregistered_agents_are_dead_lettered(store: Store, make_agent: MakeAgent) -> None:

@@ -8,6 +8,7 @@ from sekisho.controller.store.events import (
     SEQ_CONFLICT,
     SEQUENCE_GAP,
     BatchResult,
+    Conflict,
     DeadLetterIn,
     GapFinding,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "AgentNotFound",
     "BatchResult",
     "ChainProblem",
+    "Conflict",
     "DeadLetterIn",
     "GapFinding",
     "PolicyVersionConflict",

@@ -5,12 +5,18 @@ chains, opens or closes sequence-gap findings, keeps refused messages as dead le
 their own) and appends one signed checkpoint naming the new heads, all in one transaction. Writers of
 the same agent's stream are serialised by a row lock on its ``streams`` row (PostgreSQL) or by
 SQLite's single writer lock, taken at BEGIN IMMEDIATE; the checkpoint log by a lock taken last.
+
+A second copy of a stored event is harmless only if it is the same bytes. The same (agent, seq) or the
+same event id with other signed content is a conflict: kept whole as a dead letter (``seq_conflict`` or
+``duplicate_id``) and raised as a finding of that kind, since an agent key signing two different events
+under one number is possible tampering.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,13 +44,17 @@ from sqlalchemy.orm import aliased
 
 from sekisho.controller.store.chain import letter_hash, record_hash
 from sekisho.controller.store.checkpoints import INGEST, CheckpointRecords, append, head_fields, lock_log
+from sekisho.controller.store.findings import note_finding
 from sekisho.controller.store.models import ZERO_HASH, Agent, DeadLetter, Event, Finding, Stream
 from sekisho.controller.store.records import INT64, aware_utc, int_or_none
 from sekisho.controller.store.redaction import clean_text, letter_mac, redact_payload
 from sekisho.protocol import errors, timefmt, topics
 from sekisho.protocol.events import DecodedEvent
 
-# Dead-letter reasons the store itself decides (the others come from protocol.errors).
+log = logging.getLogger(__name__)
+
+# Dead-letter reasons the store itself decides (the others come from protocol.errors). A conflict is
+# also raised as a finding of the same kind: one open finding per kind and agent, counting repeats.
 DUPLICATE_ID = errors.DUPLICATE_ID
 SEQ_CONFLICT = errors.SEQ_CONFLICT
 SEQUENCE_GAP = "sequence_gap"
@@ -105,6 +115,18 @@ class GapFinding:
     last_seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A signed event that clashed with a stored one: kept as dead letter, raised as finding (possible tampering)."""
+
+    kind: str
+    agent_id: str
+    seq: int
+    event_id: str
+    dead_letter_id: int
+    finding_id: int
+
+
 @dataclass(slots=True)
 class BatchResult:
     """What store_batch did with each input; the caller acknowledges stored + duplicates + dead_lettered."""
@@ -114,6 +136,7 @@ class BatchResult:
     dead_lettered: list[tuple[str | None, int | None]] = field(default_factory=list)
     gaps: list[GapFinding] = field(default_factory=list)
     resolved_gaps: list[int] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)
     checkpoint: int | None = None
 
 
@@ -144,8 +167,16 @@ def _missing_ranges(first: int, last: int, present: Sequence[int]) -> list[tuple
     return ranges
 
 
+@dataclass(frozen=True, slots=True)
+class _Clash:
+    letter: int  # index into the batch's dead-letter rows
+    kind: str
+    event: DecodedEvent
+    detail: str
+
+
 class EventRecords(CheckpointRecords):
-    """The ``events``, ``streams`` and ``dead_letters`` tables, and the sequence-gap findings ingest raises."""
+    """The ``events``, ``streams`` and ``dead_letters`` tables, and the findings ingest raises."""
 
     def store_batch(
         self,
@@ -179,6 +210,7 @@ class EventRecords(CheckpointRecords):
         streams = self._lock_streams(conn, sorted({ev.agent for ev in events} | set(accounted)))
         known = [ev for ev in events if ev.agent in streams]
         stored_ids, owners = self._existing(conn, known)
+        clashes: list[_Clash] = []
 
         def reject(ev: DecodedEvent, reason: str, detail: str) -> None:
             letter = DeadLetterIn(
@@ -194,6 +226,8 @@ class EventRecords(CheckpointRecords):
             result.dead_lettered.append((ev.agent, ev.seq))
             if reason == DUPLICATE_ID:
                 accounted[ev.agent].append(ev.seq)
+            if reason in (DUPLICATE_ID, SEQ_CONFLICT):
+                clashes.append(_Clash(len(letters) - 1, reason, ev, detail))
 
         rows: list[dict[str, Any]] = []
         new_seqs: dict[str, list[int]] = defaultdict(list)
@@ -205,11 +239,15 @@ class EventRecords(CheckpointRecords):
                 continue
             prior = stored_ids.get(key)
             if prior is not None:
-                if prior == ev.id:
+                prior_id, prior_raw = prior
+                if prior_id == ev.id and prior_raw == ev.raw:
                     result.duplicates.append(key)
+                elif prior_id == ev.id:
+                    # Same seq and id, other signed content: never acked-and-dropped as a copy.
+                    reject(ev, SEQ_CONFLICT, f"seq {ev.seq} is already stored as event {prior_id} with other content")
                 else:
                     # Same seq, another event: the agent reused a number. Keep it, never overwrite.
-                    reject(ev, SEQ_CONFLICT, f"seq {ev.seq} is already stored as event {prior}")
+                    reject(ev, SEQ_CONFLICT, f"seq {ev.seq} is already stored as event {prior_id}")
                 continue
             owner = owners.get(ev.id)
             if owner is not None:
@@ -252,7 +290,7 @@ class EventRecords(CheckpointRecords):
                 }
             )
             stream.head_hash = digest
-            stored_ids[key] = ev.id
+            stored_ids[key] = (ev.id, ev.raw)
             owners[ev.id] = key
             new_seqs[ev.agent].append(ev.seq)
             result.stored.append(key)
@@ -287,6 +325,8 @@ class EventRecords(CheckpointRecords):
             )
         if letters or new_seqs:
             self._seal_batch(conn, [streams[agent_id] for agent_id in sorted(new_seqs)], letters, now, result)
+        for clash in clashes:
+            self._raise_conflict(conn, clash, int(letters[clash.letter]["id"]), result)
         return result
 
     def _seal_batch(
@@ -313,9 +353,30 @@ class EventRecords(CheckpointRecords):
                 letter["chain_index"] = length
                 letter["prev_hash"] = head
                 head = letter["hash"] = letter_hash(head, letter)
-            conn.execute(insert(_DEAD_LETTERS), letters)
+            ids = conn.execute(
+                insert(_DEAD_LETTERS).returning(_DEAD_LETTERS.c.id, sort_by_parameter_order=True), letters
+            ).scalars()
+            for letter, letter_id in zip(letters, ids, strict=True):
+                letter["id"] = letter_id
             fields["dead_letters"] = head_fields(length, head)
         result.checkpoint = append(conn, self.signing_key, INGEST, fields, now)
+
+    @staticmethod
+    def _raise_conflict(conn: Connection, clash: _Clash, letter_id: int, result: BatchResult) -> None:
+        """Raise (or count on the open one) the finding of a conflicting duplicate kept as a dead letter."""
+        ev = clash.event
+        log.warning(
+            "store: %s seq %d conflicts with a stored event (%s): %s", ev.agent, ev.seq, clash.kind, clash.detail
+        )
+        detail = {
+            "reason": "possible tampering: the agent's key signed another event under a stored seq or id",
+            "detail": clash.detail,
+            "seq": ev.seq,
+            "event_id": ev.id,
+            "dead_letter_id": letter_id,
+        }
+        finding_id = note_finding(conn, clash.kind, ev.agent, ev.seq, detail)
+        result.conflicts.append(Conflict(clash.kind, ev.agent, ev.seq, ev.id, letter_id, finding_id))
 
     @staticmethod
     def _insert_events(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -370,9 +431,12 @@ class EventRecords(CheckpointRecords):
 
     def _existing(
         self, conn: Connection, events: Sequence[DecodedEvent]
-    ) -> tuple[dict[tuple[str, int], str], dict[str, tuple[str, int]]]:
-        """Return the stored rows that share an (agent, seq) or an event id with the given events."""
-        by_pair: dict[tuple[str, int], str] = {}
+    ) -> tuple[dict[tuple[str, int], tuple[str, bytes]], dict[str, tuple[str, int]]]:
+        """Return the stored rows that share an (agent, seq) or an event id with the given events.
+
+        By (agent, seq): the stored event id and raw bytes (a copy is a duplicate only if the bytes match).
+        """
+        by_pair: dict[tuple[str, int], tuple[str, bytes]] = {}
         by_id: dict[str, tuple[str, int]] = {}
         for chunk in _chunks(events, _LOOKUP_CHUNK):
             seqs: dict[str, set[int]] = defaultdict(set)
@@ -385,9 +449,11 @@ class EventRecords(CheckpointRecords):
                 ),
                 self._among(_EVENTS.c.event_id, sorted({ev.id for ev in chunk})),
             )
-            found = conn.execute(select(_EVENTS.c.agent_id, _EVENTS.c.seq, _EVENTS.c.event_id).where(match))
-            for agent_id, seq, event_id in found:
-                by_pair[(agent_id, seq)] = event_id
+            found = conn.execute(
+                select(_EVENTS.c.agent_id, _EVENTS.c.seq, _EVENTS.c.event_id, _EVENTS.c.raw).where(match)
+            )
+            for agent_id, seq, event_id, raw in found:
+                by_pair[(agent_id, seq)] = (event_id, raw.encode())
                 by_id[event_id] = (agent_id, seq)
         return by_pair, by_id
 

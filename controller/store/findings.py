@@ -41,34 +41,36 @@ class FindingRecords(Records):
         agent that keeps sending the same refused fact cannot bury the others under findings.
         """
 
-        def work(conn: Connection) -> int:
-            f = _FINDINGS.c
-            row = conn.execute(
-                select(f.id, f.detail, f.first_seq, f.last_seq)
-                .where(f.kind == kind, f.agent_id == agent_id, f.resolved_at.is_(None))
-                .order_by(f.id)
-                .limit(1)
-            ).first()
-            now = timefmt.now()
-            if row is None:
-                values = {**detail, "count": 1, "last_at": timefmt.fmt(now)}
-                inserted = conn.execute(
-                    insert(_FINDINGS)
-                    .values(kind=kind, agent_id=agent_id, first_seq=seq, last_seq=seq, detail=values, created_at=now)
-                    .returning(f.id)
-                ).scalar_one()
-                return int(inserted)
-            count = int(dict(row.detail).get("count", 1)) + 1
-            seqs = [s for s in (row.first_seq, row.last_seq, seq) if s is not None]
-            conn.execute(
-                update(_FINDINGS)
-                .where(f.id == row.id)
-                .values(
-                    detail={**detail, "count": count, "last_at": timefmt.fmt(now)},
-                    first_seq=min(seqs) if seqs else None,
-                    last_seq=max(seqs) if seqs else None,
-                )
-            )
-            return int(row.id)
+        return self.write(lambda conn: note_finding(conn, kind, agent_id, seq, detail))
 
-        return self.write(work)
+
+def note_finding(conn: Connection, kind: str, agent_id: str, seq: int | None, detail: dict[str, Any]) -> int:
+    """FindingRecords.note_finding inside the caller's transaction (ingest raises findings with its batch)."""
+    f = _FINDINGS.c
+    row = conn.execute(
+        select(f.id, f.detail, f.first_seq, f.last_seq)
+        .where(f.kind == kind, f.agent_id == agent_id, f.resolved_at.is_(None))
+        .order_by(f.id)
+        .limit(1)
+    ).first()
+    now = timefmt.now()
+    if row is None:
+        values = {**detail, "count": 1, "last_at": timefmt.fmt(now)}
+        inserted = conn.execute(
+            insert(_FINDINGS)
+            .values(kind=kind, agent_id=agent_id, first_seq=seq, last_seq=seq, detail=values, created_at=now)
+            .returning(f.id)
+        ).scalar_one()
+        return int(inserted)
+    count = int(dict(row.detail).get("count", 1)) + 1
+    seqs = [s for s in (row.first_seq, row.last_seq, seq) if s is not None]
+    conn.execute(
+        update(_FINDINGS)
+        .where(f.id == row.id)
+        .values(
+            detail={**detail, "count": count, "last_at": timefmt.fmt(now)},
+            first_seq=min(seqs) if seqs else None,
+            last_seq=max(seqs) if seqs else None,
+        )
+    )
+    return int(row.id)
