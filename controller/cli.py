@@ -101,14 +101,21 @@ def register_agent(
     pem = public_key.read_bytes()
     key = signing.load_public_key_pem(pem)
     store = _signing_store(cli_config(config))
-    store.register_agent(agent_id, pem.decode(), replace=replace)
+    try:
+        store.register_agent(agent_id, pem.decode(), replace=replace)
+    finally:
+        store.engine.dispose()
     console.print(f"registered {agent_id} (key {signing.key_id(key)})")
 
 
 @controller_app.command("revoke-agent")
 def revoke_agent(config: ConfigOpt, agent_id: str) -> None:
     """Revoke an agent: its events are refused from the next key refresh on."""
-    _signing_store(cli_config(config)).revoke_agent(agent_id)
+    store = _signing_store(cli_config(config))
+    try:
+        store.revoke_agent(agent_id)
+    finally:
+        store.engine.dispose()
     console.print(f"revoked {agent_id}")
 
 
@@ -118,6 +125,7 @@ def _signing_store(cfg: ControllerConfig) -> Store:
 
     store = open_store(cfg)
     if store.signing_key is None:
+        store.engine.dispose()
         err_console.print(
             f"[red]cannot read the controller's signing key {cfg.signing_key}:[/red] an agent's key line must be "
             "signed with it (run this as the controller's user)"
@@ -291,18 +299,21 @@ def records_verify(
 
     cfg = cli_config(config)
     store = open_store(cfg)
-    if controller_key is not None:
-        public = signing.load_public_key(controller_key)
-    elif store.signing_key is not None:
-        public = store.signing_key.public_key()
-    else:
-        err_console.print(
-            f"[red]cannot read the controller's signing key {cfg.signing_key}:[/red] the checkpoints are signed "
-            "with it; pass --controller-key with its public half (signing.pub) to verify without it"
-        )
-        raise typer.Exit(2)
-    grace = max(KEY_GRACE, timedelta(seconds=3 * cfg.key_refresh_s))
-    report = store.verify_records(agent, signatures=signatures, controller_key=public, key_grace=grace)
+    try:
+        if controller_key is not None:
+            public = signing.load_public_key(controller_key)
+        elif store.signing_key is not None:
+            public = store.signing_key.public_key()
+        else:
+            err_console.print(
+                f"[red]cannot read the controller's signing key {cfg.signing_key}:[/red] the checkpoints are "
+                "signed with it; pass --controller-key with its public half (signing.pub) to verify without it"
+            )
+            raise typer.Exit(2)
+        grace = max(KEY_GRACE, timedelta(seconds=3 * cfg.key_refresh_s))
+        report = store.verify_records(agent, signatures=signatures, controller_key=public, key_grace=grace)
+    finally:
+        store.engine.dispose()
     head = f"#{report.head[0]} {report.head[1]}" if report.head else "none"
     genesis = timefmt.fmt(report.genesis_at) if report.genesis_at else "none"
     counts = (
