@@ -316,6 +316,122 @@ def test_read_write_loan_leaves_disk_writable(rig: Rig) -> None:
     assert rig.authorized("1-4") == "1" and rig.blocks.applied == []
 
 
+def udev_rule(rig: Rig, sys_name: str, disk: str = "sdb") -> None:
+    """What deploy/udev/90-sekisho-usb-ro.rules does as the disk appears: read-only unless this plug is granted."""
+    plug = " ".join(rig.tree.read_attribute(sys_name, name) for name in ("busnum", "devnum"))
+    if rig.blocks.granted().get(sys_name) != plug:
+        for block in rig.blocks.block_devices(sys_name):
+            if block.name.startswith(disk):
+                (block.sysfs_dir / "ro").write_text("1\n")
+
+
+def plug_medium_under_the_rule(rig: Rig, sys_name: str = "1-4") -> None:
+    rig.tree.add_device(sys_name, 0x0951, 0x1666, serial=MEDIUM_SERIAL, interfaces=[STORAGE], authorized=False)
+    rig.hotplug.inject_add(sys_name)
+    if rig.authorized(sys_name) == "1":
+        rig.blocks.add_disk(sys_name, "sdb", partitions=1)
+        udev_rule(rig, sys_name)
+        rig.guard.on_block_device(sys_name, "sdb")
+
+
+def test_read_write_loan_grants_the_plug_before_authorizing(rig: Rig) -> None:
+    rig.offer(site_policy([loan(read_only=False)]))
+    seen: list[dict[str, str]] = []
+    original = rig.sysfs.authorize
+
+    def authorize(sys_name: str) -> None:
+        seen.append(rig.blocks.granted())
+        original(sys_name)
+
+    rig.sysfs.authorize = authorize  # type: ignore[method-assign]
+    plug_medium_under_the_rule(rig)
+    plug = f"1 {rig.tree.read_attribute('1-4', 'devnum')}"
+    # The grant names bus and device number, and was there when `authorized` was written.
+    assert seen == [{"1-4": plug}]
+    # So the udev rule left the disk writable: nothing to lift, nothing set read-only.
+    assert [rig.blocks.is_read_only(b) for b in rig.blocks.block_devices("1-4")] == [False, False]
+    assert rig.blocks.applied == [] and rig.blocks.lifted == []
+    assert rig.last("usb.allowed")["read_only"] is False
+
+
+def test_read_only_loan_grants_nothing_and_the_rule_keeps_it_read_only(rig: Rig) -> None:
+    plug_medium_under_the_rule(rig)
+    assert rig.authorized("1-4") == "1" and rig.blocks.granted() == {}
+    assert all(rig.blocks.is_read_only(b) for b in rig.blocks.block_devices("1-4"))
+    assert rig.blocks.lifted == []
+
+
+def test_grant_withdrawn_when_the_loan_ends_and_on_removal(rig: Rig) -> None:
+    rig.offer(site_policy([loan(read_only=False)]))
+    plug_medium_under_the_rule(rig)
+    assert "1-4" in rig.blocks.granted()
+    rig.offer(site_policy([]))
+    assert rig.authorized("1-4") == "0" and rig.blocks.granted() == {}
+    rig.offer(site_policy([loan(read_only=False)]))
+    assert rig.authorized("1-4") == "1" and "1-4" in rig.blocks.granted()
+    rig.tree.remove_device("1-4")
+    rig.hotplug.inject_remove("1-4")
+    assert rig.blocks.granted() == {}
+
+
+def test_disk_made_read_only_by_the_rule_is_lifted_for_a_read_write_loan(rig: Rig) -> None:
+    # The grant could not be written (or the agent restarted): the rule made the disk read-only.
+    rig.offer(site_policy([loan(read_only=False)]))
+    rig.blocks.grant_dir.parent.joinpath("not-a-dir").write_text("")
+    rig.blocks.grant_dir = rig.blocks.grant_dir.parent / "not-a-dir" / "grants"
+    plug_medium_under_the_rule(rig)
+    assert rig.authorized("1-4") == "1"
+    assert rig.blocks.lifted == ["sdb", "sdb1"]
+    assert not any(rig.blocks.is_read_only(b) for b in rig.blocks.block_devices("1-4"))
+
+
+def test_write_protected_medium_stays_read_only_and_is_not_retried(rig: Rig) -> None:
+    rig.offer(site_policy([loan(read_only=False)]))
+    rig.blocks.write_protected.update({"sdb", "sdb1"})
+    rig.tree.add_device("1-4", 0x0951, 0x1666, serial=MEDIUM_SERIAL, interfaces=[STORAGE], authorized=True)
+    rig.blocks.add_disk("1-4", "sdb", partitions=1)
+    for block in rig.blocks.block_devices("1-4"):
+        (block.sysfs_dir / "ro").write_text("1\n")
+    calls: list[str] = []
+    original = rig.blocks.set_read_write
+
+    def counting(device: Any) -> bool:
+        calls.append(device.name)
+        return original(device)
+
+    rig.blocks.set_read_write = counting  # type: ignore[method-assign]
+    rig.hotplug.inject_add("1-4")
+    rig.guard.sweep()
+    rig.guard.sweep()
+    assert rig.authorized("1-4") == "1" and calls == ["sdb", "sdb1"]
+
+
+def test_loan_turning_read_only_withdraws_the_grant_and_protects(rig: Rig) -> None:
+    rig.offer(site_policy([loan(read_only=False)]))
+    plug_medium_under_the_rule(rig)
+    rig.offer(site_policy([loan(read_only=True)]))
+    assert rig.blocks.granted() == {} and rig.blocks.applied == ["sdb", "sdb1"]
+    assert rig.last("usb.readonly_applied")["trigger"] == "policy"
+
+
+def test_loan_turning_read_write_grants_and_lifts(rig: Rig) -> None:
+    plug_medium_under_the_rule(rig)
+    rig.offer(site_policy([loan(read_only=False)]))
+    assert "1-4" in rig.blocks.granted() and rig.blocks.lifted == ["sdb", "sdb1"]
+    assert rig.last("usb.allowed")["read_only"] is False
+    rig.blocks.write_sectors(rig.blocks.block_devices("1-4")[0], 8)
+    rig.guard.sweep()  # writes are what a read-write loan is for
+    assert rig.authorized("1-4") == "1"
+
+
+def test_start_withdraws_grants_left_by_an_earlier_run(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(start=False)
+    rig.blocks.grant_dir.mkdir()
+    (rig.blocks.grant_dir / "1-4").write_text("1 9\n")
+    rig.guard.start()
+    assert rig.blocks.granted() == {}
+
+
 def test_disk_present_before_the_guard_sees_it_is_protected_at_once(rig: Rig) -> None:
     # Authorised by the kernel before the guard looked (e.g. a missed event): the disk is already there.
     rig.tree.add_device("1-4", 0x0951, 0x1666, serial=MEDIUM_SERIAL, interfaces=[STORAGE], authorized=True)

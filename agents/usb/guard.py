@@ -32,6 +32,14 @@ via its ``remove`` attribute; we only deauthorise.)
 Re-judging: every policy change, session change and clock sweep (``sweep()``, which also catches a
 loan's ``ends_at`` passing and checks read-only media for writes) re-judges the devices present and
 acts only where the outcome changed.
+
+Read-only and read-write loans with the udev rule (``deploy/udev/``, see ``drivers/usb/blockdev.py``):
+the rule makes every block device behind a USB device read-only as udev creates it, unless the guard
+granted that plug writes. So for a read-write loan the guard writes the grant *before* ``authorized``
+(the block device cannot exist before), and lifts read-only (``BLKROSET`` 0) on any block device of the
+medium that is read-only all the same (agent restarted, loan changed from read-only); for everything
+else — read-only loans, blocks, removals, a loan turning read-only — it withdraws the grant first. A
+grant that cannot be written leaves the medium read-only until the guard lifts it: the safe side.
 """
 
 from __future__ import annotations
@@ -132,6 +140,9 @@ class _Tracked:
     sticky: bool = False
     # Read-only block devices: name → sectors written when read-only was applied.
     protected: dict[str, int] = field(default_factory=dict)
+    # A read-write loan's grant to the udev rule is in place; block devices that stay read-only anyway.
+    writable: bool = False
+    write_protected: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +229,11 @@ class UsbGuard:
             except UsbError as err:
                 # Not fatal: each add is still judged and deauthorised; the window is only wider.
                 _LOG.error("cannot set authorized_default=0 on root hubs: %s", err)
+            try:
+                # Grants from a previous run name plugs nobody has judged yet.
+                self._blockdevs.revoke_all_writes()
+            except (UsbError, OSError) as err:
+                _LOG.error("cannot clear read-write grants: %s", err)
             self._unsubscribe = [
                 self._policy.subscribe(self._on_policy_change),
                 self._session.subscribe(self._on_session_change),
@@ -273,6 +289,8 @@ class UsbGuard:
                 return
             if tracked.verdict.read_only:
                 self._protect(tracked, "block_device")
+            elif tracked.verdict.medium is not None:
+                self._release(tracked)
 
     def reevaluate(self, trigger: Trigger) -> None:
         """Re-judge every device present and act where the outcome changed."""
@@ -285,9 +303,13 @@ class UsbGuard:
         with self._lock:
             self.reevaluate("clock")
             for tracked in list(self._known.values()):
-                read_only = tracked.state == "allowed" and tracked.verdict is not None and tracked.verdict.read_only
-                if read_only and self._protect(tracked, "write_watch"):
-                    self._check_writes(tracked)
+                if tracked.state != "allowed" or tracked.verdict is None:
+                    continue
+                if tracked.verdict.read_only:
+                    if self._protect(tracked, "write_watch"):
+                        self._check_writes(tracked)
+                elif tracked.verdict.medium is not None:
+                    self._release(tracked)
 
     def decisions(self) -> dict[str, str]:
         """Return each known device's state (``allowed``, ``blocked``, ``rejected``, ``unreadable``)."""
@@ -430,11 +452,21 @@ class UsbGuard:
                 return
             tracked.verdict, tracked.state = verdict, "allowed"
             _LOG.info("USB %s allowed (%s)", device, verdict.reason)
+            read_write = verdict.medium is not None and not verdict.read_only
+            # Before `authorized`: the udev rule judges the block devices as they appear, from the grant.
+            if read_write:
+                tracked.protected.clear()
+                self._grant(tracked)
+            else:
+                self._withdraw(tracked)
             if not self._write(tracked.sys_name, authorize=True):
                 tracked.state = "blocked"
+                self._withdraw(tracked)
                 return
             if verdict.read_only:
                 self._protect(tracked, trigger)
+            elif read_write:
+                self._release(tracked)
             return
         event = "usb.rejected" if verdict.target is Target.REJECT else "usb.blocked"
         fields["reason"] = verdict.reason[:_MAX_TEXT]
@@ -445,7 +477,53 @@ class UsbGuard:
         tracked.state = "rejected" if verdict.target is Target.REJECT else "blocked"
         tracked.protected.clear()
         _LOG.info("USB %s %s (%s)", device, tracked.state, verdict.reason)
+        self._withdraw(tracked)
         self._write(tracked.sys_name, authorize=False)
+
+    def _grant(self, tracked: _Tracked) -> None:
+        """Grant the udev rule's helper this plug's writes (a read-write loan)."""
+        try:
+            self._blockdevs.grant_writes(tracked.sys_name)
+        except (UsbError, OSError, ValueError) as err:
+            # Not fatal: the rule makes the disk read-only and _release lifts it once it appears.
+            _LOG.error("cannot grant writes to %s: %s", tracked.sys_name, err)
+            return
+        tracked.writable = True
+
+    def _withdraw(self, tracked: _Tracked) -> None:
+        """Withdraw the read-write grant, if there is one."""
+        if not tracked.writable:
+            return
+        try:
+            self._blockdevs.revoke_writes(tracked.sys_name)
+        except (UsbError, OSError, ValueError) as err:
+            # The grant names this plug only; the block below deauthorises the device all the same.
+            _LOG.error("cannot withdraw the write grant of %s: %s", tracked.sys_name, err)
+            return
+        tracked.writable = False
+        tracked.write_protected.clear()
+
+    def _release(self, tracked: _Tracked) -> None:
+        """Lift read-only on a read-write loan's block devices that have it (set by the udev rule or earlier)."""
+        try:
+            found = self._blockdevs.block_devices(tracked.sys_name)
+        except (UsbError, OSError) as err:
+            _LOG.warning("cannot list block devices of %s: %s", tracked.sys_name, err)
+            return
+        for block in found:
+            if block.name in tracked.write_protected:
+                continue
+            try:
+                if not self._blockdevs.is_read_only(block):
+                    continue
+                if not self._blockdevs.set_read_write(block):
+                    # The medium's own switch: nothing to lift, and nothing to try again every sweep.
+                    tracked.write_protected.add(block.name)
+                    continue
+            except UsbError as err:
+                _LOG.warning("cannot make %s writable: %s", block.name, err)
+                continue
+            _LOG.info("USB %s: block device %s made writable (read-write loan)", tracked.device, block.name)
 
     def _protect(self, tracked: _Tracked, trigger: Trigger) -> bool:
         """Set read-only on block devices of an allowed read-only medium not yet protected; False if revoked."""
@@ -515,6 +593,7 @@ class UsbGuard:
         tracked = self._known.pop(sys_name, None)
         fields: dict[str, Any] = {"terminal": self._terminal, "sys_name": sys_name}
         if tracked is not None:
+            self._withdraw(tracked)
             fields["was"] = tracked.state
             if tracked.device is not None:
                 fields.update(self._device_fields(tracked.device, tracked.verdict, None))

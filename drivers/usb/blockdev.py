@@ -7,30 +7,37 @@ writes and ``mount`` falls back to (or is forced into) read-only.
 
 The race, honestly: USB authorisation comes first and the block device only exists afterwards
 (authorise → usb-storage binds → SCSI scan → ``block`` add uevent → udev rules → udisks/automounters).
-So read-only cannot be set *before* authorising; it is set when the block device appears. The real
-monitor here (``UdevBlockMonitor``) listens to the *kernel* uevent source, which is delivered before
-udev has processed the event, and udisks acts only on udev-processed events: with devtmpfs the
-``/dev`` node already exists, so the ioctl normally lands before any automounter looks. It is a
-narrow window, not a guarantee. The way to close it completely is a udev rule that runs first for
-every USB disk, e.g. ``deploy/udev/60-sekisho-usb-ro.rules`` (not shipped yet)::
+So read-only cannot be set *before* authorising; it is set when the block device appears. The agent
+alone (``UdevBlockMonitor``, the *kernel* uevent source, delivered before udev has processed the event)
+normally lands its ioctl before any automounter looks, but that is a narrow window, not a guarantee.
 
-    ACTION=="add", SUBSYSTEM=="block", ENV{ID_BUS}=="usb", RUN+="/sbin/blockdev --setro $devnode"
-    ACTION=="add", SUBSYSTEM=="block", ENV{ID_BUS}=="usb", ENV{UDISKS_AUTO}="0"
-
-after which the agent would clear read-only (``BLKROSET`` 0) for read-write loans instead. The
-guard also sweeps periodically and sets read-only on any lent read-only medium's block device that
-lacks it, so a missed uevent is repaired within one sweep.
+The shipped udev rule closes it (``deploy/udev/90-sekisho-usb-ro.rules``, installed by
+``deploy/udev/install-udev.sh``): for every block device below a USB device, on ``add`` and ``change``,
+udev runs ``sekisho-usb-ro``, which issues ``blockdev --setro`` unless the agent granted *this plug* of
+the USB device a read-write loan. udev sends its processed event — the one udisks and desktop
+automounters act on — only after its RUN programs have finished, so nothing mounts the disk before it
+is read-only. The grant is a file ``/run/sekisho/usb-rw/<usb device>`` holding ``"<busnum> <devnum>"``
+(``grant_writes``): the guard writes it *before* it writes ``authorized``, and the kernel creates no
+block device before that, so the rule always sees the loan's answer; a stale file from an earlier plug
+does not match the new device number. The guard removes it (``revoke_writes``) before a block, on
+removal and when a loan turns read-only, and clears the folder when it starts. Where a block device is
+read-only although its loan is read-write (the agent restarted, the loan changed from read-only), the
+guard lifts it with ``BLKROSET`` 0 (``set_read_write``); a medium with a write-protect switch stays
+read-only, which the kernel reports and the guard logs. The guard keeps issuing ``BLKROSET`` 1 itself
+for read-only loans, so a terminal without the rule is protected as before, window included, and it
+sweeps periodically, so a missed uevent is repaired within one sweep.
 
 Write attempts: ``/sys/block/<dev>/stat`` field 7 counts sectors *written* (completed writes). A
 write refused because the device is read-only never completes, so it is not counted: what the
 counter shows is a write that got through, i.e. read-only was bypassed (cleared by root, a kernel
 that ignored it). The ``ro`` attribute flipping back to 0 is the other detectable sign. Refused
-attempts by a user (EROFS from the filesystem) are not visible at this layer; seeing them would need
-fanotify or the audit subsystem.
+attempts by a user (EPERM from the block layer, EROFS from a filesystem) are not visible at this
+layer; seeing them would need fanotify or the audit subsystem.
 
-This machine has no kernel USB or block devices to test ``IoctlBlockDevices.set_read_only`` against:
-that one call is the kernel boundary. ``FakeBlockDevices`` does the same lookups on a fake tree and
-writes the ``ro`` attribute file instead of issuing the ioctl.
+``IoctlBlockDevices`` is tested against a real block device, a loop device (``tests/test_usb_blockdev.py``):
+``BLKROSET`` 1 and the kernel refuses a write with EPERM while reads work; the ``stat`` counter moves
+only for a write that completed; ``BLKROSET`` 0 lifts it. ``FakeBlockDevices`` does the same lookups on
+a fake tree and writes the ``ro`` attribute file instead of issuing the ioctl.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ BLKROSET = 0x125D
 BLKROGET = 0x125E
 # /sys/block/<dev>/stat, Documentation/block/stat.rst: the 7th field is sectors written.
 _STAT_SECTORS_WRITTEN = 6
+# Where the guard tells the udev rule's helper (deploy/udev/sekisho-usb-ro) which plugs may stay writable.
+DEFAULT_GRANT_DIR = Path("/run/sekisho/usb-rw")
 
 _LOG = logging.getLogger(__name__)
 
@@ -82,6 +91,22 @@ class BlockDeviceControl(Protocol):
         """Make the block device refuse writes; raise BlockDeviceError if that failed."""
         ...
 
+    def set_read_write(self, device: BlockDevice) -> bool:
+        """Lift the read-only flag; return False if the device stays read-only (write-protected medium)."""
+        ...
+
+    def grant_writes(self, usb_sys_name: str) -> None:
+        """Tell the udev rule that this plug of the USB device may stay writable (before it is authorised)."""
+        ...
+
+    def revoke_writes(self, usb_sys_name: str) -> None:
+        """Withdraw the grant: the udev rule makes the device's block devices read-only again."""
+        ...
+
+    def revoke_all_writes(self) -> None:
+        """Withdraw every grant (the guard starting: nothing is trusted until judged again)."""
+        ...
+
     def is_read_only(self, device: BlockDevice) -> bool:
         """Return the kernel's read-only flag for the device."""
         ...
@@ -92,10 +117,11 @@ class BlockDeviceControl(Protocol):
 
 
 class _SysfsBlockLookup:
-    """Lookups shared by the real and the fake control: everything except the ioctl itself."""
+    """Lookups and write grants shared by the real and the fake control: everything except the ioctl itself."""
 
-    def __init__(self, usb_root: Path = DEFAULT_SYSFS_ROOT) -> None:
+    def __init__(self, usb_root: Path = DEFAULT_SYSFS_ROOT, grant_dir: Path = DEFAULT_GRANT_DIR) -> None:
         self.usb_root = Path(usb_root)
+        self.grant_dir = Path(grant_dir)
 
     def block_devices(self, usb_sys_name: str) -> list[BlockDevice]:
         """Return the disks and partitions behind a USB device (empty until the kernel creates them)."""
@@ -120,6 +146,62 @@ class _SysfsBlockLookup:
         except (IndexError, ValueError) as err:
             raise BlockDeviceError("malformed block stat", path=device.sysfs_dir / "stat") from err
 
+    def grant_writes(self, usb_sys_name: str) -> None:
+        """Write ``GRANT_DIR/<usb_sys_name>`` = ``"<busnum> <devnum>"`` (atomically), as the udev helper expects."""
+        if not is_device_name(usb_sys_name) or usb_sys_name.startswith("usb"):
+            raise ValueError(f"not a USB device name: {usb_sys_name!r}")
+        # busnum/devnum name this plug: the kernel gives a re-plugged device a new devnum, so a grant
+        # left behind by an earlier plug (or another stick in the same port) never matches.
+        plug = " ".join(self._usb_number(usb_sys_name, name) for name in ("busnum", "devnum"))
+        target = self.grant_dir / usb_sys_name
+        temporary = self.grant_dir / f".{usb_sys_name}.{os.getpid()}.tmp"
+        try:
+            self.grant_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+            temporary.write_text(plug + "\n")
+            os.replace(temporary, target)
+        except OSError as err:
+            temporary.unlink(missing_ok=True)
+            raise BlockDeviceError("cannot write the read-write grant", path=target, errno=err.errno) from err
+
+    def revoke_writes(self, usb_sys_name: str) -> None:
+        """Remove the device's grant file (no error if there is none)."""
+        if not is_device_name(usb_sys_name):
+            raise ValueError(f"not a USB device name: {usb_sys_name!r}")
+        path = self.grant_dir / usb_sys_name
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            raise BlockDeviceError("cannot remove the read-write grant", path=path, errno=err.errno) from err
+
+    def revoke_all_writes(self) -> None:
+        """Remove every grant file in the grant folder (the folder itself stays)."""
+        try:
+            entries = list(os.scandir(self.grant_dir))
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise BlockDeviceError("cannot list read-write grants", path=self.grant_dir, errno=err.errno) from err
+        for entry in entries:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                path = Path(entry.path)
+                raise BlockDeviceError("cannot remove a read-write grant", path=path, errno=err.errno) from err
+
+    def _usb_number(self, usb_sys_name: str, name: str) -> str:
+        path = self.usb_root / usb_sys_name / name
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError as err:
+            raise UsbDeviceGone("USB device gone", path=path, errno=err.errno) from err
+        except OSError as err:
+            raise BlockDeviceError("cannot read USB device number", path=path, errno=err.errno) from err
+        if not text.isdigit():
+            raise BlockDeviceError(f"malformed {name}: {text[:20]!r}", path=path)
+        return str(int(text))
+
     def _read(self, device: BlockDevice, name: str) -> str:
         path = device.sysfs_dir / name
         try:
@@ -133,12 +215,32 @@ class _SysfsBlockLookup:
 class IoctlBlockDevices(_SysfsBlockLookup):
     """The real control: BLKROSET on ``/dev/<name>`` (needs CAP_SYS_ADMIN)."""
 
-    def __init__(self, usb_root: Path = DEFAULT_SYSFS_ROOT, dev_root: Path = Path("/dev")) -> None:
-        super().__init__(usb_root)
+    def __init__(
+        self,
+        usb_root: Path = DEFAULT_SYSFS_ROOT,
+        dev_root: Path = Path("/dev"),
+        grant_dir: Path = DEFAULT_GRANT_DIR,
+    ) -> None:
+        super().__init__(usb_root, grant_dir)
         self.dev_root = Path(dev_root)
 
     def set_read_only(self, device: BlockDevice) -> None:
         """Issue BLKROSET 1 on the device node, then read it back with BLKROGET."""
+        if not self._blkroset(device, 1):
+            raise BlockDeviceError("read-only flag did not stick", path=self.dev_root / device.name)
+        _LOG.info("block device %s set read-only", device.name)
+
+    def set_read_write(self, device: BlockDevice) -> bool:
+        """Issue BLKROSET 0; return False if BLKROGET still reports read-only (the medium's own write protection)."""
+        writable = not self._blkroset(device, 0)
+        if writable:
+            _LOG.info("block device %s made writable", device.name)
+        else:
+            _LOG.warning("block device %s stays read-only (write-protected medium)", device.name)
+        return writable
+
+    def _blkroset(self, device: BlockDevice, value: int) -> bool:
+        """Issue BLKROSET ``value`` on ``/dev/<name>``; return the read-only flag BLKROGET reads back."""
         path = self.dev_root / device.name
         try:
             # O_RDONLY: opening a disk for writing is exactly what we are preventing; the ioctl needs no more.
@@ -146,24 +248,25 @@ class IoctlBlockDevices(_SysfsBlockLookup):
         except OSError as err:
             raise BlockDeviceError("cannot open block device", path=path, errno=err.errno) from err
         try:
-            fcntl.ioctl(fd, BLKROSET, struct.pack("i", 1))
+            fcntl.ioctl(fd, BLKROSET, struct.pack("i", value))
             result = fcntl.ioctl(fd, BLKROGET, struct.pack("i", 0))
         except OSError as err:
             raise BlockDeviceError("BLKROSET failed", path=path, errno=err.errno) from err
         finally:
             os.close(fd)
-        if struct.unpack("i", result)[0] != 1:
-            raise BlockDeviceError("read-only flag did not stick", path=path)
-        _LOG.info("block device %s set read-only", device.name)
+        return bool(struct.unpack("i", result)[0])
 
 
 class FakeBlockDevices(_SysfsBlockLookup):
     """The simulated control on a FakeSysfsTree: writes the ``ro`` attribute instead of the ioctl."""
 
-    def __init__(self, usb_root: Path) -> None:
-        super().__init__(usb_root)
+    def __init__(self, usb_root: Path, grant_dir: Path | None = None) -> None:
+        # The grants go next to the tree by default (a hidden folder no USB name lookup matches).
+        super().__init__(usb_root, grant_dir if grant_dir is not None else Path(usb_root) / ".sekisho-usb-rw")
         self.applied: list[str] = []
+        self.lifted: list[str] = []
         self.fail: set[str] = set()
+        self.write_protected: set[str] = set()
 
     def add_disk(self, usb_sys_name: str, name: str = "sdb", *, interface: int = 0, partitions: int = 0) -> BlockDevice:
         """Create a disk (and partitions) under a USB device's interface, as usb-storage's SCSI scan does."""
@@ -195,6 +298,26 @@ class FakeBlockDevices(_SysfsBlockLookup):
         except OSError as err:
             raise BlockDeviceError("cannot set read-only", path=path, errno=err.errno) from err
         self.applied.append(device.name)
+
+    def set_read_write(self, device: BlockDevice) -> bool:
+        """Write ``0`` to the fake ``ro`` attribute, unless the name is in ``write_protected`` (stays ``1``)."""
+        path = device.sysfs_dir / "ro"
+        if device.name in self.fail:
+            raise BlockDeviceError("BLKROSET failed", path=path, errno=13)
+        if device.name in self.write_protected:
+            return False
+        try:
+            path.write_text("0\n")
+        except OSError as err:
+            raise BlockDeviceError("cannot clear read-only", path=path, errno=err.errno) from err
+        self.lifted.append(device.name)
+        return True
+
+    def granted(self) -> dict[str, str]:
+        """Return the grant files present: USB device name → ``"<busnum> <devnum>"``."""
+        if not self.grant_dir.is_dir():
+            return {}
+        return {p.name: p.read_text().strip() for p in sorted(self.grant_dir.iterdir()) if not p.name.startswith(".")}
 
 
 def _stat_line(sectors_written: int) -> str:
@@ -252,6 +375,7 @@ class UdevBlockMonitor:
 __all__ = [
     "BLKROGET",
     "BLKROSET",
+    "DEFAULT_GRANT_DIR",
     "BlockDevice",
     "BlockDeviceControl",
     "BlockDeviceError",

@@ -26,6 +26,8 @@ class FakeSysfsTree:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # The kernel numbers devices on a bus from 1 (the root hub) and never reuses a number soon.
+        self._next_devnum = 2
 
     def add_root_hub(self, bus: int = 1, *, authorized_default: int = 1) -> str:
         """Create root hub ``usbN`` with its hub interface; return its sys name."""
@@ -130,6 +132,11 @@ class FakeSysfsTree:
     ) -> Path:
         directory = self.root / sys_name
         directory.mkdir(parents=True, exist_ok=False)
+        bus = int(sys_name.removeprefix("usb").split("-", 1)[0])
+        if sys_name.startswith("usb"):
+            devnum = 1
+        else:
+            devnum, self._next_devnum = self._next_devnum, self._next_devnum + 1
         if descriptors is None:
             descriptors = build_descriptors(
                 vendor_id=vendor,
@@ -148,6 +155,8 @@ class FakeSysfsTree:
             "bNumInterfaces": f"{len(interfaces):2d}" if authorized else "",
             "authorized": "1" if authorized else "0",
             "removable": removable,
+            "busnum": str(bus),
+            "devnum": str(devnum),
         }
         for key, value in (("serial", serial), ("manufacturer", manufacturer), ("product", name)):
             if value:
