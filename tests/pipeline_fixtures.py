@@ -17,7 +17,9 @@ def site(tmp_path: Path) -> Iterator[Site]:
     lab = Lab(tmp_path / "site")
     lab.start_broker()
     lab.write_controller_config()
+    site = Site(lab)
     try:
-        yield Site(lab)
+        yield site
     finally:
+        site.close()
         lab.stop_all()

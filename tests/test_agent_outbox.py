@@ -164,18 +164,18 @@ def test_appended_events_survive_sigkill_of_the_writer(tmp_path: Path, key) -> N
     path = tmp_path / "o.sqlite3"
     key_path = tmp_path / "signing.key"
     key_path.write_bytes(signing.private_key_pem(key))
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", CHILD, str(path), str(key_path)],
         stdout=subprocess.PIPE,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert proc.stdout is not None
-    try:
-        reported = [int(proc.stdout.readline()) for _ in range(200)]
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+    ) as proc:  # leaving the block closes the pipe
+        assert proc.stdout is not None
+        try:
+            reported = [int(proc.stdout.readline()) for _ in range(200)]
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
     assert reported == list(range(1, 201))
 
     box = open_outbox(path, key)

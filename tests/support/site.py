@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
 from sekisho.agents.runtime.errors import OutboxError
 from sekisho.agents.runtime.outbox import Outbox
@@ -33,6 +33,13 @@ class Site:
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
+        self._engines: list[Engine] = []
+
+    def close(self) -> None:
+        """Dispose of the engines behind the stores this site opened (their pooled connections close)."""
+        for engine in self._engines:
+            engine.dispose()
+        self._engines.clear()
 
     @property
     def url(self) -> str:
@@ -40,8 +47,10 @@ class Site:
         return load_config(self.lab.controller_config).resolved_database_url()
 
     def store(self) -> Store:
-        """Open the controller's store (the test's own connection)."""
-        return Store(make_engine(self.url))
+        """Open the controller's store (the test's own connection, closed by close())."""
+        engine = make_engine(self.url)
+        self._engines.append(engine)
+        return Store(engine)
 
     def synthetic_seqs(self, agent: str) -> list[int]:
         """Return the sorted stored seqs of an agent's test.synthetic events (duplicates kept)."""
