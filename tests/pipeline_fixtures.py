@@ -6,15 +6,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.lab import lab_on
 from support.site import Site
-
-from sekisho.lab import Lab
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    """A fresh site: PKI, a running broker, controller.toml (SQLite), nothing else running yet."""
-    lab = Lab(tmp_path / "site")
+def site(pki: Path, tmp_path: Path) -> Iterator[Site]:
+    """A fresh site: a copy of the session PKI, a running broker, controller.toml (SQLite), nothing else running."""
+    lab = lab_on(pki, tmp_path / "site")
     lab.start_broker()
     lab.write_controller_config()
     site = Site(lab)

@@ -26,6 +26,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import text
+from support.lab import lab_on
 from support.site import wait_for
 from test_media import site_yaml
 
@@ -46,7 +47,7 @@ from sekisho.controller.policy.loader import parse_policy
 from sekisho.controller.policy.service import PolicyService
 from sekisho.controller.service import open_store
 from sekisho.controller.store import Store, make_engine, upgrade
-from sekisho.lab import Lab, write_toml
+from sekisho.lab import write_toml
 from sekisho.protocol import signing, timefmt
 
 WRITE = "w" * 32
@@ -403,8 +404,8 @@ def _http(url: str, token: str | None = None) -> tuple[int, dict[str, Any], Mess
 
 
 @pytest.mark.broker
-def test_the_served_controller(tmp_path: Path) -> None:
-    lab = Lab(tmp_path / "site")
+def test_the_served_controller(pki: Path, tmp_path: Path) -> None:
+    lab = lab_on(pki, tmp_path / "site")
     lab.start_broker()
     lab.write_controller_config(api_tokens=[WRITE], api_read_tokens=[READ], api_auth_failures=3)
     try:

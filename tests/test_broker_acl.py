@@ -7,6 +7,7 @@ tests/test_broker_identity.py attacks the identity rules of both.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from sekisho.deploy.broker import (
     render_config,
     render_controller_acl,
 )
-from sekisho.deploy.pki import CONTROLLER_CN, PkiPaths, init_ca, init_pki, issue_client_cert
+from sekisho.deploy.pki import CONTROLLER_CN, PkiPaths, init_ca, issue_client_cert
 from sekisho.protocol import topics
 
 pytestmark = pytest.mark.broker
@@ -352,10 +353,10 @@ def test_config_rejects_line_breaks_in_paths(tmp_path: Path) -> None:
         )
 
 
-def test_broker_refuses_a_pki_without_the_controller_ca(tmp_path: Path) -> None:
+def test_broker_refuses_a_pki_without_the_controller_ca(pki: Path, tmp_path: Path) -> None:
     # A PKI made before the controller CA existed: the broker says how to upgrade it instead of starting
-    # a controllers' listener that would trust nothing (or the agents' CA).
-    paths = init_pki(tmp_path / "pki")
+    # a controllers' listener that would trust nothing (or the agents' CA). Made from a copy of the session's.
+    paths = PkiPaths.at(Path(shutil.copytree(pki, tmp_path / "pki")))
     paths.controller_ca_cert.unlink()
     with pytest.raises(BrokerError, match="sekisho pki upgrade"):
         Broker(paths.directory, tmp_path / "broker").start()

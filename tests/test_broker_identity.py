@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.lab import lab_on
 from support.mqtt import NOT_AUTHORIZED, ConnectRefused, SyncClient, connect_client
 from support.site import wait_for
 
@@ -107,9 +108,9 @@ class HonestAgent:
 
 
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
+def site(pki: Path, tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
     """A site with the real controller (ingest worker `controller-1-ingest`) and agents term-a, term-b."""
-    lab = Lab(tmp_path / "site")
+    lab = lab_on(pki, tmp_path / "site")
     lab.start_broker()
     lab.write_controller_config(batch_wait_ms=5)
     for name in (ATTACKER, HONEST):

@@ -21,7 +21,7 @@ from sekisho.agents.doors.attach import AttachedDoors, attach_doors
 from sekisho.agents.doors.run import DoorsSetupError, load_doors_settings, start_doors
 from sekisho.agents.runtime.agent import Agent
 from sekisho.agents.runtime.config import load_config
-from sekisho.deploy.pki import PkiPaths, init_pki, issue_agent
+from sekisho.deploy.pki import AgentCredentials, PkiPaths, issue_agent
 from sekisho.drivers.locker import LockerBoardLink
 from sekisho.drivers.osdp import OsdpReaderLink, ReaderConfig
 from sekisho.drivers.smartcard import hash_uid
@@ -65,11 +65,11 @@ def _policy(*, pin: bool = False) -> dict[str, Any]:
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[tuple[Agent, Path]]:
+def agent(pki: Path, tmp_path: Path) -> Iterator[tuple[Agent, Path]]:
     """An agent (no broker: the controller is unreachable) with the signed door policy in its cache."""
-    pki = tmp_path / "pki"
-    init_pki(pki)
-    creds = issue_agent(pki, AGENT)
+    creds = AgentCredentials.at(pki, AGENT)
+    if not creds.tls_cert.exists():  # the session PKI: issued by the first test that needs it
+        issue_agent(pki, AGENT)
     config = write_toml(
         tmp_path / "agent" / "agent.toml",
         {

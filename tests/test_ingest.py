@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from support.lab import lab_on
 from support.mqtt import connect_client
 from support.site import wait_for
 
@@ -25,8 +26,8 @@ AGENT = "term-i1"
 
 
 @pytest.fixture
-def running(tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
-    lab = Lab(tmp_path / "site")
+def running(pki: Path, tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
+    lab = lab_on(pki, tmp_path / "site")
     lab.start_broker()
     lab.write_controller_config(batch_wait_ms=5)
     lab.add_agent(AGENT)

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
+from support.lab import lab_on
 from support.mqtt import connect_client
 from support.site import wait_for
 
@@ -58,8 +59,8 @@ def _honest(lab: Lab, seq: int) -> bytes:
 
 
 @pytest.fixture
-def running(tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
-    lab = Lab(tmp_path / "site")
+def running(pki: Path, tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
+    lab = lab_on(pki, tmp_path / "site")
     lab.start_broker()
     lab.write_controller_config(batch_wait_ms=5, ingest_stall_s=5)
     lab.add_agent(HONEST)
@@ -168,10 +169,10 @@ json_values = st.recursive(
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestWorker]:
+def worker(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestWorker]:
     """A real IngestWorker on a real SQLite store, not connected: process() is exercised directly."""
     root = tmp_path_factory.mktemp("fuzz")
-    lab = Lab(root / "site")
+    lab = lab_on(pki, root / "site")
     lab.write_controller_config()
     lab.add_agent(HONEST)
     config = load_config(lab.controller_config)

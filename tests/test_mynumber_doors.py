@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import event, inspect, select, text
+from support.lab import lab_on
 from test_media import site_yaml
 from test_mynumber import ZERO_PREFIX, fullwidth, grouped, valid, wrong
 from typer.testing import CliRunner
@@ -39,7 +40,7 @@ from sekisho.controller.store import Store, make_engine, upgrade
 from sekisho.controller.store.models import Agent, DeadLetter
 from sekisho.controller.store.redaction import LETTER_MAC_INFO, letter_mac, letter_mac_key
 from sekisho.deploy.pki import AgentCredentials
-from sekisho.lab import Lab, write_toml
+from sekisho.lab import write_toml
 from sekisho.lab.pgcluster import pg_database
 from sekisho.protocol import canonical, errors, messages, mynumber, signing, timefmt, topics
 
@@ -338,8 +339,8 @@ class Ingest:
 
 
 @pytest.fixture(scope="module")
-def ingest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingest]:
-    lab = Lab(tmp_path_factory.mktemp("ingest") / "site")
+def ingest(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingest]:
+    lab = lab_on(pki, tmp_path_factory.mktemp("ingest") / "site")
     lab.write_controller_config()
     lab.add_agent(AGENT)
     config = load_config(lab.controller_config)

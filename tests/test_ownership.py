@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support.lab import lab_on
 from support.mqtt import SyncClient, connect_client
 
 from sekisho.controller.config import load_config
@@ -45,8 +46,8 @@ def _policy(path: Path) -> Path:
 
 
 @pytest.fixture
-def running(tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
-    lab = Lab(tmp_path / "site")
+def running(pki: Path, tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
+    lab = lab_on(pki, tmp_path / "site")
     lab.start_broker()
     lab.write_controller_config(batch_wait_ms=5)
     for name in (DOOR_AGENT, TERMINAL_AGENT):
