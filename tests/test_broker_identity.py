@@ -239,7 +239,11 @@ def test_agent_cannot_take_the_command_queued_for_another_agent(
         connect_client(pki, broker.port, VICTIM, identity=INTRUDER, clean_start=False, session_expiry=3600),
     )
     intruder.subscribe_wait(topics.topic(VICTIM, topics.COMMANDS))
-    time.sleep(0.5)
+    # A marker on the intruder's own command topic, sent after it connected and subscribed: the victim's
+    # queued command, had the broker handed the intruder that session, would have reached it first.
+    intruder.subscribe_wait(topics.topic(INTRUDER, topics.COMMANDS))
+    assert not controller.publish_wait(topics.topic(INTRUDER, topics.COMMANDS), b"marker").is_failure
+    assert intruder.next_message().payload == b"marker"
     assert intruder.received() == []
 
     victim = _keep(clients, connect_client(pki, broker.port, VICTIM, clean_start=False, session_expiry=3600))
