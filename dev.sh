@@ -16,12 +16,15 @@ cd "$(dirname "$0")"
 # mosquitto-dev + libmosquitto-dev (+ gcc): the headers to build the broker plugin that limits what agents
 # subscribe to (deploy/mosquitto/sekisho_agent_acl.c; deploy.broker builds it for the tests and the demo).
 # usbguard: the usbguard-daemon and usbguard-rule-parser the USB rule tests compare sekisho against.
+# udev: udevadm, which checks the shipped read-only rule (deploy/udev/) with udev's own parser and matching
+# (udevadm test on umockdev devices, in a private mount namespace); a desktop has it already, and in a
+# container its install starts no udevd.
 APT_PACKAGES=(
   mosquitto mosquitto-dev libmosquitto-dev postgresql python3-venv python3-dev gcc
   umockdev gir1.2-umockdev-1.0 python3-pyudev python3-gi
   pcscd pcsc-tools vsmartcard-vpcd libpcsclite-dev
   fprintd libfprint-2-2 libpam-fprintd dbus python3-dbusmock pamtester
-  usbguard
+  usbguard udev
 )
 
 ensure_apt() {
