@@ -11,6 +11,12 @@ import sys
 
 def agent_main(argv: list[str] | None = None) -> None:
     """Run the agent command line (`sekisho-agent run|simulate|status`)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["pam-auth"]:
+        # pam_exec starts this for every login: the lean client, without typer, rich or the agent's modules.
+        from sekisho.agents.login.pam_client import main as pam_auth
+
+        raise SystemExit(pam_auth(args[1:]))
     from sekisho.agents.doors.cli import doors_app
     from sekisho.agents.login.cli import pam_app
     from sekisho.agents.runtime.cli import app as agent_cli

@@ -1,8 +1,9 @@
 """The PAM path end to end: real pamtester, a throwaway /etc/pam.d service with pam_exec, the helper's verdict.
 
-The helper runs against a temp agent (issued from the session PKI) with a real signed policy bundle in
-its cache and simulated card and finger scripted by a scenario file. Every decision must show up in the
-agent's outbox as a signed event with the precise reason.
+pam_exec runs `pam-auth`, which asks the terminal agent's PAM service (started here, on a socket in the
+temp directory, as `sekisho-agent terminal` runs it) to decide, against a temp agent (issued from the session
+PKI) with a real signed policy bundle in its cache and simulated card and finger scripted by a scenario file.
+Every decision must show up in the agent's outbox as a signed event with the precise reason.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from test_login_decision import make_policy
 from sekisho.agents.login.decision import JST
 from sekisho.agents.login.messages import message
 from sekisho.agents.login.pam import SIMULATION_ENV
+from sekisho.agents.login.pam_service import PamService
 from sekisho.agents.login.sessions import LoginSessions
 from sekisho.agents.runtime.outbox import Outbox
 from sekisho.agents.runtime.policy_cache import CACHE_NAME
@@ -100,6 +102,7 @@ class Terminal:
     site_key: bytes
     controller_key: Any
     cards: dict[str, tuple[bytes, ec.EllipticCurvePrivateKey]]
+    pam: PamService | None = None
 
     @property
     def state(self) -> Path:
@@ -214,12 +217,13 @@ def make_terminal(pki: Path, base: Path, *, login_toml: str, simulated: bool = T
     scenario = base / "scenario.json"
     wrapper = base / "sekisho-pam-auth"
     simulation = f"export {SIMULATION_ENV}={scenario}\n" if simulated else ""
+    socket_path = base / "pam" / "pam.sock"
     wrapper.write_text(
         "#!/bin/sh\n"
         f"cd {REPO}\n"
         f"{simulation}"
         f"exec {sys.executable} -m sekisho.agents.login pam-auth --config {config} --terminal {TERMINAL} "
-        f"2>>{base / 'helper.log'}\n"
+        f"--socket {socket_path} 2>>{base / 'helper.log'}\n"
     )
     wrapper.chmod(0o755)
     service = f"sekisho-test-{secrets.token_hex(6)}"
@@ -230,14 +234,18 @@ def make_terminal(pki: Path, base: Path, *, login_toml: str, simulated: bool = T
         f"session optional pam_exec.so stdout quiet type=open_session {wrapper}\n"
         f"session optional pam_exec.so quiet type=close_session {wrapper}\n"
     )
+    pam = PamService(config, TERMINAL, socket_path=socket_path)
     try:
         cards = {
             "c-alice": (bytes.fromhex("04A1B2C3D4E5F6"), _key()),
             "c-bob": (bytes.fromhex("04B0B0B0B0B0B0"), _key()),
         }
         controller_key = signing.load_private_key(PkiPaths.at(pki).controller_signing_key)
-        yield Terminal(agent, base, config, service, scenario, site_key, controller_key, cards)
+        # The terminal agent's side: it decides what pam-auth asks (sekisho-agent terminal runs the same).
+        pam.start()
+        yield Terminal(agent, base, config, service, scenario, site_key, controller_key, cards, pam)
     finally:
+        pam.stop()
         pam_file.unlink(missing_ok=True)
 
 

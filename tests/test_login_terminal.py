@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -9,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sekisho.agents.login.messages import message
+from sekisho.agents.login.pam_client import ask_agent
 from sekisho.agents.login.run import start_terminal
 from sekisho.agents.login.sessions import LoginSessions
 from sekisho.agents.runtime.agent import Agent
@@ -57,3 +60,21 @@ def test_terminal_agent_locks_an_open_session(agent_setup: Callable[..., Any], t
         assert running.watcher.current_person() is None
     finally:
         running.stop()
+
+
+def test_terminal_agent_answers_pam_auth_on_its_socket(agent_setup: Callable[..., Any], tmp_path: Path) -> None:
+    setup = agent_setup()
+    agent = Agent(setup.config)
+    socket_path = tmp_path / "pam" / "pam.sock"
+    running = start_terminal(
+        agent, setup.config_path, "t-hr-01", backend=SimulatedBackend((READER,)), pam_socket=socket_path
+    )
+    try:
+        out = io.StringIO()
+        # No policy has reached this agent yet: refused, and recorded in the agent's own outbox.
+        assert ask_agent(str(socket_path), "t-hr-01", {"PAM_USER": "alice", "PAM_TYPE": "auth"}, out) == 1
+        assert message("no_policy") in out.getvalue()
+        _wait(lambda: "login.denied" in _outbox_types(agent))
+    finally:
+        running.stop()
+    assert not socket_path.exists()

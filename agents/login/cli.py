@@ -1,4 +1,8 @@
-"""`sekisho-agent pam-auth`: the pam_exec entry point (the lead mounts ``pam_app`` into the agent CLI)."""
+"""`sekisho-agent terminal` and `pam-auth` (the lead mounts ``pam_app`` into the agent CLI).
+
+`sekisho-agent pam-auth` is dispatched to the lean client before typer is imported (sekisho/entry.py,
+agents/login/__main__.py); the typer command below lists it in the help and runs the same client.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from sekisho.agents.login.pam import pam_auth
+from sekisho.agents.login.pam_client import DEFAULT_SOCKET
 
 pam_app = typer.Typer(help="Terminal login guard: the PAM entry point.", no_args_is_help=True)
 
@@ -25,11 +29,15 @@ def terminal_command(
     usb: Annotated[bool, typer.Option("--usb/--no-usb", help="also run the USB media guard")] = True,
     usb_rules: Annotated[Path | None, typer.Option("--usb-rules", help="admin USB rules (USBGuard syntax)")] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+    pam_socket: Annotated[
+        Path, typer.Option("--pam-socket", help="where pam-auth asks this agent (directory created 0700)")
+    ] = Path(DEFAULT_SOCKET),
 ) -> None:
-    """Run this terminal's agent: events, policy, card-removal lock of open sessions, USB media guard."""
+    """Run this terminal's agent: events, policy, PAM decisions, card-removal lock, USB media guard."""
     import logging
     import sys
 
+    from sekisho.agents.login.pam import LoginSetupError
     from sekisho.agents.login.run import run_terminal
     from sekisho.agents.runtime.agent import Agent
     from sekisho.agents.runtime.config import load_config
@@ -45,13 +53,20 @@ def terminal_command(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(getattr(err, "exit_code", 2)) from err
     guard = UsbGuardConfig(terminal_id=terminal, rules_text=rules) if usb else None
-    run_terminal(agent, config, terminal, usb=guard)
+    try:
+        run_terminal(agent, config, terminal, usb=guard, pam_socket=pam_socket)
+    except (OSError, LoginSetupError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
 
 
 @pam_app.command("pam-auth")
 def pam_auth_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="agent TOML file (login.toml beside it)")],
     terminal: Annotated[str, typer.Option("--terminal", "-t", help="terminal id in the site policy")],
+    socket: Annotated[Path, typer.Option("--socket", help="the terminal agent's PAM socket")] = Path(DEFAULT_SOCKET),
 ) -> None:
-    """Decide one login for pam_exec from PAM_USER/PAM_TYPE; exit 0 grants, 1 refuses."""
-    raise typer.Exit(pam_auth(config, terminal))
+    """For pam_exec: ask the running terminal agent to decide PAM_USER/PAM_TYPE; exit 0 grants, 1 refuses."""
+    from sekisho.agents.login.pam_client import main
+
+    raise typer.Exit(main(["--config", str(config), "--terminal", terminal, "--socket", str(socket)]))

@@ -1,13 +1,13 @@
-"""The pam_exec helper: decide one login from the cached signed policy, the card and the finger; fail closed.
+"""The PAM call handler: decide one login from the cached signed policy, the card and the finger; fail closed.
 
-pam_exec runs this as a short process for each PAM call, with ``PAM_USER``, ``PAM_SERVICE`` and
-``PAM_TYPE`` in the environment. Only ``auth`` decides; ``open_session`` prints the notice of the day.
-Exit 0 grants, anything else refuses — including every exception, so a bug can only lock out, never let in
-(the break-glass group in deploy/pam is the way back in).
+``PamHelper`` handles one PAM call — ``PAM_USER``, ``PAM_SERVICE`` and ``PAM_TYPE`` as pam_exec passes them.
+Only ``auth`` decides; ``open_session`` prints the notice of the day. Exit 0 grants, anything else refuses —
+including every exception, so a bug can only lock out, never let in (the break-glass group in deploy/pam is
+the way back in).
 
-The decision is recorded by appending a signed event to the agent's outbox database. The running agent's
-sender picks the row up on its next wake (heartbeat or its next own event), so the helper never needs the
-broker; with the agent down the event simply waits in the outbox.
+It runs inside the terminal agent (``PamService`` in pam_service.py), asked by the small process pam_exec
+starts (``sekisho-agent pam-auth``, pam_client.py). The decision is recorded by appending a signed event to
+the agent's outbox database, which the agent's sender publishes.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from sekisho.agents.login.decision import (
 from sekisho.agents.login.lock import DEFAULT_END_COMMAND, DEFAULT_LOCK_COMMAND
 from sekisho.agents.login.messages import bilingual
 from sekisho.agents.login.notices import notice_for
+from sekisho.agents.login.pam_client import SIMULATION_ENV
 from sekisho.agents.login.sessions import LoginSessions
 from sekisho.agents.runtime.cards import enrolled_cards
 from sekisho.agents.runtime.config import AgentConfig, load_config
@@ -64,7 +65,6 @@ from sekisho.protocol.policy import Card, SitePolicy
 log = logging.getLogger(__name__)
 
 LOGIN_SETTINGS_NAME = "login.toml"
-SIMULATION_ENV = "SEKISHO_LOGIN_SIMULATION"
 _LOGIN_NAME_MAX = 64
 _SIM_FINGER = "sim-finger"
 # The driver's own deadline falls this much before the helper's, so its reason and detail come first.
@@ -145,6 +145,10 @@ class Hardware:
     fingers: FingerprintBackend
     reader: str | None = None
     fingerprint_timeout_s: float = 15.0
+
+
+# Builds the hardware for one login (user, settings): the real one unless a caller (the benchmark) says otherwise.
+HardwareFactory = Callable[[str, LoginAgentSettings], Hardware]
 
 
 def simulated_hardware(scenario_path: Path, user: str) -> Hardware:
@@ -380,21 +384,29 @@ def decision_event(
 
 @dataclass
 class PamHelper:
-    """One pam_exec invocation: set up from the agent's files, decide, record, print, return the exit code."""
+    """One PAM call: set up from the agent's files, decide, record, print, return the exit code.
+
+    ``config`` and ``recorder`` are the running agent's when it handles the call (pam_service.py); left out,
+    they are loaded from ``config_path`` and the recorder is closed at the end.
+    """
 
     config_path: Path
     terminal: str
     env: Mapping[str, str]
     out: TextIO = sys.stdout
     now: Callable[[], datetime] = timefmt.now
+    config: AgentConfig | None = None
+    recorder: LoginRecorder | None = None
+    hardware: HardwareFactory | None = None
 
     def run(self) -> int:
         """Run the PAM call; exit code 0 grants, 1 refuses (also on any error: fail closed)."""
         request = PamRequest.from_env(self.env)
-        recorder: LoginRecorder | None = None
+        recorder = self.recorder
         try:
-            config = load_config(self.config_path)
-            recorder = LoginRecorder(config)
+            config = self.config if self.config is not None else load_config(self.config_path)
+            if recorder is None:
+                recorder = LoginRecorder(config)
             if request.pam_type == "auth":
                 return self._auth(config, recorder, request)
             if request.pam_type == "open_session":
@@ -407,19 +419,37 @@ class PamHelper:
             raise LoginSetupError(f"PAM_TYPE {request.pam_type!r} is not handled (use auth or open_session)")
         except Exception as err:
             log.exception("login helper failed; refusing")
-            self._print("internal_error")
-            if recorder is not None and request.pam_type == "auth":
-                try:
-                    failed = LoginDecision(
-                        granted=False, reason="internal_error", detail=f"{type(err).__name__}: {err}"
-                    )
-                    recorder.append(*decision_event(failed, self.terminal, request, {}))
-                except Exception:
-                    log.exception("could not record the internal error either")
-            return 1
+            return self._failed(request, recorder, err)
         finally:
-            if recorder is not None:
+            if recorder is not None and recorder is not self.recorder:
                 recorder.close()
+
+    def refuse(self, err: Exception) -> int:
+        """Refuse the call as ``internal_error`` without deciding it (recorded when the outbox can be opened)."""
+        request = PamRequest.from_env(self.env)
+        recorder = self.recorder
+        try:
+            if recorder is None:
+                try:
+                    config = self.config if self.config is not None else load_config(self.config_path)
+                    recorder = LoginRecorder(config)
+                except Exception:
+                    log.exception("cannot open the outbox to record the refusal")
+            log.error("refusing: %s", err)
+            return self._failed(request, recorder, err)
+        finally:
+            if recorder is not None and recorder is not self.recorder:
+                recorder.close()
+
+    def _failed(self, request: PamRequest, recorder: LoginRecorder | None, err: Exception) -> int:
+        self._print("internal_error")
+        if recorder is not None and request.pam_type == "auth":
+            try:
+                failed = LoginDecision(granted=False, reason="internal_error", detail=f"{type(err).__name__}: {err}")
+                recorder.append(*decision_event(failed, self.terminal, request, {}))
+            except Exception:
+                log.exception("could not record the internal error either")
+        return 1
 
     def _print(self, reason: str) -> None:
         print(bilingual(reason), file=self.out, flush=True)
@@ -445,6 +475,8 @@ class PamHelper:
             if not settings.simulation_allowed:
                 raise LoginSetupError(f"{SIMULATION_ENV} is set but login.toml does not allow simulation")
             return simulated_hardware(Path(scenario), user)
+        if self.hardware is not None:
+            return self.hardware(user, settings)
         return real_hardware(settings)
 
     def _auth(self, config: AgentConfig, recorder: LoginRecorder, request: PamRequest) -> int:
@@ -540,11 +572,30 @@ class PamHelper:
         recorder.append("login.notice_shown", payload)
 
 
+def _forget_agent_overrides() -> None:
+    # pam_exec passes the PAM environment, which pam_env may fill from user files: it must not be able to
+    # override the agent config (e.g. point controller_public_key at a key of the user's own).
+    for name in [n for n in os.environ if n.startswith("SEKISHO_AGENT_")]:
+        del os.environ[name]
+
+
 def pam_auth(config_path: Path, terminal: str, env: Mapping[str, str] | None = None, out: TextIO | None = None) -> int:
-    """Handle one pam_exec call for ``terminal``; return the exit code (0 grant, 1 refuse)."""
+    """Handle one PAM call for ``terminal`` in this process; return the exit code (0 grant, 1 refuse)."""
     if env is None:
-        # pam_exec passes the PAM environment, which pam_env may fill from user files: it must not be able
-        # to override the agent config (e.g. point controller_public_key at a key of the user's own).
-        for name in [n for n in os.environ if n.startswith("SEKISHO_AGENT_")]:
-            del os.environ[name]
+        _forget_agent_overrides()
     return PamHelper(config_path, terminal, os.environ if env is None else env, out or sys.stdout).run()
+
+
+def without_agent(config_path: Path, terminal: str, env: Mapping[str, str], detail: str) -> int:
+    """What ``pam-auth`` does when the terminal agent could not be asked (pam_client.py); the exit code.
+
+    ``auth`` is refused and recorded as ``internal_error``: never decided here, because a login the agent
+    does not know of would have no card-removal lock. ``open_session`` and ``close_session`` keep the session
+    registry and the logout record in this process, as the agent would have.
+    """
+    logging.basicConfig(level=logging.WARNING, format="sekisho-pam-auth %(levelname)s %(name)s: %(message)s")
+    _forget_agent_overrides()
+    helper = PamHelper(config_path, terminal, env, sys.stdout)
+    if PamRequest.from_env(env).pam_type in ("open_session", "close_session"):
+        return helper.run()
+    return helper.refuse(LoginSetupError(f"the terminal agent did not decide: {detail}"))

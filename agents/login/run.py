@@ -1,8 +1,9 @@
 """Run a terminal agent: the agent runtime, the card-removal watch of open sessions, and the USB guard.
 
 ``sekisho-agent terminal --config agent.toml --terminal t-hr-01`` is what a My Number terminal runs as a
-service; the PAM helper (``sekisho-agent pam-auth``) decides logins beside it and tells it which sessions
-are open through the session registry in the state directory.
+service. It also decides the logins: pam_exec's ``sekisho-agent pam-auth`` asks it over a root-only socket
+(pam_service.py), and the decisions record which sessions are open in the session registry in the state
+directory, which the watch follows.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sekisho.agents.login.pam import load_login_settings
+from sekisho.agents.login.pam_service import PamService
 from sekisho.agents.login.sessions import LoginSessions
 from sekisho.agents.login.watch import LoginSessionWatcher, WatchSettings
 from sekisho.agents.runtime.agent import Agent
@@ -31,9 +33,12 @@ class TerminalAgent:
     watcher: LoginSessionWatcher
     sessions: LoginSessions
     usb: AttachedGuard | None
+    pam: PamService | None = None
 
     def stop(self) -> None:
         """Stop everything; idempotent enough for signal handlers and finally blocks."""
+        if self.pam is not None:
+            self.pam.stop()
         if self.usb is not None:
             self.usb.stop()
         self.watcher.stop()
@@ -59,8 +64,10 @@ def start_terminal(
     backend: SmartCardBackend | None = None,
     usb: UsbGuardConfig | None = None,
     poll_s: float = 0.5,
+    pam_socket: Path | None = None,
 ) -> TerminalAgent:
-    """Start the agent, then the session watch (real PC/SC unless a backend is given) and the USB guard."""
+    """Start the agent, the session watch (real PC/SC unless a backend is given), the USB guard, and the
+    PAM service on ``pam_socket`` (None: no PAM service, for tests of the rest)."""
     settings = load_login_settings(config_path)
     if backend is None:
         from sekisho.drivers.smartcard import pcsc_backend
@@ -81,21 +88,41 @@ def start_terminal(
     )
     agent.start()
     watcher.start()
-    attached = None
-    if usb is not None:
-        # The USB guard lends media to the person the login guard authenticated (nobody while locked).
-        attached = attach_usb_guard(agent, usb, session=watcher)
-        attached.start()
-    return TerminalAgent(agent, watcher, sessions, attached)
+    running = TerminalAgent(agent, watcher, sessions, None)
+    try:
+        if usb is not None:
+            # The USB guard lends media to the person the login guard authenticated (nobody while locked).
+            running.usb = attach_usb_guard(agent, usb, session=watcher)
+            running.usb.start()
+        if pam_socket is not None:
+            # Decisions land in the outbox through the service's own connection; wake the sender for them.
+            running.pam = PamService(
+                config_path,
+                terminal,
+                socket_path=pam_socket,
+                config=agent.config,
+                on_recorded=agent.sender.notify_new,
+            ).start()
+    except BaseException:
+        running.stop()
+        raise
+    return running
 
 
-def run_terminal(agent: Agent, config_path: Path, terminal: str, *, usb: UsbGuardConfig | None = None) -> None:
+def run_terminal(
+    agent: Agent,
+    config_path: Path,
+    terminal: str,
+    *,
+    usb: UsbGuardConfig | None = None,
+    pam_socket: Path | None = None,
+) -> None:
     """Run a terminal agent until SIGINT or SIGTERM."""
     import signal
 
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    running = start_terminal(agent, config_path, terminal, usb=usb)
+    running = start_terminal(agent, config_path, terminal, usb=usb, pam_socket=pam_socket)
     try:
         while not stop.wait(1.0):
             pass
