@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 import time
@@ -40,28 +38,26 @@ from sekisho.agents.usb.rules import RuleProblem, import_rules, parse_rules
 from sekisho.agents.usb.rules.model import AttributeName, Rule
 from sekisho.agents.usb.rules.policy import DEFAULT_POLICY_TEXT
 from sekisho.drivers.usb.descriptors import build_descriptors
+from sekisho.lab.usbguard import (
+    PARSER,
+    AuditRecord,
+    UmockdevDevice,
+    UsbguardDaemon,
+    pci_controller,
+    usb_device,
+    usbguard_unavailable,
+    write_umockdev,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "usb"
 PROBE = DATA / "usbguard_probe.py"
-DAEMON = "/usr/sbin/usbguard-daemon"
-PARSER = "usbguard-rule-parser"
 DAEMON_WAIT_S = 10.0
-
-
-def _missing_prerequisite() -> str | None:
-    for tool in (DAEMON, PARSER, "umockdev-run", "umockdev-wrapper", "unshare"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (apt-get install usbguard umockdev util-linux)"
-    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
-        return f"cannot give the daemon its own network namespace (unshare --net): {probe.stderr.strip()}"
-    return None
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _usbguard() -> None:
-    reason = _missing_prerequisite()
+    reason = usbguard_unavailable()
     if reason is not None:
         print(f"skipping the USBGuard differential tests: {reason}", file=sys.stderr)
         pytest.skip(reason)
@@ -292,65 +288,6 @@ _PCI_A = "/devices/pci0000:00/0000:00:14.0"
 _PCI_B = "/devices/pci0000:00/0000:00:1d.0"
 
 
-@dataclass(frozen=True)
-class _Mock:
-    """One device of the umockdev file: its sysfs path, text attributes (raw bytes) and descriptors."""
-
-    path: str
-    attributes: dict[str, bytes]
-    descriptors: bytes | None = None
-    devtype: str = "usb_device"
-
-    def record(self) -> str:
-        subsystem = "usb" if self.devtype else "pci"
-        lines = [f"P: {self.path}", f"E: SUBSYSTEM={subsystem}"]
-        if self.devtype:
-            lines.append(f"E: DEVTYPE={self.devtype}")
-        # Binary (H:) attributes carry any byte exactly, as the kernel's files would.
-        lines += [f"H: {name}={value.hex().upper()}" for name, value in self.attributes.items()]
-        if self.descriptors is not None:
-            lines.append(f"H: descriptors={self.descriptors.hex().upper()}")
-        return "\n".join(lines) + "\n"
-
-
-def _usb(
-    path: str,
-    vendor: int,
-    product: int,
-    interfaces: tuple[tuple[int, int, int], ...],
-    *,
-    name: bytes | None = None,
-    serial: bytes | None = None,
-    connect_type: bytes | None = b"hotplug\n",
-    device_class: int = 0,
-    descriptors: bytes | None = None,
-    alternates: tuple[tuple[int, int, int, int], ...] = (),
-) -> _Mock:
-    attributes = {
-        "idVendor": f"{vendor:04x}\n".encode(),
-        "idProduct": f"{product:04x}\n".encode(),
-        "bDeviceClass": f"{device_class:02x}\n".encode(),
-        "bDeviceSubClass": b"00\n",
-        "bDeviceProtocol": b"00\n",
-        "authorized": b"1\n",
-    }
-    if path.rsplit("/", 1)[1].startswith("usb"):
-        attributes["authorized_default"] = b"1\n"
-    for key, value in (("product", name), ("serial", serial), ("port/connect_type", connect_type)):
-        if value is not None:
-            attributes[key] = value
-    if descriptors is None:
-        descriptors = build_descriptors(
-            vendor_id=vendor,
-            product_id=product,
-            device_class=device_class,
-            interfaces=interfaces,
-            has_serial=serial is not None,
-            alternates=alternates,
-        )
-    return _Mock(path, attributes, descriptors)
-
-
 def _two_configurations(vendor: int, product: int) -> bytes:
     first = build_descriptors(vendor_id=vendor, product_id=product, interfaces=((0x08, 0x06, 0x50),))
     second = build_descriptors(vendor_id=vendor, product_id=product, interfaces=((0xFF, 0x00, 0x00),))
@@ -361,7 +298,7 @@ def _two_configurations(vendor: int, product: int) -> bytes:
     return bytes(device) + first[18:] + bytes(config_two)
 
 
-def _devices() -> list[_Mock]:
+def _devices() -> list[UmockdevDevice]:
     hub_a, hub_b = f"{_PCI_A}/usb1", f"{_PCI_B}/usb2"
     root_hub = ((0x09, 0x00, 0x00),)
     endpoints_stick = build_descriptors(vendor_id=0x0BDA, product_id=0x0129, interfaces=((0x08, 0x06, 0x50),))
@@ -369,9 +306,9 @@ def _devices() -> list[_Mock]:
     endpoints_stick += bytes([7, 5, 0x81, 2, 0, 2, 0])
     endpoints_stick = endpoints_stick[:20] + (len(endpoints_stick) - 18).to_bytes(2, "little") + endpoints_stick[22:]
     return [
-        _Mock(_PCI_A, {"vendor": b"0x8086\n"}, devtype=""),
-        _Mock(_PCI_B, {"vendor": b"0x8086\n"}, devtype=""),
-        _usb(
+        pci_controller(_PCI_A),
+        pci_controller(_PCI_B),
+        usb_device(
             hub_a,
             0x1D6B,
             0x0002,
@@ -381,7 +318,7 @@ def _devices() -> list[_Mock]:
             connect_type=None,
             device_class=9,
         ),
-        _usb(
+        usb_device(
             hub_b,
             0x1D6B,
             0x0003,
@@ -391,11 +328,11 @@ def _devices() -> list[_Mock]:
             connect_type=None,
             device_class=9,
         ),
-        _usb(
+        usb_device(
             f"{hub_a}/1-1", 0x05E3, 0x0608, root_hub, name=b"USB2.0 Hub\n", device_class=9, connect_type=b"hardwired\n"
         ),
-        _usb(f"{hub_a}/1-1/1-1.1", 0x046D, 0xC077, ((0x03, 0x01, 0x02),), name=b"USB Optical Mouse\n"),
-        _usb(
+        usb_device(f"{hub_a}/1-1/1-1.1", 0x046D, 0xC077, ((0x03, 0x01, 0x02),), name=b"USB Optical Mouse\n"),
+        usb_device(
             f"{hub_a}/1-1/1-1.2",
             0x0951,
             0x1666,
@@ -403,10 +340,12 @@ def _devices() -> list[_Mock]:
             name=b"DataTraveler 3.0\n",
             serial=b"SEKISHO-MEDIUM-0001\n",
         ),
-        _usb(f"{hub_a}/1-2", 0x0781, 0x5581, ((0x08, 0x06, 0x50),), name=b"Ultra\n", serial=b"4C530001234567891234\n"),
-        _usb(f"{hub_a}/1-3", 0x046D, 0xC31C, ((0x03, 0x01, 0x01), (0x03, 0x00, 0x00)), name=b"USB Keyboard\n"),
+        usb_device(
+            f"{hub_a}/1-2", 0x0781, 0x5581, ((0x08, 0x06, 0x50),), name=b"Ultra\n", serial=b"4C530001234567891234\n"
+        ),
+        usb_device(f"{hub_a}/1-3", 0x046D, 0xC31C, ((0x03, 0x01, 0x01), (0x03, 0x00, 0x00)), name=b"USB Keyboard\n"),
         # Interface 0 with two alternate settings (bulk-only and UAS): two values for USBGuard.
-        _usb(
+        usb_device(
             f"{hub_a}/1-4",
             0x0781,
             0x5583,
@@ -415,9 +354,9 @@ def _devices() -> list[_Mock]:
             serial=b"AA00000000000123\n",
             alternates=((0, 0x08, 0x06, 0x62),),
         ),
-        _usb(f"{hub_a}/1-5", 0x1234, 0x5678, ((0x08, 0x06, 0x50), (0x03, 0x01, 0x01)), serial=b"BAD1\n"),
+        usb_device(f"{hub_a}/1-5", 0x1234, 0x5678, ((0x08, 0x06, 0x50), (0x03, 0x01, 0x01)), serial=b"BAD1\n"),
         # Trailing TAB and CR in the product file: USBGuard trims them; no connect_type file at all.
-        _usb(
+        usb_device(
             f"{hub_a}/1-6",
             0x0BDA,
             0x8179,
@@ -426,7 +365,7 @@ def _devices() -> list[_Mock]:
             serial=b"00E04C0001\n",
             connect_type=None,
         ),
-        _usb(
+        usb_device(
             f"{hub_a}/1-7",
             0x04E8,
             0x6860,
@@ -435,11 +374,11 @@ def _devices() -> list[_Mock]:
             serial=b"R58M12345\n",
             connect_type=b"hardwired\n",
         ),
-        _usb(f"{hub_a}/1-8", 0x2109, 0x0001, (), connect_type=b"unknown\n"),
-        _usb(
+        usb_device(f"{hub_a}/1-8", 0x2109, 0x0001, (), connect_type=b"unknown\n"),
+        usb_device(
             f"{hub_a}/1-9", 0x0411, 0x01EE, ((0x08, 0x06, 0x50),), name="USBメモリ\n".encode(), serial=b"  SER 42  \n"
         ),
-        _usb(
+        usb_device(
             f"{hub_a}/1-10",
             0x0A5C,
             0x21E8,
@@ -448,10 +387,10 @@ def _devices() -> list[_Mock]:
             serial=b"\xff\xfeAB\n",
             connect_type=b"not used\n",
         ),
-        _usb(
+        usb_device(
             f"{hub_a}/1-11", 0x0BDA, 0x0129, ((0x08, 0x06, 0x50),), name=b"Card Reader\n", descriptors=endpoints_stick
         ),
-        _usb(
+        usb_device(
             f"{hub_b}/2-1",
             0x0930,
             0x6545,
@@ -522,11 +461,9 @@ _RULESETS: list[tuple[str, str]] = [
     ("allow with-interface equals { 09:00:* }\n" + DEFAULT_POLICY_TEXT, "keep"),
 ]
 
-_AUDIT_FIELD = re.compile(r"([\w.]+)='([^']*)'")
-
 
 def _write_tree(path: Path) -> None:
-    path.write_text("\n".join(device.record() for device in _devices()))
+    write_umockdev(path, _devices())
 
 
 def _sekisho_view(tree: Path, work: Path) -> dict[str, object]:
@@ -555,82 +492,34 @@ class _DaemonRun:
 
 def _run_daemon(work: Path, tree: Path, rules: str, controllers: str, expected: set[str]) -> _DaemonRun:
     """Start our own usbguard-daemon on the tree and rules; return its decisions once it made them all."""
-    work.mkdir(parents=True)
-    devices = work / "devices"
-    devices.mkdir()
-    # A hard link, not a copy: the daemon watches the folder and must never see a half-written file.
-    os.link(tree, devices / tree.name)
-    rule_file = work / "rules.conf"
-    rule_file.write_bytes(rules.encode("utf-8", "surrogateescape"))
-    audit = work / "audit.log"
-    config = work / "usbguard-daemon.conf"
-    config.write_text(
-        "\n".join(
-            [
-                f"RuleFile={rule_file}",
-                "ImplicitPolicyTarget=block",
-                "PresentDevicePolicy=apply-policy",
-                f"PresentControllerPolicy={controllers}",
-                "InsertedDevicePolicy=apply-policy",
-                "AuthorizedDefault=none",
-                "RestoreControllerDeviceState=false",
-                "DeviceManagerBackend=umockdev",
-                "IPCAllowedUsers=root",
-                "DeviceRulesWithPort=false",
-                "AuditBackend=FileAudit",
-                f"AuditFilePath={audit}",
-                "HidePII=false",
-                "",
-            ]
-        )
-    )
-    for path in (rule_file, config):
-        path.chmod(0o600)
-    env = {**os.environ, "USBGUARD_UMOCKDEV_DEVICEDIR": str(devices), "TMPDIR": str(work)}
-    log_path = work / "daemon.log"
+    daemon = UsbguardDaemon(work, rules, controllers)
+    daemon.plug(tree)
     decisions: dict[str, str] = {}
     device_rules: dict[str, str] = {}
-    with log_path.open("wb") as log:
-        # Its own network namespace: the daemon's IPC socket (abstract, per namespace) cannot meet
-        # a system usbguard's. umockdev-wrapper preloads umockdev; the daemon builds its own testbed.
-        daemon = subprocess.Popen(
-            ["unshare", "--net", "umockdev-wrapper", DAEMON, "-k", "-P", "-c", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + DAEMON_WAIT_S
-            while time.monotonic() < deadline and daemon.poll() is None:
-                _read_audit(audit, decisions, device_rules)
-                if expected <= decisions.keys():
-                    time.sleep(0.1)  # anything it judges beyond the expected set shows up now
-                    _read_audit(audit, decisions, device_rules)
-                    break
-                time.sleep(0.02)
-        finally:
-            returncode = daemon.poll()
-            if returncode is None:
-                # SIGKILL, not SIGTERM: everything it holds is in `work` and its namespace, and after a
-                # reject under umockdev it does not stop on SIGTERM; a clean stop would cost 0.5 s a run.
-                daemon.kill()
-                daemon.wait(timeout=10)
-    return _DaemonRun(decisions, device_rules, returncode, log_path.read_text(errors="replace"))
+    with daemon:
+        deadline = time.monotonic() + DAEMON_WAIT_S
+        while time.monotonic() < deadline and daemon.running():
+            _note(daemon.read_audit(), decisions, device_rules)
+            if expected <= decisions.keys():
+                time.sleep(0.1)  # anything it judges beyond the expected set shows up now
+                _note(daemon.read_audit(), decisions, device_rules)
+                break
+            time.sleep(0.02)
+        # Killed on leaving (SIGKILL): everything it holds is in `work` and its namespace, and after a
+        # reject under umockdev it does not stop on SIGTERM; a clean stop would cost 0.5 s a run.
+        returncode = daemon.returncode
+    return _DaemonRun(decisions, device_rules, returncode, daemon.log())
 
 
-def _read_audit(audit: Path, decisions: dict[str, str], device_rules: dict[str, str]) -> None:
-    if not audit.exists():
-        return
-    for line in audit.read_bytes().decode("utf-8", "surrogateescape").split("\n"):
-        fields = dict(_AUDIT_FIELD.findall(line))
-        name = fields.get("device.system_name", "").rsplit("/", 1)[-1]
+def _note(records: list[AuditRecord], decisions: dict[str, str], device_rules: dict[str, str]) -> None:
+    for record in records:
+        name = record.sys_name
         if not name:
             continue
-        if fields.get("type") == "Policy.Device.Update" and "target.new" in fields:
-            decisions[name] = fields["target.new"]
-        if fields.get("type") == "Device.Present" and "device.rule" in fields:
-            device_rules[name] = fields["device.rule"].split(" ", 1)[1]
+        if record.type == "Policy.Device.Update" and "target.new" in record.fields:
+            decisions[name] = record.fields["target.new"]
+        if record.type == "Device.Present" and "device.rule" in record.fields:
+            device_rules[name] = record.fields["device.rule"].split(" ", 1)[1]
 
 
 def _judged(verdicts: dict[str, str], controllers: str) -> set[str]:
