@@ -20,6 +20,16 @@ Control: JSON lines on stdin, one object per line; reports: JSON lines on stdout
     {"fault": "silence", "seconds": 2}                   stop answering (input is read and dropped)
     {"fault": "garbage", "bytes": 64}                    noise on the line just before the next reply (it
                                                         starts like a reply, so the CP loses a real one)
+    {"fault": "noise", "seconds": 5, "rate": 4000}       a dead reader on a noisy line: stop answering, and
+                                                        put random bytes on the line (``rate`` per second)
+                                                        until the time is up; then {"noise": "ended"}
+    {"fault": "flood", "seconds": 5, "rate": 100,        a faulty reader: present ``card`` ``rate`` times a
+     "card": "<hex>", "buffer": 4}                      second (it keeps answering polls). The reader holds
+                                                        at most ``buffer`` reads until polled and loses the
+                                                        rest, as reader firmware does; without ``buffer``
+                                                        it keeps them all (libosdp's PD queue has no bound)
+                                                        and hands them over one per poll long after. Then
+                                                        {"flood": {"ended": true, "offered": n, "queued": m}}
     {"quit": true}                                       stop and exit (end of stdin does the same)
 
 Each command is answered with ``{"ack": "<card|keys|fault>"}`` or ``{"error": "..."}``. Reports:
@@ -87,6 +97,8 @@ class _Line(Channel):  # type: ignore[misc]  # libosdp ships no type information
         self._mute_until = 0.0
         self._noise = b""
         self._write_lock = threading.Lock()
+        self._fault_threads: list[threading.Thread] = []
+        self.stopping = threading.Event()
 
     def mute(self, seconds: float) -> None:
         """Stop answering for ``seconds``: input is drained and dropped, output is discarded."""
@@ -104,6 +116,37 @@ class _Line(Channel):  # type: ignore[misc]  # libosdp ships no type information
         header = bytes([0x53, reply_address]) + length.to_bytes(2, "little")
         with self._write_lock:
             self._noise = (header + random.randbytes(max(count - len(header), 0)))[: max(count, 1)]
+
+    def noise(self, seconds: float, rate: int, report: Report) -> None:
+        """Stop answering for ``seconds`` and fill the line with random bytes meanwhile (``rate`` per second).
+
+        The bytes are random: what a floating or badly terminated RS-485 pair picks up. A byte of them may be
+        a start-of-message, never a whole packet with a valid check from a reader.
+        """
+        self.mute(seconds)
+
+        def run() -> None:
+            deadline = time.monotonic() + seconds
+            chunk = max(1, rate // 100)
+            while not self.stopping.is_set() and time.monotonic() < deadline:
+                with self._write_lock, contextlib.suppress(OSError):
+                    os.write(self.fd, random.randbytes(chunk))
+                self.stopping.wait(0.01)
+            report({"noise": "ended"})
+
+        self.start_fault(run, "noise")
+
+    def start_fault(self, target: Callable[[], None], name: str) -> None:
+        """Run a fault in a thread of its own until it ends or the stub stops."""
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._fault_threads.append(thread)
+        thread.start()
+
+    def stop_faults(self) -> None:
+        """End running faults (noise, flood) and wait for their threads."""
+        self.stopping.set()
+        for thread in self._fault_threads:
+            thread.join(timeout=5)
 
     def read(self, max_bytes: int) -> bytes:
         """Return what the line holds, up to ``max_bytes``; nothing while muted."""
@@ -161,6 +204,8 @@ class _LibosdpReader:
     def __init__(self, line: _Line, address: int, scbk: bytes | None, install_mode: bool, report: Report) -> None:
         self._report = report
         self._status: tuple[bool, bool] | None = None
+        self._submitted = 0
+        self._delivered = 0
         flags = [LibFlag.InstallMode] if install_mode and scbk is not None else []
         capabilities = PDCapabilities(
             [
@@ -174,6 +219,7 @@ class _LibosdpReader:
             capabilities,
             log_level=LogLevel.Warning,
             command_handler=self._on_command,
+            event_completion_handler=self._on_event_done,
             line=line,
             on_refresh=self._check_status,
         )
@@ -186,14 +232,23 @@ class _LibosdpReader:
         """Stop answering."""
         self._pd.stop()
 
-    def present_card(self, data: bytes, bits: int, card_format: str) -> None:
-        """Queue a card read for the next poll."""
+    def present_card(self, data: bytes, bits: int, card_format: str) -> bool:
+        """Queue a card read for the next poll; return False if libosdp's event queue (4 events) is full."""
         event = {"event": Event.CardRead, "reader_no": 0, "format": _FORMATS[card_format], "direction": 0}
-        self._pd.submit_event({**event, "length": bits, "data": data})
+        queued = bool(self._pd.submit_event({**event, "length": bits, "data": data}))
+        self._submitted += queued
+        return queued
+
+    def backlog(self) -> int:
+        """Return how many card reads and keypad entries wait for the control panel's polls."""
+        return self._submitted - self._delivered
+
+    def _on_event_done(self, event: dict[str, Any], status: int) -> None:
+        self._delivered += 1
 
     def enter_keys(self, encoded: bytes) -> None:
         """Queue keypad input for the next poll."""
-        self._pd.submit_event({"event": Event.KeyPress, "reader_no": 0, "data": encoded})
+        self._submitted += bool(self._pd.submit_event({"event": Event.KeyPress, "reader_no": 0, "data": encoded}))
 
     def _on_command(self, command: dict[str, Any]) -> tuple[int, None]:
         kind = command.get("command")
@@ -231,6 +286,7 @@ _REPLY_RAW, _REPLY_KEYPAD = 0x50, 0x53
 _NAK_UNKNOWN_COMMAND, _NAK_NO_SECURITY = 0x03, 0x05
 # (function code, compliance, number of items): LED, buzzer, text, CRC-16; no communication security.
 _PLAINTEXT_CAPABILITIES = [(4, 1, 1), (5, 1, 1), (6, 1, 1), (8, 1, 0), (9, 0, 0), (10, 0x00, 0x01)]
+_PLAINTEXT_BUFFER = 16  # card reads and keypad entries a reader holds until polled
 
 
 def crc16_osdp(data: bytes) -> int:
@@ -270,17 +326,25 @@ class _PlaintextReader:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def present_card(self, data: bytes, bits: int, card_format: str) -> None:
-        """Queue a card read for the next poll."""
-        self._queue(_REPLY_RAW, bytes([0, _FORMATS[card_format]]) + bits.to_bytes(2, "little") + data)
+    def present_card(self, data: bytes, bits: int, card_format: str) -> bool:
+        """Queue a card read for the next poll; return False if the reader's buffer is full."""
+        return self._queue(_REPLY_RAW, bytes([0, _FORMATS[card_format]]) + bits.to_bytes(2, "little") + data)
 
     def enter_keys(self, encoded: bytes) -> None:
         """Queue keypad input for the next poll."""
         self._queue(_REPLY_KEYPAD, bytes([0, len(encoded)]) + encoded)
 
-    def _queue(self, code: int, data: bytes) -> None:
+    def backlog(self) -> int:
+        """Return how many card reads and keypad entries wait for the control panel's polls."""
         with self._events_lock:
+            return len(self._events)
+
+    def _queue(self, code: int, data: bytes) -> bool:
+        with self._events_lock:
+            if len(self._events) >= _PLAINTEXT_BUFFER:
+                return False
             self._events.append((code, data))
+            return True
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -427,9 +491,44 @@ class _Reporter:
             self._stream.flush()
 
 
-def _control(
-    reader: _LibosdpReader | _PlaintextReader, line: _Line, reply_address: int, request: dict[str, Any]
+def _flood(
+    reader: _LibosdpReader | _PlaintextReader, line: _Line, request: dict[str, Any], report: Report
 ) -> dict[str, Any]:
+    data = bytes.fromhex(str(request.get("card", "f100d0")))
+    seconds = float(request.get("seconds", 5))
+    rate = float(request.get("rate", 100))
+    buffer = int(request["buffer"]) if request.get("buffer") is not None else None
+    if not data or not 0 < seconds <= 600 or not 0 < rate <= 1000 or (buffer is not None and buffer < 1):
+        return {"error": "flood needs a card, seconds in (0, 600], a rate in (0, 1000] and a buffer of 1 or more"}
+
+    def run() -> None:
+        offered = queued = 0
+        started = time.monotonic()
+        while not line.stopping.is_set():
+            now = time.monotonic()
+            if now - started >= seconds:
+                break
+            if offered <= (now - started) * rate:
+                offered += 1
+                if buffer is None or reader.backlog() < buffer:
+                    queued += reader.present_card(data, len(data) * 8, "raw")
+                continue
+            line.stopping.wait(min(1 / rate, 0.01))
+        report({"flood": {"ended": True, "offered": offered, "queued": queued}})
+
+    line.start_fault(run, "flood")
+    return {"ack": "fault"}
+
+
+def _control(
+    reader: _LibosdpReader | _PlaintextReader,
+    line: _Line,
+    reply_address: int,
+    request: dict[str, Any],
+    report: Report,
+) -> dict[str, Any]:
+    if "fault" in request:
+        return _fault(reader, line, reply_address, request, report)
     if "card" in request:
         data = bytes.fromhex(request["card"])
         card_format = request.get("format", "raw")
@@ -444,13 +543,28 @@ def _control(
             return {"error": "keys must be digits, '*' and '#'"}
         reader.enter_keys(bytes(_KEY_BYTES[key] for key in keys))
         return {"ack": "keys"}
+    return {"error": "unknown command"}
+
+
+def _fault(
+    reader: _LibosdpReader | _PlaintextReader,
+    line: _Line,
+    reply_address: int,
+    request: dict[str, Any],
+    report: Report,
+) -> dict[str, Any]:
     if request.get("fault") == "silence":
         line.mute(float(request.get("seconds", 2)))
         return {"ack": "fault"}
     if request.get("fault") == "garbage":
         line.garbage(int(request.get("bytes", 64)), reply_address)
         return {"ack": "fault"}
-    return {"error": "unknown command"}
+    if request.get("fault") == "noise":
+        line.noise(float(request.get("seconds", 5)), int(request.get("rate", 4000)), report)
+        return {"ack": "fault"}
+    if request.get("fault") == "flood":
+        return _flood(reader, line, request, report)
+    return {"error": "unknown fault"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,12 +604,13 @@ def main(argv: list[str] | None = None) -> int:
                     raise ValueError("a command is a JSON object")
                 if request.get("quit"):
                     break
-                report(_control(reader, line, args.address | 0x80, request))
+                report(_control(reader, line, args.address | 0x80, request, report))
             except (ValueError, TypeError) as err:
                 report({"error": str(err)})
     except KeyboardInterrupt:
         pass
     finally:
+        line.stop_faults()
         reader.stop()
         os.close(line.fd)
     return 0
@@ -550,14 +665,46 @@ class StubReaderProcess:
         """Press keys on the reader's keypad."""
         self._send({"keys": keys})
 
-    def fault(self, kind: str, *, seconds: float | None = None, count: int | None = None) -> None:
-        """Inject a line fault: "silence" for ``seconds``, or "garbage" of ``count`` random bytes."""
+    def fault(
+        self,
+        kind: str,
+        *,
+        seconds: float | None = None,
+        count: int | None = None,
+        rate: float | None = None,
+        card: bytes | None = None,
+        buffer: int | None = None,
+    ) -> None:
+        """Inject a fault: "silence" or "noise" for ``seconds``, "garbage" of ``count`` bytes, or a "flood"."""
         request: dict[str, Any] = {"fault": kind}
         if seconds is not None:
             request["seconds"] = seconds
         if count is not None:
             request["bytes"] = count
+        if rate is not None:
+            request["rate"] = rate
+        if card is not None:
+            request["card"] = card.hex()
+        if buffer is not None:
+            request["buffer"] = buffer
         self._send(request)
+
+    def flood(self, card: bytes, *, seconds: float, rate: float = 100, buffer: int | None = None) -> None:
+        """Make the reader present ``card`` ``rate`` times a second for ``seconds`` (a faulty or hostile reader).
+
+        ``buffer``: the reads it holds until polled (None: all of them, handed over one per poll).
+        """
+        self.fault("flood", seconds=seconds, rate=rate, card=card, buffer=buffer)
+
+    def reported(self, key: str) -> list[Any]:
+        """Return every report holding ``key`` (e.g. "flood", "noise"), oldest first."""
+        with self._changed:
+            return [report[key] for report in self._reports if key in report]
+
+    def wait_reported(self, key: str, *, timeout: float = 10.0) -> Any:
+        """Wait for the first report holding ``key``; return its value."""
+        self._wait_for(lambda report: key in report, timeout, f"a {key} report")
+        return self.reported(key)[0]
 
     def feedback(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Return the LED/buzzer/text/keyset commands the reader got since it (re)started (of ``kind`` if given)."""

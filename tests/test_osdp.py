@@ -31,11 +31,14 @@ from sekisho.drivers.osdp import (
     LinkUnavailable,
     ReaderConfig,
     ReaderEvent,
+    ReaderFlood,
     ReaderLink,
     ReaderStatus,
     SimulatedReaderLink,
     UnknownReader,
 )
+from sekisho.drivers.osdp.flood import FloodChange, ReadLimiter
+from sekisho.drivers.osdp.frames import FrameScanner, sc_capable
 from sekisho.drivers.osdp.link import OsdpReaderLink
 from sekisho.firmware_stubs.osdp_reader import StubReaderProcess, crc16_osdp
 
@@ -273,6 +276,10 @@ def test_wrong_key_never_online_and_no_card(osdp: Callable[..., Rig]) -> None:
     wait_restarts(rig, 3)
     assert_no_card(rig)
     assert not any(isinstance(e, ReaderStatus) and (e.online or e.secure) for e in rig.events.events)
+    # The reader answered with a cryptogram made with another key: not "offline", a key mismatch.
+    settled = [e for e in rig.events.of_type(ReaderStatus) if e.settled]
+    assert settled and {e.sc_failure for e in settled} == {"key_mismatch"}
+    assert rig.link.status(READER).sc_failure == "key_mismatch"
     assert not rig.link.online(READER) and not rig.link.secure(READER)
     assert not rig.link.led(READER, "green")  # nothing is sent to a reader that is not online
 
@@ -284,6 +291,9 @@ def test_plaintext_reader_refused_once_keyed(osdp: Callable[..., Rig]) -> None:
     assert_no_card(rig)
     assert not rig.link.online(READER) and not rig.link.secure(READER)
     assert all(isinstance(e, ReaderStatus) and not e.secure for e in rig.events.events)
+    # Its capabilities offer no Secure Channel: said as such, not as a reader that does not answer.
+    settled = [e for e in rig.events.of_type(ReaderStatus) if e.settled]
+    assert settled and {e.sc_failure for e in settled} == {"plaintext_reader"}
 
 
 def test_link_refuses_cards_without_secure_channel_even_when_libosdp_goes_online(
@@ -411,6 +421,108 @@ def test_garbage_on_the_line_does_not_crash_the_link(osdp: Callable[..., Rig]) -
     assert {"cp", "osdp-dispatch"} <= {t.name for t in threading.enumerate() if t.is_alive()}
     assert rig.link.led(READER, "green")
     rig.stub.wait_feedback("led")
+
+
+@pytest.mark.faults
+def test_noise_does_not_keep_a_dead_reader_online(osdp: Callable[..., Rig]) -> None:
+    # An unplugged reader on a line that picks up noise: bytes keep arriving, no reply does.
+    rig = osdp(stub={"scbk": KEY}, reader={"scbk": KEY})
+    rig.events.wait_status(online=True, secure=True)
+    mark = rig.events.mark()
+    rig.stub.fault("noise", seconds=6)
+    rig.events.wait_status(online=False, secure=False, since=mark, timeout=6)
+    assert rig.stub.reported("noise") == []  # offline while the noise still goes on
+    status = rig.link.status(READER)
+    assert status.settled and status.sc_failure is None  # it does not answer: no Secure Channel reason
+    rig.stub.wait_reported("noise", timeout=10)
+    rig.events.wait_status(online=True, secure=True, since=mark, timeout=15)  # and it is back when it answers
+
+
+def test_healthy_start_is_never_reported_offline(osdp: Callable[..., Rig]) -> None:
+    rig = osdp(stub={"scbk": KEY}, reader={"scbk": KEY})
+    rig.events.wait_status(online=True, secure=True)
+    statuses = rig.events.of_type(ReaderStatus)
+    first_online = next(i for i, e in enumerate(statuses) if e.online)
+    # Before it came up the reader was "not known yet" (settled=False), never an offline verdict.
+    assert first_online > 0 and all(not e.settled for e in statuses[:first_online])
+    assert all(e.settled for e in statuses[first_online:])
+
+
+def test_flooding_reader_is_held_to_its_limit(osdp: Callable[..., Rig]) -> None:
+    rig = osdp(stub={"scbk": KEY}, reader={"scbk": KEY}, card_reads_per_s=4, card_read_burst=4, flood_calm_s=1.0)
+    rig.events.wait_status(online=True, secure=True)
+    flood_card, valid_card = b"\xf1\x00\xd0", b"\xca\xfe"
+    rig.stub.flood(flood_card, seconds=3, rate=100, buffer=4)
+    rig.events.wait_for(lambda e: isinstance(e, ReaderFlood) and e.flooding)
+    # While it floods, the same feedback again within a second is not sent; a change of colour is.
+    assert rig.link.flooding(READER)
+    assert rig.link.led(READER, "red")
+    assert not rig.link.led(READER, "red")
+    assert rig.link.led(READER, "green")
+    assert rig.link.feedback_coalesced(READER) == 1
+    ended = rig.stub.wait_reported("flood")
+    mark = rig.events.mark()
+    rig.stub.present_card(valid_card)
+    # The card tapped after the flood is the newest read: it gets through, however empty the bucket.
+    rig.events.wait_for(lambda e: isinstance(e, CardRead) and e.data == valid_card, since=mark)
+    calm = rig.events.wait_for(lambda e: isinstance(e, ReaderFlood) and not e.flooding, timeout=5)
+    assert isinstance(calm, ReaderFlood)
+    delivered(rig.link)
+    assert [e.flooding for e in rig.events.of_type(ReaderFlood)] == [True, False]  # each reported once
+    passed = [e for e in rig.events.of_type(CardRead) if e.data == flood_card]
+    # Every flood read the reader sent was passed on or dropped (the last one to make way for the valid card).
+    assert len(passed) + calm.dropped == ended["queued"]
+    assert 0 < len(passed) < ended["queued"]
+
+
+def test_read_limiter_passes_the_newest_read_and_reports_a_flood_once() -> None:
+    limiter: ReadLimiter[str] = ReadLimiter(rate=2.0, burst=2, calm_s=1.0)
+    assert limiter.offer(0.0, "a") == (["a"], None)
+    assert limiter.offer(0.0, "b") == (["b"], None)
+    assert limiter.offer(0.1, "c") == ([], None)  # no token: it waits
+    assert limiter.offer(0.2, "d") == ([], FloodChange(True, 1))  # the newest waits, "c" is dropped
+    assert limiter.next_due() == pytest.approx(0.5)  # 0.4 of a token at 0.2 s, 2 tokens a second
+    assert limiter.poll(0.45) == ([], None)
+    assert limiter.poll(0.55) == (["d"], None)
+    assert limiter.flooding
+    assert limiter.poll(1.15) == ([], None)  # calm for less than calm_s since the last drop
+    assert limiter.poll(1.25) == ([], FloodChange(False, 1))
+    assert not limiter.flooding and limiter.poll(9.0) == ([], None)
+    assert limiter.offer(9.0, "e") == (["e"], None)  # the bucket is full again
+    with pytest.raises(ValueError):
+        ReadLimiter(rate=0, burst=1)
+
+
+def _reply(address: int, code: int, data: bytes = b"", *, sequence: int = 1) -> bytes:
+    """An OSDP reply packet built here from the specification (CRC by the stub's own implementation)."""
+    body = bytes([0x53, address | 0x80]) + (8 + len(data)).to_bytes(2, "little") + bytes([0x04 | sequence, code])
+    body += data
+    return body + crc16_osdp(body).to_bytes(2, "little")
+
+
+def test_frame_scanner_counts_whole_checked_packets_only() -> None:
+    scanner = FrameScanner(replies=True, addresses=[ADDRESS])
+    ack = _reply(ADDRESS, 0x40)
+    (frame,) = scanner.feed(ack)
+    assert (frame.address, frame.reply, frame.code, frame.scb_type) == (ADDRESS, True, 0x40, None)
+    assert [f for byte in ack for f in scanner.feed(bytes([byte]))] == [frame]  # however it is split
+    rng = random.Random(7)
+    assert [f for _ in range(64) for f in scanner.feed(rng.randbytes(4096))] == []  # noise is no packet
+    bad = bytearray(ack)
+    bad[-1] ^= 0xFF
+    assert scanner.feed(bytes(bad)) == []  # a wrong CRC
+    assert scanner.feed(_reply(ADDRESS + 1, 0x40)) == []  # not a reader of this line
+    commands = FrameScanner(replies=False, addresses=[ADDRESS])
+    assert commands.feed(ack) == []  # a reply is no command
+    # Noise that starts like a long reply of this reader, then the real reply: the real one is found.
+    fake_header = bytes([0x53, ADDRESS | 0x80]) + (300).to_bytes(2, "little") + rng.randbytes(20)
+    (found,) = scanner.feed(fake_header + _reply(ADDRESS, 0x45, b"\x01" * 12))
+    assert found.code == 0x45 and found.data == b"\x01" * 12
+    # osdp_PDCAP: function 9 (communication security), compliance bit 0 = AES-128 Secure Channel.
+    assert sc_capable(bytes([4, 1, 1, 9, 1, 0])) is True
+    assert sc_capable(bytes([4, 1, 1, 9, 0, 0])) is False
+    assert sc_capable(bytes([4, 1, 1])) is False
+    assert sc_capable(bytes([4, 1])) is None
 
 
 # ---- lifecycle and config ----
@@ -596,7 +708,8 @@ def test_simulated_link_faults_and_install_mode() -> None:
 
 def test_card_to_observer_latency(osdp: Callable[..., Rig], capsys: pytest.CaptureFixture[str]) -> None:
     """Measure card presented at the stub -> CardRead at the observer (printed, not asserted)."""
-    rig = osdp(stub={"scbk": KEY}, reader={"scbk": KEY})
+    # ~25 taps a second, faster than a person: the flood limit is raised so that each tap is timed, not the limit.
+    rig = osdp(stub={"scbk": KEY}, reader={"scbk": KEY}, card_reads_per_s=100, card_read_burst=100)
     rig.events.wait_status(online=True, secure=True)
     arrived: dict[bytes, float] = {}
     got = threading.Event()

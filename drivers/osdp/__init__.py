@@ -16,9 +16,11 @@ from sekisho.drivers.osdp.protocol import (
     LedColour,
     ReaderConfig,
     ReaderEvent,
+    ReaderFlood,
     ReaderLink,
     ReaderObserver,
     ReaderStatus,
+    ScFailure,
 )
 from sekisho.drivers.osdp.simulated import BuzzerFeedback, Feedback, LedFeedback, SimulatedReaderLink, TextFeedback
 
@@ -53,9 +55,11 @@ __all__ = [
     "OsdpReaderLink",
     "ReaderConfig",
     "ReaderEvent",
+    "ReaderFlood",
     "ReaderLink",
     "ReaderObserver",
     "ReaderStatus",
+    "ScFailure",
     "SimulatedReaderLink",
     "TextFeedback",
     "UnknownReader",

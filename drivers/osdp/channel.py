@@ -3,8 +3,9 @@
 libosdp calls ``read``/``write``/``flush`` from inside its refresh and cannot cope with a Python exception
 there (the C callback returns -1 with the exception still set), so these never raise: an I/O error is logged
 once, reads give no bytes and writes send none until the line works again. Each channel also remembers when
-it last received a byte (the link's line-silence check) and whether the other end has hung up (so the link
-stops selecting on a descriptor that is always "readable").
+it last received a byte and whether the other end has hung up (so the link stops selecting on a descriptor
+that is always "readable"), and hands a copy of every byte received and sent to the link's frame scanners
+(``watch``): a byte is no sign of life, a whole reply is (``frames.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import termios
 import time
 import tty
+from collections.abc import Callable
 from typing import Any
 
 import serial
@@ -38,6 +40,12 @@ class TrackedChannel(Channel):  # type: ignore[misc]  # libosdp ships no type in
         # Counts read() calls, so the link can tell whether libosdp is reading the line at all.
         self.read_calls = 0
         self._failing = False
+        self._on_rx: Callable[[bytes], None] | None = None
+        self._on_tx: Callable[[bytes], None] | None = None
+
+    def watch(self, on_rx: Callable[[bytes], None] | None, on_tx: Callable[[bytes], None] | None) -> None:
+        """Pass a copy of every chunk received and sent to these callbacks (None: stop); they must not raise."""
+        self._on_rx, self._on_tx = on_rx, on_tx
 
     def fileno(self) -> int | None:
         """Return a descriptor that becomes readable when bytes arrive, or None if there is none to wait on."""
@@ -51,20 +59,28 @@ class TrackedChannel(Channel):  # type: ignore[misc]  # libosdp ships no type in
         except Exception as err:
             self._failed("read", err)
             return b""
+        data = data[:max_bytes]
         if data:
             self.last_rx = time.monotonic()
             self.hung_up = False
             self._recovered()
-        return data[:max_bytes]
+            on_rx = self._on_rx
+            if on_rx is not None:
+                on_rx(data)
+        return data
 
     def write(self, buf: bytes) -> int:
         """Send as much of ``buf`` as the line takes now; return how many bytes went out."""
+        data = bytes(buf)
         try:
-            sent = self._write(bytes(buf))
+            sent = self._write(data)
         except Exception as err:
             self._failed("write", err)
             return 0
         self._recovered()
+        on_tx = self._on_tx
+        if on_tx is not None and sent > 0:
+            on_tx(data[:sent])
         return sent
 
     def flush(self) -> None:

@@ -19,9 +19,27 @@ libosdp's fixed 20 ms sleep; observers are called from a separate dispatcher thr
 ``led``/``buzz``/``set_key`` and a slow observer does not stall the line.
 
 Link state: libosdp marks a silent reader offline only after about 8 s (8 retries 1 s apart) and then waits
-300 s before it tries again. The link therefore (1) reports a reader offline as soon as the whole line has
-been silent for ``silence_timeout`` while readers were online, and (2) restarts offline readers itself
-(disable/enable) with a backoff from ``reconnect_initial`` to ``reconnect_max`` seconds.
+300 s before it tries again. The link therefore (1) reports a reader offline as soon as it has sent no whole,
+correctly checked reply for ``silence_timeout`` (``frames.py``: noise and stray bytes are no sign of life,
+so a dead reader on a noisy line goes offline as fast as on a silent one), and (2) restarts offline readers
+itself (disable/enable) with a backoff from ``reconnect_initial`` to ``reconnect_max`` seconds.
+
+Why a reader is kept out: libosdp's Python API reports only the online and Secure Channel bitmasks, the PD's
+capabilities and ID, and (with ``EnableNotification``) an event when a PD's link or Secure Channel state
+changes; the reason a handshake failed goes to its C log only. The link follows the handshake on the line
+itself (the CP's osdp_CHLNG and osdp_SCRYPT, the reader's osdp_PDCAP, osdp_CCRYPT, osdp_RMAC_I or osdp_NAK)
+and judges each attempt when libosdp reports the PD offline: a cryptogram the CP did not accept is
+``key_mismatch``; a reader whose capabilities offer no Secure Channel (or that refuses a secure block) is
+``plaintext_reader``; a handshake broken off otherwise is ``sc_failed``; a reader that did not answer at all
+has no such reason (plain offline). A reader's status is ``settled=False`` until its first attempt has been
+judged, it came online, or ``silence_timeout`` has passed since the link started: before that, offline
+means "not known yet".
+
+Floods: each reader's card reads go through a ``ReadLimiter`` (``flood.py``) in the refresh thread, before
+anything is queued for the observers; a flood is reported once as ``ReaderFlood`` and again when it ends.
+While a reader floods, LED and buzzer commands that repeat the last one sent to it within a second are not
+sent (a colour or pattern change always is): libosdp resets a reader's 50 ms poll timer on every reply, so a
+stream of feedback commands would postpone the polls that bring its card reads in.
 """
 
 from __future__ import annotations
@@ -45,6 +63,7 @@ from osdp import (
     CompletionStatus,
     ControlPanel,
     Event,
+    EventNotification,
     LibFlag,
     LogLevel,
     PDInfo,
@@ -53,6 +72,19 @@ from osdp import (
 from sekisho.drivers.observers import ObserverList
 from sekisho.drivers.osdp.channel import DEFAULT_BAUD_RATE, FdChannel, ForeignChannel, SerialChannel, TrackedChannel
 from sekisho.drivers.osdp.errors import KeySetError, LinkUnavailable, OsdpError, UnknownReader
+from sekisho.drivers.osdp.flood import DEFAULT_CALM_S, DEFAULT_READ_BURST, DEFAULT_READS_PER_S, ReadLimiter
+from sekisho.drivers.osdp.frames import (
+    CMD_CHLNG,
+    CMD_ID,
+    CMD_SCRYPT,
+    NAK_NO_SECURITY,
+    REPLY_CCRYPT,
+    REPLY_NAK,
+    REPLY_PDCAP,
+    Frame,
+    FrameScanner,
+    sc_capable,
+)
 from sekisho.drivers.osdp.protocol import (
     SCBK_DEFAULT,
     CardRead,
@@ -60,8 +92,10 @@ from sekisho.drivers.osdp.protocol import (
     LedColour,
     ReaderConfig,
     ReaderEvent,
+    ReaderFlood,
     ReaderObserver,
     ReaderStatus,
+    ScFailure,
     buzz_pattern,
     led_pattern,
     validate_readers,
@@ -101,9 +135,45 @@ _BUZZER_DEFAULT_TONE = 2
 _TEXT_PERMANENT = 1
 _TEXT_TEMPORARY = 3
 _KEYSET_TYPE_SCBK = 1
+# Secure channel block types of the handshake: the CP's challenge and its cryptogram.
+_SCS_CHLNG, _SCS_SCRYPT = 0x11, 0x13
+# libosdp polls an online reader once more than 50 ms (its compile-time OSDP_PD_POLL_TIMEOUT_MS, counted in
+# whole milliseconds) have passed since its last reply: the link wakes just after that instead of up to a
+# poll_interval later.
+_POLL_DUE_S = 0.0513
+_POLL_DUE_RETRY_S = 0.001
+_POLL_DUE_WINDOW_S = 0.004
+# While a reader floods, the same LED or buzzer command is sent to it at most this often.
+_FLOOD_FEEDBACK_S = 1.0
 
 # A libosdp Channel is typed Any here (libosdp has no type hints), so it needs no place of its own.
 ChannelTarget = str | os.PathLike[str] | int
+
+
+@dataclass
+class _Attempt:
+    """One connection attempt of libosdp to a reader (ID, CAP, then the Secure Channel handshake), seen on the line."""
+
+    replies: int = 0
+    sc_capable: bool | None = None  # from the reader's osdp_PDCAP
+    stage: str = ""  # "challenged" once the CP sent osdp_CHLNG, "verified" once it sent osdp_SCRYPT
+    answer: int | None = None  # the reader's first reply code to the command of the current stage
+    nak_code: int | None = None
+
+    def verdict(self) -> ScFailure | None:
+        """Say why this failed attempt kept the reader out, or None if it simply did not answer."""
+        if self.replies == 0:
+            return None
+        if self.sc_capable is False:
+            return "plaintext_reader"
+        if not self.stage or self.answer is None:
+            return None  # failed before the handshake, or stopped answering in the middle of it
+        if self.stage == "challenged":
+            if self.answer == REPLY_CCRYPT:
+                return "key_mismatch"  # the reader's cryptogram, made with its key, did not match ours
+            if self.answer == REPLY_NAK and self.nak_code == NAK_NO_SECURITY:
+                return "plaintext_reader"
+        return "sc_failed"
 
 
 @dataclass
@@ -115,20 +185,35 @@ class _ReaderState:
     key: bytes | None  # the key libosdp uses for this reader now (SCBK-D for an unkeyed install-mode reader)
     enforced: bool  # EnforceSecure set in libosdp for this reader
     backoff: float
+    limiter: ReadLimiter[CardRead]
     lib_online: bool = False
     online: bool = False
     secure: bool = False
+    settled: bool = False
+    sc_failure: ScFailure | None = None  # as last reported
+    verdict: ScFailure | None = None  # on the last judged attempt
+    last_reply: float | None = None  # monotonic time of its last whole, correctly checked reply
+    attempt: _Attempt | None = None
+    judged: bool = False  # an attempt has been judged since the link started
     next_restart: float | None = None
     restarting: bool = False
     restarts: int = 0
     drop_logged: bool = False
+    last_feedback: dict[str, tuple[tuple[int, ...], float]] = field(default_factory=dict)
+    feedback_coalesced: int = 0
 
     @property
     def key_is_real(self) -> bool:
         return self.key is not None and self.key != SCBK_DEFAULT
 
     def status(self) -> ReaderStatus:
-        return ReaderStatus(self.config.reader_id, online=self.online, secure=self.secure)
+        return ReaderStatus(
+            self.config.reader_id,
+            online=self.online,
+            secure=self.secure,
+            settled=self.settled,
+            sc_failure=self.sc_failure,
+        )
 
 
 @dataclass
@@ -167,6 +252,9 @@ class OsdpReaderLink:
         silence_timeout: float | None = 1.5,
         reconnect_initial: float = 1.0,
         reconnect_max: float = 10.0,
+        card_reads_per_s: float = DEFAULT_READS_PER_S,
+        card_read_burst: int = DEFAULT_READ_BURST,
+        flood_calm_s: float = DEFAULT_CALM_S,
     ) -> None:
         validate_readers(readers, max_readers=MAX_READERS_PER_LINE)
         if poll_interval <= 0 or poll_interval > 0.02:
@@ -176,10 +264,13 @@ class OsdpReaderLink:
         self._baud_rate = baud_rate
         self._poll_interval = poll_interval
         self._silence_timeout = silence_timeout
+        # How long the first verdict on a reader may wait: as long as a running reader may stay silent.
+        self._start_grace = silence_timeout if silence_timeout is not None else 8.0
         self._reconnect_initial = reconnect_initial
         self._reconnect_max = reconnect_max
         self._states: dict[str, _ReaderState] = {}
         self._by_index: list[_ReaderState] = []
+        self._by_address: dict[int, _ReaderState] = {}
         for index, config in enumerate(readers):
             key = config.scbk if config.scbk is not None else (SCBK_DEFAULT if config.install_mode else None)
             state = _ReaderState(
@@ -188,9 +279,16 @@ class OsdpReaderLink:
                 key=key,
                 enforced=config.scbk is not None and not config.install_mode,
                 backoff=reconnect_initial,
+                limiter=ReadLimiter(card_reads_per_s, card_read_burst, flood_calm_s),
             )
             self._states[config.reader_id] = state
             self._by_index.append(state)
+            self._by_address[config.address] = state
+        addresses = list(self._by_address)
+        self._replies = FrameScanner(replies=True, addresses=addresses)
+        self._commands = FrameScanner(replies=False, addresses=addresses)
+        self._started_at = 0.0
+        self._poll_due: float | None = None
         self._observers: ObserverList[ReaderEvent] = ObserverList("OSDP reader")
         self._queue: queue.SimpleQueue[tuple[ReaderObserver | None, ReaderEvent] | None] = queue.SimpleQueue()
         self._lifecycle = threading.Lock()
@@ -240,6 +338,8 @@ class OsdpReaderLink:
                     channel.close()
                 raise LinkUnavailable(f"libosdp refused the reader configuration: {err}") from err
             self._channel, self._owns_channel, self._cp = channel, owned, cp
+            self._started_at = time.monotonic()
+            channel.watch(self._on_rx, self._on_tx)
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_r, False)
             os.set_blocking(self._wake_w, False)
@@ -269,6 +369,8 @@ class OsdpReaderLink:
                 self._dispatcher.join(timeout=5)
             for wait in list(self._keyset_waits.values()):
                 wait.done.set()
+            if self._channel is not None:
+                self._channel.watch(None, None)
             if self._owns_channel and self._channel is not None:
                 self._channel.close()
             for fd in (self._wake_r, self._wake_w):
@@ -304,9 +406,25 @@ class OsdpReaderLink:
         """Return how often the link restarted the reader after libosdp gave up on it (each a fresh attempt)."""
         return self._state(reader_id).restarts
 
+    def status(self, reader_id: str) -> ReaderStatus:
+        """Return the reader's current status (as its last ReaderStatus event said)."""
+        with self._state_lock:
+            return self._state(reader_id).status()
+
+    def flooding(self, reader_id: str) -> bool:
+        """Return whether the reader sends card reads beyond its limit now."""
+        with self._state_lock:
+            return self._state(reader_id).limiter.flooding
+
+    def feedback_coalesced(self, reader_id: str) -> int:
+        """Return how many LED/buzzer commands were not sent because they repeated one during a flood."""
+        return self._state(reader_id).feedback_coalesced
+
     def led(self, reader_id: str, colour: LedColour, *, on_ms: int = 1000, off_ms: int = 0, count: int = 1) -> bool:
         """Show ``colour`` on the reader's LED for ``count`` on/off cycles; return whether it was sent to it."""
         pattern = led_pattern(colour, on_ms=on_ms, off_ms=off_ms, count=count)
+        if self._coalesced(reader_id, "led", (_LED_CODES[colour], on_ms, off_ms, count)):
+            return False
         command = {
             "command": Command.LED,
             "reader": 0,
@@ -324,6 +442,8 @@ class OsdpReaderLink:
     def buzz(self, reader_id: str, *, times: int = 1, on_ms: int = 200, off_ms: int = 200) -> bool:
         """Sound the reader's buzzer ``times`` times; return whether the command was sent to it."""
         on, off, repeat = buzz_pattern(times=times, on_ms=on_ms, off_ms=off_ms)
+        if self._coalesced(reader_id, "buzzer", (on, off, repeat)):
+            return False
         command = {
             "command": Command.Buzzer,
             "reader": 0,
@@ -385,7 +505,8 @@ class OsdpReaderLink:
     # ---- libosdp side (refresh thread) ----
 
     def _pd_info(self, state: _ReaderState, channel: TrackedChannel) -> Any:
-        flags = []
+        # Notifications: libosdp says when a PD goes offline, the moment to judge its connection attempt.
+        flags = [LibFlag.EnableNotification]
         if state.enforced:
             flags.append(LibFlag.EnforceSecure)
         if state.config.install_mode:
@@ -427,12 +548,24 @@ class OsdpReaderLink:
             try:
                 self._update_states(online_mask, sc_mask)
                 self._keep_reconnecting()
+                self._release_reads()
             except Exception:
                 _LOG.exception("OSDP link state update failed")
             self._wait()
 
+    def _timeout(self) -> float:
+        """Return how long the loop may sleep: ``poll_interval``, or less to refresh just as a poll falls due."""
+        due = self._poll_due
+        if due is None:
+            return self._poll_interval
+        left = due - time.monotonic()
+        if left > 0:
+            return min(self._poll_interval, left)
+        # libosdp counts whole milliseconds: if it did not poll yet, look again very soon, for a moment.
+        return _POLL_DUE_RETRY_S if -left < _POLL_DUE_WINDOW_S else self._poll_interval
+
     def _wait(self) -> None:
-        """Sleep until line data, a submitted command or ``poll_interval``, whichever comes first."""
+        """Sleep until line data, a submitted command, a poll falling due or ``poll_interval``."""
         channel = self._channel
         fds = [self._wake_r]
         fd = channel.fileno() if channel is not None and not channel.hung_up else None
@@ -442,10 +575,11 @@ class OsdpReaderLink:
             if not (self._fd_woke and channel.read_calls == self._read_calls_seen):
                 fds.append(fd)
             self._read_calls_seen = channel.read_calls
+        timeout = self._timeout()
         try:
-            ready, _, _ = select.select(fds, [], [], self._poll_interval)
+            ready, _, _ = select.select(fds, [], [], timeout)
         except (OSError, ValueError):
-            time.sleep(self._poll_interval)
+            time.sleep(timeout)
             return
         self._fd_woke = fd is not None and fd in ready
         if self._wake_r in ready:
@@ -459,34 +593,51 @@ class OsdpReaderLink:
                 os.write(self._wake_w, b"\0")
 
     def _update_states(self, online_mask: int, sc_mask: int) -> None:
-        channel = self._channel
         now = time.monotonic()
-        line_silent = (
-            self._silence_timeout is not None and channel is not None and now - channel.last_rx > self._silence_timeout
-        )
         to_enforce = []
+        poll_due: float | None = None
         with self._state_lock:
             for state in self._by_index:
                 bit = 1 << state.index
                 state.lib_online = bool(online_mask & bit)
-                online = state.lib_online and not line_silent
+                if state.lib_online:
+                    state.attempt = None  # this attempt succeeded; a later offline is no handshake failure
+                    if state.last_reply is not None:
+                        due = state.last_reply + _POLL_DUE_S
+                        poll_due = due if poll_due is None else min(poll_due, due)
+                silent = self._silence_timeout is not None and (
+                    state.last_reply is None or now - state.last_reply > self._silence_timeout
+                )
+                online = state.lib_online and not silent
                 secure = online and bool(sc_mask & bit) and state.key_is_real
-                if (online, secure) == (state.online, state.secure):
+                if online:
+                    state.verdict = None
+                sc_failure = state.verdict
+                settled = state.settled or online or state.judged or now - self._started_at >= self._start_grace
+                previous = (state.online, state.secure, state.settled, state.sc_failure)
+                if (online, secure, settled, sc_failure) == previous:
                     continue
-                state.online, state.secure = online, secure
+                state.online, state.secure, state.settled, state.sc_failure = online, secure, settled, sc_failure
                 if secure:
                     state.drop_logged = False
                     if not state.enforced:
                         to_enforce.append(state)
-                self._log_status(state, line_silent)
+                if settled:
+                    self._log_status(state, silent)
                 self._queue.put((None, state.status()))
+        self._poll_due = poll_due
         for state in to_enforce:
             self._enforce_secure(state)
 
-    def _log_status(self, state: _ReaderState, line_silent: bool) -> None:
+    def _log_status(self, state: _ReaderState, silent: bool) -> None:
         reader_id = state.config.reader_id
         if not state.online:
-            reason = "line silent" if line_silent and state.lib_online else "not answering or refused"
+            if state.sc_failure is not None:
+                reason = f"secure channel failed: {state.sc_failure}"
+            elif silent and state.lib_online:
+                reason = f"no valid reply for {self._silence_timeout} s"
+            else:
+                reason = "not answering"
             _LOG.warning("OSDP reader %s offline (%s)", reader_id, reason)
         elif state.secure or not state.config.requires_secure_channel:
             _LOG.info("OSDP reader %s online (secure channel: %s)", reader_id, "yes" if state.secure else "no")
@@ -548,10 +699,75 @@ class OsdpReaderLink:
                 self._on_card(state, event)
             elif kind == Event.KeyPress:
                 self._on_keys(state, event)
+            elif (
+                kind == Event.Notification
+                and event.get("type") == EventNotification.PeripheralDeviceStatus
+                and not event.get("arg0")
+            ):
+                self._judge_attempt(state)
         except Exception:
             # Never raise into libosdp; the message names the reader only, never the event's data.
             _LOG.exception("OSDP event from reader #%d could not be handled", pd)
         return 0
+
+    def _judge_attempt(self, state: _ReaderState) -> None:
+        """libosdp took the reader offline: say why its connection attempt failed (refresh thread)."""
+        attempt, state.attempt = state.attempt, None
+        if attempt is None:
+            return  # a restart's disable, or a reader that was online: nothing to judge
+        verdict = attempt.verdict() if state.enforced else None
+        with self._state_lock:
+            state.judged = True
+            state.verdict = verdict
+
+    # ---- the line as the frame scanners see it (refresh thread, inside libosdp's channel calls) ----
+
+    def _on_rx(self, data: bytes) -> None:
+        try:
+            now = time.monotonic()
+            for frame in self._replies.feed(data):
+                state = self._by_address.get(frame.address)
+                if state is not None:
+                    state.last_reply = now
+                    self._follow_reply(state, frame)
+        except Exception:  # never raise into libosdp's read
+            _LOG.exception("OSDP frame scanner failed on received data")
+
+    def _on_tx(self, data: bytes) -> None:
+        try:
+            for frame in self._commands.feed(data):
+                state = self._by_address.get(frame.address)
+                if state is not None:
+                    self._follow_command(state, frame)
+        except Exception:
+            _LOG.exception("OSDP frame scanner failed on sent data")
+
+    @staticmethod
+    def _follow_command(state: _ReaderState, frame: Frame) -> None:
+        if frame.code == CMD_ID and frame.scb_type is None:
+            state.attempt = _Attempt()  # libosdp starts (again) from the beginning
+            return
+        attempt = state.attempt
+        if attempt is None:
+            return
+        if frame.code == CMD_CHLNG and frame.scb_type == _SCS_CHLNG:
+            attempt.stage, attempt.answer, attempt.nak_code = "challenged", None, None
+        elif frame.code == CMD_SCRYPT and frame.scb_type == _SCS_SCRYPT:
+            # Sent only once the CP has verified the reader's cryptogram: the keys match.
+            attempt.stage, attempt.answer, attempt.nak_code = "verified", None, None
+
+    @staticmethod
+    def _follow_reply(state: _ReaderState, frame: Frame) -> None:
+        attempt = state.attempt
+        if attempt is None:
+            return
+        attempt.replies += 1
+        if frame.code == REPLY_PDCAP and frame.plaintext:
+            attempt.sc_capable = sc_capable(frame.data)
+        if attempt.stage and attempt.answer is None:
+            attempt.answer = frame.code
+            if frame.code == REPLY_NAK and frame.plaintext and frame.data:
+                attempt.nak_code = frame.data[0]
 
     def _trusted(self, state: _ReaderState) -> bool:
         if not state.config.requires_secure_channel:
@@ -582,7 +798,33 @@ class OsdpReaderLink:
         card_format = _CARD_FORMATS.get(event.get("format", -1), "unknown")
         bits = int(event["length"]) if "length" in event else len(data) * 8
         _LOG.debug("OSDP reader %s: card read, %s, %d bits", state.config.reader_id, card_format, bits)
-        self._queue.put((None, CardRead(state.config.reader_id, data, bits, card_format)))
+        read = CardRead(state.config.reader_id, data, bits, card_format)
+        with self._state_lock:
+            passed, change = state.limiter.offer(time.monotonic(), read)
+        self._pass_on(state, passed, change)
+
+    def _release_reads(self) -> None:
+        """Pass on reads that waited for a token, and end floods that have calmed down (refresh thread)."""
+        now = time.monotonic()
+        for state in self._by_index:
+            due = state.limiter.next_due()
+            if due is None or due > now:
+                continue
+            with self._state_lock:
+                passed, change = state.limiter.poll(now)
+            self._pass_on(state, passed, change)
+
+    def _pass_on(self, state: _ReaderState, passed: list[CardRead], change: Any) -> None:
+        for read in passed:
+            self._queue.put((None, read))
+        if change is None:
+            return
+        reader_id, limit = state.config.reader_id, state.limiter.rate
+        if change.flooding:
+            _LOG.warning("OSDP reader %s floods: card reads beyond %.1f/s are dropped", reader_id, limit)
+        else:
+            _LOG.warning("OSDP reader %s calm again; %d card reads dropped", reader_id, change.dropped)
+        self._queue.put((None, ReaderFlood(reader_id, change.flooding, change.dropped, limit)))
 
     def _on_keys(self, state: _ReaderState, event: dict[str, Any]) -> None:
         data = bytes(event.get("data") or b"")
@@ -624,6 +866,23 @@ class OsdpReaderLink:
             return self._states[reader_id]
         except KeyError:
             raise UnknownReader(f"no OSDP reader {reader_id!r} on this link") from None
+
+    def _coalesced(self, reader_id: str, kind: str, signature: tuple[int, ...]) -> bool:
+        """Tell whether to skip this LED/buzzer command: the same one went to a flooding reader within a second."""
+        state = self._state(reader_id)
+        now = time.monotonic()
+        with self._state_lock:
+            last = state.last_feedback.get(kind)
+            if (
+                state.limiter.flooding
+                and last is not None
+                and last[0] == signature
+                and now - last[1] < _FLOOD_FEEDBACK_S
+            ):
+                state.feedback_coalesced += 1
+                return True
+            state.last_feedback[kind] = (signature, now)
+        return False
 
     def _submit(self, reader_id: str, command: dict[str, Any], what: str) -> bool:
         state = self._state(reader_id)

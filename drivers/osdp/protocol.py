@@ -80,16 +80,44 @@ class KeypadInput:
     keys: str = field(repr=False)
 
 
+# Why a reader that answers has no Secure Channel: it answered the challenge with a cryptogram made with
+# another key (a swapped reader, a wrong or lost key file); it says it cannot do Secure Channel at all (a
+# plaintext reader where a keyed one belongs); or the handshake broke off in another way.
+ScFailure = Literal["key_mismatch", "plaintext_reader", "sc_failed"]
+SC_FAILURES: tuple[ScFailure, ...] = ("key_mismatch", "plaintext_reader", "sc_failed")
+
+
 @dataclass(frozen=True, slots=True)
 class ReaderStatus:
-    """A reader's link state after a change: answering the control panel, and over an active secure channel."""
+    """A reader's link state after a change: answering the control panel, and over an active secure channel.
+
+    ``settled`` is False only while the link has not yet had its chance to bring the reader up after it
+    started (its first attempt, bounded by the silence timeout): "offline" then means "not known yet", not
+    "not answering". ``sc_failure`` says why a reader that answers is kept out (see ``ScFailure``); None for
+    a reader that is online, or that does not answer at all.
+    """
 
     reader_id: str
     online: bool
     secure: bool
+    settled: bool = True
+    sc_failure: ScFailure | None = None
 
 
-ReaderEvent = CardRead | KeypadInput | ReaderStatus
+@dataclass(frozen=True, slots=True)
+class ReaderFlood:
+    """A reader sends card reads faster than its limit (``flooding``), or has calmed down again.
+
+    ``dropped`` counts the reads dropped in this flood so far; ``reads_per_s`` is the reader's limit.
+    """
+
+    reader_id: str
+    flooding: bool
+    dropped: int
+    reads_per_s: float
+
+
+ReaderEvent = CardRead | KeypadInput | ReaderStatus | ReaderFlood
 ReaderObserver = Callable[[ReaderEvent], None]
 
 
