@@ -368,11 +368,26 @@ def bench_outbox(
 
 
 @bench_app.command("usb")
-def bench_usb(count: Annotated[int, typer.Option(min=1, help="simulated insertions")] = 1000) -> None:
+def bench_usb(
+    count: Annotated[int, typer.Option(min=1, help="simulated insertions")] = 1000,
+    vs_usbguard: Annotated[
+        bool, typer.Option("--vs-usbguard", help="also judge mocked plugs by the real usbguard-daemon, timed alike")
+    ] = False,
+    usbguard_count: Annotated[
+        int, typer.Option(min=3, max=1000, help="plugs into usbguard-daemon's umockdev testbed (--vs-usbguard)")
+    ] = 300,
+) -> None:
     """Time add event → decision written for COUNT simulated USB insertions, against a raw baseline."""
     from sekisho.bench.usb import run_usb_bench
 
-    run_usb_bench(count, console)
+    if vs_usbguard:
+        from sekisho.bench.usb_vs_usbguard import vs_usbguard_unavailable
+
+        reason = vs_usbguard_unavailable()
+        if reason is not None:
+            console.print(f"[bold red]--vs-usbguard cannot run here:[/] {reason}", soft_wrap=True)
+            raise typer.Exit(1)
+    run_usb_bench(count, console, vs_usbguard=usbguard_count if vs_usbguard else 0)
 
 
 @bench_app.command("login")

@@ -4,6 +4,11 @@ Each insertion is timed from the injected ``add`` (the device is read from the t
 path does) until the guard returns, i.e. after both events are in the outbox (fsync'd) and the
 ``authorized`` file is written. Baseline, measured in the same run on the same tree: reading the
 device and writing ``authorized`` with no policy, no events and no loans.
+
+With ``--vs-usbguard N``, N more plugs go through the real usbguard-daemon's umockdev testbed and are
+judged there by the daemon and by the guard at once (sekisho/bench/usb_vs_usbguard.py says how each
+is timed); the summary then has ``usbguard_p50_ms``/``usbguard_p99_ms`` and, measured the same way,
+``guard_umockdev_p50_ms``/``guard_umockdev_p99_ms``.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ KINDS = (
 )
 
 
-def _policy() -> dict[str, Any]:
+def bench_policy() -> dict[str, Any]:
+    """Return the benchmark's site policy: Alice holds a read-only loan of the medium on this terminal."""
     now = timefmt.now()
     return SitePolicy(
         site=Site(name="bench"),
@@ -78,14 +84,15 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_usb_bench(count: int, console: Console | None = None) -> dict[str, float]:
-    """Run the benchmark; print a table and the JSON summary line; return the summary."""
+def run_usb_bench(count: int, console: Console | None = None, *, vs_usbguard: int = 0) -> dict[str, float]:
+    """Run the benchmark (and ``vs_usbguard`` plugs against usbguard-daemon); print tables and the JSON summary."""
     console = console or Console()
     root = Path(tempfile.mkdtemp(prefix="sekisho-bench-usb-"))
     agent: Agent | None = None
     guard: UsbGuard | None = None
     try:
-        agent = offline_agent(root, AGENT, _policy())
+        agent = offline_agent(root, AGENT, bench_policy())
+        outbox_sync = agent.config.outbox_sync
         tree = FakeSysfsTree(root / "sys")
         tree.add_root_hub(1)
         sysfs = SysfsUsb(tree.root)
@@ -117,7 +124,9 @@ def run_usb_bench(count: int, console: Console | None = None) -> dict[str, float
             tree.remove_device("1-2")
             hotplug.inject_remove("1-2")
 
-        summary = {
+        guard.stop()
+        guard = None
+        summary: dict[str, float] = {
             "decision_p50_ms": round(statistics.median(decision), 3),
             "decision_p99_ms": round(_percentile(decision, 0.99), 3),
             "baseline_p50_ms": round(statistics.median(baseline), 3),
@@ -145,7 +154,12 @@ def run_usb_bench(count: int, console: Console | None = None) -> dict[str, float
             str(len(baseline)),
         )
         console.print(table)
-        console.print(f"outbox sync: {agent.config.outbox_sync}; goal p99 ≤ 10 ms (USBGuard: 3–5 ms)")
+        console.print(f"outbox sync: {outbox_sync}; goal p99 ≤ 10 ms (USBGuard: 3–5 ms)")
+        if vs_usbguard:
+            # usbguard's figures right after decision_p99_ms, the guard's in the same testbed next to them.
+            versus = _versus_usbguard(vs_usbguard, console)
+            head = {key: summary.pop(key) for key in ("decision_p50_ms", "decision_p99_ms")}
+            summary = head | versus | summary
         print(json.dumps(summary))
         return summary
     finally:
@@ -154,3 +168,48 @@ def run_usb_bench(count: int, console: Console | None = None) -> dict[str, float
         if agent is not None:
             agent.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _versus_usbguard(count: int, console: Console) -> dict[str, float]:
+    """Plug ``count`` devices into usbguard-daemon's testbed, judged by it and the guard; print a table."""
+    from sekisho.bench.usb_vs_usbguard import run_vs_usbguard
+
+    result = run_vs_usbguard(count)
+    if not result.guard_ms:
+        raise RuntimeError(f"no plug was judged by both ({result.timeouts} timeouts)")
+    table = Table(
+        "measure",
+        "p50 (ms)",
+        "p99 (ms)",
+        "n",
+        title=f"bench usb --vs-usbguard: uevent → decision, both in usbguard-daemon's umockdev testbed ({count:,})",
+    )
+    rows = [
+        ("usbguard-daemon 1.1.2 (→ its audit record, 1 ms stamps)", result.usbguard_ms),
+        ("sekisho guard (2 events, one fsync, + authorized)", result.guard_ms),
+    ]
+    for kind, (guard_ms, usbguard_ms) in result.per_kind.items():
+        rows += [(f"  {kind}: usbguard", usbguard_ms), (f"  {kind}: guard", guard_ms)]
+    rows.append(("shared: plug file → uevent (umockdev, not a kernel's)", result.delivery_ms))
+    for label, values in rows:
+        if values:
+            table.add_row(
+                label, f"{statistics.median(values):.3f}", f"{_percentile(values, 0.99):.3f}", str(len(values))
+            )
+    console.print(table)
+    console.print(
+        f"verdicts: {result.agree} the same, {len(result.differ)} different; {result.timeouts} timeouts; "
+        f"usbguard stamped before t0 (counted as 0 ms): {result.clamped}; {result.elapsed_s:.1f} s; "
+        f"guard outbox sync: {result.outbox_sync}"
+    )
+    for line in result.differ[:10]:
+        console.print(f"  differs: {line}", soft_wrap=True)
+    return {
+        "usbguard_p50_ms": round(statistics.median(result.usbguard_ms), 3),
+        "usbguard_p99_ms": round(_percentile(result.usbguard_ms, 0.99), 3),
+        "guard_umockdev_p50_ms": round(statistics.median(result.guard_ms), 3),
+        "guard_umockdev_p99_ms": round(_percentile(result.guard_ms, 0.99), 3),
+        "umockdev_delivery_p50_ms": round(statistics.median(result.delivery_ms), 3),
+        "usbguard_n": len(result.usbguard_ms),
+        "verdicts_differ": len(result.differ),
+    }
