@@ -181,6 +181,8 @@ AlarmKind = Literal[
     "forced_open",
     "tamper",
     "reader_offline",
+    "reader_sc_failed",
+    "reader_flood",
     "board_offline",
     "relay_fault",
     "key_taken_without_grant",
@@ -199,6 +201,8 @@ class DoorAlarm(Payload):
     person: Id | None = None
     slot: int | None = Field(default=None, ge=0, le=255)
     reader: Id | None = None
+    # reader_sc_failed: key_mismatch, plaintext_reader or sc_failed (docs/doors.md, "Alarms").
+    cause: DoorCause | None = None
 
 
 @event_type("door.alarm_cleared")
@@ -208,6 +212,8 @@ class DoorAlarmCleared(Payload):
     door: Id
     alarm: AlarmKind
     detail: str = Field(default="", max_length=300)
+    # The reader an alarm about a reader was about (reader_offline, reader_sc_failed, reader_flood, tamper).
+    reader: Id | None = None
 
 
 # The modes a door command puts a door in (protocol.door_commands).

@@ -211,6 +211,44 @@ def test_device_alarms() -> None:
     assert kinds(machine.relay_report(6.0, commanded=False, sensed=False)) == ["door.alarm_cleared"]
 
 
+def test_reader_alarms_name_the_reader_and_the_cause() -> None:
+    machine = started()
+
+    def summary(out: list[Action]) -> list[tuple[str, str, str | None, str | None]]:
+        return [(t, p["alarm"], p.get("reader"), p.get("cause")) for t, p in events(out)]
+
+    # A reader that answers with another key: its own alarm with the cause, not "offline".
+    out = machine.reader_status(1.0, "r1", False, "key_mismatch")
+    assert summary(out) == [("door.alarm", "reader_sc_failed", "r1", "key_mismatch")]
+    assert "another key" in events(out)[0][1]["detail"]
+    assert machine.reader_status(1.5, "r1", False, "key_mismatch") == []  # raised once
+    # Swapped again, for a plaintext reader: the cause changes, said as a new alarm.
+    assert summary(machine.reader_status(2.0, "r1", False, "plaintext_reader")) == [
+        ("door.alarm_cleared", "reader_sc_failed", "r1", None),
+        ("door.alarm", "reader_sc_failed", "r1", "plaintext_reader"),
+    ]
+    # It stops answering at all: offline instead.
+    assert summary(machine.reader_status(3.0, "r1", False)) == [
+        ("door.alarm_cleared", "reader_sc_failed", "r1", None),
+        ("door.alarm", "reader_offline", "r1", None),
+    ]
+    # Back: the clearing names the reader in its own field, not only in the text.
+    assert events(machine.reader_status(4.0, "r1", True)) == [
+        (
+            "door.alarm_cleared",
+            {"door": "d1", "alarm": "reader_offline", "detail": "reader r1 back online", "reader": "r1"},
+        )
+    ]
+    assert machine.reader_status(4.5, "r1", True) == []
+    # A flood: raised once, cleared once with the count of dropped reads.
+    assert summary(machine.reader_flood(5.0, "r1", True, 1, 4.0)) == [("door.alarm", "reader_flood", "r1", None)]
+    assert machine.reader_flood(5.5, "r1", True, 9, 4.0) == []
+    out = machine.reader_flood(8.0, "r1", False, 40, 4.0)
+    assert summary(out) == [("door.alarm_cleared", "reader_flood", "r1", None)]
+    assert "40 card reads dropped" in events(out)[0][1]["detail"]
+    assert machine.reader_flood(9.0, "r1", False, 0, 4.0) == []
+
+
 def test_board_offline_then_back_reapplies_the_relay() -> None:
     machine = started()
     machine.grant(1.0)
@@ -595,6 +633,32 @@ def test_policy_change_retires_a_door(harness: Harness) -> None:
     harness.ctl.policy_changed()
     assert harness.events("door.locked")[-1] == {"door": "locker", "cause": "removed_from_policy"}
     assert set(harness.ctl.door_states()) == {"room"}
+
+
+def test_reader_alarms_are_recorded_and_follow_a_reader_into_a_new_door(harness: Harness) -> None:
+    harness.ctl.reader_status("r-room", False, "plaintext_reader")
+    harness.ctl.reader_flood("r-room", True, 1, 4.0)
+    # Recorded through the catalogue's schemas (the harness builds every event it records).
+    raised = harness.events("door.alarm")
+    assert [(p["alarm"], p["reader"], p.get("cause")) for p in raised] == [
+        ("reader_sc_failed", "r-room", "plaintext_reader"),
+        ("reader_flood", "r-room", None),
+    ]
+    harness.ctl.reader_flood("r-room", False, 12, 4.0)
+    assert harness.events("door.alarm_cleared")[-1]["reader"] == "r-room"
+    # A reader that said it is offline before any door had it: its new door raises the alarm on arrival.
+    harness.ctl.reader_status("r-new", False)
+    assert len(harness.events("door.alarm")) == 2
+    doc = site_policy().model_dump(mode="json")
+    doc["doors"].append({**doc["doors"][1], "id": "locker-2", "readers": [{"id": "r-new"}], "relay": 2, "sensor": 2})
+    harness.policy = SitePolicy.model_validate(doc)
+    harness.ctl.policy_changed()
+    assert harness.events("door.alarm")[-1] == {
+        "door": "locker-2",
+        "alarm": "reader_offline",
+        "detail": "reader r-new offline",
+        "reader": "r-new",
+    }
 
 
 def test_next_deadline_for_a_timer(harness: Harness) -> None:

@@ -9,8 +9,10 @@ Also: `start_doors` from a doors.toml, and a signed remote unlock arriving throu
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,11 @@ from sekisho.agents.runtime.agent import Agent
 from sekisho.agents.runtime.config import load_config
 from sekisho.deploy.pki import AgentCredentials, PkiPaths, issue_agent
 from sekisho.drivers.locker import LockerBoardLink
-from sekisho.drivers.osdp import OsdpReaderLink, ReaderConfig
+from sekisho.drivers.osdp import OsdpReaderLink, ReaderConfig, ReaderEvent, ReaderStatus
 from sekisho.drivers.smartcard import hash_uid
 from sekisho.firmware_stubs.locker_board import StubBoardProcess
 from sekisho.firmware_stubs.osdp_reader import StubReaderProcess
+from sekisho.firmware_stubs.rs485 import Rs485Line
 from sekisho.lab import write_toml
 from sekisho.protocol import events, messages, signing
 from sekisho.protocol.pin import hash_pin
@@ -37,30 +40,47 @@ pytestmark = pytest.mark.timeout(120)
 AGENT = "door-stubs"
 SITE_KEY = b"stub-test-site-key-0123456789abc"
 SCBK = bytes.fromhex("a0a1a2a3a4a5a6a7a8a9aaabacadaeaf")
+SCBK_2 = bytes.fromhex("b0b1b2b3b4b5b6b7b8b9babbbcbdbebf")
+WRONG_KEY = bytes.fromhex("c0c1c2c3c4c5c6c7c8c9cacbcccdcecf")
 ALICE = bytes.fromhex("a11ce0a11ce0")
+STRANGER = bytes.fromhex("0000deadbeef")
 OSDP_RED, OSDP_GREEN = 1, 2  # OSDP's LED colour codes
 PIN = "4321"
 
 
-def _policy(*, pin: bool = False) -> dict[str, Any]:
+def _policy(*, pin: bool = False, second_locker: bool = False) -> dict[str, Any]:
+    doors = [
+        Door(
+            id="locker-1",
+            name="locker",
+            kind="locker",
+            agent=AGENT,
+            allowed=["p-alice"],
+            readers=[DoorReader(id="rdr-1")],
+            relay=1,
+            sensor=1,
+            pin_required=pin,
+            held_open_s=5,
+        )
+    ]
+    if second_locker:
+        doors.append(
+            Door(
+                id="locker-2",
+                name="locker 2",
+                kind="locker",
+                agent=AGENT,
+                allowed=["p-alice"],
+                readers=[DoorReader(id="rdr-2")],
+                relay=0,
+                sensor=0,
+            )
+        )
     return SitePolicy(
         site=Site(name="stubs"),
         people=[Person(id="p-alice", name="Alice", pin_hash=hash_pin(PIN, iterations=10_000) if pin else None)],
         cards=[Card(id="c-alice", person="p-alice", kind="osdp", uid_hash=hash_uid(ALICE, SITE_KEY))],
-        doors=[
-            Door(
-                id="locker-1",
-                name="locker",
-                kind="locker",
-                agent=AGENT,
-                allowed=["p-alice"],
-                readers=[DoorReader(id="rdr-1")],
-                relay=1,
-                sensor=1,
-                pin_required=pin,
-                held_open_s=5,
-            )
-        ],
+        doors=doors,
     ).for_agent(AGENT)
 
 
@@ -269,6 +289,13 @@ def test_unsafe_doors_toml_is_refused(agent: tuple[Agent, Path]) -> None:
     toml.write_text('site_key_file = "site.key"\nmystery = 1\n')
     with pytest.raises(DoorsSetupError, match="mystery"):
         load_doors_settings(config_dir / "agent.toml")
+    # The OSDP readers' flood limit is a setting, held to values that still let a person's taps through.
+    toml.write_text('site_key_file = "site.key"\nosdp_card_reads_per_s = 2.5\nosdp_card_read_burst = 5\n')
+    settings, _ = load_doors_settings(config_dir / "agent.toml")
+    assert (settings.osdp_card_reads_per_s, settings.osdp_card_read_burst) == (2.5, 5)
+    toml.write_text('site_key_file = "site.key"\nosdp_card_reads_per_s = 0\n')
+    with pytest.raises(DoorsSetupError, match="osdp_card_reads_per_s"):
+        load_doors_settings(config_dir / "agent.toml")
     # A board that cannot be opened is a clear set-up error, and nothing is left running.
     (config_dir / "site.key").write_bytes(SITE_KEY)
     toml.write_text('site_key_file = "site.key"\n[board]\nkind = "serial"\ndevice = "/nonexistent/ttyX"\n')
@@ -307,3 +334,177 @@ def test_new_reader_gets_its_own_key(tmp_path: Path) -> None:
     finally:
         link.stop()
         reader.close()
+
+
+# ---- a door box with two readers on one OSDP line ----
+
+
+def _payloads(agent: Agent) -> list[tuple[str, dict[str, Any]]]:
+    decoded = [events.decode_event(raw, topic_agent=AGENT) for _, raw in agent.outbox.pending(limit=10_000)]
+    return [(e.type, e.payload) for e in decoded]
+
+
+def _index(records: list[tuple[str, dict[str, Any]]], type_: str, **fields: Any) -> int:
+    """Return the position of the first record of ``type_`` whose payload has these fields."""
+    for position, (kind, payload) in enumerate(records):
+        if kind == type_ and all(payload.get(key) == value for key, value in fields.items()):
+            return position
+    raise AssertionError(f"no {type_} with {fields}")
+
+
+def _delivered(link: OsdpReaderLink) -> None:
+    """Return once every reader event the link queued so far has reached its observers (the door core too)."""
+    got = threading.Event()
+
+    def late(event: ReaderEvent) -> None:
+        if isinstance(event, ReaderStatus):
+            got.set()
+
+    unsubscribe = link.subscribe(late)
+    try:
+        assert got.wait(5), "the link's events were not delivered"
+    finally:
+        unsubscribe()
+
+
+@dataclass
+class Box:
+    """The agent's doors behind two OSDP readers on one line (stubs by address) and the board stub."""
+
+    agent: Agent
+    doors: AttachedDoors
+    link: OsdpReaderLink
+    readers: dict[str, StubReaderProcess]
+    board: StubBoardProcess
+    line: Rs485Line
+    extra: list[object] = field(default_factory=list)
+
+
+@pytest.fixture
+def box(agent: tuple[Agent, Path]) -> Iterator[Callable[..., Box]]:
+    """Build the box: ``stubs`` overrides what each reader stub is (``{"rdr-1": {"scbk": WRONG_KEY}}``)."""
+    made: list[Box] = []
+    running, pki = agent
+
+    def build(stubs: dict[str, dict[str, Any]] | None = None) -> Box:
+        key = signing.load_private_key(PkiPaths.at(pki).controller_signing_key)
+        policy = _policy(second_locker=True)
+        bundle = messages.build_bundle(key, agent=AGENT, version=2, policy=policy, lifetime=timedelta(hours=1))
+        assert running.policy.offer(bundle).status == "applied"
+        wanted = {"rdr-1": {"scbk": SCBK}, "rdr-2": {"scbk": SCBK_2}, **(stubs or {})}
+        readers = {
+            reader_id: StubReaderProcess(address=address, **wanted[reader_id])
+            for address, reader_id in ((1, "rdr-1"), (2, "rdr-2"))
+        }
+        line = Rs485Line({1: readers["rdr-1"].master_fd, 2: readers["rdr-2"].master_fd})
+        link = OsdpReaderLink(
+            line.master_fd,
+            [
+                ReaderConfig(reader_id="rdr-1", address=1, scbk=SCBK),
+                ReaderConfig(reader_id="rdr-2", address=2, scbk=SCBK_2),
+            ],
+            reconnect_initial=0.5,
+            reconnect_max=1.0,
+        )
+        board = StubBoardProcess(relays=2, doors=2, key_slots=0)
+        doors = attach_doors(
+            emit=running.emit,
+            policy=running.policy,
+            state_dir=running.config.state_dir,
+            readers=[link],
+            board=LockerBoardLink(board.host, relays=2, doors=2, key_slots=0),
+            site_key=SITE_KEY,
+            commands=running.commands,
+        )
+        built = Box(running, doors, link, readers, board, line)
+        made.append(built)
+        running.start()
+        doors.start()
+        _wait(lambda: doors.inputs_reported)
+        _wait(lambda: doors.core.next_deadline() is None)
+        return built
+
+    yield build
+    for built in made:
+        built.doors.stop()
+        built.line.close()
+        for reader in built.readers.values():
+            reader.close()
+        built.board.close()
+
+
+def test_a_flooding_reader_does_not_starve_the_door_box(box: Callable[..., Box]) -> None:
+    b = box()
+    flooder, other = b.readers["rdr-1"], b.readers["rdr-2"]
+    flooder.wait_status(online=True, secure=True, timeout=15)
+    other.wait_status(online=True, secure=True, timeout=15)
+    # A faulty reader: 100 card reads a second (a stranger's card), holding a few until polled.
+    flooder.flood(STRANGER, seconds=8, rate=100, buffer=4)
+    _wait(lambda: any(t == "door.alarm" and p["alarm"] == "reader_flood" for t, p in _payloads(b.agent)))
+    # A valid card at the other reader of the box is decided while the flood goes on.
+    other.present_card(ALICE, bits=48)
+    b.board.wait_relay(0, True)
+    assert flooder.reported("flood") == []  # the flooding reader is still at it
+    flood = flooder.wait_reported("flood", timeout=20)
+    # Once it stops, a valid card at the reader that flooded is decided too (the newest read gets through).
+    flooder.present_card(ALICE, bits=48)
+    b.board.wait_relay(1, True)
+    _wait(lambda: any(t == "door.alarm_cleared" and p["alarm"] == "reader_flood" for t, p in _payloads(b.agent)))
+    records = _payloads(b.agent)
+    raised = _index(records, "door.alarm", alarm="reader_flood", door="locker-1", reader="rdr-1")
+    granted_other = _index(records, "door.access_granted", door="locker-2", reader="rdr-2")
+    granted_flooder = _index(records, "door.access_granted", door="locker-1", reader="rdr-1")
+    cleared = _index(records, "door.alarm_cleared", alarm="reader_flood", door="locker-1", reader="rdr-1")
+    assert raised < granted_other < granted_flooder
+    assert raised < cleared
+    assert [t for t, p in records if p.get("alarm") == "reader_flood"] == ["door.alarm", "door.alarm_cleared"]
+    # Reads beyond the limit were dropped before any card check: far fewer decisions than reads sent.
+    taps = [p for t, p in records if t == "card.presented" and p["reader"] == "rdr-1"]
+    assert 0 < len(taps) - 1 < flood["queued"]
+    assert not any(p.get("alarm") == "reader_offline" for t, p in records)  # the flooder never dropped offline
+
+
+def test_secure_channel_failures_are_named_with_their_cause(box: Callable[..., Box]) -> None:
+    # A swapped reader (another key) and a plaintext reader where keyed ones belong.
+    b = box({"rdr-1": {"scbk": WRONG_KEY}, "rdr-2": {"plaintext": True}})
+
+    def sc_alarms() -> set[tuple[str, str]]:
+        return {(p["reader"], p["cause"]) for t, p in _payloads(b.agent) if p.get("alarm") == "reader_sc_failed"}
+
+    _wait(lambda: sc_alarms() == {("rdr-1", "key_mismatch"), ("rdr-2", "plaintext_reader")}, timeout=10)
+    records = _payloads(b.agent)
+    assert not any(p.get("alarm") == "reader_offline" for t, p in records)  # not "offline": why, said once
+    assert [t for t, p in records if p.get("alarm") == "reader_sc_failed"] == ["door.alarm", "door.alarm"]
+    # The right reader is put back: the alarm is cleared, naming the reader in its own field.
+    b.readers["rdr-1"].restart(scbk=SCBK)
+    _wait(
+        lambda: any(
+            t == "door.alarm_cleared" and p["alarm"] == "reader_sc_failed" and p.get("reader") == "rdr-1"
+            for t, p in _payloads(b.agent)
+        ),
+        timeout=10,
+    )
+
+
+def test_a_healthy_start_records_no_reader_alarm(box: Callable[..., Box]) -> None:
+    b = box()
+    for reader in b.readers.values():
+        reader.wait_status(online=True, secure=True, timeout=15)
+    _wait(lambda: b.link.online("rdr-1") and b.link.online("rdr-2"))
+    _delivered(b.link)  # the readers' online status has reached the door core
+    records = _payloads(b.agent)
+    assert [t for t, p in records if t in ("door.alarm", "door.alarm_cleared")] == []
+
+
+@pytest.mark.faults
+def test_noise_on_the_line_does_not_hide_a_dead_reader(
+    rig: tuple[Agent, AttachedDoors, StubReaderProcess, StubBoardProcess],
+) -> None:
+    agent, _, reader, _ = rig
+    reader.fault("noise", seconds=6)  # the reader is gone; the line keeps picking up noise
+    _wait(lambda: "reader_offline" in _alarms(agent), timeout=6)
+    assert reader.reported("noise") == []  # raised while the noise goes on
+    reader.wait_reported("noise", timeout=10)
+    _wait(lambda: "reader_offline" in _alarms(agent, "door.alarm_cleared"), timeout=15)
+    (cleared,) = [p for t, p in _payloads(agent) if t == "door.alarm_cleared" and p["alarm"] == "reader_offline"]
+    assert cleared["reader"] == "rdr-1"

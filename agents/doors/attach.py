@@ -36,7 +36,7 @@ from sekisho.drivers.locker import (
     RelayFault,
     RelayTimerExpired,
 )
-from sekisho.drivers.osdp import CardRead, KeypadInput, ReaderConfig, ReaderLink, ReaderStatus
+from sekisho.drivers.osdp import CardRead, KeypadInput, ReaderConfig, ReaderFlood, ReaderLink, ReaderStatus
 from sekisho.drivers.smartcard import CardError, CardTimeout, Deadline, authenticate, hash_uid, mask_uid
 from sekisho.drivers.smartcard.protocol import CardEvent, SmartCardBackend
 from sekisho.protocol.policy import Card, SitePolicy
@@ -296,8 +296,11 @@ class AttachedDoors:
             elif isinstance(event, KeypadInput):
                 self.core.keys_entered(event.reader_id, event.keys)
                 self._wake.set()
-            elif isinstance(event, ReaderStatus):
-                self.core.reader_status(event.reader_id, event.online)
+            elif isinstance(event, ReaderStatus) and event.settled:
+                # Unsettled: the link has not had its chance to bring the reader up yet; no verdict, no alarm.
+                self.core.reader_status(event.reader_id, event.online, event.sc_failure)
+            elif isinstance(event, ReaderFlood):
+                self.core.reader_flood(event.reader_id, event.flooding, event.dropped, event.reads_per_s)
         except Exception:  # one bad event must not silence the reader thread
             log.exception("door reader event %s failed", type(event).__name__)
 

@@ -18,8 +18,10 @@ States (``DoorMachine.state``)::
 - Modes come from signed commands: ``emergency_unlock`` holds the relay on with no board timer (a fire
   exit must stay free even if the agent dies; only room doors take this mode, see docs/doors.md),
   ``lockdown`` releases the relay and the access layer refuses every card, ``normal`` re-locks.
-- Device trouble becomes alarms: tamper, reader or board offline, relay fault (a command that raised,
-  or a sensed state that differs from the commanded one). A board reboot or an agent start re-applies
+- Device trouble becomes alarms: tamper, reader or board offline, a reader whose Secure Channel failed
+  (with its cause), a reader flooding the door with card reads, relay fault (a command that raised, or a
+  sensed state that differs from the commanded one). Alarms about a reader name it in ``reader``, raised
+  and cleared alike. A board reboot or an agent start re-applies
   the intended relay state; a grant window that was running is ended (``door.locked cause=restart``).
 
 Every method takes the monotonic time ``now`` (seconds) and first processes every timer due up to
@@ -40,6 +42,12 @@ log = logging.getLogger(__name__)
 # After a relay command raised, the intended state is sent again this often until it goes through.
 RELAY_RETRY_S = 1.0
 DoorState = Literal["locked", "unlocked", "open", "released"]
+# What a reader's failed Secure Channel means, for the alarm's detail (the cause itself is a field).
+SC_FAILURE_DETAIL = {
+    "key_mismatch": "answers with another key (a swapped reader, or a wrong key file)",
+    "plaintext_reader": "offers no Secure Channel (a plaintext reader where a keyed one belongs)",
+    "sc_failed": "broke off the Secure Channel handshake",
+}
 
 
 def emergency_capable(door: Door) -> bool:
@@ -76,6 +84,7 @@ class DoorMachine:
         self._held_from: float | None = None
         self._open_passages: tuple[Passage, ...] = ()
         self._alarms: set[str] = set()
+        self._sc_causes: dict[str, str] = {}  # reader -> cause of its raised reader_sc_failed
         self._relay_fault: Literal["command", "sensed"] | None = None
         self._retry_at: float | None = None
 
@@ -214,17 +223,38 @@ class DoorMachine:
         if active:
             out.extend(self._raise(key, "tamper", f"tamper {source}", reader=reader))
         else:
-            out.extend(self._clear(key, "tamper", f"tamper {source} restored"))
+            out.extend(self._clear(key, "tamper", f"tamper {source} restored", reader=reader))
         return out
 
-    def reader_status(self, now: float, reader: str, online: bool) -> list[Action]:
-        """Raise or clear ``reader_offline`` for one of this door's readers."""
+    def reader_status(self, now: float, reader: str, online: bool, sc_failure: str | None = None) -> list[Action]:
+        """Raise or clear ``reader_offline``, or ``reader_sc_failed`` (it answers, its Secure Channel fails)."""
         out = self._advance(now)
-        key = f"reader_offline:{reader}"
-        if online:
-            out.extend(self._clear(key, "reader_offline", f"reader {reader} back online"))
+        offline, failed = f"reader_offline:{reader}", f"reader_sc_failed:{reader}"
+        if sc_failure is not None:
+            out.extend(self._clear(offline, "reader_offline", f"reader {reader} answers again", reader=reader))
+            if self._sc_causes.get(reader, sc_failure) != sc_failure:
+                out.extend(self._clear(failed, "reader_sc_failed", f"reader {reader}: another cause", reader=reader))
+            self._sc_causes[reader] = sc_failure
+            detail = f"reader {reader} {SC_FAILURE_DETAIL.get(sc_failure, sc_failure)}"
+            out.extend(self._raise(failed, "reader_sc_failed", detail, reader=reader, cause=sc_failure))
+        elif not online:
+            out.extend(self._clear(failed, "reader_sc_failed", f"reader {reader} stopped answering", reader=reader))
+            out.extend(self._raise(offline, "reader_offline", f"reader {reader} offline", reader=reader))
         else:
-            out.extend(self._raise(key, "reader_offline", f"reader {reader} offline", reader=reader))
+            out.extend(self._clear(offline, "reader_offline", f"reader {reader} back online", reader=reader))
+            out.extend(self._clear(failed, "reader_sc_failed", f"reader {reader} secure again", reader=reader))
+        return out
+
+    def reader_flood(self, now: float, reader: str, flooding: bool, dropped: int, reads_per_s: float) -> list[Action]:
+        """Raise ``reader_flood`` when a reader sends card reads beyond its limit; clear it when it calms down."""
+        out = self._advance(now)
+        key = f"reader_flood:{reader}"
+        if flooding:
+            detail = f"reader {reader} sends card reads faster than {reads_per_s:g}/s; reads beyond it are dropped"
+            out.extend(self._raise(key, "reader_flood", detail, reader=reader))
+        else:
+            detail = f"reader {reader} calm again; {dropped} card reads dropped"
+            out.extend(self._clear(key, "reader_flood", detail, reader=reader))
         return out
 
     def board_status(self, now: float, online: bool) -> list[Action]:
@@ -348,19 +378,27 @@ class DoorMachine:
         return Emit("door.unlocked", compact({"door": self.id, "cause": "restart", "command_id": self.mode_command}))
 
     def _raise(
-        self, key: str, kind: str, detail: str, *, reader: str | None = None, person: str | None = None
+        self,
+        key: str,
+        kind: str,
+        detail: str,
+        *,
+        reader: str | None = None,
+        person: str | None = None,
+        cause: str | None = None,
     ) -> list[Action]:
         if key in self._alarms:
             return []
         self._alarms.add(key)
-        payload = {"door": self.id, "alarm": kind, "detail": detail, "reader": reader, "person": person}
+        payload = {"door": self.id, "alarm": kind, "detail": detail, "reader": reader, "person": person, "cause": cause}
         return [Emit("door.alarm", compact(payload))]
 
-    def _clear(self, key: str, kind: str, detail: str) -> list[Action]:
+    def _clear(self, key: str, kind: str, detail: str, *, reader: str | None = None) -> list[Action]:
         if key not in self._alarms:
             return []
         self._alarms.discard(key)
-        return [Emit("door.alarm_cleared", {"door": self.id, "alarm": kind, "detail": detail})]
+        payload = {"door": self.id, "alarm": kind, "detail": detail, "reader": reader}
+        return [Emit("door.alarm_cleared", compact(payload))]
 
     def _held_due(self) -> float | None:
         if not self.door_open or self.mode == "emergency_unlock" or "held_open" in self._alarms:

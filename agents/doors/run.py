@@ -6,6 +6,8 @@ doors.toml (unknown keys are an error; must not be writable by group or others):
     site_key_file = "site.key"          # keys card numbers the same way the policy's uid_hash does
     pcsc_card_timeout_s = 3.0           # a PC/SC card's whole check; past it the tap is refused card_timeout
     pcsc_apdu_timeout_s = 1.5           # a PC/SC card's answer to any one command
+    osdp_card_reads_per_s = 4.0         # an OSDP reader's card reads beyond this rate are dropped (reader_flood)
+    osdp_card_read_burst = 8            # ... after a burst of this many
 
     [board]                             # the lock relays, door sensors, key slots and tamper input
     kind = "serial"                     # "serial" (docs/locker-board-protocol.md), "hid_relay" or "simulated"
@@ -46,6 +48,7 @@ from sekisho.agents.doors.attach import (
 from sekisho.agents.runtime.agent import Agent
 from sekisho.drivers.locker import BoardError, LockIO
 from sekisho.drivers.osdp import OsdpError, ReaderConfig, ReaderLink
+from sekisho.drivers.osdp.flood import DEFAULT_READ_BURST, DEFAULT_READS_PER_S
 from sekisho.protocol.policy import Card
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,8 @@ class DoorsSettings(_Model):
     pcsc: list[PcscReaderSettings] = Field(default_factory=list)
     pcsc_card_timeout_s: float = Field(default=DOOR_CARD_TIMEOUT_S, gt=0, le=30)
     pcsc_apdu_timeout_s: float = Field(default=DOOR_APDU_TIMEOUT_S, gt=0, le=30)
+    osdp_card_reads_per_s: float = Field(default=DEFAULT_READS_PER_S, ge=0.2, le=1000)
+    osdp_card_read_burst: int = Field(default=DEFAULT_READ_BURST, ge=1, le=1000)
     tick_s: float = Field(default=0.05, gt=0, le=0.5)
 
 
@@ -149,7 +154,15 @@ def build_readers(settings: DoorsSettings, base: Path) -> list[ReaderLink]:
             )
             for r in line.readers
         ]
-        links.append(OsdpReaderLink(line.device, configs, baud_rate=line.baud_rate))
+        links.append(
+            OsdpReaderLink(
+                line.device,
+                configs,
+                baud_rate=line.baud_rate,
+                card_reads_per_s=settings.osdp_card_reads_per_s,
+                card_read_burst=settings.osdp_card_read_burst,
+            )
+        )
     return links
 
 

@@ -105,6 +105,9 @@ class DoorAgentCore:
         self._access = AccessController(self._store)
         self._cabinets = KeyCabinetTracker(self._store, debounce_s=debounce_s)
         self._machines: dict[str, DoorMachine] = {}
+        # What the readers last said, kept for doors that a later policy gives them to.
+        self._reader_health: dict[str, tuple[bool, str | None]] = {}
+        self._reader_floods: dict[str, tuple[int, float]] = {}
         self._policy: SitePolicy | None = None
         self._state: PolicyState = "none"
         self._synced = False
@@ -181,13 +184,31 @@ class DoorAgentCore:
             else:
                 log.warning("unknown input kind %r (index %d) ignored", kind, index)
 
-    def reader_status(self, reader_id: str, online: bool) -> None:
-        """Raise or clear ``reader_offline`` for the reader's door."""
+    def reader_status(self, reader_id: str, online: bool, sc_failure: str | None = None) -> None:
+        """Raise or clear ``reader_offline``, or ``reader_sc_failed`` with its cause, for the reader's door.
+
+        Call it with a reader's settled state only: a link that has not yet had its chance to bring a reader
+        up has no verdict, and no alarm should follow from it.
+        """
         with self._lock:
             self._advance()
+            self._reader_health[reader_id] = (online, sc_failure)
             machine = self._machine_of_reader(reader_id)
             if machine is not None:
-                self._run(machine.reader_status(self._clock.monotonic(), reader_id, online))
+                self._run(machine.reader_status(self._clock.monotonic(), reader_id, online, sc_failure))
+
+    def reader_flood(self, reader_id: str, flooding: bool, dropped: int = 0, reads_per_s: float = 0.0) -> None:
+        """Raise ``reader_flood`` for the reader's door, or clear it once the reader has calmed down."""
+        with self._lock:
+            self._advance()
+            if flooding:
+                self._reader_floods[reader_id] = (dropped, reads_per_s)
+            else:
+                self._reader_floods.pop(reader_id, None)
+            machine = self._machine_of_reader(reader_id)
+            if machine is not None:
+                mono = self._clock.monotonic()
+                self._run(machine.reader_flood(mono, reader_id, flooding, dropped, reads_per_s))
 
     def reader_tamper(self, reader_id: str, active: bool) -> None:
         """Raise or clear a tamper alarm reported by a reader (e.g. OSDP tamper status)."""
@@ -388,6 +409,7 @@ class DoorAgentCore:
             existing = self._machines.get(door_id)
             if existing is not None:
                 self._run(existing.update_door(mono, door))
+                self._run(self._reader_alarms(existing, mono))  # a reader new to this door
                 continue
             saved = stored.get(door_id)
             machine = DoorMachine(
@@ -400,8 +422,19 @@ class DoorAgentCore:
                 self._store.set_mode(door_id, machine.mode, None)
             self._machines[door_id] = machine
             self._run(machine.restart(mono))
+            self._run(self._reader_alarms(machine, mono))
         for door_id in [d for d in stored if d not in wanted]:
             self._store.set_mode(door_id, "normal", None)  # a mode of a door the policy no longer has
+
+    def _reader_alarms(self, machine: DoorMachine, mono: float) -> list[Action]:
+        """Raise what a door's readers said before they were its readers (alarms already raised stay as they are)."""
+        out: list[Action] = []
+        for reader in machine.door.readers:
+            if (health := self._reader_health.get(reader.id)) is not None:
+                out.extend(machine.reader_status(mono, reader.id, *health))
+            if (flood := self._reader_floods.get(reader.id)) is not None:
+                out.extend(machine.reader_flood(mono, reader.id, True, *flood))
+        return out
 
     def _advance(self) -> None:
         mono, now = self._clock.monotonic(), self._clock.now()

@@ -200,7 +200,7 @@ def _log_line(p: LogPayload) -> _LogLine:
     if isinstance(p, DoorAlarm):
         return _LogLine(person=p.person, reason=p.alarm, detail=p.detail or None, reader=p.reader, slot=p.slot)
     if isinstance(p, DoorAlarmCleared):
-        return _LogLine(reason=p.alarm, detail=p.detail or None)
+        return _LogLine(reason=p.alarm, detail=p.detail or None, reader=p.reader)
     if isinstance(p, DoorUnlocked):
         return _LogLine(person=p.requested_by, reason=p.cause)
     if isinstance(p, DoorModeChanged):
