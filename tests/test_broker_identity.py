@@ -20,11 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.lab import lab_on
+from support.lab import running_site
 from support.mqtt import NOT_AUTHORIZED, ConnectRefused, SyncClient, connect_client
 from support.site import wait_for
 
-from sekisho.controller.config import load_config
 from sekisho.controller.service import Controller
 from sekisho.deploy.broker import Broker
 from sekisho.deploy.pki import CONTROLLER_CN, AgentCredentials
@@ -110,19 +109,8 @@ class HonestAgent:
 @pytest.fixture
 def site(pki: Path, tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
     """A site with the real controller (ingest worker `controller-1-ingest`) and agents term-a, term-b."""
-    lab = lab_on(pki, tmp_path / "site")
-    lab.start_broker()
-    lab.write_controller_config(batch_wait_ms=5)
-    for name in (ATTACKER, HONEST):
-        lab.add_agent(name)
-    lab.register_agents(ATTACKER, HONEST)
-    ctl = Controller(load_config(lab.controller_config))
-    ctl.start()
-    try:
-        yield lab, ctl
-    finally:
-        ctl.stop()
-        lab.stop_all()
+    with running_site(pki, tmp_path / "site", agents=(ATTACKER, HONEST)) as running:
+        yield running
 
 
 def _wait_stored(ctl: Controller, sent: int) -> None:

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from support.lab import lab_on
+from support.lab import running_site
 from support.mqtt import connect_client
 from support.site import wait_for
 
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.deps import AppState
-from sekisho.controller.config import load_config
 from sekisho.controller.service import Controller
 from sekisho.deploy.pki import AgentCredentials
 from sekisho.lab import Lab
@@ -27,19 +26,8 @@ AGENT = "term-i1"
 
 @pytest.fixture
 def running(pki: Path, tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
-    lab = lab_on(pki, tmp_path / "site")
-    lab.start_broker()
-    lab.write_controller_config(batch_wait_ms=5)
-    lab.add_agent(AGENT)
-    lab.add_agent("term-unregistered")
-    lab.register_agents(AGENT)
-    ctl = Controller(load_config(lab.controller_config))
-    ctl.start()
-    try:
-        yield lab, ctl
-    finally:
-        ctl.stop()
-        lab.stop_all()
+    with running_site(pki, tmp_path / "site", agents=(AGENT, "term-unregistered"), registered=(AGENT,)) as site:
+        yield site
 
 
 def agent_key(lab: Lab, name: str = AGENT):

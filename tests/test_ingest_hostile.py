@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
-from support.lab import lab_on
+from support.lab import lab_on, running_site
 from support.mqtt import connect_client
 from support.site import wait_for
 
@@ -60,19 +60,8 @@ def _honest(lab: Lab, seq: int) -> bytes:
 
 @pytest.fixture
 def running(pki: Path, tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
-    lab = lab_on(pki, tmp_path / "site")
-    lab.start_broker()
-    lab.write_controller_config(batch_wait_ms=5, ingest_stall_s=5)
-    lab.add_agent(HONEST)
-    lab.add_agent(HOSTILE)
-    lab.register_agents(HONEST, HOSTILE)
-    ctl = Controller(load_config(lab.controller_config))
-    ctl.start()
-    try:
-        yield lab, ctl
-    finally:
-        ctl.stop()
-        lab.stop_all()
+    with running_site(pki, tmp_path / "site", agents=(HONEST, HOSTILE), ingest_stall_s=5) as site:
+        yield site
 
 
 @pytest.mark.broker

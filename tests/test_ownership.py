@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from support.lab import lab_on
+from support.lab import running_site
 from support.mqtt import SyncClient, connect_client
 
-from sekisho.controller.config import load_config
 from sekisho.controller.ingest.worker import NOT_OWNER_FINDING
 from sekisho.controller.service import Controller
 from sekisho.deploy.pki import AgentCredentials
@@ -47,20 +46,9 @@ def _policy(path: Path) -> Path:
 
 @pytest.fixture
 def running(pki: Path, tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
-    lab = lab_on(pki, tmp_path / "site")
-    lab.start_broker()
-    lab.write_controller_config(batch_wait_ms=5)
-    for name in (DOOR_AGENT, TERMINAL_AGENT):
-        lab.add_agent(name)
-    lab.register_agents(DOOR_AGENT, TERMINAL_AGENT)
-    lab.sekisho("policy", "apply", str(_policy(tmp_path / "site.yaml")), "--config", str(lab.controller_config))
-    ctl = Controller(load_config(lab.controller_config))
-    ctl.start()
-    try:
-        yield lab, ctl
-    finally:
-        ctl.stop()
-        lab.stop_all()
+    policy = _policy(tmp_path / "site.yaml")
+    with running_site(pki, tmp_path / "site", agents=(DOOR_AGENT, TERMINAL_AGENT), policy=policy) as site:
+        yield site
 
 
 class Sender:

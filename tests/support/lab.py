@@ -1,11 +1,15 @@
-"""Labs on the session's PKI, so that no test pays for generating CAs and keys of its own."""
+"""Labs on the session's PKI (no test pays for generating CAs and keys of its own), and running sites."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from sekisho.controller.config import load_config
+from sekisho.controller.service import Controller
 from sekisho.lab import Lab
 
 
@@ -23,3 +27,36 @@ def lab_on(pki: Path, root: Path, **options: Any) -> Lab:
 
     shutil.copytree(source, root / "pki", ignore=issued_agents)
     return Lab(root, **options)
+
+
+@contextmanager
+def running_site(
+    pki: Path,
+    root: Path,
+    *,
+    agents: Sequence[str],
+    registered: Sequence[str] | None = None,
+    policy: Path | None = None,
+    **controller: object,
+) -> Iterator[tuple[Lab, Controller]]:
+    """Run a site on a real broker with the real controller in this process, stopping both afterwards.
+
+    ``agents`` get credentials and configs; ``registered`` (default: all of them) are registered with the
+    controller; ``policy`` (a site.yaml) is applied through the CLI before the controller starts;
+    ``controller`` overrides go into controller.toml.
+    """
+    lab = lab_on(pki, root)
+    lab.start_broker()
+    lab.write_controller_config(**{"batch_wait_ms": 5, **controller})
+    for name in agents:
+        lab.add_agent(name)
+    lab.register_agents(*(agents if registered is None else registered))
+    if policy is not None:
+        lab.sekisho("policy", "apply", str(policy), "--config", str(lab.controller_config))
+    ctl = Controller(load_config(lab.controller_config))
+    ctl.start()
+    try:
+        yield lab, ctl
+    finally:
+        ctl.stop()
+        lab.stop_all()
