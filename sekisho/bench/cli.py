@@ -391,11 +391,14 @@ def bench_usb(
 
 
 @bench_app.command("login")
-def bench_login(removals: Annotated[int, typer.Option(min=50, help="card removals through pcscd")] = 50) -> None:
-    """Time card removal → lock command (real pcscd, vpcd) and the PAM decision without the human."""
+def bench_login(
+    removals: Annotated[int, typer.Option(min=50, help="card removals through pcscd")] = 50,
+    logins: Annotated[int, typer.Option(min=20, help="whole PAM auth calls (and as many baseline ones)")] = 30,
+) -> None:
+    """Time card removal → lock command (real pcscd, vpcd), the whole PAM call and the decision without the human."""
     from sekisho.bench.login import run_login_bench
 
-    raise typer.Exit(run_login_bench(removals, console))
+    raise typer.Exit(run_login_bench(removals, console, logins=logins))
 
 
 @bench_app.command("doors")
