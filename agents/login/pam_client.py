@@ -208,4 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         return without_agent(Path(options["config"]), options["terminal"], env, detail)
     except Exception as err:
         sys.stderr.write(f"sekisho-pam-auth: could not record the refusal either: {type(err).__name__}: {err}\n")
+        try:
+            from sekisho.agents.login.messages import bilingual
+
+            sys.stdout.write(bilingual("internal_error") + "\n")
+        except Exception as why:  # nothing more to say to the person; the exit code still refuses
+            sys.stderr.write(f"sekisho-pam-auth: {why}\n")
         return 1

@@ -11,6 +11,8 @@ set -eu
 PAM_DIR=${PAM_DIR:-/etc/pam.d}
 SBIN_DIR=${SBIN_DIR:-/usr/local/sbin}
 BREAKGLASS_GROUP=${BREAKGLASS_GROUP:-sekisho-breakglass}
+# Where sekisho-agent terminal answers pam-auth (its --pam-socket default).
+AGENT_SOCKET=/run/sekisho/pam/pam.sock
 HERE=$(cd "$(dirname "$0")" && pwd)
 MARK_BEGIN="# >>> sekisho login guard >>>"
 MARK_END="# <<< sekisho login guard <<<"
@@ -92,6 +94,8 @@ install_guard() {
         rollback
         exit 1
     }
+    [ -S "$AGENT_SOCKET" ] || say "note: no terminal agent answers on $AGENT_SOCKET yet; until sekisho-agent terminal" \
+        "runs, every login except the $BREAKGLASS_GROUP group's is refused"
 }
 
 verify() {
