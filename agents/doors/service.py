@@ -444,9 +444,14 @@ class DoorAgentCore:
         self._run(self._cabinets.tick(mono, now))
 
     def _run(self, actions: Iterable[Action]) -> bool:
-        """Carry out actions in order; after a failed record, nothing it would justify is done."""
+        """Carry out actions in order; after a failed record, nothing it would justify is done.
+
+        Reader feedback (LED, buzzer) is given last, after the relays: the door opens without waiting for the
+        reader's LED command to be queued, and a refusal has no relay to wait for anyway.
+        """
         failed = False
         queue: deque[Action] = deque(actions)
+        feedback: list[tuple[str, bool]] = []
         while queue:
             action = queue.popleft()
             if isinstance(action, Emit):
@@ -457,7 +462,7 @@ class DoorAgentCore:
                     continue
                 queue.extendleft(reversed(self._drive(action)))
             elif isinstance(action, Feedback):
-                self._give_feedback(action.reader, action.ok and not failed)
+                feedback.append((action.reader, action.ok and not failed))
             elif isinstance(action, Unlock):
                 if failed:
                     log.error("door %s not unlocked: its grant was not recorded", action.door)
@@ -467,6 +472,8 @@ class DoorAgentCore:
                 self._opened(action)
             elif isinstance(action, Secured):
                 self._cabinets.session_ended(action.door, action.at)
+        for reader, ok in feedback:
+            self._give_feedback(reader, ok)
         return not failed
 
     def _record(self, action: Emit) -> bool:
