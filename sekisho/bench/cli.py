@@ -406,11 +406,12 @@ def bench_doors(
     taps: Annotated[int, typer.Option(min=1000, help="granted taps, controller down")] = 1000,
     osdp_taps: Annotated[int, typer.Option(min=20, help="taps end to end through the OSDP and board stubs")] = 200,
     relay_rounds: Annotated[int, typer.Option(min=20, help="set_relay round trips to the board stub")] = 200,
+    flood_taps: Annotated[int, typer.Option(min=20, help="valid taps while another reader floods")] = 100,
 ) -> None:
-    """Time card → relay with the controller down, end to end over OSDP + the board stub, and set_relay's round trip."""
+    """Time card → relay with the controller down, end to end over OSDP, set_relay, and during a reader flood."""
     from sekisho.bench.doors import run_doors_bench
 
-    run_doors_bench(taps, osdp_taps, console, relay_rounds=relay_rounds)
+    run_doors_bench(taps, osdp_taps, console, relay_rounds=relay_rounds, flood_taps=flood_taps)
 
 
 if __name__ == "__main__":  # pragma: no cover
