@@ -1,6 +1,6 @@
 """Fixtures for the agent runtime tests: agent identities and configs, and a small acking controller.
 
-Loaded with `pytest_plugins = ("agent_fixtures",)` from the test modules that need it.
+Registered for every test module by tests/conftest.py (pytest_plugins).
 """
 
 from __future__ import annotations

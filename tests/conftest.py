@@ -11,6 +11,10 @@ from sekisho.deploy.broker import Broker
 from sekisho.deploy.pki import init_pki, issue_agent
 
 AGENTS = ("agent-a", "agent-b")
+# The shared fixture modules, registered here once: a test module that imports one of them directly (for its
+# helpers) would otherwise load it before pytest could rewrite its asserts, and the run would depend on
+# which module happened to be collected first.
+pytest_plugins = ("agent_fixtures", "pcsc_fixtures", "pipeline_fixtures", "store_fixtures")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The session's own pcscd (sekisho.lab.pcscd) as a fixture, for modules that load it with pytest_plugins."""
+"""The session's own pcscd (sekisho.lab.pcscd) as a fixture; registered by tests/conftest.py (pytest_plugins)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Shared fixtures for the store tests: the same tests run on SQLite and on a fresh PostgreSQL database.
 
-Loaded with `pytest_plugins = ("store_fixtures",)` from the test modules that need it.
+Registered for every test module by tests/conftest.py (pytest_plugins).
 """
 
 from __future__ import annotations

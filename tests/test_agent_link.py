@@ -29,7 +29,6 @@ from sekisho.deploy.broker import Broker
 from sekisho.deploy.pki import CONTROLLER_CN
 from sekisho.protocol import errors, messages, signing, topics
 
-pytest_plugins = ("agent_fixtures",)
 pytestmark = pytest.mark.broker
 
 if TYPE_CHECKING:

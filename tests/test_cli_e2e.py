@@ -16,7 +16,6 @@ from sekisho.controller.store.models import Event
 from sekisho.deploy.pki import PkiPaths
 from sekisho.protocol import errors, messages, signing, timefmt, topics
 
-pytest_plugins = ("pipeline_fixtures",)
 pytestmark = pytest.mark.broker
 
 DEMO_POLICY = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "site.yaml"

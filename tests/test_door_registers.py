@@ -28,8 +28,6 @@ from sekisho.controller.store import Store
 from sekisho.controller.store.models import Base, Event, ProjectionCursor
 from sekisho.protocol import signing, timefmt
 
-pytest_plugins = ("store_fixtures",)
-
 if TYPE_CHECKING:
     from store_fixtures import FakeAgent, MakeAgent
 

@@ -31,8 +31,6 @@ from sekisho.deploy.pki import AgentCredentials, PkiPaths
 from sekisho.lab import write_toml
 from sekisho.protocol import door_commands, events, messages, signing, timefmt, topics
 
-pytest_plugins = ("store_fixtures",)
-
 if TYPE_CHECKING:
     from store_fixtures import MakeAgent
 

@@ -25,7 +25,6 @@ from sekisho.drivers.osdp import ReaderConfig, SimulatedReaderLink
 from sekisho.drivers.smartcard import hash_uid
 from sekisho.protocol import events
 
-pytest_plugins = ("pipeline_fixtures",)
 pytestmark = [pytest.mark.broker, pytest.mark.faults]
 
 AGENT = "door-t1"

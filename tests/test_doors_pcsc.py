@@ -30,8 +30,6 @@ from sekisho.firmware_stubs.piv_card import INS_GENERAL_AUTHENTICATE, INS_SELECT
 from sekisho.lab.pcscd import VPCD_PORT_2, VPCD_READER, VPCD_READER_2
 from sekisho.protocol.policy import Card, Door, DoorReader, Person, Site, SitePolicy
 
-pytest_plugins = ["pcsc_fixtures"]
-
 SITE_KEY = b"pcsc-door-site-key-0123456789abc"
 PIV_UID = bytes.fromhex("04D0012345AB01")
 FELICA_UID = bytes.fromhex("0102030405060708")

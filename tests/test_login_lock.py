@@ -17,8 +17,6 @@ from sekisho.drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
 from sekisho.lab.pcscd import VPCD_READER
 from sekisho.protocol.events import EVENT_TYPES
 
-pytest_plugins = ["pcsc_fixtures"]
-
 READER = "Simulated Reader 0"
 OTHER = "Simulated Reader 1"
 

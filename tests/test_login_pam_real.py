@@ -24,8 +24,6 @@ from sekisho.agents.login.messages import message
 from sekisho.firmware_stubs.piv_card import INS_GENERAL_AUTHENTICATE, INS_SELECT, Fault, VirtualCard, make_certificate
 from sekisho.lab.pcscd import VPCD_READER
 
-pytest_plugins = ["pcsc_fixtures"]
-
 _FP_REASON = missing_prerequisites()
 pytestmark = [
     pytest.mark.skipif(PAM_REASON is not None, reason=PAM_REASON or ""),

@@ -18,8 +18,6 @@ from sekisho.agents.runtime.agent import Agent
 from sekisho.drivers.smartcard.simulated import SimulatedBackend, SimulatedCard
 from sekisho.protocol import events
 
-pytest_plugins = ["agent_fixtures"]
-
 READER = "Sim Reader 0"
 
 

@@ -44,8 +44,6 @@ from sekisho.lab import write_toml
 from sekisho.lab.pgcluster import pg_database
 from sekisho.protocol import canonical, errors, messages, mynumber, signing, timefmt, topics
 
-pytest_plugins = ("store_fixtures",)
-
 TOKEN = "t" * 32
 NUMBER = valid()
 # How an administrator or a hostile agent might write it (see tests/test_mynumber.py for all of them).

@@ -17,7 +17,6 @@ from support.site import Site, wait_for
 from sekisho.controller.store.models import Finding
 from sekisho.lab.pgcluster import pg_database
 
-pytest_plugins = ("pipeline_fixtures", "store_fixtures")
 pytestmark = [pytest.mark.broker, pytest.mark.faults]
 
 N = 3000

@@ -44,8 +44,6 @@ from sekisho.drivers.smartcard.auth import select_piv  # noqa: E402
 from sekisho.drivers.smartcard.pcsc import PcscBackend  # noqa: E402
 from sekisho.lab.pcscd import VPCD_PORT_2, VPCD_READER, VPCD_READER_2  # noqa: E402
 
-pytest_plugins = ["pcsc_fixtures"]
-
 READER = VPCD_READER
 SITE_KEY = b"site-key-for-tests-0123456789abcdef"
 GENUINE_UID = bytes.fromhex("04A1B2C3D4E5F6")

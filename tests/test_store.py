@@ -38,8 +38,6 @@ from sekisho.controller.store.redaction import letter_mac
 from sekisho.protocol import errors, mynumber
 from sekisho.protocol.canonical import canonical_bytes
 
-pytest_plugins = ("store_fixtures",)
-
 if TYPE_CHECKING:
     from store_fixtures import MakeAgent
 

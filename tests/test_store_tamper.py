@@ -34,8 +34,6 @@ from sekisho.protocol import signing, timefmt
 from sekisho.protocol.canonical import canonical_bytes
 from sekisho.protocol.events import build_event, decode_event
 
-pytest_plugins = ("store_fixtures",)
-
 if TYPE_CHECKING:
     from store_fixtures import FakeAgent, MakeAgent
 
