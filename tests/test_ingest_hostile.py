@@ -60,7 +60,8 @@ def _honest(lab: Lab, seq: int) -> bytes:
 
 @pytest.fixture
 def running(pki: Path, tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
-    with running_site(pki, tmp_path / "site", agents=(HONEST, HOSTILE), ingest_stall_s=5) as site:
+    # Keys re-read every second: the key-swap test waits for ingest to see the swapped database row.
+    with running_site(pki, tmp_path / "site", agents=(HONEST, HOSTILE), ingest_stall_s=5, key_refresh_s=1) as site:
         yield site
 
 
@@ -146,6 +147,38 @@ def test_readyz_turns_unready_while_ingest_cannot_advance_and_nothing_is_lost(
         client.close()
     assert ctl.store.list_dead_letters(limit=10) == []
     wait_for(lambda: api.get("/readyz").status_code == 200, 10, "/readyz to recover")
+
+
+@pytest.mark.broker
+def test_a_key_swapped_into_agents_accepts_no_event(running: tuple[Lab, Controller]) -> None:
+    """Someone who can write the database but not sign as the controller swaps an agent's key (attack run,
+    item 8): `records verify` reports it, and ingest must not accept events signed with the swapped key."""
+    lab, ctl = running
+    forger = Ed25519PrivateKey.generate()
+    swapped = signing.public_key_pem(forger.public_key()).decode()
+    with sqlite3.connect(lab.root / "controller" / "controller.db") as db:
+        db.execute("UPDATE agents SET public_key_pem = ? WHERE id = ?", (swapped, HOSTILE))
+    client = connect_client(lab.pki_dir, lab.broker.port, HOSTILE)
+    honest = connect_client(lab.pki_dir, lab.broker.port, HONEST)
+    seq = 0
+
+    def forged_refused_as_unknown() -> bool:
+        # Each try is signed by the forger; until ingest re-reads the keys it fails the old key's signature.
+        nonlocal seq
+        seq += 1
+        raw = events.build_event(forger, agent=HOSTILE, seq=seq, type="test.synthetic", payload={"n": seq})
+        client.publish_wait(topics.topic(HOSTILE, topics.EVENTS), raw)
+        return any(d.reason == errors.UNKNOWN_AGENT for d in ctl.store.list_dead_letters(limit=100))
+
+    try:
+        wait_for(forged_refused_as_unknown, 20, "ingest to refuse the key no signed key line vouches for")
+        honest.publish_wait(topics.topic(HONEST, topics.EVENTS), _honest(lab, 1))
+        wait_for(lambda: ctl.store.event_seqs(HONEST) == [1], 15, "the honest agent's event to be stored")
+    finally:
+        client.close()
+        honest.close()
+    assert ctl.store.event_seqs(HOSTILE) == []
+    assert {d.reason for d in ctl.store.list_dead_letters(limit=100)} <= {errors.BAD_SIGNATURE, errors.UNKNOWN_AGENT}
 
 
 # --- the real worker's batch step, fed anything ------------------------------------------------------

@@ -72,11 +72,17 @@ class _Incoming:
 
 
 class KeyRing:
-    """Agents' registered public keys, re-read from the store periodically so revocation spreads."""
+    """Agents' registered public keys, re-read from the store periodically so revocation spreads.
 
-    def __init__(self, store: Store, refresh_s: float) -> None:
+    Only keys that a controller-signed line of the agent's key history vouches for are used: a key
+    written into ``agents`` by anyone without the controller's signing key accepts no event.
+    """
+
+    def __init__(self, store: Store, refresh_s: float, controller_key: Ed25519PublicKey) -> None:
         self._store = store
         self._refresh_s = refresh_s
+        self._controller = signing.Verifier(controller_key)
+        self._refused: frozenset[str] = frozenset()
         self._keys: dict[str, signing.Verifier] = {}
         self._public: dict[str, Ed25519PublicKey] = {}
         self._loaded_at = 0.0
@@ -95,7 +101,13 @@ class KeyRing:
 
     def reload(self) -> None:
         """Re-read all active agents' keys from the store."""
-        self._public = {a: signing.load_public_key_pem(pem.encode()) for a, pem in self._store.agent_keys().items()}
+        vouched, refused = self._store.vouched_agent_keys(self._controller)
+        if set(refused) - self._refused:
+            # Logged once per change: an agent whose key no signed key line vouches for sends in vain.
+            log.error("ingest: no controller-signed key line vouches for the key of %s; their events are refused",
+                      ", ".join(sorted(set(refused) - self._refused)))  # fmt: skip
+        self._refused = frozenset(refused)
+        self._public = {a: signing.load_public_key_pem(pem.encode()) for a, pem in vouched.items()}
         self._keys = {a: signing.Verifier(k) for a, k in self._public.items()}
         self._loaded_at = time.monotonic()
 
@@ -114,7 +126,7 @@ class IngestWorker:
         self.store = store
         self.stats = IngestStats(stall_s=config.ingest_stall_s)
         self._signing_key: Ed25519PrivateKey = signing.load_private_key(config.signing_key)
-        self._keys = KeyRing(store, config.key_refresh_s)
+        self._keys = KeyRing(store, config.key_refresh_s, self._signing_key.public_key())
         self._owners = OwnershipCheck(store, config.key_refresh_s)
         self._queue: queue.Queue[_Incoming] = queue.Queue()
         self._stop = threading.Event()

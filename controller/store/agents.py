@@ -12,10 +12,11 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Table, insert, or_, select, update
 
-from sekisho.controller.store.checkpoints import CheckpointRecords, add_key_line
+from sekisho.controller.store.checkpoints import CheckpointRecords, add_key_line, row_key_line
 from sekisho.controller.store.models import Agent, AgentKey
 from sekisho.controller.store.records import aware_utc, int_or_none
 from sekisho.protocol import errors, mynumber, signing, timefmt, topics
+from sekisho.protocol.canonical import canonical_bytes
 
 ACTIVE = "active"
 REVOKED = "revoked"
@@ -25,6 +26,7 @@ REPLACE = "replace"
 REVOKE = "revoke"
 
 _AGENTS = cast(Table, Agent.__table__)
+_AGENT_KEYS = cast(Table, AgentKey.__table__)
 
 
 class AgentExists(Exception):
@@ -116,6 +118,36 @@ class AgentRecords(CheckpointRecords):
             stmt = stmt.where(_AGENTS.c.status == ACTIVE)
         with self.engine.connect() as conn:
             return {row.id: row.public_key_pem for row in conn.execute(stmt)}
+
+    def vouched_agent_keys(self, controller_key: signing.Verifier) -> tuple[dict[str, str], list[str]]:
+        """Return active agents' keys that their newest controller-signed key line vouches for, and the refused.
+
+        Ingest takes keys from here rather than from ``agents`` alone: a key swapped into ``agents`` by
+        someone who can write the database but not sign as the controller is not used to accept events
+        (``records verify`` reports it too). Returns ({agent: public key PEM}, [agents refused]).
+        """
+        with self.engine.connect() as conn:
+            active = dict(
+                conn.execute(select(_AGENTS.c.id, _AGENTS.c.public_key_pem).where(_AGENTS.c.status == ACTIVE)).all()
+            )
+            newest: dict[str, Any] = {}
+            for row in conn.execute(select(_AGENT_KEYS).order_by(_AGENT_KEYS.c.agent_id, _AGENT_KEYS.c.version)):
+                newest[row.agent_id] = row
+        trusted: dict[str, str] = {}
+        refused: list[str] = []
+        for agent, pem in active.items():
+            line = newest.get(agent)
+            if line is None or line.action == REVOKE or line.public_key_pem != pem or line.signature is None:
+                refused.append(agent)
+                continue
+            try:
+                body = canonical_bytes(row_key_line(line))
+                signing.verify_canonical(controller_key, "agent_key", body, line.signature)
+            except errors.Rejected:
+                refused.append(agent)
+                continue
+            trusted[agent] = pem
+        return trusted, sorted(refused)
 
     def record_heartbeat(self, agent_id: str, info: dict[str, Any], seen_at: datetime) -> bool:
         """Record an agent's latest heartbeat; older heartbeats than the one stored are ignored.
