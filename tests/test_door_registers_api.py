@@ -249,10 +249,11 @@ def broker_site(pki: Path, broker: Broker, tmp_path: Path, **overrides: object) 
     )
     engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'controller.db'}")
     upgrade(engine)
-    store = Store(engine)
+    key = signing.load_private_key(paths.controller_signing_key)
+    # With the controller's key, as `register-agent` opens it: ingest trusts only signed key lines.
+    store = Store(engine, signing_key=key)
     # The front door, lockers and key cabinet on agent-a; the back door on agent-b.
     policy = parse_policy(site_yaml({"door-hr-01": "agent-a", "door-hr-02": "agent-b"}))
-    key = signing.load_private_key(paths.controller_signing_key)
     PolicyService(store, key).apply(policy, source_sha256="0" * 64, created_by="test")
     return config, store
 
