@@ -24,6 +24,7 @@ from pydantic import SecretStr
 from sqlalchemy import event, inspect, select, text
 from support.lab import lab_on
 from test_media import site_yaml
+from test_media_api import _loan
 from test_mynumber import ZERO_PREFIX, fullwidth, grouped, valid, wrong
 from typer.testing import CliRunner
 
@@ -126,20 +127,6 @@ def api(tmp_path: Path) -> Iterator[Api]:
         yield Api(client, store, database)
     finally:
         engine.dispose()
-
-
-def _loan(**overrides: Any) -> dict[str, Any]:
-    body = {
-        "medium": "m-0001",
-        "person": "p-0001",
-        "terminals": ["t-hr-01"],
-        "ends_at": (timefmt.now() + timedelta(days=1)).isoformat(),
-        "purpose": "年末調整データ (test)",
-        "approved_by": "p-0002",
-        "recorded_by": "p-0002",
-    }
-    body.update(overrides)
-    return body
 
 
 @pytest.mark.parametrize("notation", sorted(NOTATIONS))
