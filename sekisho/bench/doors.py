@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -44,6 +44,9 @@ from sekisho.drivers.locker import BoardObserver, BoardStatus, LockIO
 from sekisho.drivers.smartcard import hash_uid
 from sekisho.protocol import events, timefmt
 from sekisho.protocol.policy import Card, Door, DoorReader, Person, Site, SitePolicy
+
+if TYPE_CHECKING:  # the OSDP driver loads libosdp: imported where the OSDP parts run
+    from sekisho.drivers.osdp import OsdpReaderLink
 
 AGENT = "bench-doors"
 SITE_KEY = b"bench-doors-site-key-0123456789ab"
@@ -188,7 +191,6 @@ def tap_to_relay(root: Path, taps: int) -> tuple[list[float], list[float], int]:
 
 def osdp_end_to_end(root: Path, taps: int) -> list[float]:
     """Part 2: reader stub → OSDP Secure Channel → agent → locker board stub; return latencies in ms."""
-    from sekisho.drivers.locker import LockerBoardLink
     from sekisho.drivers.osdp import OsdpReaderLink, ReaderConfig
     from sekisho.firmware_stubs.locker_board import StubBoardProcess
     from sekisho.firmware_stubs.osdp_reader import StubReaderProcess
@@ -208,21 +210,7 @@ def osdp_end_to_end(root: Path, taps: int) -> list[float]:
             card_reads_per_s=100.0,
             card_read_burst=100,
         )
-        watch = TimedBoard(LockerBoardLink(board_stub.master_fd, relays=LOCKERS, doors=LOCKERS, key_slots=0))
-        doors = attach_doors(
-            emit=agent.emit,
-            policy=agent.policy,
-            state_dir=agent.config.state_dir,
-            readers=[link],
-            board=watch,
-            site_key=SITE_KEY,
-        )
-        doors.start()
-        deadline = time.monotonic() + 15
-        while not link.secure("rdr-0"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the OSDP reader stub did not come up over Secure Channel")
-            time.sleep(0.05)
+        doors, watch = _attach_secure(agent, link, board_stub.master_fd, ("rdr-0",))
         for i in range(taps):
             watch.event.clear()
             started = time.perf_counter()
@@ -242,9 +230,33 @@ def osdp_end_to_end(root: Path, taps: int) -> list[float]:
     return latencies
 
 
+def _attach_secure(
+    agent: Agent, link: OsdpReaderLink, board_fd: int, readers: tuple[str, ...]
+) -> tuple[AttachedDoors, TimedBoard]:
+    """Attach the door agent to the link and a timed lock board, and wait until every reader is secure."""
+    from sekisho.drivers.locker import LockerBoardLink
+
+    watch = TimedBoard(LockerBoardLink(board_fd, relays=LOCKERS, doors=LOCKERS, key_slots=0))
+    doors = attach_doors(
+        emit=agent.emit,
+        policy=agent.policy,
+        state_dir=agent.config.state_dir,
+        readers=[link],
+        board=watch,
+        site_key=SITE_KEY,
+    )
+    doors.start()
+    deadline = time.monotonic() + 15
+    while not all(link.secure(reader) for reader in readers):
+        if time.monotonic() > deadline:
+            doors.stop()
+            raise RuntimeError("the OSDP reader stub(s) did not come up over Secure Channel")
+        time.sleep(0.05)
+    return doors, watch
+
+
 def flood_decisions(root: Path, taps: int) -> tuple[list[float], int]:
     """Part 4: valid taps at one reader while another on its line floods; return (latencies ms, flood reads decided)."""
-    from sekisho.drivers.locker import LockerBoardLink
     from sekisho.drivers.osdp import OsdpReaderLink, ReaderConfig
     from sekisho.firmware_stubs.locker_board import StubBoardProcess
     from sekisho.firmware_stubs.osdp_reader import StubReaderProcess
@@ -267,21 +279,8 @@ def flood_decisions(root: Path, taps: int) -> tuple[list[float], int]:
                 ReaderConfig(reader_id="rdr-1", address=2, scbk=SCBK),
             ],
         )
-        watch = TimedBoard(LockerBoardLink(board_stub.master_fd, relays=LOCKERS, doors=LOCKERS, key_slots=0))
-        doors = attach_doors(
-            emit=agent.emit,
-            policy=agent.policy,
-            state_dir=agent.config.state_dir,
-            readers=[link],
-            board=watch,
-            site_key=SITE_KEY,
-        )
-        doors.start()
+        doors, watch = _attach_secure(agent, link, board_stub.master_fd, ("rdr-0", "rdr-1"))
         deadline = time.monotonic() + 15
-        while not (link.secure("rdr-0") and link.secure("rdr-1")):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the OSDP reader stubs did not come up over Secure Channel")
-            time.sleep(0.05)
         # A stranger's card, 100 reads a second, for longer than the valid taps take; the reader keeps every
         # read until polled (libosdp's own queue), so each of its polls brings one.
         flooder.flood(bytes.fromhex("0dead0"), seconds=taps * 0.5 + 30, rate=100)
