@@ -8,6 +8,7 @@ from sekisho.agents.runtime.cli import app as agent_app
 from sekisho.agents.usb.rules.cli import app as usb_app
 from sekisho.controller.cli import controller_app, policy_app, records_app
 from sekisho.controller.doors.cli import app as doors_app
+from sekisho.controller.fleet.cli import app as fleet_app
 from sekisho.controller.media.cli import app as media_app
 from sekisho.deploy.cli import app as pki_app
 
@@ -24,6 +25,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(records_app, name="records")
 app.add_typer(media_app, name="media")
 app.add_typer(doors_app, name="doors")
+app.add_typer(fleet_app, name="fleet")
 app.add_typer(usb_app, name="usb", help="USB media guard tools (rule import).")
 
 try:

@@ -1,0 +1,16 @@
+"""`sekisho fleet …`: enrol, watch and retire the site's agents.
+
+Each part of the fleet adds its own sub-commands here (tokens, status, revocation, …), so this module
+stays the one place that names them.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="エージェントの登録・状態・失効 / Enrol, watch and retire agents.", no_args_is_help=True)
+
+
+@app.callback()
+def _fleet() -> None:
+    """Enrol, watch and retire agents."""
