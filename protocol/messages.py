@@ -10,7 +10,7 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,6 +19,8 @@ from sekisho.protocol import PROTOCOL_VERSION, errors, mynumber, signing, timefm
 from sekisho.protocol.canonical import canonical_bytes, loads_strict
 
 MAX_CONTROL_BYTES = 1024 * 1024
+# A heartbeat with the largest fingerprint report is about 25 KiB; anything much bigger is not one.
+MAX_HEARTBEAT_BYTES = 64 * 1024
 # A command lives minutes at most: long enough to cross a slow link, short enough that a captured
 # one is useless soon after; the agent remembers nonces for this long.
 MAX_COMMAND_LIFETIME = timedelta(minutes=10)
@@ -110,8 +112,42 @@ def open_ack(raw: bytes, key: Ed25519PublicKey, agent: str) -> Ack:
 # --- heartbeats (agent → controller) ---------------------------------------------------------------
 
 
+# A short machine-readable code (no free text, so no secret or personal data can ride along).
+ERROR_CODE = r"^[a-z][a-z0-9_.:-]{0,63}$"
+# Person ids as the site policy spells them (protocol.policy.Ident).
+_PERSON_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# Bounds that keep a heartbeat small whatever the site: a terminal reports at most this many people.
+MAX_FINGERPRINT_PEOPLE = 256
+MAX_FINGERS = 10
+
+
+class LastError(_Body):
+    """The agent's most recent error: a short code and when it happened, never a message."""
+
+    code: str = Field(pattern=ERROR_CODE)
+    at: str
+    count: int = Field(default=1, ge=1)
+
+
+class FingerprintStatus(_Body):
+    """Enrolled finger counts per person on one terminal, as fprintd reports them (never a template)."""
+
+    checked_at: str
+    # None when the sensor service answered; else a code such as "no_sensor" (counts are then empty).
+    error: str | None = Field(default=None, pattern=ERROR_CODE)
+    enrolled: dict[Annotated[str, Field(pattern=_PERSON_ID)], Annotated[int, Field(ge=0, le=MAX_FINGERS)]] = Field(
+        default_factory=dict, max_length=MAX_FINGERPRINT_PEOPLE
+    )
+    # More people than MAX_FINGERPRINT_PEOPLE: the rest were not reported.
+    truncated: bool = False
+
+
 class Heartbeat(_Body):
-    """Liveness and health of an agent; not stored in the event chain."""
+    """Liveness and health of an agent; not stored in the event chain.
+
+    The fields after policy_state were added later (issue 11) and are optional, so heartbeats of older
+    agents are still accepted; a newer agent leaves out those it has nothing for.
+    """
 
     v: int
     agent: str = Field(pattern=topics.AGENT_ID.pattern)
@@ -124,17 +160,29 @@ class Heartbeat(_Body):
     clock_offset_ms: int | None = None
     policy_version: int | None = None
     policy_state: str = Field(max_length=16)
+    kind: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_-]{0,15}$")
+    interval_s: int | None = Field(default=None, ge=1, le=3600)
+    cert_not_after: str | None = Field(default=None, max_length=40)
+    last_error: LastError | None = None
+    fingerprints: FingerprintStatus | None = None
+
+
+# Optional fields a heartbeat carries only when set (an older controller refuses keys it does not know).
+_LATER_FIELDS = ("kind", "interval_s", "cert_not_after", "last_error", "fingerprints")
 
 
 def build_heartbeat(key: Ed25519PrivateKey, **fields: Any) -> bytes:
     """Sign a heartbeat (fields as in Heartbeat, without v)."""
     body = Heartbeat.model_validate({"v": PROTOCOL_VERSION, **fields}).model_dump()
+    for name in _LATER_FIELDS:
+        if body[name] is None:
+            del body[name]
     return _dump("heartbeat", key, body)
 
 
 def open_heartbeat(raw: bytes, key: Ed25519PublicKey, topic_agent: str) -> Heartbeat:
     """Verify and parse a heartbeat received on an agent's topic; one carrying a My Number is refused."""
-    body = _open("heartbeat", raw, key)
+    body = _open("heartbeat", raw, key, MAX_HEARTBEAT_BYTES)
     # Every field, not only the free-text ones: the controller keeps the whole heartbeat (agents table).
     found = next(mynumber.find_my_numbers(body, "$.heartbeat"), None)
     if found is not None:
@@ -142,6 +190,13 @@ def open_heartbeat(raw: bytes, key: Ed25519PublicKey, topic_agent: str) -> Heart
     hb = _validate(Heartbeat, body, "heartbeat")
     if hb.agent != topic_agent:
         raise errors.Rejected(errors.TOPIC_MISMATCH, f"heartbeat of {hb.agent!r} on topic of {topic_agent!r}")
+    for name, text in (
+        ("cert_not_after", hb.cert_not_after),
+        ("last_error.at", hb.last_error.at if hb.last_error else None),
+        ("fingerprints.checked_at", hb.fingerprints.checked_at if hb.fingerprints else None),
+    ):
+        if text is not None:
+            timefmt.parse(text, name)
     return hb
 
 
