@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, cast
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, Table, insert, or_, select, update
 
 from sekisho.controller.store.checkpoints import CheckpointRecords, add_key_line, row_key_line
@@ -37,6 +38,54 @@ class AgentNotFound(LookupError):
     """No agent with that id is registered."""
 
 
+def check_registrable(agent_id: str, public_key_pem: str) -> None:
+    """Raise ValueError unless the id can be an agent's and the key is an Ed25519 public key in PEM."""
+    try:
+        topics.check_agent_id(agent_id)
+    except errors.Rejected as err:
+        raise ValueError(err.detail) from err
+    if mynumber.contains_my_number(agent_id):
+        # Every event of such an agent would be refused (the header is scanned too): say so now.
+        raise ValueError("agent id: looks like a My Number (12 digits with a valid check digit); choose another")
+    signing.load_public_key_pem(public_key_pem.encode())  # raises ValueError if not Ed25519 PEM
+
+
+def register_agent_in(
+    conn: Connection,
+    signer: Ed25519PrivateKey | None,
+    agent_id: str,
+    public_key_pem: str,
+    *,
+    replace: bool,
+    when: datetime,
+) -> str | None:
+    """Register or replace an agent's key inside the caller's transaction; return the key line's action.
+
+    None when the same key is already active (nothing written). Enrolment uses this with its token in one
+    transaction (controller/fleet/enrolment.py); the caller has checked the arguments (check_registrable)
+    and made sure the checkpoint log has begun.
+    """
+    row = conn.execute(select(_AGENTS.c.public_key_pem, _AGENTS.c.status).where(_AGENTS.c.id == agent_id)).first()
+    if row is None:
+        action = REGISTER
+        conn.execute(
+            insert(_AGENTS).values(id=agent_id, public_key_pem=public_key_pem, status=ACTIVE, registered_at=when)
+        )
+    elif row.public_key_pem == public_key_pem and row.status == ACTIVE:
+        return None
+    elif not replace:
+        raise AgentExists(f"agent {agent_id!r} is already registered ({row.status}, other key?)")
+    else:
+        action = REPLACE
+        conn.execute(
+            update(_AGENTS)
+            .where(_AGENTS.c.id == agent_id)
+            .values(public_key_pem=public_key_pem, status=ACTIVE, registered_at=when)
+        )
+    add_key_line(conn, signer, agent_id=agent_id, action=action, public_key_pem=public_key_pem, valid_from=when)
+    return action
+
+
 class AgentRecords(CheckpointRecords):
     """The ``agents`` table and its key history: who may send events, with which key, and when last heard from."""
 
@@ -44,44 +93,15 @@ class AgentRecords(CheckpointRecords):
         self, agent_id: str, public_key_pem: str, *, replace: bool = False, registered_at: datetime | None = None
     ) -> None:
         """Enrol an agent with its Ed25519 public key (idempotent for the same key)."""
-        try:
-            topics.check_agent_id(agent_id)
-        except errors.Rejected as err:
-            raise ValueError(err.detail) from err
-        if mynumber.contains_my_number(agent_id):
-            # Every event of such an agent would be refused (the header is scanned too): say so now.
-            raise ValueError("agent id: looks like a My Number (12 digits with a valid check digit); choose another")
-        signing.load_public_key_pem(public_key_pem.encode())  # raises ValueError if not Ed25519 PEM
+        check_registrable(agent_id, public_key_pem)
         when = aware_utc(registered_at or timefmt.now(), "registered_at")
         self._ensure_sealed()
-
-        def work(conn: Connection) -> None:
-            row = conn.execute(
-                select(_AGENTS.c.public_key_pem, _AGENTS.c.status).where(_AGENTS.c.id == agent_id)
-            ).first()
-            if row is None:
-                action = REGISTER
-                conn.execute(
-                    insert(_AGENTS).values(
-                        id=agent_id, public_key_pem=public_key_pem, status=ACTIVE, registered_at=when
-                    )
-                )
-            elif row.public_key_pem == public_key_pem and row.status == ACTIVE:
-                return
-            elif not replace:
-                raise AgentExists(f"agent {agent_id!r} is already registered ({row.status}, other key?)")
-            else:
-                action = REPLACE
-                conn.execute(
-                    update(_AGENTS)
-                    .where(_AGENTS.c.id == agent_id)
-                    .values(public_key_pem=public_key_pem, status=ACTIVE, registered_at=when)
-                )
-            add_key_line(
-                conn, self.signing_key, agent_id=agent_id, action=action, public_key_pem=public_key_pem, valid_from=when
-            )
-
-        self.write(work, retry_unique=True)
+        self.write(
+            lambda conn: register_agent_in(
+                conn, self.signing_key, agent_id, public_key_pem, replace=replace, when=when
+            ),
+            retry_unique=True,
+        )
 
     def revoke_agent(self, agent_id: str) -> None:
         """Mark an agent revoked: its key is no longer offered for verifying new events."""
