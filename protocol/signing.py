@@ -17,7 +17,8 @@ from sekisho.protocol.canonical import canonical_bytes
 # Every signature covers the kind of message too, so a signed ack can never pass as a policy bundle.
 # "checkpoint" and "agent_key" never go on the wire: the controller signs its own records with them
 # (controller/store/checkpoints.py), and their own kinds keep those signatures from passing as messages.
-KINDS = ("event", "ack", "heartbeat", "command", "bundle", "checkpoint", "agent_key")
+# "enrol" and "renew" sign a device's requests to the controller's enrolment API (protocol/enrolment.py).
+KINDS = ("event", "ack", "heartbeat", "command", "bundle", "checkpoint", "agent_key", "enrol", "renew")
 
 
 def signing_input(kind: str, body: Any) -> bytes:
