@@ -18,7 +18,8 @@ from sekisho.protocol.canonical import canonical_bytes
 # "checkpoint" and "agent_key" never go on the wire: the controller signs its own records with them
 # (controller/store/checkpoints.py), and their own kinds keep those signatures from passing as messages.
 # "enrol" and "renew" sign a device's requests to the controller's enrolment API (protocol/enrolment.py).
-KINDS = ("event", "ack", "heartbeat", "command", "bundle", "checkpoint", "agent_key", "enrol", "renew")
+# "backup" signs the manifest of a controller backup (controller/backup/archive.py); it never goes on the wire.
+KINDS = ("event", "ack", "heartbeat", "command", "bundle", "checkpoint", "agent_key", "enrol", "renew", "backup")
 
 
 def signing_input(kind: str, body: Any) -> bytes:
