@@ -141,3 +141,46 @@ def issue_agent_command(
             creds.controller_signing_pub,
         ],
     )
+
+
+CaKeyOption = Annotated[
+    Path | None,
+    typer.Option("--ca-key", help="The site CA's key where it is kept offline (default: DIR/ca.key).", dir_okay=False),
+]
+
+
+@app.command("issue-api-cert")
+def issue_api_cert_command(
+    host: Annotated[list[str], typer.Option("--host", help="Host name or IP address devices use (repeatable).")],
+    directory: DirOption = DEFAULT_DIR,
+    ca_key: CaKeyOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing API certificate.")] = False,
+) -> None:
+    """コントローラー API の HTTPS 証明書を発行 / Issue the controller API's HTTPS certificate into DIR/api.
+
+    It comes from the site CA, whose fingerprint every enrolment token carries: set api_tls_cert and
+    api_tls_key in controller.toml to these files.
+    """
+    try:
+        ident = pki.issue_api_cert(directory, host, force=force, ca_key_path=ca_key)
+    except pki.PkiError as err:
+        raise _fail(err) from err
+    _report(Console(), f"API certificate written to {ident.cert.parent}", [ident.cert, ident.key])
+
+
+@app.command("issuing-ca")
+def issuing_ca_command(
+    directory: DirOption = DEFAULT_DIR,
+    ca_key: CaKeyOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the existing issuing CA.")] = False,
+) -> None:
+    """発行用サブ CA を作成 / Create the issuing sub-CA that signs enrolled agents' certificates.
+
+    Copy DIR/issuing-ca/ to the controller's API host (enrol_ca_cert, enrol_ca_key) and keep the site CA's
+    ca.key offline: the broker trusts the site CA, agents present their certificate with this CA as chain.
+    """
+    try:
+        issuing = pki.init_issuing_ca(directory, force=force, ca_key_path=ca_key)
+    except pki.PkiError as err:
+        raise _fail(err) from err
+    _report(Console(), f"Issuing CA written to {issuing.directory}", [issuing.cert, issuing.key])

@@ -7,6 +7,9 @@ Layout of a PKI directory::
     broker/tls.crt, broker/tls.key         server certificate (serverAuth), from the site CA
     controller/tls.crt, controller/tls.key client certificate, CN=controller (clientAuth), from the controller CA
     controller/signing.key, signing.pub    Ed25519: signs acks, policy bundles and commands
+    api/tls.crt, api/tls.key               the controller API's HTTPS certificate (serverAuth), from the site CA
+    issuing-ca/ca.crt, ca.key              optional issuing sub-CA (from the site CA): the controller signs
+                                           enrolled agents' certificates with it, so ca.key can stay offline
     agents/NAME/tls.crt, tls.key           client certificate, CN=NAME (clientAuth)
     agents/NAME/signing.key, signing.pub   Ed25519: signs the agent's events
     agents/NAME/ca.crt                     copy, so an agent's directory is all it needs
@@ -47,7 +50,13 @@ BACKDATE = dt.timedelta(minutes=5)
 
 CONTROLLER_CN = "controller"
 BROKER_CN = "sekisho-broker"
+API_CN = "sekisho-controller-api"
 CONTROLLER_CA_DIR = "controller-ca"
+ISSUING_CA_DIR = "issuing-ca"
+ISSUING_CA_NAME = "sekisho issuing CA"
+# An issuing CA lives on the API host, where it is more exposed than the offline site CA: it is replaced
+# more often (re-run `sekisho pki issuing-ca --force`; agents move to the new one as they renew).
+ISSUING_CA_DAYS = 2 * 365
 CA_NAME = "sekisho CA"
 CONTROLLER_CA_NAME = "sekisho controller CA"
 # A certificate CN becomes the broker username: an agent called "controller" would get the controller's
@@ -319,8 +328,11 @@ def _issue(
 # --- public API --------------------------------------------------------------------------------------
 
 
-def init_ca(directory: Path, *, force: bool = False, common_name: str = CA_NAME) -> CaPaths:
-    """Create a self-signed CA (ca.crt, ca.key) in a directory; refuse to replace one unless force."""
+def init_ca(directory: Path, *, force: bool = False, common_name: str = CA_NAME, path_length: int = 0) -> CaPaths:
+    """Create a self-signed CA (ca.crt, ca.key) in a directory; refuse to replace one unless force.
+
+    path_length 0: the CA signs leaf certificates only; 1: it may also sign one issuing sub-CA.
+    """
     ca = CaPaths.at(directory)
     _refuse_existing([ca.cert, ca.key], force)
     _make_dir(directory)
@@ -335,8 +347,7 @@ def init_ca(directory: Path, *, force: bool = False, common_name: str = CA_NAME)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now + dt.timedelta(days=CA_DAYS))
-        # path_length=0: this CA signs leaf certificates only, never another CA.
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False,
@@ -385,13 +396,14 @@ def issue_server_cert(
     ca_key_path: Path | None = None,
     *,
     force: bool = False,
+    common_name: str = BROKER_CN,
 ) -> TlsIdentity:
     """Issue a serverAuth certificate for the given host names and addresses."""
     ca_cert, ca_key = _load_ca(CaPaths.at(directory), ca_key_path)
-    ident = TlsIdentity(common_name=BROKER_CN, cert=out_dir / "tls.crt", key=out_dir / "tls.key")
+    ident = TlsIdentity(common_name=common_name, cert=out_dir / "tls.crt", key=out_dir / "tls.key")
     _refuse_existing([ident.cert, ident.key], force)
     san = _san([*DEFAULT_HOSTS, *hosts])
-    cert, key = _issue(ca_cert, ca_key, BROKER_CN, ExtendedKeyUsageOID.SERVER_AUTH, san)
+    cert, key = _issue(ca_cert, ca_key, common_name, ExtendedKeyUsageOID.SERVER_AUTH, san)
     write_private(ident.key, _key_pem(key))
     write_public(ident.cert, _cert_pem(cert))
     return ident
@@ -416,7 +428,9 @@ def init_pki(directory: Path, *, hosts: Sequence[str] = (), force: bool = False)
     paths = PkiPaths.at(directory)
     _refuse_existing([paths.ca_cert, paths.ca_key, paths.controller_ca_cert, paths.controller_ca_key], force)
     _general_names(hosts)  # validate before anything is written
-    init_ca(directory, force=force)
+    # The site CA may sign one issuing sub-CA (init_issuing_ca), so that its own key can stay offline; the
+    # controller CA signs the controller's certificate only.
+    init_ca(directory, force=force, path_length=1)
     init_ca(paths.controller_ca_cert.parent, force=True, common_name=CONTROLLER_CA_NAME)
     issue_server_cert(directory, hosts, paths.broker_cert.parent, force=True)
     _issue_controller_cert(paths)
@@ -483,6 +497,77 @@ def issue_agent(
     write_public(creds.ca_cert, pki.ca_cert.read_bytes())
     write_public(creds.controller_signing_pub, pki.controller_signing_pub.read_bytes())
     return creds
+
+
+def api_identity(directory: Path) -> TlsIdentity:
+    """Return where the controller API's HTTPS certificate lives in a PKI (nothing is read or written)."""
+    return TlsIdentity(common_name=API_CN, cert=directory / "api" / "tls.crt", key=directory / "api" / "tls.key")
+
+
+def issue_api_cert(
+    directory: Path, hosts: Sequence[str], *, force: bool = False, ca_key_path: Path | None = None
+) -> TlsIdentity:
+    """Issue the controller API's HTTPS certificate (api/tls.crt, tls.key) from the site CA.
+
+    Devices pin the site CA by the fingerprint in their enrolment token, so the API's certificate must come
+    from it (not from the issuing sub-CA: the device trusts exactly one CA, and one that signs no chain).
+    """
+    ident = api_identity(directory)
+    return issue_server_cert(directory, hosts, ident.cert.parent, ca_key_path, force=force, common_name=API_CN)
+
+
+def init_issuing_ca(
+    directory: Path, *, force: bool = False, ca_key_path: Path | None = None, days: int = ISSUING_CA_DAYS
+) -> CaPaths:
+    """Create the issuing sub-CA (issuing-ca/ca.crt, ca.key), signed by the site CA.
+
+    The controller signs enrolled agents' certificates with it and hands out the chain (leaf + this CA); the
+    broker keeps trusting only the site CA. Copy issuing-ca/ to the API host, keep ca.key (the site CA's)
+    offline. ca_key_path: the site CA's key where it is kept (e.g. removable media).
+    """
+    site = CaPaths.at(directory)
+    issuing = CaPaths.at(directory / ISSUING_CA_DIR)
+    _refuse_existing([issuing.cert, issuing.key], force)
+    root_cert, root_key = _load_ca(site, ca_key_path)
+    basic = root_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    if basic.path_length == 0:
+        raise PkiError(
+            f"the site CA {site.cert} may not sign another CA (pathLen 0: made before issuing CAs existed); "
+            "keep issuing from the site CA on the API host, or create a new PKI and re-enrol the agents"
+        )
+    _make_dir(issuing.directory)
+    key = _ec_key()
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(ISSUING_CA_NAME))
+        .issuer_name(root_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(min(now + dt.timedelta(days=days), root_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
+        .sign(root_key, hashes.SHA256())
+    )
+    write_private(issuing.key, _key_pem(key))
+    write_public(issuing.cert, _cert_pem(cert))
+    return issuing
 
 
 def load_cert(path: Path) -> x509.Certificate:
