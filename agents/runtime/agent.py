@@ -15,7 +15,7 @@ import signal
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -30,6 +30,9 @@ from sekisho.agents.runtime.link import MqttLink, tls_context
 from sekisho.agents.runtime.outbox import Outbox
 from sekisho.agents.runtime.policy_cache import PolicyCache, PolicyChange
 from sekisho.agents.runtime.sender import ClockEstimate, Sender
+from sekisho.agents.runtime.textfile import AgentVitals, write_textfile
+from sekisho.agents.runtime.vitals import CertificateExpiry, ErrorLogHandler, ErrorNote
+from sekisho.common.sdnotify import serve_until
 from sekisho.protocol import errors, signing, topics
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,14 @@ class Agent:
         self._lock_fd = _lock_state_dir(config)
         self._started = False
         self._stopped = threading.Event()
+        # What the heartbeat says this agent is ("terminal", "door"; set by the runner) and, on a terminal,
+        # who has fingerprints enrolled (agents/login/fingerprints.py).
+        self.kind = "agent"
+        self._fingerprints: Callable[[], dict[str, Any] | None] | None = None
+        self.errors = ErrorNote()
+        self._error_log = ErrorLogHandler(self.errors)
+        self._cert = CertificateExpiry(config.tls_cert, self.errors)
+        self._textfile_failing = False
         try:
             self.clock = ClockEstimate()
             self.outbox = Outbox(
@@ -138,6 +149,7 @@ class Agent:
                 health=self.health,
                 publish=self.link.publish_heartbeat,
                 housekeeping=self._housekeeping,
+                after_beat=self._write_textfile if config.metrics_textfile is not None else None,
             )
         except BaseException:
             for part in ("commands", "outbox"):
@@ -163,6 +175,11 @@ class Agent:
         self.sender.notify_new()
         return seqs
 
+    def describe(self, kind: str, *, fingerprints: Callable[[], dict[str, Any] | None] | None = None) -> None:
+        """Say what this agent is in its heartbeats, and where a terminal's fingerprint status comes from."""
+        self.kind = kind
+        self._fingerprints = fingerprints
+
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -181,6 +198,7 @@ class Agent:
         if self.policy.load_error is not None:
             err = self.policy.load_error
             self.emit("agent.policy_rejected", {"reason": err.reason, "detail": f"cached bundle: {err.detail}"[:300]})
+        logging.getLogger("sekisho").addHandler(self._error_log)
         self._control_thread = threading.Thread(target=self._run_control, name="agent-control", daemon=True)
         self._control_thread.start()
         self.sender.start()
@@ -207,6 +225,7 @@ class Agent:
             self.sender.stop(timeout)
             # Disconnecting after the sender stopped lets paho write out what it already holds.
             self.link.stop(timeout)
+            logging.getLogger("sekisho").removeHandler(self._error_log)
         self.commands.close()
         self.outbox.close()
         self._release()
@@ -230,12 +249,23 @@ class Agent:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
-            while not stop.wait(1.0):
-                pass
+            serve_until(stop, alive=self.alive, status=self.service_status)
         finally:
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def alive(self) -> bool:
+        """Tell whether the agent's working threads (control, sender, heartbeat) all still run."""
+        control = self._control_thread
+        return control is not None and control.is_alive() and self.sender.running and self.heartbeats.running
+
+    def service_status(self) -> str:
+        """Return the one-line state shown by `systemctl status` (sd_notify STATUS)."""
+        depth = self.outbox.depth()
+        if self.link.connected:
+            return f"接続中 / connected; outbox {depth}"
+        return f"ブローカー未接続（イベントはディスクに保持）/ broker unreachable, events kept on disk; outbox {depth}"
 
     def wait_drained(self, timeout: float) -> bool:
         """Wait until every recorded event has been acknowledged by the controller."""
@@ -246,6 +276,7 @@ class Agent:
     def health(self) -> Health:
         """Return what the next heartbeat will report."""
         oldest = self.outbox.oldest_created_at()
+        last_ack = self.sender.stats.last_ack_at
         return Health(
             outbox_depth=self.outbox.depth(),
             oldest_unacked_age_s=max(0, int(time.time() - oldest)) if oldest is not None else None,
@@ -253,7 +284,50 @@ class Agent:
             clock_offset_ms=self.clock.offset_ms,
             policy_version=self.policy.version,
             policy_state=self.policy.state(),
+            kind=self.kind,
+            cert_not_after=self._cert.not_after(),
+            last_error=self.errors.last(),
+            fingerprints=self._fingerprint_status(),
+            extra={"last_ack_age_s": None if last_ack is None else max(0.0, time.monotonic() - last_ack)},
         )
+
+    def _fingerprint_status(self) -> dict[str, Any] | None:
+        if self._fingerprints is None:
+            return None
+        try:
+            return self._fingerprints()
+        except Exception:  # the census is a courtesy; a failing one must not cost the heartbeat
+            log.exception("fingerprint enrolment status failed")
+            return None
+
+    def _write_textfile(self, health: Health) -> None:
+        path = self.config.metrics_textfile
+        if path is None:
+            return
+        last = health.last_error
+        vitals = AgentVitals(
+            agent=self.config.agent_id,
+            kind=self.kind,
+            outbox_depth=health.outbox_depth,
+            oldest_unacked_age_s=health.oldest_unacked_age_s,
+            last_ack_age_s=health.extra.get("last_ack_age_s"),
+            policy_version=health.policy_version,
+            cert_not_after=health.cert_not_after,
+            heartbeats_sent=self.heartbeats.sent,
+            errors=int(last["count"]) if last else 0,
+            connected=self.link.connected,
+        )
+        try:
+            write_textfile(path, vitals)
+        except OSError as err:
+            # Logged once per failure spell, and its end once (a full disk would otherwise log every beat).
+            if not self._textfile_failing:
+                log.warning("metrics textfile %s not written: %s", path, err.strerror or type(err).__name__)
+            self._textfile_failing = True
+            return
+        if self._textfile_failing:
+            log.info("metrics textfile %s written again", path)
+            self._textfile_failing = False
 
     def stats(self) -> AgentStats:
         """Return the counters."""
@@ -277,6 +351,8 @@ class Agent:
         self.heartbeats.beat_now()
 
     def _on_disconnected(self) -> None:
+        if not self._stopped.is_set():
+            self.errors.note("broker_connection_lost")
         self.sender.on_disconnected()
 
     def _on_message(self, channel: str, payload: bytes) -> None:
@@ -306,6 +382,7 @@ class Agent:
         outcome = self.policy.offer(raw)
         if outcome.status == "rejected":
             log.warning("policy bundle refused: %s", outcome.reason)
+            self.errors.note(f"policy_rejected:{outcome.reason or errors.MALFORMED}")
             payload: dict[str, Any] = {"reason": outcome.reason or errors.MALFORMED, "detail": outcome.detail[:300]}
             if outcome.version is not None:
                 payload["policy_version"] = outcome.version

@@ -39,6 +39,10 @@ class AgentConfig(BaseSettings):
     reconnect_max_s: float = Field(default=30, gt=0)
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, le=2**32 - 1)
     outbox_sync: Literal["full", "normal"] = "full"
+    # node_exporter textfile (a *.prom path, absolute), rewritten after each heartbeat; None: not written.
+    metrics_textfile: Path | None = None
+    # text, json (one JSON object per line) or journald (native socket); --log-format overrides it.
+    log_format: Literal["text", "json", "journald"] = "text"
 
     @classmethod
     def settings_customise_sources(
@@ -58,6 +62,14 @@ class AgentConfig(BaseSettings):
         # The agent id is also the MQTT client id, the certificate CN and a topic level.
         if not topics.AGENT_ID.match(value):
             raise ValueError(f"must match {topics.AGENT_ID.pattern}")
+        return value
+
+    @field_validator("metrics_textfile")
+    @classmethod
+    def _textfile_path(cls, value: Path | None) -> Path | None:
+        # node_exporter reads only *.prom files; an absolute path because the agent's working directory varies.
+        if value is not None and (not value.is_absolute() or value.suffix != ".prom"):
+            raise ValueError("must be an absolute path ending in .prom")
         return value
 
     @model_validator(mode="after")

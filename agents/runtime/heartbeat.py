@@ -8,7 +8,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -35,6 +37,13 @@ class Health:
     clock_offset_ms: int | None
     policy_version: int | None
     policy_state: str
+    # Added for the fleet view (issue 11); all optional, so older callers and tests need not set them.
+    kind: str | None = None
+    cert_not_after: datetime | None = None
+    last_error: dict[str, Any] | None = None
+    fingerprints: dict[str, Any] | None = None
+    # Not sent: for the node_exporter textfile only.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Heartbeater:
@@ -49,6 +58,7 @@ class Heartbeater:
         health: Callable[[], Health],
         publish: Callable[[bytes], bool],
         housekeeping: Callable[[], float | None] | None = None,
+        after_beat: Callable[[Health], None] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.boot_id = uuid.uuid4().hex
@@ -59,13 +69,14 @@ class Heartbeater:
         self._health = health
         self._publish = publish
         self._housekeeping = housekeeping
+        self._after_beat = after_beat
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def build(self) -> bytes:
-        """Sign a heartbeat describing the agent now."""
-        h = self._health()
+    def build(self, health: Health | None = None) -> bytes:
+        """Sign a heartbeat describing the agent now (or as ``health`` says)."""
+        h = health if health is not None else self._health()
         return messages.build_heartbeat(
             self._key,
             agent=self.agent_id,
@@ -78,7 +89,17 @@ class Heartbeater:
             clock_offset_ms=h.clock_offset_ms,
             policy_version=h.policy_version,
             policy_state=h.policy_state,
+            kind=h.kind,
+            interval_s=max(1, min(3600, round(self._interval))),
+            cert_not_after=timefmt.fmt(h.cert_not_after) if h.cert_not_after is not None else None,
+            last_error=h.last_error,
+            fingerprints=h.fingerprints,
         )
+
+    @property
+    def running(self) -> bool:
+        """Tell whether the heartbeat thread is alive (the service watchdog asks)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def beat_now(self) -> None:
         """Send a heartbeat as soon as possible (after a connect or a policy change)."""
@@ -123,8 +144,15 @@ class Heartbeater:
             return None
 
     def _beat(self) -> None:
+        health: Health | None = None
         try:
-            if self._publish(self.build()):
+            health = self._health()
+            if self._publish(self.build(health)):
                 self.sent += 1
         except Exception:  # a heartbeat is best effort; the next one will try again
             log.exception("heartbeat failed")
+        if health is not None and self._after_beat is not None:
+            try:
+                self._after_beat(health)
+            except Exception:  # e.g. the metrics textfile's disk is full: the heartbeats go on
+                log.exception("after-heartbeat step failed")

@@ -63,6 +63,8 @@ class SenderStats:
     acks: int = 0
     forged_acks: int = 0
     publish_errors: int = 0
+    # time.monotonic() of the last valid ack (the agents' metrics textfile reports its age).
+    last_ack_at: float | None = None
 
 
 class Sender:
@@ -112,6 +114,11 @@ class Sender:
         """Start the drain thread."""
         self._thread = threading.Thread(target=self._run, name="outbox-sender", daemon=True)
         self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """Tell whether the drain thread is alive (the service watchdog asks)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the drain thread after the batch in hand."""
@@ -275,6 +282,7 @@ class Sender:
                 log.warning("ignored %d invalid ack(s); latest: %s", self.stats.forged_acks, err.reason)
             return
         self.stats.acks += 1
+        self.stats.last_ack_at = time.monotonic()
         if self._unacked_since is not None:
             log.info("controller acknowledging again after %.0f s", time.monotonic() - self._unacked_since)
             self._unacked_since = None
