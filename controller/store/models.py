@@ -409,3 +409,78 @@ class Visit(Base):
     doors: Mapped[list[str]] = mapped_column(JSON)
     entry_event_id: Mapped[str | None] = mapped_column(String(32), unique=True)
     exit_event_id: Mapped[str | None] = mapped_column(String(32), unique=True)
+
+
+class EnrolToken(Base):
+    """A one-time (or few-times) enrolment token: only the SHA-256 of its secret is kept (controller/fleet)."""
+
+    __tablename__ = "enrol_tokens"
+    __table_args__ = (
+        CheckConstraint("kind IN ('terminal', 'door')", name="kind"),
+        CheckConstraint("uses_left >= 0", name="uses_left"),
+    )
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    # Set: the device must enrol under this name; with reenrol it may replace the agent of that name.
+    name: Mapped[str | None] = mapped_column(String(64))
+    reenrol: Mapped[bool] = mapped_column(Boolean, default=False)
+    uses: Mapped[int] = mapped_column(Integer)
+    uses_left: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class EnrolRefusal(Base):
+    """One refused enrolment or renewal, with its reason (reuse, expired, wrong kind, unknown token, clone…)."""
+
+    __tablename__ = "enrol_refusals"
+    __table_args__ = (Index(None, "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    reason: Mapped[str] = mapped_column(String(32))
+    token_id: Mapped[str | None] = mapped_column(String(16))
+    kind: Mapped[str | None] = mapped_column(String(16))
+    # Free text, not the agents key: the name asked for may be taken, reserved or malformed.
+    name: Mapped[str | None] = mapped_column(String(64))
+    machine_id_sha256: Mapped[str | None] = mapped_column(String(64))
+    client: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text)
+
+
+class FleetDevice(Base):
+    """How an agent was enrolled: its kind and the hash of its machine-id (to notice a cloned machine)."""
+
+    __tablename__ = "fleet_devices"
+    __table_args__ = (Index(None, "machine_id_sha256"),)
+
+    agent_id: Mapped[str] = mapped_column(String(64), ForeignKey("agents.id"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    machine_id_sha256: Mapped[str] = mapped_column(String(64))
+    enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    token_id: Mapped[str | None] = mapped_column(String(16))
+
+
+class AgentCertificate(Base):
+    """A TLS client certificate the controller issued to an agent (enrolment or renewal)."""
+
+    __tablename__ = "agent_certificates"
+    __table_args__ = (
+        CheckConstraint("via IN ('enrol', 'renew')", name="via"),
+        Index(None, "agent_id", "issued_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    agent_id: Mapped[str] = mapped_column(String(64), ForeignKey("agents.id"))
+    serial: Mapped[str] = mapped_column(String(40), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    issuer_sha256: Mapped[str] = mapped_column(String(64))
+    not_before: Mapped[datetime] = mapped_column(UTCDateTime)
+    not_after: Mapped[datetime] = mapped_column(UTCDateTime)
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    via: Mapped[str] = mapped_column(String(8))
