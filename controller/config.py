@@ -52,6 +52,22 @@ class ControllerConfig(BaseSettings):
     api_auth_failures: int = Field(default=10, ge=1, le=1000)
     api_auth_window_s: int = Field(default=60, ge=1, le=3600)
 
+    # HTTPS for the API (both or neither): `sekisho pki issue-api-cert` writes them from the site CA, whose
+    # SHA-256 every enrolment token carries (api_ca_cert, default ca_cert, is the CA that signed them).
+    api_tls_cert: Path | None = None
+    api_tls_key: Path | None = None
+    api_ca_cert: Path | None = None
+    # Enrolment (controller/fleet): the CA that signs enrolled agents' certificates, the site CA itself or an
+    # issuing sub-CA (`sekisho pki issuing-ca`) so the site CA's key can stay offline. Unset: no enrolment.
+    enrol_ca_cert: Path | None = None
+    enrol_ca_key: Path | None = None
+    # Short-lived agent certificates, renewed by the agents at two thirds of their lifetime.
+    agent_cert_days: int = Field(default=30, ge=1, le=825)
+    # What an enrolled agent is told: the URL it reaches this API at, and the agents' broker listener.
+    enrol_url: str | None = Field(default=None, pattern=r"^https://[^\s/]+(:[0-9]+)?/?$")
+    agent_broker_host: str | None = None
+    agent_broker_port: int = Field(default=8883, ge=1, le=65535)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -90,6 +106,14 @@ class ControllerConfig(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _pairs(self) -> ControllerConfig:
+        # Half a pair is a typo, not a choice: refuse it rather than serve plain HTTP or enrol with no CA.
+        for cert, key in (("api_tls_cert", "api_tls_key"), ("enrol_ca_cert", "enrol_ca_key")):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                raise ValueError(f"{cert} and {key} go together: set both or neither")
+        return self
+
+    @model_validator(mode="after")
     def _one_scope_per_token(self) -> ControllerConfig:
         values = [t.get_secret_value() for t in (*self.api_tokens, *self.api_read_tokens)]
         if len(set(values)) != len(values):
@@ -120,7 +144,18 @@ def is_loopback(host: str) -> bool:
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     out = dict(data)
-    for key in ("var_dir", "ca_cert", "tls_cert", "tls_key", "signing_key"):
+    for key in (
+        "var_dir",
+        "ca_cert",
+        "tls_cert",
+        "tls_key",
+        "signing_key",
+        "api_tls_cert",
+        "api_tls_key",
+        "api_ca_cert",
+        "enrol_ca_cert",
+        "enrol_ca_key",
+    ):
         if key in out and not Path(out[key]).is_absolute():
             out[key] = str((base / out[key]).resolve())
     return out
