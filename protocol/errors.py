@@ -35,3 +35,7 @@ UNPROCESSABLE = "unprocessable"
 # Raised by ingest: a signed event naming a door, terminal or area that the policy gives to another agent.
 NOT_OWNER = "not_owner"
 SEQ_CONFLICT = "seq_conflict"
+# Raised by ingest: an event signed by a revoked agent's key (kept as evidence, acknowledged: resending is futile).
+REVOKED_AGENT = "revoked_agent"
+# Raised by ingest: an event signed with an agent's replaced key, received after the rotation's grace window.
+STALE_KEY = "stale_key"
