@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
+from sekisho.common.sdnotify import serve_until
 from sekisho.controller.config import ControllerConfig, load_config
 from sekisho.controller.mqtt import connect_blocking, make_client
 from sekisho.controller.policy.loader import PolicyError, load_policy_file
@@ -52,13 +53,6 @@ def _logging(verbose: bool) -> None:
     )
 
 
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-
-
 @controller_app.command("serve")
 def serve(config: ConfigOpt, verbose: bool = False) -> None:
     """Run ingest, policy publication and the HTTP API."""
@@ -81,9 +75,12 @@ def ingest(config: ConfigOpt, verbose: bool = False) -> None:
 
     _logging(verbose)
     ctl = Controller(cli_config(config), with_policy=False)
-    ctl.start()
+    ctl.start()  # returns connected to the broker (or raises): that is when this worker is ready
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        _wait_for_signal()
+        serve_until(stop, alive=ctl.alive, status=ctl.service_status)
     finally:
         ctl.stop()
 

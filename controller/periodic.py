@@ -31,6 +31,11 @@ class PeriodicJob:
         """Start the periodic thread."""
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """Tell whether the job's thread is alive (the service watchdog asks)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         """Stop the thread after its current round."""
         self._stop.set()

@@ -7,6 +7,8 @@ so several `serve`/`ingest` processes can share one store behind an MQTT shared 
 from __future__ import annotations
 
 import logging
+import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from sekisho.common.sdnotify import LivenessCheck, ServiceNotifier
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.deps import AppState
 from sekisho.controller.config import ControllerConfig
@@ -146,10 +149,59 @@ class Controller:
             self.keeper.stop()
         self.worker.stop()
         self.store.engine.dispose()
+        log.info("controller %s stopped", self.config.worker_id)
 
-    def serve_http(self) -> None:
-        """Run the HTTP API in the foreground until interrupted."""
+    def alive(self) -> bool:
+        """Tell whether ingest and the periodic jobs still run (the service watchdog asks)."""
+        jobs = [job for job in (self.keeper, self.overdue, self.doors) if job is not None]
+        return self.worker.running and all(job.running for job in jobs)
+
+    def service_status(self) -> str:
+        """Return the one-line state shown by `systemctl status` (sd_notify STATUS)."""
+        stats = self.worker.stats
+        link = "接続中 / connected" if stats.connected else "ブローカー未接続 / broker unreachable"
+        return f"{link}; stored {stats.stored}, waiting {stats.waiting}, dead letters {stats.dead_lettered}"
+
+    def serve_http(self, notifier: ServiceNotifier | None = None) -> None:
+        """Run the HTTP API in the foreground until interrupted; systemd hears READY=1 once it listens."""
         # Loans made over the API are published at once instead of at the keeper's next 5 s check.
         publish = self.keeper.check if self.keeper is not None else None
         app = create_app(AppState(self.config, self.store, self.worker.stats, on_policy_change=publish))
-        uvicorn.run(app, host=self.config.http_host, port=self.config.http_port, log_level="warning")
+        config = uvicorn.Config(app, host=self.config.http_host, port=self.config.http_port, log_level="warning")
+        check = LivenessCheck(notifier if notifier is not None else ServiceNotifier(), self.alive, self.service_status)
+        server = _SupervisedServer(config, check)
+        if threading.current_thread() is not threading.main_thread():
+            server.run()
+            return
+        # uvicorn re-raises the SIGTERM it caught once it has shut down; under the default handler that kills
+        # the process before the caller's Controller.stop() finishes the ingest batch in hand and disconnects.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        try:
+            server.run()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _SupervisedServer(uvicorn.Server):
+    """uvicorn's server that says READY=1 once it listens and proves liveness from its own main loop."""
+
+    def __init__(self, config: uvicorn.Config, check: LivenessCheck) -> None:
+        super().__init__(config)
+        self._check = check
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """Bind and start serving, then tell systemd (a failed bind exits before this)."""
+        await super().startup(sockets)
+        if self.started:
+            self._check.ready()
+
+    async def on_tick(self, counter: int) -> bool:
+        """Run uvicorn's tick (every 0.1 s); once a second, ping the watchdog if the controller is alive."""
+        if counter % 10 == 0:
+            self._check.check()
+        return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Tell systemd the stop is on purpose, then let uvicorn finish the requests in hand."""
+        self._check.notifier.stopping()
+        await super().shutdown(sockets)

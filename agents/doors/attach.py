@@ -249,6 +249,11 @@ class AttachedDoors:
         self.core.close()
 
     @property
+    def running(self) -> bool:
+        """Tell whether the door timer (relock, held-open, alarms) still runs (the service watchdog asks)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def inputs_reported(self) -> bool:
         """Tell whether the board's current inputs have reached the core since start."""
         return self._inputs_reported

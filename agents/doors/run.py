@@ -46,6 +46,7 @@ from sekisho.agents.doors.attach import (
     policy_provider,
 )
 from sekisho.agents.runtime.agent import Agent
+from sekisho.common.sdnotify import serve_until
 from sekisho.drivers.locker import BoardError, LockIO
 from sekisho.drivers.osdp import OsdpError, ReaderConfig, ReaderLink
 from sekisho.drivers.osdp.flood import DEFAULT_READ_BURST, DEFAULT_READS_PER_S
@@ -240,8 +241,8 @@ def run_doors(agent: Agent, config_path: Path) -> None:
     previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     doors = start_doors(agent, config_path)
     try:
-        while not stop.wait(1.0):
-            pass
+        # Ready once the readers and the board are open: doors decide from the cached policy without the broker.
+        serve_until(stop, alive=lambda: agent.alive() and doors.running, status=agent.service_status)
     finally:
         doors.stop()
         agent.stop()

@@ -224,6 +224,11 @@ class PamService:
         log.info("answering PAM calls for terminal %s on %s", self.terminal, path)
         return self
 
+    @property
+    def running(self) -> bool:
+        """Tell whether the accept loop is alive (the service watchdog asks)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         """Stop accepting, remove the socket and close the outbox (calls in progress finish on their own)."""
         self._stopping.set()

@@ -19,6 +19,7 @@ from sekisho.agents.login.sessions import LoginSessions
 from sekisho.agents.login.watch import LoginSessionWatcher, WatchSettings
 from sekisho.agents.runtime.agent import Agent
 from sekisho.agents.usb.run import AttachedGuard, UsbGuardConfig, attach_usb_guard
+from sekisho.common.sdnotify import serve_until
 from sekisho.drivers.smartcard.protocol import SmartCardBackend
 from sekisho.protocol.policy import LoginSettings, SitePolicy
 
@@ -34,6 +35,10 @@ class TerminalAgent:
     sessions: LoginSessions
     usb: AttachedGuard | None
     pam: PamService | None = None
+
+    def alive(self) -> bool:
+        """Tell whether the agent's threads and the PAM service still run (the service watchdog asks)."""
+        return self.agent.alive() and (self.pam is None or self.pam.running)
 
     def stop(self) -> None:
         """Stop everything; idempotent enough for signal handlers and finally blocks."""
@@ -124,8 +129,8 @@ def run_terminal(
     previous = {s: signal.signal(s, lambda signum, frame: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     running = start_terminal(agent, config_path, terminal, usb=usb, pam_socket=pam_socket)
     try:
-        while not stop.wait(1.0):
-            pass
+        # Ready once logins can be decided (the PAM socket is bound), with or without the broker.
+        serve_until(stop, alive=running.alive, status=agent.service_status)
     finally:
         running.stop()
         for sig, handler in previous.items():

@@ -180,6 +180,11 @@ class IngestWorker:
         self._client.loop_stop()
 
     @property
+    def running(self) -> bool:
+        """Tell whether the batch thread is alive (the service watchdog asks)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def client(self) -> mqtt.Client:
         """The MQTT client (the policy publisher shares it)."""
         return self._client
