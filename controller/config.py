@@ -52,6 +52,15 @@ class ControllerConfig(BaseSettings):
     api_auth_failures: int = Field(default=10, ge=1, le=1000)
     api_auth_window_s: int = Field(default=60, ge=1, le=3600)
 
+    # Fleet health (docs/operations.md): an agent is online while its last heartbeat is at most its interval
+    # plus agent_online_grace_s old, stale up to agent_offline_after × interval (+ grace), offline beyond.
+    # The interval is the one the agent reports; agent_heartbeat_interval_s is for agents too old to say.
+    agent_heartbeat_interval_s: int = Field(default=30, ge=1, le=3600)
+    agent_online_grace_s: int = Field(default=15, ge=0, le=3600)
+    agent_offline_after: float = Field(default=3.0, ge=1.0, le=100.0)
+    # text, json (one JSON object per line) or journald (native socket); --log-format overrides it.
+    log_format: Literal["text", "json", "journald"] = "text"
+
     # HTTPS for the API (both or neither): `sekisho pki issue-api-cert` writes them from the site CA, whose
     # SHA-256 every enrolment token carries (api_ca_cert, default ca_cert, is the CA that signed them).
     api_tls_cert: Path | None = None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -16,14 +14,18 @@ doors_app = typer.Typer(help="Door agent: lockers, key cabinets and room doors."
 def doors_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="agent TOML file (doors.toml beside it)")],
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+    log_format: Annotated[
+        str | None, typer.Option("--log-format", help="text, json or journald; default: log_format in the config")
+    ] = None,
 ) -> None:
     """Run this box's door agent until SIGINT/SIGTERM: readers, lock board, decisions, events, commands."""
     from sekisho.agents.doors.run import DoorsSetupError, run_doors
     from sekisho.agents.runtime.agent import Agent
+    from sekisho.agents.runtime.cli import setup_agent_logging
     from sekisho.agents.runtime.config import load_config
     from sekisho.agents.runtime.errors import AgentError
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr)
+    setup_agent_logging(log_level, log_format, config)
     try:
         agent = Agent(load_config(config))
     except AgentError as err:

@@ -80,6 +80,36 @@ class CommandRegistry(Protocol):
         ...
 
 
+_DECISIONS = {"door.access_granted": "granted", "door.access_denied": "denied"}
+
+
+def _log_decision(action: Emit, *, recorded: bool) -> None:
+    """Log a grant or deny: door, reader, person id and the reason or rule; never the card or a PIN."""
+    decision = _DECISIONS.get(action.type)
+    if decision is None:
+        return
+    p = action.payload
+    fields = {
+        "decision": decision,
+        "door": p.get("door"),
+        "reader": p.get("reader"),
+        "person": p.get("person"),
+        "reason": p.get("reason") if decision == "denied" else p.get("rule"),
+        "recorded": recorded,
+    }
+    # The payload's card_masked/card_hash and detail stay out: the event keeps them, the log does not need them.
+    log.info(
+        "door %s: access %s for %s at reader %s (%s)%s",
+        fields["door"],
+        decision,
+        fields["person"] or "unknown card",
+        fields["reader"] or "-",
+        fields["reason"] or "-",
+        "" if recorded else " — NOT RECORDED",
+        extra={"fields": fields},
+    )
+
+
 class DoorAgentCore:
     """Runs the doors of one agent: card decisions, door machines, key cabinets, commands."""
 
@@ -481,7 +511,9 @@ class DoorAgentCore:
             self._emit(action.type, action.payload)
         except Exception as err:  # a full disk or a bad field must not crash the door; it is logged
             log.error("cannot record %s: %s", action.type, err)
+            _log_decision(action, recorded=False)
             return False
+        _log_decision(action, recorded=True)
         return True
 
     def _drive(self, action: SetRelay) -> list[Action]:

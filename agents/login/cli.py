@@ -29,23 +29,24 @@ def terminal_command(
     usb: Annotated[bool, typer.Option("--usb/--no-usb", help="also run the USB media guard")] = True,
     usb_rules: Annotated[Path | None, typer.Option("--usb-rules", help="admin USB rules (USBGuard syntax)")] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+    log_format: Annotated[
+        str | None, typer.Option("--log-format", help="text, json or journald; default: log_format in the config")
+    ] = None,
     pam_socket: Annotated[
         Path, typer.Option("--pam-socket", help="where pam-auth asks this agent (directory created 0700)")
     ] = Path(DEFAULT_SOCKET),
 ) -> None:
     """Run this terminal's agent: events, policy, PAM decisions, card-removal lock, USB media guard."""
-    import logging
-    import sys
-
     from sekisho.agents.login.pam import LoginSetupError
     from sekisho.agents.login.run import run_terminal
     from sekisho.agents.runtime.agent import Agent
+    from sekisho.agents.runtime.cli import setup_agent_logging
     from sekisho.agents.runtime.config import load_config
     from sekisho.agents.runtime.errors import AgentError
     from sekisho.agents.usb.rules import read_rules_text
     from sekisho.agents.usb.run import UsbGuardConfig
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), stream=sys.stderr)
+    setup_agent_logging(log_level, log_format, config)
     try:
         agent = Agent(load_config(config))
         rules = read_rules_text(usb_rules.read_bytes()) if usb_rules else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import sys
 import threading
@@ -21,12 +20,17 @@ from sekisho.agents.runtime.config import load_config
 from sekisho.agents.runtime.errors import AgentError, ConfigError
 from sekisho.agents.runtime.outbox import Outbox
 from sekisho.agents.runtime.policy_cache import PolicyCache
+from sekisho.common.logs import setup_logging
 from sekisho.protocol import signing
 
 app = typer.Typer(help="Endpoint agent: durable outbox, MQTT link, policy cache, commands.", no_args_is_help=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="agent TOML file")]
 LogLevelOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")]
+LogFormatOpt = Annotated[
+    str | None,
+    typer.Option("--log-format", help="text, json (one object a line) or journald; default: the config's log_format"),
+]
 
 # How many events one transaction carries when `simulate` produces as fast as it can.
 _BULK = 500
@@ -34,12 +38,23 @@ _BULK = 500
 _SLICE_S = 0.01
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_agent_logging(level: str, log_format: str | None, config_path: Path | None = None) -> None:
+    """Set up logging from --log-level and --log-format, else the config's log_format (text if unreadable)."""
+    chosen = log_format
+    if chosen is None and config_path is not None:
+        try:
+            chosen = load_config(config_path, check_files=False).log_format
+        except ConfigError:
+            chosen = None  # the command reports the bad config itself, in text
+    try:
+        setup_logging(level, chosen or "text", identifier="sekisho-agent", stream=sys.stderr)
+    except ValueError as err:
+        typer.echo(f"error: --log-format: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
+def _setup_logging(level: str, log_format: str | None = None, config_path: Path | None = None) -> None:
+    setup_agent_logging(level, log_format, config_path)
 
 
 def _fail(err: AgentError) -> typer.Exit:
@@ -56,9 +71,9 @@ def _open_agent(config_path: Path) -> Agent:
 
 
 @app.command()
-def run(config: ConfigOpt, log_level: LogLevelOpt = "INFO") -> None:
+def run(config: ConfigOpt, log_level: LogLevelOpt = "INFO", log_format: LogFormatOpt = None) -> None:
     """Run the agent until SIGINT or SIGTERM."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format, config)
     agent = _open_agent(config)
     try:
         agent.run_forever()
@@ -92,9 +107,10 @@ def simulate(
     exit_when_drained: Annotated[bool, typer.Option(help="exit 0 once the controller acknowledged everything")] = False,
     timeout: Annotated[float | None, typer.Option(min=0.1, help="give up (exit 1) after this many seconds")] = None,
     log_level: LogLevelOpt = "WARNING",
+    log_format: LogFormatOpt = None,
 ) -> None:
     """Run the agent and emit COUNT synthetic events; print a JSON summary line on stdout at the end."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format, config)
     agent = _open_agent(config)
     stop = threading.Event()
 

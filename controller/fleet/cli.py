@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import typer
 
+from sekisho.controller.fleet.status_cli import status
+
 app = typer.Typer(help="エージェントの登録・状態・失効 / Enrol, watch and retire agents.", no_args_is_help=True)
 
 
 @app.callback()
 def _fleet() -> None:
     """Enrol, watch and retire agents."""
+
+
+app.command("status")(status)

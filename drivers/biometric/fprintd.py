@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from jeepney import (
@@ -107,6 +108,22 @@ class FprintdBackend:
                 return False
         # Only the yes/no leaves this function: finger names are not needed upstream.
         return bool(fingers and fingers[0])
+
+    def enrolled_fingers(self, users: Sequence[str]) -> dict[str, int]:
+        """Return how many fingers each user has enrolled, over one bus connection; raise NoSensor/BiometricError."""
+        counts: dict[str, int] = {}
+        with self._connect() as conn:
+            device = self._default_device(conn)
+            for user in users:
+                try:
+                    body = self._call(conn, device, "ListEnrolledFingers", "s", (user,), action="ListEnrolledFingers")
+                except NotEnrolled:
+                    counts[user] = 0
+                    continue
+                fingers = body[0] if body else []
+                # Only the count leaves this function: which fingers they are is nobody's business upstream.
+                counts[user] = len(fingers) if isinstance(fingers, list) else 0
+        return counts
 
     def verify(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -55,4 +55,12 @@ class FingerprintBackend(Protocol):
         on_status: StatusObserver | None = None,
     ) -> VerifyResult:
         """Verify any enrolled finger of ``user``; never raise for sensor trouble, report ``unavailable``."""
+        ...
+
+
+class EnrolmentCensus(Protocol):
+    """Counts of enrolled fingers per user (the terminal's heartbeat reports them per person)."""
+
+    def enrolled_fingers(self, users: Sequence[str]) -> dict[str, int]:
+        """Return how many fingers each user has enrolled; raise NoSensor/BiometricError if unknown."""
         ...

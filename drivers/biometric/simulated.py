@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sekisho.drivers.biometric.errors import BiometricError, DeviceBusy, NoSensor, NotEnrolled
@@ -101,6 +101,13 @@ class SimulatedFingerprint:
             if not self.available:
                 raise NoSensor(self.unavailable_reason)
             return bool(self._enrolments.get(user))
+
+    def enrolled_fingers(self, users: Sequence[str]) -> dict[str, int]:
+        """Return how many fingers each user has enrolled; raise NoSensor when switched off."""
+        with self._cond:
+            if not self.available:
+                raise NoSensor(self.unavailable_reason)
+            return {user: len(self._enrolments.get(user, ())) for user in users}
 
     def verify(
         self,
