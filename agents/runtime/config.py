@@ -14,7 +14,7 @@ from sekisho.protocol import topics
 
 # Files the agent must be able to read before it does anything (fail closed without them).
 KEY_FIELDS = ("ca_cert", "tls_cert", "tls_key", "signing_key", "controller_public_key")
-PATH_FIELDS = (*KEY_FIELDS, "state_dir")
+PATH_FIELDS = (*KEY_FIELDS, "state_dir", "controller_ca_cert")
 
 
 class AgentConfig(BaseSettings):
@@ -31,6 +31,10 @@ class AgentConfig(BaseSettings):
     signing_key: Path = Field(description="the agent's Ed25519 key that signs its events and heartbeats")
     controller_public_key: Path = Field(description="verifies acks, policy bundles and commands")
     state_dir: Path = Field(description="outbox, policy cache and nonce store live here")
+    # Enrolled agents (`sekisho-agent enrol`) renew their certificate here before two thirds of its lifetime;
+    # controller_ca_cert is the CA of the controller's HTTPS certificate when it is not ca_cert.
+    controller_url: str | None = Field(default=None, pattern=r"^https://[^\s/]+(:[0-9]+)?/?$")
+    controller_ca_cert: Path | None = None
 
     heartbeat_interval_s: float = Field(default=30, gt=0, le=3600)
     resend_after_s: float = Field(default=30, gt=0, le=24 * 3600)
@@ -137,7 +141,11 @@ def load_config(path: Path, *, check_files: bool = True) -> AgentConfig:
     except ValidationError as err:
         raise ConfigError(f"invalid config {path}: {_describe(err)}") from err
     # Environment overrides arrive after the TOML paths were resolved, so resolve once more.
-    update = {name: base / getattr(config, name) for name in PATH_FIELDS if not getattr(config, name).is_absolute()}
+    update = {
+        name: base / path
+        for name in PATH_FIELDS
+        if (path := getattr(config, name)) is not None and not path.is_absolute()
+    }
     if update:
         config = config.model_copy(update=update)
     if check_files:
