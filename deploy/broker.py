@@ -3,11 +3,13 @@
 Identity is bound by the listener a client reaches (mosquitto 2.0, ``per_listener_settings true``):
 
 - the agents' listener trusts only the site CA (which issues agent certificates); the certificate's CN is
-  the username (``use_identity_as_username``) *and* the client id (``use_username_as_clientid``), so an
-  agent can neither take over another agent's persistent session nor disconnect anyone but itself. The
-  plugin ``deploy/mosquitto/sekisho_agent_acl.c`` lets an agent subscribe to its own inbound topics only
+  the username (the plugin ``deploy/mosquitto/sekisho_agent_acl.c`` checks at CONNECT that the username an
+  agent sends is its certificate's CN, and that the certificate is not revoked) *and* the client id
+  (``use_username_as_clientid``), so an agent can neither take over another agent's persistent session nor
+  disconnect anyone but itself. The plugin lets an agent subscribe to its own inbound topics only
   (mosquitto's acl_file grants every SUBSCRIBE, ``$share/...`` included), and the ACL limits what it
-  publishes and receives;
+  publishes and receives. Revocations come from a file (``revocations`` in the state directory here) that
+  the plugin re-reads when it changes: revoked agents are disconnected and refused without a restart;
 - the controllers' listener trusts only the controller CA, so no agent certificate gets in there; the
   controller picks its own client ids (``controller-1-ingest``, …), all starting with ``controller``,
   a prefix no agent name may have (deploy/pki.py).
@@ -33,6 +35,7 @@ from types import TracebackType
 
 from sekisho.deploy.pki import CONTROLLER_CN, PkiPaths
 from sekisho.protocol import topics
+from sekisho.protocol.revocations import RevocationList
 from sekisho.protocol.messages import MAX_CONTROL_BYTES
 
 # The largest message on the wire is a control message (policy bundle); the headroom covers the topic,
@@ -52,6 +55,7 @@ CONTROLLER_ACL_NAME = "acl-controllers"
 LOG_NAME = "mosquitto.log"
 STDERR_NAME = "mosquitto.stderr"
 DB_NAME = "mosquitto.db"
+REVOCATIONS_NAME = "revocations"
 
 
 # The agents' inbound channels: the only topics (their own) an agent may subscribe to.
@@ -70,7 +74,7 @@ def render_agent_acl() -> str:
     own = f"{topics.ROOT}/%u"
     lines = [
         "# sekisho MQTT ACL of the agents' listener. The username is the CN of the client certificate",
-        "# (use_identity_as_username), which the site CA issued; the client id is the same name",
+        "# (the sekisho_agent_acl plugin checks it at CONNECT), which the site CA issued; the client id is the same name",
         "# (use_username_as_clientid). Anything not granted here is denied.",
         "",
         "# %u is the agent's own CN, so each agent reaches its own topics only, in one direction. Every",
@@ -117,6 +121,7 @@ def render_config(
     agent_acl_path: Path,
     controller_acl_path: Path,
     plugin_path: Path,
+    revocations_path: Path,
     bind: str = "127.0.0.1",
     controller_bind: str | None = None,
     log_path: Path | None = None,
@@ -146,8 +151,6 @@ def render_config(
         f"keyfile {v(pki.broker_key)}",
         "tls_version tlsv1.2",
         "require_certificate true",
-        "use_identity_as_username true",
-        "allow_anonymous false",
     ]
     lines += [
         "",
@@ -158,20 +161,28 @@ def render_config(
         f"listener {int(port)} {v(bind)}",
         f"cafile {v(pki.ca_cert)}",
         *tls,
+        "# The plugin checks at every CONNECT that the username is the certificate's CN and that the",
+        "# certificate is not revoked; with use_identity_as_username mosquitto would ask no plugin at CONNECT.",
+        "use_identity_as_username false",
+        "allow_anonymous false",
         "use_username_as_clientid true",
         f"acl_file {v(agent_acl_path)}",
         "# Subscriptions: an agent may subscribe to its own acks, policy and commands and nothing else (the",
         "# acl_file grants every SUBSCRIBE, so an agent could join the controllers' $share group and have",
-        "# events assigned to it, then dropped).",
+        "# events assigned to it, then dropped). Revocations: the file the controller (or",
+        "# `sekisho fleet revocations sync`) writes; re-read when it changes, at once on SIGHUP.",
         f"plugin {v(plugin_path)}",
         f"plugin_opt_topic_root {topics.ROOT}",
         f"plugin_opt_inbound {','.join(AGENT_INBOUND)}",
+        f"plugin_opt_revocations {v(revocations_path)}",
         "",
         "# Controllers: mutual TLS with a certificate from the controller CA only, so no agent certificate",
         "# connects where the controllers' client ids (controller-1-ingest, ...) live.",
         f"listener {int(controller_port)} {v(controller_bind if controller_bind is not None else bind)}",
         f"cafile {v(pki.controller_ca_cert)}",
         *tls,
+        "use_identity_as_username true",
+        "allow_anonymous false",
         f"acl_file {v(controller_acl_path)}",
         "",
         "# Persistence: queued QoS 1 messages, retained policies and persistent sessions survive a",
@@ -353,6 +364,11 @@ class Broker:
         return self.state_dir / CONTROLLER_ACL_NAME
 
     @property
+    def revocations_path(self) -> Path:
+        """The revocation list the agents' listener enforces (an empty one is written if there is none)."""
+        return self.state_dir / REVOCATIONS_NAME
+
+    @property
     def log_path(self) -> Path:
         """The broker's log file."""
         return self.state_dir / LOG_NAME
@@ -380,6 +396,9 @@ class Broker:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.agent_acl_path.write_text(render_agent_acl())
         self.controller_acl_path.write_text(render_controller_acl())
+        if not self.revocations_path.exists():
+            # A new site has revoked nobody. Without any list the plugin refuses every agent (fail closed).
+            self.revocations_path.write_text(RevocationList().broker_text())
         self.config_path.write_text(
             render_config(
                 port=self.port,
@@ -389,6 +408,7 @@ class Broker:
                 agent_acl_path=self.agent_acl_path.resolve(),
                 controller_acl_path=self.controller_acl_path.resolve(),
                 plugin_path=plugin.resolve(),
+                revocations_path=self.revocations_path.resolve(),
                 bind=self.bind,
                 log_path=self.log_path.resolve(),
                 user=_service_user(),
@@ -516,6 +536,13 @@ class Broker:
             self._finalizer.detach()
         self._finalizer = None
         self._proc = None
+
+    def reload(self) -> None:
+        """Send SIGHUP: mosquitto re-reads its configuration, and the plugin its revocation list at once."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            raise BrokerError("broker not running")
+        proc.send_signal(signal.SIGHUP)
 
     def restart(self, timeout: float = 10) -> None:
         """Stop the broker gracefully and start it again on the same ports."""

@@ -333,6 +333,7 @@ def test_examples_match_rendered_files() -> None:
         agent_acl_path=Path("/etc/mosquitto/sekisho/acl-agents"),
         controller_acl_path=Path("/etc/mosquitto/sekisho/acl-controllers"),
         plugin_path=Path("/usr/local/lib/sekisho/sekisho_agent_acl.so"),
+        revocations_path=Path("/var/lib/mosquitto/revocations"),
         bind="0.0.0.0",
         log_path=Path("/var/log/mosquitto/mosquitto.log"),
         user="mosquitto",
@@ -350,6 +351,7 @@ def test_config_rejects_line_breaks_in_paths(tmp_path: Path) -> None:
             agent_acl_path=tmp_path,
             controller_acl_path=tmp_path,
             plugin_path=tmp_path,
+            revocations_path=tmp_path,
         )
 
 

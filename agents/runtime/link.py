@@ -76,7 +76,11 @@ class MqttLink:
         self._ever_connected = False
 
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._agent, protocol=mqtt.MQTTv5)
-        client.tls_set_context(tls_context(config))
+        # Kept: renewal loads the new certificate into this same context (reload_tls).
+        self.tls = tls_context(config)
+        client.tls_set_context(self.tls)
+        # The broker checks that the username is the certificate's name (its CN, the agent id) at CONNECT.
+        client.username_pw_set(self._agent)
         client.on_socket_open = _nodelay
         client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)  # type: ignore[arg-type]
         client.max_inflight_messages_set(min(MQTT_INFLIGHT, config.max_inflight))
@@ -116,6 +120,11 @@ class MqttLink:
                     time.sleep(0.01)
         self._client.loop_stop()
         self._connected.clear()
+
+    def reload_tls(self) -> None:
+        """Load the certificate and key files again (after a renewal): the next connection presents them."""
+        # paho makes every connection from this context; the current one keeps its certificate.
+        self.tls.load_cert_chain(str(self.config.tls_cert), str(self.config.tls_key))
 
     @property
     def connected(self) -> bool:

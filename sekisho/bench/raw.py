@@ -32,6 +32,8 @@ class TlsFiles:
 def _client(client_id: str, tls: TlsFiles) -> mqtt.Client:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     client.tls_set(ca_certs=tls.ca, certfile=tls.cert, keyfile=tls.key, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    # The agents' listener checks that the username is the certificate's name (the agents' ids are theirs).
+    client.username_pw_set(client_id)
     client.max_inflight_messages_set(1000)
 
     def nodelay(c: mqtt.Client, userdata: Any, sock: Any) -> None:

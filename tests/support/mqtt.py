@@ -157,6 +157,8 @@ def connect_client(
     if isinstance(tls, Path):
         tls = tls_files(tls, identity or client_id)
     client = SyncClient(client_id)
+    # The agents' listener checks that the username is the certificate's name (the controllers' ignores it).
+    client.username_pw_set(identity or client_id)
     if tls is not None:
         client.tls_set(
             ca_certs=str(tls.ca_cert),
