@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import logging
 import signal
 import threading
 from datetime import timedelta
@@ -47,19 +46,30 @@ def cli_config(path: Path) -> ControllerConfig:
         raise typer.Exit(2) from err
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+LogFormatOpt = Annotated[
+    str | None, typer.Option("--log-format", help="text, json or journald; default: log_format in controller.toml")
+]
+
+
+def _logging(verbose: bool, log_format: str | None = None, cfg: ControllerConfig | None = None) -> None:
+    from sekisho.common.logs import setup_logging
+
+    chosen = log_format or (cfg.log_format if cfg is not None else "text")
+    try:
+        setup_logging("DEBUG" if verbose else "INFO", chosen, identifier="sekisho-controller")
+    except ValueError as err:
+        err_console.print(f"[red]--log-format:[/red] {err}")
+        raise typer.Exit(2) from err
 
 
 @controller_app.command("serve")
-def serve(config: ConfigOpt, verbose: bool = False) -> None:
+def serve(config: ConfigOpt, verbose: bool = False, log_format: LogFormatOpt = None) -> None:
     """Run ingest, policy publication and the HTTP API."""
     from sekisho.controller.service import Controller
 
-    _logging(verbose)
-    ctl = Controller(cli_config(config))
+    cfg = cli_config(config)
+    _logging(verbose, log_format, cfg)
+    ctl = Controller(cfg)
     ctl.start()
     console.print(f"controller up: http://{ctl.config.http_host}:{ctl.config.http_port}/docs")
     try:
@@ -69,12 +79,13 @@ def serve(config: ConfigOpt, verbose: bool = False) -> None:
 
 
 @controller_app.command("ingest")
-def ingest(config: ConfigOpt, verbose: bool = False) -> None:
+def ingest(config: ConfigOpt, verbose: bool = False, log_format: LogFormatOpt = None) -> None:
     """Run one extra ingest worker (no HTTP): workers share the load through an MQTT shared subscription."""
     from sekisho.controller.service import Controller
 
-    _logging(verbose)
-    ctl = Controller(cli_config(config), with_policy=False)
+    cfg = cli_config(config)
+    _logging(verbose, log_format, cfg)
+    ctl = Controller(cfg, with_policy=False)
     ctl.start()  # returns connected to the broker (or raises): that is when this worker is ready
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -23,6 +23,7 @@ from sekisho.controller.config import ControllerConfig
 from sekisho.controller.doors.jobs import DoorRegisterKeeper
 from sekisho.controller.doors.projector import DoorProjector
 from sekisho.controller.doors.registers import DoorRegisters
+from sekisho.controller.fleet.metrics import PublicationStats
 from sekisho.controller.ingest.worker import IngestWorker
 from sekisho.controller.media.overdue import OverdueWatch
 from sekisho.controller.media.service import MediaService
@@ -74,6 +75,7 @@ class PolicyKeeper(PeriodicJob):
         self.worker = worker
         self._published: _Published | None = None
         self._stale_sent: dict[str, float] = {}
+        self.publications = PublicationStats()
         self._lock = threading.Lock()
         super().__init__()
 
@@ -94,6 +96,7 @@ class PolicyKeeper(PeriodicJob):
                 return
             publish_bundles(self.worker.client, self.service.bundles())
             self._published = _Published(version, time.monotonic())
+            self.publications.published(version)
         log.info("published policy version %d bundles", version)
 
     def on_heartbeat(self, hb: messages.Heartbeat) -> None:
@@ -166,7 +169,10 @@ class Controller:
         """Run the HTTP API in the foreground until interrupted; systemd hears READY=1 once it listens."""
         # Loans made over the API are published at once instead of at the keeper's next 5 s check.
         publish = self.keeper.check if self.keeper is not None else None
-        app = create_app(AppState(self.config, self.store, self.worker.stats, on_policy_change=publish))
+        publications = self.keeper.publications if self.keeper is not None else None
+        app = create_app(
+            AppState(self.config, self.store, self.worker.stats, on_policy_change=publish, publications=publications)
+        )
         config = uvicorn.Config(app, host=self.config.http_host, port=self.config.http_port, log_level="warning")
         check = LivenessCheck(notifier if notifier is not None else ServiceNotifier(), self.alive, self.service_status)
         server = _SupervisedServer(config, check)

@@ -214,6 +214,7 @@ def start_doors(agent: Agent, config_path: Path) -> AttachedDoors:
         board = build_board(settings.board)
     except (BoardError, OsdpError, OSError, ValueError) as err:
         raise DoorsSetupError(f"door devices: {type(err).__name__}: {err}") from err
+    agent.describe("door")
     doors = attach_doors(
         emit=agent.emit,
         policy=agent.policy,

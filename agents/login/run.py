@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from sekisho.agents.login.fingerprints import FingerprintCensus
 from sekisho.agents.login.pam import load_login_settings
 from sekisho.agents.login.pam_service import PamService
 from sekisho.agents.login.sessions import LoginSessions
@@ -20,6 +21,7 @@ from sekisho.agents.login.watch import LoginSessionWatcher, WatchSettings
 from sekisho.agents.runtime.agent import Agent
 from sekisho.agents.usb.run import AttachedGuard, UsbGuardConfig, attach_usb_guard
 from sekisho.common.sdnotify import serve_until
+from sekisho.drivers.biometric.protocol import EnrolmentCensus
 from sekisho.drivers.smartcard.protocol import SmartCardBackend
 from sekisho.protocol.policy import LoginSettings, SitePolicy
 
@@ -70,10 +72,18 @@ def start_terminal(
     usb: UsbGuardConfig | None = None,
     poll_s: float = 0.5,
     pam_socket: Path | None = None,
+    fingerprints: EnrolmentCensus | None = None,
 ) -> TerminalAgent:
     """Start the agent, the session watch (real PC/SC unless a backend is given), the USB guard, and the
-    PAM service on ``pam_socket`` (None: no PAM service, for tests of the rest)."""
+    PAM service on ``pam_socket`` (None: no PAM service, for tests of the rest). Heartbeats report the
+    handlers' enrolled fingers from ``fingerprints`` (default: fprintd on login.toml's fprintd_bus)."""
     settings = load_login_settings(config_path)
+    if fingerprints is None:
+        from sekisho.drivers.biometric.fprintd import FprintdBackend
+
+        fingerprints = FprintdBackend(bus_address=settings.fprintd_bus)
+    census = FingerprintCensus(fingerprints, agent.policy, terminal)
+    agent.describe("terminal", fingerprints=census.status)
     if backend is None:
         from sekisho.drivers.smartcard import pcsc_backend
 

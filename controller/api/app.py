@@ -14,7 +14,10 @@ from sekisho.controller.api import privacy
 from sekisho.controller.api.deps import AppState, AuthDep, OptionalPrincipalDep, StateDep
 from sekisho.controller.api.doors import routers as door_routers
 from sekisho.controller.api.media import media
-from sekisho.controller.api.schemas import AgentPublic, DeadLetterPublic, EventPage, EventPublic, FindingPublic, Health
+from sekisho.controller.api.metrics import metrics
+from sekisho.controller.api.schemas import DeadLetterPublic, EventPage, EventPublic, FindingPublic, Health
+from sekisho.controller.fleet.health import AgentHealth, Thresholds, fleet_health
+from sekisho.controller.fleet.metrics import controller_registry
 from sekisho.protocol import signing
 
 log = logging.getLogger(__name__)
@@ -106,10 +109,14 @@ def list_findings(state: StateDep, open_only: bool = False) -> list[FindingPubli
     ]
 
 
-@records.get("/agents", response_model=list[AgentPublic])
-def list_agents(state: StateDep) -> list[AgentPublic]:
-    """List registered agents with their last heartbeat."""
-    return [AgentPublic.model_validate(r, from_attributes=True) for r in state.store.list_agents()]
+@records.get("/agents", response_model=list[AgentHealth])
+def list_agents(
+    state: StateDep,
+    agent_state: Annotated[str | None, Query(alias="state", pattern="^(online|stale|offline|revoked)$")] = None,
+) -> list[AgentHealth]:
+    """List registered agents: online/stale/offline/revoked and what their last heartbeat reported."""
+    agents = fleet_health(state.store, Thresholds.from_config(state.config), state.clock())
+    return [a for a in agents if agent_state is None or a.state == agent_state]
 
 
 def create_app(state: AppState) -> FastAPI:
@@ -126,8 +133,16 @@ def create_app(state: AppState) -> FastAPI:
             # Reads still work; media writes answer 503 until the key is readable and the app restarted.
             log.warning("signing key %s unreadable (%s): media loan changes disabled", state.config.signing_key, err)
     app.state.sekisho = state
+    app.state.metrics_registry = controller_registry(
+        state.store,
+        Thresholds.from_config(state.config),
+        ingest=state.ingest,
+        publications=state.publications,
+        clock=state.clock,
+    )
     privacy.install(app)
     app.include_router(health)
+    app.include_router(metrics)
     app.include_router(records)
     app.include_router(media)
     for router in door_routers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Annotated
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -13,8 +14,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from sekisho.controller.api.auth import ApiAuth, Principal, Throttled, Unauthenticated, required_scope
 from sekisho.controller.config import ControllerConfig
+from sekisho.controller.fleet.metrics import PublicationStats
 from sekisho.controller.ingest.worker import IngestStats
 from sekisho.controller.store.store import Store
+from sekisho.protocol import timefmt
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,10 @@ class AppState:
     on_policy_change: Callable[[], None] | None = None
     # Loaded once by create_app from config.signing_key; None if unreadable (policy writes then answer 503).
     signing_key: Ed25519PrivateKey | None = None
+    # The policy keeper's publication counts (/metrics); None in a process that does not publish.
+    publications: PublicationStats | None = None
+    # The time agents' states are judged at (tests pass a controlled clock).
+    clock: Callable[[], datetime] = timefmt.now
     # Tokens and the failed-authentication limiter of this process, built from config.
     auth: ApiAuth = field(init=False)
 

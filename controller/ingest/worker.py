@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sekisho.controller.config import ControllerConfig
+from sekisho.controller.ingest.lag import LagHistogram
 from sekisho.controller.ingest.ownership import OwnershipCheck
 from sekisho.controller.mqtt import connect_blocking, make_client
 from sekisho.controller.store.events import DeadLetterIn
@@ -56,6 +57,8 @@ class IngestStats:
     waiting: int = 0
     last_progress_at: float = field(default_factory=time.time)
     stall_s: float = 60.0
+    # Recorded by the agent → stored here, per event stored (controller/ingest/lag.py; /metrics shows it).
+    lag: LagHistogram = field(default_factory=LagHistogram)
 
     def stalled(self, now: float | None = None) -> bool:
         """Tell whether messages wait while nothing has been finished for longer than stall_s."""
@@ -330,6 +333,11 @@ class IngestWorker:
             self.store.record_heartbeat(hb.agent, hb.model_dump(), received_at)
         self.stats.batches += 1
         self.stats.stored += len(result.stored)
+        stored_at = timefmt.now()
+        stored_keys = set(result.stored)
+        for ev in good:
+            if (ev.agent, ev.seq) in stored_keys:
+                self.stats.lag.observe((stored_at - ev.occurred_at).total_seconds())
         self.stats.duplicates += len(result.duplicates)
         self.stats.dead_lettered += len(result.dead_lettered)
         self.stats.heartbeats += len(heartbeats)
