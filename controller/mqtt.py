@@ -67,9 +67,12 @@ def connect_blocking(client: mqtt.Client, config: ControllerConfig, *, persisten
 
     def on_connect(c: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         result["reason"] = reason
-        done.set()
-        if previous is not None:
-            previous(c, userdata, flags, reason, props)  # type: ignore[call-arg]
+        # The owner's callback first: when connect_blocking returns, the owner already knows it is connected.
+        try:
+            if previous is not None:
+                previous(c, userdata, flags, reason, props)  # type: ignore[call-arg]
+        finally:
+            done.set()
 
     client.on_connect = on_connect
     client.connect_async(
