@@ -28,6 +28,7 @@ from sekisho.controller.ingest.worker import IngestWorker
 from sekisho.controller.media.overdue import OverdueWatch
 from sekisho.controller.media.service import MediaService
 from sekisho.controller.periodic import PeriodicJob
+from sekisho.controller.policy.floor import MAX_REPORTED_JUMP, raise_floor
 from sekisho.controller.policy.service import PolicyService, publish_bundles
 from sekisho.controller.store.db import make_engine, private_dir, upgrade
 from sekisho.controller.store.store import Store
@@ -72,6 +73,7 @@ class PolicyKeeper(PeriodicJob):
 
     def __init__(self, config: ControllerConfig, store: Store, worker: IngestWorker) -> None:
         self.service = PolicyService(store, signing.load_private_key(config.signing_key))
+        self.var_dir = config.var_dir
         self.worker = worker
         self._published: _Published | None = None
         self._stale_sent: dict[str, float] = {}
@@ -94,6 +96,8 @@ class PolicyKeeper(PeriodicJob):
             fresh = self._published and self._published.version == version
             if fresh and time.monotonic() - self._published.at < refresh_after:  # type: ignore[union-attr]
                 return
+            # The floor outside the database: a restore must never issue this number again (policy/floor.py).
+            raise_floor(self.var_dir, version)
             publish_bundles(self.worker.client, self.service.bundles())
             self._published = _Published(version, time.monotonic())
             self.publications.published(version)
@@ -108,9 +112,38 @@ class PolicyKeeper(PeriodicJob):
         if now - self._stale_sent.get(hb.agent, 0.0) < self.STALE_AGENT_COOLDOWN_S:
             return
         self._stale_sent[hb.agent] = now
+        if hb.policy_version is not None and hb.policy_version > published.version:
+            self._agent_ahead(hb.agent, hb.policy_version)
+            return
         bundle = self.service.bundles().get(hb.agent)
         if bundle is not None:
             publish_bundles(self.worker.client, {hb.agent: bundle})
+
+    def _agent_ahead(self, agent: str, reported: int) -> None:
+        """An agent holds a newer version than the store's newest (a restore lost it): re-issue above it."""
+        current = self.service.current()
+        newest = current[0] if current is not None else 0
+        if reported <= newest:
+            return  # another worker re-issued already; the next check publishes it
+        store = self.service.store
+        if reported - newest > MAX_REPORTED_JUMP:
+            store.note_finding(
+                "policy_version_implausible",
+                agent,
+                None,
+                {"reported": reported, "newest_stored": newest, "max_jump": MAX_REPORTED_JUMP},
+            )
+            log.warning("agent %s reports policy version %d, far above %d: not followed", agent, reported, newest)
+            return
+        version = self.service.reissue_above(
+            reported,
+            created_by="controller",
+            comment=f"re-issued: agent {agent} holds version {reported}, newer than the store's {newest} (restore?)",
+        )
+        store.note_finding(
+            "policy_version_reissued", agent, None, {"reported": reported, "newest_stored": newest, "issued": version}
+        )
+        self.check()
 
 
 class Controller:

@@ -6,6 +6,7 @@ import typer
 
 from sekisho.agents.runtime.cli import app as agent_app
 from sekisho.agents.usb.rules.cli import app as usb_app
+from sekisho.controller.backup.cli import backup, restore
 from sekisho.controller.cli import controller_app, policy_app, records_app
 from sekisho.controller.doors.cli import app as doors_app
 from sekisho.controller.fleet.cli import app as fleet_app
@@ -20,6 +21,8 @@ app = typer.Typer(
 )
 app.add_typer(pki_app, name="pki", help="Create the CA, broker, controller and agent certificates.")
 app.add_typer(agent_app, name="agent", help="Run an endpoint agent.")
+controller_app.command("backup")(backup)
+controller_app.command("restore")(restore)
 app.add_typer(controller_app, name="controller")
 app.add_typer(policy_app, name="policy")
 app.add_typer(records_app, name="records")

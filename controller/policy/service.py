@@ -13,6 +13,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sekisho.controller.mqtt import connect_blocking, make_client
+from sekisho.controller.policy.floor import bundle_versions, raise_floor
 from sekisho.controller.policy.loader import PolicyError
 from sekisho.controller.store.policy import PolicyVersionConflict
 from sekisho.protocol import messages, mynumber, timefmt, topics
@@ -158,6 +159,8 @@ def publish_bundles(client: mqtt.Client, bundles: dict[str, bytes], timeout: flo
 def publish_once(config: ControllerConfig, bundles: dict[str, bytes], *, purpose: str = "policy-cli") -> None:
     """Connect to the broker, publish bundles retained and disconnect (ConnectionError/TimeoutError/OSError)."""
     client: mqtt.Client = make_client(config, f"{config.worker_id}-{purpose}")
+    # Recorded before sending: a floor a little high costs nothing, one too low lets a restore repeat a version.
+    raise_floor(config.var_dir, bundle_versions(bundles.values()))
     try:
         connect_blocking(client, config, persistent=False, timeout=5)
         publish_bundles(client, bundles)
@@ -217,6 +220,36 @@ class PolicyService:
                 if attempt == _WRITE_ATTEMPTS:
                     raise
                 continue
+            return stored.version
+        raise AssertionError("unreachable")
+
+    def reissue_above(self, above: int, *, created_by: str, comment: str) -> int | None:
+        """Store the policy in force again as a version above ``above`` (unless it already is); return it.
+
+        After a restore the newest stored version may be one the agents already passed: they refuse it as a
+        rollback. The same document under a higher number reaches them. None if no policy was ever stored.
+        """
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            row = self.store.current_policy_version()
+            if row is None:
+                return None
+            if row.version > above:
+                return row.version
+            try:
+                stored = self.store.add_policy_version(
+                    dict(row.document),
+                    source_sha256=row.source_sha256,
+                    created_by=created_by,
+                    comment=comment,
+                    base_version=row.version,
+                    above=above,
+                )
+            except PolicyVersionConflict:
+                # Another worker stored a version meanwhile (maybe this very re-issue): look again.
+                if attempt == _WRITE_ATTEMPTS:
+                    raise
+                continue
+            log.warning("policy version %d re-issued as version %d (above %d)", row.version, stored.version, above)
             return stored.version
         raise AssertionError("unreachable")
 

@@ -31,9 +31,13 @@ def insert_policy_version(
     comment: str,
     when: datetime,
     base_version: int | None,
+    *,
+    above: int = 0,
 ) -> PolicyVersion:
     """Insert the next policy version inside the caller's transaction (which may write more with it).
 
+    The number is one more than the newest stored, or than ``above`` if that is higher: a version agents
+    already hold from before a restore (controller/policy/floor.py) must never be issued again.
     Raises mynumber.MyNumberFound if any field of the document, the comment or the author looks like a My
     Number: a policy version is signed into the agents' bundles, so it must never carry one.
     """
@@ -46,7 +50,7 @@ def insert_policy_version(
         # A document derived from an older version would silently undo the newer one (e.g. a loan).
         raise PolicyVersionConflict(f"policy version {current} was stored after version {base_version}")
     values = {
-        "version": current + 1,
+        "version": max(current, above) + 1,
         "created_at": when,
         "created_by": created_by,
         "source_sha256": source_sha256,
@@ -69,15 +73,18 @@ class PolicyRecords(Records):
         comment: str = "",
         created_at: datetime | None = None,
         base_version: int | None = None,
+        above: int = 0,
     ) -> PolicyVersion:
-        """Store a new policy document as the next version number and return it.
+        """Store a new policy document as the next version number (above ``above``) and return it.
 
         With ``base_version`` (0: no version yet) raise PolicyVersionConflict unless it is still the newest.
         """
         when = aware_utc(created_at or timefmt.now(), "created_at")
 
         def work(conn: Connection) -> PolicyVersion:
-            return insert_policy_version(conn, document, created_by, source_sha256, comment, when, base_version)
+            return insert_policy_version(
+                conn, document, created_by, source_sha256, comment, when, base_version, above=above
+            )
 
         return self.write(work, retry_unique=True)
 
