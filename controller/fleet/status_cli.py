@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -65,8 +66,8 @@ def _cert(agent: AgentHealth) -> str:
 def render_table(agents: list[AgentHealth], console: Console) -> None:
     """Print the fleet as a Rich table with a one-line count per state underneath."""
     table = Table(title="エージェントの状態 / Fleet status")
+    table.add_column("agent", no_wrap=True)
     for header in (
-        "agent",
         "kind",
         "状態 / state",
         "last seen",
@@ -130,4 +131,5 @@ def status(
         }
         typer.echo(json.dumps(doc, ensure_ascii=False, indent=2))
         return
-    render_table(agents, Console())
+    # Piped or redirected output (a log, a ticket) gets the whole table instead of 80 cut columns.
+    render_table(agents, Console() if sys.stdout.isatty() else Console(width=240))
