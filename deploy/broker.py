@@ -35,8 +35,8 @@ from types import TracebackType
 
 from sekisho.deploy.pki import CONTROLLER_CN, PkiPaths
 from sekisho.protocol import topics
-from sekisho.protocol.revocations import RevocationList
 from sekisho.protocol.messages import MAX_CONTROL_BYTES
+from sekisho.protocol.revocations import RevocationList
 
 # The largest message on the wire is a control message (policy bundle); the headroom covers the topic,
 # MQTT properties and framing. Anything bigger is hostile, and the broker drops the client.
@@ -74,7 +74,7 @@ def render_agent_acl() -> str:
     own = f"{topics.ROOT}/%u"
     lines = [
         "# sekisho MQTT ACL of the agents' listener. The username is the CN of the client certificate",
-        "# (the sekisho_agent_acl plugin checks it at CONNECT), which the site CA issued; the client id is the same name",
+        "# (checked at CONNECT by the sekisho_agent_acl plugin), issued by the site CA; the client id is the same name",
         "# (use_username_as_clientid). Anything not granted here is denied.",
         "",
         "# %u is the agent's own CN, so each agent reaches its own topics only, in one direction. Every",

@@ -57,7 +57,10 @@ class RevocationList:
     def __post_init__(self) -> None:
         """Refuse entries the broker plugin would refuse (so a bad list is caught where it is written)."""
         for name in (*self.names, *self.serials.values()):
-            topics.check_agent_id(name)
+            try:
+                topics.check_agent_id(name)
+            except errors.Rejected as err:
+                raise ValueError(f"bad agent name in a revocation list: {err.detail}") from err
         for serial in self.serials:
             if not _SERIAL.fullmatch(serial):
                 raise ValueError(f"bad certificate serial {serial!r}")
@@ -95,6 +98,8 @@ def parse_broker_text(text: str) -> RevocationList:
     """Parse a broker file as the plugin does (raise ValueError with the reason if it would refuse it)."""
     if len(text.encode()) > MAX_LIST_BYTES:
         raise ValueError("larger than the bound")
+    if "\x00" in text:
+        raise ValueError("NUL byte in the list")
     names: set[str] = set()
     serials: dict[str, str] = {}
     lines = [line for line in text.split("\n") if line and not line.startswith("#")]
