@@ -19,12 +19,14 @@ cd "$(dirname "$0")"
 # udev: udevadm, which checks the shipped read-only rule (deploy/udev/) with udev's own parser and matching
 # (udevadm test on umockdev devices, in a private mount namespace); a desktop has it already, and in a
 # container its install starts no udevd.
+# systemd: systemd-analyze, which checks the shipped units (deploy/systemd/) with systemd's own parser and scores
+# their hardening (verify, security --offline); it needs no systemd running as PID 1.
 APT_PACKAGES=(
   mosquitto mosquitto-dev libmosquitto-dev postgresql python3-venv python3-dev gcc
   umockdev gir1.2-umockdev-1.0 python3-pyudev python3-gi
   pcscd pcsc-tools vsmartcard-vpcd libpcsclite-dev
   fprintd libfprint-2-2 libpam-fprintd dbus python3-dbusmock pamtester
-  usbguard udev
+  usbguard udev systemd
 )
 
 ensure_apt() {
@@ -62,9 +64,10 @@ ensure_venv() {
   if [ ! -x .venv/bin/python ]; then
     "$py" -m venv .venv
   fi
-  # Re-sync when the lock or pyproject.toml changed since the last sync (or a sync was interrupted).
+  # Re-sync when the lock, pyproject.toml or lock.py (how it installs) changed since the last sync, or a sync
+  # was interrupted.
   local stamp
-  stamp=$(cat requirements/dev.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+  stamp=$(cat requirements/dev.txt pyproject.toml requirements/lock.py | sha256sum | cut -d' ' -f1)
   if [ "$(cat .venv/.sekisho-lock 2>/dev/null)" != "$stamp" ]; then
     echo "installing the locked dependencies (requirements/dev.txt) into .venv"
     rm -f .venv/.sekisho-lock
