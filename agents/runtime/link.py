@@ -6,6 +6,7 @@ sender's business, and what an incoming message means is the agent's.
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import ssl
@@ -15,10 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, _ConnectionState
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from sekisho.agents.runtime.backoff import ReconnectBackoff
 from sekisho.agents.runtime.config import AgentConfig
 from sekisho.protocol import topics
 
@@ -50,6 +52,34 @@ def _nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+_GIVING_UP = (_ConnectionState.MQTT_CS_DISCONNECTING, _ConnectionState.MQTT_CS_DISCONNECTED)
+
+
+class JitteredClient(mqtt.Client):
+    """paho's client with its reconnect wait drawn from a ReconnectBackoff (jittered), not a fixed doubling.
+
+    paho offers no hook for the delay, so this replaces its private ``_reconnect_wait`` (paho is pinned to
+    2.x in the locks; tests/test_agent_reconnect.py fails if paho stops calling it).
+    """
+
+    def __init__(self, *args: Any, backoff: ReconnectBackoff, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.backoff = backoff
+        # The last delays drawn, for diagnostics and the tests.
+        self.recent_delays: collections.deque[float] = collections.deque(maxlen=32)
+
+    def _reconnect_wait(self) -> None:
+        delay = self.backoff.next_delay()
+        self.recent_delays.append(delay)
+        deadline = time.monotonic() + delay
+        # Wake up early on stop() or disconnect(), as paho's own wait does.
+        while not self._thread_terminate and self._state not in _GIVING_UP:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, 0.25))
+
+
 class MqttLink:
     """One paho-mqtt client for one agent, with the agent's callbacks for connect, disconnect and messages."""
 
@@ -60,6 +90,7 @@ class MqttLink:
         on_connected: OnConnected,
         on_disconnected: OnDisconnected,
         on_message: OnMessage,
+        backoff: ReconnectBackoff | None = None,
     ) -> None:
         self.config = config
         self._on_connected = on_connected
@@ -75,14 +106,16 @@ class MqttLink:
         self._failing_since: float | None = None
         self._ever_connected = False
 
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self._agent, protocol=mqtt.MQTTv5)
+        self.backoff = backoff or ReconnectBackoff(config.reconnect_min_s, config.reconnect_max_s)
+        client = JitteredClient(
+            CallbackAPIVersion.VERSION2, client_id=self._agent, protocol=mqtt.MQTTv5, backoff=self.backoff
+        )
         # Kept: renewal loads the new certificate into this same context (reload_tls).
         self.tls = tls_context(config)
         client.tls_set_context(self.tls)
         # The broker checks that the username is the certificate's name (its CN, the agent id) at CONNECT.
         client.username_pw_set(self._agent)
         client.on_socket_open = _nodelay
-        client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)  # type: ignore[arg-type]
         client.max_inflight_messages_set(min(MQTT_INFLIGHT, config.max_inflight))
         # No cap on paho's own queue: the sender never has more than max_inflight unacknowledged events
         # out, so the queue is bounded by it, and a cap would turn a publish into a silent drop.
@@ -125,6 +158,11 @@ class MqttLink:
         """Load the certificate and key files again (after a renewal): the next connection presents them."""
         # paho makes every connection from this context; the current one keeps its certificate.
         self.tls.load_cert_chain(str(self.config.tls_cert), str(self.config.tls_key))
+
+    @property
+    def recent_reconnect_delays(self) -> list[float]:
+        """Return the last reconnect delays drawn, oldest first."""
+        return list(self._client.recent_delays)
 
     @property
     def connected(self) -> bool:
@@ -172,6 +210,7 @@ class MqttLink:
             self._fail(f"connection refused ({reason})")
             return
         client.subscribe([(name, 1) for name in self._inbound])
+        self.backoff.reset()
         if self._failing_since is not None:
             log.info("broker connection restored after %.1f s", time.monotonic() - self._failing_since)
             self._failing_since = None
