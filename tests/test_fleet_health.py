@@ -6,6 +6,7 @@ node_exporter textfile; fingerprint enrolment counts per person from a real fpri
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from support.fprintd import FprintdStack, missing_prerequisites
 from support.lab import running_site
@@ -27,8 +29,12 @@ from sekisho.agents.runtime.textfile import AgentVitals, render
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.deps import AppState
 from sekisho.controller.fleet.health import Thresholds, fleet_health
+from sekisho.controller.fleet.metrics import PublicationStats, controller_registry
+from sekisho.controller.ingest.worker import IngestStats
 from sekisho.controller.policy.loader import parse_policy
+from sekisho.controller.policy.service import PolicyService
 from sekisho.controller.service import Controller
+from sekisho.controller.store.store import Store
 from sekisho.deploy.pki import AgentCredentials
 from sekisho.drivers.biometric import SimulatedFingerprint
 from sekisho.lab import Lab
@@ -302,3 +308,20 @@ def test_textfile_render_leaves_out_what_is_unknown() -> None:
     assert ("sekisho_agent_last_ack_age_seconds", labels) not in values
     expiry = datetime(2030, 1, 1, tzinfo=UTC).timestamp()
     assert values[("sekisho_agent_cert_not_after_timestamp_seconds", labels)] == expiry
+
+
+def test_grafana_dashboard_uses_only_series_that_exist(store: Store) -> None:
+    """Every sekisho_* name in the sample dashboard is one the controller or the agents' textfile exposes."""
+    policy = parse_policy(DEMO.read_text(encoding="utf-8"))
+    assert PolicyService(store, signing.generate_key()).apply(policy, source_sha256="0" * 64, created_by="test") == 1
+    stats = IngestStats()
+    publications = PublicationStats()
+    publications.published(1)
+    registry = controller_registry(store, Thresholds(), ingest=stats, publications=publications, clock=timefmt.now)
+    names = {family.name for family in text_string_to_metric_families(generate_latest(registry).decode())}
+    vitals = AgentVitals("term-x", "agent", 0, 1, 1.0, 1, datetime(2030, 1, 1, tzinfo=UTC), 1, 1, True)
+    names |= {family.name for family in text_string_to_metric_families(render(vitals).decode())}
+    dashboard = (Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "sekisho-fleet.json").read_text()
+    used = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in re.findall(r"sekisho_[a-z_]+", dashboard)}
+    used.discard("sekisho_fleet")  # the dashboard's uid
+    assert used and used <= names, used - names
