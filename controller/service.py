@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sekisho.common.sdnotify import LivenessCheck, ServiceNotifier
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.deps import AppState
+from sekisho.controller.api.https import tls_options
 from sekisho.controller.config import ControllerConfig
 from sekisho.controller.doors.jobs import DoorRegisterKeeper
 from sekisho.controller.doors.projector import DoorProjector
@@ -206,7 +207,13 @@ class Controller:
         app = create_app(
             AppState(self.config, self.store, self.worker.stats, on_policy_change=publish, publications=publications)
         )
-        config = uvicorn.Config(app, host=self.config.http_host, port=self.config.http_port, log_level="warning")
+        config = uvicorn.Config(
+            app,
+            host=self.config.http_host,
+            port=self.config.http_port,
+            log_level="warning",
+            **tls_options(self.config),
+        )
         check = LivenessCheck(notifier if notifier is not None else ServiceNotifier(), self.alive, self.service_status)
         server = _SupervisedServer(config, check)
         if threading.current_thread() is not threading.main_thread():

@@ -10,7 +10,7 @@ import sys
 
 
 def agent_main(argv: list[str] | None = None) -> None:
-    """Run the agent command line (`sekisho-agent run|simulate|status`)."""
+    """Run the agent command line (`sekisho-agent run|simulate|status|enrol|renew|…`)."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["pam-auth"]:
         # pam_exec starts this for every login: the lean client, without typer, rich or the agent's modules.
@@ -20,11 +20,13 @@ def agent_main(argv: list[str] | None = None) -> None:
     from sekisho.agents.doors.cli import doors_app
     from sekisho.agents.login.cli import pam_app
     from sekisho.agents.runtime.cli import app as agent_cli
+    from sekisho.agents.runtime.enrol_cli import enrol_app
 
     # The login guard's PAM entry point and terminal runner (`sekisho-agent pam-auth|terminal`) and the
     # door runner (`sekisho-agent doors`) sit beside run/status/simulate.
     agent_cli.add_typer(pam_app)
     agent_cli.add_typer(doors_app)
+    agent_cli.add_typer(enrol_app)
     agent_cli(args=argv, prog_name="sekisho agent")
 
 

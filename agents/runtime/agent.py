@@ -22,6 +22,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from sekisho.agents.runtime.cert_renewal import CertificateRenewer, renewal_enabled
 from sekisho.agents.runtime.commands import CommandDispatcher
 from sekisho.agents.runtime.config import AgentConfig, check_key_files
 from sekisho.agents.runtime.errors import AlreadyRunning, ConfigError
@@ -126,6 +127,10 @@ class Agent:
                 on_disconnected=self._on_disconnected,
                 on_message=self._on_message,
             )
+            # Enrolled agents renew their certificate themselves (agents/runtime/cert_renewal.py).
+            self.renewer = (
+                CertificateRenewer(config, on_renewed=self.link.reload_tls) if renewal_enabled(config) is None else None
+            )
             self.sender = Sender(
                 self.outbox,
                 self.link.publish_event,
@@ -204,6 +209,8 @@ class Agent:
         self.sender.start()
         self.heartbeats.start()
         self.link.start()
+        if self.renewer is not None:
+            self.renewer.start()
         log.info(
             "agent %s started (outbox depth %d, policy %s, version %s)",
             self.config.agent_id,
@@ -218,6 +225,8 @@ class Agent:
             return
         self._stopped.set()
         if self._started:
+            if self.renewer is not None:
+                self.renewer.stop(timeout)
             self.heartbeats.stop(timeout)
             self._control.put(None)
             if self._control_thread is not None:

@@ -13,6 +13,7 @@ from sqlalchemy import text
 from sekisho.controller.api import privacy
 from sekisho.controller.api.deps import AppState, AuthDep, OptionalPrincipalDep, StateDep
 from sekisho.controller.api.doors import routers as door_routers
+from sekisho.controller.api.enrol import enrol
 from sekisho.controller.api.media import media
 from sekisho.controller.api.metrics import metrics
 from sekisho.controller.api.schemas import DeadLetterPublic, EventPage, EventPublic, FindingPublic, Health
@@ -144,6 +145,7 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(health)
     app.include_router(metrics)
     app.include_router(records)
+    app.include_router(enrol)
     app.include_router(media)
     for router in door_routers:
         app.include_router(router)

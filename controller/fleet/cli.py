@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from sekisho.controller.fleet.status_cli import status
+from sekisho.controller.fleet.token_cli import refusals, token_app
 
 app = typer.Typer(help="エージェントの登録・状態・失効 / Enrol, watch and retire agents.", no_args_is_help=True)
 
@@ -19,3 +20,5 @@ def _fleet() -> None:
 
 
 app.command("status")(status)
+app.add_typer(token_app, name="token")
+app.command("refusals")(refusals)

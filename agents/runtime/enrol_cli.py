@@ -1,0 +1,67 @@
+"""`sekisho-agent enrol` and `sekisho-agent renew`: join the site with a one-time token, renew the certificate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+enrol_app = typer.Typer(help="Enrolment: join the site with a token; renew the certificate.", no_args_is_help=True)
+
+
+@enrol_app.command("enrol")
+def enrol_command(
+    token: Annotated[
+        str,
+        typer.Option(
+            "--token",
+            "-t",
+            help="enrolment token from `sekisho fleet token create` (or env SEKISHO_TOKEN)",
+            envvar="SEKISHO_TOKEN",
+        ),
+    ],
+    kind: Annotated[str, typer.Option("--kind", help="terminal or door (as the token says)")] = "terminal",
+    controller: Annotated[
+        str | None, typer.Option("--controller", help="https://HOST:PORT of the controller (default: from the token)")
+    ] = None,
+    directory: Annotated[
+        Path, typer.Option("--dir", help="where keys, certificate and agent.toml go (made 0700)", file_okay=False)
+    ] = Path("/etc/sekisho/agent"),
+    name: Annotated[str | None, typer.Option("--name", help="agent name, if the token names none")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an agent already enrolled in --dir")] = False,
+) -> None:
+    """この機器を登録 / Enrol this device: keys are made here and never leave it; writes agent.toml."""
+    from sekisho.agents.runtime.enrol_client import EnrolError, enrol
+
+    try:
+        done = enrol(token, directory, kind=kind, controller_url=controller, name=name, force=force)
+    except EnrolError as err:
+        typer.echo(f"登録できません / enrolment failed: {err}", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(
+        f"登録しました / enrolled as {done.agent_id} ({done.kind}); certificate valid until "
+        f"{done.not_after.isoformat()}, renewed automatically. Config: {done.config_path}"
+    )
+
+
+@enrol_app.command("renew")
+def renew_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="agent TOML file")],
+) -> None:
+    """証明書を今すぐ更新 / Renew this agent's certificate now (the running agent uses it from its next connection)."""
+    from sekisho.agents.runtime.cert_renewal import CertificateRenewer, renewal_enabled
+    from sekisho.agents.runtime.config import load_config
+    from sekisho.agents.runtime.errors import AgentError
+
+    try:
+        cfg = load_config(config)
+        why = renewal_enabled(cfg)
+        if why is not None:
+            typer.echo(f"更新できません / cannot renew: {why}", err=True)
+            raise typer.Exit(2)
+        leaf = CertificateRenewer(cfg).renew_now()
+    except AgentError as err:
+        typer.echo(f"更新できません / renewal failed: {err}", err=True)
+        raise typer.Exit(1) from err
+    typer.echo(f"更新しました / renewed: valid until {leaf.not_valid_after_utc.isoformat()}")
