@@ -10,7 +10,7 @@ doors.toml (unknown keys are an error; must not be writable by group or others):
     osdp_card_read_burst = 8            # ... after a burst of this many
 
     [board]                             # the lock relays, door sensors, key slots and tamper input
-    kind = "serial"                     # "serial" (docs/locker-board-protocol.md), "hid_relay" or "simulated"
+    kind = "serial"                     # "serial" (docs/locker-board-protocol.md), "hid_relay", "simulated" (lab)
     device = "/dev/ttyUSB0"
     relays = 4
     doors = 4
@@ -46,6 +46,7 @@ from sekisho.agents.doors.attach import (
     policy_provider,
 )
 from sekisho.agents.runtime.agent import Agent
+from sekisho.agents.runtime.lab_mode import lab_mode, simulation_refused
 from sekisho.common.sdnotify import serve_until
 from sekisho.drivers.locker import BoardError, LockIO
 from sekisho.drivers.osdp import OsdpError, ReaderConfig, ReaderLink
@@ -168,8 +169,10 @@ def build_readers(settings: DoorsSettings, base: Path) -> list[ReaderLink]:
 
 
 def build_board(settings: BoardSettings) -> LockIO:
-    """Open the configured lock board."""
+    """Open the configured lock board (a simulated one only in lab mode: agents/runtime/lab_mode.py)."""
     if settings.kind == "simulated":
+        if not lab_mode():
+            raise DoorsSetupError(simulation_refused('doors.toml board.kind = "simulated"'))
         from sekisho.drivers.locker import SimulatedLockerBoard
 
         return SimulatedLockerBoard(relays=settings.relays, doors=settings.doors, key_slots=settings.key_slots)
@@ -187,6 +190,9 @@ def build_board(settings: BoardSettings) -> LockIO:
 def start_doors(agent: Agent, config_path: Path) -> AttachedDoors:
     """Build everything doors.toml names on a constructed agent, start the agent, then the doors."""
     settings, base = load_doors_settings(config_path)
+    if settings.board.kind == "simulated" and not lab_mode():
+        # Before any device is opened: nothing of a refused configuration runs.
+        raise DoorsSetupError(simulation_refused('doors.toml board.kind = "simulated"'))
     try:
         site_key = _resolve(base, settings.site_key_file).read_bytes().strip()
     except OSError as err:

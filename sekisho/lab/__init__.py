@@ -152,7 +152,8 @@ class Lab:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={**os.environ, **(env or {})},
+                # Everything a lab starts is in lab mode: simulated backends are allowed (agents/runtime/lab_mode.py).
+                env={**os.environ, "SEKISHO_LAB": "1", **(env or {})},
             )
         self.processes.append(proc)
         return proc
