@@ -1,0 +1,123 @@
+"""`sekisho cards enrol`: read a card at a PC/SC reader and print (or write into site.yaml) its card entry.
+
+It puts the layers together on an administrator's workstation: the smart-card driver reads the card (the
+same reads the login and door checks make), the controller's policy code updates site.yaml. The raw UID is
+never printed or stored: only its keyed hash (HMAC-SHA256 with the site key, as the agents compute it) and
+a masked form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+import yaml
+from rich.console import Console
+
+app = typer.Typer(help="Card enrolment (PC/SC reader).", no_args_is_help=True)
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+_POLL_S = 0.2
+
+
+def site_key_id(site_key: bytes) -> str:
+    """Return a short id of the site key (a keyed digest: it tells keys apart without revealing one)."""
+    return hmac.new(site_key, b"sekisho/site-key-id", hashlib.sha256).hexdigest()[:16]
+
+
+def _read_site_key(path: Path) -> bytes:
+    try:
+        # As the agents read site_key_file (doors.toml, login.toml): the bytes, surrounding blanks dropped.
+        key = path.read_bytes().strip()
+    except OSError as err:
+        err_console.print(f"[red]サイト鍵を読めません / cannot read the site key {path}:[/red] {err.strerror}")
+        raise typer.Exit(2) from err
+    if len(key) < 16:
+        err_console.print(f"[red]サイト鍵が短すぎます / the site key in {path} is shorter than 16 bytes[/red]")
+        raise typer.Exit(2)
+    return key
+
+
+@app.command("enrol")
+def enrol(
+    reader: Annotated[str, typer.Option("--reader", "-r", help="PC/SC reader name (as pcsc_scan shows it)")],
+    person: Annotated[str, typer.Option("--person", "-p", help="person id in the site policy")],
+    site_key: Annotated[Path, typer.Option("--site-key", help="the site key file (the agents' site_key_file)")],
+    policy: Annotated[
+        Path | None, typer.Option("--policy", help="site.yaml to add or update the card in", dir_okay=False)
+    ] = None,
+    card_id: Annotated[str | None, typer.Option("--card-id", help="card id (default: the person's card)")] = None,
+    kind: Annotated[
+        Literal["piv", "felica", "mifare"], typer.Option(help="piv: challenge–response; felica/mifare: UID only")
+    ] = "piv",
+    wait_s: Annotated[float, typer.Option("--wait", min=1, max=300, help="seconds to wait for the card")] = 30,
+) -> None:
+    """Read the card in READER and print the person's card entry; with --policy, write it into site.yaml."""
+    from sekisho.controller.policy.cards import CardEntry, upsert_card
+    from sekisho.controller.policy.loader import PolicyError
+    from sekisho.drivers.smartcard import CardError, Deadline, EnrolmentError, enrol_card, pcsc_backend
+
+    key = _read_site_key(site_key)
+    try:
+        backend = pcsc_backend()
+    except ImportError as err:
+        err_console.print("[red]PC/SC がありません / pyscard is not installed (install the agent extras)[/red]")
+        raise typer.Exit(2) from err
+    with contextlib.closing(backend):
+        try:
+            readers = backend.readers()
+        except CardError as err:
+            err_console.print(f"[red]PC/SC に接続できません / cannot reach pcscd:[/red] {err}")
+            raise typer.Exit(2) from err
+        if reader not in readers:
+            err_console.print(f"[red]リーダーがありません / no reader {reader!r}[/red]; readers: {', '.join(readers)}")
+            raise typer.Exit(2)
+        console.print(f"カードをかざしてください / present the card to {reader} …")
+        until = time.monotonic() + wait_s
+        record = None
+        last: CardError | None = None
+        while record is None and time.monotonic() < until:
+            try:
+                with contextlib.closing(backend.connect(reader, deadline=Deadline.within(10))) as conn:
+                    record = enrol_card(
+                        conn, card_id=card_id or "card", site_key=key, kind="piv" if kind == "piv" else "uid_only"
+                    )
+            except EnrolmentError as err:
+                err_console.print(f"[red]登録できません / this card cannot be enrolled as {kind}:[/red] {err}")
+                raise typer.Exit(1) from err
+            except CardError as err:
+                # No card yet (or pulled while read): wait for the next presentation.
+                last = err
+                time.sleep(_POLL_S)
+    if record is None or (record.uid_hash is None and record.public_key_pem is None):
+        err_console.print(f"[red]カードを読めません / no card read within {wait_s:g} s[/red] ({last})")
+        raise typer.Exit(1)
+    if record.uid_hash is None:
+        # A contact PIV card without a UID: its certificate's key is what identifies it.
+        err_console.print("[red]UID がありません / the card has no UID to key; use a contactless card[/red]")
+        raise typer.Exit(1)
+    entry = CardEntry(person=person, kind=kind, uid_hash=record.uid_hash, public_key_pem=record.public_key_pem)
+    console.print(f"site key id: {site_key_id(key)}")
+    console.print(f"uid (masked): {record.uid_masked}")
+    if record.fingerprint:
+        console.print(f"public key sha256: {record.fingerprint}")
+    if policy is None:
+        card = {"id": card_id or f"c-{person.removeprefix('p-')}", **entry.fields()}
+        console.print(yaml.safe_dump({"cards": [card]}, allow_unicode=True, sort_keys=False), markup=False)
+        return
+    try:
+        chosen, action = upsert_card(policy, entry, card_id=card_id)
+    except (PolicyError, OSError) as err:
+        problems = err.problems if isinstance(err, PolicyError) else [str(err)]
+        for problem in problems:
+            err_console.print(f"[red]✗[/red] {problem}", markup=True)
+        raise typer.Exit(1) from err
+    verb = "追加" if action == "added" else "更新"
+    console.print(f"{verb}しました / {action} card {chosen} for {person} in {policy} (previous: {policy.name}.bak)")
+    console.print("`sekisho policy apply` で配信します / distribute it with `sekisho policy apply`")
