@@ -29,7 +29,7 @@ from sekisho.controller.ingest.worker import IngestWorker
 from sekisho.controller.media.overdue import OverdueWatch
 from sekisho.controller.media.service import MediaService
 from sekisho.controller.periodic import PeriodicJob
-from sekisho.controller.policy.floor import MAX_REPORTED_JUMP, raise_floor
+from sekisho.controller.policy.floor import MAX_REPORTED_JUMP, record_published
 from sekisho.controller.policy.service import PolicyService, publish_bundles
 from sekisho.controller.store.db import make_engine, private_dir, upgrade
 from sekisho.controller.store.store import Store
@@ -98,7 +98,7 @@ class PolicyKeeper(PeriodicJob):
             if fresh and time.monotonic() - self._published.at < refresh_after:  # type: ignore[union-attr]
                 return
             # The floor outside the database: a restore must never issue this number again (policy/floor.py).
-            raise_floor(self.var_dir, version)
+            record_published(self.var_dir, version)
             publish_bundles(self.worker.client, self.service.bundles())
             self._published = _Published(version, time.monotonic())
             self.publications.published(version)

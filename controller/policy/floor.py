@@ -79,6 +79,15 @@ def raise_floor(var_dir: Path, version: int) -> int:
         return version
 
 
+def record_published(var_dir: Path, version: int) -> None:
+    """Raise the floor before a publication; a failure is logged, never stops the publication itself."""
+    try:
+        raise_floor(var_dir, version)
+    except (OSError, ValueError) as err:
+        # Publishing matters more: without the floor a restore still learns the version from heartbeats.
+        log.warning("cannot record policy version %d as published in %s: %s", version, floor_path(var_dir), err)
+
+
 def bundle_versions(bundles: Iterable[bytes]) -> int:
     """Return the highest version among signed bundles as the controller built them (0 if none)."""
     highest = 0

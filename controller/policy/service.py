@@ -13,7 +13,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sekisho.controller.mqtt import connect_blocking, make_client
-from sekisho.controller.policy.floor import bundle_versions, raise_floor
+from sekisho.controller.policy.floor import bundle_versions, record_published
 from sekisho.controller.policy.loader import PolicyError
 from sekisho.controller.store.policy import PolicyVersionConflict
 from sekisho.protocol import messages, mynumber, timefmt, topics
@@ -160,7 +160,7 @@ def publish_once(config: ControllerConfig, bundles: dict[str, bytes], *, purpose
     """Connect to the broker, publish bundles retained and disconnect (ConnectionError/TimeoutError/OSError)."""
     client: mqtt.Client = make_client(config, f"{config.worker_id}-{purpose}")
     # Recorded before sending: a floor a little high costs nothing, one too low lets a restore repeat a version.
-    raise_floor(config.var_dir, bundle_versions(bundles.values()))
+    record_published(config.var_dir, bundle_versions(bundles.values()))
     try:
         connect_blocking(client, config, persistent=False, timeout=5)
         publish_bundles(client, bundles)
