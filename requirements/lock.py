@@ -5,7 +5,11 @@ Used by ./dev.sh (standard library only: it runs before the venv has anything in
     python requirements/lock.py check                 exit 1 when pyproject.toml and the locks disagree
     python requirements/lock.py compile [--upgrade]   rewrite the locks (needs pip-tools in the venv)
     python requirements/lock.py sync VENV [SET]       install exactly requirements/SET.txt (default dev)
+    python requirements/lock.py install VENV [SET]    install the lock's packages only (no project, no removal)
     python requirements/lock.py verify VENV [SET]     exit 1 unless the venv's packages equal the lock
+
+Packages in SOURCE_BUILDS are built here from their hash-locked source archive with the settings given
+there instead of installed from the prebuilt wheel (the sdist's sha256 is in the lock like every wheel's).
 
 The three sets: agent (terminal and door hosts: no FastAPI, SQLAlchemy, uvicorn, PyYAML), controller
 (no pyscard, pyusb, libosdp, …) and dev (both, plus the test and lint tools). Each lock carries a
@@ -30,6 +34,14 @@ PYPROJECT = ROOT / "pyproject.toml"
 SETS = {"agent": ["agent"], "controller": ["controller"], "dev": ["dev"]}
 FINGERPRINT = "# pyproject-fingerprint: "
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\;]+)")
+# libosdp polls each reader once OSDP_PD_POLL_TIMEOUT_MS have passed since its last reply, a compile-time
+# constant that is 50 ms in the published wheels: a card would wait up to 50 ms at the reader. 10 ms keeps
+# OSDP end to end under 30 ms at p99 on a busy machine (15 ms did not, once in three runs; docs/benchmarks.md)
+# and costs no measurable CPU (the link's idle load is its own wake-ups). It is a minimum gap, not a rate: on
+# a slow or shared RS-485 line the exchanges themselves space the polls. Needs gcc and the Python headers, as
+# pyscard does.
+SOURCE_BUILDS = {"libosdp": {"CFLAGS": "-DOSDP_PD_POLL_TIMEOUT_MS=10"}}
+BUILD_MARKER = "sekisho-source-builds.json"
 
 
 def fingerprint() -> str:
@@ -131,12 +143,76 @@ def installed(venv: Path) -> dict[str, str]:
     return {_normalise(item["name"]): item["version"] for item in json.loads(out) if item["name"] != "sekisho"}
 
 
+def _entries(name: str) -> list[tuple[str | None, list[str]]]:
+    """Split one lock into (normalised package name or None for comments, its lines)."""
+    entries: list[tuple[str | None, list[str]]] = []
+    for line in lock_path(name).read_text(encoding="utf-8").splitlines():
+        match = _PIN.match(line)
+        if match:
+            entries.append((_normalise(match.group(1)), [line]))
+        elif line.startswith((" ", "\t")) and entries and entries[-1][0] is not None:
+            entries[-1][1].append(line)
+        else:
+            entries.append((None, [line]))
+    return entries
+
+
+def _write_part(path: Path, entries: list[tuple[str | None, list[str]]]) -> None:
+    path.write_text("".join(line + "\n" for _, lines in entries for line in lines), encoding="utf-8")
+
+
+def install(venv: Path, name: str) -> int:
+    """Install one lock's packages with their hashes; SOURCE_BUILDS from their locked source archive."""
+    import tempfile
+
+    python = _venv_python(venv)
+    quiet = ["--quiet", "--disable-pip-version-check"]
+    entries = _entries(name)
+    built = [(package, lines) for package, lines in entries if package in SOURCE_BUILDS]
+    with tempfile.TemporaryDirectory(prefix="sekisho-lock-") as tmp:
+        rest = Path(tmp) / "rest.txt"
+        _write_part(rest, [entry for entry in entries if entry[0] not in SOURCE_BUILDS])
+        pip = [python, "-m", "pip", "install", *quiet, "--require-hashes", "--no-deps"]
+        subprocess.run([*pip, "-r", str(rest)], check=True)
+        marker: dict[str, dict[str, str]] = {}
+        for package, lines in built:
+            assert package is not None
+            part = Path(tmp) / f"{package}.txt"
+            _write_part(part, [(package, lines)])
+            env = dict(os.environ)
+            flags = SOURCE_BUILDS[package]["CFLAGS"]
+            env["CFLAGS"] = f"{env.get('CFLAGS', '')} {flags}".strip()
+            # No cache: a wheel pip built earlier from the same archive with other flags must not be reused.
+            # No isolation: the build back-end is the locked setuptools already installed above.
+            subprocess.run(
+                [*pip, "--no-binary", package, "--no-build-isolation", "--no-cache-dir", "--force-reinstall",
+                 "-r", str(part)],
+                check=True, env=env,
+            )  # fmt: skip
+            marker[package] = {"version": pins(name)[package], "CFLAGS": flags}
+    (venv / BUILD_MARKER).write_text(json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8")
+    return 0
+
+
+def source_builds_ok(venv: Path, name: str) -> bool:
+    """Return whether each SOURCE_BUILDS package of the lock was built here with the settings of SOURCE_BUILDS."""
+    want = {
+        package: {"version": version, "CFLAGS": SOURCE_BUILDS[package]["CFLAGS"]}
+        for package, version in pins(name).items()
+        if package in SOURCE_BUILDS
+    }
+    try:
+        have = json.loads((venv / BUILD_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        have = {}
+    return all(have.get(package) == spec for package, spec in want.items())
+
+
 def sync(venv: Path, name: str) -> int:
     """Install exactly one lock into the venv (hashes required), remove the rest, install the project."""
     python = _venv_python(venv)
     quiet = ["--quiet", "--disable-pip-version-check"]
-    lock = str(lock_path(name))
-    subprocess.run([python, "-m", "pip", "install", *quiet, "--require-hashes", "--no-deps", "-r", lock], check=True)
+    install(venv, name)
     extra = sorted(set(installed(venv)) - set(pins(name)))
     if extra:
         subprocess.run([python, "-m", "pip", "uninstall", *quiet, "--yes", *extra], check=True)
@@ -151,7 +227,10 @@ def sync(venv: Path, name: str) -> int:
 def verify(venv: Path, name: str) -> int:
     """Return 0 when the venv holds exactly the packages and versions of the lock."""
     have, want = installed(venv), pins(name)
-    if have == want:
+    built = source_builds_ok(venv, name)
+    if not built:
+        print(f"  {', '.join(SOURCE_BUILDS)}: not built from source with {SOURCE_BUILDS} (run sync)", file=sys.stderr)
+    if have == want and built:
         return 0
     for package in sorted(set(have) | set(want)):
         if have.get(package) != want.get(package):
@@ -166,12 +245,12 @@ def main(argv: list[str]) -> int:
         return check()
     if argv[:1] == ["compile"]:
         return compile_locks(upgrade="--upgrade" in argv[1:])
-    if argv[:1] in (["sync"], ["verify"]) and len(argv) in (2, 3):
+    if argv[:1] in (["sync"], ["verify"], ["install"]) and len(argv) in (2, 3):
         name = argv[2] if len(argv) == 3 else "dev"
         if name not in SETS:
             print(f"unknown install set {name!r} (one of {', '.join(SETS)})", file=sys.stderr)
             return 2
-        return (sync if argv[0] == "sync" else verify)(Path(argv[1]), name)
+        return {"sync": sync, "verify": verify, "install": install}[argv[0]](Path(argv[1]), name)
     print(__doc__, file=sys.stderr)
     return 2
 

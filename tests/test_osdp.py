@@ -448,6 +448,29 @@ def test_healthy_start_is_never_reported_offline(osdp: Callable[..., Rig]) -> No
     assert all(e.settled for e in statuses[first_online:])
 
 
+def test_the_link_learns_the_installed_libosdp_poll_period(
+    osdp: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    # sekisho's install builds libosdp with a 10 ms poll period (requirements/lock.py, SOURCE_BUILDS); the
+    # published wheel polls every 50 ms, which alone puts OSDP end to end over its 30 ms goal. The learned
+    # period is the shortest reply → poll gap, which a busy machine can only lengthen, never shorten: a
+    # stock build can never show under 50 ms, ours shows ~12 ms, so 40 ms tells them apart with room.
+    caplog.set_level(logging.WARNING)
+    rig = osdp(stub={"scbk": KEY}, reader={"scbk": KEY})
+    rig.events.wait_status(online=True, secure=True)
+    wait_until(lambda: rig.link.poll_period_ms < 40, "the link to learn a poll period under 40 ms", timeout=5)
+    assert rig.link.poll_period_ms >= 10
+    assert "stock build" not in caplog.text
+
+
+def test_poll_period_learning_takes_the_shortest_plausible_gap() -> None:
+    link = OsdpReaderLink(os.devnull, [ReaderConfig(reader_id=READER, address=ADDRESS)])
+    assert link.poll_period_ms == 51.3  # the stock period until a poll has been seen
+    for gap in (0.030, 0.0162, 0.021, 0.001, 0.0165):  # 1 ms is no poll timer (a retry, a reply to a command)
+        link._learn_poll_period(gap)
+    assert link.poll_period_ms == 16.2
+
+
 def test_flooding_reader_is_held_to_its_limit(osdp: Callable[..., Rig]) -> None:
     rig = osdp(stub={"scbk": KEY}, reader={"scbk": KEY}, card_reads_per_s=4, card_read_burst=4, flood_calm_s=1.0)
     rig.events.wait_status(online=True, secure=True)

@@ -76,6 +76,7 @@ from sekisho.drivers.osdp.flood import DEFAULT_CALM_S, DEFAULT_READ_BURST, DEFAU
 from sekisho.drivers.osdp.frames import (
     CMD_CHLNG,
     CMD_ID,
+    CMD_POLL,
     CMD_SCRYPT,
     NAK_NO_SECURITY,
     REPLY_CCRYPT,
@@ -137,10 +138,16 @@ _TEXT_TEMPORARY = 3
 _KEYSET_TYPE_SCBK = 1
 # Secure channel block types of the handshake: the CP's challenge and its cryptogram.
 _SCS_CHLNG, _SCS_SCRYPT = 0x11, 0x13
-# libosdp polls an online reader once more than 50 ms (its compile-time OSDP_PD_POLL_TIMEOUT_MS, counted in
-# whole milliseconds) have passed since its last reply: the link wakes just after that instead of up to a
-# poll_interval later.
-_POLL_DUE_S = 0.0513
+# libosdp polls an online reader once more than OSDP_PD_POLL_TIMEOUT_MS (compile time: 50 ms in the stock
+# wheel, 10 ms as sekisho's install builds it, docs/doors.md) have passed since its last reply, counted in whole
+# milliseconds. The link learns the period from the line, as the shortest gap seen between a reply and the
+# next poll, and wakes just as the next poll falls due instead of up to a poll_interval later.
+_POLL_PERIOD_STOCK_S = 0.0513
+_POLL_PERIOD_MIN_S = 0.004  # below any build's period: a shorter gap is not a poll timer, so not learned
+_POLL_PERIOD_SLOW_S = 0.030  # a period above this makes the card path slow: said once in the log
+# The first polls are watched with 1 ms wake-ups: waking every poll_interval would see each poll only at the
+# first wake-up after it fell due, always the same phase after a reply, and learn that instead of the period.
+_POLL_LEARN_SAMPLES = 16
 _POLL_DUE_RETRY_S = 0.001
 _POLL_DUE_WINDOW_S = 0.004
 # While a reader floods, the same LED or buzzer command is sent to it at most this often.
@@ -289,6 +296,9 @@ class OsdpReaderLink:
         self._commands = FrameScanner(replies=False, addresses=addresses)
         self._started_at = 0.0
         self._poll_due: float | None = None
+        self._poll_period = _POLL_PERIOD_STOCK_S
+        self._poll_period_told = False
+        self._poll_samples = 0
         self._observers: ObserverList[ReaderEvent] = ObserverList("OSDP reader")
         self._queue: queue.SimpleQueue[tuple[ReaderObserver | None, ReaderEvent] | None] = queue.SimpleQueue()
         self._lifecycle = threading.Lock()
@@ -558,6 +568,8 @@ class OsdpReaderLink:
         due = self._poll_due
         if due is None:
             return self._poll_interval
+        if self._poll_samples < _POLL_LEARN_SAMPLES:
+            return min(self._poll_interval, _POLL_DUE_RETRY_S)
         left = due - time.monotonic()
         if left > 0:
             return min(self._poll_interval, left)
@@ -603,7 +615,7 @@ class OsdpReaderLink:
                 if state.lib_online:
                     state.attempt = None  # this attempt succeeded; a later offline is no handshake failure
                     if state.last_reply is not None:
-                        due = state.last_reply + _POLL_DUE_S
+                        due = state.last_reply + self._poll_period
                         poll_due = due if poll_due is None else min(poll_due, due)
                 silent = self._silence_timeout is not None and (
                     state.last_reply is None or now - state.last_reply > self._silence_timeout
@@ -735,12 +747,37 @@ class OsdpReaderLink:
 
     def _on_tx(self, data: bytes) -> None:
         try:
+            now = time.monotonic()
             for frame in self._commands.feed(data):
                 state = self._by_address.get(frame.address)
                 if state is not None:
+                    if frame.code == CMD_POLL and state.last_reply is not None:
+                        self._learn_poll_period(now - state.last_reply)
                     self._follow_command(state, frame)
         except Exception:
             _LOG.exception("OSDP frame scanner failed on sent data")
+
+    def _learn_poll_period(self, gap: float) -> None:
+        """Take a reply → poll gap as libosdp's poll period when it is the shortest seen."""
+        # libosdp never polls sooner than its period after a reply, so the shortest gap is the period (plus
+        # under a millisecond); a late wake-up only lengthens a gap and is never learned.
+        if gap < _POLL_PERIOD_MIN_S:
+            return
+        self._poll_samples += 1
+        self._poll_period = min(self._poll_period, gap)
+        if not self._poll_period_told and self._poll_samples >= _POLL_LEARN_SAMPLES:
+            self._poll_period_told = True
+            if self._poll_period > _POLL_PERIOD_SLOW_S:
+                _LOG.warning(
+                    "OSDP: libosdp polls each reader only every %.0f ms (a stock build); a card waits that long "
+                    "at the reader. sekisho's install builds libosdp with a 10 ms period (docs/doors.md)",
+                    self._poll_period * 1000,
+                )
+
+    @property
+    def poll_period_ms(self) -> float:
+        """Return libosdp's poll period as learned from the line (the stock 51.3 ms until a poll is seen)."""
+        return round(self._poll_period * 1000, 2)
 
     @staticmethod
     def _follow_command(state: _ReaderState, frame: Frame) -> None:
