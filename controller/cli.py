@@ -102,15 +102,27 @@ def register_agent(
     agent_id: Annotated[str, typer.Argument(help="agent id (its certificate CN)")],
     public_key: Annotated[Path, typer.Option(help="the agent's signing.pub", exists=True, dir_okay=False)],
     replace: Annotated[bool, typer.Option(help="replace the key of an existing agent")] = False,
+    grace: Annotated[
+        bool,
+        typer.Option(
+            help="on --replace, accept events signed with the old key for key_rotation_grace_s (--no-grace: the "
+            "old key leaked, refuse them at once)"
+        ),
+    ] = True,
 ) -> None:
     """Register an agent's event-signing public key so its events are accepted."""
+    from sekisho.controller.fleet.revocations import publish_revocations
 
     topics.check_agent_id(agent_id)
     pem = public_key.read_bytes()
     key = signing.load_public_key_pem(pem)
-    store = _signing_store(cli_config(config))
+    cfg = cli_config(config)
+    store = _signing_store(cfg)
+    key_grace = timedelta(seconds=cfg.key_rotation_grace_s) if grace else None
     try:
-        store.register_agent(agent_id, pem.decode(), replace=replace)
+        store.register_agent(agent_id, pem.decode(), replace=replace, key_grace=key_grace)
+        # A replaced key's certificates (recorded at enrolment) are refused by the broker from now on.
+        publish_revocations(store, cfg.revocation_list)
     finally:
         store.engine.dispose()
     console.print(f"registered {agent_id} (key {signing.key_id(key)})")
@@ -118,13 +130,26 @@ def register_agent(
 
 @controller_app.command("revoke-agent")
 def revoke_agent(config: ConfigOpt, agent_id: str) -> None:
-    """Revoke an agent: its events are refused from the next key refresh on."""
-    store = _signing_store(cli_config(config))
+    """Revoke an agent: the broker drops and refuses it, ingest refuses its events, it gets no more policy."""
+    from sekisho.controller.fleet.revocations import publish_revocations
+    from sekisho.controller.store.agents import AgentNotFound
+
+    cfg = cli_config(config)
+    store = _signing_store(cfg)
     try:
         store.revoke_agent(agent_id)
+        publish_revocations(store, cfg.revocation_list)
+    except AgentNotFound:
+        err_console.print(f"[red]登録されていないエージェントです / no agent named {agent_id!r} is registered[/red]")
+        raise typer.Exit(2) from None
     finally:
         store.engine.dispose()
-    console.print(f"revoked {agent_id}")
+    console.print(f"失効しました / revoked {agent_id}")
+    if cfg.revocation_list is None:
+        console.print(
+            "ブローカーへの反映は `sekisho fleet revocations sync` で / the broker learns it through "
+            "`sekisho fleet revocations sync` (revocation_list is not set in controller.toml)"
+        )
 
 
 def _signing_store(cfg: ControllerConfig) -> Store:

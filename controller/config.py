@@ -35,6 +35,15 @@ class ControllerConfig(BaseSettings):
     batch_max: int = Field(default=500, ge=1, le=10_000)
     batch_wait_ms: int = Field(default=20, ge=0, le=5_000)
     key_refresh_s: int = Field(default=10, ge=1)
+    # After a key rotation (register-agent --replace, re-enrolment) events signed with the replaced key are
+    # still accepted, and marked, when received within this window: what waited in the outbox of a terminal
+    # that was off over a long weekend (Friday evening to Tuesday morning with a holiday) gets in; longer
+    # widens the window in which a leaked old key could add events. Signed into the key line at rotation.
+    key_rotation_grace_s: int = Field(default=4 * 24 * 3600, ge=0, le=30 * 24 * 3600)
+    # The broker's revocation list (deploy/mosquitto/sekisho_agent_acl.c), written whenever it changes when
+    # the broker runs on this host; unset: served only at /api/v1/fleet/revocations for
+    # `sekisho fleet revocations sync` on the broker host.
+    revocation_list: Path | None = None
     # A batch that fails this many times in a row is split, and a message that still fails alone this many
     # times is kept as a dead letter and released, so one bad message can never stop ingest for everyone.
     ingest_attempts: int = Field(default=3, ge=1, le=100)
@@ -164,6 +173,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         "api_ca_cert",
         "enrol_ca_cert",
         "enrol_ca_key",
+        "revocation_list",
     ):
         if key in out and not Path(out[key]).is_absolute():
             out[key] = str((base / out[key]).resolve())

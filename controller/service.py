@@ -25,6 +25,7 @@ from sekisho.controller.doors.jobs import DoorRegisterKeeper
 from sekisho.controller.doors.projector import DoorProjector
 from sekisho.controller.doors.registers import DoorRegisters
 from sekisho.controller.fleet.metrics import PublicationStats
+from sekisho.controller.fleet.revocations import RevocationKeeper
 from sekisho.controller.ingest.worker import IngestWorker
 from sekisho.controller.media.overdue import OverdueWatch
 from sekisho.controller.media.service import MediaService
@@ -33,7 +34,7 @@ from sekisho.controller.policy.floor import MAX_REPORTED_JUMP, record_published
 from sekisho.controller.policy.service import PolicyService, publish_bundles
 from sekisho.controller.store.db import make_engine, private_dir, upgrade
 from sekisho.controller.store.store import Store
-from sekisho.protocol import messages, signing
+from sekisho.protocol import messages, signing, topics
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class PolicyKeeper(PeriodicJob):
         self._stale_sent: dict[str, float] = {}
         self.publications = PublicationStats()
         self._lock = threading.Lock()
+        # Revoked agents whose retained bundle this process has cleared (a revoked agent gets no policy).
+        self._cleared: set[str] = set()
         super().__init__()
 
     def run_once(self) -> None:
@@ -91,6 +94,7 @@ class PolicyKeeper(PeriodicJob):
         current = self.service.current()
         if current is None or not self.worker.stats.connected:
             return
+        self._clear_revoked()
         version, policy = current
         refresh_after = policy.bundle_lifetime_hours * 3600 / 2
         with self._lock:
@@ -103,6 +107,16 @@ class PolicyKeeper(PeriodicJob):
             self._published = _Published(version, time.monotonic())
             self.publications.published(version)
         log.info("published policy version %d bundles", version)
+
+    def _clear_revoked(self) -> None:
+        """Delete the retained bundle of every newly revoked agent, so nothing hands it policy any more."""
+        revoked = self.service.revoked_agents()
+        for agent in sorted(revoked - self._cleared):
+            # An empty retained message deletes the retained one; the broker also refuses the agent itself.
+            info = self.worker.client.publish(topics.topic(agent, topics.POLICY), b"", qos=1, retain=True)
+            info.wait_for_publish(10)
+            log.info("revoked agent %s: retained policy bundle cleared", agent)
+        self._cleared = revoked
 
     def on_heartbeat(self, hb: messages.Heartbeat) -> None:
         """Re-send the bundle to an agent that reports an older policy version (at most once a minute)."""
@@ -158,6 +172,12 @@ class Controller:
         self.overdue = OverdueWatch(MediaService(self.store, self.keeper.service)) if self.keeper else None
         # The registers follow the events table, whichever worker stored them (see controller.doors.jobs).
         self.doors = DoorRegisterKeeper(DoorProjector(self.store), DoorRegisters(self.store)) if with_policy else None
+        # The broker's revocation list, when the broker reads it on this host (controller/fleet/revocations.py).
+        self.revocations = (
+            RevocationKeeper(self.store, config.revocation_list, float(config.key_refresh_s))
+            if with_policy and config.revocation_list is not None
+            else None
+        )
 
     def _on_heartbeat(self, hb: messages.Heartbeat) -> None:
         if self.keeper is not None:
@@ -175,9 +195,13 @@ class Controller:
             self.overdue.start()
         if self.doors is not None:
             self.doors.start()
+        if self.revocations is not None:
+            self.revocations.start()
 
     def stop(self) -> None:
         """Stop cleanly: finish the batch in hand, then disconnect."""
+        if self.revocations is not None:
+            self.revocations.stop()
         if self.doors is not None:
             self.doors.stop()
         if self.overdue is not None:

@@ -16,6 +16,7 @@ from sekisho.controller.api.doors import routers as door_routers
 from sekisho.controller.api.enrol import enrol
 from sekisho.controller.api.media import media
 from sekisho.controller.api.metrics import metrics
+from sekisho.controller.api.revocations import revocations
 from sekisho.controller.api.schemas import DeadLetterPublic, EventPage, EventPublic, FindingPublic, Health
 from sekisho.controller.fleet.health import AgentHealth, Thresholds, fleet_health
 from sekisho.controller.fleet.metrics import controller_registry
@@ -146,6 +147,7 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(metrics)
     app.include_router(records)
     app.include_router(enrol)
+    app.include_router(revocations)
     app.include_router(media)
     for router in door_routers:
         app.include_router(router)

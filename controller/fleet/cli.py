@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from sekisho.controller.fleet.revocation_cli import revocations_app, revoke
 from sekisho.controller.fleet.status_cli import status
 from sekisho.controller.fleet.token_cli import refusals, token_app
 
@@ -22,3 +23,5 @@ def _fleet() -> None:
 app.command("status")(status)
 app.add_typer(token_app, name="token")
 app.command("refusals")(refusals)
+app.command("revoke")(revoke)
+app.add_typer(revocations_app, name="revocations")

@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 _ACKABLE_WHEN_SIGNED = {errors.SCHEMA, errors.UNKNOWN_TYPE, errors.MY_NUMBER, errors.UNSUPPORTED_VERSION}
 # A signed event about a door, terminal or area its sender does not own: possible tampering.
 NOT_OWNER_FINDING = "not_owner"
+# An event signed with an agent's replaced key, accepted within the rotation's grace window: auditors see it.
+REPLACED_KEY_FINDING = "replaced_key"
 
 
 @dataclass
@@ -78,7 +81,9 @@ class KeyRing:
     """Agents' registered public keys, re-read from the store periodically so revocation spreads.
 
     Only keys that a controller-signed line of the agent's key history vouches for are used: a key
-    written into ``agents`` by anyone without the controller's signing key accepts no event.
+    written into ``agents`` by anyone without the controller's signing key accepts no event. Besides the key
+    in force it holds, per agent, the key a rotation replaced (with the end of its grace window) and a
+    revoked agent's last key (only to prove that a refused event came from it, so it can be acknowledged).
     """
 
     def __init__(self, store: Store, refresh_s: float, controller_key: Ed25519PublicKey) -> None:
@@ -88,6 +93,8 @@ class KeyRing:
         self._refused: frozenset[str] = frozenset()
         self._keys: dict[str, signing.Verifier] = {}
         self._public: dict[str, Ed25519PublicKey] = {}
+        self._previous: dict[str, tuple[signing.Verifier, datetime]] = {}
+        self._revoked: dict[str, signing.Verifier] = {}
         self._loaded_at = 0.0
 
     def get(self, agent_id: str) -> signing.Verifier | None:
@@ -97,22 +104,47 @@ class KeyRing:
             self.reload()
         return self._keys.get(agent_id)
 
+    def previous(self, agent_id: str) -> tuple[signing.Verifier, datetime] | None:
+        """Return the key the agent's last rotation replaced and the end of its grace window, if it has one."""
+        return self._previous.get(agent_id)
+
+    def revoked(self, agent_id: str) -> signing.Verifier | None:
+        """Return a revoked agent's last key (to recognise its events, never to accept them)."""
+        return self._revoked.get(agent_id)
+
     def public_key(self, agent_id: str) -> Ed25519PublicKey | None:
         """Return an active agent's key as a cryptography object (for the slower, general checks)."""
         self.get(agent_id)
         return self._public.get(agent_id)
 
     def reload(self) -> None:
-        """Re-read all active agents' keys from the store."""
-        vouched, refused = self._store.vouched_agent_keys(self._controller)
+        """Re-read all agents' vouched keys from the store."""
+        sets, refused = self._store.vouched_key_sets(self._controller)
         if set(refused) - self._refused:
             # Logged once per change: an agent whose key no signed key line vouches for sends in vain.
             log.error("ingest: no controller-signed key line vouches for the key of %s; their events are refused",
                       ", ".join(sorted(set(refused) - self._refused)))  # fmt: skip
         self._refused = frozenset(refused)
-        self._public = {a: signing.load_public_key_pem(pem.encode()) for a, pem in vouched.items()}
+        load = signing.load_public_key_pem
+        self._public = {a: load(k.current.encode()) for a, k in sets.items() if k.current is not None}
         self._keys = {a: signing.Verifier(k) for a, k in self._public.items()}
+        self._previous = {
+            a: (signing.Verifier(load(k.previous.encode())), k.previous_until)
+            for a, k in sets.items()
+            if k.previous is not None and k.previous_until is not None
+        }
+        self._revoked = {
+            a: signing.Verifier(load(k.revoked_key.encode())) for a, k in sets.items() if k.revoked_key is not None
+        }
         self._loaded_at = time.monotonic()
+
+
+def _signed_by(decoded: events.DecodedEvent, key: signing.Verifier) -> bool:
+    try:
+        decoded.verify(key)
+    except errors.Rejected:
+        return False
+    return True
 
 
 class IngestWorker:
@@ -280,9 +312,43 @@ class IngestWorker:
         self.stats.waiting = max(0, self.stats.waiting - len(batch))
         self.stats.last_progress_at = time.time()
 
+    def _key_refusal(
+        self, decoded: events.DecodedEvent, item: _Incoming, received_at: datetime, replaced: set[tuple[str, int]]
+    ) -> DeadLetterIn | None:
+        """Check the event's signature against the agent's keys; return the dead letter if it is refused.
+
+        Raises Rejected (not acknowledged) when nothing proves the agent sent it. Signed by a revoked agent, or
+        by a replaced key after its grace window: a dead letter the agent may drop (acknowledged), since
+        resending cannot change the answer. Signed by the replaced key within the window: accepted, noted in
+        `replaced` (a finding is raised once it is stored).
+        """
+        agent = decoded.agent
+        key = self._keys.get(agent)
+        if key is None:
+            revoked = self._keys.revoked(agent)
+            if revoked is not None and _signed_by(decoded, revoked):
+                detail = f"agent {agent!r} is revoked"
+                letter = DeadLetterIn(item.topic, item.payload, errors.REVOKED_AGENT, detail, agent_id=agent)
+                return replace(letter, seq=decoded.seq, event_id=decoded.id, ackable=True)
+            raise errors.Rejected(errors.UNKNOWN_AGENT, f"agent {agent!r} is not registered")
+        if _signed_by(decoded, key):
+            return None
+        previous = self._keys.previous(agent)
+        if previous is None or not _signed_by(decoded, previous[0]):
+            decoded.verify(key)  # raises the signature error
+            return None
+        until = previous[1]
+        if received_at < until:
+            replaced.add((agent, decoded.seq))
+            return None
+        detail = f"signed with the key replaced before {timefmt.fmt(until)}, the end of its grace window"
+        letter = DeadLetterIn(item.topic, item.payload, errors.STALE_KEY, detail, agent_id=agent)
+        return replace(letter, seq=decoded.seq, event_id=decoded.id, ackable=True)
+
     def process(self, batch: list[_Incoming]) -> None:
         """Decode, verify, store and acknowledge one batch of messages."""
         received_at = timefmt.now()
+        replaced: set[tuple[str, int]] = set()
         good: list[events.DecodedEvent] = []
         dead: list[DeadLetterIn] = []
         heartbeats: list[messages.Heartbeat] = []
@@ -300,10 +366,10 @@ class IngestWorker:
                 continue
             try:
                 decoded = events.decode_event(item.payload, topic_agent=agent)
-                key = self._keys.get(decoded.agent)
-                if key is None:
-                    raise errors.Rejected(errors.UNKNOWN_AGENT, f"agent {decoded.agent!r} is not registered")
-                decoded.verify(key)
+                refused = self._key_refusal(decoded, item, received_at, replaced)
+                if refused is not None:
+                    dead.append(refused)
+                    continue
                 refusal = self._owners.refusal(decoded)
                 if refusal is not None:
                     # Proven to come from this agent (so acked: resending would change nothing) but about
@@ -329,6 +395,16 @@ class IngestWorker:
                     letter.seq,
                     {"reason": "possible tampering", "detail": letter.detail, "event_id": letter.event_id},
                 )
+        for agent_id, seq in sorted(replaced & set(result.stored)):
+            log.warning(
+                "ingest: %s event %d signed with its replaced key, accepted within the grace window", agent_id, seq
+            )
+            self.store.note_finding(
+                REPLACED_KEY_FINDING,
+                agent_id,
+                seq,
+                {"reason": "signed with the key a rotation replaced, received within its grace window"},
+            )
         for hb in heartbeats:
             self.store.record_heartbeat(hb.agent, hb.model_dump(), received_at)
         self.stats.batches += 1

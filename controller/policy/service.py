@@ -259,5 +259,13 @@ class PolicyService:
         if current is None:
             return {}
         version, policy = current
-        known = {a.id for a in self.store.list_agents()}
-        return sign_bundles(self.key, policy, version, extra_agents=known)
+        agents = self.store.list_agents()
+        known = {a.id for a in agents}
+        # A revoked agent gets nothing more, even if the policy still names it (its retained bundle is cleared).
+        revoked = {a.id for a in agents if a.status != "active"}
+        bundles = sign_bundles(self.key, policy, version, extra_agents=known - revoked)
+        return {agent: raw for agent, raw in bundles.items() if agent not in revoked}
+
+    def revoked_agents(self) -> set[str]:
+        """Return the agents that are revoked (no bundle is published to them)."""
+        return {a.id for a in self.store.list_agents() if a.status != "active"}

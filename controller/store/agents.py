@@ -7,17 +7,19 @@ against the key that was registered when it was received, and a key swapped in `
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import Connection, Table, insert, or_, select, update
+from sqlalchemy import Connection, Table, column, insert, inspect, or_, select, table, update
 
 from sekisho.controller.store.checkpoints import CheckpointRecords, add_key_line, row_key_line
-from sekisho.controller.store.models import Agent, AgentKey
+from sekisho.controller.store.models import Agent, AgentKey, UTCDateTime
 from sekisho.controller.store.records import aware_utc, int_or_none
 from sekisho.protocol import errors, mynumber, signing, timefmt, topics
 from sekisho.protocol.canonical import canonical_bytes
+from sekisho.protocol.revocations import RevocationList, serial_text
 
 ACTIVE = "active"
 REVOKED = "revoked"
@@ -28,6 +30,31 @@ REVOKE = "revoke"
 
 _AGENTS = cast(Table, Agent.__table__)
 _AGENT_KEYS = cast(Table, AgentKey.__table__)
+# The certificates enrolment records (controller/store/enrolment.py); only the columns revocation needs, so this
+# module reads them without depending on that one. The serial is lower-case hex there.
+_CERTIFICATES = table(
+    "agent_certificates",
+    column("agent_id"),
+    column("serial"),
+    column("issued_at", UTCDateTime),
+    column("not_after", UTCDateTime),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class VouchedKeys:
+    """The keys ingest may use for one agent, each vouched for by a controller-signed key line.
+
+    current: the key in force (None once the agent is revoked; then revoked_key is its last key, used only to
+    prove that an event came from it, so that it can be kept and acknowledged). previous/previous_until: the
+    key the newest replace line replaced, accepted for events received before previous_until.
+    """
+
+    current: str | None
+    previous: str | None = None
+    previous_until: datetime | None = None
+    rotated_at: datetime | None = None
+    revoked_key: str | None = None
 
 
 class AgentExists(Exception):
@@ -58,12 +85,14 @@ def register_agent_in(
     *,
     replace: bool,
     when: datetime,
+    key_grace: timedelta | None = None,
 ) -> str | None:
     """Register or replace an agent's key inside the caller's transaction; return the key line's action.
 
     None when the same key is already active (nothing written). Enrolment uses this with its token in one
     transaction (controller/fleet/enrolment.py); the caller has checked the arguments (check_registrable)
-    and made sure the checkpoint log has begun.
+    and made sure the checkpoint log has begun. key_grace: on a replacement of an active agent's key, how
+    long events signed with the replaced key are still accepted (signed into the line as previous_until).
     """
     row = conn.execute(select(_AGENTS.c.public_key_pem, _AGENTS.c.status).where(_AGENTS.c.id == agent_id)).first()
     if row is None:
@@ -82,7 +111,21 @@ def register_agent_in(
             .where(_AGENTS.c.id == agent_id)
             .values(public_key_pem=public_key_pem, status=ACTIVE, registered_at=when)
         )
-    add_key_line(conn, signer, agent_id=agent_id, action=action, public_key_pem=public_key_pem, valid_from=when)
+    # A revoked agent's old key gets no grace: whatever it signed after the revocation stays refused.
+    previous_until = (
+        when + key_grace
+        if action == REPLACE and row is not None and row.status == ACTIVE and key_grace and key_grace > timedelta(0)
+        else None
+    )
+    add_key_line(
+        conn,
+        signer,
+        agent_id=agent_id,
+        action=action,
+        public_key_pem=public_key_pem,
+        valid_from=when,
+        previous_until=previous_until,
+    )
     return action
 
 
@@ -90,15 +133,24 @@ class AgentRecords(CheckpointRecords):
     """The ``agents`` table and its key history: who may send events, with which key, and when last heard from."""
 
     def register_agent(
-        self, agent_id: str, public_key_pem: str, *, replace: bool = False, registered_at: datetime | None = None
+        self,
+        agent_id: str,
+        public_key_pem: str,
+        *,
+        replace: bool = False,
+        registered_at: datetime | None = None,
+        key_grace: timedelta | None = None,
     ) -> None:
-        """Enrol an agent with its Ed25519 public key (idempotent for the same key)."""
+        """Enrol an agent with its Ed25519 public key (idempotent for the same key).
+
+        key_grace: on a replacement, how long events signed with the replaced key are still accepted.
+        """
         check_registrable(agent_id, public_key_pem)
         when = aware_utc(registered_at or timefmt.now(), "registered_at")
         self._ensure_sealed()
         self.write(
             lambda conn: register_agent_in(
-                conn, self.signing_key, agent_id, public_key_pem, replace=replace, when=when
+                conn, self.signing_key, agent_id, public_key_pem, replace=replace, when=when, key_grace=key_grace
             ),
             retry_unique=True,
         )
@@ -168,6 +220,88 @@ class AgentRecords(CheckpointRecords):
                 continue
             trusted[agent] = pem
         return trusted, sorted(refused)
+
+    def vouched_key_sets(self, controller_key: signing.Verifier) -> tuple[dict[str, VouchedKeys], list[str]]:
+        """Return every agent's vouched keys (see VouchedKeys), and the agents no signed line vouches for.
+
+        Like vouched_agent_keys, only lines with a valid controller signature count, and ``agents`` must agree
+        with the newest one (key, and revoked or not).
+        """
+        with self.engine.connect() as conn:
+            agents = {
+                row.id: row for row in conn.execute(select(_AGENTS.c.id, _AGENTS.c.public_key_pem, _AGENTS.c.status))
+            }
+            lines: dict[str, list[Any]] = {}
+            for row in conn.execute(select(_AGENT_KEYS).order_by(_AGENT_KEYS.c.agent_id, _AGENT_KEYS.c.version)):
+                lines.setdefault(row.agent_id, []).append(row)
+
+        def signed(line: Any) -> bool:
+            if line.signature is None:
+                return False
+            try:
+                body = canonical_bytes(row_key_line(line))
+                signing.verify_canonical(controller_key, "agent_key", body, line.signature)
+            except errors.Rejected:
+                return False
+            return True
+
+        found: dict[str, VouchedKeys] = {}
+        refused: list[str] = []
+        for agent, enrolled in agents.items():
+            history = lines.get(agent, [])
+            newest = history[-1] if history else None
+            revoked = enrolled.status != ACTIVE
+            if (
+                newest is None
+                or newest.public_key_pem != enrolled.public_key_pem
+                or (newest.action == REVOKE) != revoked
+                or not signed(newest)
+            ):
+                refused.append(agent)
+                continue
+            if revoked:
+                found[agent] = VouchedKeys(current=None, revoked_key=newest.public_key_pem)
+                continue
+            keys = VouchedKeys(current=newest.public_key_pem)
+            if newest.action == REPLACE and newest.previous_until is not None and len(history) >= 2:
+                before = history[-2]
+                if before.action != REVOKE and signed(before):
+                    keys = VouchedKeys(
+                        current=newest.public_key_pem,
+                        previous=before.public_key_pem,
+                        previous_until=newest.previous_until,
+                        rotated_at=newest.valid_from,
+                    )
+            found[agent] = keys
+        return found, sorted(refused)
+
+    def revocation_list(self, now: datetime | None = None) -> RevocationList:
+        """Return what the broker must refuse: revoked agents, and the certificates of replaced keys.
+
+        A certificate recorded for an agent (by enrolment) before the agent's newest replace line is refused by
+        its serial until it expires (the TLS handshake refuses it after that); a renewal (same key, new
+        certificate) does not revoke the one it renews, which runs out on its own.
+        """
+        at = aware_utc(now or timefmt.now(), "now")
+        with self.engine.connect() as conn:
+            names = frozenset(conn.execute(select(_AGENTS.c.id).where(_AGENTS.c.status != ACTIVE)).scalars())
+            replaced: dict[str, datetime] = {}
+            for row in conn.execute(
+                select(_AGENT_KEYS.c.agent_id, _AGENT_KEYS.c.valid_from)
+                .where(_AGENT_KEYS.c.action == REPLACE)
+                .order_by(_AGENT_KEYS.c.version)
+            ):
+                replaced[row.agent_id] = row.valid_from
+            serials: dict[str, str] = {}
+            if replaced and inspect(conn).has_table("agent_certificates"):
+                for cert in conn.execute(select(_CERTIFICATES)):
+                    since = replaced.get(cert.agent_id)
+                    if cert.agent_id in names or since is None:
+                        continue
+                    issued, expires = aware_utc(cert.issued_at, "issued_at"), aware_utc(cert.not_after, "not_after")
+                    if issued < since and expires > at:
+                        serials[serial_text(int(cert.serial, 16))] = cert.agent_id
+        return RevocationList(names, serials, issued_at=at)
 
     def record_heartbeat(self, agent_id: str, info: dict[str, Any], seen_at: datetime) -> bool:
         """Record an agent's latest heartbeat; older heartbeats than the one stored are ignored.

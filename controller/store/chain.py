@@ -153,11 +153,16 @@ class SignedHead:
 
 @dataclass(frozen=True, slots=True)
 class KeySpan:
-    """One line of an agent's signed key history: from valid_from on, key signs its events (None: revoked)."""
+    """One line of an agent's signed key history: from valid_from on, key signs its events (None: revoked).
+
+    previous_until: on a replace line, events signed with the key it replaced and received before then were
+    accepted too (the rotation's grace window for events still in the agent's outbox).
+    """
 
     version: int
     valid_from: datetime
     key: signing.Verifier | None
+    previous_until: datetime | None = None
 
 
 class KeyHistory:
@@ -165,7 +170,9 @@ class KeyHistory:
 
     An event is checked against the key valid when it was received. A running ingest worker holds the
     keys it read for up to key_refresh_s, so around a replacement or a revocation the key on either side
-    is accepted for ``grace``; an event received later than that after a revocation is a problem.
+    is accepted for ``grace``; an event received later than that after a revocation is a problem. After a
+    replacement whose signed line has a grace window (previous_until), the replaced key also counts for
+    events received within it: ingest accepted those, marked, from the agent's outbox.
     """
 
     def __init__(self, spans: Sequence[KeySpan], grace: timedelta) -> None:
@@ -181,7 +188,11 @@ class KeyHistory:
         # Before the first line (records older than a key history made at an upgrade): the first key.
         at = max(bisect.bisect_right(self._starts, received_at) - 1, 0)
         found = [self.spans[at].key]
-        if at > 0 and received_at < self.spans[at].valid_from + self.grace:
+        window = self.spans[at].valid_from + self.grace
+        previous_until = self.spans[at].previous_until
+        if previous_until is not None:
+            window = max(window, previous_until)
+        if at > 0 and received_at < window:
             found.append(self.spans[at - 1].key)
         if at + 1 < len(self.spans) and self.spans[at + 1].valid_from - self.grace <= received_at:
             found.append(self.spans[at + 1].key)

@@ -73,10 +73,21 @@ def head_fields(
 
 
 def key_line_body(
-    *, agent: str, version: int, action: str, public_key_pem: str, valid_from: datetime, registered_at: datetime
+    *,
+    agent: str,
+    version: int,
+    action: str,
+    public_key_pem: str,
+    valid_from: datetime,
+    registered_at: datetime,
+    previous_until: datetime | None = None,
 ) -> dict[str, Any]:
-    """Return what the controller signs for one line of an agent's key history."""
-    return {
+    """Return what the controller signs for one line of an agent's key history.
+
+    previous_until (a replace line's grace window for the replaced key) is in the body only when set, so the
+    lines signed before it existed keep their signatures and digests.
+    """
+    body = {
         "agent": agent,
         "version": version,
         "action": action,
@@ -84,6 +95,9 @@ def key_line_body(
         "valid_from": timefmt.fmt(valid_from),
         "registered_at": timefmt.fmt(registered_at),
     }
+    if previous_until is not None:
+        body["previous_until"] = timefmt.fmt(previous_until)
+    return body
 
 
 def key_line_digest(body: dict[str, Any]) -> str:
@@ -100,6 +114,7 @@ def row_key_line(row: Any) -> dict[str, Any]:
         public_key_pem=row.public_key_pem,
         valid_from=row.valid_from,
         registered_at=row.registered_at,
+        previous_until=getattr(row, "previous_until", None),
     )
 
 
@@ -134,6 +149,7 @@ def add_key_line(
     action: str,
     public_key_pem: str,
     valid_from: datetime,
+    previous_until: datetime | None = None,
 ) -> int:
     """Add a signed line to an agent's key history and record it in the log; return the line's id."""
     lock_log(conn)
@@ -147,6 +163,7 @@ def add_key_line(
         public_key_pem=public_key_pem,
         valid_from=valid_from,
         registered_at=now,
+        previous_until=previous_until,
     )
     line_id = conn.execute(
         insert(_AGENT_KEYS)
@@ -157,6 +174,7 @@ def add_key_line(
             public_key_pem=public_key_pem,
             valid_from=valid_from,
             registered_at=now,
+            previous_until=previous_until,
             signature=None if signer is None else signing.sign(signer, "agent_key", body),
         )
         .returning(_AGENT_KEYS.c.id)

@@ -148,6 +148,9 @@ class AgentKey(Base):
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # The controller's Ed25519 signature over the line; NULL only until the first seal after an upgrade.
     signature: Mapped[str | None] = mapped_column(Text)
+    # On a replace line: events signed with the replaced key are accepted (and marked) when received before
+    # this (the rotation's grace window, revision 0007). Signed with the line when set.
+    previous_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Checkpoint(Base):

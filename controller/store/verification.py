@@ -125,7 +125,7 @@ def read_key_histories(
             problems.append(_key_problem(row, problem))
             broken.add(row.agent_id)
             continue
-        spans.setdefault(row.agent_id, []).append(KeySpan(row.version, row.valid_from, key))
+        spans.setdefault(row.agent_id, []).append(KeySpan(row.version, row.valid_from, key, row.previous_until))
         newest[row.agent_id] = row
     for line_id, (checkpoint, agent, version, _) in sorted(state.key_lines.items()):
         if line_id not in seen and (agent_id is None or agent == agent_id):

@@ -88,6 +88,8 @@ class Lab:
             "tls_key": str(self.pki.controller_key),
             "signing_key": str(self.pki.controller_signing_key),
             "http_port": self.http_port,
+            # The broker runs here: the controller writes the list its plugin enforces.
+            "revocation_list": str(self.broker.revocations_path),
         }
         values.update(overrides)
         return write_toml(self.controller_config, values)
