@@ -19,7 +19,20 @@ from sekisho.protocol.canonical import canonical_bytes
 # (controller/store/checkpoints.py), and their own kinds keep those signatures from passing as messages.
 # "enrol" and "renew" sign a device's requests to the controller's enrolment API (protocol/enrolment.py).
 # "backup" signs the manifest of a controller backup (controller/backup/archive.py); it never goes on the wire.
-KINDS = ("event", "ack", "heartbeat", "command", "bundle", "checkpoint", "agent_key", "enrol", "renew", "backup")
+# "revocations" signs the broker's revocation list served to brokers on other hosts (protocol/revocations.py).
+KINDS = (
+    "event",
+    "ack",
+    "heartbeat",
+    "command",
+    "bundle",
+    "checkpoint",
+    "agent_key",
+    "enrol",
+    "renew",
+    "backup",
+    "revocations",
+)
 
 
 def signing_input(kind: str, body: Any) -> bytes:

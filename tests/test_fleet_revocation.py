@@ -9,6 +9,8 @@ agent is refused, after one the last good list stays in force.
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import shutil
 import threading
@@ -19,10 +21,13 @@ from pathlib import Path
 import pytest
 from support.mqtt import NOT_AUTHORIZED, ConnectRefused, SyncClient, TlsFiles, connect_client
 from support.site import wait_for
+from typer.testing import CliRunner
 
+from sekisho.cli import app as sekisho_app
+from sekisho.controller.fleet.revocations import ROUTE
 from sekisho.deploy.broker import Broker
-from sekisho.deploy.pki import AgentCredentials, issue_agent, load_cert
-from sekisho.protocol import topics
+from sekisho.deploy.pki import AgentCredentials, PkiPaths, issue_agent, load_cert
+from sekisho.protocol import signing, topics
 from sekisho.protocol.revocations import MAX_LIST_BYTES, RevocationList, parse_broker_text, serial_text
 
 pytestmark = pytest.mark.broker
@@ -289,3 +294,131 @@ def test_list_text_round_trips_and_refuses_what_the_plugin_refuses() -> None:
         RevocationList(frozenset({"bad/name"}))
     with pytest.raises(ValueError):
         RevocationList(serials={"A5F": "term-03"})  # not whole bytes: OpenSSL would write 0A5F
+
+
+# --- the controller's side: `fleet revoke`, the signed list, `fleet revocations sync` ---------------------
+
+
+@pytest.fixture
+def controller_site(pki: Path, tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """A controller.toml (dev profile) whose revocation_list is a broker file; yields (config, list, signing.pub)."""
+    from sekisho.lab import write_toml
+
+    lab_pki = PkiPaths.at(pki)
+    listed = tmp_path / "broker" / "revocations"
+    config = write_toml(
+        tmp_path / "controller.toml",
+        {
+            "profile": "dev",
+            "var_dir": str(tmp_path / "var"),
+            "ca_cert": str(lab_pki.ca_cert),
+            "tls_cert": str(lab_pki.controller_cert),
+            "tls_key": str(lab_pki.controller_key),
+            "signing_key": str(lab_pki.controller_signing_key),
+            "revocation_list": str(listed),
+        },
+    )
+    yield config, listed, lab_pki.controller_signing_pub
+
+
+def run_cli(*args: str, code: int = 0) -> str:
+    """Run `sekisho …` in process; check its exit code and return what it printed."""
+    result = CliRunner().invoke(sekisho_app, list(args), env={"COLUMNS": "250"})
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def _register(config: Path, pki: Path, name: str) -> None:
+    pub = AgentCredentials.at(pki, name).signing_pub
+    run_cli("controller", "register-agent", name, "--public-key", str(pub), "--config", str(config))
+
+
+def test_fleet_revoke_writes_the_broker_list_and_revoke_agent_still_works(
+    pki: Path, controller_site: tuple[Path, Path, Path]
+) -> None:
+    config, listed, _ = controller_site
+    for name in (REVOKED, HONEST):
+        _register(config, pki, name)
+    assert "revoked agent-a" in run_cli("fleet", "revoke", REVOKED, "--config", str(config))
+    assert parse_broker_text(listed.read_text()).names == frozenset({REVOKED})
+    # The old command is the same action (idempotent for an agent already revoked).
+    run_cli("controller", "revoke-agent", REVOKED, "--config", str(config))
+    run_cli("controller", "revoke-agent", HONEST, "--config", str(config))
+    assert parse_broker_text(listed.read_text()).names == frozenset({REVOKED, HONEST})
+    assert "no agent named 'agent-x'" in run_cli("fleet", "revoke", "agent-x", "--config", str(config), code=2)
+
+
+class _OneDocument(http.server.BaseHTTPRequestHandler):
+    """Serves one fixed document at the revocations route (what a controller's API would answer)."""
+
+    document = b""
+
+    def do_GET(self) -> None:
+        """Answer the route with the document, anything else with 404."""
+        if self.path != ROUTE:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(self.document)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Keep the test output quiet."""
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[str, type[_OneDocument]]]:
+    """A loopback HTTP server answering one document; yields (URL, handler class to set it on)."""
+    handler = type("Handler", (_OneDocument,), {})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_sync_writes_the_signed_list_and_refuses_a_forged_one(
+    pki: Path, controller_site: tuple[Path, Path, Path], served: tuple[str, type[_OneDocument]], tmp_path: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from sekisho.controller.api.app import create_app
+    from sekisho.controller.api.deps import AppState
+    from sekisho.controller.config import load_config
+    from sekisho.controller.service import open_store
+
+    config, _, controller_pub = controller_site
+    _register(config, pki, REVOKED)
+    run_cli("fleet", "revoke", REVOKED, "--config", str(config))
+    cfg = load_config(config)
+    store = open_store(cfg)
+    try:
+        answer = TestClient(create_app(AppState(cfg, store, None))).get(ROUTE)
+    finally:
+        store.engine.dispose()
+    assert answer.status_code == 200
+    url, handler = served
+    output = tmp_path / "remote-broker" / "revocations"
+    sync = ("fleet", "revocations", "sync", "--controller", url, "--output", str(output))
+    key = ("--controller-key", str(controller_pub))
+
+    handler.document = answer.content
+    assert "written: 1 agent(s)" in run_cli(*sync, *key)
+    assert parse_broker_text(output.read_text()).names == frozenset({REVOKED})
+
+    # Someone between the broker and the controller un-revokes the agent: the signature no longer holds.
+    forged = json.loads(answer.content)
+    forged["revocations"]["names"] = []
+    handler.document = json.dumps(forged).encode()
+    assert "sync failed" in run_cli(*sync, *key, code=1)
+    assert parse_broker_text(output.read_text()).names == frozenset({REVOKED}), "the list the broker had was kept"
+    # Signed by another key: refused too.
+    other = signing.generate_key().public_key()
+    other_pub = tmp_path / "other.pub"
+    other_pub.write_bytes(signing.public_key_pem(other))
+    handler.document = answer.content
+    assert "sync failed" in run_cli(*sync, "--controller-key", str(other_pub), code=1)
