@@ -81,6 +81,9 @@ class ControllerConfig(BaseSettings):
     enrol_ca_key: Path | None = None
     # Short-lived agent certificates, renewed by the agents at two thirds of their lifetime.
     agent_cert_days: int = Field(default=30, ge=1, le=825)
+    # An agent's certificate with fewer days left becomes a `cert_expiring` finding (renewal at two thirds
+    # of 30 days leaves ~10, so 7 means renewal has failed for days); past its end `cert_expired`.
+    cert_warn_days: float = Field(default=7.0, ge=0.0, le=365.0)
     # What an enrolled agent is told: the URL it reaches this API at, and the agents' broker listener.
     enrol_url: str | None = Field(default=None, pattern=r"^https://[^\s/]+(:[0-9]+)?/?$")
     agent_broker_host: str | None = None

@@ -24,6 +24,8 @@ from sekisho.controller.config import ControllerConfig
 from sekisho.controller.doors.jobs import DoorRegisterKeeper
 from sekisho.controller.doors.projector import DoorProjector
 from sekisho.controller.doors.registers import DoorRegisters
+from sekisho.controller.fleet.expiry import CertExpiryWatch
+from sekisho.controller.fleet.health import Thresholds
 from sekisho.controller.fleet.metrics import PublicationStats
 from sekisho.controller.fleet.revocations import RevocationKeeper
 from sekisho.controller.ingest.worker import IngestWorker
@@ -172,6 +174,12 @@ class Controller:
         self.overdue = OverdueWatch(MediaService(self.store, self.keeper.service)) if self.keeper else None
         # The registers follow the events table, whichever worker stored them (see controller.doors.jobs).
         self.doors = DoorRegisterKeeper(DoorProjector(self.store), DoorRegisters(self.store)) if with_policy else None
+        # Certificates whose renewal keeps failing become findings before the broker refuses the device.
+        self.expiry = (
+            CertExpiryWatch(self.store, warn_days=config.cert_warn_days, thresholds=Thresholds.from_config(config))
+            if with_policy
+            else None
+        )
         # The broker's revocation list, when the broker reads it on this host (controller/fleet/revocations.py).
         self.revocations = (
             RevocationKeeper(self.store, config.revocation_list, float(config.key_refresh_s))
@@ -197,9 +205,13 @@ class Controller:
             self.doors.start()
         if self.revocations is not None:
             self.revocations.start()
+        if self.expiry is not None:
+            self.expiry.start()
 
     def stop(self) -> None:
         """Stop cleanly: finish the batch in hand, then disconnect."""
+        if self.expiry is not None:
+            self.expiry.stop()
         if self.revocations is not None:
             self.revocations.stop()
         if self.doors is not None:
@@ -214,7 +226,7 @@ class Controller:
 
     def alive(self) -> bool:
         """Tell whether ingest and the periodic jobs still run (the service watchdog asks)."""
-        jobs = [job for job in (self.keeper, self.overdue, self.doors) if job is not None]
+        jobs = [job for job in (self.keeper, self.overdue, self.doors, self.expiry) if job is not None]
         return self.worker.running and all(job.running for job in jobs)
 
     def service_status(self) -> str:

@@ -43,6 +43,20 @@ class FindingRecords(Records):
 
         return self.write(lambda conn: note_finding(conn, kind, agent_id, seq, detail))
 
+    def resolve_findings(self, kind: str, agent_id: str, resolution: str) -> int:
+        """Resolve the open findings of one kind for an agent (its condition has cleared); return how many."""
+        f = _FINDINGS.c
+
+        def resolve(conn: Connection) -> int:
+            result = conn.execute(
+                update(_FINDINGS)
+                .where(f.kind == kind, f.agent_id == agent_id, f.resolved_at.is_(None))
+                .values(resolved_at=timefmt.now(), resolution=resolution)
+            )
+            return int(result.rowcount or 0)
+
+        return self.write(resolve)
+
 
 def note_finding(conn: Connection, kind: str, agent_id: str, seq: int | None, detail: dict[str, Any]) -> int:
     """FindingRecords.note_finding inside the caller's transaction (ingest raises findings with its batch)."""
