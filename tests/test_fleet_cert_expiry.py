@@ -24,7 +24,9 @@ def open_kinds(store: Store, agent_id: str) -> set[str]:
     return {f.kind for f in store.list_findings(open_only=True, agent_id=agent_id)}
 
 
-def test_failing_renewal_raises_expiring_then_expired_and_a_renewal_resolves(store: Store, make_agent: MakeAgent) -> None:
+def test_failing_renewal_raises_expiring_then_expired_and_a_renewal_resolves(
+    store: Store, make_agent: MakeAgent
+) -> None:
     healthy, failing = make_agent(store), make_agent(store)
     heartbeat(store, healthy.agent_id, NOW + timedelta(days=12), NOW)  # renewed on time: ~10+ days left
     heartbeat(store, failing.agent_id, NOW + timedelta(days=3), NOW)
