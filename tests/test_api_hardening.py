@@ -396,6 +396,31 @@ def test_open_store_tightens_an_earlier_start(tmp_path: Path, caplog: pytest.Log
     assert len(tightened) == 4 and any("0o755 to 0o700" in m for m in tightened)
 
 
+def test_making_an_engine_beside_a_live_connection_keeps_its_locks(tmp_path: Path) -> None:
+    # Closing any descriptor of a file drops every POSIX lock the process holds on it: an engine made on a
+    # database that a connection of this process has locked must not open the file, or another process
+    # could write under that connection and corrupt the database.
+    import sqlite3
+
+    from sekisho.controller.store.db import make_engine
+
+    database = tmp_path / "var" / "controller.db"
+    make_engine(f"sqlite:///{database}").dispose()
+    holder = sqlite3.connect(database, isolation_level=None)
+    try:
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("BEGIN IMMEDIATE")  # a RESERVED lock on the database file itself (rollback journal)
+        make_engine(f"sqlite:///{database}").dispose()
+        other = subprocess.run(
+            [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=0, "
+             "isolation_level=None); c.execute('BEGIN IMMEDIATE')", str(database)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert other.returncode != 0 and "database is locked" in other.stderr
+    finally:
+        holder.close()
+
+
 # --- the real `sekisho controller serve` ------------------------------------------------------------
 
 

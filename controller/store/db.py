@@ -76,8 +76,15 @@ def private_sqlite_files(database: Path) -> None:
     """
     if not database.parent.exists():
         private_dir(database.parent)
-    fd = os.open(database, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
-    os.close(fd)
+    # Never open an existing database: closing any descriptor of a file drops every POSIX lock this process
+    # holds on it, so an engine made beside a live connection in the same process (a second Store, a tool)
+    # would strip that connection's locks and let two writers corrupt the file. O_EXCL only ever opens a new one.
+    try:
+        fd = os.open(database, os.O_RDWR | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)
     for suffix in _SQLITE_FILES:
         _tighten(database.with_name(database.name + suffix), PRIVATE_FILE_MODE)
 
