@@ -12,7 +12,7 @@
 # then checks it again: if the new release does not start, `current` goes back and the old one runs again.
 #   - before the switch: the new venv's sekisho-agent must run and report the bundle's version;
 #   - after the switch: --health-check CMD if given (run with SEKISHO_RELEASE, SEKISHO_VENV, SEKISHO_ROOT set),
-#     else, on a host running systemd, each enabled sekisho agent unit is restarted and must become active
+#     else, on a host running systemd, each running sekisho agent unit is restarted and must become active
 #     (Type=notify: the agent said READY=1).
 # --units ROLE installs the systemd units (and the sysusers file) and enables the role's unit.
 # Options for tests and staging: --root DIR (install under DIR, like DESTDIR: no users are created and
@@ -71,13 +71,14 @@ point() {
     mv -T "$1.sekisho-tmp" "$1"
 }
 
+# The agent units running now: an upgrade restarts them; a first install (agent.toml not there yet) none.
 agent_units() {
     for unit in sekisho-terminal.service sekisho-doors.service; do
-        if systemctl is-enabled --quiet "$unit" 2>/dev/null; then echo "$unit"; fi
+        if systemctl is-active --quiet "$unit" 2>/dev/null; then echo "$unit"; fi
     done
 }
 
-# Restart the enabled agent units on the release `current` names; fail if one does not become active.
+# Restart the running agent units on the release `current` names; fail if one does not become active.
 restart_units() {
     real_systemd || return 0
     for unit in $(agent_units); do
