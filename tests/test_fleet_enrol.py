@@ -40,6 +40,7 @@ from sekisho.deploy.pki import api_identity, load_cert
 from sekisho.lab import Lab
 from sekisho.lab.fleet import enrol_fleet, enrolment_settings, https_api
 from sekisho.protocol import enrolment, timefmt
+from sekisho.protocol.revocations import parse_broker_text, serial_text
 
 WAIT = 20.0
 
@@ -273,9 +274,27 @@ def test_reenrol_replaces_the_agent_and_keeps_its_key_history(site: EnrolSite, t
         "fleet", "token", "create", "--config", str(site.lab.controller_config), "--kind", "terminal",
         "--reenrol", "term-swap", "--url", site.url,
     )  # fmt: skip
+    old_files = TlsFiles(site.lab.pki.ca_cert, old.directory / "tls.pem", old.directory / "tls.pem")
+    connect_client(old_files, site.lab.broker.port, "term-swap").disconnect()
     new = enrol(made.stdout.strip().splitlines()[-1], tmp_path / "new", kind="terminal", machine_id="m-new")
     assert new.agent_id == old.agent_id == "term-swap"
-    assert [line.action for line in site.ctl.store.key_history("term-swap")] == ["register", "replace"]
+    history = site.ctl.store.key_history("term-swap")
+    assert [line.action for line in history] == ["register", "replace"]
+    # The old device's outbox is still accepted for the configured grace window (signed into the line).
+    assert history[-1].previous_until is not None
+    assert history[-1].previous_until - history[-1].valid_from == timedelta(
+        seconds=site.ctl.config.key_rotation_grace_s
+    )
+    # Its certificate is refused by the broker at once (by serial), while the new device's connects.
+    old_serial = x509.load_pem_x509_certificates((old.directory / "tls.pem").read_bytes())[0].serial_number
+    assert site.ctl.config.revocation_list is not None
+    listed = parse_broker_text(site.ctl.config.revocation_list.read_text())
+    assert listed.serials.get(serial_text(old_serial)) == "term-swap" and "term-swap" not in listed.names
+    site.lab.broker.reload()
+    with pytest.raises(ConnectRefused):
+        connect_client(old_files, site.lab.broker.port, "term-swap")
+    new_files = TlsFiles(site.lab.pki.ca_cert, new.directory / "tls.pem", new.directory / "tls.pem")
+    connect_client(new_files, site.lab.broker.port, "term-swap").disconnect()
     # The old device's key was retired: it can no longer renew its certificate.
     with pytest.raises(EnrolRefusedError) as refused:
         CertificateRenewer(load_config(old.config_path)).renew_now()

@@ -30,6 +30,8 @@ from pydantic import ValidationError
 
 from sekisho.controller.config import ControllerConfig
 from sekisho.controller.fleet.issuing import IssuingCa, IssuingError, load_csr
+from sekisho.controller.fleet.revocations import publish_revocations
+from sekisho.controller.store.agents import REPLACE
 from sekisho.controller.store.enrolment import EnrolRefused, Reason
 from sekisho.controller.store.models import EnrolToken
 from sekisho.controller.store.store import Store
@@ -181,10 +183,16 @@ class EnrolmentService:
                 check_name=check_enrol_name,
                 issue=lambda agent_id: issuing.sign(csr, agent_id, now, self.config.agent_cert_days),
                 issuer_sha256=issuing.sha256,
+                # A re-enrolled device's outbox still holds events signed with its old key: accepted for the
+                # same window as after `register-agent --replace` (controller/store/agents.py).
+                key_grace=timedelta(seconds=self.config.key_rotation_grace_s),
             )
         except EnrolRefused as refusal:
             self._record(refusal, request, client, now)
             raise
+        if done.action == REPLACE:
+            # The old certificate is refused by serial at once, not at the next periodic refresh.
+            publish_revocations(self.store, self.config.revocation_list)
         return enrolment.EnrolAnswer(
             agent_id=done.agent_id,
             kind=request.kind,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import cast
 
@@ -178,6 +178,7 @@ class EnrolmentRecords(CheckpointRecords):
         check_name: Callable[[str], None],
         issue: Issue,
         issuer_sha256: str,
+        key_grace: timedelta | None = None,
     ) -> Enrolled:
         """Claim a token, register the agent, note its device and record its certificate, all or nothing.
 
@@ -249,7 +250,13 @@ class EnrolmentRecords(CheckpointRecords):
             if claimed != 1:
                 raise refuse(Reason.TOKEN_USED, "this enrolment token has been used already: ask for a new one")
             action = register_agent_in(
-                conn, self.signing_key, agent_id, public_key_pem, replace=bool(token.reenrol), when=now
+                conn,
+                self.signing_key,
+                agent_id,
+                public_key_pem,
+                replace=bool(token.reenrol),
+                when=now,
+                key_grace=key_grace,
             )
             conn.execute(delete(_DEVICES).where(_DEVICES.c.agent_id == agent_id))
             conn.execute(
