@@ -27,7 +27,7 @@ from sekisho.cli import app as sekisho_app
 from sekisho.controller.fleet.revocations import ROUTE
 from sekisho.deploy.broker import Broker
 from sekisho.deploy.pki import AgentCredentials, PkiPaths, issue_agent, load_cert
-from sekisho.protocol import signing, topics
+from sekisho.protocol import signing, timefmt, topics
 from sekisho.protocol.revocations import MAX_LIST_BYTES, RevocationList, parse_broker_text, serial_text
 
 pytestmark = pytest.mark.broker
@@ -422,3 +422,33 @@ def test_sync_writes_the_signed_list_and_refuses_a_forged_one(
     other_pub.write_bytes(signing.public_key_pem(other))
     handler.document = answer.content
     assert "sync failed" in run_cli(*sync, "--controller-key", str(other_pub), code=1)
+
+
+def test_sync_refuses_an_older_signed_list_replayed(
+    pki: Path, controller_site: tuple[Path, Path, Path], served: tuple[str, type[_OneDocument]], tmp_path: Path
+) -> None:
+    # A list the controller really signed, but before the revocation: replaying it must not lift the revocation.
+    from datetime import timedelta
+
+    from sekisho.protocol.revocations import RevocationList, sign_list
+
+    _, _, controller_pub = controller_site
+    key = signing.load_private_key(PkiPaths.at(pki).controller_signing_key)
+    now = timefmt.now()
+    before = RevocationList(frozenset(), {}, issued_at=now - timedelta(hours=1))
+    after = RevocationList(frozenset({REVOKED}), {}, issued_at=now)
+    url, handler = served
+    output = tmp_path / "remote-broker" / "revocations"
+    sync = ("fleet", "revocations", "sync", "--controller", url, "--output", str(output))
+    keyopt = ("--controller-key", str(controller_pub))
+
+    handler.document = json.dumps(sign_list(key, after)).encode()
+    assert "written: 1 agent(s)" in run_cli(*sync, *keyopt)
+    handler.document = json.dumps(sign_list(key, before)).encode()
+    assert "older than the one in" in run_cli(*sync, *keyopt, code=1)
+    assert parse_broker_text(output.read_text()).names == frozenset({REVOKED}), "the newer list was kept"
+    # A newer list (the revocation lifted on purpose, say) is written as usual.
+    lifted = RevocationList(frozenset(), {}, issued_at=now + timedelta(minutes=1))
+    handler.document = json.dumps(sign_list(key, lifted)).encode()
+    run_cli(*sync, *keyopt)
+    assert parse_broker_text(output.read_text()).names == frozenset()

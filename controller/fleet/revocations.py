@@ -17,13 +17,14 @@ import ssl
 import tempfile
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sekisho.controller.periodic import PeriodicJob
 from sekisho.controller.store.store import Store
-from sekisho.protocol import errors
+from sekisho.protocol import errors, timefmt
 from sekisho.protocol.revocations import MAX_LIST_BYTES, RevocationList, open_signed, parse_broker_text
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,31 @@ def sync_once(
     ca_file: Path | None = None,
     timeout: float = 10.0,
 ) -> bool:
-    """Fetch, check and write the list once; return whether the file changed."""
+    """Fetch, check and write the list once; return whether the file changed.
+
+    A signed list issued before the one the file was written from is refused (RevocationSyncError): whoever
+    sits between the broker and the controller could otherwise replay an old list and lift a revocation.
+    """
     revocations = fetch_signed(controller_url, controller_key, token=token, ca_file=ca_file, timeout=timeout)
+    held_at = file_issued_at(output)
+    if held_at is not None and (revocations.issued_at is None or revocations.issued_at < held_at):
+        raise RevocationSyncError(
+            f"the controller sent a list issued {revocations.issued_at}, older than the one in {output} "
+            f"({held_at}): refused, the broker keeps its list"
+        )
     return write_revocation_file(output, revocations)
+
+
+def file_issued_at(path: Path) -> datetime | None:
+    """Return the issue time a broker file records (its `# issued` line), or None."""
+    try:
+        lines = path.read_text().split("\n", 3)[:3]
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        if line.startswith("# issued "):
+            try:
+                return timefmt.parse(line.removeprefix("# issued ").strip())
+            except ValueError:
+                return None
+    return None
