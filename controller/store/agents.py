@@ -90,7 +90,7 @@ def register_agent_in(
     """Register or replace an agent's key inside the caller's transaction; return the key line's action.
 
     None when the same key is already active (nothing written). Enrolment uses this with its token in one
-    transaction (controller/fleet/enrolment.py); the caller has checked the arguments (check_registrable)
+    transaction (controller/fleet/enrol_service.py); the caller has checked the arguments (check_registrable)
     and made sure the checkpoint log has begun. key_grace: on a replacement of an active agent's key, how
     long events signed with the replaced key are still accepted (signed into the line as previous_until).
     """
