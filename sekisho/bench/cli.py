@@ -414,5 +414,32 @@ def bench_doors(
     run_doors_bench(taps, osdp_taps, console, relay_rounds=relay_rounds, flood_taps=flood_taps)
 
 
+@bench_app.command("fleet")
+def bench_fleet(
+    agents: Annotated[int, typer.Option(min=2, max=5000, help="simulated agents (real runtime)")] = 1000,
+    rounds: Annotated[int, typer.Option(min=1, max=10, help="revocation rounds, each with its raw baseline")] = 5,
+    enrol: Annotated[int, typer.Option(min=0, max=1000, help="devices enrolled over HTTPS at the end")] = 100,
+    processes: Annotated[int, typer.Option(min=1, max=32, help="worker processes the agents are spread over")] = 4,
+    events: Annotated[int, typer.Option(min=1, max=1000, help="events per agent before, and during, the outage")] = 5,
+    outage_s: Annotated[float, typer.Option(min=0.5, max=120, help="how long the broker stays down")] = 5.0,
+    timeout_s: Annotated[float, typer.Option(min=10, max=3600, help="bound on every wait")] = 300.0,
+    workdir: Annotated[Path | None, typer.Option(help="keep state here instead of a temp dir")] = None,
+) -> None:
+    """Revoke a person → applied by every agent; broker restart → all reconnected, nothing lost; enrol N."""
+    from sekisho.bench.fleet import FleetOptions, run_fleet_bench
+
+    options = FleetOptions(
+        agents=agents,
+        rounds=rounds,
+        enrol=enrol,
+        processes=processes,
+        events=events,
+        outage_s=outage_s,
+        timeout_s=timeout_s,
+        workdir=workdir,
+    )
+    raise typer.Exit(run_fleet_bench(options, console))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(bench_app())
