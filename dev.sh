@@ -21,12 +21,16 @@ cd "$(dirname "$0")"
 # container its install starts no udevd.
 # systemd: systemd-analyze, which checks the shipped units (deploy/systemd/) with systemd's own parser and scores
 # their hardening (verify, security --offline); it needs no systemd running as PID 1.
+# The web console (issue 12): fonts-noto-cjk is the Japanese font embedded in PDF exports, laid out by WeasyPrint
+# through pango (libpango-1.0-0, libpangoft2-1.0-0); chromium is the browser Playwright drives in the console tests
+# (Debian's build, so no browser download at test time).
 APT_PACKAGES=(
   mosquitto mosquitto-dev libmosquitto-dev postgresql python3-venv python3-dev gcc
   umockdev gir1.2-umockdev-1.0 python3-pyudev python3-gi
   pcscd pcsc-tools vsmartcard-vpcd libpcsclite-dev
   fprintd libfprint-2-2 libpam-fprintd dbus python3-dbusmock pamtester
   usbguard udev systemd
+  fonts-noto-cjk libpango-1.0-0 libpangoft2-1.0-0 chromium
 )
 
 ensure_apt() {
