@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import date, datetime, time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from sekisho.protocol.pin import PIN_HASH_PATTERN
 
@@ -34,6 +34,9 @@ class Person(_Model):
 
     id: Ident
     name: Name
+    kana: Name | None = Field(
+        default=None, description="the reading of the name (よみ), shown with it in registers; optional (issue 12)"
+    )
     department: Name | None = None
     roles: list[Literal["designated_handler", "area_manager", "chief_officer", "auditor", "staff", "visitor"]] = Field(
         default_factory=list
@@ -49,6 +52,15 @@ class Person(_Model):
         pattern=PIN_HASH_PATTERN,
         description="door PIN as pbkdf2_sha256$iterations$salt$hash (`sekisho doors hash-pin`); never the PIN",
     )
+
+    @model_serializer(mode="wrap")
+    def _without_unset_kana(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # kana came later: left out when unset, so stored versions, diffs and bundles read as before,
+        # and an agent of an older release (extra="forbid") never sees a key it does not know.
+        data: dict[str, Any] = handler(self)
+        if data.get("kana") is None:
+            data.pop("kana", None)
+        return data
 
 
 class Card(_Model):
@@ -367,7 +379,8 @@ class SitePolicy(_Model):
             schedules=[
                 s for s in self.schedules if s.id in {t.schedule for t in terminals} | {d.schedule for d in doors}
             ],
-            people=[p for p in self.people if p.id in people_ids],
+            # Readings stay home: agents decide by id, and an older agent would refuse the unknown key.
+            people=[p.model_copy(update={"kana": None}) for p in self.people if p.id in people_ids],
             cards=[c for c in self.cards if c.person in card_people],
             areas=[a for a in self.areas if a.id in area_ids],
             terminals=terminals,
