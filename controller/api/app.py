@@ -18,6 +18,7 @@ from sekisho.controller.api.media import media
 from sekisho.controller.api.metrics import metrics
 from sekisho.controller.api.revocations import revocations
 from sekisho.controller.api.schemas import DeadLetterPublic, EventPage, EventPublic, FindingPublic, Health
+from sekisho.controller.console import web as console
 from sekisho.controller.fleet.health import AgentHealth, Thresholds, fleet_health
 from sekisho.controller.fleet.metrics import controller_registry
 from sekisho.protocol import signing
@@ -151,4 +152,6 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(media)
     for router in door_routers:
         app.include_router(router)
+    # Last: its HTML error pages wrap the JSON handlers privacy.install set, for /console paths only.
+    console.install(app)
     return app

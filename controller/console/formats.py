@@ -119,6 +119,18 @@ def person(name: str | None, kana: str | None = None, ident: object | None = Non
     return Markup('<span class="person idhover" title="{}">{}</span>').format(f"ID: {ident}", shown)
 
 
+# Status is never colour alone: each state has its own symbol and the text says it (WCAG 1.4.1).
+_STATUS_SYMBOL: Final[dict[str, str]] = {"ok": "✓", "failed": "✗", "warning": "!", "unknown": "?"}
+
+
+def status(state: str, text: str) -> Markup:
+    """Return a status as symbol and text (class status-<state> only adds colour): ok, failed, warning, unknown."""
+    known = state if state in _STATUS_SYMBOL else "unknown"
+    return Markup(
+        '<span class="status status-{}"><span class="status-symbol" aria-hidden="true">{}</span> {}</span>'
+    ).format(known, _STATUS_SYMBOL[known], text)
+
+
 def _context_lang(context: Context) -> Lang:
     return as_lang(context.get("lang"))
 
@@ -140,12 +152,12 @@ def _person_filter(subject: object, kana: str | None = None, ident: object | Non
     return person(
         getattr(subject, "name", None) or getattr(subject, "display_name", None),
         getattr(subject, "kana", None) or getattr(subject, "name_kana", None),
-        getattr(subject, "id", None) if ident is None else ident,
+        ident if ident is not None else getattr(subject, "id", None) or getattr(subject, "user_id", None),
     )
 
 
 def install_filters(env: Environment) -> None:
-    """Register jst, jst_date, jst_time, iso_jst, person, person_text and idhover on a Jinja2 environment."""
+    """Register the jst, jst_date, jst_time, iso_jst, person, person_text, idhover filters and status()."""
     env.filters["jst"] = _jst_filter
     env.filters["jst_date"] = _jst_date_filter
     env.filters["jst_time"] = jst_time
@@ -153,3 +165,4 @@ def install_filters(env: Environment) -> None:
     env.filters["person"] = _person_filter
     env.filters["person_text"] = person_text
     env.filters["idhover"] = idhover
+    env.globals["status"] = status
