@@ -78,6 +78,10 @@ ensure_venv() {
     .venv/bin/python requirements/lock.py sync .venv dev
     echo "$stamp" > .venv/.sekisho-lock
   fi
+  # The console's htmx: from the npm registry tarball pinned with its sha512 in requirements/assets.json,
+  # checked, into a git-ignored folder; nothing happens when it is already there as pinned. Without it (no
+  # registry reachable) the console still works, only without live refresh: say so and go on.
+  "$py" requirements/assets.py fetch || echo "warning: htmx not fetched; console pages work without live refresh" >&2
 }
 
 cmd=${1:-help}

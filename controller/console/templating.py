@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 from functools import cache
+from pathlib import Path
 from typing import Any, Final
 
 from fastapi import Request
@@ -49,9 +50,15 @@ def language_of(request: Request, viewer: Viewer | None = None) -> Lang:
     return formats.as_lang(getattr(viewer, "language", None))
 
 
-def htmx_available() -> bool:
+def static_dir(request: Request) -> Path:
+    """Return the folder the app serves /console/static from (web.install chose it)."""
+    chosen = getattr(request.app.state, "console_static", None)
+    return chosen if isinstance(chosen, Path) else STATIC_DIR
+
+
+def htmx_available(request: Request) -> bool:
     """Tell whether set-up fetched htmx (pages work without it; it only adds live refresh)."""
-    return HTMX_FILE.is_file()
+    return (static_dir(request) / HTMX_FILE.relative_to(STATIC_DIR)).is_file()
 
 
 def render(
@@ -74,7 +81,7 @@ def render(
         "current_path": request.url.path,
         # Where the language switch returns to, query included (the login page's ?next= must survive it).
         "back_to": request.url.path + (f"?{request.url.query}" if request.url.query else ""),
-        "htmx": htmx_available(),
+        "htmx": htmx_available(request),
         "rendered_at": now or timefmt.now(),
         "verification": None,
         "csrf_token": None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path as FilePath
 from typing import Annotated, Final
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
@@ -117,9 +118,10 @@ for _item in nav.unbuilt():
     _placeholder_route(_item)
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, static_dir: FilePath = templating.STATIC_DIR) -> None:
     """Add the console to the app: its pages, static files, security headers and HTML error pages."""
-    app.mount("/console/static", StaticFiles(directory=templating.STATIC_DIR), name="console-static")
+    app.state.console_static = static_dir
+    app.mount("/console/static", StaticFiles(directory=static_dir), name="console-static")
     app.include_router(shell)
     app.add_middleware(ConsoleHeaders)
     install_error_pages(app)
