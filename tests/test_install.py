@@ -103,6 +103,8 @@ def test_the_wheel_puts_only_sekisho_at_the_top_and_leaves_the_harness_out(wheel
         assert f"sekisho/{part}/__init__.py" in names
     assert "sekisho/controller/store/migrations/env.py" in names
     assert "sekisho/controller/store/migrations/script.py.mako" in names
+    for console_file in ("templates/base.html", "locale/ja/LC_MESSAGES/messages.po", "static/console.css"):
+        assert f"sekisho/controller/console/{console_file}" in names
     for harness in ("sekisho/lab/", "sekisho/bench/", "sekisho/firmware_stubs/"):
         assert not [n for n in names if n.startswith(harness)], f"{harness} must not ship"
 
