@@ -22,9 +22,11 @@ from sekisho.controller.config import ControllerConfig, load_config
 from sekisho.controller.mqtt import connect_blocking, make_client
 from sekisho.controller.policy.loader import PolicyError, load_policy_file
 from sekisho.controller.policy.service import PolicyService, publish_once
+from sekisho.controller.store.audit import refuse_free_text
 from sekisho.protocol import messages, mynumber, signing, timefmt, topics
 
 if TYPE_CHECKING:
+    from sekisho.controller.store.audit import Operator
     from sekisho.controller.store.chain import ChainProblem
     from sekisho.controller.store.store import Store
 
@@ -111,6 +113,7 @@ def register_agent(
     ] = True,
 ) -> None:
     """Register an agent's event-signing public key so its events are accepted."""
+    from sekisho.controller.audit.operators import cli_operator
     from sekisho.controller.fleet.revocations import publish_revocations
 
     topics.check_agent_id(agent_id)
@@ -120,7 +123,7 @@ def register_agent(
     store = _signing_store(cfg)
     key_grace = timedelta(seconds=cfg.key_rotation_grace_s) if grace else None
     try:
-        store.register_agent(agent_id, pem.decode(), replace=replace, key_grace=key_grace)
+        store.register_agent(agent_id, pem.decode(), replace=replace, key_grace=key_grace, operator=cli_operator())
         # A replaced key's certificates (recorded at enrolment) are refused by the broker from now on.
         publish_revocations(store, cfg.revocation_list)
     finally:
@@ -131,13 +134,14 @@ def register_agent(
 @controller_app.command("revoke-agent")
 def revoke_agent(config: ConfigOpt, agent_id: str) -> None:
     """Revoke an agent: the broker drops and refuses it, ingest refuses its events, it gets no more policy."""
+    from sekisho.controller.audit.operators import cli_operator
     from sekisho.controller.fleet.revocations import publish_revocations
     from sekisho.controller.store.agents import AgentNotFound
 
     cfg = cli_config(config)
     store = _signing_store(cfg)
     try:
-        store.revoke_agent(agent_id)
+        store.revoke_agent(agent_id, operator=cli_operator())
         publish_revocations(store, cfg.revocation_list)
     except AgentNotFound:
         err_console.print(f"[red]登録されていないエージェントです / no agent named {agent_id!r} is registered[/red]")
@@ -175,8 +179,9 @@ def send_command(
     args: Annotated[str, typer.Option(help="arguments as a JSON object")] = "{}",
     lifetime_s: Annotated[int, typer.Option(min=1, max=600, help="seconds until the command expires")] = 60,
     save_to: Annotated[Path | None, typer.Option(help="also write the signed message here (audits, drills)")] = None,
+    reason: Annotated[str | None, typer.Option(help="why (kept in the admin audit trail with your login)")] = None,
 ) -> None:
-    """Sign a single-use, expiring command for one agent, record it, and publish it."""
+    """Sign a single-use, expiring command for one agent, record it (with an audit row naming you), and publish it."""
     cfg = cli_config(config)
     try:
         parsed = json.loads(args)
@@ -187,7 +192,7 @@ def send_command(
         err_console.print("[red]--args must be a JSON object[/red]")
         raise typer.Exit(2)
     try:
-        issue_command(cfg, agent_id, name, parsed, lifetime_s=lifetime_s, save_to=save_to)
+        issue_command(cfg, agent_id, name, parsed, lifetime_s=lifetime_s, save_to=save_to, reason=reason)
     except mynumber.MyNumberFound as err:
         err_console.print(f"[red]✗[/red] {err}")
         raise typer.Exit(2) from err
@@ -204,10 +209,19 @@ def issue_command(
     *,
     lifetime_s: int = 60,
     save_to: Path | None = None,
+    operator: Operator | None = None,
+    reason: str | None = None,
 ) -> str:
-    """Sign, record and publish one command; return its id (raises OSError/ConnectionError if unpublished)."""
+    """Sign, record and publish one command; return its id (raises OSError/ConnectionError if unpublished).
+
+    The command and its admin audit row (operator: default the CLI's OS user and host; reason: free text,
+    refused if it looks like a My Number) are stored in one transaction before it is published.
+    """
+    from sekisho.controller.audit.operators import cli_operator
     from sekisho.controller.service import open_store
 
+    if reason is not None:
+        refuse_free_text("command", reason=reason)
     key = signing.load_private_key(cfg.signing_key)
     command_id, raw = messages.build_command(
         key, agent=topics.check_agent_id(agent_id), name=name, args=args, lifetime=timedelta(seconds=lifetime_s)
@@ -221,6 +235,12 @@ def issue_command(
         issued_at=cmd.issued_at,
         expires_at=cmd.expires_at,
         nonce=cmd.command.nonce,
+        audit=(operator or cli_operator()).action(
+            "door.command" if name.startswith("door.") else "agent.command",
+            f"agent:{agent_id}",
+            new={"command_id": command_id, "name": name, "args": args, "expires_at": timefmt.fmt(cmd.expires_at)},
+            detail={"reason": reason} if reason else None,
+        ),
     )
     if save_to is not None:
         save_to.write_bytes(raw)
@@ -257,6 +277,7 @@ def policy_apply(
     comment: str = "",
 ) -> None:
     """Validate a site policy, show what changes, store it as a new version and publish signed bundles."""
+    from sekisho.controller.audit.operators import cli_operator
     from sekisho.controller.service import open_store
 
     cfg = cli_config(config)
@@ -286,7 +307,9 @@ def policy_apply(
         console.print("[bold]dry run:[/bold] nothing stored or published")
         return
     try:
-        version = service.apply(policy, source_sha256=sha, created_by=getpass.getuser(), comment=comment)
+        version = service.apply(
+            policy, source_sha256=sha, created_by=getpass.getuser(), comment=comment, operator=cli_operator()
+        )
     except PolicyError as err:
         for problem in err.problems:
             err_console.print(f"[red]✗[/red] {problem}")
@@ -351,7 +374,7 @@ def records_verify(
     genesis = timefmt.fmt(report.genesis_at) if report.genesis_at else "none"
     counts = (
         f"{report.streams} stream(s), {report.records} record(s), {report.dead_letters} dead letter(s), "
-        f"{report.checkpoints} signed checkpoint(s)"
+        f"{report.admin_records} admin record(s), {report.checkpoints} signed checkpoint(s)"
     )
     if not report.problems:
         console.print(f"[green]OK[/green]: {counts}; chains intact", soft_wrap=True, highlight=False)
@@ -382,4 +405,10 @@ def _problem_line(p: ChainProblem) -> str:
         return f"dead_letters chain_index={p.chain_index} agent={p.agent_id or '-'} row_id={p.row_id}: {p.problem}"
     if p.table == "checkpoints":
         return f"checkpoints #{p.row_id}: {p.problem}"
+    if p.table == "admin_audit":
+        # agent_id holds the row's actor and event_id its action (as stored: they may be the edited part).
+        return (
+            f"admin_audit chain_index={p.chain_index} row_id={p.row_id} action={p.event_id or '-'} "
+            f"actor={p.agent_id or '-'}: {p.problem}"
+        )
     return f"{p.table} {p.agent_id or '-'} row_id={p.row_id}: {p.problem}"

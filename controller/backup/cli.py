@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -28,6 +28,23 @@ def _config(path: Path) -> ControllerConfig:
     except (ValueError, OSError) as err:
         err_console.print(f"[red]設定を読めません / invalid controller config {path}:[/red] {err}")
         raise typer.Exit(2) from err
+
+
+def _audit(cfg: ControllerConfig, key: Ed25519PrivateKey, action: str, target: str, detail: dict[str, Any]) -> None:
+    """Record a backup or restore in the admin audit trail (after it: a restore replaces the trail too)."""
+    from sekisho.controller.audit.operators import cli_operator
+    from sekisho.controller.store import Store, make_engine
+
+    operator = cli_operator()
+    engine = make_engine(cfg.resolved_database_url())
+    try:
+        Store(engine, signing_key=key).record_admin(
+            operator.actor, operator.via, operator.client, action, target, detail=detail
+        )
+    except (SQLAlchemyError, ValueError) as err:
+        err_console.print(f"[yellow]監査記録に書けません / not written to the admin audit trail: {err}[/yellow]")
+    finally:
+        engine.dispose()
 
 
 def _signing_key(cfg: ControllerConfig) -> Ed25519PrivateKey:
@@ -55,6 +72,13 @@ def backup(
         raise typer.Exit(1) from err
     rows = sum(manifest.tables.values())
     head = manifest.fields.get("checkpoint_head")
+    _audit(
+        cfg,
+        key,
+        "backup.create",
+        f"backup:{output.name}",
+        {"taken": manifest.created_at, "rows": rows, "policy_version": manifest.policy_version},
+    )
     console.print(f"バックアップしました / backed up to {output}")
     console.print(
         f"  {manifest.backend}, schema {manifest.schema_revision}, {len(manifest.tables)} tables, {rows} rows, "
@@ -139,5 +163,17 @@ def restore(
             f"ポリシー版 {report.restored_version} を版 {report.issued_version} として再発行 / policy version "
             f"{report.restored_version} re-issued as version {report.issued_version} (agents refuse older ones)"
         )
+    _audit(
+        cfg,
+        key,
+        "backup.restore",
+        f"backup:{input_file.name}",
+        {
+            "taken": plan.manifest.created_at,
+            "rows": rows,
+            "restored_policy_version": report.restored_version,
+            "issued_policy_version": report.issued_version,
+        },
+    )
     kinds = "restored_from_backup" + (", restore_lost_events" if plan.lost else "")
     console.print(f"記録しました / recorded as findings: {kinds}")

@@ -21,8 +21,9 @@ from sekisho.controller.doors.projector import DoorProjector
 from sekisho.controller.doors.registers import DoorKind, DoorRegisters, loan_state
 from sekisho.controller.media.cli import jst, parse_when
 from sekisho.controller.media.service import JST
+from sekisho.controller.store.audit import refuse_free_text
 from sekisho.controller.store.store import Store
-from sekisho.protocol import door_commands, pin, timefmt
+from sekisho.protocol import door_commands, mynumber, pin, timefmt
 from sekisho.protocol.policy import SitePolicy
 
 console = Console()
@@ -34,6 +35,7 @@ app = typer.Typer(
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
 LifetimeOpt = Annotated[int, typer.Option(min=1, max=600, help="seconds until the command expires")]
+ReasonOpt = Annotated[str | None, typer.Option(help="why (kept in the admin audit trail with your login)")]
 DoorsOpt = Annotated[list[str] | None, typer.Option("--door", help="door id (repeatable)")]
 AreaOpt = Annotated[str | None, typer.Option("--area", help="every door of this area")]
 AllOpt = Annotated[bool, typer.Option("--all", help="every door of the site")]
@@ -300,13 +302,22 @@ def check_overdue(config: ConfigOpt) -> None:
 # --- remote commands: signed, expiring, single-use, through `sekisho controller send-command` ----------------
 
 
-def _send(config: Path, built: list[DoorCommand], lifetime_s: int) -> None:
-    """Sign, record and publish each command as send-command does; go on past an agent that fails."""
+def _check_reason(reason: str | None) -> None:
+    """Refuse a reason that looks like a My Number before anything is built or sent."""
+    try:
+        refuse_free_text("door command", reason=reason)
+    except mynumber.MyNumberFound as err:
+        err_console.print(f"[red]✗[/red] {err}")
+        raise typer.Exit(2) from err
+
+
+def _send(config: Path, built: list[DoorCommand], lifetime_s: int, reason: str | None = None) -> None:
+    """Sign, record (with an audit row naming you) and publish each command; go on past an agent that fails."""
     cfg = cli_config(config)
     failed = []
     for command in built:
         try:
-            issue_command(cfg, command.agent, command.name, command.args, lifetime_s=lifetime_s)
+            issue_command(cfg, command.agent, command.name, command.args, lifetime_s=lifetime_s, reason=reason)
         except (ConnectionError, OSError, RuntimeError) as err:
             err_console.print(f"[red]✗[/red] {command.agent}: {err}")
             failed.append(command.agent)
@@ -331,44 +342,64 @@ def unlock(
     seconds: Annotated[int, typer.Option(min=1, max=door_commands.MAX_UNLOCK_S, help="unlock for this long")] = 5,
     requested_by: Annotated[str | None, typer.Option(help="who asked for it (default: you)")] = None,
     lifetime_s: LifetimeOpt = 60,
+    reason: ReasonOpt = None,
 ) -> None:
     """Unlock one door once, remotely (door.unlock to the agent that drives it)."""
+    _check_reason(reason)
     who = requested_by or getpass.getuser()
     built = _targets(config, lambda policy: [commands.unlock(policy, door, seconds, who)])
-    _send(config, built, lifetime_s)
+    _send(config, built, lifetime_s, reason)
 
 
 @app.command("emergency-unlock")
 def emergency_unlock(
-    config: ConfigOpt, door: DoorsOpt = None, area: AreaOpt = None, all_: AllOpt = False, lifetime_s: LifetimeOpt = 60
+    config: ConfigOpt,
+    door: DoorsOpt = None,
+    area: AreaOpt = None,
+    all_: AllOpt = False,
+    lifetime_s: LifetimeOpt = 60,
+    reason: ReasonOpt = None,
 ) -> None:
     """Hold room doors unlocked for evacuation until `normal` (lockers and key cabinets stay locked)."""
+    _check_reason(reason)
     built = _targets(
         config, lambda p: commands.set_mode(p, door_commands.EMERGENCY_UNLOCK, doors=door, area=area, all_doors=all_)
     )
-    _send(config, built, lifetime_s)
+    _send(config, built, lifetime_s, reason)
 
 
 @app.command("lockdown")
 def lockdown(
-    config: ConfigOpt, door: DoorsOpt = None, area: AreaOpt = None, all_: AllOpt = False, lifetime_s: LifetimeOpt = 60
+    config: ConfigOpt,
+    door: DoorsOpt = None,
+    area: AreaOpt = None,
+    all_: AllOpt = False,
+    lifetime_s: LifetimeOpt = 60,
+    reason: ReasonOpt = None,
 ) -> None:
     """Lock doors and refuse every card until `normal`."""
+    _check_reason(reason)
     built = _targets(
         config, lambda p: commands.set_mode(p, door_commands.LOCKDOWN, doors=door, area=area, all_doors=all_)
     )
-    _send(config, built, lifetime_s)
+    _send(config, built, lifetime_s, reason)
 
 
 @app.command("normal")
 def normal(
-    config: ConfigOpt, door: DoorsOpt = None, area: AreaOpt = None, all_: AllOpt = False, lifetime_s: LifetimeOpt = 60
+    config: ConfigOpt,
+    door: DoorsOpt = None,
+    area: AreaOpt = None,
+    all_: AllOpt = False,
+    lifetime_s: LifetimeOpt = 60,
+    reason: ReasonOpt = None,
 ) -> None:
     """Return doors to normal operation after an emergency unlock or a lock-down."""
+    _check_reason(reason)
     built = _targets(
         config, lambda p: commands.set_mode(p, door_commands.NORMAL, doors=door, area=area, all_doors=all_)
     )
-    _send(config, built, lifetime_s)
+    _send(config, built, lifetime_s, reason)
 
 
 @app.command("forgive-passback")
@@ -377,7 +408,9 @@ def forgive_passback(
     config: ConfigOpt,
     person: Annotated[str | None, typer.Option(help="only this person (default: everyone)")] = None,
     lifetime_s: LifetimeOpt = 60,
+    reason: ReasonOpt = None,
 ) -> None:
     """Clear anti-passback state in an area (someone left without badging out)."""
+    _check_reason(reason)
     built = _targets(config, lambda policy: commands.forgive_passback(policy, area, person))
-    _send(config, built, lifetime_s)
+    _send(config, built, lifetime_s, reason)

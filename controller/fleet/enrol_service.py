@@ -32,6 +32,7 @@ from sekisho.controller.config import ControllerConfig
 from sekisho.controller.fleet.issuing import IssuingCa, IssuingError, load_csr
 from sekisho.controller.fleet.revocations import publish_revocations
 from sekisho.controller.store.agents import REPLACE
+from sekisho.controller.store.audit import Operator
 from sekisho.controller.store.enrolment import EnrolRefused, Reason
 from sekisho.controller.store.models import EnrolToken
 from sekisho.controller.store.store import Store
@@ -115,8 +116,12 @@ class EnrolmentService:
         reenrol: bool = False,
         created_by: str,
         controller_url: str | None = None,
+        operator: Operator | None = None,
     ) -> NewToken:
-        """Make a token; ValueError for a bad kind, lifetime, use count or name (a taken name needs reenrol)."""
+        """Make a token; ValueError for a bad kind, lifetime, use count or name (a taken name needs reenrol).
+
+        operator: who made it; an admin audit row (fleet.token.create, never the secret) is stored with it.
+        """
         if kind not in enrolment.KINDS:
             raise ValueError(f"kind must be one of {', '.join(enrolment.KINDS)}")
         if not timedelta(minutes=1) <= expires_in <= MAX_TOKEN_LIFETIME:
@@ -151,7 +156,21 @@ class EnrolmentService:
             created_by=created_by[:128],
             expires_at=now + expires_in,
         )
-        self.store.add_token(row)
+        audit = None
+        if operator is not None:
+            audit = operator.action(
+                "fleet.token.create",
+                f"token:{row.id}",
+                new={
+                    "kind": kind,
+                    "name": name,
+                    "reenrol": reenrol,
+                    "uses": uses,
+                    "expires_at": row.expires_at,
+                    "controller_url": url,
+                },
+            )
+        self.store.add_token(row, audit=audit)
         return NewToken(row=row, token=token.encode(), ca_fingerprint=token.ca_fingerprint)
 
     # --- enrolment ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sekisho.controller.audit.operators import cli_operator
 from sekisho.protocol import timefmt
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ def create(
             reenrol=reenrol is not None,
             created_by=getpass.getuser(),
             controller_url=url,
+            operator=cli_operator(),
         )
     except (ValueError, EnrolmentUnavailable) as err:
         err_console.print(f"[red]作成できません / cannot create the token:[/red] {escape(str(err))}")
@@ -127,7 +129,7 @@ def revoke(
     """トークンを失効 / Revoke an enrolment token so no device can use it."""
     service = _service(config)
     try:
-        done = service.store.revoke_token(token_id, service.clock())
+        done = service.store.revoke_token(token_id, service.clock(), operator=cli_operator())
     finally:
         service.store.engine.dispose()
     if not done:

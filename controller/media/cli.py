@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sekisho.controller.audit.operators import cli_operator
 from sekisho.controller.cli import cli_config, publish_now
 from sekisho.controller.config import ControllerConfig
 from sekisho.controller.media.service import JST, MediaError, MediaService, loan_state
@@ -99,6 +100,7 @@ def lend(
             not read_write,
             approved_by,
             getpass.getuser(),
+            operator=cli_operator(),
         )
     except MediaError as err:
         raise _refused(err) from err
@@ -118,7 +120,7 @@ def return_(
     cfg = cli_config(config)
     media = _service(cfg)
     try:
-        version = media.return_medium(loan, received_by=received_by or getpass.getuser())
+        version = media.return_medium(loan, received_by=received_by or getpass.getuser(), operator=cli_operator())
     except MediaError as err:
         raise _refused(err) from err
     console.print(f"返却 {loan} を記録 / recorded the return of {loan}")
@@ -135,7 +137,7 @@ def revoke(
     cfg = cli_config(config)
     media = _service(cfg)
     try:
-        version = media.revoke(loan, reason, revoked_by=getpass.getuser())
+        version = media.revoke(loan, reason, revoked_by=getpass.getuser(), operator=cli_operator())
     except MediaError as err:
         raise _refused(err) from err
     console.print(f"貸出 {loan} を取消 / revoked loan {loan}")

@@ -6,6 +6,7 @@ register writes the version, the loan row and its log line in one store transact
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from datetime import datetime
@@ -13,6 +14,7 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Table, insert, or_, select, update
 
+from sekisho.controller.store.audit import AdminAction
 from sekisho.controller.store.models import Event, Finding, LoanLogEntry, LoanRecord, PolicyVersion
 from sekisho.controller.store.policy import PolicyVersionConflict, insert_policy_version
 from sekisho.controller.store.records import aware_utc
@@ -46,11 +48,13 @@ class MediaRegister:
         new_loan: dict[str, Any] | None = None,
         end_loan: dict[str, Any] | None = None,
         at: datetime | None = None,
+        audit: AdminAction | None = None,
     ) -> PolicyVersion:
         """Store a policy version with its loan register change and log line, all in one transaction.
 
         ``new_loan`` is a whole media_loans row (lend); ``end_loan`` the returned/revoked columns of the
-        loan named in ``log`` (return, revoke: its open overdue finding is resolved too).
+        loan named in ``log`` (return, revoke: its open overdue finding is resolved too). ``audit`` is the
+        admin audit row of the change, written in the same transaction (its detail gains the new version).
         """
         when = aware_utc(at or timefmt.now(), "at")
         # Backstop of MediaService's input check: nothing of a loan that looks like a My Number is stored.
@@ -82,6 +86,9 @@ class MediaRegister:
                         .values(resolved_at=when, resolution=f"{log['action']} by {log['actor']}")
                     )
             conn.execute(insert(_LOAN_LOG).values(**log, at=when, version=row.version))
+            if audit is not None:
+                detail = {**(audit.detail or {}), "policy_version": row.version}
+                self.store.append_admin_in(conn, dataclasses.replace(audit, detail=detail), when)
             return row
 
         return self.store.write(work)

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from sekisho.controller.media.register import MediaRegister
 from sekisho.controller.policy.service import PolicyService, carry_loans
+from sekisho.controller.store.audit import SYSTEM, Operator
 from sekisho.controller.store.models import LoanRecord
 from sekisho.controller.store.policy import PolicyVersionConflict
 from sekisho.controller.store.store import Store
@@ -176,8 +177,12 @@ class MediaService:
         read_only: bool,
         approved_by: str,
         created_by: str,
+        operator: Operator = SYSTEM,
     ) -> tuple[str, int]:
-        """Lend a registered medium for named terminals and a window; return the loan id and new version."""
+        """Lend a registered medium for named terminals and a window; return the loan id and new version.
+
+        operator: who does it (CLI user, API caller), for the admin audit row written with the loan.
+        """
         # First, before any refusal below repeats an input: the API and the CLI both come through here.
         refuse_my_numbers(
             medium=medium,
@@ -231,6 +236,21 @@ class MediaService:
                         },
                     ),
                     at=now,
+                    audit=operator.action(
+                        "media.loan.create",
+                        f"loan:{loan_id}",
+                        new={
+                            "medium": medium,
+                            "person": person,
+                            "terminals": loan.terminals,
+                            "starts_at": timefmt.fmt(start),
+                            "ends_at": timefmt.fmt(end),
+                            "purpose": purpose,
+                            "read_only": read_only,
+                            "approved_by": approved_by,
+                            "recorded_by": created_by,
+                        },
+                    ),
                 )
             except PolicyVersionConflict:
                 if attempt == _ATTEMPTS:
@@ -240,20 +260,26 @@ class MediaService:
             return loan_id, stored.version
         raise AssertionError("unreachable")
 
-    def return_medium(self, loan_id: str, returned_at: datetime | None = None, received_by: str = "") -> int:
+    def return_medium(
+        self,
+        loan_id: str,
+        returned_at: datetime | None = None,
+        received_by: str = "",
+        operator: Operator = SYSTEM,
+    ) -> int:
         """Record that a lent medium came back; the loan ends in a new policy version, which is returned."""
         refuse_my_numbers(loan=loan_id, received_by=received_by)
         when = _aware(returned_at, "returned_at") if returned_at else None
         if when is not None and when > timefmt.now() + timedelta(minutes=5):
             raise MediaRefused("返却時刻が未来です / returned_at lies in the future")
-        return self._end(loan_id, "return", received_by or "unknown", when, reason=None)
+        return self._end(loan_id, "return", received_by or "unknown", when, reason=None, operator=operator)
 
-    def revoke(self, loan_id: str, reason: str, revoked_by: str = "") -> int:
+    def revoke(self, loan_id: str, reason: str, revoked_by: str = "", operator: Operator = SYSTEM) -> int:
         """End a loan early (e.g. the borrower left); terminals stop allowing the medium at once."""
         refuse_my_numbers(loan=loan_id, reason=reason, revoked_by=revoked_by)
         if not reason.strip():
             raise MediaRefused("取消理由が必要です / a reason is required to revoke a loan")
-        return self._end(loan_id, "revoke", revoked_by or "unknown", None, reason=reason.strip())
+        return self._end(loan_id, "revoke", revoked_by or "unknown", None, reason=reason.strip(), operator=operator)
 
     def check_overdue(self, now: datetime | None = None) -> list[int]:
         """Raise one media_loan_overdue finding per overdue loan (idempotent); return the new finding ids."""
@@ -281,7 +307,15 @@ class MediaService:
 
     # --- helpers -----------------------------------------------------------------------------------
 
-    def _end(self, loan_id: str, action: str, actor: str, returned_at: datetime | None, reason: str | None) -> int:
+    def _end(
+        self,
+        loan_id: str,
+        action: str,
+        actor: str,
+        returned_at: datetime | None,
+        reason: str | None,
+        operator: Operator = SYSTEM,
+    ) -> int:
         for attempt in range(1, _ATTEMPTS + 1):
             now = timefmt.now()
             record = self.loan(loan_id)
@@ -317,6 +351,12 @@ class MediaService:
                         "detail": detail,
                     },
                     at=now,
+                    audit=operator.action(
+                        f"media.loan.{action}",
+                        f"loan:{loan_id}",
+                        old={"state": loan_state(record, now), "returned_at": None, "revoked_at": None},
+                        new={key: timefmt.fmt(v) if isinstance(v, datetime) else v for key, v in values.items()},
+                    ),
                 )
             except PolicyVersionConflict:
                 if attempt == _ATTEMPTS:

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sekisho.controller.mqtt import connect_blocking, make_client
 from sekisho.controller.policy.floor import bundle_versions, record_published
 from sekisho.controller.policy.loader import PolicyError
+from sekisho.controller.store.audit import Operator
 from sekisho.controller.store.policy import PolicyVersionConflict
 from sekisho.protocol import messages, mynumber, timefmt, topics
 from sekisho.protocol.policy import MediaLoan, SitePolicy
@@ -190,11 +191,21 @@ class PolicyService:
         merged = with_loans_of(policy, current, timefmt.now())
         return diff_policy(row.document if row else None, merged, row.version if row else None)
 
-    def apply(self, policy: SitePolicy, *, source_sha256: str, created_by: str, comment: str = "") -> int | None:
+    def apply(
+        self,
+        policy: SitePolicy,
+        *,
+        source_sha256: str,
+        created_by: str,
+        comment: str = "",
+        operator: Operator | None = None,
+    ) -> int | None:
         """Store the policy, keeping the current loans, as a new version unless unchanged; return it or None.
 
         Raises PolicyError if the policy would orphan an outstanding loan, or if the comment or author looks
         like a My Number (the YAML itself is checked by the loader; the store refuses any that slipped by).
+        operator: who applies it; an admin audit row (policy.apply: old and new version, what changed per
+        section) is stored with the version.
         """
         texts = {"comment": comment, "created_by": created_by}
         found = [name for name, text in texts.items() if mynumber.contains_my_number(text)]
@@ -205,8 +216,18 @@ class PolicyService:
             row = self.store.current_policy_version()
             current = SitePolicy.model_validate(row.document) if row else None
             merged = with_loans_of(policy, current, timefmt.now())
-            if diff_policy(row.document if row else None, merged, row.version if row else None).empty:
+            diff = diff_policy(row.document if row else None, merged, row.version if row else None)
+            if diff.empty:
                 return None
+            audit = None
+            if operator is not None:
+                audit = operator.action(
+                    "policy.apply",
+                    "policy",
+                    old=None if row is None else {"version": row.version, "source_sha256": row.source_sha256},
+                    new={"source_sha256": source_sha256, "comment": comment},
+                    detail={"changes": diff.changes},
+                )
             try:
                 stored = self.store.add_policy_version(
                     merged.model_dump(mode="json"),
@@ -214,6 +235,7 @@ class PolicyService:
                     created_by=created_by,
                     comment=comment,
                     base_version=row.version if row else 0,
+                    audit=audit,
                 )
             except PolicyVersionConflict:
                 # A loan (or another apply) landed meanwhile: merge again with what is now current.
@@ -223,7 +245,9 @@ class PolicyService:
             return stored.version
         raise AssertionError("unreachable")
 
-    def reissue_above(self, above: int, *, created_by: str, comment: str) -> int | None:
+    def reissue_above(
+        self, above: int, *, created_by: str, comment: str, operator: Operator | None = None
+    ) -> int | None:
         """Store the policy in force again as a version above ``above`` (unless it already is); return it.
 
         After a restore the newest stored version may be one the agents already passed: they refuse it as a
@@ -243,6 +267,15 @@ class PolicyService:
                     comment=comment,
                     base_version=row.version,
                     above=above,
+                    audit=None
+                    if operator is None
+                    else operator.action(
+                        "policy.reissue",
+                        "policy",
+                        old={"version": row.version},
+                        new={"source_sha256": row.source_sha256},
+                        detail={"above": above, "comment": comment},
+                    ),
                 )
             except PolicyVersionConflict:
                 # Another worker stored a version meanwhile (maybe this very re-issue): look again.

@@ -7,6 +7,7 @@ against the key that was registered when it was received, and a key swapped in `
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -14,6 +15,7 @@ from typing import Any, cast
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, Table, column, insert, inspect, or_, select, table, update
 
+from sekisho.controller.store.audit import Operator, append_admin
 from sekisho.controller.store.checkpoints import CheckpointRecords, add_key_line, row_key_line
 from sekisho.controller.store.models import Agent, AgentKey, UTCDateTime
 from sekisho.controller.store.records import aware_utc, int_or_none
@@ -55,6 +57,11 @@ class VouchedKeys:
     previous_until: datetime | None = None
     rotated_at: datetime | None = None
     revoked_key: str | None = None
+
+
+def _key_digest(public_key_pem: str) -> str:
+    """Name a public key in an audit row by its SHA-256 (the PEM itself is in the key history)."""
+    return hashlib.sha256(public_key_pem.encode()).hexdigest()
 
 
 class AgentExists(Exception):
@@ -140,23 +147,43 @@ class AgentRecords(CheckpointRecords):
         replace: bool = False,
         registered_at: datetime | None = None,
         key_grace: timedelta | None = None,
-    ) -> None:
-        """Enrol an agent with its Ed25519 public key (idempotent for the same key).
+        operator: Operator | None = None,
+    ) -> str | None:
+        """Enrol an agent with its Ed25519 public key (idempotent for the same key); return the key line's action.
 
         key_grace: on a replacement, how long events signed with the replaced key are still accepted.
+        operator: who did it; an admin audit row (agent.register / agent.replace) is written in the same
+        transaction as the key line (none when nothing changed).
         """
         check_registrable(agent_id, public_key_pem)
         when = aware_utc(registered_at or timefmt.now(), "registered_at")
         self._ensure_sealed()
-        self.write(
-            lambda conn: register_agent_in(
-                conn, self.signing_key, agent_id, public_key_pem, replace=replace, when=when, key_grace=key_grace
-            ),
-            retry_unique=True,
-        )
 
-    def revoke_agent(self, agent_id: str) -> None:
-        """Mark an agent revoked: its key is no longer offered for verifying new events."""
+        def work(conn: Connection) -> str | None:
+            old = conn.execute(
+                select(_AGENTS.c.public_key_pem, _AGENTS.c.status).where(_AGENTS.c.id == agent_id)
+            ).first()
+            action = register_agent_in(
+                conn, self.signing_key, agent_id, public_key_pem, replace=replace, when=when, key_grace=key_grace
+            )
+            if action is not None and operator is not None:
+                entry = operator.action(
+                    f"agent.{action}",
+                    f"agent:{agent_id}",
+                    old=None if old is None else {"status": old.status, "key": _key_digest(old.public_key_pem)},
+                    new={"status": ACTIVE, "key": _key_digest(public_key_pem)},
+                    detail={"key_grace_s": int(key_grace.total_seconds())} if key_grace and old is not None else None,
+                )
+                append_admin(conn, self.signing_key, entry, when)
+            return action
+
+        return self.write(work, retry_unique=True)
+
+    def revoke_agent(self, agent_id: str, *, operator: Operator | None = None) -> None:
+        """Mark an agent revoked: its key is no longer offered for verifying new events.
+
+        operator: who did it; an admin audit row (agent.revoke) is written with the key line.
+        """
         self._ensure_sealed()
 
         def work(conn: Connection) -> None:
@@ -167,6 +194,7 @@ class AgentRecords(CheckpointRecords):
                 raise AgentNotFound(agent_id)
             if row.status == REVOKED:
                 return
+            now = timefmt.now()
             conn.execute(update(_AGENTS).where(_AGENTS.c.id == agent_id).values(status=REVOKED))
             add_key_line(
                 conn,
@@ -174,8 +202,13 @@ class AgentRecords(CheckpointRecords):
                 agent_id=agent_id,
                 action=REVOKE,
                 public_key_pem=row.public_key_pem,
-                valid_from=timefmt.now(),
+                valid_from=now,
             )
+            if operator is not None:
+                entry = operator.action(
+                    "agent.revoke", f"agent:{agent_id}", old={"status": row.status}, new={"status": REVOKED}
+                )
+                append_admin(conn, self.signing_key, entry, now)
 
         self.write(work, retry_unique=True)
 

@@ -128,7 +128,8 @@ class ChainProblem:
     """The first broken record of one chain (or a broken row of another checked table), and what is wrong.
 
     table is the table the problem was found in: "events" (agent_id names the stream), "dead_letters",
-    "checkpoints", "agent_keys" or "agents".
+    "checkpoints", "agent_keys", "agents" or "admin_audit" (agent_id then holds the row's actor, event_id its
+    action).
     """
 
     agent_id: str | None

@@ -2,8 +2,9 @@
 
 Every write that changes what verify checks appends one entry in its own transaction: an ingest batch
 (the heads of the streams it advanced and of the dead-letter chain), a line of an agent's key history,
-and, once, a genesis entry with the whole state as it was when the log began (a database upgraded
-from before the log existed is sealed as it stands then). Entries form one hash chain (entry n holds
+an admin audit row (the admin trail's new head, audit.py), and, once, a genesis entry with the whole
+state as it was when the log began (a database upgraded from before the log existed is sealed as it
+stands then). Entries form one hash chain (entry n holds
 the hash of entry n - 1) and each is signed with the controller's Ed25519 signing key, which the
 database does not hold.
 
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, Table, func, insert, select, text, update
 
 from sekisho.controller.store.chain import ChainProblem, SignedHead
-from sekisho.controller.store.models import ZERO_HASH, AgentKey, Checkpoint, DeadLetter, Stream
+from sekisho.controller.store.models import ZERO_HASH, AdminAuditEntry, AgentKey, Checkpoint, DeadLetter, Stream
 from sekisho.controller.store.records import Records
 from sekisho.protocol import errors, signing, timefmt
 from sekisho.protocol.canonical import canonical_bytes
@@ -34,6 +35,7 @@ from sekisho.protocol.canonical import canonical_bytes
 GENESIS = "genesis"
 INGEST = "ingest"
 AGENT_KEY = "agent_key"
+ADMIN = "admin"  # an admin audit row appended (audit.py): the body names the trail's new head
 FORMAT = 1
 
 # Any constant works, as long as every controller worker uses the same one (db.py has the migration's).
@@ -46,6 +48,7 @@ _CHECKPOINTS = cast(Table, Checkpoint.__table__)
 _AGENT_KEYS = cast(Table, AgentKey.__table__)
 _STREAMS = cast(Table, Stream.__table__)
 _DEAD_LETTERS = cast(Table, DeadLetter.__table__)
+_ADMIN_AUDIT = cast(Table, AdminAuditEntry.__table__)
 
 
 def lock_log(conn: Connection) -> None:
@@ -219,10 +222,14 @@ def seal_existing(conn: Connection, signer: Ed25519PrivateKey | None) -> int | N
                 "digest": key_line_digest(body),
             }
         )
+    admin = conn.execute(
+        select(_ADMIN_AUDIT.c.chain_index, _ADMIN_AUDIT.c.hash).order_by(_ADMIN_AUDIT.c.chain_index.desc()).limit(1)
+    ).first()
     fields = {
         "streams": streams,
         "dead_letters": head_fields(int(letters.chain_index), letters.hash) if letters else head_fields(0, ZERO_HASH),
         "keys": lines,
+        ADMIN: head_fields(int(admin.chain_index), admin.hash) if admin else head_fields(0, ZERO_HASH),
     }
     return append(conn, signer, GENESIS, fields, now)
 
@@ -256,6 +263,7 @@ class LogState:
     legacy: dict[str, int] = field(default_factory=dict)
     streams: dict[str, SignedHead] = field(default_factory=dict)
     letters: SignedHead | None = None
+    admin: SignedHead | None = None
     # key line id -> (log entry that recorded it, agent, version, digest)
     key_lines: dict[int, tuple[int, str, int, str]] = field(default_factory=dict)
 
@@ -281,6 +289,8 @@ def _fold(state: LogState, number: int, body: dict[str, Any]) -> None:
         state.streams[str(agent)] = _signed_head(number, fields)
     if "dead_letters" in body:
         state.letters = _signed_head(number, body["dead_letters"])
+    if ADMIN in body:
+        state.admin = _signed_head(number, body[ADMIN])
     lines = body.get("keys", []) + ([body["key"]] if "key" in body else [])
     for line in lines:
         state.key_lines[int(line["line"])] = (number, str(line["agent"]), int(line["version"]), str(line["digest"]))

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from sqlalchemy import Connection, Table, delete, desc, insert, select, update
 
 from sekisho.controller.store.agents import ACTIVE, check_registrable, register_agent_in
+from sekisho.controller.store.audit import AdminAction, Operator, append_admin
 from sekisho.controller.store.checkpoints import CheckpointRecords
 from sekisho.controller.store.models import Agent, AgentCertificate, EnrolRefusal, EnrolToken, FleetDevice
 from sekisho.controller.store.records import aware_utc
@@ -103,8 +104,10 @@ class EnrolmentRecords(CheckpointRecords):
 
     # --- tokens -------------------------------------------------------------------------------------
 
-    def add_token(self, token: EnrolToken) -> None:
-        """Store a new token (only the hash of its secret is in it)."""
+    def add_token(self, token: EnrolToken, *, audit: AdminAction | None = None) -> None:
+        """Store a new token (only the hash of its secret is in it); audit: its admin audit row, same transaction."""
+        if audit is not None:
+            self._ensure_sealed()
 
         def work(conn: Connection) -> None:
             conn.execute(
@@ -112,6 +115,8 @@ class EnrolmentRecords(CheckpointRecords):
                     {c.name: getattr(token, c.name) for c in _TOKENS.columns if getattr(token, c.name) is not None}
                 )
             )
+            if audit is not None:
+                append_admin(conn, self.signing_key, audit, token.created_at)
 
         self.write(work)
 
@@ -119,14 +124,27 @@ class EnrolmentRecords(CheckpointRecords):
         """Return every token, newest first."""
         return self.read(select(EnrolToken).order_by(desc(EnrolToken.created_at), EnrolToken.id))
 
-    def revoke_token(self, token_id: str, when: datetime) -> bool:
-        """Revoke a token so it can no longer be used; False if there is no such token (or it is revoked)."""
-        stmt = (
-            update(_TOKENS)
-            .where(_TOKENS.c.id == token_id, _TOKENS.c.revoked_at.is_(None))
-            .values(revoked_at=aware_utc(when, "when"))
-        )
-        return self.write(lambda conn: conn.execute(stmt).rowcount > 0)
+    def revoke_token(self, token_id: str, when: datetime, *, operator: Operator | None = None) -> bool:
+        """Revoke a token so it can no longer be used; False if there is no such token (or it is revoked).
+
+        operator: who did it; an admin audit row (fleet.token.revoke) is written with the change.
+        """
+        at = aware_utc(when, "when")
+        stmt = update(_TOKENS).where(_TOKENS.c.id == token_id, _TOKENS.c.revoked_at.is_(None)).values(revoked_at=at)
+        if operator is not None:
+            self._ensure_sealed()
+
+        def work(conn: Connection) -> bool:
+            if conn.execute(stmt).rowcount == 0:
+                return False
+            if operator is not None:
+                entry = operator.action(
+                    "fleet.token.revoke", f"token:{token_id}", old={"revoked_at": None}, new={"revoked_at": at}
+                )
+                append_admin(conn, self.signing_key, entry, at)
+            return True
+
+        return self.write(work)
 
     def agent_exists(self, agent_id: str) -> bool:
         """Tell whether an agent of this name is registered (active or revoked)."""

@@ -157,11 +157,12 @@ class Checkpoint(Base):
     """One entry of the controller-signed checkpoint log: a hash chain over everything the store seals.
 
     Entry n's body (canonical JSON) names the stream heads an ingest batch advanced, the dead-letter
-    chain head, a key-history line, or, for the first entry (genesis), the whole state at the time.
+    chain head, a key-history line, the admin audit trail's head, or, for the first entry (genesis), the
+    whole state at the time.
     """
 
     __tablename__ = "checkpoints"
-    __table_args__ = (CheckConstraint("kind IN ('genesis', 'ingest', 'agent_key')", name="kind"),)
+    __table_args__ = (CheckConstraint("kind IN ('genesis', 'ingest', 'agent_key', 'admin')", name="kind"),)
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     kind: Mapped[str] = mapped_column(String(16))
@@ -487,3 +488,35 @@ class AgentCertificate(Base):
     not_after: Mapped[datetime] = mapped_column(UTCDateTime)
     issued_at: Mapped[datetime] = mapped_column(UTCDateTime)
     via: Mapped[str] = mapped_column(String(8))
+
+class AdminAuditEntry(Base):
+    """One admin change, export or remote command: who, when, from where, what, old → new (issue 12).
+
+    The rows form one hash chain (controller/store/audit.py) sealed by the signed checkpoint log, like the
+    dead letters; `records verify` names a row edited, deleted or inserted in the database.
+    """
+
+    __tablename__ = "admin_audit"
+    __table_args__ = (
+        UniqueConstraint("chain_index"),
+        CheckConstraint("via IN ('web', 'api', 'cli', 'system')", name="via"),
+        Index(None, "at"),
+        Index(None, "actor", "at"),
+        Index(None, "action", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # "user:<login>", "token:<login>/<name>", "cli:<os-user>@<host>" or "system".
+    actor: Mapped[str] = mapped_column(String(200))
+    via: Mapped[str] = mapped_column(String(8))
+    client: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(Text)
+    old: Mapped[Any | None] = mapped_column(JSON)
+    new: Mapped[Any | None] = mapped_column(JSON)
+    detail: Mapped[Any | None] = mapped_column(JSON)
+    chain_index: Mapped[int] = mapped_column(BigInteger)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+

@@ -6,13 +6,16 @@ newest is refused (PolicyVersionConflict) so that it cannot silently undo a newe
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Connection, Table, func, insert, select
 
+from sekisho.controller.store.audit import AdminAction, append_admin
+from sekisho.controller.store.checkpoints import CheckpointRecords
 from sekisho.controller.store.models import IssuedCommand, PolicyVersion
-from sekisho.controller.store.records import Records, aware_utc
+from sekisho.controller.store.records import aware_utc
 from sekisho.protocol import mynumber, timefmt
 
 _POLICY = cast(Table, PolicyVersion.__table__)
@@ -61,7 +64,7 @@ def insert_policy_version(
     return PolicyVersion(**values)
 
 
-class PolicyRecords(Records):
+class PolicyRecords(CheckpointRecords):
     """The ``policy_versions`` and ``issued_commands`` tables."""
 
     def add_policy_version(
@@ -74,17 +77,26 @@ class PolicyRecords(Records):
         created_at: datetime | None = None,
         base_version: int | None = None,
         above: int = 0,
+        audit: AdminAction | None = None,
     ) -> PolicyVersion:
         """Store a new policy document as the next version number (above ``above``) and return it.
 
         With ``base_version`` (0: no version yet) raise PolicyVersionConflict unless it is still the newest.
+        audit: the change's admin audit row, written in the same transaction (its ``new`` gains the version).
         """
         when = aware_utc(created_at or timefmt.now(), "created_at")
+        if audit is not None:
+            audit.checked(when)
+            self._ensure_sealed()
 
         def work(conn: Connection) -> PolicyVersion:
-            return insert_policy_version(
+            row = insert_policy_version(
                 conn, document, created_by, source_sha256, comment, when, base_version, above=above
             )
+            if audit is not None:
+                new = {**(audit.new or {}), "version": row.version}
+                append_admin(conn, self.signing_key, dataclasses.replace(audit, new=new), when)
+            return row
 
         return self.write(work, retry_unique=True)
 
@@ -110,8 +122,12 @@ class PolicyRecords(Records):
         issued_at: datetime,
         expires_at: datetime,
         nonce: str,
+        audit: AdminAction | None = None,
     ) -> IssuedCommand:
-        """Record a command sent to an agent; a reused nonce or id raises IntegrityError, a My Number MyNumberFound."""
+        """Record a command sent to an agent; a reused nonce or id raises IntegrityError, a My Number MyNumberFound.
+
+        audit: the admin audit row of the command (who sent it), written in the same transaction.
+        """
         mynumber.refuse_my_numbers({"agent_id": agent_id, "name": name, "args": args}, "$", what="command")
         values = {
             "id": command_id,
@@ -122,5 +138,15 @@ class PolicyRecords(Records):
             "expires_at": aware_utc(expires_at, "expires_at"),
             "nonce": nonce,
         }
-        self.write(lambda conn: conn.execute(insert(_COMMANDS).values(**values)))
+        issued = aware_utc(issued_at, "issued_at")
+        if audit is not None:
+            audit.checked(issued)  # refused before the transaction: nothing is written
+            self._ensure_sealed()
+
+        def work(conn: Connection) -> None:
+            conn.execute(insert(_COMMANDS).values(**values))
+            if audit is not None:
+                append_admin(conn, self.signing_key, audit, issued)
+
+        self.write(work)
         return IssuedCommand(**values)

@@ -3,8 +3,8 @@
 ``Store`` owns the engine and its retried transactions (``records``) and offers every family's methods:
 agents and their key history (``agents``), enrolment tokens, devices and certificates (``enrolment``),
 events with their chains, gaps and dead letters
-(``events``), findings (``findings``), policy versions and issued commands (``policy``), the signed
-checkpoint log they append to (``checkpoints``) and `records verify` (``verification``). The
+(``events``), findings (``findings``), policy versions and issued commands (``policy``), the admin audit trail
+(``audit``), the signed checkpoint log they append to (``checkpoints``) and `records verify` (``verification``). The
 media-loan register builds on it in ``controller/media/register.py``.
 
 A controller opens it with its signing key (``Store(engine, signing_key=…)``, see ``service.open_store``):
@@ -20,6 +20,7 @@ writer lock, taken at BEGIN IMMEDIATE.
 from __future__ import annotations
 
 from sekisho.controller.store.agents import AgentRecords
+from sekisho.controller.store.audit import AuditRecords
 from sekisho.controller.store.enrolment import EnrolmentRecords
 from sekisho.controller.store.events import EventRecords
 from sekisho.controller.store.findings import FindingRecords
@@ -27,5 +28,7 @@ from sekisho.controller.store.policy import PolicyRecords
 from sekisho.controller.store.verification import VerificationRecords
 
 
-class Store(AgentRecords, EnrolmentRecords, EventRecords, FindingRecords, PolicyRecords, VerificationRecords):
+class Store(
+    AgentRecords, AuditRecords, EnrolmentRecords, EventRecords, FindingRecords, PolicyRecords, VerificationRecords
+):
     """The controller's persistent records, on an engine made by ``db.make_engine``."""

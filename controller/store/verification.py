@@ -10,7 +10,8 @@ One read transaction (one snapshot, despite concurrent ingest) walks, in this or
    wire bytes and its signature valid for the key registered when it was received; its end and its
    ``streams`` row equal to the head the newest signed checkpoint gives it. A stream the log names but
    the tables lack entirely is found too;
-4. the dead letters' chain, held against its signed head the same way.
+4. the dead letters' chain, held against its signed head the same way;
+5. the admin audit trail's chain (audit.py), held against its signed head the same way.
 
 What it does not check is listed in NOT_CHECKED, and `records verify` prints it.
 """
@@ -24,6 +25,7 @@ from typing import Any, cast
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, Table, select
 
+from sekisho.controller.store.audit import verify_admin
 from sekisho.controller.store.chain import ChainProblem, KeyHistory, KeySpan, verify_letters, verify_stream
 from sekisho.controller.store.checkpoints import LogState, key_line_digest, read_log, row_key_line
 from sekisho.controller.store.models import Agent, AgentKey, Event, Stream
@@ -60,6 +62,7 @@ class Verification:
     streams: int = 0
     records: int = 0
     dead_letters: int = 0
+    admin_records: int = 0
     checkpoints: int = 0
     head: tuple[int, str] | None = None
     genesis_at: datetime | None = None
@@ -225,15 +228,18 @@ class VerificationRecords(Records):
             if problem is not None:
                 problems.append(problem)
             records += walked
-        letters = 0
+        letters = admin = 0
         if agent_id is None:
             letter_problem, letters = verify_letters(conn, state.letters)
             if letter_problem is not None:
                 problems.append(letter_problem)
+            admin_problem, admin = verify_admin(conn, state.admin)
+            if admin_problem is not None:
+                problems.append(admin_problem)
         if (
             state.entries == 0
             and not any(p.table == "checkpoints" for p in problems)
-            and (records or letters or histories)
+            and (records or letters or admin or histories)
         ):
             empty = (
                 "the checkpoint log is empty: nothing is sealed (a controller seals the records as they stand when it "
@@ -245,6 +251,7 @@ class VerificationRecords(Records):
             streams=len(agent_ids),
             records=records,
             dead_letters=letters,
+            admin_records=admin,
             checkpoints=state.entries,
             head=state.head,
             genesis_at=state.genesis_at,

@@ -1,0 +1,107 @@
+"""`sekisho audit log`: read the admin audit trail (who changed what, when, from where, old → new)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from sekisho.controller.store.models import AdminAuditEntry
+from sekisho.protocol import timefmt
+
+app = typer.Typer(help="管理操作の監査記録 / The admin audit trail.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
+# Rows fetched per query while printing: the trail is read page by page, never whole.
+_PAGE = 1000
+
+
+def _compact(value: Any) -> str:
+    return "—" if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def entry_json(row: AdminAuditEntry) -> dict[str, Any]:
+    """Return one audit row as the JSON `audit log --json` prints (times in UTC, ISO 8601)."""
+    return {
+        "id": row.id,
+        "chain_index": row.chain_index,
+        "at": timefmt.fmt(row.at),
+        "actor": row.actor,
+        "via": row.via,
+        "client": row.client,
+        "action": row.action,
+        "target": row.target,
+        "old": row.old,
+        "new": row.new,
+        "detail": row.detail,
+        "hash": row.hash,
+    }
+
+
+@app.command("log")
+def log_command(
+    config: ConfigOpt,
+    since: Annotated[str | None, typer.Option(help="from this time, ISO 8601 (JST if no offset)")] = None,
+    until: Annotated[str | None, typer.Option(help="before this time, ISO 8601 (JST if no offset)")] = None,
+    actor: Annotated[
+        str | None, typer.Option(help='who, e.g. "cli:root@host" or "user:tanaka"; a trailing * matches a prefix')
+    ] = None,
+    action: Annotated[
+        str | None, typer.Option(help='what, e.g. "media.loan.create"; "media.*" matches every media action')
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="at most this many rows (oldest first)")] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """監査記録を表示 / Show the admin audit trail, oldest first (`records verify` checks it)."""
+    from sekisho.controller.cli import cli_config
+    from sekisho.controller.media.cli import jst, parse_when
+    from sekisho.controller.service import open_store
+
+    start = parse_when(since) if since else None
+    end = parse_when(until) if until else None
+    cfg = cli_config(config)
+    store = open_store(cfg)
+    rows: list[AdminAuditEntry] = []
+    try:
+        after: int | None = None
+        while len(rows) < limit:
+            page = store.list_admin(
+                since=start, until=end, actor=actor, action=action, after_id=after, limit=min(_PAGE, limit - len(rows))
+            )
+            rows.extend(page)
+            if len(page) < _PAGE:
+                break
+            after = page[-1].id
+    finally:
+        store.engine.dispose()
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(entry_json(row), ensure_ascii=False, sort_keys=True))
+        return
+    if not rows:
+        console.print("該当する記録はありません / no audit records match")
+        return
+    table = Table(
+        "日時 / time (JST)",
+        "操作者 / actor",
+        "経路 / via",
+        "操作 / action",
+        "対象 / target",
+        "変更前 / old",
+        "変更後 / new",
+        "詳細 / detail",
+        title="管理操作の監査記録 / Admin audit trail",
+    )
+    for row in rows:
+        via = row.via if row.client is None else f"{row.via} {row.client}"
+        cells = (row.actor, via, row.action, row.target, _compact(row.old), _compact(row.new), _compact(row.detail))
+        # Stored text is data, never markup: a target like "[red]" must print as written.
+        table.add_row(jst(row.at), *(escape(cell) for cell in cells))
+    console.print(table, soft_wrap=True)
