@@ -52,14 +52,23 @@ class ControllerConfig(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
-    # Tokens with the write scope (every route); api_read_tokens may only read (GET/HEAD). A plain token in
-    # api_tokens keeps the full access it always had, so existing deployments keep working.
+    # Deprecated (per-user tokens replace them, docs/console.md): shared tokens kept working as "service"
+    # principals, api_tokens with the role it_admin, api_read_tokens with the role auditor.
     api_tokens: list[SecretStr] = Field(default_factory=list)
     api_read_tokens: list[SecretStr] = Field(default_factory=list)
     # Failed authentication, per client address (IPv6: per /64) and per controller process: after this many
     # failures within api_auth_window_s the address gets 429 (even with a right token) for api_auth_window_s.
     api_auth_failures: int = Field(default=10, ge=1, le=1000)
     api_auth_window_s: int = Field(default=60, ge=1, le=3600)
+    # Console sessions (controller/accounts): signed out after this long without a request, and after
+    # session_lifetime_s whatever happens.
+    session_idle_s: int = Field(default=30 * 60, ge=60, le=24 * 3600)
+    session_lifetime_s: int = Field(default=12 * 3600, ge=300, le=7 * 24 * 3600)
+    # Console sign-in: a login is locked for login_lockout_s after login_failures failures within that time,
+    # a client address (IPv6: /64) after login_client_failures (many logins tried from one place).
+    login_failures: int = Field(default=5, ge=1, le=100)
+    login_client_failures: int = Field(default=20, ge=1, le=1000)
+    login_lockout_s: int = Field(default=15 * 60, ge=10, le=24 * 3600)
 
     # Fleet health (docs/operations.md): an agent is online while its last heartbeat is at most its interval
     # plus agent_online_grace_s old, stale up to agent_offline_after × interval (+ grace), offline beyond.
@@ -110,16 +119,15 @@ class ControllerConfig(BaseSettings):
         return tokens
 
     @model_validator(mode="after")
-    def _production_needs_tokens(self) -> ControllerConfig:
-        # Fail closed: a production controller without API tokens would serve records to anyone.
-        if self.profile == "production" and not self.api_tokens and not self.api_read_tokens:
-            raise ValueError("profile 'production' requires api_tokens (or api_read_tokens, or set profile = 'dev')")
-        return self
-
-    @model_validator(mode="after")
     def _network_needs_tokens(self) -> ControllerConfig:
-        # Fail closed in every profile: without tokens the API is open, which only loopback may see.
-        if not self.api_tokens and not self.api_read_tokens and not is_loopback(self.http_host):
+        # Production always authenticates (console users, their API tokens, legacy tokens). The dev profile
+        # without tokens is open until the first console user exists, which only loopback may see.
+        if (
+            self.profile == "dev"
+            and not self.api_tokens
+            and not self.api_read_tokens
+            and not is_loopback(self.http_host)
+        ):
             raise ValueError(
                 f"http_host {self.http_host!r} is not a loopback address: without api_tokens the API would be "
                 "open to the network; set api_tokens or bind to 127.0.0.1"

@@ -7,6 +7,7 @@ import typer
 from sekisho.agents.runtime.cli import app as agent_app
 from sekisho.agents.usb.rules.cli import app as usb_app
 from sekisho.cards_cli import app as cards_app
+from sekisho.controller.accounts.cli import app as users_app
 from sekisho.controller.audit.cli import app as audit_app
 from sekisho.controller.backup.cli import backup, restore
 from sekisho.controller.cli import controller_app, policy_app, records_app
@@ -32,6 +33,7 @@ app.add_typer(media_app, name="media")
 app.add_typer(doors_app, name="doors")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(cards_app, name="cards")
+app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
 app.add_typer(usb_app, name="usb", help="USB media guard tools (rule import).")
 

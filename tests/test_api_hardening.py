@@ -1,6 +1,9 @@
 """API hardening (issue 10, item 7): no open API off loopback, failed authentication throttled and logged
 without the token, read-only vs write tokens, /readyz detail only with a token, database files 0600 in 0700.
 
+Since the console accounts (issue 12) the shared tokens are legacy service principals: api_tokens act as the
+role it_admin, api_read_tokens as auditor, and the role matrix (controller/accounts/roles.py) decides.
+
 Each refusal goes through FastAPI's TestClient on a real SQLite store; the binding refusal and the file modes
 also through a real `sekisho controller serve` (the last test, with a real broker).
 """
@@ -30,6 +33,7 @@ from support.lab import lab_on
 from support.site import wait_for
 from test_media import site_yaml
 
+from sekisho.controller.accounts.roles import Role
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.auth import (
     ApiAuth,
@@ -38,7 +42,6 @@ from sekisho.controller.api.auth import (
     Throttled,
     Unauthenticated,
     client_key,
-    required_scope,
 )
 from sekisho.controller.api.deps import AppState
 from sekisho.controller.config import ControllerConfig, is_loopback, load_config
@@ -136,10 +139,18 @@ def _loan() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.168.1.5", "controller.example.internal", "::ffff:10.0.0.1"])
-@pytest.mark.parametrize("profile", ["dev", "production"])
-def test_no_tokens_off_loopback_is_refused_in_every_profile(host: str, profile: str) -> None:
+def test_the_open_dev_profile_is_refused_off_loopback(host: str) -> None:
     with pytest.raises(ValidationError, match="api_tokens"):
-        ControllerConfig(**BASE, profile=profile, http_host=host)
+        ControllerConfig(**BASE, profile="dev", http_host=host)
+
+
+def test_production_without_shared_tokens_is_closed(tmp_path: Path, store: Store) -> None:
+    # Console users and their own tokens authenticate now; production never opens up without tokens.
+    config = ControllerConfig(**BASE, http_host="0.0.0.0")
+    assert config.api_tokens == [] and config.api_read_tokens == []
+    api = make_api(tmp_path, store, api_tokens=[], api_read_tokens=[])
+    assert api.client().get("/api/v1/events").status_code == 401
+    assert api.client().post("/api/v1/media/loans", json=_loan()).status_code == 401
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "localhost", "LOCALHOST", "::ffff:127.0.0.1"])
@@ -261,11 +272,12 @@ def test_a_read_token_reads_but_may_not_write(api: Api, caplog: pytest.LogCaptur
     for path in ("/api/v1/events", "/api/v1/media", "/api/v1/media/loans", "/api/v1/keys/loans", "/api/v1/visits"):
         assert reader.get(path).status_code == 200, path
     refused = reader.post("/api/v1/media/loans", json=_loan())
-    assert refused.status_code == 403 and "write scope" in refused.json()["detail"]
+    assert refused.status_code == 403 and "lacks the permission media.lend" in refused.json()["detail"]
     assert reader.post("/api/v1/media/loans/1/return", json={"received_by": "p-0002"}).status_code == 403
     assert reader.post("/api/v1/media/loans/1/revoke", json={"reason": "x", "recorded_by": "p-0002"}).status_code == 403
     assert reader.get("/api/v1/media/loans").json() == []
-    assert "api_read_tokens[0] refused on POST /api/v1/media/loans" in caplog.text and READ not in caplog.text
+    assert "token:api_read_tokens[0] (auditor) refused on POST /api/v1/media/loans" in caplog.text
+    assert READ not in caplog.text
 
     # A refused scope is no failed authentication: the reader is not locked out.
     for _ in range(20):
@@ -279,11 +291,7 @@ def test_a_read_token_reads_but_may_not_write(api: Api, caplog: pytest.LogCaptur
 
 
 def test_every_api_route_is_classified_in_one_place(tmp_path: Path, store: Store) -> None:
-    assert [required_scope(m) for m in ("GET", "head", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")] == [
-        Scope.READ,
-        Scope.READ,
-        *[Scope.WRITE] * 5,
-    ]
+    # The one place is now the role matrix; the legacy read token is the read-only auditor role.
     api = make_api(tmp_path, store, api_auth_failures=1000)
     anonymous, reader = api.client(), api.client(READ)
     operations = [
@@ -344,6 +352,13 @@ def test_dev_on_loopback_without_tokens_shows_the_detail(tmp_path: Path, store: 
     assert client.get("/readyz").json()["checks"]["broker"] == "connected"
     assert client.get("/api/v1/events").status_code == 200
     assert client.post("/api/v1/media/loans", json=_loan()).status_code == 201
+    # The first console user closes the open dev mode: from then on everyone signs in.
+    api.state.accounts.create_user(
+        login="admin", display_name="管理 者", kana="かんり しゃ", role=Role.IT_ADMIN,
+        password="correct horse battery", created_by="test",
+    )  # fmt: skip
+    assert client.get("/api/v1/events").status_code == 401
+    assert "checks" not in client.get("/readyz").json()
 
 
 # --- 5. database files 0600 in a 0700 folder --------------------------------------------------------

@@ -10,8 +10,10 @@ from typing import Annotated
 from fastapi import APIRouter, FastAPI, Query, Response, status
 from sqlalchemy import text
 
+from sekisho.controller.accounts.roles import Permission, require
+from sekisho.controller.accounts.web import accounts_router
 from sekisho.controller.api import privacy
-from sekisho.controller.api.deps import AppState, AuthDep, OptionalPrincipalDep, StateDep
+from sekisho.controller.api.deps import AppState, OptionalActorDep, StateDep
 from sekisho.controller.api.doors import routers as door_routers
 from sekisho.controller.api.enrol import enrol
 from sekisho.controller.api.media import media
@@ -26,7 +28,7 @@ from sekisho.protocol import signing
 log = logging.getLogger(__name__)
 
 health = APIRouter(tags=["health"])
-records = APIRouter(prefix="/api/v1", tags=["records"], dependencies=[AuthDep])
+records = APIRouter(prefix="/api/v1", tags=["records"])
 
 # Ingest counts as stalled if it is disconnected; readiness must say so, load balancers act on it.
 
@@ -38,11 +40,12 @@ def healthz() -> Health:
 
 
 @health.get("/readyz", response_model=Health, response_model_exclude_unset=True)
-def readyz(state: StateDep, response: Response, principal: OptionalPrincipalDep) -> Health:
+def readyz(state: StateDep, response: Response, actor: OptionalActorDep) -> Health:
     """Answer whether the database and (when running) the broker link are usable.
 
     Open to load balancers, which get only the status (and 200/503); the checks (ingest counters,
-    failed API authentications) need a token, except in the dev profile without tokens (loopback).
+    failed API authentications) need the health.read permission (a token or a session of such a role),
+    except in the dev profile before any user exists (loopback).
     """
     checks: dict[str, object] = {}
     ok = True
@@ -67,13 +70,13 @@ def readyz(state: StateDep, response: Response, principal: OptionalPrincipalDep)
         ok = ok and state.ingest.connected and not stalled
     if not ok:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    if principal is None:
+    if actor is None or not actor.may(Permission.HEALTH_READ):
         return Health(status="ok" if ok else "unavailable")
     checks["api_auth"] = state.auth.limiter.counts()
     return Health(status="ok" if ok else "unavailable", checks=checks)
 
 
-@records.get("/events", response_model=EventPage)
+@records.get("/events", response_model=EventPage, dependencies=[require(Permission.RECORDS_READ)])
 def list_events(
     state: StateDep,
     agent_id: Annotated[str | None, Query(max_length=64)] = None,
@@ -93,7 +96,7 @@ def list_events(
     return EventPage(items=items, next_after_id=items[-1].id if more and items else None)
 
 
-@records.get("/dead-letters", response_model=list[DeadLetterPublic])
+@records.get("/dead-letters", response_model=list[DeadLetterPublic], dependencies=[require(Permission.RECORDS_READ)])
 def list_dead_letters(
     state: StateDep,
     after_id: Annotated[int | None, Query(ge=0)] = None,
@@ -104,7 +107,7 @@ def list_dead_letters(
     return [DeadLetterPublic.model_validate(r, from_attributes=True) for r in rows]
 
 
-@records.get("/findings", response_model=list[FindingPublic])
+@records.get("/findings", response_model=list[FindingPublic], dependencies=[require(Permission.ALERTS_READ)])
 def list_findings(state: StateDep, open_only: bool = False) -> list[FindingPublic]:
     """List findings such as sequence gaps."""
     return [
@@ -112,7 +115,7 @@ def list_findings(state: StateDep, open_only: bool = False) -> list[FindingPubli
     ]
 
 
-@records.get("/agents", response_model=list[AgentHealth])
+@records.get("/agents", response_model=list[AgentHealth], dependencies=[require(Permission.FLEET_READ)])
 def list_agents(
     state: StateDep,
     agent_state: Annotated[str | None, Query(alias="state", pattern="^(online|stale|offline|revoked)$")] = None,
@@ -136,6 +139,13 @@ def create_app(state: AppState) -> FastAPI:
             # Reads still work; media writes answer 503 until the key is readable and the app restarted.
             log.warning("signing key %s unreadable (%s): media loan changes disabled", state.config.signing_key, err)
     app.state.sekisho = state
+    if state.config.api_tokens or state.config.api_read_tokens:
+        log.warning(
+            "api_tokens / api_read_tokens は非推奨です。`sekisho users token create` のユーザー別トークンへ移行して"
+            "ください / api_tokens and api_read_tokens are deprecated: they still work (api_tokens as role "
+            "it_admin, api_read_tokens as auditor); move to per-user tokens (`sekisho users token create`, "
+            "docs/console.md)"
+        )
     app.state.metrics_registry = controller_registry(
         state.store,
         Thresholds.from_config(state.config),
@@ -149,6 +159,7 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(records)
     app.include_router(enrol)
     app.include_router(revocations)
+    app.include_router(accounts_router())
     app.include_router(media)
     for router in door_routers:
         app.include_router(router)

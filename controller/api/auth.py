@@ -1,10 +1,8 @@
-"""Who is calling the API: bearer tokens become a Principal with scopes; failed attempts are throttled.
+"""The legacy shared API tokens (deprecated) and the failed-authentication limiter every bearer token goes through.
 
-Scopes: ``read`` (GET/HEAD) and ``write`` (every other method); a write token may also read. ``api_tokens``
-are write tokens (a plain token keeps the full access it always had), ``api_read_tokens`` read-only ones.
-``required_scope`` is the one place that classifies a request; the dependency in deps.py applies it to every
-route of every /api router. Per-user accounts with roles can later return the same Principal with the
-scopes of their role.
+``api_tokens`` are write tokens, ``api_read_tokens`` read-only ones; since the console accounts (issue 12)
+controller/accounts/authn.py maps them to service actors with the role it_admin (write) or auditor (read),
+and the role matrix (controller/accounts/roles.py) decides every route. Per-user tokens replace them.
 
 Failed authentication is counted per client address (IPv6 per /64, as one host usually holds a whole /64)
 in this process's memory: after ``api_auth_failures`` failures within ``api_auth_window_s`` the address gets
@@ -42,14 +40,6 @@ class Scope(StrEnum):
 
     READ = "read"
     WRITE = "write"
-
-
-READ_METHODS = frozenset({"GET", "HEAD"})
-
-
-def required_scope(method: str) -> Scope:
-    """Classify a request by its method: GET and HEAD read; POST, PUT, PATCH, DELETE and anything else write."""
-    return Scope.READ if method.upper() in READ_METHODS else Scope.WRITE
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """Door registers over HTTP: key loans (鍵貸出管理簿), the door and locker log, who is inside, visits.
 
+Who may read what is the role matrix's (controller/accounts/roles.py): the key register and the door log
+need registers.read (site-wide roles); who is inside and the visitor log need areas.read, and an area
+manager gets only the areas of their account (another area answers 403).
+
 Read-only: the registers are projected from the stored events (controller.doors.projector), at most
 about a second behind them. Lists page in id order like /api/v1/events: pass next_after_id back as
 after_id. Times are UTC.
@@ -13,16 +17,18 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel, ConfigDict
 
-from sekisho.controller.api.deps import AuthDep, StateDep
+from sekisho.controller.accounts.roles import Actor, Permission, require
+from sekisho.controller.api.deps import StateDep
 from sekisho.controller.doors.registers import DoorKind, DoorRegisters, LoanState, loan_state
 from sekisho.controller.store.models import KeyLoan
 from sekisho.protocol import timefmt
 
-keys = APIRouter(prefix="/api/v1/keys", tags=["doors"], dependencies=[AuthDep])
-door_log = APIRouter(prefix="/api/v1/doors", tags=["doors"], dependencies=[AuthDep])
-areas = APIRouter(prefix="/api/v1/areas", tags=["doors"], dependencies=[AuthDep])
-visits = APIRouter(prefix="/api/v1/visits", tags=["doors"], dependencies=[AuthDep])
+keys = APIRouter(prefix="/api/v1/keys", tags=["doors"], dependencies=[require(Permission.REGISTERS_READ)])
+door_log = APIRouter(prefix="/api/v1/doors", tags=["doors"], dependencies=[require(Permission.REGISTERS_READ)])
+areas = APIRouter(prefix="/api/v1/areas", tags=["doors"])
+visits = APIRouter(prefix="/api/v1/visits", tags=["doors"])
 routers = (keys, door_log, areas, visits)
+AreaReader = Annotated[Actor, require(Permission.AREAS_READ)]
 
 IdQuery = Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 AfterId = Annotated[int | None, Query(ge=0)]
@@ -216,22 +222,34 @@ def list_door_log(
 
 
 @areas.get("/presence", response_model=list[PresencePublic])
-def list_presence(state: StateDep) -> list[PresencePublic]:
-    """List who is inside every area now."""
-    return [PresencePublic.model_validate(r) for r in DoorRegisters(state.store).inside()]
+def list_presence(state: StateDep, actor: AreaReader) -> list[PresencePublic]:
+    """List who is inside every area now (an area manager: their areas)."""
+    rows = DoorRegisters(state.store).inside()
+    return [PresencePublic.model_validate(r) for r in rows if actor.sees_area(r.area)]
+
+
+def _may_see(actor: Actor, area: str | None) -> None:
+    if area is not None and not actor.sees_area(area):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, f"区域 {area} は担当外です / the area {area} is not one of this account's areas"
+        )
 
 
 @areas.get("/{area}/presence", response_model=list[PresencePublic])
 def area_presence(
-    state: StateDep, area: Annotated[str, Path(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    state: StateDep,
+    actor: AreaReader,
+    area: Annotated[str, Path(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")],
 ) -> list[PresencePublic]:
     """List who is inside one area now."""
+    _may_see(actor, area)
     return [PresencePublic.model_validate(r) for r in DoorRegisters(state.store).inside(area)]
 
 
 @visits.get("", response_model=VisitPage)
 def list_visits(
     state: StateDep,
+    actor: AreaReader,
     open_: OpenQuery = None,
     since: datetime | None = None,
     visitor: IdQuery = None,
@@ -239,8 +257,17 @@ def list_visits(
     after_id: AfterId = None,
     limit: Limit = 100,
 ) -> VisitPage:
-    """List the visitor log: open (no exit yet), or visits going on at or after since."""
+    """List the visitor log: open (no exit yet), or visits going on at or after since.
+
+    An area manager must name one of their areas (or has exactly one, which is then the default).
+    """
     _window(since, None)
+    if actor.areas is not None:
+        if area is None and len(actor.areas) == 1:
+            area = next(iter(actor.areas))
+        if area is None:
+            raise _unprocessable("area を指定してください / name one of your areas with area=")
+        _may_see(actor, area)
     rows = DoorRegisters(state.store).visits(
         open_=open_, since=since, visitor=visitor, area=area, after_id=after_id, limit=limit + 1
     )

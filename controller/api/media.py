@@ -12,7 +12,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
 
-from sekisho.controller.api.deps import AppState, AuthDep, StateDep
+from sekisho.controller.accounts.roles import Permission, require
+from sekisho.controller.api.deps import AppState, StateDep
 from sekisho.controller.api.schemas import (
     MediaLoanChange,
     MediaLoanCreate,
@@ -28,7 +29,9 @@ from sekisho.protocol import mynumber, timefmt
 
 log = logging.getLogger(__name__)
 
-media = APIRouter(prefix="/api/v1/media", tags=["media"], dependencies=[AuthDep])
+media = APIRouter(prefix="/api/v1/media", tags=["media"])
+READ = [require(Permission.MEDIA_READ)]
+LEND = [require(Permission.MEDIA_LEND)]
 
 
 def _reading(state: AppState) -> MediaService:
@@ -74,7 +77,7 @@ def _changed(state: AppState, media_service: MediaService, loan_id: str, version
     return MediaLoanChange(loan=_public(media_service.loan(loan_id), timefmt.now()), version=version)
 
 
-@media.get("", response_model=list[MediumPublic])
+@media.get("", response_model=list[MediumPublic], dependencies=READ)
 def inventory(state: StateDep) -> list[MediumPublic]:
     """Take stock of every registered medium: status, current loan, overdue, last seen by a terminal."""
     now = timefmt.now()
@@ -96,7 +99,7 @@ def inventory(state: StateDep) -> list[MediumPublic]:
     ]
 
 
-@media.get("/loans", response_model=list[MediaLoanPublic])
+@media.get("/loans", response_model=list[MediaLoanPublic], dependencies=READ)
 def list_loans(
     state: StateDep,
     active: bool = False,
@@ -114,7 +117,7 @@ def list_loans(
     return [_public(r, now) for r in rows]
 
 
-@media.get("/loans/{loan_id}", response_model=MediaLoanPublic)
+@media.get("/loans/{loan_id}", response_model=MediaLoanPublic, dependencies=READ)
 def get_loan(state: StateDep, loan_id: str) -> MediaLoanPublic:
     """Return one loan of the register."""
     try:
@@ -123,7 +126,7 @@ def get_loan(state: StateDep, loan_id: str) -> MediaLoanPublic:
         raise _http_error(err) from err
 
 
-@media.post("/loans", response_model=MediaLoanChange, status_code=status.HTTP_201_CREATED)
+@media.post("/loans", response_model=MediaLoanChange, status_code=status.HTTP_201_CREATED, dependencies=LEND)
 def lend(state: StateDep, body: MediaLoanCreate) -> MediaLoanChange:
     """Lend a registered medium; refusals answer 422 (rule broken) or 409 (medium already out)."""
     service = _writing(state)
@@ -144,7 +147,7 @@ def lend(state: StateDep, body: MediaLoanCreate) -> MediaLoanChange:
     return _changed(state, service, loan_id, version)
 
 
-@media.post("/loans/{loan_id}/return", response_model=MediaLoanChange)
+@media.post("/loans/{loan_id}/return", response_model=MediaLoanChange, dependencies=LEND)
 def return_medium(state: StateDep, loan_id: str, body: MediaLoanReturn) -> MediaLoanChange:
     """Record a medium's return; 409 if the loan already ended."""
     service = _writing(state)
@@ -155,7 +158,7 @@ def return_medium(state: StateDep, loan_id: str, body: MediaLoanReturn) -> Media
     return _changed(state, service, loan_id, version)
 
 
-@media.post("/loans/{loan_id}/revoke", response_model=MediaLoanChange)
+@media.post("/loans/{loan_id}/revoke", response_model=MediaLoanChange, dependencies=LEND)
 def revoke(state: StateDep, loan_id: str, body: MediaLoanRevoke) -> MediaLoanChange:
     """End a loan early; 409 if it already ended."""
     service = _writing(state)

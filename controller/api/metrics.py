@@ -1,7 +1,8 @@
 """``GET /metrics``: the controller's Prometheus metrics (controller/fleet/metrics.py).
 
-Same access as the read API: a read (or write) token as a bearer token — Prometheus sends one with
-``authorization: {credentials_file: …}`` — or, in the dev profile without tokens, anyone on loopback.
+Needs the health.read permission: a token of a user whose role holds it (or a legacy read token) as a
+bearer token — Prometheus sends one with ``authorization: {credentials_file: …}`` — or, in the dev profile
+before any user exists, anyone on loopback.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from sekisho.controller.api.deps import AuthDep
+from sekisho.controller.accounts.roles import Permission, require
 
-metrics = APIRouter(tags=["health"], dependencies=[AuthDep])
+metrics = APIRouter(tags=["health"], dependencies=[require(Permission.HEALTH_READ)])
 
 
 @metrics.get("/metrics", response_class=Response)

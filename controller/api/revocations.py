@@ -1,7 +1,8 @@
 """`GET /api/v1/fleet/revocations`: the controller-signed revocation list, for brokers on other hosts.
 
-`sekisho fleet revocations sync` on the broker host fetches it (an API read token is enough), checks the
-controller's signature and writes the file the broker's plugin enforces (controller/fleet/revocations.py).
+`sekisho fleet revocations sync` on the broker host fetches it (a token with fleet.read, e.g. an auditor's,
+is enough), checks the controller's signature and writes the file the broker's plugin enforces
+(controller/fleet/revocations.py).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, status
 
-from sekisho.controller.api.deps import AuthDep, StateDep
+from sekisho.controller.accounts.roles import Permission, require
+from sekisho.controller.api.deps import StateDep
 from sekisho.protocol.revocations import sign_list
 
-revocations = APIRouter(prefix="/api/v1/fleet", tags=["fleet"], dependencies=[AuthDep])
+revocations = APIRouter(prefix="/api/v1/fleet", tags=["fleet"], dependencies=[require(Permission.FLEET_READ)])
 
 
 @revocations.get("/revocations")

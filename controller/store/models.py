@@ -520,3 +520,79 @@ class AdminAuditEntry(Base):
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
 
+class ConsoleUser(Base):
+    """A person who signs in to the console or holds API tokens: name (kanji) with reading, role, areas."""
+
+    __tablename__ = "console_users"
+    __table_args__ = (
+        CheckConstraint(
+            "role IN ('it_admin', 'facility_manager', 'security', 'auditor', 'area_manager')", name="role"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    login: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(128))
+    kana: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(32))
+    # Area managers see only these areas; empty for every other role (they see the whole site).
+    areas: Mapped[list[str]] = mapped_column(JSON)
+    language: Mapped[str] = mapped_column(String(8), default="ja")
+    password_hash: Mapped[str] = mapped_column(String(255))
+    password_changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Base32 TOTP secret (RFC 6238) once enrolled; the last accepted time step refuses a replayed code.
+    totp_secret: Mapped[str | None] = mapped_column(String(64))
+    totp_enrolled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    totp_last_step: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128))
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ConsoleSession(Base):
+    """A signed-in browser: only the SHA-256 of the random session id in its cookie is kept."""
+
+    __tablename__ = "console_sessions"
+    __table_args__ = (Index(None, "user_id"),)
+
+    id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("console_users.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    client: Mapped[str | None] = mapped_column(String(64))
+
+
+class ConsoleApiToken(Base):
+    """A user's API token: acts with the user's role and areas; only the SHA-256 of the secret is kept."""
+
+    __tablename__ = "console_api_tokens"
+    __table_args__ = (Index(None, "user_id"), UniqueConstraint("user_id", "name"))
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("console_users.id"))
+    name: Mapped[str] = mapped_column(String(64))
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_client: Mapped[str | None] = mapped_column(String(64))
+
+
+class LoginAttempt(Base):
+    """One console sign-in attempt and its outcome (ok, bad_password, locked_out, refused_locked, …)."""
+
+    __tablename__ = "console_login_attempts"
+    __table_args__ = (Index(None, "login", "at"), Index(None, "client", "at"), Index(None, "at"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # As typed (bounded, My-Number-redacted): an unknown login is recorded too, it is what an attacker tried.
+    login: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[int | None] = mapped_column(BigInteger)
+    # The client key (IPv4 address or IPv6 /64) failures are counted under.
+    client: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(String(255))

@@ -1,0 +1,253 @@
+"""`sekisho users …`: console accounts, their roles, TOTP and per-user API tokens (run on the controller host)."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from sekisho.controller.accounts.roles import ADMIN_ROLES, ROLE_LABELS, Actor, Role, parse_role
+from sekisho.protocol import timefmt
+
+JST = timezone(timedelta(hours=9), "JST")
+
+if TYPE_CHECKING:
+    from sekisho.controller.accounts.service import AccountService
+
+app = typer.Typer(help="コンソールのユーザー / Console users: accounts, roles, TOTP, API tokens.", no_args_is_help=True)
+token_app = typer.Typer(help="ユーザー別APIトークン / Per-user API tokens: create, list, revoke.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
+LoginOpt = Annotated[str, typer.Option("--login", help="ログインID / login")]
+AreaOpt = Annotated[list[str] | None, typer.Option("--area", help="区域 (area manager; repeatable) / area id")]
+StdinOpt = Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin (one line)")]
+
+
+def _service(config: Path) -> AccountService:
+    # Imported here: `sekisho --help` should not load the store.
+    from sekisho.controller.accounts.service import AccountService, AccountSettings
+    from sekisho.controller.cli import cli_config
+    from sekisho.controller.service import open_store
+
+    cfg = cli_config(config)
+    return AccountService(open_store(cfg), AccountSettings.from_config(cfg))
+
+
+def _jst(moment: datetime | None) -> str:
+    return moment.astimezone(JST).strftime("%Y/%m/%d %H:%M") if moment is not None else "-"
+
+
+def _by() -> str:
+    return Actor.cli().audit_name
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[red]{escape(message)}[/red]")
+    return typer.Exit(2)
+
+
+def _role(text: str) -> Role:
+    try:
+        return parse_role(text)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+
+
+def _password(from_stdin: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        return line[:-1] if line.endswith("\n") else line
+    first = getpass.getpass("パスワード / Password: ")
+    if getpass.getpass("もう一度 / Again: ") != first:
+        raise _fail("パスワードが一致しません / the passwords differ")
+    return first
+
+
+@app.callback()
+def _users() -> None:
+    """Console users."""
+
+
+@app.command("create")
+def create(
+    config: ConfigOpt,
+    role: Annotated[str, typer.Option("--role", help="it-admin, facility-manager, security, auditor, area-manager")],
+    login: LoginOpt,
+    name: Annotated[str, typer.Option("--name", help="氏名（漢字） / name, e.g. 山田 太郎")],
+    kana: Annotated[str, typer.Option("--kana", help="よみがな / reading, e.g. やまだ たろう")],
+    area: AreaOpt = None,
+    language: Annotated[str, typer.Option("--language", help="ja or en")] = "ja",
+    password_stdin: StdinOpt = False,
+) -> None:
+    """ユーザーを作成 / Create a console user (the first one: --role it-admin)."""
+    from sekisho.controller.accounts.passwords import PasswordRejected
+    from sekisho.controller.accounts.service import AccountError
+
+    chosen = _role(role)
+    service = _service(config)
+    try:
+        user = service.create_user(
+            login=login, display_name=name, kana=kana, role=chosen, areas=area or [], language=language,
+            password=_password(password_stdin), created_by=_by(),
+        )  # fmt: skip
+    except (AccountError, PasswordRejected) as err:
+        raise _fail(f"作成できません / cannot create the user: {err}") from err
+    console.print(f"作成しました / created: {escape(user.login)} ({ROLE_LABELS[chosen]})")
+    if chosen in ADMIN_ROLES:
+        console.print(
+            f"この役割はTOTPが必要です: `sekisho users totp-enrol --login {escape(user.login)}` / this role must "
+            "enrol TOTP before signing in"
+        )
+
+
+@app.command("list")
+def list_users(config: ConfigOpt) -> None:
+    """ユーザー一覧 / List console users."""
+    table = Table("login", "氏名 / name", "よみ / kana", "role", "areas", "TOTP", "状態 / state")
+    for user in _service(config).users():
+        table.add_row(
+            escape(user.login), escape(user.display_name), escape(user.kana), user.role, ", ".join(user.areas),
+            "✓" if user.totp_secret else "-", "無効 / disabled" if user.disabled_at else "有効 / active",
+        )  # fmt: skip
+    console.print(table)
+
+
+def _set_disabled(config: Path, login: str, disabled: bool) -> None:
+    from sekisho.controller.accounts.service import AccountError
+
+    try:
+        _service(config).set_disabled(login, disabled, by=_by())
+    except AccountError as err:
+        raise _fail(str(err)) from err
+    console.print(("無効にしました / disabled: " if disabled else "有効にしました / enabled: ") + escape(login))
+
+
+@app.command("disable")
+def disable(config: ConfigOpt, login: LoginOpt) -> None:
+    """ユーザーを無効化 / Disable a user: sessions end, API tokens stop working."""
+    _set_disabled(config, login, True)
+
+
+@app.command("enable")
+def enable(config: ConfigOpt, login: LoginOpt) -> None:
+    """ユーザーを有効化 / Enable a disabled user again."""
+    _set_disabled(config, login, False)
+
+
+@app.command("set-role")
+def set_role(
+    config: ConfigOpt,
+    login: LoginOpt,
+    role: Annotated[str, typer.Option("--role", help="the new role")],
+    area: AreaOpt = None,
+) -> None:
+    """役割を変更 / Change a user's role (and areas); their sessions end."""
+    from sekisho.controller.accounts.service import AccountError
+
+    try:
+        user = _service(config).set_role(login, _role(role), area or [], by=_by())
+    except AccountError as err:
+        raise _fail(str(err)) from err
+    console.print(f"変更しました / changed: {escape(user.login)} → {ROLE_LABELS[Role(user.role)]}")
+
+
+@app.command("reset-password")
+def reset_password(config: ConfigOpt, login: LoginOpt, password_stdin: StdinOpt = False) -> None:
+    """パスワードを再設定 / Set a new password for a user; all of their sessions end."""
+    from sekisho.controller.accounts.passwords import PasswordRejected
+    from sekisho.controller.accounts.service import AccountError
+
+    service = _service(config)
+    try:
+        service.user(login)
+        service.reset_password(login, _password(password_stdin), by=_by())
+    except (AccountError, PasswordRejected) as err:
+        raise _fail(str(err)) from err
+    console.print(f"再設定しました / password reset: {escape(login)}")
+
+
+@app.command("totp-enrol")
+def totp_enrol(config: ConfigOpt, login: LoginOpt) -> None:
+    """TOTPを登録 / Give a user a new TOTP secret; the URI and secret are shown once (add them to an app)."""
+    from sekisho.controller.accounts.service import AccountError
+
+    try:
+        secret, uri = _service(config).enrol_totp(login, by=_by())
+    except AccountError as err:
+        raise _fail(str(err)) from err
+    console.print("認証アプリに登録してください（一度だけ表示） / add to the authenticator app (shown once):")
+    typer.echo(uri)
+    typer.echo(f"secret: {secret}")
+
+
+@app.command("attempts")
+def attempts(
+    config: ConfigOpt,
+    login: Annotated[str | None, typer.Option("--login", help="only this login")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10000)] = 50,
+) -> None:
+    """ログイン試行の記録 / Show recent sign-in attempts, failures and lock-outs."""
+    table = Table("at (JST)", "login", "client", "outcome")
+    for row in _service(config).attempts(login, limit):
+        table.add_row(_jst(row.at), escape(row.login), escape(row.client), row.outcome)
+    console.print(table)
+
+
+@token_app.command("create")
+def token_create(
+    config: ConfigOpt,
+    login: LoginOpt,
+    name: Annotated[str, typer.Option("--name", help="what the token is for, e.g. prometheus")],
+    expires: Annotated[str, typer.Option("--expires", help="lifetime: 30m, 24h, 90d, or never")] = "90d",
+) -> None:
+    """トークンを作成 / Create an API token acting with the user's role; shown once, only its hash is stored."""
+    from sekisho.controller.accounts.service import AccountError
+    from sekisho.controller.fleet.token_cli import parse_duration
+
+    try:
+        lifetime = None if expires.strip().lower() == "never" else parse_duration(expires)
+        new = _service(config).create_token(login, name, lifetime, by=_by())
+    except (AccountError, ValueError) as err:
+        raise _fail(f"作成できません / cannot create the token: {err}") from err
+    until = _jst(new.expires_at) if new.expires_at else "無期限 / never"
+    console.print(f"トークン {new.id} ({escape(new.name)}), 有効期限 / expires {until}; 一度だけ表示 / shown once:")
+    typer.echo(new.token)
+
+
+@token_app.command("list")
+def token_list(
+    config: ConfigOpt, login: Annotated[str | None, typer.Option("--login", help="only this user's")] = None
+) -> None:
+    """トークン一覧 / List API tokens with their last use."""
+    table = Table("id", "login", "name", "created (JST)", "expires", "last used", "from", "state")
+    now = timefmt.now()
+    for token, owner in _service(config).tokens(login):
+        expired = token.expires_at is not None and token.expires_at <= now
+        state = "失効 / revoked" if token.revoked_at else "期限切れ / expired" if expired else "有効 / active"
+        table.add_row(
+            token.id, escape(owner), escape(token.name), _jst(token.created_at), _jst(token.expires_at),
+            _jst(token.last_used_at), token.last_used_client or "-", state,
+        )  # fmt: skip
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(config: ConfigOpt, token_id: Annotated[str, typer.Argument(help="the token's id")]) -> None:
+    """トークンを失効 / Revoke an API token at once."""
+    from sekisho.controller.accounts.service import AccountError
+
+    try:
+        _service(config).revoke_token(token_id, by=_by())
+    except AccountError as err:
+        raise _fail(str(err)) from err
+    console.print(f"失効しました / revoked: {escape(token_id)}")
