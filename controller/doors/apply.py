@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, Table, insert, select, update
+from sqlalchemy import Connection, Table, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from sekisho.controller.store.models import AreaPresence, DoorLogEntry, Finding, KeyLoan, Visit
@@ -432,9 +432,14 @@ def _key_returned(conn: Connection, site: SiteView, event: StoredEvent, p: KeyRe
     if conn.execute(select(_LOANS.c.id).where(_LOANS.c.returned_event_id == event.event_id)).first():
         return
     when, cabinet, slot = event.occurred_at, p.door, p.slot
-    wrong_slot = p.wrong_slot
+    # The agent sets wrong_slot whenever the person returning is not the slot's borrower: a presence switch
+    # cannot tell which key went in. A colleague putting the borrower's key back into its own slot is the
+    # same signal, and was shown as "wrong slot". Only someone who holds another key of this cabinet can have
+    # put that key into this slot; anyone else returned this slot's own key (issue 12).
+    slot_key = site.slot_keys.get((cabinet, slot))
+    wrong_slot = p.wrong_slot and _holds_other_key(conn, cabinet, slot_key or p.key, p.person, when)
     # A key put into another key's slot fills that slot: the loan it closes is that slot's key's.
-    key = (site.slot_keys.get((cabinet, slot)) if wrong_slot else None) or p.key
+    key = (slot_key if p.wrong_slot else None) or p.key
     returned = {
         "returned_at": when,
         "returned_by": p.person,
@@ -475,6 +480,25 @@ def _key_returned(conn: Connection, site: SiteView, event: StoredEvent, p: KeyRe
     conn.execute(update(_LOANS).where(_LOANS.c.id == loan.id).values(**returned))
     if loan.overdue_finding_id is not None:
         resolve_overdue_finding(conn, loan.overdue_finding_id, when, p.person)
+
+
+def _holds_other_key(conn: Connection, cabinet: str, key: str, person: str | None, when: datetime) -> bool:
+    """Tell whether person had a key of this cabinet other than key out at that moment."""
+    if person is None:
+        return False
+    c = _LOANS.c
+    found = conn.execute(
+        select(c.id)
+        .where(
+            c.cabinet == cabinet,
+            c.person == person,
+            c.key != key,
+            c.taken_at <= when,
+            or_(c.returned_at.is_(None), c.returned_at > when),
+        )
+        .limit(1)
+    ).first()
+    return found is not None
 
 
 def resolve_overdue_finding(conn: Connection, finding_id: int, returned_at: datetime, by: str | None) -> None:

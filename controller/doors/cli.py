@@ -137,6 +137,9 @@ def keys(
         state = _LOAN_LABELS[loan_state(loan, now)]
         if loan.wrong_slot:
             state += f" [yellow]別スロットへ返却 / wrong slot {loan.returned_slot}[/yellow]"
+        elif loan.returned_by and loan.person and loan.returned_by != loan.person:
+            # The right slot, by someone other than the borrower: worth a note, not a warning.
+            state += " 代理返却 / returned by a colleague"
         table.add_row(
             str(loan.id),
             loan.cabinet,
@@ -333,6 +336,8 @@ def _targets(config: Path, build: Callable[[SitePolicy], list[DoorCommand]]) -> 
     except TargetError as err:
         err_console.print(f"[red]✗[/red] {err}")
         raise typer.Exit(2) from err
+    finally:
+        store.engine.dispose()
 
 
 @app.command("unlock")

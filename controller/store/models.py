@@ -251,6 +251,8 @@ class LoanRecord(Base):
     __table_args__ = (
         Index(None, "medium", "starts_at"),
         Index(None, "person", "starts_at"),
+        # The media-loan register newest first (revision 0010).
+        Index(None, "starts_at"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -324,6 +326,9 @@ class KeyLoan(Base):
         Index(None, "cabinet", "key", "taken_at"),
         Index(None, "person", "taken_at"),
         Index(None, "returned_at", "due_at"),
+        # Register pages (revision 0010): keys out newest first, returned newest first, a person's returns.
+        Index(None, "returned_at", "taken_at"),
+        Index(None, "returned_by", "returned_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
@@ -353,6 +358,8 @@ class DoorLogEntry(Base):
         Index(None, "door_kind", "occurred_at"),
         Index(None, "person", "occurred_at"),
         Index(None, "occurred_at"),
+        # Area filter and area timeline (revision 0010).
+        Index(None, "area", "occurred_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
@@ -401,6 +408,8 @@ class Visit(Base):
         Index(None, "visitor", "entered_at"),
         Index(None, "area", "exited_at"),
         Index(None, "entered_at"),
+        # An escort's visits (revision 0010).
+        Index(None, "escort", "entered_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
@@ -596,3 +605,18 @@ class LoginAttempt(Base):
     client: Mapped[str] = mapped_column(String(64))
     outcome: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str | None] = mapped_column(String(255))
+
+
+class MusterCheck(Base):
+    """A "confirmed safe" tick on the muster list (controller/reports/muster.py): one person, one area, one stay.
+
+    entered_at is the entry time of the stay it confirms: after a new entry the tick no longer counts.
+    """
+
+    __tablename__ = "muster_checks"
+
+    area: Mapped[str] = mapped_column(String(64), primary_key=True)
+    person: Mapped[str] = mapped_column(String(64), primary_key=True)
+    entered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    checked_by: Mapped[str] = mapped_column(String(200))
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime)
