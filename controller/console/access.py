@@ -1,53 +1,33 @@
-"""Who is looking at a console page, and what their role may see: the seam to controller/accounts.
+"""Who is looking at a console page, and what their role may see: the console's side of controller/accounts.
 
-controller/accounts/roles.py holds the role matrix and the `require(permission)` dependency. The console
-asks it two things only, both here, so wiring it is one line each (`signed_in` and `may`); until then no
-one is signed in and no role may anything (fail closed).
+controller/accounts/roles.py holds the role matrix and the `require(permission)` dependency; every console
+page depends on it (or is one of its PUBLIC_ROUTES), and the header shows only what the role may open.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Protocol
+from typing import Annotated, Final
 
-from fastapi import Depends, HTTPException, status
-
-
-class Viewer(Protocol):
-    """What a page needs of the signed-in user (accounts' Actor has these)."""
-
-    login: str
-    display_name: str
-    role: str
-
+from sekisho.controller.accounts.roles import Actor, Permission, Role, allows, require
 
 # The first screen of each role (docs/console.md): where /console/ sends someone after signing in.
-ROLE_HOME: Final[dict[str, str]] = {
-    "facility_manager": "/console/keys",
-    "security": "/console/alerts",
-    "it_admin": "/console/fleet",
-    "auditor": "/console/inspection",
-    "area_manager": "/console/areas",
+ROLE_HOME: Final[dict[Role, str]] = {
+    Role.FACILITY_MANAGER: "/console/keys",
+    Role.SECURITY: "/console/alerts",
+    Role.IT_ADMIN: "/console/fleet",
+    Role.AUDITOR: "/console/inspection",
+    Role.AREA_MANAGER: "/console/areas",
 }
 
-
-def _nobody_signed_in() -> Viewer:
-    # Replaced by accounts' session dependency; answering 401 sends the browser to the login page.
-    raise HTTPException(status_code=status.HTTP_401_UNAUTHORIZED, detail="not signed in")
+# Any signed-in console user (the start page, the language of one's own account).
+SignedInDep = Annotated[Actor, require(Permission.CONSOLE_VIEW)]
 
 
-def signed_in() -> Any:
-    """Return the dependency for 'any signed-in console user' (wire: accounts' authenticated dependency)."""
-    return Depends(_nobody_signed_in)
+def may(role: Role, permission: Permission) -> bool:
+    """Tell whether a role holds a permission (the one role matrix decides)."""
+    return allows(role, permission)
 
 
-SignedInDep = Annotated[Viewer, signed_in()]
-
-
-def may(role: str, permission: str) -> bool:
-    """Tell whether a role holds a permission (wire: `role in MATRIX[Permission(permission)]`)."""
-    return False
-
-
-def home_of(viewer: Viewer) -> str:
+def home_of(actor: Actor) -> str:
     """Return the first screen of a signed-in user's role."""
-    return ROLE_HOME.get(viewer.role, "/console/login")
+    return ROLE_HOME.get(actor.role, "/console/login")

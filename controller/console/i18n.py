@@ -127,7 +127,10 @@ def missing_translations(roots: Iterable[Path] = (PACKAGE_DIR,)) -> list[str]:
 
 
 def update_catalogues(roots: Iterable[Path] = (PACKAGE_DIR,)) -> dict[Lang, int]:
-    """Add every used message missing from a catalogue (English: the msgid itself; Japanese: empty, to fill in)."""
+    """Add every used message missing from a catalogue (English: the msgid; Japanese: empty, to fill in).
+
+    Messages no longer used anywhere are dropped, so a catalogue holds exactly what the console shows.
+    """
     from babel.messages.pofile import write_po  # only the maintainer's update needs the writer
 
     added: dict[Lang, int] = {}
@@ -135,6 +138,10 @@ def update_catalogues(roots: Iterable[Path] = (PACKAGE_DIR,)) -> dict[Lang, int]
     for lang in LANGUAGES:
         catalogue = read_catalogue(lang)
         count = 0
+        keys = {m.msgid[0] if isinstance(m.msgid, tuple) else m.msgid for m in used}
+        for entry in list(catalogue):
+            if entry.id and (entry.id[0] if isinstance(entry.id, tuple) else entry.id) not in keys:
+                catalogue.delete(entry.id)
         for message in used:
             key = message.msgid[0] if isinstance(message.msgid, tuple) else message.msgid
             if catalogue.get(key) is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sekisho.controller.accounts.roles import Permission, Role
 from sekisho.controller.console.access import may
 from sekisho.controller.console.i18n import N_
 
@@ -14,19 +15,19 @@ class NavItem:
 
     path: str
     label: str
-    permission: str
+    permission: Permission
     # False until the page family is built: the path then answers with a plain "not built yet" page.
     built: bool = False
 
 
-# In the order they appear. Permission names are accounts' Permission values (controller/accounts/roles.py).
+# In the order they appear; the permission is the one the page itself requires (controller/accounts/roles.py).
 NAV_ITEMS: list[NavItem] = [
-    NavItem("/console/keys", N_("Keys out"), "registers.read"),
-    NavItem("/console/muster", N_("Who is inside"), "registers.read"),
-    NavItem("/console/alerts", N_("Alerts"), "alerts.read"),
-    NavItem("/console/fleet", N_("Fleet health"), "fleet.admin"),
-    NavItem("/console/inspection", N_("Inspection"), "audit.read"),
-    NavItem("/console/areas", N_("My areas"), "registers.read"),
+    NavItem("/console/keys", N_("Keys out"), Permission.REGISTERS_READ),
+    NavItem("/console/muster", N_("Who is inside"), Permission.AREAS_READ),
+    NavItem("/console/alerts", N_("Alerts"), Permission.ALERTS_READ),
+    NavItem("/console/fleet", N_("Fleet health"), Permission.FLEET_READ),
+    NavItem("/console/inspection", N_("Inspection"), Permission.AUDIT_READ),
+    NavItem("/console/areas", N_("My areas"), Permission.AREAS_READ),
 ]
 
 
@@ -39,7 +40,7 @@ def register(item: NavItem) -> None:
     NAV_ITEMS.append(item)
 
 
-def visible_to(role: str | None) -> list[NavItem]:
+def visible_to(role: Role | None) -> list[NavItem]:
     """Return the items a role may open (none before signing in)."""
     if role is None:
         return []

@@ -12,8 +12,9 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from sekisho.controller.accounts.roles import Actor
+from sekisho.controller.accounts.web import csrf_for
 from sekisho.controller.console import formats, i18n, nav
-from sekisho.controller.console.access import Viewer
 from sekisho.controller.console.formats import Lang
 from sekisho.protocol import timefmt
 
@@ -42,8 +43,8 @@ def environment() -> Environment:
     return env
 
 
-def language_of(request: Request, viewer: Viewer | None = None) -> Lang:
-    """Return the display language: this browser's choice (cookie), else the user's own, else Japanese."""
+def language_of(request: Request, viewer: Actor | None = None) -> Lang:
+    """Return the display language: this browser's choice (cookie, set from the account at sign-in), else Japanese."""
     chosen = request.cookies.get(LANG_COOKIE)
     if formats.is_lang(chosen):
         return chosen
@@ -66,7 +67,7 @@ def render(
     template: str,
     context: Mapping[str, Any] | None = None,
     *,
-    viewer: Viewer | None = None,
+    viewer: Actor | None = None,
     status_code: int = 200,
     now: datetime | None = None,
 ) -> HTMLResponse:
@@ -85,6 +86,8 @@ def render(
         "rendered_at": now or timefmt.now(),
         "verification": None,
         "csrf_token": None,
+        # The header's sign-out form: the session's own CSRF token (accounts computes it from the cookie).
+        "csrf_token_header": csrf_for(request) if viewer is not None and viewer.via == "session" else "",
         "print_title": None,
         "print_period": None,
     }

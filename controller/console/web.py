@@ -1,31 +1,27 @@
-"""The console's shell pages: login form, start page by role, language switch, placeholders; and install()."""
+"""The console's shell: start page by role, language switch, placeholders, the accounts' pages; install()."""
 
 from __future__ import annotations
 
 from pathlib import Path as FilePath
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
+from sekisho.controller.accounts.authn import identify
+from sekisho.controller.accounts.roles import Actor, require
 from sekisho.controller.console import nav, templating
 from sekisho.controller.console.access import SignedInDep, home_of
 from sekisho.controller.console.formats import Lang
-from sekisho.controller.console.i18n import N_, gettext
 from sekisho.controller.console.security import ConsoleHeaders, install_error_pages
 
 shell = APIRouter(prefix="/console", tags=["console"], include_in_schema=False)
 
 LANG_COOKIE_MAX_AGE: Final = 365 * 24 * 3600
-# Why a login failed, as the accounts' POST /console/login reports it by redirect (?error=<code>): one
-# message for a wrong name or password, so the page never tells which logins exist.
-LOGIN_ERRORS: Final[dict[str, str]] = {
-    "invalid": N_("Login name, password or one-time code is wrong."),
-    "locked": N_("Too many failed attempts: this login is locked for a while. Ask an IT administrator."),
-    "csrf": N_("The form expired. Please sign in again."),
-    "expired": N_("Your session ended. Please sign in again."),
-}
+# The pages controller/accounts/web.py serves (sign-in, sign-out, password) in the console's layout.
+ACCOUNT_PAGES: Final = frozenset({"accounts/login.html", "accounts/logout.html", "accounts/password.html"})
 
 
 def safe_next(target: str | None) -> str:
@@ -41,40 +37,27 @@ def safe_next(target: str | None) -> str:
     return target
 
 
-def render_login(
-    request: Request,
-    *,
-    error: str | None = None,
-    login_value: str = "",
-    next_path: str | None = None,
-    csrf_token: str | None = None,
-    status_code: int = 200,
-) -> Response:
-    """Render the login page (accounts' POST handler calls this to show a failure with its status)."""
+def one_language(text: str | None, lang: Lang) -> str | None:
+    """Return the half of a bilingual "日本語 / English" message (the accounts' and CLI's style) for a language."""
+    if text is None or " / " not in text:
+        return text
+    japanese, english = text.split(" / ", 1)
+    return japanese if lang == "ja" else english
+
+
+def render_account_page(request: Request, template: str, context: dict[str, Any], status_code: int) -> Response:
+    """Render one of the accounts' pages (app.state.console_render): their context, our layout and language."""
+    if template not in ACCOUNT_PAGES:
+        raise ValueError(f"not an accounts page: {template}")
     lang = templating.language_of(request)
-    message = gettext(lang, LOGIN_ERRORS[error]) if error in LOGIN_ERRORS else None
-    return templating.render(
-        request,
-        "login.html",
-        {
-            "error": message,
-            "login_value": login_value,
-            "next_path": safe_next(next_path) if next_path else None,
-            "csrf_token": csrf_token,
-        },
-        status_code=status_code,
-    )
-
-
-@shell.get("/login")
-def login_page(
-    request: Request,
-    error: Annotated[str | None, Query(max_length=16)] = None,
-    next: Annotated[str | None, Query(max_length=512)] = None,
-) -> Response:
-    """Show the sign-in form (posted to accounts' POST /console/login)."""
-    # Wire: csrf_token=<accounts' pre-session login token> once controller/accounts provides it.
-    return render_login(request, error=error, next_path=next)
+    values = {
+        **context,
+        "error": one_language(context.get("error"), lang),
+        "message": one_language(context.get("message"), lang),
+        "login_value": context.get("login") or "",
+        "next_path": safe_next(context.get("next")),
+    }
+    return templating.render(request, template, values, viewer=context.get("actor"), status_code=status_code)
 
 
 @shell.get("/")
@@ -83,14 +66,8 @@ def home(viewer: SignedInDep) -> Response:
     return RedirectResponse(home_of(viewer), status_code=303)
 
 
-@shell.get("/lang/{lang}")
-def switch_language(
-    request: Request,
-    lang: Annotated[Lang, Path()],
-    next: Annotated[str | None, Query(max_length=512)] = None,
-) -> Response:
-    """Remember the display language in this browser and go back to the page it was chosen on."""
-    response = RedirectResponse(safe_next(next), status_code=303)
+def remember_language(request: Request, response: Response, lang: Lang) -> None:
+    """Set this browser's language cookie (accounts' login calls it with the user's stored language)."""
     state = getattr(request.app.state, "sekisho", None)
     dev = state is not None and state.config.profile == "dev"
     response.set_cookie(
@@ -100,18 +77,46 @@ def switch_language(
         path="/console",
         httponly=True,
         samesite="lax",
+        # As the session cookie: Secure outside the dev profile.
         secure=not dev,
     )
+
+
+@shell.get("/lang/{lang}")
+async def switch_language(
+    request: Request,
+    lang: Annotated[Lang, Path()],
+    next: Annotated[str | None, Query(max_length=512)] = None,
+) -> Response:
+    """Remember the display language in this browser, and for a signed-in user in their account; go back.
+
+    Public, so the sign-in page can switch too. A GET, so a plain link works without JavaScript; the worst a
+    forged link can do is change someone's display language.
+    """
+    response = RedirectResponse(safe_next(next), status_code=303)
+    remember_language(request, response, lang)
+    actor = await identify(request)
+    if actor is not None and actor.via == "session" and actor.user_id is not None:
+        state = request.app.state.sekisho
+        await run_in_threadpool(state.accounts.set_language, actor.user_id, lang)
     return response
 
 
 def _placeholder_route(item: nav.NavItem) -> None:
-    # Wire: depend on accounts' require(item.permission) instead of any signed-in user.
-    def placeholder(request: Request, viewer: SignedInDep) -> Response:
-        return templating.render(request, "placeholder.html", {"item": item}, viewer=viewer)
+    # The placeholder already asks for the permission the real page will: the matrix test sees it, and a
+    # role that may not open the page gets 403 now, not only once the page exists.
+    def placeholder(request: Request) -> Response:
+        actor: Actor = request.state.actor  # set by accounts' require() before the route runs
+        return templating.render(request, "placeholder.html", {"item": item}, viewer=actor)
 
     placeholder.__doc__ = f"Say plainly that {item.path} is not built yet."
-    shell.add_api_route(item.path.removeprefix("/console"), placeholder, methods=["GET"], name=f"todo:{item.path}")
+    shell.add_api_route(
+        item.path.removeprefix("/console"),
+        placeholder,
+        methods=["GET"],
+        name=f"todo:{item.path}",
+        dependencies=[require(item.permission)],
+    )
 
 
 for _item in nav.unbuilt():
@@ -121,8 +126,8 @@ for _item in nav.unbuilt():
 def install(app: FastAPI, static_dir: FilePath = templating.STATIC_DIR) -> None:
     """Add the console to the app: its pages, static files, security headers and HTML error pages."""
     app.state.console_static = static_dir
+    app.state.console_render = render_account_page
     app.mount("/console/static", StaticFiles(directory=static_dir), name="console-static")
     app.include_router(shell)
     app.add_middleware(ConsoleHeaders)
     install_error_pages(app)
-
