@@ -227,21 +227,11 @@ def issue_command(
         key, agent=topics.check_agent_id(agent_id), name=name, args=args, lifetime=timedelta(seconds=lifetime_s)
     )
     cmd = messages.open_command(raw, key.public_key(), agent_id)
-    open_store(cfg).add_issued_command(
-        command_id=command_id,
-        agent_id=agent_id,
-        name=name,
-        args=args,
-        issued_at=cmd.issued_at,
-        expires_at=cmd.expires_at,
-        nonce=cmd.command.nonce,
-        audit=(operator or cli_operator()).action(
-            "door.command" if name.startswith("door.") else "agent.command",
-            f"agent:{agent_id}",
-            new={"command_id": command_id, "name": name, "args": args, "expires_at": timefmt.fmt(cmd.expires_at)},
-            detail={"reason": reason} if reason else None,
-        ),
-    )
+    store = open_store(cfg)
+    try:
+        _add_issued(store, cmd, command_id, agent_id, name, args, operator or cli_operator(), reason)
+    finally:
+        store.engine.dispose()
     if save_to is not None:
         save_to.write_bytes(raw)
     client: mqtt.Client = make_client(cfg, f"{cfg.worker_id}-command-cli")
@@ -254,6 +244,34 @@ def issue_command(
         client.loop_stop()
     console.print(f"sent {name} to {agent_id} (id {command_id}, expires {cmd.command.expires_at})")
     return command_id
+
+
+def _add_issued(
+    store: Store,
+    cmd: Any,
+    command_id: str,
+    agent_id: str,
+    name: str,
+    args: dict[str, Any],
+    operator: Operator,
+    reason: str | None,
+) -> None:
+    """Record an issued command with its admin audit row (one transaction)."""
+    store.add_issued_command(
+        command_id=command_id,
+        agent_id=agent_id,
+        name=name,
+        args=args,
+        issued_at=cmd.issued_at,
+        expires_at=cmd.expires_at,
+        nonce=cmd.command.nonce,
+        audit=operator.action(
+            "door.command" if name.startswith("door.") else "agent.command",
+            f"agent:{agent_id}",
+            new={"command_id": command_id, "name": name, "args": args, "expires_at": timefmt.fmt(cmd.expires_at)},
+            detail={"reason": reason} if reason else None,
+        ),
+    )
 
 
 def publish_now(cfg: ControllerConfig, bundles: dict[str, bytes], *, purpose: str = "policy-cli") -> bool:

@@ -148,13 +148,15 @@ def test_sqlite_round_trip_restores_exact_counts_and_names_the_lost_events(
     assert len(safety) == 1 and str(safety[0]) in out.replace("\n", "")
 
     after = row_counts(url)
-    # Exactly what was backed up, plus the re-issued version and the restore's own three findings.
-    changed = ("policy_versions", "findings")
+    # Exactly what was backed up, plus the re-issued version, the restore's own three findings and its row in
+    # the admin audit trail (with the checkpoint sealing it).
+    changed = ("policy_versions", "findings", "admin_audit", "checkpoints")
     assert {k: v for k, v in after.items() if k not in changed} == {
         k: v for k, v in at_backup.items() if k not in changed
     }
     assert after["policy_versions"] == at_backup["policy_versions"] + 1
     assert after["findings"] == at_backup["findings"] + 3
+    assert (after["admin_audit"], after["checkpoints"]) == (at_backup["admin_audit"] + 1, at_backup["checkpoints"] + 1)
     store = Store(make_engine(url))
     try:
         (restored,) = store.list_findings(kind="restored_from_backup")
@@ -437,11 +439,12 @@ def test_postgres_round_trip_with_pg_dump(pki: Path, tmp_path: Path, pg_server: 
         out = cli("controller", "restore", "--config", str(config), "--input", str(tmp_path / "pg.tar.gz"), "--yes")
         assert "re-issued as version 4" in out and f"{a.agent_id} seq 13–19 (7)" in out
         after = row_counts(url)
-        changed = ("policy_versions", "findings")
+        changed = ("policy_versions", "findings", "admin_audit", "checkpoints")
         assert {k: v for k, v in after.items() if k not in changed} == {
             k: v for k, v in at_backup.items() if k not in changed
         }
         assert after["findings"] == at_backup["findings"] + 2
+        assert after["admin_audit"] == at_backup["admin_audit"] + 1  # the restore itself
         store = Store(make_engine(url))
         try:
             assert store.event_seqs(a.agent_id) == list(range(1, 13))

@@ -22,6 +22,7 @@ from sekisho.controller.api.schemas import (
     MediaLoanRevoke,
     MediumPublic,
 )
+from sekisho.controller.audit.api import OperatorDep
 from sekisho.controller.media.service import LoanNotFound, MediaConflict, MediaError, MediaService, loan_state
 from sekisho.controller.policy.service import PolicyService
 from sekisho.controller.store.models import LoanRecord
@@ -127,7 +128,7 @@ def get_loan(state: StateDep, loan_id: str) -> MediaLoanPublic:
 
 
 @media.post("/loans", response_model=MediaLoanChange, status_code=status.HTTP_201_CREATED, dependencies=LEND)
-def lend(state: StateDep, body: MediaLoanCreate) -> MediaLoanChange:
+def lend(state: StateDep, body: MediaLoanCreate, operator: OperatorDep) -> MediaLoanChange:
     """Lend a registered medium; refusals answer 422 (rule broken) or 409 (medium already out)."""
     service = _writing(state)
     try:
@@ -141,6 +142,7 @@ def lend(state: StateDep, body: MediaLoanCreate) -> MediaLoanChange:
             body.read_only,
             body.approved_by,
             body.recorded_by,
+            operator=operator,
         )
     except MediaError as err:
         raise _http_error(err) from err
@@ -148,22 +150,22 @@ def lend(state: StateDep, body: MediaLoanCreate) -> MediaLoanChange:
 
 
 @media.post("/loans/{loan_id}/return", response_model=MediaLoanChange, dependencies=LEND)
-def return_medium(state: StateDep, loan_id: str, body: MediaLoanReturn) -> MediaLoanChange:
+def return_medium(state: StateDep, loan_id: str, body: MediaLoanReturn, operator: OperatorDep) -> MediaLoanChange:
     """Record a medium's return; 409 if the loan already ended."""
     service = _writing(state)
     try:
-        version = service.return_medium(loan_id, body.returned_at, body.received_by)
+        version = service.return_medium(loan_id, body.returned_at, body.received_by, operator=operator)
     except MediaError as err:
         raise _http_error(err) from err
     return _changed(state, service, loan_id, version)
 
 
 @media.post("/loans/{loan_id}/revoke", response_model=MediaLoanChange, dependencies=LEND)
-def revoke(state: StateDep, loan_id: str, body: MediaLoanRevoke) -> MediaLoanChange:
+def revoke(state: StateDep, loan_id: str, body: MediaLoanRevoke, operator: OperatorDep) -> MediaLoanChange:
     """End a loan early; 409 if it already ended."""
     service = _writing(state)
     try:
-        version = service.revoke(loan_id, body.reason, body.revoked_by)
+        version = service.revoke(loan_id, body.reason, body.revoked_by, operator=operator)
     except MediaError as err:
         raise _http_error(err) from err
     return _changed(state, service, loan_id, version)

@@ -158,8 +158,13 @@ SYSTEM = Operator("system", "system")
 
 
 def admin_hash(prev_hash: str, row: Any) -> str:
-    """Return the chain hash of one admin audit row (a row or a mapping of its columns) after prev_hash."""
-    columns = row if isinstance(row, dict) else row._mapping
+    """Return the chain hash of one admin audit row (a mapping of its columns, a result row or a model)."""
+    if isinstance(row, dict):
+        columns = row
+    elif hasattr(row, "_mapping"):
+        columns = row._mapping
+    else:
+        columns = {name: getattr(row, name) for name in _AUDIT.columns.keys()}  # noqa: SIM118 (column names)
     record = {
         "chain_index": columns["chain_index"],
         "at": timefmt.fmt(columns["at"]),
@@ -226,24 +231,31 @@ def verify_admin(conn: Connection, signed: SignedHead | None) -> tuple[ChainProb
     finally:
         result.close()
     walked = expected_index - 1
-    text: str | None = None
+    # The chain index named is the first row the problem is about (the first missing, inserted or replaced).
+    at, text = walked + 1, None
     if signed is None:
         if walked:
-            text = f"{walked} admin record(s) not covered by any signed checkpoint: admin records inserted"
+            at, text = 1, f"{walked} admin record(s) not covered by any signed checkpoint: admin records inserted"
     elif walked < signed.length:
         text = (
             f"last admin record(s) deleted: the chain ends at index {walked}, signed checkpoint "
             f"#{signed.checkpoint} has {signed.length} (chain index {walked + 1}–{signed.length} missing)"
         )
     elif walked > signed.length:
-        text = (
-            f"admin record(s) beyond the last signed checkpoint #{signed.checkpoint} (it has {signed.length}): "
-            "admin records inserted"
+        at, text = (
+            signed.length + 1,
+            (
+                f"admin record(s) beyond the last signed checkpoint #{signed.checkpoint} (it has {signed.length}): "
+                "admin records inserted"
+            ),
         )
     elif prev_hash != signed.head:
-        text = f"head differs from signed checkpoint #{signed.checkpoint}: admin records replaced and rehashed"
+        at, text = (
+            walked,
+            f"head differs from signed checkpoint #{signed.checkpoint}: admin records replaced and rehashed",
+        )
     if text is not None:
-        return ChainProblem(None, walked + 1, None, None, None, text, "admin_audit"), 0
+        return ChainProblem(None, at, None, None, None, text, "admin_audit"), 0
     return None, walked
 
 

@@ -498,6 +498,7 @@ class AgentCertificate(Base):
     issued_at: Mapped[datetime] = mapped_column(UTCDateTime)
     via: Mapped[str] = mapped_column(String(8))
 
+
 class AdminAuditEntry(Base):
     """One admin change, export or remote command: who, when, from where, what, old → new (issue 12).
 
@@ -528,6 +529,7 @@ class AdminAuditEntry(Base):
     chain_index: Mapped[int] = mapped_column(BigInteger)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
 
 class ConsoleUser(Base):
     """A person who signs in to the console or holds API tokens: name (kanji) with reading, role, areas."""
