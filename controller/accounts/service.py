@@ -398,6 +398,8 @@ class AccountService:
             self.store.write(work)
         except LoginRefused:
             self._fail(now, typed, user, client, "bad_totp")
+        audit_hook(self.store, f"user:{user.login}", "session", client, "login.ok", f"user:{user.login}",
+                   None, None, None, strict=False)  # fmt: skip
         return SignedIn(user, session_id, session_sha256)
 
     def _fail(self, now: datetime, typed: str, user: ConsoleUser | None, client: str, outcome: str) -> NoReturn:
@@ -411,24 +413,24 @@ class AccountService:
             )
         raise LoginRefused(outcome, message)
 
-    def _since(self, conn: Connection, column: str, value: str, resets: tuple[str, ...], now: datetime) -> datetime:
-        since = now - self.settings.login_lockout
-        last = conn.execute(
-            select(func.max(_ATTEMPTS.c.at)).where(_ATTEMPTS.c[column] == value, _ATTEMPTS.c.outcome.in_(resets))
+    def _failures(self, conn: Connection, column: str, value: str, resets: tuple[str, ...], now: datetime) -> int:
+        """Count the failures for this login or address within the lock-out time and since its last reset."""
+        # By row id, not time: a success and the failures after it may share a timestamp.
+        last_reset = conn.execute(
+            select(func.max(_ATTEMPTS.c.id)).where(_ATTEMPTS.c[column] == value, _ATTEMPTS.c.outcome.in_(resets))
         ).scalar()
-        # max() keeps the column's type, so this is an aware datetime on both backends.
-        if last is not None and last > since:
-            since = last
-        return since
-
-    def _failures(self, conn: Connection, column: str, value: str, since: datetime) -> int:
-        return int(
-            conn.execute(
-                select(func.count())
-                .select_from(_ATTEMPTS)
-                .where(_ATTEMPTS.c[column] == value, _ATTEMPTS.c.outcome.in_(FAILURES), _ATTEMPTS.c.at > since)
-            ).scalar_one()
+        stmt = (
+            select(func.count())
+            .select_from(_ATTEMPTS)
+            .where(
+                _ATTEMPTS.c[column] == value,
+                _ATTEMPTS.c.outcome.in_(FAILURES),
+                _ATTEMPTS.c.at > now - self.settings.login_lockout,
+            )
         )
+        if last_reset is not None:
+            stmt = stmt.where(_ATTEMPTS.c.id > last_reset)
+        return int(conn.execute(stmt).scalar_one())
 
     def _record(
         self, now: datetime, typed: str, user_id: int | None, client: str, outcome: str, detail: str | None
@@ -445,11 +447,9 @@ class AccountService:
             if outcome not in FAILURES:
                 return []
             locks: list[str] = []
-            since = self._since(conn, "login", typed, ("ok", LOCKED_OUT), now)
-            if self._failures(conn, "login", typed, since) >= settings.login_failures:
+            if self._failures(conn, "login", typed, ("ok", LOCKED_OUT), now) >= settings.login_failures:
                 locks.append(LOCKED_OUT)
-            since = self._since(conn, "client", client, (CLIENT_LOCKED_OUT,), now)
-            if self._failures(conn, "client", client, since) >= settings.login_client_failures:
+            if self._failures(conn, "client", client, (CLIENT_LOCKED_OUT,), now) >= settings.login_client_failures:
                 locks.append(CLIENT_LOCKED_OUT)
             for lock in locks:
                 conn.execute(
@@ -460,11 +460,11 @@ class AccountService:
         locks = self.store.write(work)
         audit_hook(self.store,
             f"user:{typed}", "session", client, f"login.{outcome}", f"user:{typed}", None, None,
-            {"locked": locks} if locks else None,
+            {"locked": locks} if locks else None, strict=False,
         )  # fmt: skip
         for lock in locks:
             audit_hook(self.store, f"user:{typed}", "session", client, f"login.{lock}", f"user:{typed}", None, None,
-                       {"for_s": int(settings.login_lockout.total_seconds())})  # fmt: skip
+                       {"for_s": int(settings.login_lockout.total_seconds())}, strict=False)  # fmt: skip
         return bool(locks)
 
     def _locked(self, typed: str, client: str, now: datetime) -> int | None:
@@ -565,7 +565,7 @@ class AccountService:
         from sqlalchemy.orm import Session
 
         with Session(self.store.engine) as session:
-            return [(t, lg) for t, lg in session.execute(stmt.order_by(ConsoleApiToken.created_at)).tuples()]
+            return [(t, lg) for t, lg in session.execute(stmt.order_by(ConsoleApiToken.created_at))]
 
     def revoke_token(self, token_id: str, *, by: str) -> None:
         """Revoke an API token by its id (AccountError if there is no such token or it is revoked already)."""
