@@ -464,3 +464,43 @@ def test_cli_audit_log_shows_and_filters_the_trail(cli: Cli) -> None:
     [entry] = [json.loads(line) for line in lines]
     assert (entry["actor"], entry["old"], entry["new"]) == (CLI_ACTOR, {"version": 1}, {"version": 2})
     assert cli.run("audit", "log", "--actor", "user:bob").startswith("該当する記録はありません")
+
+
+# --- through the API: the authenticated operator ---------------------------------------------------------
+
+
+def test_api_media_loan_records_the_token_user_and_address(tmp_path: Path, store: Store) -> None:
+    from accounts_fixtures import WRITE, make_site
+
+    from sekisho.controller.accounts.roles import Role
+
+    site = make_site(tmp_path, store)
+    login = site.user(Role.FACILITY_MANAGER, "suzuki")
+    token = site.accounts.create_token(login, "tablet", None, by="test")
+    client = site.client("192.0.2.44", headers={"Authorization": f"Bearer {token.token}"})
+    body = {
+        "medium": "m-0001",
+        "person": "p-0001",
+        "terminals": ["t-hr-01"],
+        "ends_at": (timefmt.now() + timedelta(days=1)).isoformat(),
+        "purpose": "監査対応",
+        "approved_by": "p-0002",
+        "recorded_by": "p-0002",
+    }
+    made = client.post("/api/v1/media/loans", json=body)
+    assert made.status_code == 201, made.text
+    [row] = store.list_admin(action="media.loan.create")
+    assert row.actor == f"token:suzuki/{token.id}" and (row.via, row.client) == ("api", "192.0.2.44")
+    assert row.target == f"loan:{made.json()['loan']['id']}" and row.new["purpose"] == "監査対応"
+    # A service token of the config is named as such.
+    legacy = site.client("192.0.2.45", headers={"Authorization": f"Bearer {WRITE}"})
+    loan_id = made.json()["loan"]["id"]
+    assert legacy.post(f"/api/v1/media/loans/{loan_id}/return", json={"received_by": "p-0002"}).status_code == 200
+    returned = store.list_admin(action="media.loan.return")[0]
+    assert returned.actor.startswith("token:") and returned.client == "192.0.2.45"
+    # A purpose holding a My Number: 422, nothing written.
+    number = synthetic_my_number(random.Random(7))
+    before = len(rows(store))
+    refused = client.post("/api/v1/media/loans", json={**body, "purpose": f"個人番号 {number}"})
+    assert refused.status_code == 422 and number not in refused.text
+    assert len(rows(store)) == before

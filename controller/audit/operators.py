@@ -30,13 +30,18 @@ def cli_operator() -> Operator:
 def api_operator(caller: Any, client: str | None) -> Operator:
     """Return the operator of an API or console request from the caller the auth layer authenticated.
 
-    The accounts layer's ``Actor`` names itself (``audit_name``: user:<login>, token:<name>…) and says how it
-    came (``via``: a session is the web console); anything else is named by its ``name`` as a token.
+    The accounts layer's ``Actor`` names itself (``audit_name``: user:<login> for a session, token:<name> for a
+    service token…; a user's personal token is token:<login>/<token id>) and says how it came (``via``: a
+    session is the web console); anything else is named by its ``name`` as a token.
     """
     address = None if client is None else _printable(client, MAX_CLIENT)
     name = getattr(caller, "audit_name", None)
     if isinstance(name, str) and name:
-        via = _VIA.get(str(getattr(caller, "via", "token")), "api")
-        return Operator(_printable(name, MAX_ACTOR), via, address)
+        how = str(getattr(caller, "via", "token"))
+        token_id = getattr(caller, "token_id", None)
+        if how == "token" and getattr(caller, "user_id", None) is not None and token_id:
+            # A user's personal API token: which one, so a leaked token's actions can be told apart.
+            name = f"token:{caller.login}/{token_id}"
+        return Operator(_printable(name, MAX_ACTOR), _VIA.get(how, "api"), address)
     legacy = getattr(caller, "name", None)
     return Operator(_printable(f"token:{legacy or 'unknown'}", MAX_ACTOR), "api", address)
