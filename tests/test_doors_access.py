@@ -759,6 +759,27 @@ def test_wrong_slot_return(rig: Rig) -> None:
     assert set(rig.ctl._cabinets.loans("cab")) == {2}
 
 
+def test_a_colleague_returning_a_key_to_its_own_slot_is_no_alarm(rig: Rig) -> None:
+    start_cabinet(rig)
+    # Baba borrows the archive key (slot 1); Aoki, who has no key out, hangs it back for her.
+    rig.tap("r-k", "baba")
+    rig.ctl.input_changed("door", SENSORS["cab"], True)
+    rig.advance(0.1)
+    take_or_return(rig, 1, False)
+    rig.ctl.input_changed("door", SENSORS["cab"], False)
+    rig.advance(3)
+    rig.tap("r-k", "aoki")
+    rig.ctl.input_changed("door", SENSORS["cab"], True)
+    rig.advance(0.1)
+    mark = rig.mark()
+    take_or_return(rig, 1, True)
+    returned = only(rig.since(mark, "key.returned"))[1]
+    # Still told on the wire (the register shows "returned by a colleague"), but no wrong-slot alarm.
+    assert (returned["slot"], returned["person"], returned["wrong_slot"]) == (1, "p-aoki", True)
+    assert rig.since(mark, "door.alarm") == []
+    assert rig.ctl._cabinets.loans("cab") == {}
+
+
 def test_loans_survive_restart(tmp_path: Path) -> None:
     first = Rig(tmp_path, make_policy())
     start_cabinet(first)

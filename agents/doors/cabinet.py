@@ -11,12 +11,15 @@ keeps the session for ``unlock_s + held_open_s`` after the grant.
   ``door.alarm key_taken_without_grant`` (naming the session holder, if any). The slot is still
   recorded as out, so its return is matched.
 - A key arriving in a slot → ``key.returned`` (person: the session holder, if any). If the person
-  returning does not hold that slot's loan → ``wrong_slot=true`` and ``door.alarm key_wrong_slot``.
+  returning does not hold that slot's loan → ``wrong_slot=true`` (on the wire: "returned by someone other
+  than the borrower"). Only when that person also has a key of this cabinet out — theirs may be the key that
+  went into this slot — is it a ``door.alarm key_wrong_slot``; anyone else returned this slot's own key for
+  a colleague, which is no alarm (the controller's register shows it as such, controller/doors/apply.py).
 
 Limitation: a presence switch only says *a* key is in the slot, not *which* key. A key put into another
 key's empty slot is seen as that slot's key coming back; it is caught only because the person
-returning is not that slot's borrower (and their own slot stays out). A colleague returning someone
-else's key is flagged the same way. Tagged keys (RFID fobs per key) would be needed to do better.
+returning is not that slot's borrower and their own slot stays out. Tagged keys (RFID fobs per key) would
+be needed to do better.
 
 Loans live in the door state store, so they survive an agent restart; the first settled report of each
 slot after a start is reconciled with it (a key back while the agent was down is recorded as returned;
@@ -196,7 +199,11 @@ class KeyCabinetTracker:
         wrong = returner is not None and borrower is not None and returner != borrower
         payload = {"door": door_id, "slot": slot.index, "key": slot.key, "person": returner, "wrong_slot": wrong}
         out: list[Action] = [Emit("key.returned", compact(payload))]
-        if wrong:
+        # The loan of this slot is closed already: any loan of the returner's still open is another slot's.
+        holds_other = returner is not None and any(
+            other.person == returner for other in self._store.loans(door_id).values()
+        )
+        if wrong and holds_other:
             detail = f"slot {slot.index} ({slot.key}) was out with {borrower}, returned in {returner}'s session"
             out.append(self._alarm(door_id, "key_wrong_slot", slot, returner, detail))
         return out
