@@ -248,6 +248,11 @@ def policy_site(pki: Path, tmp_path: Path) -> Iterator[tuple[Lab, Controller]]:
 def test_revoked_agent_gets_no_policy(policy_site: tuple[Lab, Controller]) -> None:
     lab, ctl = policy_site
     policy = topics.topic(IN_POLICY, topics.POLICY)
+    assert ctl.keeper is not None
+    keeper = ctl.keeper
+    # The keeper's own first publication runs on its thread: let it finish before the test calls check() too,
+    # or a bundle it computed before the revocation may be published after the test's clear.
+    wait_for(lambda: keeper.publications.last_version is not None, timeout=10, what="the keeper's first publication")
     # What the broker holds for the agent, seen from the controllers' side (the agent itself is refused).
     watcher = connect_client(lab.pki_dir, lab.broker.controller_port, "controller-watch", identity="controller")
     try:
