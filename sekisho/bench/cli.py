@@ -441,5 +441,34 @@ def bench_fleet(
     raise typer.Exit(run_fleet_bench(options, console))
 
 
+@bench_app.command("registers")
+def bench_registers(
+    events: Annotated[int, typer.Option(min=1000, max=50_000_000, help="synthetic signed events loaded")] = 10_000_000,
+    backend: Annotated[str, typer.Option(help="sqlite, postgres (a private cluster) or both")] = "both",
+    rounds: Annotated[int, typer.Option(min=3, max=1000, help="repetitions of each reading")] = 50,
+    csv_rows: Annotated[int, typer.Option(min=10, max=10_000_000, help="rows of the larger CSV export")] = 100_000,
+    deep_pages: Annotated[int, typer.Option(min=1, max=1000, help="pages read before the deep page")] = 20,
+    http: Annotated[bool, typer.Option(help="time full page responses over HTTP too")] = True,
+    workdir: Annotated[Path | None, typer.Option(help="keep state here instead of a temp dir")] = None,
+) -> None:
+    """Register/timeline queries, HTTP pages and CSV export memory over millions of projected events."""
+    from sekisho.bench.registers import Options, run_registers_bench
+
+    chosen = {"sqlite": ("sqlite",), "postgres": ("postgres",), "both": ("sqlite", "postgres")}.get(backend)
+    if chosen is None:
+        console.print("[bold red]--backend は sqlite / postgres / both / --backend: sqlite, postgres or both[/]")
+        raise typer.Exit(2)
+    options = Options(
+        events=events,
+        backends=chosen,
+        rounds=rounds,
+        csv_rows=csv_rows,
+        deep_pages=deep_pages,
+        http=http,
+        workdir=workdir,
+    )
+    raise typer.Exit(run_registers_bench(options, console))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(bench_app())
