@@ -155,13 +155,19 @@ class Actor:
 
     @property
     def audit_name(self) -> str:
-        """Return the actor string of the admin audit trail: user:<login>, token:<name>, cli:… or dev:…."""
+        """Return the actor string of the admin audit trail.
+
+        user:<login> (a console session), token:<login>/<token id> (a user's personal API token, so a leaked
+        token's actions can be told apart), token:<name> (a legacy service token), cli:… or dev:….
+        """
         if self.via == "cli":
             return f"cli:{self.login}"
         if self.via == "dev":
             return "dev:loopback"
         if self.user_id is None:
             return f"token:{self.login}"
+        if self.via == "token" and self.token_id:
+            return f"token:{self.login}/{self.token_id}"
         return f"user:{self.login}"
 
     def may(self, permission: Permission) -> bool:

@@ -38,10 +38,6 @@ def api_operator(caller: Any, client: str | None) -> Operator:
     name = getattr(caller, "audit_name", None)
     if isinstance(name, str) and name:
         how = str(getattr(caller, "via", "token"))
-        token_id = getattr(caller, "token_id", None)
-        if how == "token" and getattr(caller, "user_id", None) is not None and token_id:
-            # A user's personal API token: which one, so a leaked token's actions can be told apart.
-            name = f"token:{caller.login}/{token_id}"
         return Operator(_printable(name, MAX_ACTOR), _VIA.get(how, "api"), address)
     legacy = getattr(caller, "name", None)
     return Operator(_printable(f"token:{legacy or 'unknown'}", MAX_ACTOR), "api", address)
