@@ -15,6 +15,9 @@ from sekisho.controller.accounts.roles import Actor, require
 from sekisho.controller.console import nav, templating
 from sekisho.controller.console.access import SignedInDep, home_of
 from sekisho.controller.console.formats import Lang
+
+# The built page families: importing them registers their navigation items before the placeholders below.
+from sekisho.controller.console.pages import PAGE_ROUTERS
 from sekisho.controller.console.security import ConsoleHeaders, install_error_pages
 
 shell = APIRouter(prefix="/console", tags=["console"], include_in_schema=False)
@@ -129,5 +132,7 @@ def install(app: FastAPI, static_dir: FilePath = templating.STATIC_DIR) -> None:
     app.state.console_render = render_account_page
     app.mount("/console/static", StaticFiles(directory=static_dir), name="console-static")
     app.include_router(shell)
+    for router in PAGE_ROUTERS:
+        app.include_router(router)
     app.add_middleware(ConsoleHeaders)
     install_error_pages(app)

@@ -1,0 +1,14 @@
+"""The console's built page families: each module registers its navigation item and exposes its router."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from sekisho.controller.console import doors_web, muster_web, overview_web
+
+# web.install includes these after the shell; add a page family's router here.
+PAGE_ROUTERS: tuple[APIRouter, ...] = (
+    muster_web.router,
+    overview_web.router,
+    doors_web.router,
+)
