@@ -37,7 +37,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sekisho.controller.console.formats import install_filters, iso_jst, jst
 from sekisho.controller.reports.directory import Directory
 from sekisho.controller.reports.filters import PRESET_LABELS, Filter
-from sekisho.controller.reports.labels import event_label
+from sekisho.controller.reports.labels import LOAN_STATES, both, event_label
 from sekisho.controller.reports.paging import Column, Ref, Row, Value
 from sekisho.controller.reports.service import Reading
 
@@ -104,7 +104,9 @@ def filter_lines(flt: Filter, directory: Directory) -> list[tuple[str, str]]:
     if flt.agent:
         lines.append(("エージェント / agent", flt.agent))
     if flt.types:
-        lines.append(("種別 / event types", ", ".join(event_label(t) for t in sorted(flt.types))))
+        # The key register's types are loan states (延滞 / overdue …); the others' are event types.
+        labels = (both(LOAN_STATES[t]) if t in LOAN_STATES else event_label(t) for t in sorted(flt.types))
+        lines.append(("種別 / event types", ", ".join(labels)))
     return lines
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import ColumnElement, Table, and_, func, or_, select
 from sqlalchemy.engine import RowMapping
 
 from sekisho.controller.reports.labels import DIRECTIONS, LOAN_STATES, both, event_label
-from sekisho.controller.reports.paging import Column, Row, SortKey, Spec, Value
+from sekisho.controller.reports.paging import Column, Ref, Row, SortKey, Spec, Value
 from sekisho.controller.reports.queries import Context, Segment, among, within
 from sekisho.controller.store.models import DoorLogEntry, Event, KeyLoan, LoanRecord, Visit
 
@@ -92,6 +92,18 @@ KEY_SPEC = Spec(
 )
 
 
+# Plain keys kept outside an electronic cabinet, lent at the counter tablet (controller/console/counter.py):
+# their lines have this cabinet, a negative id (minus the admin audit row that recorded the loan) and no agent.
+COUNTER_CABINET = "counter"
+KEY_STATES = ("overdue", "open", "returned")
+
+
+def _cabinet(ctx: Context, cabinet: str) -> Value:
+    if cabinet == COUNTER_CABINET:
+        return Ref(COUNTER_CABINET, "受付カウンター / counter")
+    return ctx.directory.door(cabinet)
+
+
 def _loan_row(ctx: Context, segment: int, state: str, time_key: str) -> Callable[[RowMapping], Row]:
     d = ctx.directory
 
@@ -110,7 +122,7 @@ def _loan_row(ctx: Context, segment: int, state: str, time_key: str) -> Callable
             notes.append("代理返却（正しいスロット） / returned to its slot by a colleague")
         values: dict[str, Value] = {
             "taken_at": r["taken_at"],
-            "cabinet": d.door(r["cabinet"]),
+            "cabinet": _cabinet(ctx, r["cabinet"]),
             "slot": r["slot"],
             "key": d.key(r["cabinet"], r["key"]),
             "person": _person(ctx, r["person"]),
@@ -121,7 +133,8 @@ def _loan_row(ctx: Context, segment: int, state: str, time_key: str) -> Callable
             "state": both(LOAN_STATES[shown_state]),
             "note": "; ".join(notes) or None,
         }
-        return Row(SortKey(segment, r[time_key], 0, int(r["id"])), values, (r["agent_id"],), "key", tuple(flags))
+        agents = (r["agent_id"],) if r["agent_id"] else ()  # a counter loan is in the admin trail, not a chain
+        return Row(SortKey(segment, r[time_key], 0, int(r["id"])), values, agents, "key", tuple(flags))
 
     return make
 
@@ -145,7 +158,7 @@ def key_segments(ctx: Context) -> list[Segment]:
     late = and_(out, k.due_at <= ctx.as_of)
     on_time = and_(out, or_(k.due_at.is_(None), k.due_at > ctx.as_of))
     q = select(KEY_LOANS)
-    return [
+    segments = [
         Segment(0, q.where(late, *base), k.due_at, k.id, _loan_row(ctx, 0, "overdue", "due_at"), k.agent_id, False),
         Segment(1, q.where(on_time, *base), k.taken_at, k.id, _loan_row(ctx, 1, "open", "taken_at"), k.agent_id),
         Segment(
@@ -157,6 +170,11 @@ def key_segments(ctx: Context) -> list[Segment]:
             k.agent_id,
         ),
     ]
+    # The key register's "types" are loan states (overdue, open, returned): "overdue only" is segment 0.
+    states = flt.types & set(KEY_STATES)
+    if states:
+        segments = [s for s, state in zip(segments, KEY_STATES, strict=True) if state in states]
+    return segments
 
 
 # --- door log: the locker log and the room entry/exit log (入退室記録簿) -------------------------------------
