@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from sekisho.controller.console import doors_web, muster_web, overview_web
+from sekisho.controller.console import counter, doors_web, muster_web, overview_web, registers_api, registers_web
 
 # web.install includes these after the shell; add a page family's router here.
 PAGE_ROUTERS: tuple[APIRouter, ...] = (
     muster_web.router,
     overview_web.router,
     doors_web.router,
+    registers_web.pages,
+    registers_api.api,
+    counter.counter,
 )
