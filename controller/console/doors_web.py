@@ -272,7 +272,8 @@ def command_states(request: Request, ids: list[str]) -> list[CommandState]:
     store = request.app.state.sekisho.store
     now = request.app.state.sekisho.clock()
     with store.engine.connect() as conn:
-        issued = conn.execute(select(IssuedCommand).where(IssuedCommand.id.in_(ids))).scalars().all()
+        table = IssuedCommand.__table__
+        issued = conn.execute(select(table).where(table.c.id.in_(ids))).all()
         out = []
         for cmd in sorted(issued, key=lambda c: (c.issued_at, c.id)):
             answers = conn.execute(
