@@ -419,7 +419,9 @@ def bench_fleet(
     agents: Annotated[int, typer.Option(min=2, max=5000, help="simulated agents (real runtime)")] = 1000,
     rounds: Annotated[int, typer.Option(min=1, max=10, help="revocation rounds, each with its raw baseline")] = 5,
     enrol: Annotated[int, typer.Option(min=0, max=1000, help="devices enrolled over HTTPS at the end")] = 100,
-    processes: Annotated[int, typer.Option(min=1, max=32, help="worker processes the agents are spread over")] = 4,
+    processes: Annotated[
+        int | None, typer.Option(min=1, max=64, help="worker processes (default: one per 75 agents, at most 80 each)")
+    ] = None,
     events: Annotated[int, typer.Option(min=1, max=1000, help="events per agent before, and during, the outage")] = 5,
     outage_s: Annotated[float, typer.Option(min=0.5, max=120, help="how long the broker stays down")] = 5.0,
     timeout_s: Annotated[float, typer.Option(min=10, max=3600, help="bound on every wait")] = 300.0,
