@@ -109,3 +109,65 @@ def test_demo_fresh_refuses_a_folder_that_is_not_a_demo_site(tmp_path: Path) -> 
     assert run.returncode != 0
     assert "thesis.tex" in run.stdout + run.stderr
     assert (root / "thesis.tex").exists()
+
+
+def test_demo_prints_the_console_and_a_login_per_role_that_signs_in(tmp_path: Path) -> None:
+    """Issue 12, item 8: the demo's controller serves the console; each printed demo login works."""
+    import http.cookiejar
+    import re
+    import signal
+    import time
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    root = tmp_path / "demo"
+    command = [sys.executable, "-m", "sekisho", "demo", "--root", str(root), "--duration", "90", "--interval", "0.5"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("controller API" in line for line in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        output = "".join(lines)
+        url = re.search(r"console: (http://127\.0\.0\.1:\d+)/console/", output)
+        assert url, output
+        base = url.group(1)
+        logins = dict(re.findall(r"demo login: (\S+)  role: (\S+)", output))
+        assert set(logins.values()) == {"it_admin", "facility_manager", "security", "auditor", "area_manager"}
+        assert "DEMO ONLY" in output
+        assert re.search(r"demo login: demo-security .* TOTP secret: [A-Z2-7]{32}", output)
+        password = re.search(r"demo login: demo-auditor  role: auditor  password: (\S+)", output)
+        assert password, output
+
+        # The first user closed the dev profile's open loopback access: the API wants a token now.
+        try:
+            urllib.request.urlopen(f"{base}/api/v1/events", timeout=5)
+            raise AssertionError("the API answered without a token")
+        except urllib.error.HTTPError as err:
+            assert err.code == 401
+
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        page = opener.open(f"{base}/console/login", timeout=5).read().decode()
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page)
+        assert token, page
+        form = {"login": "demo-auditor", "password": password.group(1), "totp": "", "csrf_token": token.group(1)}
+        opener.open(f"{base}/console/login", urllib.parse.urlencode(form).encode(), timeout=10)
+        muster = opener.open(f"{base}/console/muster", timeout=10)
+        assert muster.url.endswith("/console/muster")
+        text = muster.read().decode()
+        assert "在室者" in text and "人事部 管理区域" in text
+        assert "/console/muster/confirm" not in text  # an auditor gets no tick control
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import signal
 import subprocess
@@ -11,10 +12,12 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
+import pyotp
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -29,9 +32,94 @@ DEMO_USB_TERMINALS = {"term-hr-01": "t-hr-01"}
 DEMO_DOOR_AGENTS = ("door-hr-01",)
 
 
+# The API token the demo's own views use once console users exist (the dev profile's open loopback access ends
+# with the first user). Set by _demo_logins; None before.
+_API_TOKEN: list[str] = []
+
+
 def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL built here
+    request = urllib.request.Request(url)  # noqa: S310 - loopback URL built here
+    if _API_TOKEN:
+        request.add_header("Authorization", f"Bearer {_API_TOKEN[0]}")
+    with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310 - loopback URL built here
         return json.loads(response.read())
+
+
+@dataclass(frozen=True)
+class DemoLogin:
+    """One demo console user: synthetic name, role, password made up for this run, TOTP secret for admin roles."""
+
+    login: str
+    role: str
+    name: str
+    kana: str
+    areas: tuple[str, ...]
+    password: str
+    totp_secret: str | None
+
+
+# One console user per role. Every name here is synthetic.
+DEMO_USERS = (
+    ("demo-admin", "it_admin", "デモ 情報管理", "でも じょうほうかんり", ()),
+    ("demo-facility", "facility_manager", "デモ 総務", "でも そうむ", ()),
+    ("demo-security", "security", "デモ 警備", "でも けいび", ()),
+    ("demo-auditor", "auditor", "デモ 監査", "でも かんさ", ()),
+    ("demo-area", "area_manager", "デモ 区域責任者", "でも くいきせきにんしゃ", ("a-hr-room",)),
+)
+
+
+def _demo_logins(lab: Lab) -> list[DemoLogin]:
+    """Create (or, on a continued run, reset) one console user per role and an API token for the demo's view.
+
+    Passwords are made up for each run and printed; admin roles get a new TOTP secret, printed too. DEMO ONLY:
+    a real site never prints a password or a TOTP secret.
+    """
+    from sekisho.controller.accounts.roles import ADMIN_ROLES, Role
+    from sekisho.controller.accounts.service import AccountError, AccountService, AccountSettings
+    from sekisho.controller.config import load_config
+    from sekisho.controller.service import open_store
+
+    config = load_config(lab.controller_config)
+    store = open_store(config)
+    accounts = AccountService(store, AccountSettings.from_config(config))
+    made: list[DemoLogin] = []
+    try:
+        for login, role_name, name, kana, areas in DEMO_USERS:
+            role = Role(role_name)
+            password = f"demo-{secrets.token_urlsafe(9)}"
+            try:
+                accounts.create_user(
+                    login=login, display_name=name, kana=kana, role=role, password=password, areas=areas,
+                    created_by="demo",
+                )  # fmt: skip
+            except AccountError:
+                accounts.reset_password(login, password, by="demo")  # an earlier run made it
+            secret = accounts.enrol_totp(login, by="demo")[0] if role in ADMIN_ROLES else None
+            made.append(DemoLogin(login, role_name, name, kana, areas, password, secret))
+        token = accounts.create_token("demo-admin", f"demo-view-{secrets.token_hex(3)}", timedelta(days=1), by="demo")
+        _API_TOKEN[:] = [token.token]
+    finally:
+        store.engine.dispose()
+    return made
+
+
+def _print_logins(base: str, logins: list[DemoLogin]) -> None:
+    console.print(f"  console: {base}/console/", soft_wrap=True, highlight=False)
+    console.print(
+        "  [bold red]デモ専用 / DEMO ONLY[/bold red]: 合成のパスワードとTOTPシークレットを表示しています。"
+        "実際のサイトでは決して表示・共有しないでください / synthetic passwords and TOTP secrets are printed "
+        "here; a real site never prints or shares them"
+    )
+    # Plain lines (never wrapped): a reader copies them, and tests read them back.
+    for entry in logins:
+        totp = f"  TOTP secret: {entry.totp_secret}" if entry.totp_secret else ""
+        line = f"  demo login: {entry.login}  role: {entry.role}  password: {entry.password}{totp}"
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+    console.print("  TOTP: 現在のコードは下の表に表示します / the current codes are shown in the live view below")
+
+
+def _totp_codes(logins: list[DemoLogin]) -> str:
+    return ", ".join(f"{e.login} {pyotp.TOTP(e.totp_secret).now()}" for e in logins if e.totp_secret)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -84,8 +172,9 @@ def _lend_demo_medium(lab: Lab, base: str) -> str:
 class DemoView:
     """The live view: the newest events (followed page by page) and the door registers as they fill."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, logins: list[DemoLogin] | None = None) -> None:
         self.base = base
+        self.logins = logins or []
         self.after_id: int | None = None
         self.latest: deque[dict[str, Any]] = deque(maxlen=12)
         self.total = 0
@@ -129,7 +218,8 @@ class DemoView:
         keys = ", ".join(f"{loan['key']}→{loan['person']}" for loan in loans) or "-"
         table.caption = (
             f"events {self.total}  dead letters {len(dead)}  open findings {len(findings)}\n"
-            f"在室 / inside now: {people}\n貸出中の鍵 / keys out: {keys}\n{depth}"
+            f"在室 / inside now: {people}\n貸出中の鍵 / keys out: {keys}\n{depth}\n"
+            f"console {self.base}/console/  TOTP now (demo only): {_totp_codes(self.logins)}"
         )
         return table
 
@@ -168,6 +258,9 @@ def demo(
         _wait_ready(base, controller)
         applied = lab.sekisho("policy", "apply", str(DEMO_POLICY), "--config", str(lab.controller_config))
         console.print("  policy: " + (applied.stdout.strip().splitlines() or ["applied"])[-1])
+        # One console user per role; from now on the API wants a token (the demo view uses its own).
+        logins = _demo_logins(lab)
+        _print_logins(base, logins)
         # A medium lent to 見本 太郎 (p-0001) for the payroll terminal, approved by the area manager:
         # the terminal allows it read-only for him and blocks it for anyone else.
         console.print("  media loan: " + _lend_demo_medium(lab, base))
@@ -184,7 +277,7 @@ def demo(
         console.print(f"  verify records: sekisho records verify --config {lab.controller_config}")
         console.print(f"  logs: {lab.root / 'logs'}")
         started = time.monotonic()
-        view = DemoView(base)
+        view = DemoView(base, logins)
         with Live(view.table(), console=console, refresh_per_second=1, transient=False) as live:
             while not stop.is_set() and (duration <= 0 or time.monotonic() - started < duration):
                 stop.wait(2.0)
