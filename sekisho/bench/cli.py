@@ -426,6 +426,7 @@ def bench_fleet(
     outage_s: Annotated[float, typer.Option(min=0.5, max=120, help="how long the broker stays down")] = 5.0,
     timeout_s: Annotated[float, typer.Option(min=10, max=3600, help="bound on every wait")] = 300.0,
     workdir: Annotated[Path | None, typer.Option(help="keep state here instead of a temp dir")] = None,
+    heartbeat_s: Annotated[float, typer.Option(min=1, max=3600, help="the agents' heartbeat interval")] = 30.0,
 ) -> None:
     """Revoke a person → applied by every agent; broker restart → all reconnected, nothing lost; enrol N."""
     from sekisho.bench.fleet import FleetOptions, run_fleet_bench
@@ -439,6 +440,7 @@ def bench_fleet(
         outage_s=outage_s,
         timeout_s=timeout_s,
         workdir=workdir,
+        heartbeat_s=heartbeat_s,
     )
     raise typer.Exit(run_fleet_bench(options, console))
 

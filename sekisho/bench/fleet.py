@@ -104,6 +104,8 @@ class FleetOptions:
     outage_s: float = 5.0
     timeout_s: float = 300.0
     workdir: Path | None = None
+    # The agents' heartbeat interval; 30 s is what agents ship with.
+    heartbeat_s: float = 30.0
 
     @property
     def worker_processes(self) -> int:
@@ -372,7 +374,8 @@ class FleetBench:
             lab.start_broker()
             lab.write_controller_config(**enrolment_settings(lab))
             config = load_controller_config(lab.controller_config)
-            self._timed("issue certificates", lambda: [lab.add_agent(n) for n in self.names])
+            beat = self.options.heartbeat_s
+            self._timed("issue certificates", lambda: [lab.add_agent(n, heartbeat_interval_s=beat) for n in self.names])
             store = open_store(config)
             service = PolicyService(store, signing.load_private_key(config.signing_key))
             self._timed("register agents", lambda: self._register(lab, store))
@@ -634,6 +637,7 @@ def summary(result: FleetResult, options: FleetOptions) -> dict[str, Any]:
         "duplicates": result.duplicates,
         "events": result.recorded,
         "processes": options.worker_processes,
+        "heartbeat_s": options.heartbeat_s,
     }
 
 
