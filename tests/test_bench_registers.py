@@ -32,7 +32,7 @@ def _loaded(url: str, events: int) -> Store:
     keys = data.prepare_store(store, shape, signing.generate_key())
     data.ensure_streams(store, shape.agents)
     loaded = data.load_events(store, iter(data.EventSource(shape, keys, end=END, days=14, total=events)), batch=700)
-    assert loaded.events == events
+    assert events * 0.99 <= loaded.events <= events  # follow-ups due after the end are not emitted
     data.project(store, batch=900)
     return store
 
@@ -86,7 +86,7 @@ def test_bench_registers_json(tmp_path: Path) -> None:
     figures = json.loads(result.output.strip().splitlines()[-1])
     for key in ("rows", "query_p95_ms", "timeline_p95_ms", "page_p95_ms", "csv_peak_rss_mb"):
         assert isinstance(figures[key], int | float) and figures[key] > 0, key
-    assert figures["rows"] == 20000
+    assert 19_800 <= figures["rows"] <= 20_000
     assert figures["csv_rows"] == 2000
     sqlite = figures["backends"]["sqlite"]
     assert sqlite["bare_sql_p95_ms"] > 0 and sqlite["csv_rss_ratio"] > 0

@@ -259,13 +259,14 @@ class EventSource:
         total: int,
         seed: int = 12,
     ) -> None:
-        """Generate about total events spread evenly over the days before end."""
+        """Generate total events (less the few follow-ups due after end) spread evenly over the days before end."""
         self.shape = shape
         self.keys = keys
         self.rng = random.Random(seed)
         self.end = end
         self.start = end - timedelta(days=days)
         self.total = total
+        # One event per step; follow-ups due after the end (keys still out) are never emitted: a few short.
         self.step = (end - self.start) / max(total, 1)
         self.key_free_at: dict[tuple[str, int], datetime] = {}
         self.seqs: dict[str, int] = {}
@@ -449,10 +450,12 @@ class EventSource:
         emitted = 0
         t = self.start
         one_ms = timedelta(milliseconds=1)
-        while emitted < self.total:
-            if not self._heap or self._heap[0].at > t:
+        while emitted < self.total and (self._heap or t < self.end):
+            if t < self.end and (not self._heap or self._heap[0].at > t):
+                pushed = self._order
                 self.rng.choices(funcs, weights)[0](t)
-                t += self.step * 3
+                # Advance by the events this action will emit, so that the total spreads over the whole period.
+                t += self.step * (self._order - pushed)
                 continue
             p = heapq.heappop(self._heap)
             if p.at >= self.end:
