@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -66,6 +66,8 @@ def controller_signing_key(config: ControllerConfig) -> Ed25519PrivateKey | None
 class _Published:
     version: int
     at: float
+    # The bundles signed for this publication, re-sent as they are to an agent that reports an older version.
+    bundles: dict[str, bytes] = field(default_factory=dict)
 
 
 class PolicyKeeper(PeriodicJob):
@@ -105,8 +107,9 @@ class PolicyKeeper(PeriodicJob):
                 return
             # The floor outside the database: a restore must never issue this number again (policy/floor.py).
             record_published(self.var_dir, version)
-            publish_bundles(self.worker.client, self.service.bundles())
-            self._published = _Published(version, time.monotonic())
+            bundles = self.service.bundles()
+            publish_bundles(self.worker.client, bundles)
+            self._published = _Published(version, time.monotonic(), bundles)
             self.publications.published(version)
         log.info("published policy version %d bundles", version)
 
@@ -132,9 +135,15 @@ class PolicyKeeper(PeriodicJob):
         if hb.policy_version is not None and hb.policy_version > published.version:
             self._agent_ahead(hb.agent, hb.policy_version)
             return
-        bundle = self.service.bundles().get(hb.agent)
+        # Called on the ingest thread for every heartbeat: re-signing the whole fleet's bundles here (as it once
+        # did) stalled ingest for seconds per stale agent. The bundle signed at publication is re-sent as it is;
+        # only an agent registered since then gets one signed for it alone. Not waited for: QoS 1 and retained,
+        # the broker has it or the next heartbeat asks again.
+        if hb.agent in self._cleared:
+            return  # revoked since the publication: its cached bundle must not go out again
+        bundle = published.bundles.get(hb.agent) or self.service.bundle_for(hb.agent)
         if bundle is not None:
-            publish_bundles(self.worker.client, {hb.agent: bundle})
+            self.worker.client.publish(topics.topic(hb.agent, topics.POLICY), bundle, qos=1, retain=True)
 
     def _agent_ahead(self, agent: str, reported: int) -> None:
         """An agent holds a newer version than the store's newest (a restore lost it): re-issue above it."""

@@ -6,6 +6,7 @@ and the canonical JSON of the body (see ``protocol.signing``).
 
 from __future__ import annotations
 
+import json
 import secrets
 import uuid
 from dataclasses import dataclass
@@ -36,7 +37,13 @@ class _Body(BaseModel):
 
 
 def _dump(kind: str, key: Ed25519PrivateKey, body: dict[str, Any]) -> bytes:
-    return canonical_bytes({kind: body, "sig": signing.sign(key, kind, body)})
+    # The body is serialised once: its canonical bytes are both what is signed and what is sent. The
+    # envelope {kind: body, "sig": …} is then put together in canonical key order (kinds and "sig" are plain
+    # ASCII names, so no escaping applies), byte for byte what canonical_bytes of the whole would give.
+    body_bytes = canonical_bytes(body)
+    sig = signing.sign_canonical(key, kind, body_bytes)
+    parts = sorted([(kind, body_bytes), ("sig", json.dumps(sig).encode())])
+    return b"{" + b",".join(b'"' + name.encode() + b'":' + value for name, value in parts) + b"}"
 
 
 def _open(

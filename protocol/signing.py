@@ -42,6 +42,18 @@ def signing_input(kind: str, body: Any) -> bytes:
     return b"sekisho/v1/" + kind.encode() + b"\n" + canonical_bytes(body)
 
 
+def signing_input_canonical(kind: str, body_bytes: bytes) -> bytes:
+    """Return the signed bytes for a body already in canonical form (canonical_bytes of the body)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown message kind {kind!r}")
+    return b"sekisho/v1/" + kind.encode() + b"\n" + body_bytes
+
+
+def sign_canonical(key: Ed25519PrivateKey, kind: str, body_bytes: bytes) -> str:
+    """Sign a body given as its canonical bytes (serialised once by the caller); return base64."""
+    return b64(key.sign(signing_input_canonical(kind, body_bytes)))
+
+
 def b64(data: bytes) -> str:
     """Encode bytes as unpadded URL-safe base64."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()

@@ -277,3 +277,54 @@ def test_revoked_agent_gets_no_policy(policy_site: tuple[Lab, Controller]) -> No
     assert ctl.revocations is not None
     ctl.revocations.run_once()
     assert IN_POLICY in parse_broker_text(lab.broker.revocations_path.read_text()).names
+
+
+def _heartbeat(agent: str, policy_version: int | None) -> messages.Heartbeat:
+    """A heartbeat as ingest hands it to the policy keeper (only agent and policy version matter to it)."""
+    return messages.Heartbeat(
+        v=messages.PROTOCOL_VERSION, agent=agent, at=timefmt.fmt(timefmt.now()), version="1.0",
+        boot_id="0" * 32, outbox_depth=0, next_seq=1, policy_version=policy_version, policy_state="stale",
+    )  # fmt: skip
+
+
+def test_a_stale_agent_gets_the_published_bundle_without_re_signing_the_fleet(
+    policy_site: tuple[Lab, Controller], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # on_heartbeat runs on the ingest thread for every heartbeat: it once re-signed every agent's bundle for
+    # each stale agent, which stalled ingest for minutes on a 1,000-agent site (sekisho bench fleet).
+    lab, ctl = policy_site
+    keeper = ctl.keeper
+    assert keeper is not None
+    wait_for(lambda: keeper.publications.last_version is not None, timeout=10, what="the keeper's first publication")
+    published = keeper._published
+    assert published is not None and IN_POLICY in published.bundles
+
+    def no_fleet_signing() -> dict[str, bytes]:
+        raise AssertionError("the whole fleet's bundles were signed again for one stale agent")
+
+    monkeypatch.setattr(keeper.service, "bundles", no_fleet_signing)
+    watcher = connect_client(lab.pki_dir, lab.broker.controller_port, "controller-watch", identity="controller")
+    try:
+        watcher.subscribe_wait(topics.topic(IN_POLICY, topics.POLICY))
+        assert watcher.next_message(timeout=10).payload == published.bundles[IN_POLICY]  # the retained one
+        keeper.on_heartbeat(_heartbeat(IN_POLICY, published.version - 1))
+        # Sent again as it was signed at publication: same bytes, same signature.
+        assert watcher.next_message(timeout=10).payload == published.bundles[IN_POLICY]
+        # Within the cool-down a second stale heartbeat sends nothing more.
+        keeper.on_heartbeat(_heartbeat(IN_POLICY, published.version - 1))
+        with pytest.raises(TimeoutError):
+            watcher.next_message(timeout=0.5)
+    finally:
+        watcher.close()
+    # An agent registered after the publication gets a bundle signed for it alone.
+    newcomer = "term-new-01"
+    ctl.store.register_agent(newcomer, signing.public_key_pem(signing.generate_key().public_key()).decode())
+    watcher = connect_client(lab.pki_dir, lab.broker.controller_port, "controller-watch2", identity="controller")
+    try:
+        watcher.subscribe_wait(topics.topic(newcomer, topics.POLICY))
+        keeper.on_heartbeat(_heartbeat(newcomer, None))
+        raw = watcher.next_message(timeout=10).payload
+        bundle = messages.open_bundle(raw, keeper.service.key.public_key(), newcomer)
+        assert bundle.bundle.version == published.version and bundle.bundle.agent == newcomer
+    finally:
+        watcher.close()

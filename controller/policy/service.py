@@ -138,12 +138,30 @@ def sign_bundles(
     issued = timefmt.now()
     empty = SitePolicy(site=policy.site, bundle_lifetime_hours=policy.bundle_lifetime_hours).model_dump(mode="json")
     bundles: dict[str, bytes] = {}
-    for agent in sorted(set(policy.agent_ids()) | set(extra_agents)):
-        part = policy.for_agent(agent) if agent in policy.agent_ids() else empty
+    named = set(policy.agent_ids())
+    for agent in sorted(named | set(extra_agents)):
+        part = policy.for_agent(agent) if agent in named else empty
         bundles[agent] = messages.build_bundle(
             key, agent=agent, version=version, policy=part, lifetime=lifetime, issued_at=issued
         )
     return bundles
+
+
+def sign_bundle_for(key: Ed25519PrivateKey, policy: SitePolicy, version: int, agent: str) -> bytes:
+    """Sign the bundle of one agent (empty when the policy does not name it), as sign_bundles would."""
+    part = (
+        policy.for_agent(agent)
+        if agent in set(policy.agent_ids())
+        else SitePolicy(site=policy.site, bundle_lifetime_hours=policy.bundle_lifetime_hours).model_dump(mode="json")
+    )
+    return messages.build_bundle(
+        key,
+        agent=agent,
+        version=version,
+        policy=part,
+        lifetime=timedelta(hours=policy.bundle_lifetime_hours),
+        issued_at=timefmt.now(),
+    )
 
 
 def publish_bundles(client: mqtt.Client, bundles: dict[str, bytes], timeout: float = 10) -> None:
@@ -298,6 +316,17 @@ class PolicyService:
         revoked = {a.id for a in agents if a.status != "active"}
         bundles = sign_bundles(self.key, policy, version, extra_agents=known - revoked)
         return {agent: raw for agent, raw in bundles.items() if agent not in revoked}
+
+    def bundle_for(self, agent: str) -> bytes | None:
+        """Sign the current version's bundle for one registered, active agent (None otherwise)."""
+        current = self.current()
+        if current is None:
+            return None
+        active = {a.id for a in self.store.list_agents() if a.status == "active"}
+        if agent not in active:
+            return None
+        version, policy = current
+        return sign_bundle_for(self.key, policy, version, agent)
 
     def revoked_agents(self) -> set[str]:
         """Return the agents that are revoked (no bundle is published to them)."""
