@@ -210,34 +210,35 @@ def _log_line(p: LogPayload) -> _LogLine:
     return _LogLine(person=p.person, detail=f"open_seconds: {p.open_seconds}")
 
 
-def _log(conn: Connection, site: SiteView, event: StoredEvent, p: LogPayload) -> None:
+def log_row(site: SiteView, event: StoredEvent, p: LogPayload) -> dict[str, Any]:
+    """Return the door_log row the projection writes for one event (also the bulk loader of the benchmark)."""
     door = site.doors.get(p.door)
     line = _log_line(p)
-    _insert_ignoring_duplicates(
-        conn,
-        _LOG,
-        {
-            "id": event.id,
-            "event_id": event.event_id,
-            "agent_id": event.agent_id,
-            "type": event.type,
-            "occurred_at": event.occurred_at,
-            "door": p.door,
-            "door_kind": door.kind if door else None,
-            "area": line.area or (door.area if door else None),
-            "person": line.person,
-            "card_masked": line.card_masked,
-            "reader": line.reader,
-            "direction": line.direction,
-            "reason": line.reason,
-            "detail": line.detail,
-            "visitor": line.visitor or (line.person is not None and line.person in site.visitors),
-            "escort": line.escort,
-            "second_person": line.second_person,
-            "slot": line.slot,
-            "passback": line.passback,
-        },
-    )
+    return {
+        "id": event.id,
+        "event_id": event.event_id,
+        "agent_id": event.agent_id,
+        "type": event.type,
+        "occurred_at": event.occurred_at,
+        "door": p.door,
+        "door_kind": door.kind if door else None,
+        "area": line.area or (door.area if door else None),
+        "person": line.person,
+        "card_masked": line.card_masked,
+        "reader": line.reader,
+        "direction": line.direction,
+        "reason": line.reason,
+        "detail": line.detail,
+        "visitor": line.visitor or (line.person is not None and line.person in site.visitors),
+        "escort": line.escort,
+        "second_person": line.second_person,
+        "slot": line.slot,
+        "passback": line.passback,
+    }
+
+
+def _log(conn: Connection, site: SiteView, event: StoredEvent, p: LogPayload) -> None:
+    _insert_ignoring_duplicates(conn, _LOG, log_row(site, event, p))
 
 
 # --- entry and exit: who is inside, visits ---------------------------------------------------------

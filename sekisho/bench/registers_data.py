@@ -688,30 +688,8 @@ def project(store: Store, *, batch: int = 20_000, progress: Callable[[int], None
 
 
 def _log_row(site: door_apply.SiteView, ev: door_apply.StoredEvent, p: Any) -> dict[str, Any]:
-    """Return the door_log row the projection writes for ev (its own _log_line mapping, same columns as _log)."""
-    door = site.doors.get(p.door)
-    line = door_apply._log_line(p)
-    return {
-        "id": ev.id,
-        "event_id": ev.event_id,
-        "agent_id": ev.agent_id,
-        "type": ev.type,
-        "occurred_at": ev.occurred_at,
-        "door": p.door,
-        "door_kind": door.kind if door else None,
-        "area": line.area or (door.area if door else None),
-        "person": line.person,
-        "card_masked": line.card_masked,
-        "reader": line.reader,
-        "direction": line.direction,
-        "reason": line.reason,
-        "detail": line.detail,
-        "visitor": line.visitor or (line.person is not None and line.person in site.visitors),
-        "escort": line.escort,
-        "second_person": line.second_person,
-        "slot": line.slot,
-        "passback": line.passback,
-    }
+    """Return the door_log row the projection writes for ev (the projection's own function)."""
+    return door_apply.log_row(site, ev, p)
 
 
 def register_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
