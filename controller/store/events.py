@@ -69,7 +69,7 @@ _FINDINGS = cast(Table, Finding.__table__)
 _DEAD_LETTERS = cast(Table, DeadLetter.__table__)
 
 # The columns of a new events row, in the order the PostgreSQL COPY writes them.
-_EVENT_COLUMNS = (
+EVENT_COLUMNS = (
     "agent_id",
     "seq",
     "event_id",
@@ -85,7 +85,7 @@ _EVENT_COLUMNS = (
     "prev_hash",
     "hash",
 )
-_PG_COPY_EVENTS = f"COPY events ({', '.join(_EVENT_COLUMNS)}) FROM STDIN"
+_PG_COPY_EVENTS = f"COPY events ({', '.join(EVENT_COLUMNS)}) FROM STDIN"
 
 T = TypeVar("T")
 
@@ -395,7 +395,7 @@ class EventRecords(CheckpointRecords):
             with driver.cursor() as cursor, cursor.copy(_PG_COPY_EVENTS) as copy:
                 for row in rows:
                     copy.write_row(
-                        [json.dumps(row[name]) if name == "payload" else row[name] for name in _EVENT_COLUMNS]
+                        [json.dumps(row[name]) if name == "payload" else row[name] for name in EVENT_COLUMNS]
                     )
         except dbapi_error as err:
             # Wrap as SQLAlchemy would, so a unique violation from a concurrent worker is retried.

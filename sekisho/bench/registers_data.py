@@ -36,6 +36,7 @@ from sekisho.controller.policy.service import PolicyService
 from sekisho.controller.store import Store
 from sekisho.controller.store.chain import record_hash
 from sekisho.controller.store.checkpoints import INGEST, append, head_fields, lock_log
+from sekisho.controller.store.events import EVENT_COLUMNS
 from sekisho.controller.store.models import Event, ProjectionCursor, Stream
 from sekisho.protocol import PROTOCOL_VERSION, signing, timefmt
 from sekisho.protocol.canonical import canonical_bytes
@@ -516,23 +517,8 @@ class Chains:
         }
 
 
-_COLUMNS = (
-    "id",
-    "agent_id",
-    "seq",
-    "event_id",
-    "type",
-    "occurred_at",
-    "received_at",
-    "stored_at",
-    "clock_synced",
-    "clock_offset_ms",
-    "payload",
-    "raw",
-    "chain_index",
-    "prev_hash",
-    "hash",
-)
+# The events table as the store COPYs it, with the id first (the bench numbers its rows itself).
+_COLUMNS = ("id", *EVENT_COLUMNS)
 
 
 def insert_events(conn: Connection, rows: list[dict[str, Any]]) -> None:
