@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -95,11 +96,15 @@ def _aware(moment: datetime, name: str) -> datetime:
 class MediaService:
     """The media loan register on top of the policy versions: validates, records, and re-versions the policy."""
 
-    def __init__(self, store: Store, policy_service: PolicyService) -> None:
-        """Keep the register in this store and change loans through this policy service."""
+    def __init__(
+        self, store: Store, policy_service: PolicyService, *, clock: Callable[[], datetime] = timefmt.now
+    ) -> None:
+        """Keep the register in this store and change loans through this policy service; clock gives "now"."""
         self.store = store
         self.register = MediaRegister(store)
         self.policy = policy_service
+        # The console passes the app's clock, so "overdue" and "due in the past" agree with its pages.
+        self.clock = clock
 
     # --- reading -----------------------------------------------------------------------------------
 
@@ -133,12 +138,12 @@ class MediaService:
 
     def overdue(self, now: datetime | None = None) -> list[LoanRecord]:
         """Return loans past their end and neither returned nor revoked."""
-        moment = _aware(now or timefmt.now(), "now")
+        moment = _aware(now or self.clock(), "now")
         return [loan for loan in self.register.list_loans(outstanding=True) if loan.ends_at <= moment]
 
     def inventory(self, now: datetime | None = None) -> list[MediumStatus]:
         """Take stock (棚卸し): every registered medium, its current loan, overdue flag and last sighting."""
-        moment = _aware(now or timefmt.now(), "now")
+        moment = _aware(now or self.clock(), "now")
         current = self.policy.current()
         media = current[1].media if current else []
         outstanding = self.register.list_loans(outstanding=True)
@@ -193,7 +198,7 @@ class MediaService:
             recorded_by=created_by,
         )
         for attempt in range(1, _ATTEMPTS + 1):
-            now = timefmt.now()
+            now = self.clock()
             start = _aware(starts_at, "starts_at") if starts_at else now
             end = _aware(ends_at, "ends_at")
             version, policy = self._current()
@@ -270,7 +275,7 @@ class MediaService:
         """Record that a lent medium came back; the loan ends in a new policy version, which is returned."""
         refuse_my_numbers(loan=loan_id, received_by=received_by)
         when = _aware(returned_at, "returned_at") if returned_at else None
-        if when is not None and when > timefmt.now() + timedelta(minutes=5):
+        if when is not None and when > self.clock() + timedelta(minutes=5):
             raise MediaRefused("返却時刻が未来です / returned_at lies in the future")
         return self._end(loan_id, "return", received_by or "unknown", when, reason=None, operator=operator)
 
@@ -283,7 +288,7 @@ class MediaService:
 
     def check_overdue(self, now: datetime | None = None) -> list[int]:
         """Raise one media_loan_overdue finding per overdue loan (idempotent); return the new finding ids."""
-        moment = _aware(now or timefmt.now(), "now")
+        moment = _aware(now or self.clock(), "now")
         current = self.policy.current()
         agents = {t.id: t.agent for t in current[1].terminals} if current else {}
         created = []
@@ -317,7 +322,7 @@ class MediaService:
         operator: Operator = SYSTEM,
     ) -> int:
         for attempt in range(1, _ATTEMPTS + 1):
-            now = timefmt.now()
+            now = self.clock()
             record = self.loan(loan_id)
             if record.ended():
                 state = "返却済み / returned" if record.returned_at else "取消済み / revoked"
