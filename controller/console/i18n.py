@@ -1,27 +1,26 @@
 """The console's message catalogue: English msgids, Japanese shown by default, read from .po files at start.
 
 The .po files under locale/<lang>/LC_MESSAGES/ are the only form kept: they are compiled in memory when
-first used, so there is no compile step and no .mo file to forget. A fuzzy or empty Japanese entry falls
-back to the English msgid; tests/test_console_shell.py fails on any msgid missing from either catalogue.
+first used (sekisho.common.i18n, the machinery the command lines share), so there is no compile step and
+no .mo file to forget. A fuzzy or empty Japanese entry falls back to the English msgid;
+tests/test_console_shell.py fails on any msgid missing from either catalogue. The console keeps its own
+catalogue beside the command lines' one: it also holds the templates' messages, and a page's messages
+stay next to the page.
 """
 
 from __future__ import annotations
 
-import io
+import gettext as _gettext
 from collections.abc import Iterable
-from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any, Final
 
 from babel.messages.catalog import Catalog
-from babel.messages.extract import extract_from_dir
-from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
-from babel.support import Translations
 from jinja2 import pass_context
 from jinja2.runtime import Context
 
+from sekisho.common.i18n import Catalogue, Used
 from sekisho.controller.console.formats import LANGUAGES, Lang, as_lang
 
 PACKAGE_DIR: Final = Path(__file__).resolve().parent
@@ -29,8 +28,9 @@ LOCALE_DIR: Final = PACKAGE_DIR / "locale"
 DOMAIN: Final = "messages"
 # Extracted from the console's Python code and its templates; later page families add their folders here
 # by living under controller/console/.
-_METHODS: Final = [("**/templates/**.html", "jinja2.ext:babel_extract"), ("**.py", "python")]
-_OPTIONS: Final = {"**/templates/**.html": {"extensions": "jinja2.ext.i18n", "newstyle_gettext": "true"}}
+_METHODS: Final = (("**/templates/**.html", "jinja2.ext:babel_extract"), ("**.py", "python"))
+_OPTIONS: Final = (("**/templates/**.html", (("extensions", "jinja2.ext.i18n"), ("newstyle_gettext", "true"))),)
+CATALOGUE: Final = Catalogue(LOCALE_DIR, DOMAIN, (PACKAGE_DIR,), method_map=_METHODS, options_map=_OPTIONS)
 
 
 def N_(message: str) -> str:  # the gettext name extractors look for
@@ -40,7 +40,7 @@ def N_(message: str) -> str:  # the gettext name extractors look for
 
 def catalogue_path(lang: Lang) -> Path:
     """Return the .po file of a language."""
-    return LOCALE_DIR / lang / "LC_MESSAGES" / f"{DOMAIN}.po"
+    return CATALOGUE.path(lang)
 
 
 def read_catalogue(lang: Lang) -> Catalog:
@@ -49,37 +49,31 @@ def read_catalogue(lang: Lang) -> Catalog:
         return read_po(handle, locale=lang, domain=DOMAIN)
 
 
-@cache
-def translations(lang: Lang) -> Translations:
+def translations(lang: Lang) -> _gettext.GNUTranslations:
     """Return the gettext translations of a language, compiled in memory from its .po file once."""
-    buffer = io.BytesIO()
-    write_mo(buffer, read_catalogue(lang), use_fuzzy=False)
-    buffer.seek(0)
-    return Translations(fp=buffer, domain=DOMAIN)
+    return CATALOGUE.translations(lang)
 
 
 def gettext(lang: Lang, message: str, **variables: Any) -> str:
     """Translate a message into a language, then fill its %(name)s placeholders."""
-    text = translations(lang).ugettext(message)
-    return text % variables if variables else text
+    return CATALOGUE.gettext(lang, message, **variables)
 
 
 def ngettext(lang: Lang, singular: str, plural: str, n: int, **variables: Any) -> str:
     """Translate a message with a count (Japanese has one form), filling %(num)s and the placeholders."""
-    text = translations(lang).ungettext(singular, plural, n)
-    return text % {"num": n, **variables}
+    return CATALOGUE.ngettext(lang, singular, plural, n, **variables)
 
 
 # Jinja2's i18n extension with newstyle gettext calls these through the context, so one environment
 # serves both languages: the template's `lang` variable picks the catalogue.
 @pass_context
 def _template_gettext(context: Context, message: str) -> str:
-    return translations(as_lang(context.get("lang"))).ugettext(message)
+    return translations(as_lang(context.get("lang"))).gettext(message)
 
 
 @pass_context
 def _template_ngettext(context: Context, singular: str, plural: str, n: int) -> str:
-    return translations(as_lang(context.get("lang"))).ungettext(singular, plural, n)
+    return translations(as_lang(context.get("lang"))).ngettext(singular, plural, n)
 
 
 def template_callables() -> tuple[Any, Any]:
@@ -87,43 +81,14 @@ def template_callables() -> tuple[Any, Any]:
     return _template_gettext, _template_ngettext
 
 
-@dataclass(frozen=True)
-class Used:
-    """A message the code or a template uses, and where."""
-
-    msgid: str | tuple[str, str]
-    where: str
-
-
 def used_messages(roots: Iterable[Path] = (PACKAGE_DIR,)) -> list[Used]:
     """Extract every message used in the console's Python code and templates under the given folders."""
-    found: list[Used] = []
-    for root in roots:
-        for filename, lineno, message, _comments, _context in extract_from_dir(
-            str(root), method_map=_METHODS, options_map=_OPTIONS
-        ):
-            if not message or (isinstance(message, tuple) and not message[0]):
-                continue  # gettext(variable): nothing to check statically
-            msgid = message if isinstance(message, str) else (message[0], message[1])
-            found.append(Used(msgid, f"{root.name}/{filename}:{lineno}"))
-    return found
+    return CATALOGUE.used_messages(roots)
 
 
 def missing_translations(roots: Iterable[Path] = (PACKAGE_DIR,)) -> list[str]:
     """Return one line per used message that a catalogue lacks or leaves untranslated (or fuzzy)."""
-    problems: list[str] = []
-    catalogues = {lang: read_catalogue(lang) for lang in LANGUAGES}
-    for used in used_messages(roots):
-        key = used.msgid[0] if isinstance(used.msgid, tuple) else used.msgid
-        for lang, catalogue in catalogues.items():
-            entry = catalogue.get(key)
-            if entry is None:
-                problems.append(f"{lang}: missing {key!r} (used at {used.where})")
-            elif entry.fuzzy:
-                problems.append(f"{lang}: fuzzy {key!r} (used at {used.where})")
-            elif not (all(entry.string) if isinstance(entry.string, tuple) else entry.string):
-                problems.append(f"{lang}: untranslated {key!r} (used at {used.where})")
-    return problems
+    return CATALOGUE.missing_translations(roots)
 
 
 def update_catalogues(roots: Iterable[Path] = (PACKAGE_DIR,)) -> dict[Lang, int]:
