@@ -410,18 +410,22 @@ def event_row(ctx: Context, segment: int = 0, rank: int = 0) -> Callable[[RowMap
 
 
 def event_conditions(ctx: Context, types: tuple[str, ...]) -> list[ColumnElement[bool]]:
-    """Return the filter's conditions on stored events of these types (person via payload person or login)."""
+    """Return the filter's conditions on stored events of these types (person via its person or account column).
+
+    A person is matched on the indexed events.person / events.account columns ingest fills from the payload
+    (events.subject_columns), never on the JSON: the database then reads that person's events in time order
+    through ix_events_person_occurred_at instead of every event of these types.
+    """
     e = EVENTS.c
     flt = ctx.filter
     chosen = [t for t in types if not flt.types or t in flt.types]
     found: list[ColumnElement[bool]] = [*among(e.type, chosen)]
     people = ctx.people()
     if people is not None:
+        # Session events name only the account (user); login.granted/denied name both.
         logins = ctx.directory.logins_of(people) if types == LOGIN_TYPES else []
         found.append(
-            or_(*among(_payload_text(e.payload, "person"), people), *among(_payload_text(e.payload, "user"), logins))
-            if logins
-            else or_(*among(_payload_text(e.payload, "person"), people))
+            or_(*among(e.person, people), *among(e.account, logins)) if logins else or_(*among(e.person, people))
         )
     if flt.terminal is not None:
         found.append(_payload_text(e.payload, "terminal") == flt.terminal)

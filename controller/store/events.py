@@ -84,10 +84,35 @@ EVENT_COLUMNS = (
     "chain_index",
     "prev_hash",
     "hash",
+    "person",
+    "account",
 )
 _PG_COPY_EVENTS = f"COPY events ({', '.join(EVENT_COLUMNS)}) FROM STDIN"
 
 T = TypeVar("T")
+
+# The longest person id or login name the protocol allows (catalogue.Id, the login payloads' user).
+_SUBJECT_MAX = 64
+
+
+def _subject(value: object) -> str | None:
+    """Return a payload's person or user field as the events column holds it (a non-empty string, else None)."""
+    if not isinstance(value, str) or not value or len(value) > _SUBJECT_MAX:
+        return None
+    return value
+
+
+def subject_columns(payload: object) -> dict[str, str | None]:
+    """Return the events row's person and account columns for a signed event's payload.
+
+    person is the payload's ``person`` field, as the door projection copies it into door_log.person;
+    account is its ``user`` field (login and session events name the account, and only login.granted
+    and login.denied also name the person). Both are indexed with occurred_at so the registers and
+    timelines read one person's events without reading everyone's. Ingest, the migration that filled
+    them for older rows and the registers benchmark's bulk loader all use this one function.
+    """
+    fields = payload if isinstance(payload, dict) else {}
+    return {"person": _subject(fields.get("person")), "account": _subject(fields.get("user"))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +312,7 @@ class EventRecords(CheckpointRecords):
                     "chain_index": stream.chain_length,
                     "prev_hash": stream.head_hash,
                     "hash": digest,
+                    **subject_columns(ev.payload),
                 }
             )
             stream.head_hash = digest

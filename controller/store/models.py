@@ -95,6 +95,8 @@ class Event(Base):
         UniqueConstraint("agent_id", "chain_index"),
         Index(None, "type", "occurred_at"),
         Index(None, "agent_id", "occurred_at"),
+        Index(None, "person", "occurred_at"),
+        Index(None, "account", "occurred_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -112,6 +114,9 @@ class Event(Base):
     chain_index: Mapped[int] = mapped_column(BigInteger)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    # Copied from the payload at ingest (events.subject_columns) so one person's events are read by index.
+    person: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    account: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Stream(Base):
@@ -536,9 +541,7 @@ class ConsoleUser(Base):
 
     __tablename__ = "console_users"
     __table_args__ = (
-        CheckConstraint(
-            "role IN ('it_admin', 'facility_manager', 'security', 'auditor', 'area_manager')", name="role"
-        ),
+        CheckConstraint("role IN ('it_admin', 'facility_manager', 'security', 'auditor', 'area_manager')", name="role"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

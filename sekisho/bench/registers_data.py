@@ -36,7 +36,7 @@ from sekisho.controller.policy.service import PolicyService
 from sekisho.controller.store import Store
 from sekisho.controller.store.chain import record_hash
 from sekisho.controller.store.checkpoints import INGEST, append, head_fields, lock_log
-from sekisho.controller.store.events import EVENT_COLUMNS
+from sekisho.controller.store.events import EVENT_COLUMNS, subject_columns
 from sekisho.controller.store.models import Event, ProjectionCursor, Stream
 from sekisho.protocol import PROTOCOL_VERSION, signing, timefmt
 from sekisho.protocol.canonical import canonical_bytes
@@ -514,6 +514,7 @@ class Chains:
             "chain_index": index,
             "prev_hash": prev,
             "hash": digest,
+            **subject_columns(g.payload),
         }
 
 
