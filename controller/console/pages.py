@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from sekisho.controller.console import counter, doors_web, muster_web, overview_web, registers_api, registers_web
+from sekisho.controller.console import (
+    counter,
+    doors_web,
+    media_register_web,
+    muster_web,
+    overview_web,
+    registers_api,
+    registers_web,
+)
 
 # web.install includes these after the shell; add a page family's router here.
 PAGE_ROUTERS: tuple[APIRouter, ...] = (
@@ -14,4 +22,6 @@ PAGE_ROUTERS: tuple[APIRouter, ...] = (
     registers_web.pages,
     registers_api.api,
     counter.counter,
+    media_register_web.pages,
+    media_register_web.api,
 )

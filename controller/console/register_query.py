@@ -46,6 +46,9 @@ class RegisterPage:
     scoped: bool = False
     # Event types (or, for keys, loan states) the filter form offers.
     types: tuple[str, ...] = ()
+    # False for an inventory read whole (the media register, media_register_web.py): it has its own routes,
+    # not the keyset page routes the register loops add.
+    paged: bool = True
 
 
 REGISTER_PAGES: Final[tuple[RegisterPage, ...]] = (
@@ -67,6 +70,10 @@ REGISTER_PAGES: Final[tuple[RegisterPage, ...]] = (
         "logins", "/console/registers/logins", N_("Login history"), Permission.REGISTERS_READ,
         types=("login.granted", "login.denied", "session.locked", "session.unlocked", "session.ended",
                "session.lock_failed"),
+    ),
+    RegisterPage(
+        "media-register", "/console/registers/media-register", N_("Media register"), Permission.MEDIA_READ,
+        types=("overdue", "on_loan", "reserved", "in_store", "lost", "retired", "disposed"), paged=False,
     ),
     RegisterPage("media", "/console/registers/media", N_("Media loans"), Permission.MEDIA_READ),
     RegisterPage(
@@ -129,7 +136,7 @@ def _midnight(day: date) -> datetime:
 
 
 def parse_filter(request: Request, now: datetime, *, default_preset: str | None = None) -> Filter:
-    """Read a Filter from the query string: person, department, door, area, terminal, type…, from, to, preset.
+    """Read a Filter from the query string: person, department, door, area, terminal, medium, type…, from, to, preset.
 
     from/to are JST calendar days, both included; a preset (today, this_week, this_month) wins over them.
     """
@@ -145,6 +152,7 @@ def parse_filter(request: Request, now: datetime, *, default_preset: str | None 
         "door": _one(request, "door"),
         "area": _one(request, "area"),
         "terminal": _one(request, "terminal"),
+        "medium": _one(request, "medium"),
         "types": frozenset(types),
     }
     preset = _one(request, "preset", re.compile("|".join(PRESETS))) or None

@@ -224,7 +224,7 @@ def _timeline_routes(kind: SubjectKind, permission: Permission) -> None:
     )
 
 
-for _register in REGISTER_PAGES:
+for _register in (r for r in REGISTER_PAGES if r.paged):
     _register_routes(_register)
 for _kind, (_label, _permission) in TIMELINE_KINDS.items():
     _timeline_routes(_kind, _permission)

@@ -56,7 +56,7 @@ LINKED: Final[dict[str, SubjectKind]] = {
 # Text columns whose values are bilingual labels (`延滞 / overdue`): shown in the page's language only.
 BILINGUAL: Final = frozenset({"state", "event", "direction", "category", "read_only", "note"})
 STATE_OF_VERIFICATION: Final = {"verified": "ok", "broken": "failed", "empty": "unknown", "not_chained": "unknown"}
-FILTER_FIELDS: Final = ("person", "department", "door", "area", "terminal", "from", "to", "preset")
+FILTER_FIELDS: Final = ("person", "department", "door", "area", "terminal", "medium", "from", "to", "preset")
 
 
 def _link_target(column: Column, ref: Ref, viewer: Actor) -> str | None:
@@ -217,7 +217,7 @@ def _register_view(register: RegisterPage) -> Any:
     return view
 
 
-for _register in REGISTER_PAGES:
+for _register in (r for r in REGISTER_PAGES if r.paged):
     pages.add_api_route(
         _register.path.removeprefix("/console"),
         _register_view(_register),

@@ -37,7 +37,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sekisho.controller.console.formats import install_filters, iso_jst, jst
 from sekisho.controller.reports.directory import Directory
 from sekisho.controller.reports.filters import PRESET_LABELS, Filter
-from sekisho.controller.reports.labels import LOAN_STATES, both, event_label
+from sekisho.controller.reports.labels import LOAN_STATES, MEDIUM_KINDS, MEDIUM_STATES, both, event_label
 from sekisho.controller.reports.paging import Column, Ref, Row, Value
 from sekisho.controller.reports.service import Reading
 
@@ -103,9 +103,20 @@ def filter_lines(flt: Filter, directory: Directory) -> list[tuple[str, str]]:
             lines.append((label, f"{ref.text() if ref else ident} ({ident})"))
     if flt.agent:
         lines.append(("エージェント / agent", flt.agent))
+    if flt.medium:
+        ref = directory.medium(flt.medium)
+        lines.append(("媒体 / medium", f"{ref.text() if ref else flt.medium} ({flt.medium})"))
+    if flt.kind:
+        lines.append(("媒体の種類 / kind of medium", both(MEDIUM_KINDS.get(flt.kind, (flt.kind, flt.kind)))))
+    if flt.label:
+        lines.append(("名称に含む / name contains", flt.label))
     if flt.types:
-        # The key register's types are loan states (延滞 / overdue …); the others' are event types.
-        labels = (both(LOAN_STATES[t]) if t in LOAN_STATES else event_label(t) for t in sorted(flt.types))
+        # The key register's types are loan states (延滞 / overdue …), the media register's medium states
+        # (保管中 / in store …); the others' are event types.
+        labels = (
+            both(LOAN_STATES.get(t) or MEDIUM_STATES[t]) if t in LOAN_STATES or t in MEDIUM_STATES else event_label(t)
+            for t in sorted(flt.types)
+        )
         lines.append(("種別 / event types", ", ".join(labels)))
     return lines
 
@@ -132,6 +143,9 @@ def filter_dict(flt: Filter) -> dict[str, Any]:
             ("area", flt.area),
             ("terminal", flt.terminal),
             ("agent", flt.agent),
+            ("medium", flt.medium),
+            ("kind", flt.kind),
+            ("label", flt.label),
             ("types", sorted(flt.types) or None),
             ("since", iso_jst(flt.since) or None),
             ("until", iso_jst(flt.until) or None),

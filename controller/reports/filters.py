@@ -62,7 +62,9 @@ class Filter:
 
     door matches a room door, locker or key cabinet by its policy id; terminal a terminal's policy id (its
     agent is looked up in the policy), agent an agent id directly; types the event types (door log and
-    event registers: e.g. ``door.access_denied``, ``usb.blocked``).
+    event registers: e.g. ``door.access_denied``, ``usb.blocked``; the media register: medium states such as
+    ``in_store``, ``overdue``). medium narrows the media loans and the media register to one registered medium,
+    kind the media register to a kind of medium (``usb_memory`` …), label to media whose name or id contains it.
     """
 
     person: str | None = None
@@ -72,6 +74,9 @@ class Filter:
     terminal: str | None = None
     agent: str | None = None
     types: frozenset[str] = field(default_factory=frozenset)
+    medium: str | None = None
+    kind: str | None = None
+    label: str | None = None
     since: datetime | None = None
     until: datetime | None = None
     preset: Preset | None = None

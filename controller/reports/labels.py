@@ -44,6 +44,24 @@ LOAN_STATES: dict[str, tuple[str, str]] = {
     "revoked": ("取消", "revoked"),
 }
 
+# Where a registered medium is (電子媒体台帳): in the cabinet, out on a loan, or taken out of use.
+MEDIUM_STATES: dict[str, tuple[str, str]] = {
+    "overdue": ("延滞", "overdue"),
+    "on_loan": ("貸出中", "on loan"),
+    "reserved": ("貸出予約", "reserved"),
+    "in_store": ("保管中", "in store"),
+    "lost": ("紛失", "lost"),
+    "retired": ("使用停止", "retired"),
+    "disposed": ("廃棄済", "disposed"),
+}
+
+MEDIUM_KINDS: dict[str, tuple[str, str]] = {
+    "usb_memory": ("USBメモリ", "USB memory"),
+    "usb_disk": ("外付けディスク", "external disk"),
+    "sd_card": ("SDカード", "SD card"),
+    "other": ("その他", "other"),
+}
+
 CATEGORIES: dict[str, tuple[str, str]] = {
     "room": ("入退室", "room"),
     "locker": ("ロッカー", "locker"),

@@ -477,6 +477,8 @@ def media_segments(ctx: Context) -> list[Segment]:
     people = ctx.people()
     if people is not None:
         where.append(or_(*among(m.person, people), *among(m.approved_by, people)))
+    if flt.medium is not None:
+        where.append(m.medium == flt.medium)
     if flt.since is not None:
         where.append(m.ends_at > flt.since)
     if flt.until is not None:
