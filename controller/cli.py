@@ -6,6 +6,7 @@ import getpass
 import json
 import signal
 import threading
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -21,7 +22,7 @@ from sekisho.common.sdnotify import serve_until
 from sekisho.controller.config import ControllerConfig, load_config
 from sekisho.controller.mqtt import connect_blocking, make_client
 from sekisho.controller.policy.loader import PolicyError, load_policy_file
-from sekisho.controller.policy.service import PolicyService, publish_once
+from sekisho.controller.policy.service import PolicyService, SignedBundles, publish_once
 from sekisho.controller.store.audit import refuse_free_text
 from sekisho.protocol import messages, mynumber, signing, timefmt, topics
 
@@ -274,17 +275,18 @@ def _add_issued(
     )
 
 
-def publish_now(cfg: ControllerConfig, bundles: dict[str, bytes], *, purpose: str = "policy-cli") -> bool:
-    """Publish signed bundles at once; on failure say that the running controller will publish them."""
+def publish_now(
+    cfg: ControllerConfig, bundles: Mapping[str, bytes] | SignedBundles, *, purpose: str = "policy-cli"
+) -> dict[str, bytes] | None:
+    """Publish signed bundles at once (a stream: each as it is signed); None, said, if the broker is not reachable."""
     try:
-        publish_once(cfg, bundles, purpose=purpose)
-        return True
+        return publish_once(cfg, bundles, purpose=purpose)
     except (ConnectionError, TimeoutError, OSError) as err:
         err_console.print(
             f"[yellow]今は配信できません。稼働中のコントローラーが間もなく配信します / could not publish now ({err}); "
             "the running controller publishes it shortly[/yellow]"
         )
-        return False
+        return None
 
 
 @policy_app.command("apply")
@@ -332,10 +334,13 @@ def policy_apply(
         for problem in err.problems:
             err_console.print(f"[red]✗[/red] {problem}")
         raise typer.Exit(1) from err
-    bundles = service.bundles()
-    console.print(f"stored policy version {version}; {len(bundles)} agent bundle(s) signed")
-    if publish_now(cfg, bundles):
-        console.print("published (retained) to: " + ", ".join(sorted(bundles)))
+    console.print(f"stored policy version {version}")
+    signed = service.signed_bundles()
+    # Signed and sent one by one, so the first agents apply a revocation while the rest are being signed.
+    published = None if signed is None else publish_now(cfg, signed)
+    if published is not None:
+        names = ", ".join(sorted(published))
+        console.print(f"{len(published)} agent bundle(s) signed and published (retained) to: {names}")
 
 
 @policy_app.command("show")

@@ -34,6 +34,7 @@ from sekisho.controller.media.service import MediaService
 from sekisho.controller.periodic import PeriodicJob
 from sekisho.controller.policy.floor import MAX_REPORTED_JUMP, record_published
 from sekisho.controller.policy.service import PolicyService, publish_bundles
+from sekisho.controller.reports.verify import PointRefresher
 from sekisho.controller.store.db import make_engine, private_dir, upgrade
 from sekisho.controller.store.store import Store
 from sekisho.protocol import messages, signing, topics
@@ -105,10 +106,15 @@ class PolicyKeeper(PeriodicJob):
             fresh = self._published and self._published.version == version
             if fresh and time.monotonic() - self._published.at < refresh_after:  # type: ignore[union-attr]
                 return
+            signed = self.service.signed_bundles()
+            if signed is None:
+                return
+            # The version the bundles carry (an apply may have landed since `current` above).
+            version = signed.version
             # The floor outside the database: a restore must never issue this number again (policy/floor.py).
             record_published(self.var_dir, version)
-            bundles = self.service.bundles()
-            publish_bundles(self.worker.client, bundles)
+            # Each bundle leaves as soon as it is signed; the ones sent are kept for stale heartbeats.
+            bundles = publish_bundles(self.worker.client, signed.pairs)
             self._published = _Published(version, time.monotonic(), bundles)
             self.publications.published(version)
         log.info("published policy version %d bundles", version)
@@ -196,6 +202,11 @@ class Controller:
             else None
         )
 
+        # The walk of every chain from the start, out of the console's requests (controller/reports/verify.py).
+        self.chain_points = (
+            PointRefresher(self.store, config.worker_id) if with_policy and self.store.signing_key is not None else None
+        )
+
     def _on_heartbeat(self, hb: messages.Heartbeat) -> None:
         if self.keeper is not None:
             self.keeper.on_heartbeat(hb)
@@ -216,9 +227,13 @@ class Controller:
             self.revocations.start()
         if self.expiry is not None:
             self.expiry.start()
+        if self.chain_points is not None:
+            self.chain_points.start()
 
     def stop(self) -> None:
         """Stop cleanly: finish the batch in hand, then disconnect."""
+        if self.chain_points is not None:
+            self.chain_points.stop()
         if self.expiry is not None:
             self.expiry.stop()
         if self.revocations is not None:
@@ -235,7 +250,9 @@ class Controller:
 
     def alive(self) -> bool:
         """Tell whether ingest and the periodic jobs still run (the service watchdog asks)."""
-        jobs = [job for job in (self.keeper, self.overdue, self.doors, self.expiry) if job is not None]
+        jobs = [
+            job for job in (self.keeper, self.overdue, self.doors, self.expiry, self.chain_points) if job is not None
+        ]
         return self.worker.running and all(job.running for job in jobs)
 
     def service_status(self) -> str:

@@ -408,9 +408,11 @@ class FleetBench:
         version = service.apply(policy, source_sha256=_policy_sha(policy), created_by="bench-fleet")
         if version is None:
             raise FleetBenchError("the policy did not change")
-        bundles = service.bundles()
-        publish_once(config, bundles, purpose="bench-fleet")
-        return version, bundles
+        signed = service.signed_bundles()
+        if signed is None:
+            raise FleetBenchError("no policy version stored")
+        # As `sekisho policy apply` does: each bundle is sent while the next one is signed.
+        return version, publish_once(config, signed, purpose="bench-fleet")
 
     def _seed_policy(self, lab: Lab, bundles: dict[str, bytes]) -> None:
         """Put each agent's version-1 bundle in its policy cache, as on a fleet that has been running.
