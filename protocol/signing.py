@@ -32,6 +32,7 @@ KINDS = (
     "renew",
     "backup",
     "revocations",
+    "verified_point",
 )
 
 

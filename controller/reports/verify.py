@@ -1,14 +1,25 @@
-""" "Do the hash chains behind these rows verify?": a cheap answer per page, a full one per export.
+""" "Do the hash chains behind these rows verify?": a cheap answer per page, a full one in the background.
 
 A register page shows rows of a few agents. For each of them this walks what `records verify` walks for
 one agent — the controller-signed checkpoint log, the agent's signed key history, its event chain held
 against the newest signed head — with the same checks (the store's chain and checkpoint helpers), but
 remembers how far it got: the log entry and the chain index it verified, and the hashes there. The next
 page continues from there, so a page costs the records stored since the last one, not the whole chain.
-A cached prefix is walked again from the start every ``full_every`` (and always for an export, which
-prints the result): a row edited inside an already verified prefix is found then, and by `records verify`.
 
-The cache lives in this process only (nothing another worker needs): a second worker does its own walks.
+Where a walk starts: walking every chain from the start costs ~212 µs a record (an Ed25519 signature and
+the schema checks each), ~35 min at 10M events, far too long for a request. So the walk from the start
+runs in the background (``PointRefresher``, a periodic job of the controller), which records per chain
+and for the checkpoint log how far it verified — a *verified point* (table ``verified_points``: index,
+hash, log entry, when, by which process, and any problem it found), signed with the controller's signing
+key. A worker's first page (and every ``full_every`` after) starts from the persisted point instead of
+the start: it trusts a point whose signature verifies under the controller's key and whose record at that
+index (and log entry) still has the recorded hash, and walks the records after it. A database writer
+without the controller's key cannot forge or advance a point; a row edited inside the verified prefix is
+found by the next background walk (the point then carries the problem and pages say broken) and at once
+by `records verify`, which always walks from the start. Without a usable point (none yet, bad signature,
+the record at the point changed) the page walks from the start as before. The page says which it did:
+"verified up to <time> by full walk, incremental since" (``ChainStatus.since``).
+
 Records that are not in a hash chain (media loans, the projected door registers themselves, which are
 rebuilt from the events) are said to be so, not claimed verified.
 """
@@ -16,15 +27,21 @@ rebuilt from the events) are said to be so, not claimed verified.
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
-from sqlalchemy import Connection, Table, select
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import Connection, Table, delete, insert, select
 
+from sekisho.controller.periodic import PeriodicJob
+from sekisho.controller.reports.filters import JST
 from sekisho.controller.store.chain import (  # the same record checks `records verify` makes
+    SignedHead,
     _against_signed,
     _check_record,
     _check_signed,
@@ -35,22 +52,32 @@ from sekisho.controller.store.checkpoints import (  # the same entry checks `rec
     _entry_problem,
     _fold,
 )
-from sekisho.controller.store.models import ZERO_HASH, Checkpoint, Event, Stream
+from sekisho.controller.store.models import ZERO_HASH, Checkpoint, Event, Stream, VerifiedPoint
 from sekisho.controller.store.store import Store
 from sekisho.controller.store.verification import KEY_GRACE, read_key_histories
 from sekisho.protocol import errors, signing, timefmt
 
+log = logging.getLogger(__name__)
+
 _CHECKPOINTS = cast(Table, Checkpoint.__table__)
 _EVENTS = cast(Table, Event.__table__)
 _STREAMS = cast(Table, Stream.__table__)
+_POINTS = cast(Table, VerifiedPoint.__table__)
 _BATCH = 1000
+# What the controller signs a verified point as (protocol.signing's kind): never a checkpoint or key line.
+POINT_KIND = "verified_point"
+LOG_CHAIN = "checkpoints"
 
 State = Literal["verified", "broken", "empty", "not_chained"]
 
 
 @dataclass(frozen=True, slots=True)
 class ChainStatus:
-    """The answer printed on a page or an export: verified, broken (with the problems), or nothing to check."""
+    """The answer printed on a page or an export: verified, broken (with the problems), or nothing to check.
+
+    since: when the oldest verified point this answer started from was written by a full walk (the records
+    after it were checked now); None when every chain was walked from its start in this process.
+    """
 
     state: State
     agents: tuple[str, ...]
@@ -58,6 +85,7 @@ class ChainStatus:
     checkpoint: int | None = None
     checked_at: datetime | None = None
     full: bool = False
+    since: datetime | None = None
 
     @property
     def ok(self) -> bool:
@@ -70,8 +98,16 @@ class ChainStatus:
         at = f" #{self.checkpoint}" if self.checkpoint is not None else ""
         if self.state == "verified":
             if lang == "en":
-                return f"Verified: the hash chains of {n} agent(s) behind these rows match signed checkpoint{at}"
-            return f"検証済み: この記録の元となる{n}台のハッシュチェーンは署名付きチェックポイント{at}と一致"
+                how = (
+                    f" (verified up to {_local(self.since)} by full walk, incremental since)"
+                    if self.since is not None
+                    else " (full walk)"
+                )
+                return f"Verified: the hash chains of {n} agent(s) behind these rows match signed checkpoint{at}{how}"
+            how = (
+                f"（{_local(self.since)}までは全件検証、以降は差分検証）" if self.since is not None else "（全件検証）"
+            )
+            return f"検証済み: この記録の元となる{n}台のハッシュチェーンは署名付きチェックポイント{at}と一致{how}"
         if self.state == "broken":
             first = self.problems[0] if self.problems else ""
             if lang == "en":
@@ -86,12 +122,18 @@ class ChainStatus:
         return "検証対象なし: 行がありません"
 
 
+def _local(at: datetime) -> str:
+    """Return a moment as the pages print times (JST, to the minute)."""
+    return at.astimezone(JST).strftime("%Y-%m-%d %H:%M JST")
+
+
 @dataclass
 class _LogCursor:
     state: LogState
     expected: int
     prev_hash: str
     problem: str | None = None
+    since: datetime | None = None
 
 
 @dataclass
@@ -102,6 +144,83 @@ class _StreamCursor:
     problem: str | None
     walked_from_start_at: datetime
     fingerprint: tuple[int, str] = field(default=(0, ZERO_HASH))
+    since: datetime | None = None
+
+
+# --- verified points: what is signed, and reading them back -------------------------------------------
+
+
+def _head_list(head: SignedHead | None) -> list[Any] | None:
+    if head is None:
+        return None
+    return [head.checkpoint, head.length, head.head, head.max_seq, head.contiguous_seq]
+
+
+def _head_of(value: Any) -> SignedHead | None:
+    return (
+        None if value is None else SignedHead(int(value[0]), int(value[1]), str(value[2]), int(value[3]), int(value[4]))
+    )
+
+
+def state_json(state: LogState) -> str:
+    """Return a folded log state as the log's verified point keeps it (canonical JSON)."""
+    body = {
+        "entries": state.entries,
+        "head": list(state.head) if state.head else None,
+        "genesis_at": timefmt.fmt(state.genesis_at) if state.genesis_at else None,
+        "legacy": state.legacy,
+        "streams": {agent: _head_list(head) for agent, head in state.streams.items()},
+        "letters": _head_list(state.letters),
+        "admin": _head_list(state.admin),
+        "key_lines": {str(line): list(v) for line, v in state.key_lines.items()},
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def state_from_json(text: str) -> LogState:
+    """Return the log state a verified point recorded (raises KeyError/TypeError/ValueError if malformed)."""
+    body = json.loads(text)
+    head = body["head"]
+    return LogState(
+        entries=int(body["entries"]),
+        head=(int(head[0]), str(head[1])) if head else None,
+        genesis_at=timefmt.parse(body["genesis_at"]) if body["genesis_at"] else None,
+        legacy={str(k): int(v) for k, v in body["legacy"].items()},
+        streams={str(k): h for k, v in body["streams"].items() if (h := _head_of(v)) is not None},
+        letters=_head_of(body["letters"]),
+        admin=_head_of(body["admin"]),
+        key_lines={int(k): (int(v[0]), str(v[1]), int(v[2]), str(v[3])) for k, v in body["key_lines"].items()},
+    )
+
+
+def point_body(row: Any) -> dict[str, Any]:
+    """Return what the controller signs for one verified point (every column but the signature)."""
+    return {
+        "kind": row.kind,
+        "chain": row.chain,
+        "chain_index": int(row.chain_index),
+        "hash": row.hash,
+        "log_entry": int(row.log_entry),
+        "log_hash": row.log_hash,
+        "state": row.state,
+        "problem": row.problem,
+        "verified_at": timefmt.fmt(row.verified_at),
+        "verified_by": row.verified_by,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Point:
+    kind: str
+    chain: str
+    chain_index: int
+    hash: str
+    log_entry: int
+    log_hash: str
+    state: str | None
+    problem: str | None
+    verified_at: datetime
+    verified_by: str
 
 
 class ChainCheck:
@@ -114,50 +233,120 @@ class ChainCheck:
         clock: Callable[[], datetime] = timefmt.now,
         full_every: timedelta = timedelta(minutes=10),
         signatures: bool = True,
+        points: bool = True,
     ) -> None:
-        """Check against the store's controller key (if it has one) and the agents' signatures."""
+        """Check against the store's controller key (if it has one) and the agents' signatures.
+
+        points: start from the persisted verified points (needs the controller's key to check them).
+        """
         self.store = store
         self.clock = clock
         self.full_every = full_every
         self.signatures = signatures
         key = store.signing_key.public_key() if store.signing_key is not None else None
+        self._public: Ed25519PublicKey | None = key
         self._verifier = signing.Verifier(key) if key is not None else None
+        self.points = points and key is not None
         self._log: _LogCursor | None = None
         self._streams: dict[str, _StreamCursor] = {}
         self._lock = threading.Lock()
 
     def check(self, agents: Iterable[str], *, full: bool = False) -> ChainStatus:
-        """Verify the chains of these agents (full: from their first record, ignoring what is cached)."""
+        """Verify the chains of these agents (full: ignore this process's cache; start at the verified points)."""
+        return self._check(agents, full=full, from_start=False)
+
+    def check_from_start(self, agents: Iterable[str]) -> ChainStatus:
+        """Verify the chains of these agents walking each from its first record (what the background job does)."""
+        return self._check(agents, full=True, from_start=True)
+
+    def _check(self, agents: Iterable[str], *, full: bool, from_start: bool) -> ChainStatus:
         wanted = tuple(sorted(set(agents)))
         now = self.clock()
         if not wanted:
             return ChainStatus("empty", (), checked_at=now, full=full)
+        sinces: list[datetime] = []
         with self._lock, self.store.engine.connect() as conn:
             if conn.dialect.name == "postgresql":
                 # One snapshot for the log, the key lines, the stream rows and the records.
                 conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
-                log = self._walk_log(conn, full)
+                log = self._walk_log(conn, full, from_start)
                 problems: list[str] = []
                 if log.problem is not None:
                     problems.append(f"checkpoints: {log.problem}")
+                if log.since is not None:
+                    sinces.append(log.since)
                 for agent in wanted:
-                    problem = self._walk_stream(conn, agent, log, full, now)
+                    problem = self._walk_stream(conn, agent, log, full, from_start, now)
                     if problem is not None:
                         problems.append(f"{agent}: {problem}")
+                    since = self._streams[agent].since
+                    if since is not None:
+                        sinces.append(since)
         head = log.state.head[0] if log.state.head else None
         state: State = "broken" if problems else "verified"
-        return ChainStatus(state, wanted, tuple(problems), head, now, full)
+        return ChainStatus(state, wanted, tuple(problems), head, now, full, min(sinces) if sinces else None)
+
+    # --- verified points ---------------------------------------------------------------------------
+
+    def _point(self, conn: Connection, kind: str, chain: str) -> _Point | None:
+        """Return the persisted point of a chain if its signature verifies under the controller's key."""
+        if not self.points or self._public is None:
+            return None
+        row = conn.execute(select(_POINTS).where(_POINTS.c.kind == kind, _POINTS.c.chain == chain)).first()
+        if row is None:
+            return None
+        try:
+            signing.verify(self._public, POINT_KIND, point_body(row), row.signature)
+        except (errors.Rejected, ValueError, TypeError):
+            log.warning("verified point of %s %s: signature does not verify; walking from the start", kind, chain)
+            return None
+        return _Point(
+            row.kind,
+            row.chain,
+            int(row.chain_index),
+            row.hash,
+            int(row.log_entry),
+            row.log_hash,
+            row.state,
+            row.problem,
+            row.verified_at,
+            row.verified_by,
+        )
+
+    @staticmethod
+    def _entry_hash(conn: Connection, number: int) -> str | None:
+        if number == 0:
+            return ZERO_HASH
+        return conn.execute(select(_CHECKPOINTS.c.hash).where(_CHECKPOINTS.c.id == number)).scalar()
+
+    def _log_from_point(self, conn: Connection) -> _LogCursor | None:
+        point = self._point(conn, "log", LOG_CHAIN)
+        if point is None or point.state is None:
+            return None
+        if point.problem is not None:
+            return _LogCursor(LogState(), 1, ZERO_HASH, point.problem, point.verified_at)
+        if self._entry_hash(conn, point.chain_index) != point.hash:
+            return None  # the entry the point names changed: walk the log from the start, which says where
+        try:
+            state = state_from_json(point.state)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return None
+        return _LogCursor(state, point.chain_index + 1, point.hash, None, point.verified_at)
 
     # --- the checkpoint log ------------------------------------------------------------------------
 
-    def _walk_log(self, conn: Connection, full: bool) -> _LogCursor:
+    def _walk_log(self, conn: Connection, full: bool, from_start: bool = False) -> _LogCursor:
         cursor = self._log
-        if full or cursor is None:
+        if from_start:
             cursor = _LogCursor(LogState(), 1, ZERO_HASH)
+        elif full or cursor is None:
+            cursor = self._log_from_point(conn) or _LogCursor(LogState(), 1, ZERO_HASH)
         else:
             # Continue on a copy: a walk that fails half-way must not leave a half-updated cache.
-            cursor = _LogCursor(copy.deepcopy(cursor.state), cursor.expected, cursor.prev_hash, cursor.problem)
+            cursor = _LogCursor(
+                copy.deepcopy(cursor.state), cursor.expected, cursor.prev_hash, cursor.problem, cursor.since
+            )
         if cursor.problem is None:
             result = conn.execute(
                 select(_CHECKPOINTS).where(_CHECKPOINTS.c.id >= cursor.expected).order_by(_CHECKPOINTS.c.id),
@@ -188,35 +377,66 @@ class ChainCheck:
                 ).scalar()
                 if last != cursor.prev_hash:
                     cursor.problem = f"#{cursor.expected - 1}: checkpoint replaced"
-        self._log = cursor
+        if not from_start:
+            self._log = cursor
         return cursor
 
     # --- one agent's chain -------------------------------------------------------------------------
 
-    def _walk_stream(self, conn: Connection, agent: str, log: _LogCursor, full: bool, now: datetime) -> str | None:
+    def _stream_start(self, conn: Connection, agent: str, log: _LogCursor, now: datetime) -> _StreamCursor:
+        """Return where a walk of this chain starts: its trusted verified point, else its first record."""
+        start = _StreamCursor(0, ZERO_HASH, 0, None, now)
+        point = self._point(conn, "agent", agent)
+        if point is None or point.log_entry >= log.expected:
+            return start  # no point, or held against log entries this walk has not verified
+        if self._entry_hash(conn, point.log_entry) != point.log_hash:
+            return start
+        if point.chain_index:
+            found = conn.execute(
+                select(_EVENTS.c.hash).where(_EVENTS.c.agent_id == agent, _EVENTS.c.chain_index == point.chain_index)
+            ).scalar()
+            if found != point.hash:
+                return start  # the record at the point changed: the walk from the start says how
+        if point.problem is not None:
+            when = timefmt.fmt(point.verified_at)
+            return _StreamCursor(
+                point.chain_index, point.hash, 0, f"{point.problem} (full walk {when})", now, since=point.verified_at
+            )
+        return _StreamCursor(point.chain_index, point.hash, 0, None, now, since=point.verified_at)
+
+    def _walk_stream(
+        self, conn: Connection, agent: str, log: _LogCursor, full: bool, from_start: bool, now: datetime
+    ) -> str | None:
         stream = conn.execute(select(_STREAMS).where(_STREAMS.c.agent_id == agent)).first()
         fingerprint = (0, ZERO_HASH) if stream is None else (int(stream.chain_length), str(stream.head_hash))
-        cached = self._streams.get(agent)
+        cached = None if from_start else self._streams.get(agent)
         stale = cached is None or full or now - cached.walked_from_start_at >= self.full_every
         if cached is not None and not stale:
             if cached.problem is not None:
                 return cached.problem
             if cached.fingerprint == fingerprint and cached.log_entries == log.state.entries:
                 return None  # nothing appended to this chain or the log since the last walk
-        start = _StreamCursor(0, ZERO_HASH, 0, None, now) if stale or cached is None else copy.copy(cached)
-        histories, key_problems = read_key_histories(conn, log.state, self._verifier, KEY_GRACE, agent)
-        if key_problems:
-            start.problem = f"{key_problems[0].table}: {key_problems[0].problem}"
+        if from_start:
+            start = _StreamCursor(0, ZERO_HASH, 0, None, now)
+        elif stale or cached is None:
+            start = self._stream_start(conn, agent, log, now)
         else:
-            keys = histories.get(agent) if self.signatures else None
-            legacy = log.state.legacy.get(agent, 0) if log.state.genesis_at is not None else None
-            start.problem = self._continue(conn, agent, stream, start, legacy, keys)
-            if start.problem is None:
-                if self.signatures and keys is None and start.walked:
-                    start.problem = "no trusted key history: signatures not checked"
-                else:
-                    found = _against_signed(agent, start.walked, start.last_hash, stream, log.state.streams.get(agent))
-                    start.problem = None if found is None else found.problem
+            start = copy.copy(cached)
+        if start.problem is None:
+            histories, key_problems = read_key_histories(conn, log.state, self._verifier, KEY_GRACE, agent)
+            if key_problems:
+                start.problem = f"{key_problems[0].table}: {key_problems[0].problem}"
+            else:
+                keys = histories.get(agent) if self.signatures else None
+                legacy = log.state.legacy.get(agent, 0) if log.state.genesis_at is not None else None
+                start.problem = self._continue(conn, agent, stream, start, legacy, keys)
+                if start.problem is None:
+                    if self.signatures and keys is None and start.walked:
+                        start.problem = "no trusted key history: signatures not checked"
+                    else:
+                        head = log.state.streams.get(agent)
+                        found = _against_signed(agent, start.walked, start.last_hash, stream, head)
+                        start.problem = None if found is None else found.problem
         start.fingerprint = fingerprint
         start.log_entries = log.state.entries
         self._streams[agent] = start
@@ -250,3 +470,104 @@ class ChainCheck:
         elif at.walked > 0:
             return "stream row missing"
         return None
+
+    # --- the background walk -----------------------------------------------------------------------
+
+    def refresh_points(self, by: str, agents: Iterable[str] | None = None) -> dict[str, str | None]:
+        """Walk the log and every chain from the start and record signed verified points; return the problems.
+
+        Each agent in its own short transaction (a 10M-event walk must not hold one snapshot for half an hour).
+        Needs the controller's signing key: a point is only worth what its signature is.
+        """
+        signer = self.store.signing_key
+        if signer is None:
+            raise ValueError("verified points need the controller's signing key")
+        now = self.clock()
+        found: dict[str, str | None] = {}
+        with self.store.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                log_cursor = self._walk_log(conn, True, from_start=True)
+                names = (
+                    sorted(agents) if agents is not None else list(conn.execute(select(_STREAMS.c.agent_id)).scalars())
+                )
+        entry, entry_hash = (log_cursor.expected - 1, log_cursor.prev_hash)
+        self._save(
+            "log", LOG_CHAIN, entry, entry_hash, entry, entry_hash, state_json(log_cursor.state),
+            log_cursor.problem, now, by,
+        )  # fmt: skip
+        found[LOG_CHAIN] = log_cursor.problem
+        for agent in names:
+            with self.store.engine.connect() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execution_options(isolation_level="REPEATABLE READ")
+                with conn.begin():
+                    # The log again, on from where the first walk left it: entries appended meanwhile count.
+                    logc = _LogCursor(
+                        copy.deepcopy(log_cursor.state), log_cursor.expected, log_cursor.prev_hash, log_cursor.problem
+                    )
+                    self._log = logc
+                    logc = self._walk_log(conn, False)
+                    problem = self._walk_stream(conn, agent, logc, True, True, now)
+                    walked = self._streams[agent]
+            head_entry = logc.expected - 1
+            self._save(
+                "agent", agent, walked.walked, walked.last_hash, head_entry, logc.prev_hash, None, problem, now, by
+            )
+            found[agent] = problem
+        return found
+
+    def _save(
+        self,
+        kind: str,
+        chain: str,
+        index: int,
+        digest: str,
+        log_entry: int,
+        log_hash: str,
+        state: str | None,
+        problem: str | None,
+        at: datetime,
+        by: str,
+    ) -> None:
+        """Replace a chain's verified point with a newly signed one."""
+        assert self.store.signing_key is not None
+        row = _Point(kind, chain, index, digest, log_entry, log_hash, state, problem, at, by)
+        values = {**point_body(row), "verified_at": at}
+        values["signature"] = signing.sign(self.store.signing_key, POINT_KIND, point_body(row))
+        with self.store.engine.begin() as conn:
+            conn.execute(delete(_POINTS).where(_POINTS.c.kind == kind, _POINTS.c.chain == chain))
+            conn.execute(insert(_POINTS).values(**values))
+
+
+class PointRefresher(PeriodicJob):
+    """The controller's background walk from the start that keeps the verified points fresh (every full_every).
+
+    Several controller workers each run one; a worker skips its round when another refreshed the points
+    less than half a period ago, so the cost is paid about once per period, not once per worker.
+    """
+
+    name = "chain verification"
+    every_s = 600.0
+
+    def __init__(self, store: Store, by: str, *, every_s: float = 600.0) -> None:
+        """Refresh the points of store's chains as process by (the worker id), every every_s seconds."""
+        self.store = store
+        self.by = by
+        self.every_s = every_s
+        self.last: dict[str, str | None] = {}
+        super().__init__()
+
+    def run_once(self) -> None:
+        """Walk every chain from the start and record the points, unless another worker just did."""
+        with self.store.engine.connect() as conn:
+            newest = conn.execute(
+                select(_POINTS.c.verified_at).where(_POINTS.c.kind == "log", _POINTS.c.chain == LOG_CHAIN)
+            ).scalar()
+        if newest is not None and timefmt.now() - newest < timedelta(seconds=self.every_s / 2):
+            return
+        self.last = ChainCheck(self.store).refresh_points(self.by)
+        broken = {chain: problem for chain, problem in self.last.items() if problem}
+        if broken:
+            log.warning("chain verification: %d chain(s) broken: %s", len(broken), broken)

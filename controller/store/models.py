@@ -179,6 +179,32 @@ class Checkpoint(Base):
     signature: Mapped[str | None] = mapped_column(Text)
 
 
+class VerifiedPoint(Base):
+    """How far a full walk from the start verified one chain (an agent's events, or the checkpoint log).
+
+    Signed with the controller's signing key (the key that signs the checkpoint log), so a database writer
+    without it cannot move a point forward or clear a problem. A console worker trusts a point whose
+    signature verifies and whose record at chain_index still has hash, and walks only what follows
+    (controller/reports/verify.py); the background walk refreshes the points. For the log, chain_index is
+    the entry number and state is what the walked prefix says (the folded LogState), as JSON.
+    """
+
+    __tablename__ = "verified_points"
+    __table_args__ = (CheckConstraint("kind IN ('agent', 'log')", name="kind"),)
+
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    chain: Mapped[str] = mapped_column(String(64), primary_key=True)
+    chain_index: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+    log_entry: Mapped[int] = mapped_column(BigInteger)
+    log_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str | None] = mapped_column(Text, nullable=True)
+    problem: Mapped[str | None] = mapped_column(Text, nullable=True)
+    verified_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    verified_by: Mapped[str] = mapped_column(String(200))
+    signature: Mapped[str] = mapped_column(Text)
+
+
 class DeadLetter(Base):
     """A message that could not be stored as an event, kept (redacted) with the reason, in one hash chain."""
 
