@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from sekisho.bench import registers_data as data
@@ -24,14 +25,18 @@ from sekisho.protocol import signing
 END = datetime(2026, 11, 19, 9, 0, tzinfo=UTC)
 
 
-def _loaded(url: str, events: int) -> Store:
+def _loaded(url: str, events: int, workers: int = 0) -> Store:
     engine = make_engine(url)
     upgrade(engine)
     store = Store(engine, signing_key=signing.generate_key())
     shape = data.site_shape(people=40, visitors=4)
     keys = data.prepare_store(store, shape, signing.generate_key())
     data.ensure_streams(store, shape.agents)
-    loaded = data.load_events(store, iter(data.EventSource(shape, keys, end=END, days=14, total=events)), batch=700)
+    source = data.EventSource(shape, keys, end=END, days=14, total=events)
+    if workers:
+        loaded = data.load_events_parallel(store, source, workers=workers, batch=700)
+    else:
+        loaded = data.load_events(store, iter(source), batch=700)
     assert events * 0.99 <= loaded.events <= events  # follow-ups due after the end are not emitted
     data.project(store, batch=900)
     return store
@@ -56,11 +61,41 @@ def test_bulk_projection_and_chains_sqlite(tmp_path: Path) -> None:
 @pytest.mark.skipif(find_pg_bin() is None, reason="PostgreSQL is not installed")
 def test_bulk_projection_and_chains_postgres() -> None:
     with postgres_cluster() as cluster, pg_database(cluster) as url:
-        store = _loaded(url, 4000)
+        store = _loaded(url, 4000, workers=2)
         try:
             _check_store(store)
         finally:
             store.engine.dispose()
+
+
+def test_parallel_load_stores_what_the_serial_generator_makes(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'p.sqlite3'}")
+    upgrade(engine)
+    store = Store(engine, signing_key=signing.generate_key())
+    try:
+        shape = data.site_shape(people=20, visitors=2)
+        keys = data.prepare_store(store, shape, signing.generate_key())
+        data.ensure_streams(store, shape.agents)
+        loaded = data.load_events_parallel(
+            store, data.EventSource(shape, keys, end=END, days=7, total=3000), workers=2, batch=500
+        )
+        # The same generator signed and chained in this process, one event after the other.
+        chains = data.Chains()
+        serial = [
+            chains.row(g, pk) for pk, g in enumerate(data.EventSource(shape, keys, end=END, days=7, total=3000), 1)
+        ]
+        with engine.connect() as conn:
+            stored = conn.execute(
+                select(data.EVENTS.c.id, data.EVENTS.c.raw, data.EVENTS.c.hash, data.EVENTS.c.person).order_by(
+                    data.EVENTS.c.id
+                )
+            ).all()
+        assert loaded.events == len(serial) == len(stored)
+        assert [tuple(r) for r in stored] == [(r["id"], r["raw"], r["hash"], r["person"]) for r in serial]
+        status = Reports(store, clock=lambda: END).chains.check(shape.agents, full=True)
+        assert status.state == "verified", status.problems
+    finally:
+        engine.dispose()
 
 
 def test_bench_registers_json(tmp_path: Path) -> None:

@@ -247,6 +247,34 @@ class Generated:
     raw: str
 
 
+@dataclass(frozen=True, slots=True)
+class Unsigned:
+    """One generated event with its seq and id drawn, not yet signed."""
+
+    agent: str
+    seq: int
+    event_id: str
+    type: str
+    occurred_at: datetime
+    payload: dict[str, Any]
+
+
+def sign_event(key: Ed25519PrivateKey, u: Unsigned) -> Generated:
+    """Return the event as its agent would send it: the canonical signed envelope."""
+    body = {
+        "v": PROTOCOL_VERSION,
+        "agent": u.agent,
+        "seq": u.seq,
+        "id": u.event_id,
+        "type": u.type,
+        "at": timefmt.fmt(u.occurred_at),
+        "clock": {"synced": True, "offset_ms": 0},
+        "payload": u.payload,
+    }
+    raw = canonical_bytes({"event": body, "sig": signing.sign(key, "event", body)}).decode()
+    return Generated(u.agent, u.seq, u.event_id, u.type, u.occurred_at, u.payload, raw)
+
+
 class EventSource:
     """Policy-consistent synthetic activity (rooms, lockers, keys, logins, USB), in time order, signed."""
 
@@ -420,24 +448,22 @@ class EventSource:
             {"door": room, "reason": "outside_schedule", "person": person, "card_masked": self._card(person)},
         )
 
-    def _sign(self, p: _Pending) -> Generated:
+    def _unsigned(self, p: _Pending) -> Unsigned:
+        # The seq and the event id are drawn here, in emission order, so the output does not depend on who signs.
         seq = self.seqs[p.agent] = self.seqs.get(p.agent, 0) + 1
         event_id = uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
-        body = {
-            "v": PROTOCOL_VERSION,
-            "agent": p.agent,
-            "seq": seq,
-            "id": event_id,
-            "type": p.type,
-            "at": timefmt.fmt(p.at),
-            "clock": {"synced": True, "offset_ms": 0},
-            "payload": p.payload,
-        }
-        raw = canonical_bytes({"event": body, "sig": signing.sign(self.keys[p.agent], "event", body)}).decode()
-        return Generated(p.agent, seq, event_id, p.type, p.at, p.payload, raw)
+        return Unsigned(p.agent, seq, event_id, p.type, p.at, p.payload)
+
+    def _sign(self, p: _Pending) -> Generated:
+        return sign_event(self.keys[p.agent], self._unsigned(p))
 
     def __iter__(self) -> Iterator[Generated]:
         """Yield the events in time order, each with a distinct time (a millisecond after the one before)."""
+        for u in self.unsigned():
+            yield sign_event(self.keys[u.agent], u)
+
+    def unsigned(self) -> Iterator[Unsigned]:
+        """Yield the events in time order before signing (signing can then run in other processes)."""
         actions: list[tuple[Callable[[datetime], None], int]] = [
             (self._room, 30),
             (self._locker, 20),
@@ -466,7 +492,7 @@ class EventSource:
                 p.at = self.last + one_ms
             self.last = p.at
             emitted += 1
-            yield self._sign(p)
+            yield self._unsigned(p)
 
 
 # --- loading -----------------------------------------------------------------------------------------------
@@ -555,6 +581,30 @@ class LoadResult:
     write_s: float
 
 
+def _seal(store: Store, chains: Chains) -> None:
+    """Set the streams rows to the loaded chains' heads and seal them with one signed ingest checkpoint."""
+    with write_transaction(store.engine) as conn:
+        heads: dict[str, Any] = {}
+        for agent, length in sorted(chains.length.items()):
+            conn.execute(
+                update(STREAMS)
+                .where(STREAMS.c.agent_id == agent)
+                .values(
+                    chain_length=length,
+                    head_hash=chains.head[agent],
+                    max_seq=chains.seq[agent],
+                    contiguous_seq=chains.seq[agent],
+                )
+            )
+            heads[agent] = head_fields(length, chains.head[agent], chains.seq[agent], chains.seq[agent])
+        lock_log(conn)
+        append(conn, store.signing_key, INGEST, {"streams": heads}, timefmt.now())
+    if store.engine.dialect.name == "postgresql":
+        with store.engine.connect() as c2:
+            c2.exec_driver_sql("SELECT setval(pg_get_serial_sequence('events', 'id'), (SELECT max(id) FROM events))")
+            c2.commit()
+
+
 def load_events(
     store: Store, source: Iterator[Generated], *, batch: int = 20_000, progress: Callable[[int], None] | None = None
 ) -> LoadResult:
@@ -583,32 +633,118 @@ def load_events(
                 progress(count)
     gen_s += time.perf_counter() - mark
     mark = time.perf_counter()
-    with write_transaction(store.engine) as conn:
-        if rows:
+    if rows:
+        with store.engine.begin() as conn:
             insert_events(conn, rows)
-            count += len(rows)
-        heads: dict[str, Any] = {}
-        for agent, length in sorted(chains.length.items()):
-            conn.execute(
-                update(STREAMS)
-                .where(STREAMS.c.agent_id == agent)
-                .values(
-                    chain_length=length,
-                    head_hash=chains.head[agent],
-                    max_seq=chains.seq[agent],
-                    contiguous_seq=chains.seq[agent],
-                )
-            )
-            heads[agent] = head_fields(length, chains.head[agent], chains.seq[agent], chains.seq[agent])
-        lock_log(conn)
-        append(conn, store.signing_key, INGEST, {"streams": heads}, timefmt.now())
-    if store.engine.dialect.name == "postgresql":
-        with store.engine.connect() as c2:
-            c2.exec_driver_sql("SELECT setval(pg_get_serial_sequence('events', 'id'), (SELECT max(id) FROM events))")
-            c2.commit()
+        count += len(rows)
+    _seal(store, chains)
     write_s += time.perf_counter() - mark
     if progress:
         progress(count)
+    return LoadResult(count, top, gen_s, write_s)
+
+
+# --- parallel generate+sign: one worker process per share of the agents -----------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_start(keys: dict[str, bytes]) -> None:
+    """Set up a signing worker: its agents' keys and their chain state (it alone extends these chains)."""
+    _WORKER["keys"] = {agent: Ed25519PrivateKey.from_private_bytes(raw) for agent, raw in keys.items()}
+    _WORKER["chains"] = Chains()
+
+
+def _worker_rows(items: list[tuple[int, Unsigned]]) -> list[dict[str, Any]]:
+    """Sign the worker's events and chain them, in the order given (each agent's chain is sequential)."""
+    keys, chains = _WORKER["keys"], _WORKER["chains"]
+    return [chains.row(sign_event(keys[u.agent], u), pk) for pk, u in items]
+
+
+def _worker_chains() -> Chains:
+    """Return the worker's chain state (the streams rows and the checkpoint name it)."""
+    return cast(Chains, _WORKER["chains"])
+
+
+def load_events_parallel(
+    store: Store,
+    source: EventSource,
+    *,
+    workers: int = 2,
+    batch: int = 20_000,
+    progress: Callable[[int], None] | None = None,
+) -> LoadResult:
+    """Like load_events, with signing and chaining in worker processes; the rows are byte-identical.
+
+    The generator (one random stream: what happens, each event's seq and id) stays in this process, so the
+    events are the same whatever the number of workers. Each agent belongs to one worker (its chain is a
+    sequence: record n holds the hash of n - 1), which signs and chains that agent's events in order. While the
+    workers sign one batch this process generates the next and writes the one before.
+    """
+    import multiprocessing
+    import time
+    from concurrent.futures import Future, ProcessPoolExecutor
+
+    from cryptography.hazmat.primitives import serialization
+
+    agents = sorted(source.keys)
+    owner = {agent: i % workers for i, agent in enumerate(agents)}
+    raw = serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    shares = [{a: source.keys[a].private_bytes(*raw) for a in agents if owner[a] == w} for w in range(workers)]
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding engines and threads
+    pools = [
+        ProcessPoolExecutor(1, mp_context=context, initializer=_worker_start, initargs=(share,)) for share in shares
+    ]
+    with store.engine.connect() as conn:
+        top = int(conn.execute(select(func.coalesce(func.max(EVENTS.c.id), 0))).scalar_one())
+    count, gen_s, write_s = 0, 0.0, 0.0
+
+    def write(futures: list[Future[list[dict[str, Any]]]]) -> None:
+        nonlocal count, write_s, gen_s
+        mark = time.perf_counter()
+        rows = sorted((row for f in futures for row in f.result()), key=lambda r: int(r["id"]))
+        gen_s += time.perf_counter() - mark  # waiting for the signers counts as generating
+        mark = time.perf_counter()
+        with store.engine.begin() as conn:
+            insert_events(conn, rows)
+        count += len(rows)
+        write_s += time.perf_counter() - mark
+        if progress:
+            progress(count)
+
+    try:
+        in_flight: list[Future[list[dict[str, Any]]]] | None = None
+        parts: list[list[tuple[int, Unsigned]]] = [[] for _ in range(workers)]
+        size = 0
+        mark = time.perf_counter()
+        for u in source.unsigned():
+            top += 1
+            parts[owner[u.agent]].append((top, u))
+            size += 1
+            if size >= batch:
+                gen_s += time.perf_counter() - mark
+                submitted = [pool.submit(_worker_rows, part) for pool, part in zip(pools, parts, strict=True)]
+                if in_flight is not None:
+                    write(in_flight)
+                in_flight, parts, size = submitted, [[] for _ in range(workers)], 0
+                mark = time.perf_counter()
+        gen_s += time.perf_counter() - mark
+        last = [pool.submit(_worker_rows, part) for pool, part in zip(pools, parts, strict=True)]
+        if in_flight is not None:
+            write(in_flight)
+        write(last)
+        chains = Chains()
+        for pool in pools:
+            share = pool.submit(_worker_chains).result()
+            chains.length.update(share.length)
+            chains.head.update(share.head)
+            chains.seq.update(share.seq)
+    finally:
+        for pool in pools:
+            pool.shutdown(cancel_futures=True)
+    mark = time.perf_counter()
+    _seal(store, chains)
+    write_s += time.perf_counter() - mark
     return LoadResult(count, top, gen_s, write_s)
 
 
