@@ -19,8 +19,8 @@ from sekisho.controller.reports.queries import Context, after
 from sekisho.controller.reports.registers import REGISTERS
 from sekisho.controller.reports.timelines import Subject, sources
 from sekisho.controller.store import Store
+from sekisho.controller.store.chain import subject_columns
 from sekisho.controller.store.db import alembic_config
-from sekisho.controller.store.events import subject_columns
 from sekisho.controller.store.models import Event
 
 if TYPE_CHECKING:

@@ -104,6 +104,15 @@ def test_edited_payload_column_is_named(store: Store, victim: FakeAgent) -> None
     assert problem.problem == "stored column payload differs from signed event"
 
 
+def test_edited_person_column_is_named(store: Store, victim: FakeAgent) -> None:
+    # The registers find a person's rows by this copy of the payload: moved to someone else, the rows would
+    # vanish from that person's register while the signed raw still verifies.
+    tamper(store, update(Event).where(where(victim, 20)).values(person="p-someone-else"))
+    problem = only_problem(store)
+    assert (problem.agent_id, problem.chain_index) == (victim.agent_id, 20)
+    assert problem.problem == "stored column person differs from signed event"
+
+
 def test_edited_payload_type_is_named(store: Store, victim: FakeAgent) -> None:
     # 1 → true: equal in Python (1 == True), different in the signed JSON.
     tamper(store, update(Event).where(where(victim, 1)).values(payload={"n": True}))

@@ -413,7 +413,7 @@ def event_conditions(ctx: Context, types: tuple[str, ...]) -> list[ColumnElement
     """Return the filter's conditions on stored events of these types (person via its person or account column).
 
     A person is matched on the indexed events.person / events.account columns ingest fills from the payload
-    (events.subject_columns), never on the JSON: the database then reads that person's events in time order
+    (chain.subject_columns), never on the JSON: the database then reads that person's events in time order
     through ix_events_person_occurred_at instead of every event of these types.
     """
     e = EVENTS.c

@@ -212,6 +212,31 @@ def _json_text(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+# The longest person id or login name the protocol allows (catalogue.Id, the login payloads' user).
+_SUBJECT_MAX = 64
+
+
+def _subject(value: object) -> str | None:
+    """Return a payload's person or user field as the events column holds it (a non-empty string, else None)."""
+    if not isinstance(value, str) or not value or len(value) > _SUBJECT_MAX:
+        return None
+    return value
+
+
+def subject_columns(payload: object) -> dict[str, str | None]:
+    """Return the events row's person and account columns for a signed event's payload.
+
+    person is the payload's ``person`` field, as the door projection copies it into door_log.person;
+    account is its ``user`` field (login and session events name the account, and only login.granted
+    and login.denied also name the person). Both are indexed with occurred_at so the registers and
+    timelines read one person's events without reading everyone's. Ingest, the migration that filled
+    them for older rows, the registers benchmark's bulk loader and the chain walk (which checks the
+    columns still match the signed payload) all use this one function.
+    """
+    fields = payload if isinstance(payload, dict) else {}
+    return {"person": _subject(fields.get("person")), "account": _subject(fields.get("user"))}
+
+
 def _column_mismatch(row: Any, signed: events.DecodedEvent) -> str | None:
     pairs: tuple[tuple[str, Any, Any], ...] = (
         ("agent_id", row.agent_id, signed.agent),
@@ -227,6 +252,11 @@ def _column_mismatch(row: Any, signed: events.DecodedEvent) -> str | None:
             return name
     if _json_text(row.payload) != _json_text(signed.payload):
         return "payload"
+    # The person/account columns are copies of the signed payload for the registers' indexes: edited,
+    # they would hide a person's rows from a register whose chains still verify.
+    for name, original in subject_columns(signed.payload).items():
+        if getattr(row, name, original) != original:
+            return name
     return None
 
 

@@ -42,7 +42,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import aliased
 
-from sekisho.controller.store.chain import letter_hash, record_hash
+from sekisho.controller.store.chain import letter_hash, record_hash, subject_columns
 from sekisho.controller.store.checkpoints import INGEST, CheckpointRecords, append, head_fields, lock_log
 from sekisho.controller.store.findings import note_finding
 from sekisho.controller.store.models import ZERO_HASH, Agent, DeadLetter, Event, Finding, Stream
@@ -90,29 +90,6 @@ EVENT_COLUMNS = (
 _PG_COPY_EVENTS = f"COPY events ({', '.join(EVENT_COLUMNS)}) FROM STDIN"
 
 T = TypeVar("T")
-
-# The longest person id or login name the protocol allows (catalogue.Id, the login payloads' user).
-_SUBJECT_MAX = 64
-
-
-def _subject(value: object) -> str | None:
-    """Return a payload's person or user field as the events column holds it (a non-empty string, else None)."""
-    if not isinstance(value, str) or not value or len(value) > _SUBJECT_MAX:
-        return None
-    return value
-
-
-def subject_columns(payload: object) -> dict[str, str | None]:
-    """Return the events row's person and account columns for a signed event's payload.
-
-    person is the payload's ``person`` field, as the door projection copies it into door_log.person;
-    account is its ``user`` field (login and session events name the account, and only login.granted
-    and login.denied also name the person). Both are indexed with occurred_at so the registers and
-    timelines read one person's events without reading everyone's. Ingest, the migration that filled
-    them for older rows and the registers benchmark's bulk loader all use this one function.
-    """
-    fields = payload if isinstance(payload, dict) else {}
-    return {"person": _subject(fields.get("person")), "account": _subject(fields.get("user"))}
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,7 +114,7 @@ class Event(Base):
     chain_index: Mapped[int] = mapped_column(BigInteger)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
-    # Copied from the payload at ingest (events.subject_columns) so one person's events are read by index.
+    # Copied from the payload at ingest (chain.subject_columns) so one person's events are read by index.
     person: Mapped[str | None] = mapped_column(String(64), nullable=True)
     account: Mapped[str | None] = mapped_column(String(64), nullable=True)
 

@@ -34,9 +34,9 @@ from sekisho.controller.doors.projector import CURSOR, REGISTER_TABLES, DoorProj
 __all__ = ["REGISTER_TABLES"]
 from sekisho.controller.policy.service import PolicyService
 from sekisho.controller.store import Store
-from sekisho.controller.store.chain import record_hash
+from sekisho.controller.store.chain import record_hash, subject_columns
 from sekisho.controller.store.checkpoints import INGEST, append, head_fields, lock_log
-from sekisho.controller.store.events import EVENT_COLUMNS, subject_columns
+from sekisho.controller.store.events import EVENT_COLUMNS
 from sekisho.controller.store.models import Event, ProjectionCursor, Stream
 from sekisho.protocol import PROTOCOL_VERSION, signing, timefmt
 from sekisho.protocol.canonical import canonical_bytes

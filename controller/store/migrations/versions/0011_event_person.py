@@ -2,7 +2,7 @@
 
 The USB log by person and a person's timeline read login and USB events by the payload's ``person`` (and a
 session event's ``user``). As JSON inside the payload that meant reading every USB event and filtering;
-these columns, filled at ingest by events.subject_columns and indexed with occurred_at, let the query read
+these columns, filled at ingest by chain.subject_columns and indexed with occurred_at, let the query read
 one person's events in time order. Existing rows are filled here, in id batches, by the same function.
 
 Revision ID: 0011
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from sekisho.controller.store.events import subject_columns
+from sekisho.controller.store.chain import subject_columns
 
 revision: str = "0011"
 down_revision: str | None = "0010"
