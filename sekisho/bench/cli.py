@@ -427,6 +427,15 @@ def bench_fleet(
     timeout_s: Annotated[float, typer.Option(min=10, max=3600, help="bound on every wait")] = 300.0,
     workdir: Annotated[Path | None, typer.Option(help="keep state here instead of a temp dir")] = None,
     heartbeat_s: Annotated[float, typer.Option(min=1, max=3600, help="the agents' heartbeat interval")] = 30.0,
+    full_agents: Annotated[
+        bool, typer.Option("--full-agents", help="run the revocation on the full agent runtime, not on lean agents")
+    ] = False,
+    lean_processes: Annotated[
+        int | None, typer.Option(min=1, max=64, help="lean worker processes for the revocation (default: one per 250)")
+    ] = None,
+    apply_threads: Annotated[
+        int, typer.Option(min=0, max=64, help="threads per lean worker that offer bundles to the policy caches")
+    ] = 4,
 ) -> None:
     """Revoke a person → applied by every agent; broker restart → all reconnected, nothing lost; enrol N."""
     from sekisho.bench.fleet import FleetOptions, run_fleet_bench
@@ -441,6 +450,9 @@ def bench_fleet(
         timeout_s=timeout_s,
         workdir=workdir,
         heartbeat_s=heartbeat_s,
+        full_agents=full_agents,
+        lean_processes=lean_processes,
+        apply_threads=apply_threads,
     )
     raise typer.Exit(run_fleet_bench(options, console))
 
