@@ -202,9 +202,17 @@ class Controller:
             else None
         )
 
-        # The walk of every chain from the start, out of the console's requests (controller/reports/verify.py).
+        # The chain walks, out of the console's requests (controller/reports/verify.py): incremental from the
+        # signed points every chain_verify_every_s, from the start every chain_verify_full_every_s.
         self.chain_points = (
-            PointRefresher(self.store, config.worker_id) if with_policy and self.store.signing_key is not None else None
+            PointRefresher(
+                self.store,
+                config.worker_id,
+                every_s=float(config.chain_verify_every_s),
+                full_every_s=float(config.chain_verify_full_every_s),
+            )
+            if with_policy and self.store.signing_key is not None
+            else None
         )
 
     def _on_heartbeat(self, hb: messages.Heartbeat) -> None:

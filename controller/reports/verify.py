@@ -7,18 +7,29 @@ remembers how far it got: the log entry and the chain index it verified, and the
 page continues from there, so a page costs the records stored since the last one, not the whole chain.
 
 Where a walk starts: walking every chain from the start costs ~212 µs a record (an Ed25519 signature and
-the schema checks each), ~35 min at 10M events, far too long for a request. So the walk from the start
-runs in the background (``PointRefresher``, a periodic job of the controller), which records per chain
-and for the checkpoint log how far it verified — a *verified point* (table ``verified_points``: index,
-hash, log entry, when, by which process, and any problem it found), signed with the controller's signing
-key. A worker's first page (and every ``full_every`` after) starts from the persisted point instead of
-the start: it trusts a point whose signature verifies under the controller's key and whose record at that
+the schema checks each), ~35 min at 10M events, far too long for a request. So the walks run in the
+background (``PointRefresher``, a periodic job of the controller), which records per chain and for the
+checkpoint log how far it verified — a *verified point* (table ``verified_points``: index, hash, log entry,
+when, by which process, and any problem it found), signed with the controller's signing key. Two kinds of
+refresh: an *incremental* one (every ``every_s``, default 10 min) continues each chain from its trusted
+point to the head, costing only the records since; a *full* one (every ``full_every_s``, default 24 h)
+walks every chain from the start, which is what finds an edit inside an already verified prefix. A chain
+without a trusted point gets a walk from the start in either. A point says which walk wrote it and when
+the last walk from the start behind it was (kept, signed, in its ``state`` JSON: ``walk``, ``full_at``).
+The full walk pauses between batches and agents so that ingest and pages in the same process keep their
+share of the interpreter.
+
+A worker's first page (and every ``full_every`` after) starts from the persisted point instead of the
+start: it trusts a point whose signature verifies under the controller's key and whose record at that
 index (and log entry) still has the recorded hash, and walks the records after it. A database writer
 without the controller's key cannot forge or advance a point; a row edited inside the verified prefix is
-found by the next background walk (the point then carries the problem and pages say broken) and at once
-by `records verify`, which always walks from the start. Without a usable point (none yet, bad signature,
+found by the next full walk from the start (the point then carries the problem and pages say broken; an
+incremental refresh does not look behind the point, so it does not see it) and at once by `records
+verify`, which always walks from the start. Without a usable point (none yet, bad signature,
 the record at the point changed) the page walks from the start as before. The page says which it did:
-"verified up to <time> by full walk, incremental since" (``ChainStatus.since``).
+"verified up to <time> by full walk, incremental since" (``ChainStatus.since``), or, when a point was
+extended by an incremental refresh, "full walk from the start at <time>, extended at <time>, incremental
+since" (``ChainStatus.full_at``).
 
 Records that are not in a hash chain (media loans, the projected door registers themselves, which are
 rebuilt from the events) are said to be so, not claimed verified.
@@ -30,6 +41,7 @@ import copy
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -67,16 +79,22 @@ _BATCH = 1000
 # What the controller signs a verified point as (protocol.signing's kind): never a checkpoint or key line.
 POINT_KIND = "verified_point"
 LOG_CHAIN = "checkpoints"
+# Between batches of a background walk: give ingest and the pages (same process, same GIL) their turn.
+PAUSE_S = 0.01
 
 State = Literal["verified", "broken", "empty", "not_chained"]
+# How a verified point was written: from the chain's start, or on from its previous trusted point.
+Walk = Literal["full", "incremental"]
 
 
 @dataclass(frozen=True, slots=True)
 class ChainStatus:
     """The answer printed on a page or an export: verified, broken (with the problems), or nothing to check.
 
-    since: when the oldest verified point this answer started from was written by a full walk (the records
-    after it were checked now); None when every chain was walked from its start in this process.
+    since: when the oldest verified point this answer started from was written (the records after it were
+    checked now); None when every chain was walked from its start in this process.
+    full_at: when set, a point used was extended by an incremental refresh, and this is the oldest walk from
+    the start behind the points used; None when every point used was written by a walk from the start.
     """
 
     state: State
@@ -86,6 +104,7 @@ class ChainStatus:
     checked_at: datetime | None = None
     full: bool = False
     since: datetime | None = None
+    full_at: datetime | None = None
 
     @property
     def ok(self) -> bool:
@@ -98,15 +117,22 @@ class ChainStatus:
         at = f" #{self.checkpoint}" if self.checkpoint is not None else ""
         if self.state == "verified":
             if lang == "en":
-                how = (
-                    f" (verified up to {_local(self.since)} by full walk, incremental since)"
-                    if self.since is not None
-                    else " (full walk)"
-                )
+                if self.since is None:
+                    how = " (full walk)"
+                elif self.full_at is not None:
+                    how = (
+                        f" (full walk from the start at {_local(self.full_at)}, extended at {_local(self.since)},"
+                        " incremental since)"
+                    )
+                else:
+                    how = f" (verified up to {_local(self.since)} by full walk, incremental since)"
                 return f"Verified: the hash chains of {n} agent(s) behind these rows match signed checkpoint{at}{how}"
-            how = (
-                f"（{_local(self.since)}までは全件検証、以降は差分検証）" if self.since is not None else "（全件検証）"
-            )
+            if self.since is None:
+                how = "（全件検証）"
+            elif self.full_at is not None:
+                how = f"（{_local(self.full_at)}に全件検証、{_local(self.since)}に差分検証で延長、以降は差分検証）"
+            else:
+                how = f"（{_local(self.since)}までは全件検証、以降は差分検証）"
             return f"検証済み: この記録の元となる{n}台のハッシュチェーンは署名付きチェックポイント{at}と一致{how}"
         if self.state == "broken":
             first = self.problems[0] if self.problems else ""
@@ -134,6 +160,7 @@ class _LogCursor:
     prev_hash: str
     problem: str | None = None
     since: datetime | None = None
+    point: _Point | None = None  # the trusted point this walk started from (None: from the start)
 
 
 @dataclass
@@ -145,6 +172,7 @@ class _StreamCursor:
     walked_from_start_at: datetime
     fingerprint: tuple[int, str] = field(default=(0, ZERO_HASH))
     since: datetime | None = None
+    point: _Point | None = None  # the trusted point this walk started from (None: from the start)
 
 
 # --- verified points: what is signed, and reading them back -------------------------------------------
@@ -162,9 +190,9 @@ def _head_of(value: Any) -> SignedHead | None:
     )
 
 
-def state_json(state: LogState) -> str:
-    """Return a folded log state as the log's verified point keeps it (canonical JSON)."""
-    body = {
+def state_json(state: LogState, walk: Walk = "full", full_at: datetime | None = None) -> str:
+    """Return a folded log state as the log's verified point keeps it (canonical JSON, with the walk's meta)."""
+    body: dict[str, Any] = {
         "entries": state.entries,
         "head": list(state.head) if state.head else None,
         "genesis_at": timefmt.fmt(state.genesis_at) if state.genesis_at else None,
@@ -174,7 +202,31 @@ def state_json(state: LogState) -> str:
         "admin": _head_list(state.admin),
         "key_lines": {str(line): list(v) for line, v in state.key_lines.items()},
     }
+    if full_at is not None:
+        body.update(walk_meta(walk, full_at))
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def walk_meta(walk: Walk, full_at: datetime) -> dict[str, str]:
+    """Return what a point says about the walk that wrote it (kept in its signed state JSON)."""
+    return {"walk": walk, "full_at": timefmt.fmt(full_at)}
+
+
+def _read_meta(state: str | None, verified_at: datetime) -> tuple[Walk, datetime]:
+    """Return which walk wrote a point and when the walk from the start behind it was.
+
+    Points without the meta were written before incremental refreshes existed, by a walk from the start.
+    """
+    if state is None:
+        return "full", verified_at
+    try:
+        body = json.loads(state)
+        walk, full_at = body.get("walk"), body.get("full_at")
+        if walk in ("full", "incremental") and isinstance(full_at, str):
+            return cast(Walk, walk), timefmt.parse(full_at)
+    except (ValueError, TypeError, AttributeError):
+        pass
+    return "full", verified_at
 
 
 def state_from_json(text: str) -> LogState:
@@ -221,6 +273,22 @@ class _Point:
     problem: str | None
     verified_at: datetime
     verified_by: str
+    walk: Walk = "full"
+    full_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """What one refresh of the verified points did, per chain (the checkpoint log under LOG_CHAIN).
+
+    problems: what is wrong (None: verified); walked: records (log entries) checked in this refresh;
+    walks: "full" (from the start) or "incremental" (on from the chain's trusted point); a chain whose point
+    already records a problem is left as it is by an incremental refresh (walked 0, its problem repeated).
+    """
+
+    problems: dict[str, str | None]
+    walked: dict[str, int]
+    walks: dict[str, Walk]
 
 
 class ChainCheck:
@@ -265,6 +333,7 @@ class ChainCheck:
         if not wanted:
             return ChainStatus("empty", (), checked_at=now, full=full)
         sinces: list[datetime] = []
+        points: list[_Point] = []
         with self._lock, self.store.engine.connect() as conn:
             if conn.dialect.name == "postgresql":
                 # One snapshot for the log, the key lines, the stream rows and the records.
@@ -276,16 +345,32 @@ class ChainCheck:
                     problems.append(f"checkpoints: {log.problem}")
                 if log.since is not None:
                     sinces.append(log.since)
+                if log.point is not None:
+                    points.append(log.point)
                 for agent in wanted:
                     problem = self._walk_stream(conn, agent, log, full, from_start, now)
                     if problem is not None:
                         problems.append(f"{agent}: {problem}")
-                    since = self._streams[agent].since
-                    if since is not None:
-                        sinces.append(since)
+                    cursor = self._streams[agent]
+                    if cursor.since is not None:
+                        sinces.append(cursor.since)
+                    if cursor.point is not None:
+                        points.append(cursor.point)
         head = log.state.head[0] if log.state.head else None
         state: State = "broken" if problems else "verified"
-        return ChainStatus(state, wanted, tuple(problems), head, now, full, min(sinces) if sinces else None)
+        # Say "extended" only if a point used was written by an incremental refresh: then the oldest walk from
+        # the start behind the points is older than the points themselves.
+        extended = [p.full_at for p in points if p.walk == "incremental" and p.full_at is not None]
+        return ChainStatus(
+            state,
+            wanted,
+            tuple(problems),
+            head,
+            now,
+            full,
+            min(sinces) if sinces else None,
+            min(extended) if extended else None,
+        )
 
     # --- verified points ---------------------------------------------------------------------------
 
@@ -301,6 +386,7 @@ class ChainCheck:
         except (errors.Rejected, ValueError, TypeError):
             log.warning("verified point of %s %s: signature does not verify; walking from the start", kind, chain)
             return None
+        walk, full_at = _read_meta(row.state, row.verified_at)
         return _Point(
             row.kind,
             row.chain,
@@ -312,6 +398,8 @@ class ChainCheck:
             row.problem,
             row.verified_at,
             row.verified_by,
+            walk,
+            full_at,
         )
 
     @staticmethod
@@ -325,18 +413,20 @@ class ChainCheck:
         if point is None or point.state is None:
             return None
         if point.problem is not None:
-            return _LogCursor(LogState(), 1, ZERO_HASH, point.problem, point.verified_at)
+            return _LogCursor(LogState(), 1, ZERO_HASH, point.problem, point.verified_at, point)
         if self._entry_hash(conn, point.chain_index) != point.hash:
             return None  # the entry the point names changed: walk the log from the start, which says where
         try:
             state = state_from_json(point.state)
         except (KeyError, TypeError, ValueError, IndexError):
             return None
-        return _LogCursor(state, point.chain_index + 1, point.hash, None, point.verified_at)
+        return _LogCursor(state, point.chain_index + 1, point.hash, None, point.verified_at, point)
 
     # --- the checkpoint log ------------------------------------------------------------------------
 
-    def _walk_log(self, conn: Connection, full: bool, from_start: bool = False) -> _LogCursor:
+    def _walk_log(
+        self, conn: Connection, full: bool, from_start: bool = False, pause: Callable[[], None] | None = None
+    ) -> _LogCursor:
         cursor = self._log
         if from_start:
             cursor = _LogCursor(LogState(), 1, ZERO_HASH)
@@ -345,7 +435,12 @@ class ChainCheck:
         else:
             # Continue on a copy: a walk that fails half-way must not leave a half-updated cache.
             cursor = _LogCursor(
-                copy.deepcopy(cursor.state), cursor.expected, cursor.prev_hash, cursor.problem, cursor.since
+                copy.deepcopy(cursor.state),
+                cursor.expected,
+                cursor.prev_hash,
+                cursor.problem,
+                cursor.since,
+                cursor.point,
             )
         if cursor.problem is None:
             result = conn.execute(
@@ -368,6 +463,8 @@ class ChainCheck:
                     cursor.state.entries += 1
                     cursor.state.head = (row.id, row.hash)
                     cursor.expected, cursor.prev_hash = cursor.expected + 1, row.hash
+                    if pause is not None and cursor.expected % _BATCH == 0:
+                        pause()
             finally:
                 result.close()
             if cursor.problem is None and cursor.expected > 1:
@@ -399,13 +496,19 @@ class ChainCheck:
                 return start  # the record at the point changed: the walk from the start says how
         if point.problem is not None:
             when = timefmt.fmt(point.verified_at)
-            return _StreamCursor(
-                point.chain_index, point.hash, 0, f"{point.problem} (full walk {when})", now, since=point.verified_at
-            )
-        return _StreamCursor(point.chain_index, point.hash, 0, None, now, since=point.verified_at)
+            problem = f"{point.problem} ({point.walk} walk {when})"
+            return _StreamCursor(point.chain_index, point.hash, 0, problem, now, since=point.verified_at, point=point)
+        return _StreamCursor(point.chain_index, point.hash, 0, None, now, since=point.verified_at, point=point)
 
     def _walk_stream(
-        self, conn: Connection, agent: str, log: _LogCursor, full: bool, from_start: bool, now: datetime
+        self,
+        conn: Connection,
+        agent: str,
+        log: _LogCursor,
+        full: bool,
+        from_start: bool,
+        now: datetime,
+        pause: Callable[[], None] | None = None,
     ) -> str | None:
         stream = conn.execute(select(_STREAMS).where(_STREAMS.c.agent_id == agent)).first()
         fingerprint = (0, ZERO_HASH) if stream is None else (int(stream.chain_length), str(stream.head_hash))
@@ -429,7 +532,7 @@ class ChainCheck:
             else:
                 keys = histories.get(agent) if self.signatures else None
                 legacy = log.state.legacy.get(agent, 0) if log.state.genesis_at is not None else None
-                start.problem = self._continue(conn, agent, stream, start, legacy, keys)
+                start.problem = self._continue(conn, agent, stream, start, legacy, keys, pause)
                 if start.problem is None:
                     if self.signatures and keys is None and start.walked:
                         start.problem = "no trusted key history: signatures not checked"
@@ -444,7 +547,13 @@ class ChainCheck:
 
     @staticmethod
     def _continue(
-        conn: Connection, agent: str, stream: object, at: _StreamCursor, legacy: int | None, keys: object
+        conn: Connection,
+        agent: str,
+        stream: object,
+        at: _StreamCursor,
+        legacy: int | None,
+        keys: object,
+        pause: Callable[[], None] | None = None,
     ) -> str | None:
         e = _EVENTS.c
         query = select(_EVENTS).where(e.agent_id == agent, e.chain_index > at.walked).order_by(e.chain_index)
@@ -459,6 +568,8 @@ class ChainCheck:
                     return f"chain index {row.chain_index} (seq {row.seq}): {problem}"
                 at.walked += 1
                 at.last_hash = row.hash
+                if pause is not None and at.walked % _BATCH == 0:
+                    pause()
         finally:
             result.close()
         if stream is not None:
@@ -471,34 +582,62 @@ class ChainCheck:
             return "stream row missing"
         return None
 
-    # --- the background walk -----------------------------------------------------------------------
+    # --- the background walks ----------------------------------------------------------------------
 
     def refresh_points(self, by: str, agents: Iterable[str] | None = None) -> dict[str, str | None]:
-        """Walk the log and every chain from the start and record signed verified points; return the problems.
+        """Walk the log and every chain from the start and record signed verified points; return the problems."""
+        return self.refresh(by, full=True, agents=agents).problems
 
-        Each agent in its own short transaction (a 10M-event walk must not hold one snapshot for half an hour).
-        Needs the controller's signing key: a point is only worth what its signature is.
+    def refresh(
+        self, by: str, *, full: bool, agents: Iterable[str] | None = None, pause_s: float | None = None
+    ) -> Refresh:
+        """Record signed verified points: full walks every chain from the start, else each on from its point.
+
+        Each agent in its own short transaction (a 10M-event walk must not hold one snapshot for half an hour),
+        with a pause of pause_s between batches and agents (None: none) so the process's other threads run.
+        A chain without a trusted point (none yet, signature refused, its record or log entry changed) is
+        walked from the start in an incremental refresh too. Needs the controller's signing key: a point is
+        only worth what its signature is.
         """
         signer = self.store.signing_key
         if signer is None:
             raise ValueError("verified points need the controller's signing key")
+        pause = None if pause_s is None else (lambda: time.sleep(pause_s))
         now = self.clock()
-        found: dict[str, str | None] = {}
+        problems: dict[str, str | None] = {}
+        walked: dict[str, int] = {}
+        walks: dict[str, Walk] = {}
         with self.store.engine.connect() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
-                log_cursor = self._walk_log(conn, True, from_start=True)
+                start = None if full else self._log_from_point(conn)
+                if start is None:
+                    log_cursor = self._walk_log(conn, True, from_start=True, pause=pause)
+                else:
+                    self._log = start
+                    log_cursor = self._walk_log(conn, False, pause=pause)
                 names = (
                     sorted(agents) if agents is not None else list(conn.execute(select(_STREAMS.c.agent_id)).scalars())
                 )
+        origin = log_cursor.point if start is not None else None
+        if origin is not None and origin.problem is not None:
+            # Broken before: only a walk from the start looks at it again (the full refresh).
+            problems[LOG_CHAIN], walked[LOG_CHAIN], walks[LOG_CHAIN] = origin.problem, 0, "incremental"
+            return Refresh(problems, walked, walks)
+        walk: Walk = "full" if origin is None else "incremental"
+        full_at = now if origin is None or origin.full_at is None else origin.full_at
         entry, entry_hash = (log_cursor.expected - 1, log_cursor.prev_hash)
         self._save(
-            "log", LOG_CHAIN, entry, entry_hash, entry, entry_hash, state_json(log_cursor.state),
+            "log", LOG_CHAIN, entry, entry_hash, entry, entry_hash, state_json(log_cursor.state, walk, full_at),
             log_cursor.problem, now, by,
         )  # fmt: skip
-        found[LOG_CHAIN] = log_cursor.problem
+        problems[LOG_CHAIN] = log_cursor.problem
+        walked[LOG_CHAIN] = entry - (origin.chain_index if origin is not None else 0)
+        walks[LOG_CHAIN] = walk
         for agent in names:
+            if pause is not None:
+                pause()
             with self.store.engine.connect() as conn:
                 if conn.dialect.name == "postgresql":
                     conn.execution_options(isolation_level="REPEATABLE READ")
@@ -508,15 +647,25 @@ class ChainCheck:
                         copy.deepcopy(log_cursor.state), log_cursor.expected, log_cursor.prev_hash, log_cursor.problem
                     )
                     self._log = logc
-                    logc = self._walk_log(conn, False)
-                    problem = self._walk_stream(conn, agent, logc, True, True, now)
-                    walked = self._streams[agent]
+                    logc = self._walk_log(conn, False, pause=pause)
+                    # from_start=full; otherwise on from the chain's trusted point (the page's rule), if any.
+                    problem = self._walk_stream(conn, agent, logc, True, full, now, pause)
+                    cursor = self._streams[agent]
+            point = None if full else cursor.point
+            if point is not None and point.problem is not None:
+                problems[agent], walked[agent], walks[agent] = problem, 0, "incremental"
+                continue  # broken before: left for the next walk from the start
+            agent_walk: Walk = "full" if point is None else "incremental"
+            agent_full_at = now if point is None or point.full_at is None else point.full_at
             head_entry = logc.expected - 1
             self._save(
-                "agent", agent, walked.walked, walked.last_hash, head_entry, logc.prev_hash, None, problem, now, by
-            )
-            found[agent] = problem
-        return found
+                "agent", agent, cursor.walked, cursor.last_hash, head_entry, logc.prev_hash,
+                json.dumps(walk_meta(agent_walk, agent_full_at), sort_keys=True), problem, now, by,
+            )  # fmt: skip
+            problems[agent] = problem
+            walked[agent] = cursor.walked - (point.chain_index if point is not None else 0)
+            walks[agent] = agent_walk
+        return Refresh(problems, walked, walks)
 
     def _save(
         self,
@@ -542,8 +691,10 @@ class ChainCheck:
 
 
 class PointRefresher(PeriodicJob):
-    """The controller's background walk from the start that keeps the verified points fresh (every full_every).
+    """The controller's background job that keeps the verified points fresh.
 
+    Every every_s an incremental refresh (each chain on from its trusted point: only the records since);
+    when the last walk from the start is full_every_s old (or there is no trusted log point), a full one.
     Several controller workers each run one; a worker skips its round when another refreshed the points
     less than half a period ago, so the cost is paid about once per period, not once per worker.
     """
@@ -551,23 +702,57 @@ class PointRefresher(PeriodicJob):
     name = "chain verification"
     every_s = 600.0
 
-    def __init__(self, store: Store, by: str, *, every_s: float = 600.0) -> None:
-        """Refresh the points of store's chains as process by (the worker id), every every_s seconds."""
+    def __init__(
+        self,
+        store: Store,
+        by: str,
+        *,
+        every_s: float = 600.0,
+        full_every_s: float = 24 * 3600.0,
+        clock: Callable[[], datetime] = timefmt.now,
+        pause_s: float | None = PAUSE_S,
+    ) -> None:
+        """Refresh store's points as worker by: incremental every every_s, from the start every full_every_s."""
+        if every_s <= 0 or full_every_s <= 0:
+            raise ValueError("every_s and full_every_s must be positive")
         self.store = store
         self.by = by
         self.every_s = every_s
+        self.full_every_s = full_every_s
+        self.clock = clock
+        self.pause_s = pause_s
         self.last: dict[str, str | None] = {}
+        self.refreshed: Refresh | None = None
         super().__init__()
 
-    def run_once(self) -> None:
-        """Walk every chain from the start and record the points, unless another worker just did."""
+    def due(self) -> Walk | None:
+        """Return which refresh this round needs: None (another worker just did one), incremental, or full."""
+        checker = ChainCheck(self.store, clock=self.clock)
         with self.store.engine.connect() as conn:
-            newest = conn.execute(
-                select(_POINTS.c.verified_at).where(_POINTS.c.kind == "log", _POINTS.c.chain == LOG_CHAIN)
-            ).scalar()
-        if newest is not None and timefmt.now() - newest < timedelta(seconds=self.every_s / 2):
+            point = checker._point(conn, "log", LOG_CHAIN)  # signature checked: a forged time cannot stop us
+        now = self.clock()
+        if point is None or point.full_at is None:
+            return "full"
+        if now - point.verified_at < timedelta(seconds=self.every_s / 2):
+            return None
+        if now - point.full_at >= timedelta(seconds=self.full_every_s):
+            return "full"
+        return "incremental"
+
+    def run_once(self) -> None:
+        """Refresh the points (incremental, or from the start when due), unless another worker just did."""
+        walk = self.due()
+        if walk is None:
             return
-        self.last = ChainCheck(self.store).refresh_points(self.by)
+        checker = ChainCheck(self.store, clock=self.clock)
+        self.refreshed = checker.refresh(self.by, full=walk == "full", pause_s=self.pause_s)
+        self.last = self.refreshed.problems
+        log.info(
+            "chain verification (%s): %d record(s) walked in %d chain(s)",
+            walk,
+            sum(self.refreshed.walked.values()),
+            len(self.refreshed.walked),
+        )
         broken = {chain: problem for chain, problem in self.last.items() if problem}
         if broken:
             log.warning("chain verification: %d chain(s) broken: %s", len(broken), broken)
