@@ -255,6 +255,7 @@ class WorkerPool:
     @classmethod
     def full(cls, groups: Sequence[Sequence[Path]], log_dir: Path) -> WorkerPool:
         """Start worker processes of full agents (the agent runtime), one per group of agent configs."""
+        log_dir.mkdir(parents=True, exist_ok=True)
         specs = [
             WorkerSpec([str(p) for p in group], str(log_dir / f"fleet-worker-{i + 1}.log"))
             for i, group in enumerate(groups)
@@ -264,6 +265,7 @@ class WorkerPool:
     @classmethod
     def lean(cls, groups: Sequence[Sequence[Path]], log_dir: Path, apply_threads: int) -> WorkerPool:
         """Start worker processes of lean agents (fleet_lean), one per group of agent configs."""
+        log_dir.mkdir(parents=True, exist_ok=True)
         specs = [
             LeanSpec([str(p) for p in group], str(log_dir / f"fleet-lean-{i + 1}.log"), apply_threads)
             for i, group in enumerate(groups)

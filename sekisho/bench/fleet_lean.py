@@ -79,9 +79,10 @@ class LeanAgent:
         self.fleet = fleet
         self.agent_id = config.agent_id
         self.policy_topic = topics.topic(config.agent_id, topics.POLICY)
-        self.policy = PolicyCache(
-            config.state_dir, signing.load_public_key(config.controller_public_key), self.agent_id
-        )
+        # As the agent does at start: its state directory is its own (0700), made if missing.
+        config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        controller_key = signing.load_public_key(config.controller_public_key)
+        self.policy = PolicyCache(config.state_dir, controller_key, self.agent_id)
         self.backoff = ReconnectBackoff(config.reconnect_min_s, config.reconnect_max_s)
         self.connected = False
         self.reconnect_at: float | None = None
