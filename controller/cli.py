@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
+from sekisho.common.i18n import _
 from sekisho.common.sdnotify import serve_until
 from sekisho.controller.config import ControllerConfig, load_config
 from sekisho.controller.mqtt import connect_blocking, make_client
@@ -145,15 +146,17 @@ def revoke_agent(config: ConfigOpt, agent_id: str) -> None:
         store.revoke_agent(agent_id, operator=cli_operator())
         publish_revocations(store, cfg.revocation_list)
     except AgentNotFound:
-        err_console.print(f"[red]登録されていないエージェントです / no agent named {agent_id!r} is registered[/red]")
+        err_console.print(_("[red]no agent named %(agent_id)r is registered[/red]", agent_id=agent_id))
         raise typer.Exit(2) from None
     finally:
         store.engine.dispose()
-    console.print(f"失効しました / revoked {agent_id}")
+    console.print(_("revoked %(agent_id)s", agent_id=agent_id))
     if cfg.revocation_list is None:
         console.print(
-            "ブローカーへの反映は `sekisho fleet revocations sync` で / the broker learns it through "
-            "`sekisho fleet revocations sync` (revocation_list is not set in controller.toml)"
+            _(
+                "the broker learns it through `sekisho fleet revocations sync` (revocation_list is not set "
+                "in controller.toml)"
+            )
         )
 
 
@@ -283,8 +286,7 @@ def publish_now(
         return publish_once(cfg, bundles, purpose=purpose)
     except (ConnectionError, TimeoutError, OSError) as err:
         err_console.print(
-            f"[yellow]今は配信できません。稼働中のコントローラーが間もなく配信します / could not publish now ({err}); "
-            "the running controller publishes it shortly[/yellow]"
+            _("[yellow]could not publish now (%(err)s); the running controller publishes it shortly[/yellow]", err=err)
         )
         return None
 

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from sekisho.common.i18n import _
 from sekisho.deploy import pki
 from sekisho.protocol import signing
 
@@ -149,14 +150,14 @@ CaKeyOption = Annotated[
 ]
 
 
-@app.command("issue-api-cert")
+@app.command("issue-api-cert", help=_("Issue the controller API's HTTPS certificate into DIR/api."))
 def issue_api_cert_command(
     host: Annotated[list[str], typer.Option("--host", help="Host name or IP address devices use (repeatable).")],
     directory: DirOption = DEFAULT_DIR,
     ca_key: CaKeyOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing API certificate.")] = False,
 ) -> None:
-    """コントローラー API の HTTPS 証明書を発行 / Issue the controller API's HTTPS certificate into DIR/api.
+    """Issue the controller API's HTTPS certificate into DIR/api.
 
     It comes from the site CA, whose fingerprint every enrolment token carries: set api_tls_cert and
     api_tls_key in controller.toml to these files.
@@ -168,13 +169,13 @@ def issue_api_cert_command(
     _report(Console(), f"API certificate written to {ident.cert.parent}", [ident.cert, ident.key])
 
 
-@app.command("issuing-ca")
+@app.command("issuing-ca", help=_("Create the issuing sub-CA that signs enrolled agents' certificates."))
 def issuing_ca_command(
     directory: DirOption = DEFAULT_DIR,
     ca_key: CaKeyOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the existing issuing CA.")] = False,
 ) -> None:
-    """発行用サブ CA を作成 / Create the issuing sub-CA that signs enrolled agents' certificates.
+    """Create the issuing sub-CA that signs enrolled agents' certificates.
 
     Copy DIR/issuing-ca/ to the controller's API host (enrol_ca_cert, enrol_ca_key) and keep the site CA's
     ca.key offline: the broker trusts the site CA, agents present their certificate with this CA as chain.

@@ -19,6 +19,8 @@ import typer
 import yaml
 from rich.console import Console
 
+from sekisho.common.i18n import _
+
 app = typer.Typer(help="Card enrolment (PC/SC reader).", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -36,10 +38,12 @@ def _read_site_key(path: Path) -> bytes:
         # As the agents read site_key_file (doors.toml, login.toml): the bytes, surrounding blanks dropped.
         key = path.read_bytes().strip()
     except OSError as err:
-        err_console.print(f"[red]サイト鍵を読めません / cannot read the site key {path}:[/red] {err.strerror}")
+        err_console.print(
+            _("[red]cannot read the site key %(path)s:[/red] %(strerror)s", path=path, strerror=err.strerror)
+        )
         raise typer.Exit(2) from err
     if len(key) < 16:
-        err_console.print(f"[red]サイト鍵が短すぎます / the site key in {path} is shorter than 16 bytes[/red]")
+        err_console.print(_("[red]the site key in %(path)s is shorter than 16 bytes[/red]", path=path))
         raise typer.Exit(2)
     return key
 
@@ -67,18 +71,20 @@ def enrol(
     try:
         backend = pcsc_backend()
     except ImportError as err:
-        err_console.print("[red]PC/SC がありません / pyscard is not installed (install the agent extras)[/red]")
+        err_console.print(_("pyscard is not installed (install the agent extras)[/red]"))
         raise typer.Exit(2) from err
     with contextlib.closing(backend):
         try:
             readers = backend.readers()
         except CardError as err:
-            err_console.print(f"[red]PC/SC に接続できません / cannot reach pcscd:[/red] {err}")
+            err_console.print(_("cannot reach pcscd:[/red] %(err)s", err=err))
             raise typer.Exit(2) from err
         if reader not in readers:
-            err_console.print(f"[red]リーダーがありません / no reader {reader!r}[/red]; readers: {', '.join(readers)}")
+            err_console.print(
+                _("[red]no reader %(reader)r[/red]; readers: %(readers)s", reader=reader, readers=", ".join(readers))
+            )
             raise typer.Exit(2)
-        console.print(f"カードをかざしてください / present the card to {reader} …")
+        console.print(_("present the card to %(reader)s …", reader=reader))
         until = time.monotonic() + wait_s
         record = None
         last: CardError | None = None
@@ -89,18 +95,18 @@ def enrol(
                         conn, card_id=card_id or "card", site_key=key, kind="piv" if kind == "piv" else "uid_only"
                     )
             except EnrolmentError as err:
-                err_console.print(f"[red]登録できません / this card cannot be enrolled as {kind}:[/red] {err}")
+                err_console.print(_("[red]this card cannot be enrolled as %(kind)s:[/red] %(err)s", kind=kind, err=err))
                 raise typer.Exit(1) from err
             except CardError as err:
                 # No card yet (or pulled while read): wait for the next presentation.
                 last = err
                 time.sleep(_POLL_S)
     if record is None or (record.uid_hash is None and record.public_key_pem is None):
-        err_console.print(f"[red]カードを読めません / no card read within {wait_s:g} s[/red] ({last})")
+        err_console.print(_("[red]no card read within %(wait_s)g s[/red] (%(last)s)", wait_s=wait_s, last=last))
         raise typer.Exit(1)
     if record.uid_hash is None:
         # A contact PIV card without a UID: its certificate's key is what identifies it.
-        err_console.print("[red]UID がありません / the card has no UID to key; use a contactless card[/red]")
+        err_console.print(_("the card has no UID to key; use a contactless card[/red]"))
         raise typer.Exit(1)
     entry = CardEntry(person=person, kind=kind, uid_hash=record.uid_hash, public_key_pem=record.public_key_pem)
     console.print(f"site key id: {site_key_id(key)}")
@@ -120,4 +126,4 @@ def enrol(
         raise typer.Exit(1) from err
     verb = "追加" if action == "added" else "更新"
     console.print(f"{verb}しました / {action} card {chosen} for {person} in {policy} (previous: {policy.name}.bak)")
-    console.print("`sekisho policy apply` で配信します / distribute it with `sekisho policy apply`")
+    console.print(_("distribute it with `sekisho policy apply`"))

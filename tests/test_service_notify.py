@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from support.lab import lab_on
 
+from sekisho.common.i18n import _
 from sekisho.common.sdnotify import LivenessCheck, ServiceNotifier
 from sekisho.lab import Lab
 
@@ -131,7 +132,8 @@ def test_a_dead_thread_stops_the_watchdog_pings_and_says_so(listener: NotifyList
     clock.now += 5.0
     check.check()
     # The next datagram is the unhealthy status, not a ping: systemd's watchdog will now restart the service.
-    assert listener.next()["STATUS"].endswith("unhealthy: a working thread stopped")
+    # In the process's language (Japanese unless SEKISHO_LANG/LANG say en): 異常: 処理スレッドが停止.
+    assert listener.next()["STATUS"] == _("unhealthy: a working thread stopped")
     clock.now += 5.0
     check.check()
     notifier.stopping()

@@ -7,10 +7,12 @@ from typing import Annotated
 
 import typer
 
+from sekisho.common.i18n import _
+
 enrol_app = typer.Typer(help="Enrolment: join the site with a token; renew the certificate.", no_args_is_help=True)
 
 
-@enrol_app.command("enrol")
+@enrol_app.command("enrol", help=_("Enrol this device: keys are made here and never leave it; writes agent.toml."))
 def enrol_command(
     token: Annotated[
         str,
@@ -31,25 +33,33 @@ def enrol_command(
     name: Annotated[str | None, typer.Option("--name", help="agent name, if the token names none")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an agent already enrolled in --dir")] = False,
 ) -> None:
-    """この機器を登録 / Enrol this device: keys are made here and never leave it; writes agent.toml."""
+    """Enrol this device: keys are made here and never leave it; writes agent.toml."""
     from sekisho.agents.runtime.enrol_client import EnrolError, enrol
 
     try:
         done = enrol(token, directory, kind=kind, controller_url=controller, name=name, force=force)
     except EnrolError as err:
-        typer.echo(f"登録できません / enrolment failed: {err}", err=True)
+        typer.echo(_("enrolment failed: %(err)s", err=err), err=True)
         raise typer.Exit(1) from err
     typer.echo(
-        f"登録しました / enrolled as {done.agent_id} ({done.kind}); certificate valid until "
-        f"{done.not_after.isoformat()}, renewed automatically. Config: {done.config_path}"
+        _(
+            "enrolled as %(agent_id)s (%(kind)s); certificate valid until %(done)s, renewed "
+            "automatically. Config: %(config_path)s",
+            agent_id=done.agent_id,
+            kind=done.kind,
+            done=done.not_after.isoformat(),
+            config_path=done.config_path,
+        )
     )
 
 
-@enrol_app.command("renew")
+@enrol_app.command(
+    "renew", help=_("Renew this agent's certificate now (the running agent uses it from its next connection).")
+)
 def renew_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="agent TOML file")],
 ) -> None:
-    """証明書を今すぐ更新 / Renew this agent's certificate now (the running agent uses it from its next connection)."""
+    """Renew this agent's certificate now (the running agent uses it from its next connection)."""
     from sekisho.agents.runtime.cert_renewal import CertificateRenewer, renewal_enabled
     from sekisho.agents.runtime.config import load_config
     from sekisho.agents.runtime.errors import AgentError
@@ -58,10 +68,10 @@ def renew_command(
         cfg = load_config(config)
         why = renewal_enabled(cfg)
         if why is not None:
-            typer.echo(f"更新できません / cannot renew: {why}", err=True)
+            typer.echo(_("cannot renew: %(why)s", why=why), err=True)
             raise typer.Exit(2)
         leaf = CertificateRenewer(cfg).renew_now()
     except AgentError as err:
-        typer.echo(f"更新できません / renewal failed: {err}", err=True)
+        typer.echo(_("renewal failed: %(err)s", err=err), err=True)
         raise typer.Exit(1) from err
-    typer.echo(f"更新しました / renewed: valid until {leaf.not_valid_after_utc.isoformat()}")
+    typer.echo(_("renewed: valid until %(leaf)s", leaf=leaf.not_valid_after_utc.isoformat()))

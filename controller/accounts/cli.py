@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sekisho.common.i18n import _
 from sekisho.controller.accounts.roles import ADMIN_ROLES, ROLE_LABELS, Actor, Role, parse_role
 from sekisho.protocol import timefmt
 
@@ -21,15 +22,15 @@ JST = timezone(timedelta(hours=9), "JST")
 if TYPE_CHECKING:
     from sekisho.controller.accounts.service import AccountService
 
-app = typer.Typer(help="コンソールのユーザー / Console users: accounts, roles, TOTP, API tokens.", no_args_is_help=True)
-token_app = typer.Typer(help="ユーザー別APIトークン / Per-user API tokens: create, list, revoke.", no_args_is_help=True)
+app = typer.Typer(help=_("Console users: accounts, roles, TOTP, API tokens."), no_args_is_help=True)
+token_app = typer.Typer(help=_("Per-user API tokens: create, list, revoke."), no_args_is_help=True)
 app.add_typer(token_app, name="token")
 console = Console()
 err_console = Console(stderr=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
-LoginOpt = Annotated[str, typer.Option("--login", help="ログインID / login")]
-AreaOpt = Annotated[list[str] | None, typer.Option("--area", help="区域 (area manager; repeatable) / area id")]
+LoginOpt = Annotated[str, typer.Option("--login", help=_("login"))]
+AreaOpt = Annotated[list[str] | None, typer.Option("--area", help=_("area id"))]
 StdinOpt = Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin (one line)")]
 
 
@@ -67,9 +68,9 @@ def _password(from_stdin: bool) -> str:
     if from_stdin:
         line = sys.stdin.readline()
         return line[:-1] if line.endswith("\n") else line
-    first = getpass.getpass("パスワード / Password: ")
-    if getpass.getpass("もう一度 / Again: ") != first:
-        raise _fail("パスワードが一致しません / the passwords differ")
+    first = getpass.getpass(_("Password: "))
+    if getpass.getpass(_("Again: ")) != first:
+        raise _fail(_("the passwords differ"))
     return first
 
 
@@ -78,18 +79,18 @@ def _users() -> None:
     """Console users."""
 
 
-@app.command("create")
+@app.command("create", help=_("Create a console user (the first one: --role it-admin)."))
 def create(
     config: ConfigOpt,
     role: Annotated[str, typer.Option("--role", help="it-admin, facility-manager, security, auditor, area-manager")],
     login: LoginOpt,
-    name: Annotated[str, typer.Option("--name", help="氏名（漢字） / name, e.g. 山田 太郎")],
-    kana: Annotated[str, typer.Option("--kana", help="よみがな / reading, e.g. やまだ たろう")],
+    name: Annotated[str, typer.Option("--name", help=_("name, e.g. %(example)s", example="山田 太郎"))],
+    kana: Annotated[str, typer.Option("--kana", help=_("reading, e.g. %(example)s", example="やまだ たろう"))],
     area: AreaOpt = None,
     language: Annotated[str, typer.Option("--language", help="ja or en")] = "ja",
     password_stdin: StdinOpt = False,
 ) -> None:
-    """ユーザーを作成 / Create a console user (the first one: --role it-admin)."""
+    """Create a console user (the first one: --role it-admin)."""
     from sekisho.controller.accounts.passwords import PasswordRejected
     from sekisho.controller.accounts.service import AccountError
 
@@ -101,23 +102,20 @@ def create(
             password=_password(password_stdin), created_by=_by(),
         )  # fmt: skip
     except (AccountError, PasswordRejected) as err:
-        raise _fail(f"作成できません / cannot create the user: {err}") from err
-    console.print(f"作成しました / created: {escape(user.login)} ({ROLE_LABELS[chosen]})")
+        raise _fail(_("cannot create the user: %(err)s", err=err)) from err
+    console.print(_("created: %(user)s (%(role)s)", user=escape(user.login), role=ROLE_LABELS[chosen]))
     if chosen in ADMIN_ROLES:
-        console.print(
-            f"この役割はTOTPが必要です: `sekisho users totp-enrol --login {escape(user.login)}` / this role must "
-            "enrol TOTP before signing in"
-        )
+        console.print(_("this role must enrol TOTP before signing in", user=escape(user.login)))
 
 
-@app.command("list")
+@app.command("list", help=_("List console users."))
 def list_users(config: ConfigOpt) -> None:
-    """ユーザー一覧 / List console users."""
-    table = Table("login", "氏名 / name", "よみ / kana", "role", "areas", "TOTP", "状態 / state")
+    """List console users."""
+    table = Table("login", _("name"), _("kana"), "role", "areas", "TOTP", _("state"))
     for user in _service(config).users():
         table.add_row(
             escape(user.login), escape(user.display_name), escape(user.kana), user.role, ", ".join(user.areas),
-            "✓" if user.totp_secret else "-", "無効 / disabled" if user.disabled_at else "有効 / active",
+            "✓" if user.totp_secret else "-", _("disabled") if user.disabled_at else _("active"),
         )  # fmt: skip
     console.print(table)
 
@@ -129,41 +127,43 @@ def _set_disabled(config: Path, login: str, disabled: bool) -> None:
         _service(config).set_disabled(login, disabled, by=_by())
     except AccountError as err:
         raise _fail(str(err)) from err
-    console.print(("無効にしました / disabled: " if disabled else "有効にしました / enabled: ") + escape(login))
+    console.print((_("disabled: ") if disabled else _("enabled: ")) + escape(login))
 
 
-@app.command("disable")
+@app.command("disable", help=_("Disable a user: sessions end, API tokens stop working."))
 def disable(config: ConfigOpt, login: LoginOpt) -> None:
-    """ユーザーを無効化 / Disable a user: sessions end, API tokens stop working."""
+    """Disable a user: sessions end, API tokens stop working."""
     _set_disabled(config, login, True)
 
 
-@app.command("enable")
+@app.command("enable", help=_("Enable a disabled user again."))
 def enable(config: ConfigOpt, login: LoginOpt) -> None:
-    """ユーザーを有効化 / Enable a disabled user again."""
+    """Enable a disabled user again."""
     _set_disabled(config, login, False)
 
 
-@app.command("set-role")
+@app.command("set-role", help=_("Change a user's role (and areas); their sessions end."))
 def set_role(
     config: ConfigOpt,
     login: LoginOpt,
     role: Annotated[str, typer.Option("--role", help="the new role")],
     area: AreaOpt = None,
 ) -> None:
-    """役割を変更 / Change a user's role (and areas); their sessions end."""
+    """Change a user's role (and areas); their sessions end."""
     from sekisho.controller.accounts.service import AccountError
 
     try:
         user = _service(config).set_role(login, _role(role), area or [], by=_by())
     except AccountError as err:
         raise _fail(str(err)) from err
-    console.print(f"変更しました / changed: {escape(user.login)} → {ROLE_LABELS[Role(user.role)]}")
+    console.print(
+        _("changed: %(user)s → %(role)s", user=escape(user.login), role=ROLE_LABELS[Role(user.role)])
+    )
 
 
-@app.command("reset-password")
+@app.command("reset-password", help=_("Set a new password for a user; all of their sessions end."))
 def reset_password(config: ConfigOpt, login: LoginOpt, password_stdin: StdinOpt = False) -> None:
-    """パスワードを再設定 / Set a new password for a user; all of their sessions end."""
+    """Set a new password for a user; all of their sessions end."""
     from sekisho.controller.accounts.passwords import PasswordRejected
     from sekisho.controller.accounts.service import AccountError
 
@@ -173,44 +173,48 @@ def reset_password(config: ConfigOpt, login: LoginOpt, password_stdin: StdinOpt 
         service.reset_password(login, _password(password_stdin), by=_by())
     except (AccountError, PasswordRejected) as err:
         raise _fail(str(err)) from err
-    console.print(f"再設定しました / password reset: {escape(login)}")
+    console.print(_("password reset: %(login)s", login=escape(login)))
 
 
-@app.command("totp-enrol")
+@app.command(
+    "totp-enrol", help=_("Give a user a new TOTP secret; the URI and secret are shown once (add them to an app).")
+)
 def totp_enrol(config: ConfigOpt, login: LoginOpt) -> None:
-    """TOTPを登録 / Give a user a new TOTP secret; the URI and secret are shown once (add them to an app)."""
+    """Give a user a new TOTP secret; the URI and secret are shown once (add them to an app)."""
     from sekisho.controller.accounts.service import AccountError
 
     try:
         secret, uri = _service(config).enrol_totp(login, by=_by())
     except AccountError as err:
         raise _fail(str(err)) from err
-    console.print("認証アプリに登録してください（一度だけ表示） / add to the authenticator app (shown once):")
+    console.print(_("add to the authenticator app (shown once):"))
     typer.echo(uri)
     typer.echo(f"secret: {secret}")
 
 
-@app.command("attempts")
+@app.command("attempts", help=_("Show recent sign-in attempts, failures and lock-outs."))
 def attempts(
     config: ConfigOpt,
     login: Annotated[str | None, typer.Option("--login", help="only this login")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=10000)] = 50,
 ) -> None:
-    """ログイン試行の記録 / Show recent sign-in attempts, failures and lock-outs."""
+    """Show recent sign-in attempts, failures and lock-outs."""
     table = Table("at (JST)", "login", "client", "outcome")
     for row in _service(config).attempts(login, limit):
         table.add_row(_jst(row.at), escape(row.login), escape(row.client), row.outcome)
     console.print(table)
 
 
-@token_app.command("create")
+@token_app.command(
+    "create", help=_("Create an API token acting with the user's role; shown once, only its hash is stored.")
+)
 def token_create(
     config: ConfigOpt,
     login: LoginOpt,
     name: Annotated[str, typer.Option("--name", help="what the token is for, e.g. prometheus")],
     expires: Annotated[str, typer.Option("--expires", help="lifetime: 30m, 24h, 90d, or never")] = "90d",
 ) -> None:
-    """トークンを作成 / Create an API token acting with the user's role; shown once, only its hash is stored."""
+    """Create an API token acting with the user's role; shown once, only its hash is stored."""
     from sekisho.controller.accounts.service import AccountError
     from sekisho.controller.fleet.token_cli import parse_duration
 
@@ -218,22 +222,24 @@ def token_create(
         lifetime = None if expires.strip().lower() == "never" else parse_duration(expires)
         new = _service(config).create_token(login, name, lifetime, by=_by())
     except (AccountError, ValueError) as err:
-        raise _fail(f"作成できません / cannot create the token: {err}") from err
-    until = _jst(new.expires_at) if new.expires_at else "無期限 / never"
-    console.print(f"トークン {new.id} ({escape(new.name)}), 有効期限 / expires {until}; 一度だけ表示 / shown once:")
+        raise _fail(_("cannot create the token: %(err)s", err=err)) from err
+    until = _jst(new.expires_at) if new.expires_at else _("never")
+    console.print(
+        _("token %(id)s (%(name)s), expires %(until)s; shown once:", id=new.id, name=escape(new.name), until=until)
+    )
     typer.echo(new.token)
 
 
-@token_app.command("list")
+@token_app.command("list", help=_("List API tokens with their last use."))
 def token_list(
     config: ConfigOpt, login: Annotated[str | None, typer.Option("--login", help="only this user's")] = None
 ) -> None:
-    """トークン一覧 / List API tokens with their last use."""
+    """List API tokens with their last use."""
     table = Table("id", "login", "name", "created (JST)", "expires", "last used", "from", "state")
     now = timefmt.now()
     for token, owner in _service(config).tokens(login):
         expired = token.expires_at is not None and token.expires_at <= now
-        state = "失効 / revoked" if token.revoked_at else "期限切れ / expired" if expired else "有効 / active"
+        state = _("revoked") if token.revoked_at else _("expired") if expired else _("active")
         table.add_row(
             token.id, escape(owner), escape(token.name), _jst(token.created_at), _jst(token.expires_at),
             _jst(token.last_used_at), token.last_used_client or "-", state,
@@ -241,13 +247,13 @@ def token_list(
     console.print(table)
 
 
-@token_app.command("revoke")
+@token_app.command("revoke", help=_("Revoke an API token at once."))
 def token_revoke(config: ConfigOpt, token_id: Annotated[str, typer.Argument(help="the token's id")]) -> None:
-    """トークンを失効 / Revoke an API token at once."""
+    """Revoke an API token at once."""
     from sekisho.controller.accounts.service import AccountError
 
     try:
         _service(config).revoke_token(token_id, by=_by())
     except AccountError as err:
         raise _fail(str(err)) from err
-    console.print(f"失効しました / revoked: {escape(token_id)}")
+    console.print(_("revoked: %(token_id)s", token_id=escape(token_id)))

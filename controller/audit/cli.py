@@ -11,10 +11,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sekisho.common.i18n import _
 from sekisho.controller.store.models import AdminAuditEntry
 from sekisho.protocol import timefmt
 
-app = typer.Typer(help="管理操作の監査記録 / The admin audit trail.", no_args_is_help=True)
+app = typer.Typer(help=_("The admin audit trail."), no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -45,7 +46,7 @@ def entry_json(row: AdminAuditEntry) -> dict[str, Any]:
     }
 
 
-@app.command("log")
+@app.command("log", help=_("Show the admin audit trail, oldest first (`records verify` checks it)."))
 def log_command(
     config: ConfigOpt,
     since: Annotated[str | None, typer.Option(help="from this time, ISO 8601 (JST if no offset)")] = None,
@@ -59,7 +60,7 @@ def log_command(
     limit: Annotated[int, typer.Option(min=1, help="at most this many rows (oldest first)")] = 1000,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
 ) -> None:
-    """監査記録を表示 / Show the admin audit trail, oldest first (`records verify` checks it)."""
+    """Show the admin audit trail, oldest first (`records verify` checks it)."""
     from sekisho.controller.cli import cli_config
     from sekisho.controller.media.cli import jst, parse_when
     from sekisho.controller.service import open_store
@@ -86,18 +87,18 @@ def log_command(
             typer.echo(json.dumps(entry_json(row), ensure_ascii=False, sort_keys=True))
         return
     if not rows:
-        console.print("該当する記録はありません / no audit records match")
+        console.print(_("no audit records match"))
         return
     table = Table(
-        "日時 / time (JST)",
-        "操作者 / actor",
-        "経路 / via",
-        "操作 / action",
-        "対象 / target",
-        "変更前 / old",
-        "変更後 / new",
-        "詳細 / detail",
-        title="管理操作の監査記録 / Admin audit trail",
+        _("time (JST)"),
+        _("actor"),
+        _("via"),
+        _("action"),
+        _("target"),
+        _("old"),
+        _("new"),
+        _("detail"),
+        title=_("Admin audit trail"),
     )
     for row in rows:
         via = row.via if row.client is None else f"{row.via} {row.client}"

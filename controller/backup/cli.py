@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from sqlalchemy.exc import SQLAlchemyError
 
+from sekisho.common.i18n import _
 from sekisho.controller.backup.archive import BackupError
 from sekisho.controller.backup.restore import RestorePlan, apply_restore, open_backup, plan_restore, take_backup
 from sekisho.controller.config import ControllerConfig, load_config
@@ -26,7 +27,7 @@ def _config(path: Path) -> ControllerConfig:
     try:
         return load_config(path)
     except (ValueError, OSError) as err:
-        err_console.print(f"[red]設定を読めません / invalid controller config {path}:[/red] {err}")
+        err_console.print(_("[red]invalid controller config %(path)s:[/red] %(err)s", path=path, err=err))
         raise typer.Exit(2) from err
 
 
@@ -42,7 +43,7 @@ def _audit(cfg: ControllerConfig, key: Ed25519PrivateKey, action: str, target: s
             operator.actor, operator.via, operator.client, action, target, detail=detail
         )
     except (SQLAlchemyError, ValueError) as err:
-        err_console.print(f"[yellow]監査記録に書けません / not written to the admin audit trail: {err}[/yellow]")
+        err_console.print(_("[yellow]not written to the admin audit trail: %(err)s[/yellow]", err=err))
     finally:
         engine.dispose()
 
@@ -52,8 +53,11 @@ def _signing_key(cfg: ControllerConfig) -> Ed25519PrivateKey:
         return signing.load_private_key(cfg.signing_key)
     except (OSError, ValueError) as err:
         err_console.print(
-            f"[red]署名鍵を読めません / cannot read the controller's signing key {cfg.signing_key}:[/red] the backup "
-            "manifest is signed and verified with it (run this as the controller's user)"
+            _(
+                "[red]cannot read the controller's signing key %(signing_key)s:[/red] the backup manifest "
+                "is signed and verified with it (run this as the controller's user)",
+                signing_key=cfg.signing_key,
+            )
         )
         raise typer.Exit(2) from err
 
@@ -68,7 +72,7 @@ def backup(
     try:
         manifest = take_backup(cfg, output, key)
     except (BackupError, OSError, SQLAlchemyError) as err:
-        err_console.print(f"[red]バックアップできません / backup failed:[/red] {err}")
+        err_console.print(_("[red]backup failed:[/red] %(err)s", err=err))
         raise typer.Exit(1) from err
     rows = sum(manifest.tables.values())
     head = manifest.fields.get("checkpoint_head")
@@ -79,7 +83,7 @@ def backup(
         f"backup:{output.name}",
         {"taken": manifest.created_at, "rows": rows, "policy_version": manifest.policy_version},
     )
-    console.print(f"バックアップしました / backed up to {output}")
+    console.print(_("backed up to %(output)s", output=output))
     console.print(
         f"  {manifest.backend}, schema {manifest.schema_revision}, {len(manifest.tables)} tables, {rows} rows, "
         f"policy version {manifest.policy_version}, {len(manifest.stream_max_seq)} agent stream(s), "
@@ -90,37 +94,58 @@ def backup(
 def _show_plan(plan: RestorePlan) -> None:
     m = plan.manifest
     console.print(
-        f"バックアップ / backup of {m.created_at}: {m.backend}, schema {m.schema_revision}, "
-        f"{sum(m.tables.values())} rows, policy version {m.policy_version}"
+        _(
+            "backup of %(created_at)s: %(backend)s, schema %(schema_revision)s, %(sum)s rows, policy "
+            "version %(policy_version)s",
+            created_at=m.created_at,
+            backend=m.backend,
+            schema_revision=m.schema_revision,
+            sum=sum(m.tables.values()),
+            policy_version=m.policy_version,
+        )
     )
     if plan.before is None:
-        console.print(f"置き換えるデータベース / database replaced: not readable ({plan.before_error})")
+        console.print(_("database replaced: not readable (%(before_error)s)", before_error=plan.before_error))
     else:
         console.print(
-            f"置き換えるデータベース / database replaced: {sum(plan.before.tables.values())} rows, "
-            f"policy version {plan.before.policy_version}"
+            _(
+                "database replaced: %(sum)s rows, policy version %(policy_version)s",
+                sum=sum(plan.before.tables.values()),
+                policy_version=plan.before.policy_version,
+            )
         )
     lost_versions = plan.lost_policy_versions
     if lost_versions is not None:
         console.print(
-            f"[yellow]ポリシー版 {lost_versions[0]}–{lost_versions[1]} は失われます / policy versions "
-            f"{lost_versions[0]}–{lost_versions[1]} were published after the backup and are lost[/yellow]: the "
-            f"restored policy is re-issued above {plan.floor}; re-apply the changes made since the backup "
-            "(revocations first)"
+            _(
+                "[yellow]policy versions %(lost_versions)s–%(lost_versions2)s were published after the "
+                "backup and are lost[/yellow]: the restored policy is re-issued above %(floor)s; re-apply "
+                "the changes made since the backup (revocations first)",
+                lost_versions=lost_versions[0],
+                lost_versions2=lost_versions[1],
+                floor=plan.floor,
+            )
         )
     for agent, version in sorted(plan.implausible_reports.items()):
         console.print(f"[yellow]agent {agent} reported policy version {version}: implausible, not followed[/yellow]")
     if plan.before is None:
         console.print(
-            "失われたイベントの範囲は今は不明です / the lost event window is unknown now: each agent's next events "
-            "raise a sequence_gap finding from the backup's seq on"
+            _(
+                "the lost event window is unknown now: each agent's next events raise a sequence_gap "
+                "finding from the backup's seq on"
+            )
         )
     elif not plan.lost:
-        console.print("失われたイベントはありません / no stored event is lost")
+        console.print(_("no stored event is lost"))
     for window in plan.lost:
         console.print(
-            f"[yellow]失われるイベント / lost events: {window.agent} seq {window.first_seq}–{window.last_seq} "
-            f"({window.last_seq - window.first_seq + 1})[/yellow]"
+            _(
+                "[yellow]lost events: %(agent)s seq %(first_seq)s–%(last_seq)s (%(last_seq2)s)[/yellow]",
+                agent=window.agent,
+                first_seq=window.first_seq,
+                last_seq=window.last_seq,
+                last_seq2=window.last_seq - window.first_seq + 1,
+            )
         )
 
 
@@ -140,28 +165,34 @@ def restore(
             manifest, data = open_backup(input_file, key, Path(tmp))
             plan = plan_restore(cfg, manifest)
         except BackupError as err:
-            err_console.print(f"[red]復元を拒否しました / restore refused:[/red] {err}")
+            err_console.print(_("[red]restore refused:[/red] %(err)s", err=err))
             raise typer.Exit(1) from err
         _show_plan(plan)
-        question = "コントローラーを停止しましたか。復元しますか / controller stopped? restore now?"
+        question = _("controller stopped? restore now?")
         if not yes and not typer.confirm(question):
-            console.print("中止しました / nothing changed")
+            console.print(_("nothing changed"))
             raise typer.Exit(1)
         try:
             report = apply_restore(cfg, plan, data, key)
         except (BackupError, OSError, SQLAlchemyError) as err:
-            err_console.print(f"[red]復元に失敗しました / restore failed:[/red] {err}")
+            err_console.print(_("[red]restore failed:[/red] %(err)s", err=err))
             raise typer.Exit(1) from err
     if report.safety_copy is not None:
-        console.print(f"置き換えたデータベースの控え / the replaced database was saved to {report.safety_copy}")
+        console.print(_("the replaced database was saved to %(safety_copy)s", safety_copy=report.safety_copy))
     elif plan.before is not None:
-        console.print(f"[yellow]控えなし / no copy of the replaced database: {report.safety_error}[/yellow]")
+        console.print(
+            _("[yellow]no copy of the replaced database: %(safety_error)s[/yellow]", safety_error=report.safety_error)
+        )
     rows, tables = sum(report.counts.values()), len(report.counts)
-    console.print(f"復元しました / restored: {rows} rows in {tables} tables, as the manifest says")
+    console.print(_("restored: %(rows)s rows in %(tables)s tables, as the manifest says", rows=rows, tables=tables))
     if report.issued_version is not None:
         console.print(
-            f"ポリシー版 {report.restored_version} を版 {report.issued_version} として再発行 / policy version "
-            f"{report.restored_version} re-issued as version {report.issued_version} (agents refuse older ones)"
+            _(
+                "policy version %(restored_version)s re-issued as version %(issued_version)s (agents "
+                "refuse older ones)",
+                restored_version=report.restored_version,
+                issued_version=report.issued_version,
+            )
         )
     _audit(
         cfg,
@@ -176,4 +207,4 @@ def restore(
         },
     )
     kinds = "restored_from_backup" + (", restore_lost_events" if plan.lost else "")
-    console.print(f"記録しました / recorded as findings: {kinds}")
+    console.print(_("recorded as findings: %(kinds)s", kinds=kinds))

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import DBAPIError
 
+from sekisho.common.i18n import _
 from sekisho.controller.cli import cli_config, issue_command
 from sekisho.controller.config import ControllerConfig
 from sekisho.controller.doors import commands
@@ -29,7 +30,7 @@ from sekisho.protocol.policy import SitePolicy
 console = Console()
 err_console = Console(stderr=True)
 app = typer.Typer(
-    help="鍵貸出管理簿・入退室記録・来訪者記録と扉の遠隔操作 / Key loans, door log, presence, visits, door commands.",
+    help=_("Key loans, door log, presence, visits, door commands."),
     no_args_is_help=True,
 )
 
@@ -43,10 +44,10 @@ AllOpt = Annotated[bool, typer.Option("--all", help="every door of the site")]
 _PAGE = 1000
 
 _LOAN_LABELS = {
-    "open": "貸出中 / out",
-    "overdue": "[red]延滞 / overdue[/red]",
-    "returned": "返却済 / returned",
-    "return_only": "[yellow]貸出記録なしの返却 / return without loan[/yellow]",
+    "open": _("out"),
+    "overdue": _("[red]overdue[/red]"),
+    "returned": _("returned"),
+    "return_only": _("[yellow]return without loan[/yellow]"),
 }
 
 
@@ -59,14 +60,12 @@ def _open(config: Path) -> tuple[ControllerConfig, Store]:
 
 def _caught_up(config: Path) -> DoorRegisters:
     """Open the registers after projecting what was stored since (the running controller does it every second)."""
-    _, store = _open(config)
+    _cfg, store = _open(config)
     try:
         DoorProjector(store).run()
     except DBAPIError as err:
         # Showing the registers as they are beats showing nothing; say that they may lag.
-        err_console.print(
-            f"[yellow]台帳を最新にできませんでした / could not bring the registers up to date: {err}[/yellow]"
-        )
+        err_console.print(_("[yellow]could not bring the registers up to date: %(err)s[/yellow]", err=err))
     return DoorRegisters(store)
 
 
@@ -92,7 +91,7 @@ def _every(fetch: Callable[[int | None], list[R]]) -> list[R]:
 def _policy(store: Store) -> SitePolicy:
     row = store.current_policy_version()
     if row is None:
-        err_console.print("[red]✗[/red] ポリシーが未適用です / no site policy applied yet (sekisho policy apply)")
+        err_console.print(_("[red]✗[/red] no site policy applied yet (sekisho policy apply)"))
         raise typer.Exit(1)
     return SitePolicy.model_validate(row.document)
 
@@ -111,16 +110,16 @@ def keys(
     now = timefmt.now()
     table = Table(
         "No.",
-        "保管庫 / cabinet",
-        "スロット / slot",
-        "鍵 / key",
-        "借用者 / borrower",
-        "貸出 / taken (JST)",
-        "返却予定 / due (JST)",
-        "返却 / returned (JST)",
-        "返却者 / by",
-        "状態 / state",
-        title="鍵貸出管理簿 / Key-lending register",
+        _("cabinet"),
+        _("slot"),
+        _("key"),
+        _("borrower"),
+        _("taken (JST)"),
+        _("due (JST)"),
+        _("returned (JST)"),
+        _("by"),
+        _("state"),
+        title=_("Key-lending register"),
     )
     loans = _every(
         lambda after: registers.loans(
@@ -136,10 +135,10 @@ def keys(
     for loan in loans[-limit:]:
         state = _LOAN_LABELS[loan_state(loan, now)]
         if loan.wrong_slot:
-            state += f" [yellow]別スロットへ返却 / wrong slot {loan.returned_slot}[/yellow]"
+            state += _(" [yellow]wrong slot %(returned_slot)s[/yellow]", returned_slot=loan.returned_slot)
         elif loan.returned_by and loan.person and loan.returned_by != loan.person:
             # The right slot, by someone other than the borrower: worth a note, not a warning.
-            state += " 代理返却 / returned by a colleague"
+            state += _(" returned by a colleague")
         table.add_row(
             str(loan.id),
             loan.cabinet,
@@ -179,20 +178,20 @@ def door_log(
     # Paged in arrival order; a register reads in the order things happened.
     rows.sort(key=lambda r: (r.occurred_at, r.id))
     table = Table(
-        "時刻 / at (JST)",
-        "扉 / door",
-        "種別 / kind",
-        "出来事 / event",
-        "人 / person",
-        "方向 / dir",
-        "理由 / reason",
-        "同行 / escort",
-        title="扉の記録 / Door log",
+        _("at (JST)"),
+        _("door"),
+        _("kind"),
+        _("event"),
+        _("person"),
+        _("dir"),
+        _("reason"),
+        _("escort"),
+        title=_("Door log"),
     )
     for row in rows[-limit:]:
         who = row.person or row.card_masked or "—"
         if row.visitor:
-            who += " (来訪者 / visitor)"
+            who += _(" (visitor)")
         if row.second_person:
             who += f" + {row.second_person}"
         table.add_row(
@@ -216,13 +215,13 @@ def inside(
     """Show who is inside each controlled area now (在室者)."""
     registers = _caught_up(config)
     table = Table(
-        "区域 / area",
-        "人 / person",
-        "入室 / since (JST)",
-        "扉 / via",
-        "来訪者 / visitor",
-        "同行 / escort",
-        title="在室者 / Inside now",
+        _("area"),
+        _("person"),
+        _("since (JST)"),
+        _("via door"),
+        _("visitor"),
+        _("escort"),
+        title=_("Inside now"),
     )
     rows = registers.inside(area)
     for row in rows:
@@ -244,13 +243,13 @@ def visits(
     registers = _caught_up(config)
     table = Table(
         "No.",
-        "来訪者 / visitor",
-        "同行者 / escort",
-        "区域 / area",
-        "入室 / in (JST)",
-        "退室 / out (JST)",
-        "扉 / doors",
-        title="来訪者記録 / Visitor log",
+        _("visitor"),
+        _("escorted by"),
+        _("area"),
+        _("in (JST)"),
+        _("out (JST)"),
+        _("doors"),
+        title=_("Visitor log"),
     )
     start = parse_when(since) if since else None
     rows = _every(
@@ -274,7 +273,7 @@ def hash_pin_command() -> None:
     """Ask for a door PIN twice and print its pin_hash for site.yaml (the PIN itself is never stored)."""
     entered = typer.prompt("PIN (4-8 digits)", hide_input=True, confirmation_prompt=True)
     if not pin.valid_pin(entered):
-        err_console.print("[red]PIN は4〜8桁の数字です / a PIN is 4 to 8 digits[/red]")
+        err_console.print(_("a PIN is 4 to 8 digits[/red]"))
         raise typer.Exit(2)
     typer.echo(pin.hash_pin(entered))
 
@@ -282,9 +281,9 @@ def hash_pin_command() -> None:
 @app.command("rebuild")
 def rebuild(config: ConfigOpt) -> None:
     """Rebuild every door register from the stored events (one transaction; ingest waits on SQLite)."""
-    _, store = _open(config)
+    _cfg, store = _open(config)
     count = DoorProjector(store).rebuild()
-    console.print(f"再構築しました / rebuilt the door registers from {count} door and key event(s)")
+    console.print(_("rebuilt the door registers from %(count)s door and key event(s)", count=count))
 
 
 @app.command("check-overdue")
@@ -295,7 +294,14 @@ def check_overdue(config: ConfigOpt) -> None:
     overdue = _every(lambda after: registers.loans(overdue=True, after_id=after, limit=_PAGE))
     for loan in overdue:
         console.print(
-            f"延滞 / overdue: {loan.key} ({loan.cabinet} slot {loan.slot}) → {loan.person}, due {jst(loan.due_at)}"
+            _(
+                "overdue: %(key)s (%(cabinet)s slot %(slot)s) → %(person)s, due %(jst)s",
+                key=loan.key,
+                cabinet=loan.cabinet,
+                slot=loan.slot,
+                person=loan.person,
+                jst=jst(loan.due_at),
+            )
         )
     console.print(
         f"延滞 {len(overdue)} 件、新規の指摘 {len(created)} 件 / {len(overdue)} overdue, {len(created)} new finding(s)"
@@ -325,12 +331,12 @@ def _send(config: Path, built: list[DoorCommand], lifetime_s: int, reason: str |
             err_console.print(f"[red]✗[/red] {command.agent}: {err}")
             failed.append(command.agent)
     if failed:
-        err_console.print(f"[red]✗[/red] 送れませんでした / not sent to: {', '.join(failed)}")
+        err_console.print(_("[red]✗[/red] not sent to: %(failed)s", failed=", ".join(failed)))
         raise typer.Exit(1)
 
 
 def _targets(config: Path, build: Callable[[SitePolicy], list[DoorCommand]]) -> list[DoorCommand]:
-    _, store = _open(config)
+    _cfg, store = _open(config)
     try:
         return build(_policy(store))
     except TargetError as err:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import typer
 
+from sekisho.common.i18n import _
 from sekisho.controller.fleet.revocation_cli import revocations_app, revoke
 from sekisho.controller.fleet.status_cli import status
 from sekisho.controller.fleet.token_cli import refusals, token_app
 
-app = typer.Typer(help="エージェントの登録・状態・失効 / Enrol, watch and retire agents.", no_args_is_help=True)
+app = typer.Typer(help=_("Enrol, watch and retire agents."), no_args_is_help=True)
 
 
 @app.callback()
@@ -22,6 +23,6 @@ def _fleet() -> None:
 
 app.command("status")(status)
 app.add_typer(token_app, name="token")
-app.command("refusals")(refusals)
+app.command("refusals", help=_("List refused enrolments and renewals with their reasons (newest first)."))(refusals)
 app.command("revoke")(revoke)
 app.add_typer(revocations_app, name="revocations")

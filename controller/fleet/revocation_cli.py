@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from sekisho.common.i18n import _
 from sekisho.controller.cli import ConfigOpt, cli_config, revoke_agent
 from sekisho.controller.fleet.revocations import (
     RevocationSyncError,
@@ -21,10 +22,10 @@ from sekisho.protocol import signing
 
 console = Console()
 err_console = Console(stderr=True)
-revocations_app = typer.Typer(help="ブローカーの失効リスト / The broker's revocation list.", no_args_is_help=True)
+revocations_app = typer.Typer(help=_("The broker's revocation list."), no_args_is_help=True)
 
 
-def revoke(config: ConfigOpt, name: Annotated[str, typer.Argument(help="エージェント名 / agent name")]) -> None:
+def revoke(config: ConfigOpt, name: Annotated[str, typer.Argument(help=_("agent name"))]) -> None:
     """Revoke an agent (same as `sekisho controller revoke-agent`)."""
     revoke_agent(config, name)
 
@@ -45,20 +46,16 @@ def show(config: ConfigOpt) -> None:
 
 @revocations_app.command("sync")
 def sync(
-    controller: Annotated[str, typer.Option(help="コントローラーの URL / the controller's https:// URL")],
-    output: Annotated[Path, typer.Option(help="ブローカーが読むファイル / the file the broker's plugin reads")],
+    controller: Annotated[str, typer.Option(help=_("the controller's https:// URL"))],
+    output: Annotated[Path, typer.Option(help=_("the file the broker's plugin reads"))],
     controller_key: Annotated[
         Path,
-        typer.Option(help="コントローラーの署名公開鍵 / the controller's signing.pub", exists=True, dir_okay=False),
+        typer.Option(help=_("the controller's signing.pub"), exists=True, dir_okay=False),
     ],
-    ca_file: Annotated[Path | None, typer.Option(help="API の CA / CA of the controller's HTTPS")] = None,
-    token_file: Annotated[
-        Path | None, typer.Option(help="読み取りトークン / file holding an API read token", dir_okay=False)
-    ] = None,
-    interval: Annotated[float, typer.Option(help="秒ごとに繰り返す / repeat every N seconds (0: once)")] = 0.0,
-    reload_pid_file: Annotated[
-        Path | None, typer.Option(help="変更時に SIGHUP / SIGHUP this broker when the list changed")
-    ] = None,
+    ca_file: Annotated[Path | None, typer.Option(help=_("CA of the controller's HTTPS"))] = None,
+    token_file: Annotated[Path | None, typer.Option(help=_("file holding an API read token"), dir_okay=False)] = None,
+    interval: Annotated[float, typer.Option(help=_("repeat every N seconds (0: once)"))] = 0.0,
+    reload_pid_file: Annotated[Path | None, typer.Option(help=_("SIGHUP this broker when the list changed"))] = None,
 ) -> None:
     """Fetch the controller-signed revocation list, check it and write it for the broker on this host."""
     key = signing.load_public_key(controller_key)
@@ -70,16 +67,18 @@ def sync(
             if changed:
                 held = current_entries(output)
                 count = (len(held.names), len(held.serials)) if held else (0, 0)
-                console.print(f"更新しました / written: {count[0]} agent(s), {count[1]} certificate(s) refused")
+                console.print(
+                    _("written: %(count)s agent(s), %(count2)s certificate(s) refused", count=count[0], count2=count[1])
+                )
                 if reload_pid_file is not None:
                     reload_broker(reload_pid_file)
             if failing:
-                console.print("再び同期できました / syncing again")
+                console.print(_("syncing again"))
             failing = False
         except RevocationSyncError as err:
             # The broker keeps the list it has: a revocation already applied is never lifted by a failed sync.
             if not failing or interval <= 0:
-                err_console.print(f"[red]同期できません / sync failed:[/red] {err}")
+                err_console.print(_("[red]sync failed:[/red] %(err)s", err=err))
             failing = True
             if interval <= 0:
                 raise typer.Exit(1) from err

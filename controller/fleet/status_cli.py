@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sekisho.common.i18n import _
 from sekisho.controller.fleet.health import (
     STATES,
     AgentHealth,
@@ -65,11 +66,11 @@ def _cert(agent: AgentHealth) -> str:
 
 def render_table(agents: list[AgentHealth], console: Console) -> None:
     """Print the fleet as a Rich table with a one-line count per state underneath."""
-    table = Table(title="エージェントの状態 / Fleet status")
+    table = Table(title=_("Fleet status"))
     table.add_column("agent", no_wrap=True)
     for header in (
         "kind",
-        "状態 / state",
+        _("state"),
         "last seen",
         "version",
         "outbox",

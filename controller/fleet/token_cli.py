@@ -13,13 +13,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sekisho.common.i18n import _
 from sekisho.controller.audit.operators import cli_operator
 from sekisho.protocol import timefmt
 
 if TYPE_CHECKING:
     from sekisho.controller.fleet.enrol_service import EnrolmentService
 
-token_app = typer.Typer(help="登録トークン / Enrolment tokens: create, list, revoke.", no_args_is_help=True)
+token_app = typer.Typer(help=_("Enrolment tokens: create, list, revoke."), no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -46,7 +47,7 @@ def _service(config: Path) -> EnrolmentService:
     return EnrolmentService(cfg, open_store(cfg))
 
 
-@token_app.command("create")
+@token_app.command("create", help=_("Create an enrolment token; it is shown once, only its hash is stored."))
 def create(
     config: ConfigOpt,
     kind: Annotated[str, typer.Option("--kind", help="terminal or door")],
@@ -60,7 +61,7 @@ def create(
         str | None, typer.Option("--url", help="controller URL to put in the token (default enrol_url)")
     ] = None,
 ) -> None:
-    """トークンを作成 / Create an enrolment token; it is shown once, only its hash is stored."""
+    """Create an enrolment token; it is shown once, only its hash is stored."""
     from sekisho.controller.fleet.enrol_service import EnrolmentUnavailable
 
     if reenrol is not None and name is not None and name != reenrol:
@@ -79,7 +80,7 @@ def create(
             operator=cli_operator(),
         )
     except (ValueError, EnrolmentUnavailable) as err:
-        err_console.print(f"[red]作成できません / cannot create the token:[/red] {escape(str(err))}")
+        err_console.print(_("[red]cannot create the token:[/red] %(err)s", err=escape(str(err))))
         raise typer.Exit(2) from err
     finally:
         service.store.engine.dispose()
@@ -91,14 +92,14 @@ def create(
         highlight=False,
     )
     console.print(f"CA sha256 {new.ca_fingerprint}", soft_wrap=True, highlight=False)
-    console.print("この文字列は一度だけ表示されます / shown once, keep it secret until used:", highlight=False)
+    console.print(_("shown once, keep it secret until used:"), highlight=False)
     # Plain print: a script takes the last line; no wrapping or markup may touch it.
     print(new.token)
 
 
-@token_app.command("list")
+@token_app.command("list", help=_("List enrolment tokens (never their secrets)."))
 def list_tokens(config: ConfigOpt) -> None:
-    """トークン一覧 / List enrolment tokens (never their secrets)."""
+    """List enrolment tokens (never their secrets)."""
     service = _service(config)
     try:
         rows = service.store.list_tokens()
@@ -122,31 +123,31 @@ def list_tokens(config: ConfigOpt) -> None:
     console.print(table)
 
 
-@token_app.command("revoke")
+@token_app.command("revoke", help=_("Revoke an enrolment token so no device can use it."))
 def revoke(
     config: ConfigOpt, token_id: Annotated[str, typer.Argument(help="token id (t-…) from `token list`")]
 ) -> None:
-    """トークンを失効 / Revoke an enrolment token so no device can use it."""
+    """Revoke an enrolment token so no device can use it."""
     service = _service(config)
     try:
         done = service.store.revoke_token(token_id, service.clock(), operator=cli_operator())
     finally:
         service.store.engine.dispose()
     if not done:
-        err_console.print(f"[red]該当なし / no usable token {escape(token_id)}[/red]")
+        err_console.print(_("[red]no usable token %(token_id)s[/red]", token_id=escape(token_id)))
         raise typer.Exit(1)
     console.print(f"revoked {token_id}")
 
 
 def refusals(config: ConfigOpt, limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 50) -> None:
-    """拒否された登録 / List refused enrolments and renewals with their reasons (newest first)."""
+    """List refused enrolments and renewals with their reasons (newest first)."""
     service = _service(config)
     try:
         rows = service.store.list_refusals(limit)
     finally:
         service.store.engine.dispose()
     if not rows:
-        console.print("拒否なし / no refusals recorded")
+        console.print(_("no refusals recorded"))
     # One plain line each, whole: operators grep these and paste them into incident notes.
     for row in rows:
         console.print(

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sekisho.common.i18n import _
 from sekisho.controller.audit.operators import cli_operator
 from sekisho.controller.cli import cli_config, publish_now
 from sekisho.controller.config import ControllerConfig
@@ -20,20 +21,20 @@ from sekisho.protocol import mynumber, signing, timefmt
 
 console = Console()
 err_console = Console(stderr=True)
-app = typer.Typer(help="電子媒体台帳と貸出記録 / Media register and loans.", no_args_is_help=True)
+app = typer.Typer(help=_("Media register and loans."), no_args_is_help=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
 
 _STATE_LABELS = {
-    "in_store": "保管中 / in store",
-    "on_loan": "貸出中 / on loan",
-    "reserved": "予約 / reserved",
-    "overdue": "延滞 / overdue",
-    "returned": "返却済 / returned",
-    "revoked": "取消 / revoked",
-    "lost": "紛失 / lost",
-    "retired": "退役 / retired",
-    "disposed": "廃棄 / disposed",
+    "in_store": _("in store"),
+    "on_loan": _("on loan"),
+    "reserved": _("reserved"),
+    "overdue": _("overdue"),
+    "returned": _("returned"),
+    "revoked": _("cancelled"),
+    "lost": _("lost"),
+    "retired": _("retired"),
+    "disposed": _("disposed"),
 }
 
 
@@ -43,7 +44,7 @@ def parse_when(text: str) -> datetime:
         moment = datetime.fromisoformat(text)
     except ValueError as err:
         shown = mynumber.redact(text)  # never repeat a My Number typed into the wrong option
-        raise typer.BadParameter(f"ISO 8601 の日時ではありません / not an ISO 8601 time: {shown!r}") from err
+        raise typer.BadParameter(_("not an ISO 8601 time: %(shown)r", shown=shown)) from err
     return moment.replace(tzinfo=JST) if moment.tzinfo is None else moment
 
 
@@ -62,10 +63,14 @@ def _service(cfg: ControllerConfig) -> MediaService:
 def _publish(cfg: ControllerConfig, media: MediaService, version: int) -> None:
     bundles = media.policy.bundles()
     console.print(
-        f"ポリシー版 {version} を保存 / stored policy version {version}; {len(bundles)} agent bundle(s) signed"
+        _(
+            "stored policy version %(version)s; %(bundles)s agent bundle(s) signed",
+            version=version,
+            bundles=len(bundles),
+        )
     )
     if publish_now(cfg, bundles, purpose="media-cli"):
-        console.print("配信済み / published (retained) to: " + ", ".join(sorted(bundles)))
+        console.print(_("published (retained) to: ") + ", ".join(sorted(bundles)))
 
 
 def _refused(err: MediaError) -> typer.Exit:
@@ -105,7 +110,13 @@ def lend(
     except MediaError as err:
         raise _refused(err) from err
     console.print(
-        f"貸出 {loan_id} を記録 / recorded loan {loan_id}: {medium} → {person} until {jst(parse_when(until))}"
+        _(
+            "recorded loan %(loan_id)s: %(medium)s → %(person)s until %(jst)s",
+            loan_id=loan_id,
+            medium=medium,
+            person=person,
+            jst=jst(parse_when(until)),
+        )
     )
     _publish(cfg, media, version)
 
@@ -123,7 +134,7 @@ def return_(
         version = media.return_medium(loan, received_by=received_by or getpass.getuser(), operator=cli_operator())
     except MediaError as err:
         raise _refused(err) from err
-    console.print(f"返却 {loan} を記録 / recorded the return of {loan}")
+    console.print(_("recorded the return of %(loan)s", loan=loan))
     _publish(cfg, media, version)
 
 
@@ -140,7 +151,7 @@ def revoke(
         version = media.revoke(loan, reason, revoked_by=getpass.getuser(), operator=cli_operator())
     except MediaError as err:
         raise _refused(err) from err
-    console.print(f"貸出 {loan} を取消 / revoked loan {loan}")
+    console.print(_("revoked loan %(loan)s", loan=loan))
     _publish(cfg, media, version)
 
 
@@ -155,16 +166,16 @@ def list_loans(
     media = _service(cli_config(config))
     now = timefmt.now()
     table = Table(
-        "貸出 / loan",
-        "媒体 / medium",
-        "借用者 / borrower",
-        "端末 / terminals",
-        "開始 / from (JST)",
-        "返却予定 / due (JST)",
-        "状態 / state",
-        "承認 / approved by",
-        "目的 / purpose",
-        title="貸出記録 / Media loans",
+        _("loan"),
+        _("medium"),
+        _("borrower"),
+        _("terminals"),
+        _("from (JST)"),
+        _("due (JST)"),
+        _("state"),
+        _("approved by"),
+        _("purpose"),
+        title=_("Media loans"),
     )
     for loan in media.loans(active=active, medium=medium, person=person):
         state = _STATE_LABELS[loan_state(loan, now)]
@@ -189,14 +200,14 @@ def inventory(config: ConfigOpt) -> None:
     """Take stock (棚卸し) of every registered medium: where it is, whether overdue, when last seen."""
     media = _service(cli_config(config))
     table = Table(
-        "媒体 / medium",
-        "状態 / status",
-        "貸出先 / borrower",
-        "端末 / terminals",
-        "返却予定 / due (JST)",
-        "延滞 / overdue",
-        "最終確認 / last seen",
-        title="電子媒体台帳 / Media register",
+        _("medium"),
+        _("status"),
+        _("lent to"),
+        _("terminals"),
+        _("due (JST)"),
+        _("overdue"),
+        _("last seen"),
+        title=_("Media register"),
     )
     for line in media.inventory():
         loan = line.loan
@@ -207,7 +218,7 @@ def inventory(config: ConfigOpt) -> None:
             loan.person if loan else "—",
             ", ".join(loan.terminals) if loan else "—",
             jst(loan.ends_at) if loan else "—",
-            "[red]延滞 / yes[/red]" if line.overdue else "—",
+            _("[red]yes[/red]") if line.overdue else "—",
             seen,
         )
     console.print(table)
@@ -220,7 +231,15 @@ def check_overdue(config: ConfigOpt) -> None:
     created = media.check_overdue()
     overdue = media.overdue()
     for loan in overdue:
-        console.print(f"延滞 / overdue: {loan.id} {loan.medium} → {loan.person}, due {jst(loan.ends_at)}")
+        console.print(
+            _(
+                "overdue: %(id)s %(medium)s → %(person)s, due %(jst)s",
+                id=loan.id,
+                medium=loan.medium,
+                person=loan.person,
+                jst=jst(loan.ends_at),
+            )
+        )
     console.print(
         f"延滞 {len(overdue)} 件、新規の指摘 {len(created)} 件 / {len(overdue)} overdue, {len(created)} new finding(s)"
     )

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 
 from sekisho.agents.runtime.outbox import Outbox
 from sekisho.bench.raw import TlsFiles, run_baseline, tls_for_dir
+from sekisho.common.i18n import _
 from sekisho.controller.store.db import make_engine
 from sekisho.controller.store.models import Event
 from sekisho.deploy.pki import AgentCredentials, PkiPaths
@@ -472,7 +473,7 @@ def bench_registers(
 
     chosen = {"sqlite": ("sqlite",), "postgres": ("postgres",), "both": ("sqlite", "postgres")}.get(backend)
     if chosen is None:
-        console.print("[bold red]--backend は sqlite / postgres / both / --backend: sqlite, postgres or both[/]")
+        console.print(_("--backend: sqlite, postgres or both[/]"))
         raise typer.Exit(2)
     options = Options(
         events=events,

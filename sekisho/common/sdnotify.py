@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from sekisho.common.i18n import _
+
 log = logging.getLogger(__name__)
 
 # How long the liveness loop sleeps between checks when no watchdog is configured (systemd's or not).
@@ -158,7 +160,7 @@ class LivenessCheck:
         elif self.healthy:
             self.healthy = False
             log.error("a working thread of this service has stopped: no more watchdog pings")
-            self.notifier.status("異常: 処理スレッドが停止 / unhealthy: a working thread stopped")
+            self.notifier.status(_("unhealthy: a working thread stopped"))
 
 
 def serve_until(

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from sekisho.common.i18n import _
 from sekisho.lab import Lab
 
 console = Console()
@@ -106,16 +107,17 @@ def _demo_logins(lab: Lab) -> list[DemoLogin]:
 def _print_logins(base: str, logins: list[DemoLogin]) -> None:
     console.print(f"  console: {base}/console/", soft_wrap=True, highlight=False)
     console.print(
-        "  [bold red]デモ専用 / DEMO ONLY[/bold red]: 合成のパスワードとTOTPシークレットを表示しています。"
-        "実際のサイトでは決して表示・共有しないでください / synthetic passwords and TOTP secrets are printed "
-        "here; a real site never prints or shares them"
+        _(
+            "  [bold red]DEMO ONLY[/bold red]: synthetic passwords and TOTP secrets are printed here; a real site "
+            "never prints or shares them"
+        )
     )
     # Plain lines (never wrapped): a reader copies them, and tests read them back.
     for entry in logins:
         totp = f"  TOTP secret: {entry.totp_secret}" if entry.totp_secret else ""
         line = f"  demo login: {entry.login}  role: {entry.role}  password: {entry.password}{totp}"
         console.print(line, soft_wrap=True, highlight=False, markup=False)
-    console.print("  TOTP: 現在のコードは下の表に表示します / the current codes are shown in the live view below")
+    console.print(_("  TOTP: the current codes are shown in the live view below"))
 
 
 def _totp_codes(logins: list[DemoLogin]) -> str:
@@ -192,7 +194,7 @@ class DemoView:
 
     def table(self) -> Table:
         """Fetch what is new and render it."""
-        table = Table(title="sekisho demo — 最近のイベント / latest events (Ctrl-C で停止 / to stop)")
+        table = Table(title=_("sekisho demo — latest events (Ctrl-C to stop)"))
         for column in ("時刻 (UTC)", "agent", "seq", "type", "detail"):
             table.add_column(column)
         try:
@@ -214,11 +216,11 @@ class DemoView:
             )
             table.add_row(event["occurred_at"][11:19], event["agent_id"], str(event["seq"]), event["type"], detail)
         depth = ", ".join(f"{a['id']}: outbox {a['outbox_depth']}, policy v{a['policy_version']}" for a in agents)
-        people = ", ".join(f"{p['person']}{' (来訪者/visitor)' if p['visitor'] else ''}" for p in inside) or "-"
+        people = ", ".join(f"{p['person']}{_(' (visitor)') if p['visitor'] else ''}" for p in inside) or "-"
         keys = ", ".join(f"{loan['key']}→{loan['person']}" for loan in loans) or "-"
         table.caption = (
             f"events {self.total}  dead letters {len(dead)}  open findings {len(findings)}\n"
-            f"在室 / inside now: {people}\n貸出中の鍵 / keys out: {keys}\n{depth}\n"
+            f"{_('inside now: %(people)s', people=people)}\n{_('keys out: %(keys)s', keys=keys)}\n{depth}\n"
             f"console {self.base}/console/  TOTP now (demo only): {_totp_codes(self.logins)}"
         )
         return table
