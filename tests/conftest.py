@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,10 @@ from sekisho.deploy.broker import Broker
 from sekisho.deploy.pki import init_pki, issue_agent
 
 AGENTS = ("agent-a", "agent-b")
+# The command lines speak one language per process, read from the environment once (sekisho.common.i18n):
+# pinned here, before any test imports a command line, so in-process and subprocess output is Japanese whatever
+# the developer's locale. A test that checks the English sets SEKISHO_LANG=en for its subprocesses.
+os.environ["SEKISHO_LANG"] = "ja"
 # The shared fixture modules, registered here once: a test module that imports one of them directly (for its
 # helpers) would otherwise load it before pytest could rewrite its asserts, and the run would depend on
 # which module happened to be collected first.

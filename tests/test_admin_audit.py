@@ -458,7 +458,8 @@ def test_cli_audit_log_shows_and_filters_the_trail(cli: Cli) -> None:
     cli.store.record_admin("user:alice", "web", "192.0.2.10", "media.loan.create", "loan:[red]x", new={"a": [1]})
     cli.store.record_admin(CLI_ACTOR, "cli", None, "policy.apply", "policy", old={"version": 1}, new={"version": 2})
     output = cli.run("audit", "log")
-    assert "管理操作の監査記録 / Admin audit trail" in output and "操作者 / actor" in output
+    # In Japanese: tests/conftest.py pins the command lines' language (the catalogue has the English).
+    assert "管理操作の監査記録" in output and "操作者" in output and "Admin audit trail" not in output
     assert "loan:[red]x" in output and "user:alice" in output and "policy.apply" in output
     lines = cli.run("audit", "log", "--json", "--action", "policy.*").splitlines()
     [entry] = [json.loads(line) for line in lines]

@@ -44,8 +44,11 @@ runner = CliRunner()
 
 
 def cli(*args: str, ok: bool = True) -> str:
-    """Run `sekisho ARGS` in this process; return its output (asserting the exit status)."""
-    result = runner.invoke(app, list(args), catch_exceptions=False)
+    """Run `sekisho ARGS` in this process; return its output (asserting the exit status).
+
+    The output is Japanese (tests/conftest.py pins SEKISHO_LANG=ja); wide, so no message is wrapped.
+    """
+    result = runner.invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "250"})
     assert (result.exit_code == 0) is ok, result.output
     return result.output
 
@@ -113,7 +116,7 @@ def test_cp_of_the_live_database_misses_what_the_wal_holds_backup_does_not(
         out = cli("controller", "backup", "--config", str(config), "--output", str(tmp_path / "b.tar.gz"))
     finally:
         store.engine.dispose()
-    assert "backed up" in out and f"{sum(live.values())} rows" in out
+    assert "バックアップしました" in out and f"{sum(live.values())} 行" in out
     with tarfile.open(tmp_path / "b.tar.gz") as tar:
         manifest = json.load(tar.extractfile("manifest.json"))["manifest"]  # type: ignore[arg-type]
     assert manifest["tables"] == live
@@ -141,9 +144,9 @@ def test_sqlite_round_trip_restores_exact_counts_and_names_the_lost_events(
         store.engine.dispose()
 
     out = cli("controller", "restore", "--config", str(config), "--input", str(tmp_path / "b.tar.gz"), "--yes")
-    assert "policy versions 4–5 were published after the backup and are lost" in out
-    assert "re-issued as version 6" in out
-    assert f"{a.agent_id} seq 11–14 (4)" in out and f"{b.agent_id} seq 6–6 (1)" in out
+    assert "ポリシー版 4–5 はバックアップ後に公開されたため失われます" in out
+    assert "ポリシー版 3 を版 6 として再発行しました" in out
+    assert f"{a.agent_id} seq 11–14（4 件）" in out and f"{b.agent_id} seq 6–6（1 件）" in out
     safety = sorted(cfg.var_dir.glob("before-restore-*.tar.gz"))
     assert len(safety) == 1 and str(safety[0]) in out.replace("\n", "")
 
@@ -215,7 +218,7 @@ def test_a_forged_or_altered_backup_and_a_newer_schema_are_refused(
     }
     for name, reason in expected.items():
         out = cli("controller", "restore", "--config", str(config), "--input", str(tmp_path / name), "--yes", ok=False)
-        assert "restore refused" in out and reason in out, (name, out)
+        assert "復元を拒否しました" in out and reason in out, (name, out)
     assert row_counts(cfg.resolved_database_url()) == before
 
 
@@ -310,8 +313,9 @@ def events_of(url: str, type_: str) -> list[dict[str, Any]]:
 
 @pytest.mark.broker
 def test_after_a_restore_the_agents_accept_the_next_version_and_a_revocation_reaches_them(
-    lab: Lab, tmp_path: Path
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("SEKISHO_LANG", "en")  # the `sekisho` commands below speak English (asserted on)
     config = str(lab.controller_config)
     cfg = load_config(lab.controller_config)
     url = cfg.resolved_database_url()
@@ -374,8 +378,9 @@ def test_after_a_restore_the_agents_accept_the_next_version_and_a_revocation_rea
 
 @pytest.mark.broker
 def test_with_the_floor_and_the_database_lost_the_agents_heartbeats_lift_the_version(
-    lab: Lab, tmp_path: Path
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("SEKISHO_LANG", "en")  # the `sekisho` commands below speak English (asserted on)
     config = str(lab.controller_config)
     cfg = load_config(lab.controller_config)
     url = cfg.resolved_database_url()
@@ -437,7 +442,7 @@ def test_postgres_round_trip_with_pg_dump(pki: Path, tmp_path: Path, pg_server: 
         finally:
             store.engine.dispose()
         out = cli("controller", "restore", "--config", str(config), "--input", str(tmp_path / "pg.tar.gz"), "--yes")
-        assert "re-issued as version 4" in out and f"{a.agent_id} seq 13–19 (7)" in out
+        assert "ポリシー版 2 を版 4 として再発行しました" in out and f"{a.agent_id} seq 13–19（7 件）" in out
         after = row_counts(url)
         changed = ("policy_versions", "findings", "admin_audit", "checkpoints")
         assert {k: v for k, v in after.items() if k not in changed} == {

@@ -123,9 +123,11 @@ def test_a_card_enrolled_to_someone_else_or_an_unknown_person_is_refused(
 
 def test_no_card_and_no_reader_are_clear_errors(files: tuple[Path, Path], pcscd: subprocess.Popen[bytes]) -> None:
     _, key = files
-    result = runner.invoke(app, ["cards", "enrol", "--reader", VPCD_READER, "--wait", "1", "--person", "p-0006",
-                                 "--site-key", str(key)])
-    assert result.exit_code == 1 and "no card read within 1 s" in result.output
-    result = runner.invoke(app, ["cards", "enrol", "--reader", "No Such Reader", "--person", "p-0006",
-                                 "--site-key", str(key)])
-    assert result.exit_code == 2 and "no reader 'No Such Reader'" in result.output
+    result = runner.invoke(
+        app, ["cards", "enrol", "--reader", VPCD_READER, "--wait", "1", "--person", "p-0006", "--site-key", str(key)]
+    )
+    assert result.exit_code == 1 and "1 秒以内にカードを読めません" in result.output
+    result = runner.invoke(
+        app, ["cards", "enrol", "--reader", "No Such Reader", "--person", "p-0006", "--site-key", str(key)]
+    )
+    assert result.exit_code == 2 and "リーダー 'No Such Reader' がありません" in result.output

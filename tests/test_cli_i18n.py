@@ -94,6 +94,19 @@ def test_every_message_used_is_in_both_catalogues() -> None:
     assert i18n.CLI.missing_translations() == []
 
 
+def test_translations_use_the_placeholders_of_their_msgid() -> None:
+    """A translation that drops or invents a %(name)s placeholder loses a value or fails at run time."""
+    placeholder = re.compile(r"%\((\w+)\)")
+    wrong: list[str] = []
+    for lang in i18n.LANGUAGES:
+        for key, strings in i18n.parse_po(i18n.CLI.path(lang).read_text(encoding="utf-8")).items():
+            if key == "":
+                continue  # the header
+            wanted = set(placeholder.findall(key if isinstance(key, str) else key[0]))
+            wrong += [f"{lang}: {key!r} -> {s!r}" for s in strings if set(placeholder.findall(s)) != wanted]
+    assert wrong == []
+
+
 def test_the_check_names_a_message_added_without_translating(tmp_path: Path) -> None:
     """The completeness check fails on a new message until both .po files have it."""
     (tmp_path / "new_cli.py").write_text('from sekisho.common.i18n import _\n_("A brand new message")\n')
@@ -157,9 +170,11 @@ def test_help_is_in_the_chosen_language(lang: str, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     if lang == "en":
         assert "Media register and loans." in out.stdout
+        assert "List the loan register." in out.stdout
         assert not JAPANESE.search(out.stdout), out.stdout
     else:
         assert "電子媒体台帳と貸出記録" in out.stdout
+        assert "貸出記録を一覧表示します。" in out.stdout  # a command's help, not only the group's
         assert "Media register and loans." not in out.stdout
 
 

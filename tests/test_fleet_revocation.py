@@ -151,8 +151,10 @@ def test_a_revoked_agent_that_keeps_sending_is_dropped(pki: Path, broker: Broker
     # Dropped for the revocation: denied at its publish, or kicked as the plugin read the list again on the
     # broker's activity, whichever came first. mosquitto writes its log file buffered: wait for the line.
     wait_for(
-        lambda: "denied sekisho/v1/agents/agent-a/events to agent-a and disconnected it: agent revoked" in _log(broker)
-        or "revocation list: 1 agent(s)" in _log(broker),
+        lambda: (
+            "denied sekisho/v1/agents/agent-a/events to agent-a and disconnected it: agent revoked" in _log(broker)
+            or "revocation list: 1 agent(s)" in _log(broker)
+        ),
         BITE_S,
         "the broker's log to name the revocation",
     )
@@ -329,7 +331,7 @@ def controller_site(pki: Path, tmp_path: Path) -> Iterator[tuple[Path, Path, Pat
 
 
 def run_cli(*args: str, code: int = 0) -> str:
-    """Run `sekisho …` in process; check its exit code and return what it printed."""
+    """Run `sekisho …` in process; check its exit code and return what it printed (Japanese: tests/conftest.py)."""
     result = CliRunner().invoke(sekisho_app, list(args), env={"COLUMNS": "250"})
     assert result.exit_code == code, result.output
     return result.output
@@ -346,13 +348,15 @@ def test_fleet_revoke_writes_the_broker_list_and_revoke_agent_still_works(
     config, listed, _ = controller_site
     for name in (REVOKED, HONEST):
         _register(config, pki, name)
-    assert "revoked agent-a" in run_cli("fleet", "revoke", REVOKED, "--config", str(config))
+    assert "失効しました: agent-a" in run_cli("fleet", "revoke", REVOKED, "--config", str(config))
     assert parse_broker_text(listed.read_text()).names == frozenset({REVOKED})
     # The old command is the same action (idempotent for an agent already revoked).
     run_cli("controller", "revoke-agent", REVOKED, "--config", str(config))
     run_cli("controller", "revoke-agent", HONEST, "--config", str(config))
     assert parse_broker_text(listed.read_text()).names == frozenset({REVOKED, HONEST})
-    assert "no agent named 'agent-x'" in run_cli("fleet", "revoke", "agent-x", "--config", str(config), code=2)
+    assert "登録されていないエージェントです: 'agent-x'" in run_cli(
+        "fleet", "revoke", "agent-x", "--config", str(config), code=2
+    )
 
 
 class _OneDocument(http.server.BaseHTTPRequestHandler):
@@ -414,21 +418,21 @@ def test_sync_writes_the_signed_list_and_refuses_a_forged_one(
     key = ("--controller-key", str(controller_pub))
 
     handler.document = answer.content
-    assert "written: 1 agent(s)" in run_cli(*sync, *key)
+    assert "書き出しました: エージェント 1 台" in run_cli(*sync, *key)
     assert parse_broker_text(output.read_text()).names == frozenset({REVOKED})
 
     # Someone between the broker and the controller un-revokes the agent: the signature no longer holds.
     forged = json.loads(answer.content)
     forged["revocations"]["names"] = []
     handler.document = json.dumps(forged).encode()
-    assert "sync failed" in run_cli(*sync, *key, code=1)
+    assert "同期できません" in run_cli(*sync, *key, code=1)
     assert parse_broker_text(output.read_text()).names == frozenset({REVOKED}), "the list the broker had was kept"
     # Signed by another key: refused too.
     other = signing.generate_key().public_key()
     other_pub = tmp_path / "other.pub"
     other_pub.write_bytes(signing.public_key_pem(other))
     handler.document = answer.content
-    assert "sync failed" in run_cli(*sync, "--controller-key", str(other_pub), code=1)
+    assert "同期できません" in run_cli(*sync, "--controller-key", str(other_pub), code=1)
 
 
 def test_sync_refuses_an_older_signed_list_replayed(
@@ -450,7 +454,7 @@ def test_sync_refuses_an_older_signed_list_replayed(
     keyopt = ("--controller-key", str(controller_pub))
 
     handler.document = json.dumps(sign_list(key, after)).encode()
-    assert "written: 1 agent(s)" in run_cli(*sync, *keyopt)
+    assert "書き出しました: エージェント 1 台" in run_cli(*sync, *keyopt)
     handler.document = json.dumps(sign_list(key, before)).encode()
     assert "older than the one in" in run_cli(*sync, *keyopt, code=1)
     assert parse_broker_text(output.read_text()).names == frozenset({REVOKED}), "the newer list was kept"

@@ -85,9 +85,19 @@ def backup(
     )
     console.print(_("backed up to %(output)s", output=output))
     console.print(
-        f"  {manifest.backend}, schema {manifest.schema_revision}, {len(manifest.tables)} tables, {rows} rows, "
-        f"policy version {manifest.policy_version}, {len(manifest.stream_max_seq)} agent stream(s), "
-        f"checkpoint head {'#' + str(head['n']) if head else 'none'}, taken {manifest.created_at}"
+        "  "
+        + _(
+            "%(backend)s, schema %(schema)s, %(tables)s tables, %(rows)s rows, policy version %(policy_version)s, "
+            "%(streams)s agent stream(s), checkpoint head %(head)s, taken %(taken)s",
+            backend=manifest.backend,
+            schema=manifest.schema_revision,
+            tables=len(manifest.tables),
+            rows=rows,
+            policy_version=manifest.policy_version,
+            streams=len(manifest.stream_max_seq),
+            head="#" + str(head["n"]) if head else _("none"),
+            taken=manifest.created_at,
+        )
     )
 
 
@@ -127,7 +137,13 @@ def _show_plan(plan: RestorePlan) -> None:
             )
         )
     for agent, version in sorted(plan.implausible_reports.items()):
-        console.print(f"[yellow]agent {agent} reported policy version {version}: implausible, not followed[/yellow]")
+        console.print(
+            _(
+                "[yellow]agent %(agent)s reported policy version %(version)s: implausible, not followed[/yellow]",
+                agent=agent,
+                version=version,
+            )
+        )
     if plan.before is None:
         console.print(
             _(

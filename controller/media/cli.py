@@ -79,7 +79,9 @@ def _refused(err: MediaError) -> typer.Exit:
     return typer.Exit(1)
 
 
-@app.command("lend")
+@app.command(
+    "lend", help=_("Lend a registered medium to a person for named terminals; terminals get the loan at once.")
+)
 def lend(
     medium: Annotated[str, typer.Argument(help="medium id from the register")],
     config: ConfigOpt,
@@ -121,7 +123,7 @@ def lend(
     _publish(cfg, media, version)
 
 
-@app.command("return")
+@app.command("return", help=_("Record that a lent medium came back; terminals stop allowing it at once."))
 def return_(
     loan: Annotated[str, typer.Argument(help="loan id")],
     config: ConfigOpt,
@@ -138,7 +140,7 @@ def return_(
     _publish(cfg, media, version)
 
 
-@app.command("revoke")
+@app.command("revoke", help=_("End a loan early; terminals stop allowing the medium at once."))
 def revoke(
     loan: Annotated[str, typer.Argument(help="loan id")],
     config: ConfigOpt,
@@ -155,14 +157,14 @@ def revoke(
     _publish(cfg, media, version)
 
 
-@app.command("list")
+@app.command("list", help=_("List the loan register."))
 def list_loans(
     config: ConfigOpt,
     active: Annotated[bool, typer.Option("--active", help="only loans not yet returned or revoked")] = False,
     medium: Annotated[str | None, typer.Option(help="only this medium")] = None,
     person: Annotated[str | None, typer.Option(help="only this borrower")] = None,
 ) -> None:
-    """List the loan register (貸出記録)."""
+    """List the loan register."""
     media = _service(cli_config(config))
     now = timefmt.now()
     table = Table(
@@ -195,9 +197,11 @@ def list_loans(
     console.print(table)
 
 
-@app.command("inventory")
+@app.command(
+    "inventory", help=_("Take stock of every registered medium: where it is, whether overdue, when last seen.")
+)
 def inventory(config: ConfigOpt) -> None:
-    """Take stock (棚卸し) of every registered medium: where it is, whether overdue, when last seen."""
+    """Take stock of every registered medium: where it is, whether overdue, when last seen."""
     media = _service(cli_config(config))
     table = Table(
         _("medium"),
@@ -224,7 +228,10 @@ def inventory(config: ConfigOpt) -> None:
     console.print(table)
 
 
-@app.command("check-overdue")
+@app.command(
+    "check-overdue",
+    help=_("Raise a finding for every overdue loan that has none yet (the running controller does this every minute)."),
+)
 def check_overdue(config: ConfigOpt) -> None:
     """Raise a finding for every overdue loan that has none yet (the running controller does this every minute)."""
     media = _service(cli_config(config))
