@@ -34,11 +34,12 @@ if TYPE_CHECKING:
 
 console = Console()
 err_console = Console(stderr=True)
-controller_app = typer.Typer(help="Run and administer the controller.", no_args_is_help=True)
-policy_app = typer.Typer(help="Author and distribute the signed site policy.", no_args_is_help=True)
-records_app = typer.Typer(help="Check the stored records.", no_args_is_help=True)
+controller_app = typer.Typer(help=_("Run and administer the controller."), no_args_is_help=True)
+policy_app = typer.Typer(help=_("Author and distribute the signed site policy."), no_args_is_help=True)
+records_app = typer.Typer(help=_("Check the stored records."), no_args_is_help=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help=_("controller.toml"), exists=True, dir_okay=False)]
+VerboseOpt = Annotated[bool, typer.Option(help=_("log at DEBUG level"))]
 
 
 def cli_config(path: Path) -> ControllerConfig:
@@ -51,7 +52,7 @@ def cli_config(path: Path) -> ControllerConfig:
 
 
 LogFormatOpt = Annotated[
-    str | None, typer.Option("--log-format", help="text, json or journald; default: log_format in controller.toml")
+    str | None, typer.Option("--log-format", help=_("text, json or journald; default: log_format in controller.toml"))
 ]
 
 
@@ -66,8 +67,8 @@ def _logging(verbose: bool, log_format: str | None = None, cfg: ControllerConfig
         raise typer.Exit(2) from err
 
 
-@controller_app.command("serve")
-def serve(config: ConfigOpt, verbose: bool = False, log_format: LogFormatOpt = None) -> None:
+@controller_app.command("serve", help=_("Run ingest, policy publication and the HTTP API."))
+def serve(config: ConfigOpt, verbose: VerboseOpt = False, log_format: LogFormatOpt = None) -> None:
     """Run ingest, policy publication and the HTTP API."""
     from sekisho.controller.service import Controller
 
@@ -82,8 +83,11 @@ def serve(config: ConfigOpt, verbose: bool = False, log_format: LogFormatOpt = N
         ctl.stop()
 
 
-@controller_app.command("ingest")
-def ingest(config: ConfigOpt, verbose: bool = False, log_format: LogFormatOpt = None) -> None:
+@controller_app.command(
+    "ingest",
+    help=_("Run one extra ingest worker (no HTTP): workers share the load through an MQTT shared subscription."),
+)
+def ingest(config: ConfigOpt, verbose: VerboseOpt = False, log_format: LogFormatOpt = None) -> None:
     """Run one extra ingest worker (no HTTP): workers share the load through an MQTT shared subscription."""
     from sekisho.controller.service import Controller
 
@@ -100,17 +104,21 @@ def ingest(config: ConfigOpt, verbose: bool = False, log_format: LogFormatOpt = 
         ctl.stop()
 
 
-@controller_app.command("register-agent")
+@controller_app.command(
+    "register-agent", help=_("Register an agent's event-signing public key so its events are accepted.")
+)
 def register_agent(
     config: ConfigOpt,
-    agent_id: Annotated[str, typer.Argument(help="agent id (its certificate CN)")],
-    public_key: Annotated[Path, typer.Option(help="the agent's signing.pub", exists=True, dir_okay=False)],
-    replace: Annotated[bool, typer.Option(help="replace the key of an existing agent")] = False,
+    agent_id: Annotated[str, typer.Argument(help=_("agent id (its certificate CN)"))],
+    public_key: Annotated[Path, typer.Option(help=_("the agent's signing.pub"), exists=True, dir_okay=False)],
+    replace: Annotated[bool, typer.Option(help=_("replace the key of an existing agent"))] = False,
     grace: Annotated[
         bool,
         typer.Option(
-            help="on --replace, accept events signed with the old key for key_rotation_grace_s (--no-grace: the "
-            "old key leaked, refuse them at once)"
+            help=_(
+                "on --replace, accept events signed with the old key for key_rotation_grace_s (--no-grace: the "
+                "old key leaked, refuse them at once)"
+            )
         ),
     ] = True,
 ) -> None:
@@ -133,8 +141,13 @@ def register_agent(
     console.print(f"registered {agent_id} (key {signing.key_id(key)})")
 
 
-@controller_app.command("revoke-agent")
-def revoke_agent(config: ConfigOpt, agent_id: str) -> None:
+@controller_app.command(
+    "revoke-agent",
+    help=_("Revoke an agent: the broker drops and refuses it, ingest refuses its events, it gets no more policy."),
+)
+def revoke_agent(
+    config: ConfigOpt, agent_id: Annotated[str, typer.Argument(help=_("agent id (its certificate CN)"))]
+) -> None:
     """Revoke an agent: the broker drops and refuses it, ingest refuses its events, it gets no more policy."""
     from sekisho.controller.audit.operators import cli_operator
     from sekisho.controller.fleet.revocations import publish_revocations
@@ -175,15 +188,20 @@ def _signing_store(cfg: ControllerConfig) -> Store:
     return store
 
 
-@controller_app.command("send-command")
+@controller_app.command(
+    "send-command",
+    help=_(
+        "Sign a single-use, expiring command for one agent, record it (with an audit row naming you), and publish it."
+    ),
+)
 def send_command(
     config: ConfigOpt,
-    agent_id: Annotated[str, typer.Argument(help="the agent to instruct")],
-    name: Annotated[str, typer.Argument(help="command name, e.g. agent.ping")],
-    args: Annotated[str, typer.Option(help="arguments as a JSON object")] = "{}",
-    lifetime_s: Annotated[int, typer.Option(min=1, max=600, help="seconds until the command expires")] = 60,
-    save_to: Annotated[Path | None, typer.Option(help="also write the signed message here (audits, drills)")] = None,
-    reason: Annotated[str | None, typer.Option(help="why (kept in the admin audit trail with your login)")] = None,
+    agent_id: Annotated[str, typer.Argument(help=_("the agent to instruct"))],
+    name: Annotated[str, typer.Argument(help=_("command name, e.g. agent.ping"))],
+    args: Annotated[str, typer.Option(help=_("arguments as a JSON object"))] = "{}",
+    lifetime_s: Annotated[int, typer.Option(min=1, max=600, help=_("seconds until the command expires"))] = 60,
+    save_to: Annotated[Path | None, typer.Option(help=_("also write the signed message here (audits, drills)"))] = None,
+    reason: Annotated[str | None, typer.Option(help=_("why (kept in the admin audit trail with your login)"))] = None,
 ) -> None:
     """Sign a single-use, expiring command for one agent, record it (with an audit row naming you), and publish it."""
     cfg = cli_config(config)
@@ -291,12 +309,14 @@ def publish_now(
         return None
 
 
-@policy_app.command("apply")
+@policy_app.command(
+    "apply", help=_("Validate a site policy, show what changes, store it as a new version and publish signed bundles.")
+)
 def policy_apply(
-    file: Annotated[Path, typer.Argument(help="site policy YAML", exists=True, dir_okay=False)],
+    file: Annotated[Path, typer.Argument(help=_("site policy YAML"), exists=True, dir_okay=False)],
     config: ConfigOpt,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="show the diff, change nothing")] = False,
-    comment: str = "",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=_("show the diff, change nothing"))] = False,
+    comment: Annotated[str, typer.Option(help=_("a note kept with the new policy version"))] = "",
 ) -> None:
     """Validate a site policy, show what changes, store it as a new version and publish signed bundles."""
     from sekisho.controller.audit.operators import cli_operator
@@ -345,7 +365,7 @@ def policy_apply(
         console.print(f"{len(published)} agent bundle(s) signed and published (retained) to: {names}")
 
 
-@policy_app.command("show")
+@policy_app.command("show", help=_("Print the policy version in force."))
 def policy_show(config: ConfigOpt) -> None:
     """Print the policy version in force."""
     from sekisho.controller.service import open_store
@@ -360,15 +380,18 @@ def policy_show(config: ConfigOpt) -> None:
     console.print_json(policy.model_dump_json())
 
 
-@records_app.command("verify")
+@records_app.command(
+    "verify",
+    help=_("Check every hash chain, key line and signed checkpoint; name the first broken record of each chain."),
+)
 def records_verify(
     config: ConfigOpt,
-    agent: Annotated[str | None, typer.Option(help="only this agent's stream (and its key history)")] = None,
-    signatures: Annotated[bool, typer.Option(help="also re-verify every agent signature")] = True,
+    agent: Annotated[str | None, typer.Option(help=_("only this agent's stream (and its key history)"))] = None,
+    signatures: Annotated[bool, typer.Option(help=_("also re-verify every agent signature"))] = True,
     controller_key: Annotated[
         Path | None,
         typer.Option(
-            help="the controller's signing.pub, to verify without its private key (default: from signing_key)",
+            help=_("the controller's signing.pub, to verify without its private key (default: from signing_key)"),
             exists=True,
             dir_okay=False,
         ),

@@ -14,11 +14,11 @@ from sekisho.deploy import pki
 from sekisho.protocol import signing
 
 app = typer.Typer(
-    help="Create the MQTT transport's PKI (CA, broker, controller) and issue agent credentials.",
+    help=_("Create the MQTT transport's PKI (CA, broker, controller) and issue agent credentials."),
     no_args_is_help=True,
 )
 
-DirOption = Annotated[Path, typer.Option("--dir", help="PKI directory.", file_okay=False)]
+DirOption = Annotated[Path, typer.Option("--dir", help=_("PKI directory."), file_okay=False)]
 DEFAULT_DIR = Path("./var/pki")
 
 
@@ -48,15 +48,18 @@ def _fail(err: Exception) -> typer.Exit:
     return typer.Exit(code=1)
 
 
-@app.command("init")
+@app.command(
+    "init",
+    help=_("Create the site CA, the controller CA, the broker's and the controller's certificates and signing key."),
+)
 def init_command(
     directory: DirOption = DEFAULT_DIR,
     host: Annotated[
         list[str] | None,
-        typer.Option("--host", help="Extra broker host name or IP address (repeatable)."),
+        typer.Option("--host", help=_("Extra broker host name or IP address (repeatable).")),
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing CA (every agent must then be re-issued).")
+        bool, typer.Option("--force", help=_("Replace an existing CA (every agent must then be re-issued)."))
     ] = False,
 ) -> None:
     """Create the site CA, the controller CA, the broker's and the controller's certificates and signing key."""
@@ -84,7 +87,10 @@ def init_command(
         Console().print("[yellow]The CA changed: issue every agent again (issue-agent NAME --force).[/]")
 
 
-@app.command("upgrade")
+@app.command(
+    "upgrade",
+    help=_("Bring an existing PKI up to date: add the controller CA and re-issue the controller's certificate."),
+)
 def upgrade_command(directory: DirOption = DEFAULT_DIR) -> None:
     """Bring an existing PKI up to date: add the controller CA and re-issue the controller's certificate.
 
@@ -119,11 +125,11 @@ def upgrade_command(directory: DirOption = DEFAULT_DIR) -> None:
         )
 
 
-@app.command("issue-agent")
+@app.command("issue-agent", help=_("Issue an agent's TLS certificate and signing key into DIR/agents/NAME."))
 def issue_agent_command(
-    name: Annotated[str, typer.Argument(help="Agent id; also the certificate CN and the MQTT username.")],
+    name: Annotated[str, typer.Argument(help=_("Agent id; also the certificate CN and the MQTT username."))],
     directory: DirOption = DEFAULT_DIR,
-    force: Annotated[bool, typer.Option("--force", help="Replace the agent's existing credentials.")] = False,
+    force: Annotated[bool, typer.Option("--force", help=_("Replace the agent's existing credentials."))] = False,
 ) -> None:
     """Issue an agent's TLS certificate and signing key into DIR/agents/NAME."""
     try:
@@ -146,16 +152,18 @@ def issue_agent_command(
 
 CaKeyOption = Annotated[
     Path | None,
-    typer.Option("--ca-key", help="The site CA's key where it is kept offline (default: DIR/ca.key).", dir_okay=False),
+    typer.Option(
+        "--ca-key", help=_("The site CA's key where it is kept offline (default: DIR/ca.key)."), dir_okay=False
+    ),
 ]
 
 
 @app.command("issue-api-cert", help=_("Issue the controller API's HTTPS certificate into DIR/api."))
 def issue_api_cert_command(
-    host: Annotated[list[str], typer.Option("--host", help="Host name or IP address devices use (repeatable).")],
+    host: Annotated[list[str], typer.Option("--host", help=_("Host name or IP address devices use (repeatable)."))],
     directory: DirOption = DEFAULT_DIR,
     ca_key: CaKeyOption = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing API certificate.")] = False,
+    force: Annotated[bool, typer.Option("--force", help=_("Replace an existing API certificate."))] = False,
 ) -> None:
     """Issue the controller API's HTTPS certificate into DIR/api.
 
@@ -173,7 +181,7 @@ def issue_api_cert_command(
 def issuing_ca_command(
     directory: DirOption = DEFAULT_DIR,
     ca_key: CaKeyOption = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace the existing issuing CA.")] = False,
+    force: Annotated[bool, typer.Option("--force", help=_("Replace the existing issuing CA."))] = False,
 ) -> None:
     """Create the issuing sub-CA that signs enrolled agents' certificates.
 

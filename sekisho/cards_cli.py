@@ -21,7 +21,7 @@ from rich.console import Console
 
 from sekisho.common.i18n import _
 
-app = typer.Typer(help="Card enrolment (PC/SC reader).", no_args_is_help=True)
+app = typer.Typer(help=_("Card enrolment (PC/SC reader)."), no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -48,19 +48,22 @@ def _read_site_key(path: Path) -> bytes:
     return key
 
 
-@app.command("enrol")
+@app.command(
+    "enrol",
+    help=_("Read the card in READER and print the person's card entry; with --policy, write it into site.yaml."),
+)
 def enrol(
-    reader: Annotated[str, typer.Option("--reader", "-r", help="PC/SC reader name (as pcsc_scan shows it)")],
-    person: Annotated[str, typer.Option("--person", "-p", help="person id in the site policy")],
-    site_key: Annotated[Path, typer.Option("--site-key", help="the site key file (the agents' site_key_file)")],
+    reader: Annotated[str, typer.Option("--reader", "-r", help=_("PC/SC reader name (as pcsc_scan shows it)"))],
+    person: Annotated[str, typer.Option("--person", "-p", help=_("person id in the site policy"))],
+    site_key: Annotated[Path, typer.Option("--site-key", help=_("the site key file (the agents' site_key_file)"))],
     policy: Annotated[
-        Path | None, typer.Option("--policy", help="site.yaml to add or update the card in", dir_okay=False)
+        Path | None, typer.Option("--policy", help=_("site.yaml to add or update the card in"), dir_okay=False)
     ] = None,
-    card_id: Annotated[str | None, typer.Option("--card-id", help="card id (default: the person's card)")] = None,
+    card_id: Annotated[str | None, typer.Option("--card-id", help=_("card id (default: the person's card)"))] = None,
     kind: Annotated[
-        Literal["piv", "felica", "mifare"], typer.Option(help="piv: challenge–response; felica/mifare: UID only")
+        Literal["piv", "felica", "mifare"], typer.Option(help=_("piv: challenge–response; felica/mifare: UID only"))
     ] = "piv",
-    wait_s: Annotated[float, typer.Option("--wait", min=1, max=300, help="seconds to wait for the card")] = 30,
+    wait_s: Annotated[float, typer.Option("--wait", min=1, max=300, help=_("seconds to wait for the card"))] = 30,
 ) -> None:
     """Read the card in READER and print the person's card entry; with --policy, write it into site.yaml."""
     from sekisho.controller.policy.cards import CardEntry, upsert_card

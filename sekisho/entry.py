@@ -7,6 +7,11 @@ demo it never uses would double its resident memory (docs/benchmarks.md).
 from __future__ import annotations
 
 import sys
+from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import typer
 
 
 def agent_main(argv: list[str] | None = None) -> None:
@@ -17,17 +22,23 @@ def agent_main(argv: list[str] | None = None) -> None:
         from sekisho.agents.login.pam_client import main as pam_auth
 
         raise SystemExit(pam_auth(args[1:]))
+    agent_cli()(args=argv, prog_name="sekisho agent")
+
+
+@cache
+def agent_cli() -> typer.Typer:
+    """Return the agent command line with every sub-command (built once: add_typer is not idempotent)."""
     from sekisho.agents.doors.cli import doors_app
     from sekisho.agents.login.cli import pam_app
-    from sekisho.agents.runtime.cli import app as agent_cli
+    from sekisho.agents.runtime.cli import app
     from sekisho.agents.runtime.enrol_cli import enrol_app
 
     # The login guard's PAM entry point and terminal runner (`sekisho-agent pam-auth|terminal`) and the
     # door runner (`sekisho-agent doors`) sit beside run/status/simulate.
-    agent_cli.add_typer(pam_app)
-    agent_cli.add_typer(doors_app)
-    agent_cli.add_typer(enrol_app)
-    agent_cli(args=argv, prog_name="sekisho agent")
+    app.add_typer(pam_app)
+    app.add_typer(doors_app)
+    app.add_typer(enrol_app)
+    return app
 
 
 def main() -> None:

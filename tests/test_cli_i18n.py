@@ -10,9 +10,12 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 
 from sekisho.common import i18n
 
@@ -153,6 +156,76 @@ def test_po_parser_reads_continued_strings_escapes_plurals_and_skips_fuzzy() -> 
     assert entries['a "quoted" line'] == ["引用された行"]
     assert "unsure" not in entries
     assert entries[("%(num)s door", "%(num)s doors")] == ["扉%(num)s件"]
+
+
+# Options Typer adds itself; their help is Typer's own text and cannot be given a catalogue message.
+TYPER_OWN_OPTIONS = {"install_completion", "show_completion"}
+
+
+def _helps(command: Any, path: str) -> Iterator[tuple[str, str]]:
+    yield path, (command.help or "").strip()
+    for param in command.params:
+        if param.name not in TYPER_OWN_OPTIONS:
+            yield f"{path} {param.name}", (getattr(param, "help", None) or "").strip()
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _helps(sub, f"{path} {name}")
+
+
+def _translated_pattern(translation: str) -> re.Pattern[str]:
+    parts = re.split(r"%\(\w+\)s", translation)
+    return re.compile(".+".join(re.escape(part) for part in parts))
+
+
+def test_every_command_and_option_help_comes_from_the_catalogue() -> None:
+    """`--help` of sekisho and sekisho-agent: each command's and option's help is a catalogue message shown in
+    the process language (Japanese here), so a command added with an English docstring only fails."""
+    from sekisho.cli import app
+    from sekisho.entry import agent_cli
+
+    assert i18n.process_lang() == "ja"
+    translations = [
+        s
+        for key, strings in i18n.parse_po(i18n.CLI.path("ja").read_text(encoding="utf-8")).items()
+        if key
+        for s in strings
+    ]
+    exact = set(translations)
+    patterns = [_translated_pattern(t) for t in translations if "%(" in t]
+    wrong = []
+    for root, name in ((app, "sekisho"), (agent_cli(), "sekisho-agent")):
+        for path, text in _helps(typer.main.get_command(root), name):
+            if not text:
+                wrong.append(f"{path}: no help")
+            elif text not in exact and not any(p.fullmatch(text) for p in patterns):
+                wrong.append(f"{path}: not from the catalogue: {text!r}")
+    assert wrong == []
+    # The walk reaches the sub-commands of both programs, not only the top level.
+    helps = dict(_helps(typer.main.get_command(app), "sekisho"))
+    assert helps["sekisho doors keys"] == "鍵貸出管理簿を表示します。"
+    assert "sekisho-agent enrol force" in dict(_helps(typer.main.get_command(agent_cli()), "sekisho-agent"))
+
+
+@pytest.mark.parametrize("lang", ["ja", "en"])
+def test_agent_help_is_in_the_chosen_language(lang: str, tmp_path: Path) -> None:
+    """`sekisho-agent run --help` (help from a docstring before) shows one language."""
+    env = {k: v for k, v in os.environ.items() if k not in i18n.LANG_VARIABLES}
+    env["SEKISHO_LANG"] = lang
+    out = subprocess.run(
+        [str(SEKISHO.with_name("sekisho-agent")), "run", "--help"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    if lang == "en":
+        assert "Run the agent until SIGINT or SIGTERM." in out.stdout
+        assert not JAPANESE.search(out.stdout), out.stdout
+    else:
+        assert "SIGINT または SIGTERM までエージェントを動かします。" in out.stdout
+        assert "Run the agent until" not in out.stdout
 
 
 def _run(lang: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

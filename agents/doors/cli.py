@@ -7,15 +7,19 @@ from typing import Annotated
 
 import typer
 
-doors_app = typer.Typer(help="Door agent: lockers, key cabinets and room doors.", no_args_is_help=True)
+from sekisho.common.i18n import _
+
+doors_app = typer.Typer(help=_("Door agent: lockers, key cabinets and room doors."), no_args_is_help=True)
 
 
-@doors_app.command("doors")
+@doors_app.command(
+    "doors", help=_("Run this box's door agent until SIGINT/SIGTERM: readers, lock board, decisions, events, commands.")
+)
 def doors_command(
-    config: Annotated[Path, typer.Option("--config", "-c", help="agent TOML file (doors.toml beside it)")],
-    log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+    config: Annotated[Path, typer.Option("--config", "-c", help=_("agent TOML file (doors.toml beside it)"))],
+    log_level: Annotated[str, typer.Option("--log-level", help=_("DEBUG, INFO, WARNING or ERROR"))] = "INFO",
     log_format: Annotated[
-        str | None, typer.Option("--log-format", help="text, json or journald; default: log_format in the config")
+        str | None, typer.Option("--log-format", help=_("text, json or journald; default: log_format in the config"))
     ] = None,
 ) -> None:
     """Run this box's door agent until SIGINT/SIGTERM: readers, lock board, decisions, events, commands."""
@@ -39,10 +43,13 @@ def doors_command(
         raise typer.Exit(2) from err
 
 
-@doors_app.command("doors-keyset")
+@doors_app.command(
+    "doors-keyset",
+    help=_("Give a new OSDP reader its own Secure Channel key (stop the door agent first: the line is exclusive)."),
+)
 def doors_keyset_command(
-    config: Annotated[Path, typer.Option("--config", "-c", help="agent TOML file (doors.toml beside it)")],
-    reader: Annotated[str, typer.Option("--reader", "-r", help="reader id in doors.toml (install_mode = true)")],
+    config: Annotated[Path, typer.Option("--config", "-c", help=_("agent TOML file (doors.toml beside it)"))],
+    reader: Annotated[str, typer.Option("--reader", "-r", help=_("reader id in doors.toml (install_mode = true)"))],
 ) -> None:
     """Give a new OSDP reader its own Secure Channel key (stop the door agent first: the line is exclusive)."""
     from sekisho.agents.doors.keys import install_reader_key

@@ -12,28 +12,25 @@ from typing import Annotated
 import typer
 
 from sekisho.agents.login.pam_client import DEFAULT_SOCKET
+from sekisho.common.i18n import _
 
-pam_app = typer.Typer(help="Terminal login guard: the PAM entry point.", no_args_is_help=True)
-
-
-@pam_app.callback()
-def _group() -> None:
-    """Terminal login guard: the PAM entry point."""
-    # An explicit callback keeps `pam-auth` a subcommand even while it is the only one.
+pam_app = typer.Typer(help=_("Terminal login guard: the PAM entry point."), no_args_is_help=True)
 
 
-@pam_app.command("terminal")
+@pam_app.command(
+    "terminal", help=_("Run this terminal's agent: events, policy, PAM decisions, card-removal lock, USB media guard.")
+)
 def terminal_command(
-    config: Annotated[Path, typer.Option("--config", "-c", help="agent TOML file (login.toml beside it)")],
-    terminal: Annotated[str, typer.Option("--terminal", "-t", help="terminal id in the site policy")],
-    usb: Annotated[bool, typer.Option("--usb/--no-usb", help="also run the USB media guard")] = True,
-    usb_rules: Annotated[Path | None, typer.Option("--usb-rules", help="admin USB rules (USBGuard syntax)")] = None,
-    log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+    config: Annotated[Path, typer.Option("--config", "-c", help=_("agent TOML file (login.toml beside it)"))],
+    terminal: Annotated[str, typer.Option("--terminal", "-t", help=_("terminal id in the site policy"))],
+    usb: Annotated[bool, typer.Option("--usb/--no-usb", help=_("also run the USB media guard"))] = True,
+    usb_rules: Annotated[Path | None, typer.Option("--usb-rules", help=_("admin USB rules (USBGuard syntax)"))] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help=_("DEBUG, INFO, WARNING or ERROR"))] = "INFO",
     log_format: Annotated[
-        str | None, typer.Option("--log-format", help="text, json or journald; default: log_format in the config")
+        str | None, typer.Option("--log-format", help=_("text, json or journald; default: log_format in the config"))
     ] = None,
     pam_socket: Annotated[
-        Path, typer.Option("--pam-socket", help="where pam-auth asks this agent (directory created 0700)")
+        Path, typer.Option("--pam-socket", help=_("where pam-auth asks this agent (directory created 0700)"))
     ] = Path(DEFAULT_SOCKET),
 ) -> None:
     """Run this terminal's agent: events, policy, PAM decisions, card-removal lock, USB media guard."""
@@ -61,11 +58,14 @@ def terminal_command(
         raise typer.Exit(2) from err
 
 
-@pam_app.command("pam-auth")
+@pam_app.command(
+    "pam-auth",
+    help=_("For pam_exec: ask the running terminal agent to decide PAM_USER/PAM_TYPE; exit 0 grants, 1 refuses."),
+)
 def pam_auth_command(
-    config: Annotated[Path, typer.Option("--config", "-c", help="agent TOML file (login.toml beside it)")],
-    terminal: Annotated[str, typer.Option("--terminal", "-t", help="terminal id in the site policy")],
-    socket: Annotated[Path, typer.Option("--socket", help="the terminal agent's PAM socket")] = Path(DEFAULT_SOCKET),
+    config: Annotated[Path, typer.Option("--config", "-c", help=_("agent TOML file (login.toml beside it)"))],
+    terminal: Annotated[str, typer.Option("--terminal", "-t", help=_("terminal id in the site policy"))],
+    socket: Annotated[Path, typer.Option("--socket", help=_("the terminal agent's PAM socket"))] = Path(DEFAULT_SOCKET),
 ) -> None:
     """For pam_exec: ask the running terminal agent to decide PAM_USER/PAM_TYPE; exit 0 grants, 1 refuses."""
     from sekisho.agents.login.pam_client import main

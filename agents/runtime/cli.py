@@ -20,16 +20,19 @@ from sekisho.agents.runtime.config import load_config
 from sekisho.agents.runtime.errors import AgentError, ConfigError
 from sekisho.agents.runtime.outbox import Outbox
 from sekisho.agents.runtime.policy_cache import PolicyCache
+from sekisho.common.i18n import _
 from sekisho.common.logs import setup_logging
 from sekisho.protocol import signing
 
-app = typer.Typer(help="Endpoint agent: durable outbox, MQTT link, policy cache, commands.", no_args_is_help=True)
+app = typer.Typer(help=_("Endpoint agent: durable outbox, MQTT link, policy cache, commands."), no_args_is_help=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="agent TOML file")]
-LogLevelOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help=_("agent TOML file"))]
+LogLevelOpt = Annotated[str, typer.Option("--log-level", help=_("DEBUG, INFO, WARNING or ERROR"))]
 LogFormatOpt = Annotated[
     str | None,
-    typer.Option("--log-format", help="text, json (one object a line) or journald; default: the config's log_format"),
+    typer.Option(
+        "--log-format", help=_("text, json (one object a line) or journald; default: the config's log_format")
+    ),
 ]
 
 # How many events one transaction carries when `simulate` produces as fast as it can.
@@ -70,7 +73,7 @@ def _open_agent(config_path: Path) -> Agent:
         raise _fail(err) from err
 
 
-@app.command()
+@app.command(help=_("Run the agent until SIGINT or SIGTERM."))
 def run(config: ConfigOpt, log_level: LogLevelOpt = "INFO", log_format: LogFormatOpt = None) -> None:
     """Run the agent until SIGINT or SIGTERM."""
     _setup_logging(log_level, log_format, config)
@@ -98,14 +101,16 @@ def _emit_synthetic(agent: Agent, count: int, rate: float | None, note: str, sto
     return emitted
 
 
-@app.command()
+@app.command(help=_("Run the agent and emit COUNT synthetic events; print a JSON summary line on stdout at the end."))
 def simulate(
     config: ConfigOpt,
-    count: Annotated[int, typer.Option(min=0, help="number of test.synthetic events")] = 1000,
-    rate: Annotated[float | None, typer.Option(min=0.001, help="events per second (default: flat out)")] = None,
-    note_bytes: Annotated[int, typer.Option(min=0, max=4096, help="filler bytes per event")] = 0,
-    exit_when_drained: Annotated[bool, typer.Option(help="exit 0 once the controller acknowledged everything")] = False,
-    timeout: Annotated[float | None, typer.Option(min=0.1, help="give up (exit 1) after this many seconds")] = None,
+    count: Annotated[int, typer.Option(min=0, help=_("number of test.synthetic events"))] = 1000,
+    rate: Annotated[float | None, typer.Option(min=0.001, help=_("events per second (default: flat out)"))] = None,
+    note_bytes: Annotated[int, typer.Option(min=0, max=4096, help=_("filler bytes per event"))] = 0,
+    exit_when_drained: Annotated[
+        bool, typer.Option(help=_("exit 0 once the controller acknowledged everything"))
+    ] = False,
+    timeout: Annotated[float | None, typer.Option(min=0.1, help=_("give up (exit 1) after this many seconds"))] = None,
     log_level: LogLevelOpt = "WARNING",
     log_format: LogFormatOpt = None,
 ) -> None:
@@ -158,7 +163,7 @@ def simulate(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(help=_("Show outbox depth, next sequence number and the cached policy."))
 def status(config: ConfigOpt) -> None:
     """Show outbox depth, next sequence number and the cached policy."""
     try:

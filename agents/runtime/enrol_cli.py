@@ -9,7 +9,7 @@ import typer
 
 from sekisho.common.i18n import _
 
-enrol_app = typer.Typer(help="Enrolment: join the site with a token; renew the certificate.", no_args_is_help=True)
+enrol_app = typer.Typer(help=_("Enrolment: join the site with a token; renew the certificate."), no_args_is_help=True)
 
 
 @enrol_app.command("enrol", help=_("Enrol this device: keys are made here and never leave it; writes agent.toml."))
@@ -19,19 +19,20 @@ def enrol_command(
         typer.Option(
             "--token",
             "-t",
-            help="enrolment token from `sekisho fleet token create` (or env SEKISHO_TOKEN)",
+            help=_("enrolment token from `sekisho fleet token create` (or env SEKISHO_TOKEN)"),
             envvar="SEKISHO_TOKEN",
         ),
     ],
-    kind: Annotated[str, typer.Option("--kind", help="terminal or door (as the token says)")] = "terminal",
+    kind: Annotated[str, typer.Option("--kind", help=_("terminal or door (as the token says)"))] = "terminal",
     controller: Annotated[
-        str | None, typer.Option("--controller", help="https://HOST:PORT of the controller (default: from the token)")
+        str | None,
+        typer.Option("--controller", help=_("https://HOST:PORT of the controller (default: from the token)")),
     ] = None,
     directory: Annotated[
-        Path, typer.Option("--dir", help="where keys, certificate and agent.toml go (made 0700)", file_okay=False)
+        Path, typer.Option("--dir", help=_("where keys, certificate and agent.toml go (made 0700)"), file_okay=False)
     ] = Path("/etc/sekisho/agent"),
-    name: Annotated[str | None, typer.Option("--name", help="agent name, if the token names none")] = None,
-    force: Annotated[bool, typer.Option("--force", help="replace an agent already enrolled in --dir")] = False,
+    name: Annotated[str | None, typer.Option("--name", help=_("agent name, if the token names none"))] = None,
+    force: Annotated[bool, typer.Option("--force", help=_("replace an agent already enrolled in --dir"))] = False,
 ) -> None:
     """Enrol this device: keys are made here and never leave it; writes agent.toml."""
     from sekisho.agents.runtime.enrol_client import EnrolError, enrol
@@ -57,7 +58,7 @@ def enrol_command(
     "renew", help=_("Renew this agent's certificate now (the running agent uses it from its next connection).")
 )
 def renew_command(
-    config: Annotated[Path, typer.Option("--config", "-c", help="agent TOML file")],
+    config: Annotated[Path, typer.Option("--config", "-c", help=_("agent TOML file"))],
 ) -> None:
     """Renew this agent's certificate now (the running agent uses it from its next connection)."""
     from sekisho.agents.runtime.cert_renewal import CertificateRenewer, renewal_enabled

@@ -28,10 +28,10 @@ app.add_typer(token_app, name="token")
 console = Console()
 err_console = Console(stderr=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help=_("controller.toml"), exists=True, dir_okay=False)]
 LoginOpt = Annotated[str, typer.Option("--login", help=_("login"))]
 AreaOpt = Annotated[list[str] | None, typer.Option("--area", help=_("area id"))]
-StdinOpt = Annotated[bool, typer.Option("--password-stdin", help="read the password from stdin (one line)")]
+StdinOpt = Annotated[bool, typer.Option("--password-stdin", help=_("read the password from stdin (one line)"))]
 
 
 def _service(config: Path) -> AccountService:
@@ -74,7 +74,7 @@ def _password(from_stdin: bool) -> str:
     return first
 
 
-@app.callback()
+@app.callback(help=_("Console users."))
 def _users() -> None:
     """Console users."""
 
@@ -82,12 +82,12 @@ def _users() -> None:
 @app.command("create", help=_("Create a console user (the first one: --role it-admin)."))
 def create(
     config: ConfigOpt,
-    role: Annotated[str, typer.Option("--role", help="it-admin, facility-manager, security, auditor, area-manager")],
+    role: Annotated[str, typer.Option("--role", help=_("it-admin, facility-manager, security, auditor, area-manager"))],
     login: LoginOpt,
     name: Annotated[str, typer.Option("--name", help=_("name, e.g. %(example)s", example="山田 太郎"))],
     kana: Annotated[str, typer.Option("--kana", help=_("reading, e.g. %(example)s", example="やまだ たろう"))],
     area: AreaOpt = None,
-    language: Annotated[str, typer.Option("--language", help="ja or en")] = "ja",
+    language: Annotated[str, typer.Option("--language", help=_("ja or en"))] = "ja",
     password_stdin: StdinOpt = False,
 ) -> None:
     """Create a console user (the first one: --role it-admin)."""
@@ -151,7 +151,7 @@ def enable(config: ConfigOpt, login: LoginOpt) -> None:
 def set_role(
     config: ConfigOpt,
     login: LoginOpt,
-    role: Annotated[str, typer.Option("--role", help="the new role")],
+    role: Annotated[str, typer.Option("--role", help=_("the new role"))],
     area: AreaOpt = None,
 ) -> None:
     """Change a user's role (and areas); their sessions end."""
@@ -198,8 +198,8 @@ def totp_enrol(config: ConfigOpt, login: LoginOpt) -> None:
 @app.command("attempts", help=_("Show recent sign-in attempts, failures and lock-outs."))
 def attempts(
     config: ConfigOpt,
-    login: Annotated[str | None, typer.Option("--login", help="only this login")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=10000)] = 50,
+    login: Annotated[str | None, typer.Option("--login", help=_("only this login"))] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10000, help=_("at most this many rows"))] = 50,
 ) -> None:
     """Show recent sign-in attempts, failures and lock-outs."""
     table = Table("at (JST)", "login", "client", "outcome")
@@ -214,8 +214,8 @@ def attempts(
 def token_create(
     config: ConfigOpt,
     login: LoginOpt,
-    name: Annotated[str, typer.Option("--name", help="what the token is for, e.g. prometheus")],
-    expires: Annotated[str, typer.Option("--expires", help="lifetime: 30m, 24h, 90d, or never")] = "90d",
+    name: Annotated[str, typer.Option("--name", help=_("what the token is for, e.g. prometheus"))],
+    expires: Annotated[str, typer.Option("--expires", help=_("lifetime: 30m, 24h, 90d, or never"))] = "90d",
 ) -> None:
     """Create an API token acting with the user's role; shown once, only its hash is stored."""
     from sekisho.controller.accounts.service import AccountError
@@ -235,7 +235,7 @@ def token_create(
 
 @token_app.command("list", help=_("List API tokens with their last use."))
 def token_list(
-    config: ConfigOpt, login: Annotated[str | None, typer.Option("--login", help="only this user's")] = None
+    config: ConfigOpt, login: Annotated[str | None, typer.Option("--login", help=_("only this user's"))] = None
 ) -> None:
     """List API tokens with their last use."""
     table = Table("id", "login", "name", "created (JST)", "expires", "last used", "from", "state")
@@ -251,7 +251,7 @@ def token_list(
 
 
 @token_app.command("revoke", help=_("Revoke an API token at once."))
-def token_revoke(config: ConfigOpt, token_id: Annotated[str, typer.Argument(help="the token's id")]) -> None:
+def token_revoke(config: ConfigOpt, token_id: Annotated[str, typer.Argument(help=_("the token's id"))]) -> None:
     """Revoke an API token at once."""
     from sekisho.controller.accounts.service import AccountError
 

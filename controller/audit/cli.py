@@ -19,7 +19,7 @@ app = typer.Typer(help=_("The admin audit trail."), no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help=_("controller.toml"), exists=True, dir_okay=False)]
 # Rows fetched per query while printing: the trail is read page by page, never whole.
 _PAGE = 1000
 
@@ -49,16 +49,16 @@ def entry_json(row: AdminAuditEntry) -> dict[str, Any]:
 @app.command("log", help=_("Show the admin audit trail, oldest first (`records verify` checks it)."))
 def log_command(
     config: ConfigOpt,
-    since: Annotated[str | None, typer.Option(help="from this time, ISO 8601 (JST if no offset)")] = None,
-    until: Annotated[str | None, typer.Option(help="before this time, ISO 8601 (JST if no offset)")] = None,
+    since: Annotated[str | None, typer.Option(help=_("from this time, ISO 8601 (JST if no offset)"))] = None,
+    until: Annotated[str | None, typer.Option(help=_("before this time, ISO 8601 (JST if no offset)"))] = None,
     actor: Annotated[
-        str | None, typer.Option(help='who, e.g. "cli:root@host" or "user:tanaka"; a trailing * matches a prefix')
+        str | None, typer.Option(help=_('who, e.g. "cli:root@host" or "user:tanaka"; a trailing * matches a prefix'))
     ] = None,
     action: Annotated[
-        str | None, typer.Option(help='what, e.g. "media.loan.create"; "media.*" matches every media action')
+        str | None, typer.Option(help=_('what, e.g. "media.loan.create"; "media.*" matches every media action'))
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, help="at most this many rows (oldest first)")] = 1000,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    limit: Annotated[int, typer.Option(min=1, help=_("at most this many rows (oldest first)"))] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help=_("one JSON object per line"))] = False,
 ) -> None:
     """Show the admin audit trail, oldest first (`records verify` checks it)."""
     from sekisho.controller.cli import cli_config

@@ -20,7 +20,7 @@ from sekisho.protocol import signing
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help=_("controller.toml"), exists=True, dir_okay=False)]
 
 
 def _config(path: Path) -> ControllerConfig:
@@ -64,7 +64,9 @@ def _signing_key(cfg: ControllerConfig) -> Ed25519PrivateKey:
 
 def backup(
     config: ConfigOpt,
-    output: Annotated[Path, typer.Option("--output", "-o", help="backup file to write (tar.gz, 0600)", dir_okay=False)],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help=_("backup file to write (tar.gz, 0600)"), dir_okay=False)
+    ],
 ) -> None:
     """Copy the store consistently (SQLite online backup / pg_dump) with a signed manifest."""
     cfg = _config(config)
@@ -168,9 +170,10 @@ def _show_plan(plan: RestorePlan) -> None:
 def restore(
     config: ConfigOpt,
     input_file: Annotated[
-        Path, typer.Option("--input", "-i", help="backup file made by `controller backup`", exists=True, dir_okay=False)
+        Path,
+        typer.Option("--input", "-i", help=_("backup file made by `controller backup`"), exists=True, dir_okay=False),
     ],
-    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help=_("do not ask for confirmation"))] = False,
 ) -> None:
     """Verify a backup, replace the store with it, keep policy versions monotonic and name what was lost."""
     cfg = _config(config)

@@ -34,12 +34,12 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
-LifetimeOpt = Annotated[int, typer.Option(min=1, max=600, help="seconds until the command expires")]
-ReasonOpt = Annotated[str | None, typer.Option(help="why (kept in the admin audit trail with your login)")]
-DoorsOpt = Annotated[list[str] | None, typer.Option("--door", help="door id (repeatable)")]
-AreaOpt = Annotated[str | None, typer.Option("--area", help="every door of this area")]
-AllOpt = Annotated[bool, typer.Option("--all", help="every door of the site")]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help=_("controller.toml"), exists=True, dir_okay=False)]
+LifetimeOpt = Annotated[int, typer.Option(min=1, max=600, help=_("seconds until the command expires"))]
+ReasonOpt = Annotated[str | None, typer.Option(help=_("why (kept in the admin audit trail with your login)"))]
+DoorsOpt = Annotated[list[str] | None, typer.Option("--door", help=_("door id (repeatable)"))]
+AreaOpt = Annotated[str | None, typer.Option("--area", help=_("every door of this area"))]
+AllOpt = Annotated[bool, typer.Option("--all", help=_("every door of the site"))]
 
 _PAGE = 1000
 
@@ -96,14 +96,14 @@ def _policy(store: Store) -> SitePolicy:
     return SitePolicy.model_validate(row.document)
 
 
-@app.command("keys")
+@app.command("keys", help=_("Show the key-lending register."))
 def keys(
     config: ConfigOpt,
-    open_: Annotated[bool, typer.Option("--open", help="only keys not yet returned")] = False,
-    overdue: Annotated[bool, typer.Option("--overdue", help="only keys out past their due time")] = False,
-    person: Annotated[str | None, typer.Option(help="only this borrower")] = None,
-    key: Annotated[str | None, typer.Option(help="only this key")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10_000, help="show at most this many, the latest")] = 500,
+    open_: Annotated[bool, typer.Option("--open", help=_("only keys not yet returned"))] = False,
+    overdue: Annotated[bool, typer.Option("--overdue", help=_("only keys out past their due time"))] = False,
+    person: Annotated[str | None, typer.Option(help=_("only this borrower"))] = None,
+    key: Annotated[str | None, typer.Option(help=_("only this key"))] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help=_("show at most this many, the latest"))] = 500,
 ) -> None:
     """Show the key-lending register (鍵貸出管理簿)."""
     registers = _caught_up(config)
@@ -154,17 +154,17 @@ def keys(
     console.print(table)
 
 
-@app.command("log")
+@app.command("log", help=_("Show the door log: grants, denials, openings, alarms, unlocks, mode changes."))
 def door_log(
     config: ConfigOpt,
-    door: Annotated[str | None, typer.Option(help="only this door")] = None,
-    kind: Annotated[DoorKind | None, typer.Option(help="room, locker (the locker log) or key_cabinet")] = None,
-    person: Annotated[str | None, typer.Option(help="only this person")] = None,
+    door: Annotated[str | None, typer.Option(help=_("only this door"))] = None,
+    kind: Annotated[DoorKind | None, typer.Option(help=_("room, locker (the locker log) or key_cabinet"))] = None,
+    person: Annotated[str | None, typer.Option(help=_("only this person"))] = None,
     since: Annotated[
-        str | None, typer.Option(help="from this time, ISO 8601 (JST if no offset; default: 7 days ago)")
+        str | None, typer.Option(help=_("from this time, ISO 8601 (JST if no offset; default: 7 days ago)"))
     ] = None,
-    until: Annotated[str | None, typer.Option(help="before this time, ISO 8601 (JST if no offset)")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10_000, help="show at most this many, the latest")] = 200,
+    until: Annotated[str | None, typer.Option(help=_("before this time, ISO 8601 (JST if no offset)"))] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help=_("show at most this many, the latest"))] = 200,
 ) -> None:
     """Show the door log (入退室・ロッカー記録): grants, denials, openings, alarms, unlocks, mode changes."""
     start = parse_when(since) if since else timefmt.now() - timedelta(days=7)
@@ -207,10 +207,10 @@ def door_log(
     console.print(table)
 
 
-@app.command("inside")
+@app.command("inside", help=_("Show who is inside each controlled area now."))
 def inside(
     config: ConfigOpt,
-    area: Annotated[str | None, typer.Argument(help="only this area")] = None,
+    area: Annotated[str | None, typer.Argument(help=_("only this area"))] = None,
 ) -> None:
     """Show who is inside each controlled area now (在室者)."""
     registers = _caught_up(config)
@@ -232,12 +232,14 @@ def inside(
     console.print(f"{len(rows)} 名 / {len(rows)} person(s)")
 
 
-@app.command("visits")
+@app.command("visits", help=_("Show the visitor log with escorts."))
 def visits(
     config: ConfigOpt,
-    open_: Annotated[bool, typer.Option("--open", help="only visitors not yet out")] = False,
-    since: Annotated[str | None, typer.Option(help="visits going on at or after this time (JST if no offset)")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10_000, help="show at most this many, the latest")] = 500,
+    open_: Annotated[bool, typer.Option("--open", help=_("only visitors not yet out"))] = False,
+    since: Annotated[
+        str | None, typer.Option(help=_("visits going on at or after this time (JST if no offset)"))
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help=_("show at most this many, the latest"))] = 500,
 ) -> None:
     """Show the visitor log (来訪者記録) with escorts."""
     registers = _caught_up(config)
@@ -268,7 +270,10 @@ def visits(
     console.print(table)
 
 
-@app.command("hash-pin")
+@app.command(
+    "hash-pin",
+    help=_("Ask for a door PIN twice and print its pin_hash for site.yaml (the PIN itself is never stored)."),
+)
 def hash_pin_command() -> None:
     """Ask for a door PIN twice and print its pin_hash for site.yaml (the PIN itself is never stored)."""
     entered = typer.prompt("PIN (4-8 digits)", hide_input=True, confirmation_prompt=True)
@@ -278,7 +283,9 @@ def hash_pin_command() -> None:
     typer.echo(pin.hash_pin(entered))
 
 
-@app.command("rebuild")
+@app.command(
+    "rebuild", help=_("Rebuild every door register from the stored events (one transaction; ingest waits on SQLite).")
+)
 def rebuild(config: ConfigOpt) -> None:
     """Rebuild every door register from the stored events (one transaction; ingest waits on SQLite)."""
     _cfg, store = _open(config)
@@ -286,7 +293,10 @@ def rebuild(config: ConfigOpt) -> None:
     console.print(_("rebuilt the door registers from %(count)s door and key event(s)", count=count))
 
 
-@app.command("check-overdue")
+@app.command(
+    "check-overdue",
+    help=_("Raise a finding for every overdue key that has none yet (the running controller does this every minute)."),
+)
 def check_overdue(config: ConfigOpt) -> None:
     """Raise a finding for every overdue key that has none yet (the running controller does this every minute)."""
     registers = _caught_up(config)
@@ -346,12 +356,12 @@ def _targets(config: Path, build: Callable[[SitePolicy], list[DoorCommand]]) -> 
         store.engine.dispose()
 
 
-@app.command("unlock")
+@app.command("unlock", help=_("Unlock one door once, remotely (door.unlock to the agent that drives it)."))
 def unlock(
-    door: Annotated[str, typer.Argument(help="door id")],
+    door: Annotated[str, typer.Argument(help=_("door id"))],
     config: ConfigOpt,
-    seconds: Annotated[int, typer.Option(min=1, max=door_commands.MAX_UNLOCK_S, help="unlock for this long")] = 5,
-    requested_by: Annotated[str | None, typer.Option(help="who asked for it (default: you)")] = None,
+    seconds: Annotated[int, typer.Option(min=1, max=door_commands.MAX_UNLOCK_S, help=_("unlock for this long"))] = 5,
+    requested_by: Annotated[str | None, typer.Option(help=_("who asked for it (default: you)"))] = None,
     lifetime_s: LifetimeOpt = 60,
     reason: ReasonOpt = None,
 ) -> None:
@@ -362,7 +372,10 @@ def unlock(
     _send(config, built, lifetime_s, reason)
 
 
-@app.command("emergency-unlock")
+@app.command(
+    "emergency-unlock",
+    help=_("Hold room doors unlocked for evacuation until `normal` (lockers and key cabinets stay locked)."),
+)
 def emergency_unlock(
     config: ConfigOpt,
     door: DoorsOpt = None,
@@ -379,7 +392,7 @@ def emergency_unlock(
     _send(config, built, lifetime_s, reason)
 
 
-@app.command("lockdown")
+@app.command("lockdown", help=_("Lock doors and refuse every card until `normal`."))
 def lockdown(
     config: ConfigOpt,
     door: DoorsOpt = None,
@@ -396,7 +409,7 @@ def lockdown(
     _send(config, built, lifetime_s, reason)
 
 
-@app.command("normal")
+@app.command("normal", help=_("Return doors to normal operation after an emergency unlock or a lock-down."))
 def normal(
     config: ConfigOpt,
     door: DoorsOpt = None,
@@ -413,11 +426,11 @@ def normal(
     _send(config, built, lifetime_s, reason)
 
 
-@app.command("forgive-passback")
+@app.command("forgive-passback", help=_("Clear anti-passback state in an area (someone left without badging out)."))
 def forgive_passback(
-    area: Annotated[str, typer.Argument(help="area id")],
+    area: Annotated[str, typer.Argument(help=_("area id"))],
     config: ConfigOpt,
-    person: Annotated[str | None, typer.Option(help="only this person (default: everyone)")] = None,
+    person: Annotated[str | None, typer.Option(help=_("only this person (default: everyone)"))] = None,
     lifetime_s: LifetimeOpt = 60,
     reason: ReasonOpt = None,
 ) -> None:

@@ -16,13 +16,15 @@ from sekisho.controller.fleet.token_cli import refusals, token_app
 app = typer.Typer(help=_("Enrol, watch and retire agents."), no_args_is_help=True)
 
 
-@app.callback()
+@app.callback(help=_("Enrol, watch and retire agents."))
 def _fleet() -> None:
     """Enrol, watch and retire agents."""
 
 
-app.command("status")(status)
+app.command("status", help=_("Show each agent's state (online/stale/offline/revoked) and last reported health."))(
+    status
+)
 app.add_typer(token_app, name="token")
 app.command("refusals", help=_("List refused enrolments and renewals with their reasons (newest first)."))(refusals)
-app.command("revoke")(revoke)
+app.command("revoke", help=_("Revoke an agent (same as `sekisho controller revoke-agent`)."))(revoke)
 app.add_typer(revocations_app, name="revocations")

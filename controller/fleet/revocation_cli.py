@@ -30,7 +30,9 @@ def revoke(config: ConfigOpt, name: Annotated[str, typer.Argument(help=_("agent 
     revoke_agent(config, name)
 
 
-@revocations_app.command("show")
+@revocations_app.command(
+    "show", help=_("Print the list the broker must enforce (and write it if revocation_list is set).")
+)
 def show(config: ConfigOpt) -> None:
     """Print the list the broker must enforce (and write it if revocation_list is set)."""
     from sekisho.controller.cli import _signing_store
@@ -44,7 +46,9 @@ def show(config: ConfigOpt) -> None:
     console.print(revocations.broker_text(), end="", markup=False, highlight=False)
 
 
-@revocations_app.command("sync")
+@revocations_app.command(
+    "sync", help=_("Fetch the controller-signed revocation list, check it and write it for the broker on this host.")
+)
 def sync(
     controller: Annotated[str, typer.Option(help=_("the controller's https:// URL"))],
     output: Annotated[Path, typer.Option(help=_("the file the broker's plugin reads"))],

@@ -102,12 +102,12 @@ def render_table(agents: list[AgentHealth], console: Console) -> None:
 
 
 def status(
-    config: Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)],
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout instead of a table")] = False,
+    config: Annotated[Path, typer.Option("--config", "-c", help=_("controller.toml"), exists=True, dir_okay=False)],
+    as_json: Annotated[bool, typer.Option("--json", help=_("one JSON document on stdout instead of a table"))] = False,
     state: Annotated[
-        str | None, typer.Option("--state", help="only agents in this state: online, stale, offline or revoked")
+        str | None, typer.Option("--state", help=_("only agents in this state: online, stale, offline or revoked"))
     ] = None,
-    at: Annotated[str | None, typer.Option("--at", help="judge the states at this UTC time (default: now)")] = None,
+    at: Annotated[str | None, typer.Option("--at", help=_("judge the states at this UTC time (default: now)"))] = None,
 ) -> None:
     """Show each agent's state (online/stale/offline/revoked) and last reported health."""
     from sekisho.controller.cli import cli_config

@@ -24,7 +24,7 @@ token_app = typer.Typer(help=_("Enrolment tokens: create, list, revoke."), no_ar
 console = Console()
 err_console = Console(stderr=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help=_("controller.toml"), exists=True, dir_okay=False)]
 _DURATION = re.compile(r"^(\d{1,4})([mhd])$")
 
 
@@ -50,15 +50,16 @@ def _service(config: Path) -> EnrolmentService:
 @token_app.command("create", help=_("Create an enrolment token; it is shown once, only its hash is stored."))
 def create(
     config: ConfigOpt,
-    kind: Annotated[str, typer.Option("--kind", help="terminal or door")],
-    expires: Annotated[str, typer.Option("--expires", help="lifetime: 30m, 24h, 7d (at most 30d)")] = "24h",
-    uses: Annotated[int, typer.Option("--uses", help="how many devices may enrol with it")] = 1,
-    name: Annotated[str | None, typer.Option("--name", help="the agent name the device must take")] = None,
+    kind: Annotated[str, typer.Option("--kind", help=_("terminal or door"))],
+    expires: Annotated[str, typer.Option("--expires", help=_("lifetime: 30m, 24h, 7d (at most 30d)"))] = "24h",
+    uses: Annotated[int, typer.Option("--uses", help=_("how many devices may enrol with it"))] = 1,
+    name: Annotated[str | None, typer.Option("--name", help=_("the agent name the device must take"))] = None,
     reenrol: Annotated[
-        str | None, typer.Option("--reenrol", help="NAME: a token that replaces this existing agent (new device, keys)")
+        str | None,
+        typer.Option("--reenrol", help=_("NAME: a token that replaces this existing agent (new device, keys)")),
     ] = None,
     url: Annotated[
-        str | None, typer.Option("--url", help="controller URL to put in the token (default enrol_url)")
+        str | None, typer.Option("--url", help=_("controller URL to put in the token (default enrol_url)"))
     ] = None,
 ) -> None:
     """Create an enrolment token; it is shown once, only its hash is stored."""
@@ -125,7 +126,7 @@ def list_tokens(config: ConfigOpt) -> None:
 
 @token_app.command("revoke", help=_("Revoke an enrolment token so no device can use it."))
 def revoke(
-    config: ConfigOpt, token_id: Annotated[str, typer.Argument(help="token id (t-…) from `token list`")]
+    config: ConfigOpt, token_id: Annotated[str, typer.Argument(help=_("token id (t-…) from `token list`"))]
 ) -> None:
     """Revoke an enrolment token so no device can use it."""
     service = _service(config)
@@ -139,7 +140,10 @@ def revoke(
     console.print(f"revoked {token_id}")
 
 
-def refusals(config: ConfigOpt, limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 50) -> None:
+def refusals(
+    config: ConfigOpt,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000, help=_("at most this many rows"))] = 50,
+) -> None:
     """List refused enrolments and renewals with their reasons (newest first)."""
     service = _service(config)
     try:

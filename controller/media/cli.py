@@ -23,7 +23,7 @@ console = Console()
 err_console = Console(stderr=True)
 app = typer.Typer(help=_("Media register and loans."), no_args_is_help=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="controller.toml", exists=True, dir_okay=False)]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help=_("controller.toml"), exists=True, dir_okay=False)]
 
 _STATE_LABELS = {
     "in_store": _("in store"),
@@ -83,15 +83,15 @@ def _refused(err: MediaError) -> typer.Exit:
     "lend", help=_("Lend a registered medium to a person for named terminals; terminals get the loan at once.")
 )
 def lend(
-    medium: Annotated[str, typer.Argument(help="medium id from the register")],
+    medium: Annotated[str, typer.Argument(help=_("medium id from the register"))],
     config: ConfigOpt,
-    person: Annotated[str, typer.Option(help="borrower (person id)")],
-    terminal: Annotated[list[str], typer.Option(help="terminal id where it may be used (repeatable)")],
-    until: Annotated[str, typer.Option(help="due back, ISO 8601 (JST if no offset)")],
-    purpose: Annotated[str, typer.Option(help="why it is lent")],
-    approved_by: Annotated[str, typer.Option(help="approving area_manager / chief_officer (person id)")],
-    from_: Annotated[str | None, typer.Option("--from", help="start, ISO 8601 (default: now)")] = None,
-    read_write: Annotated[bool, typer.Option("--read-write", help="allow writing (default: read-only)")] = False,
+    person: Annotated[str, typer.Option(help=_("borrower (person id)"))],
+    terminal: Annotated[list[str], typer.Option(help=_("terminal id where it may be used (repeatable)"))],
+    until: Annotated[str, typer.Option(help=_("due back, ISO 8601 (JST if no offset)"))],
+    purpose: Annotated[str, typer.Option(help=_("why it is lent"))],
+    approved_by: Annotated[str, typer.Option(help=_("approving area_manager / chief_officer (person id)"))],
+    from_: Annotated[str | None, typer.Option("--from", help=_("start, ISO 8601 (default: now)"))] = None,
+    read_write: Annotated[bool, typer.Option("--read-write", help=_("allow writing (default: read-only)"))] = False,
 ) -> None:
     """Lend a registered medium to a person for named terminals; terminals get the loan at once."""
     cfg = cli_config(config)
@@ -125,9 +125,9 @@ def lend(
 
 @app.command("return", help=_("Record that a lent medium came back; terminals stop allowing it at once."))
 def return_(
-    loan: Annotated[str, typer.Argument(help="loan id")],
+    loan: Annotated[str, typer.Argument(help=_("loan id"))],
     config: ConfigOpt,
-    received_by: Annotated[str | None, typer.Option(help="who received it back (default: you)")] = None,
+    received_by: Annotated[str | None, typer.Option(help=_("who received it back (default: you)"))] = None,
 ) -> None:
     """Record that a lent medium came back; terminals stop allowing it at once."""
     cfg = cli_config(config)
@@ -142,9 +142,9 @@ def return_(
 
 @app.command("revoke", help=_("End a loan early; terminals stop allowing the medium at once."))
 def revoke(
-    loan: Annotated[str, typer.Argument(help="loan id")],
+    loan: Annotated[str, typer.Argument(help=_("loan id"))],
     config: ConfigOpt,
-    reason: Annotated[str, typer.Option(help="why the loan ends early")],
+    reason: Annotated[str, typer.Option(help=_("why the loan ends early"))],
 ) -> None:
     """End a loan early; terminals stop allowing the medium at once."""
     cfg = cli_config(config)
@@ -160,9 +160,9 @@ def revoke(
 @app.command("list", help=_("List the loan register."))
 def list_loans(
     config: ConfigOpt,
-    active: Annotated[bool, typer.Option("--active", help="only loans not yet returned or revoked")] = False,
-    medium: Annotated[str | None, typer.Option(help="only this medium")] = None,
-    person: Annotated[str | None, typer.Option(help="only this borrower")] = None,
+    active: Annotated[bool, typer.Option("--active", help=_("only loans not yet returned or revoked"))] = False,
+    medium: Annotated[str | None, typer.Option(help=_("only this medium"))] = None,
+    person: Annotated[str | None, typer.Option(help=_("only this borrower"))] = None,
 ) -> None:
     """List the loan register."""
     media = _service(cli_config(config))

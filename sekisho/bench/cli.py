@@ -32,7 +32,7 @@ from sekisho.lab.pgcluster import pg_database, postgres_cluster
 from sekisho.protocol import events, signing, topics
 
 console = Console()
-bench_app = typer.Typer(help="Measure the pipeline (figures go to docs/benchmarks.md).", no_args_is_help=True)
+bench_app = typer.Typer(help=_("Measure the pipeline (figures go to docs/benchmarks.md)."), no_args_is_help=True)
 
 
 def _stored_count(url: str, type_: str = "test.synthetic") -> int:
@@ -117,16 +117,22 @@ def _workdir(keep: Path | None) -> Path:
     return Path(tempfile.mkdtemp(prefix="sekisho-bench-"))
 
 
-@bench_app.command("ingest")
+@bench_app.command(
+    "ingest", help=_("Raw paho QoS 1 publish→subscribe rate vs. durable agent-outbox→stored-and-acked rate.")
+)
 def bench_ingest(
-    per_agent: Annotated[int, typer.Option(min=100, help="events per agent process")] = 20_000,
-    agents: Annotated[int, typer.Option(min=1, max=16, help="agent (publisher) processes")] = 3,
-    note_bytes: Annotated[int, typer.Option(min=0, max=4096, help="filler bytes per event")] = 64,
-    workers: Annotated[int, typer.Option(min=1, max=8, help="controller ingest processes (subscribers)")] = 2,
-    database_url: Annotated[str | None, typer.Option(help="store URL (default: SQLite in the work dir)")] = None,
-    postgres: Annotated[bool, typer.Option(help="store in a private PostgreSQL cluster started for the run")] = False,
-    workdir: Annotated[Path | None, typer.Option(help="keep state here instead of a temp dir")] = None,
-    rounds: Annotated[int, typer.Option(min=1, max=9, help="alternate baseline and durable runs; report medians")] = 1,
+    per_agent: Annotated[int, typer.Option(min=100, help=_("events per agent process"))] = 20_000,
+    agents: Annotated[int, typer.Option(min=1, max=16, help=_("agent (publisher) processes"))] = 3,
+    note_bytes: Annotated[int, typer.Option(min=0, max=4096, help=_("filler bytes per event"))] = 64,
+    workers: Annotated[int, typer.Option(min=1, max=8, help=_("controller ingest processes (subscribers)"))] = 2,
+    database_url: Annotated[str | None, typer.Option(help=_("store URL (default: SQLite in the work dir)"))] = None,
+    postgres: Annotated[
+        bool, typer.Option(help=_("store in a private PostgreSQL cluster started for the run"))
+    ] = False,
+    workdir: Annotated[Path | None, typer.Option(help=_("keep state here instead of a temp dir"))] = None,
+    rounds: Annotated[
+        int, typer.Option(min=1, max=9, help=_("alternate baseline and durable runs; report medians"))
+    ] = 1,
 ) -> None:
     """Raw paho QoS 1 publish→subscribe rate vs. durable agent-outbox→stored-and-acked rate."""
     results = []
@@ -272,12 +278,14 @@ def _outbox_depth(path: Path) -> int:
     return Outbox.inspect(path).depth if path.exists() else 0
 
 
-@bench_app.command("outbox")
+@bench_app.command(
+    "outbox", help=_("Queue COUNT events with the broker down, then drain; report drain rate, loss, idle RSS and CPU.")
+)
 def bench_outbox(
-    count: Annotated[int, typer.Option(min=100, help="events queued while the broker is down")] = 1_000_000,
-    note_bytes: Annotated[int, typer.Option(min=0, max=4096)] = 64,
-    idle_seconds: Annotated[float, typer.Option(min=2, help="how long to sample the idle agent")] = 20,
-    workdir: Annotated[Path | None, typer.Option(help="keep state here instead of a temp dir")] = None,
+    count: Annotated[int, typer.Option(min=100, help=_("events queued while the broker is down"))] = 1_000_000,
+    note_bytes: Annotated[int, typer.Option(min=0, max=4096, help=_("filler bytes per event"))] = 64,
+    idle_seconds: Annotated[float, typer.Option(min=2, help=_("how long to sample the idle agent"))] = 20,
+    workdir: Annotated[Path | None, typer.Option(help=_("keep state here instead of a temp dir"))] = None,
 ) -> None:
     """Queue COUNT events with the broker down, then drain; report drain rate, loss, idle RSS and CPU."""
     root = _workdir(workdir)
@@ -368,14 +376,16 @@ def bench_outbox(
             shutil.rmtree(root, ignore_errors=True)
 
 
-@bench_app.command("usb")
+@bench_app.command(
+    "usb", help=_("Time add event → decision written for COUNT simulated USB insertions, against a raw baseline.")
+)
 def bench_usb(
-    count: Annotated[int, typer.Option(min=1, help="simulated insertions")] = 1000,
+    count: Annotated[int, typer.Option(min=1, help=_("simulated insertions"))] = 1000,
     vs_usbguard: Annotated[
-        bool, typer.Option("--vs-usbguard", help="also judge mocked plugs by the real usbguard-daemon, timed alike")
+        bool, typer.Option("--vs-usbguard", help=_("also judge mocked plugs by the real usbguard-daemon, timed alike"))
     ] = False,
     usbguard_count: Annotated[
-        int, typer.Option(min=3, max=1000, help="plugs into usbguard-daemon's umockdev testbed (--vs-usbguard)")
+        int, typer.Option(min=3, max=1000, help=_("plugs into usbguard-daemon's umockdev testbed (--vs-usbguard)"))
     ] = 300,
 ) -> None:
     """Time add event → decision written for COUNT simulated USB insertions, against a raw baseline."""
@@ -391,10 +401,15 @@ def bench_usb(
     run_usb_bench(count, console, vs_usbguard=usbguard_count if vs_usbguard else 0)
 
 
-@bench_app.command("login")
+@bench_app.command(
+    "login",
+    help=_(
+        "Time card removal → lock command (real pcscd, vpcd), the whole PAM call and the decision without the human."
+    ),
+)
 def bench_login(
-    removals: Annotated[int, typer.Option(min=50, help="card removals through pcscd")] = 50,
-    logins: Annotated[int, typer.Option(min=20, help="whole PAM auth calls (and as many baseline ones)")] = 30,
+    removals: Annotated[int, typer.Option(min=50, help=_("card removals through pcscd"))] = 50,
+    logins: Annotated[int, typer.Option(min=20, help=_("whole PAM auth calls (and as many baseline ones)"))] = 30,
 ) -> None:
     """Time card removal → lock command (real pcscd, vpcd), the whole PAM call and the decision without the human."""
     from sekisho.bench.login import run_login_bench
@@ -402,12 +417,15 @@ def bench_login(
     raise typer.Exit(run_login_bench(removals, console, logins=logins))
 
 
-@bench_app.command("doors")
+@bench_app.command(
+    "doors",
+    help=_("Time card → relay with the controller down, end to end over OSDP, set_relay, and during a reader flood."),
+)
 def bench_doors(
-    taps: Annotated[int, typer.Option(min=1000, help="granted taps, controller down")] = 1000,
-    osdp_taps: Annotated[int, typer.Option(min=20, help="taps end to end through the OSDP and board stubs")] = 200,
-    relay_rounds: Annotated[int, typer.Option(min=20, help="set_relay round trips to the board stub")] = 200,
-    flood_taps: Annotated[int, typer.Option(min=20, help="valid taps while another reader floods")] = 100,
+    taps: Annotated[int, typer.Option(min=1000, help=_("granted taps, controller down"))] = 1000,
+    osdp_taps: Annotated[int, typer.Option(min=20, help=_("taps end to end through the OSDP and board stubs"))] = 200,
+    relay_rounds: Annotated[int, typer.Option(min=20, help=_("set_relay round trips to the board stub"))] = 200,
+    flood_taps: Annotated[int, typer.Option(min=20, help=_("valid taps while another reader floods"))] = 100,
 ) -> None:
     """Time card → relay with the controller down, end to end over OSDP, set_relay, and during a reader flood."""
     from sekisho.bench.doors import run_doors_bench
@@ -415,27 +433,34 @@ def bench_doors(
     run_doors_bench(taps, osdp_taps, console, relay_rounds=relay_rounds, flood_taps=flood_taps)
 
 
-@bench_app.command("fleet")
+@bench_app.command(
+    "fleet",
+    help=_("Revoke a person → applied by every agent; broker restart → all reconnected, nothing lost; enrol N."),
+)
 def bench_fleet(
-    agents: Annotated[int, typer.Option(min=2, max=5000, help="simulated agents (real runtime)")] = 1000,
-    rounds: Annotated[int, typer.Option(min=1, max=10, help="revocation rounds, each with its raw baseline")] = 5,
-    enrol: Annotated[int, typer.Option(min=0, max=1000, help="devices enrolled over HTTPS at the end")] = 100,
+    agents: Annotated[int, typer.Option(min=2, max=5000, help=_("simulated agents (real runtime)"))] = 1000,
+    rounds: Annotated[int, typer.Option(min=1, max=10, help=_("revocation rounds, each with its raw baseline"))] = 5,
+    enrol: Annotated[int, typer.Option(min=0, max=1000, help=_("devices enrolled over HTTPS at the end"))] = 100,
     processes: Annotated[
-        int | None, typer.Option(min=1, max=64, help="worker processes (default: one per 75 agents, at most 80 each)")
+        int | None,
+        typer.Option(min=1, max=64, help=_("worker processes (default: one per 75 agents, at most 80 each)")),
     ] = None,
-    events: Annotated[int, typer.Option(min=1, max=1000, help="events per agent before, and during, the outage")] = 5,
-    outage_s: Annotated[float, typer.Option(min=0.5, max=120, help="how long the broker stays down")] = 5.0,
-    timeout_s: Annotated[float, typer.Option(min=10, max=3600, help="bound on every wait")] = 300.0,
-    workdir: Annotated[Path | None, typer.Option(help="keep state here instead of a temp dir")] = None,
-    heartbeat_s: Annotated[float, typer.Option(min=1, max=3600, help="the agents' heartbeat interval")] = 30.0,
+    events: Annotated[
+        int, typer.Option(min=1, max=1000, help=_("events per agent before, and during, the outage"))
+    ] = 5,
+    outage_s: Annotated[float, typer.Option(min=0.5, max=120, help=_("how long the broker stays down"))] = 5.0,
+    timeout_s: Annotated[float, typer.Option(min=10, max=3600, help=_("bound on every wait"))] = 300.0,
+    workdir: Annotated[Path | None, typer.Option(help=_("keep state here instead of a temp dir"))] = None,
+    heartbeat_s: Annotated[float, typer.Option(min=1, max=3600, help=_("the agents' heartbeat interval"))] = 30.0,
     full_agents: Annotated[
-        bool, typer.Option("--full-agents", help="run the revocation on the full agent runtime, not on lean agents")
+        bool, typer.Option("--full-agents", help=_("run the revocation on the full agent runtime, not on lean agents"))
     ] = False,
     lean_processes: Annotated[
-        int | None, typer.Option(min=1, max=64, help="lean worker processes for the revocation (default: one per 250)")
+        int | None,
+        typer.Option(min=1, max=64, help=_("lean worker processes for the revocation (default: one per 250)")),
     ] = None,
     apply_threads: Annotated[
-        int, typer.Option(min=0, max=64, help="threads per lean worker that offer bundles to the policy caches")
+        int, typer.Option(min=0, max=64, help=_("threads per lean worker that offer bundles to the policy caches"))
     ] = 4,
 ) -> None:
     """Revoke a person → applied by every agent; broker restart → all reconnected, nothing lost; enrol N."""
@@ -458,15 +483,20 @@ def bench_fleet(
     raise typer.Exit(run_fleet_bench(options, console))
 
 
-@bench_app.command("registers")
+@bench_app.command(
+    "registers",
+    help=_("Register/timeline queries, HTTP pages and CSV export memory over millions of projected events."),
+)
 def bench_registers(
-    events: Annotated[int, typer.Option(min=1000, max=50_000_000, help="synthetic signed events loaded")] = 10_000_000,
-    backend: Annotated[str, typer.Option(help="sqlite, postgres (a private cluster) or both")] = "both",
-    rounds: Annotated[int, typer.Option(min=3, max=1000, help="repetitions of each reading")] = 50,
-    csv_rows: Annotated[int, typer.Option(min=10, max=10_000_000, help="rows of the larger CSV export")] = 100_000,
-    deep_pages: Annotated[int, typer.Option(min=1, max=1000, help="pages read before the deep page")] = 20,
-    http: Annotated[bool, typer.Option(help="time full page responses over HTTP too")] = True,
-    workdir: Annotated[Path | None, typer.Option(help="keep state here instead of a temp dir")] = None,
+    events: Annotated[
+        int, typer.Option(min=1000, max=50_000_000, help=_("synthetic signed events loaded"))
+    ] = 10_000_000,
+    backend: Annotated[str, typer.Option(help=_("sqlite, postgres (a private cluster) or both"))] = "both",
+    rounds: Annotated[int, typer.Option(min=3, max=1000, help=_("repetitions of each reading"))] = 50,
+    csv_rows: Annotated[int, typer.Option(min=10, max=10_000_000, help=_("rows of the larger CSV export"))] = 100_000,
+    deep_pages: Annotated[int, typer.Option(min=1, max=1000, help=_("pages read before the deep page"))] = 20,
+    http: Annotated[bool, typer.Option(help=_("time full page responses over HTTP too"))] = True,
+    workdir: Annotated[Path | None, typer.Option(help=_("keep state here instead of a temp dir"))] = None,
 ) -> None:
     """Register/timeline queries, HTTP pages and CSV export memory over millions of projected events."""
     from sekisho.bench.registers import Options, run_registers_bench

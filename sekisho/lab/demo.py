@@ -227,10 +227,10 @@ class DemoView:
 
 
 def demo(
-    root: Annotated[Path, typer.Option(help="where the demo keeps its state")] = Path("var/demo"),
-    duration: Annotated[float, typer.Option(help="stop after this many seconds (0: until Ctrl-C)")] = 0,
-    interval: Annotated[float, typer.Option(help="mean seconds between simulated visits per agent")] = 1.5,
-    fresh: Annotated[bool, typer.Option("--fresh", help="remove an earlier run's state and start over")] = False,
+    root: Annotated[Path, typer.Option(help=_("where the demo keeps its state"))] = Path("var/demo"),
+    duration: Annotated[float, typer.Option(help=_("stop after this many seconds (0: until Ctrl-C)"))] = 0,
+    interval: Annotated[float, typer.Option(help=_("mean seconds between simulated visits per agent"))] = 1.5,
+    fresh: Annotated[bool, typer.Option("--fresh", help=_("remove an earlier run's state and start over"))] = False,
 ) -> None:
     """Run a demo site: its own mosquitto (mTLS + ACL), the controller on SQLite, simulated agents."""
     earlier = _demo_ran_here(root)

@@ -11,29 +11,35 @@ from rich.markup import escape
 
 from sekisho.agents.usb.rules.importer import import_rules
 from sekisho.agents.usb.rules.parser import printable, read_rules_text
+from sekisho.common.i18n import _
 
-app = typer.Typer(help="USB rules in the USBGuard rule language.", no_args_is_help=True)
+app = typer.Typer(help=_("USB rules in the USBGuard rule language."), no_args_is_help=True)
 
 _LABELS = {"syntax": "syntax error", "unsupported": "cannot represent", "mass_storage": "refused"}
 
 
-@app.callback()
+@app.callback(help=_("USB rules in the USBGuard rule language."))
 def main() -> None:
     """USB rules in the USBGuard rule language."""
 
 
-@app.command("import-rules")
+@app.command(
+    "import-rules",
+    help=_("Import a USBGuard rules file; report every line that is refused (with line and reason) and exit 1 if any."),
+)
 def import_rules_command(
-    file: Annotated[Path, typer.Argument(help="USBGuard rules file", exists=True, dir_okay=False, readable=True)],
+    file: Annotated[Path, typer.Argument(help=_("USBGuard rules file"), exists=True, dir_okay=False, readable=True)],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="write the imported rules here (only if all were taken)")
+        Path | None, typer.Option("--output", "-o", help=_("write the imported rules here (only if all were taken)"))
     ] = None,
     allow_mass_storage_outside_register: Annotated[
         bool,
         typer.Option(
             "--allow-mass-storage-outside-register",
-            help="import allow rules that could let unregistered USB storage in (the media register still "
-            "outranks them on My Number terminals)",
+            help=_(
+                "import allow rules that could let unregistered USB storage in (the media register still "
+                "outranks them on My Number terminals)"
+            ),
         ),
     ] = False,
 ) -> None:
