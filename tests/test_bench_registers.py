@@ -125,3 +125,4 @@ def test_bench_registers_json(tmp_path: Path) -> None:
     assert figures["csv_rows"] == 2000
     sqlite = figures["backends"]["sqlite"]
     assert sqlite["bare_sql_p95_ms"] > 0 and sqlite["csv_rss_ratio"] > 0
+    assert sqlite["http_failures"] == []  # every reading's HTML and JSON page answered 200

@@ -36,6 +36,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from sekisho.bench import registers_data as data
+from sekisho.controller.console.register_query import PAGES_BY_NAME
 from sekisho.controller.reports.filters import Filter
 from sekisho.controller.reports.queries import Context, after
 from sekisho.controller.reports.registers import DOOR_LOG, REGISTERS
@@ -94,7 +95,7 @@ def queries(shape: data.SiteShape) -> list[Query]:
             None,
             lambda now: Filter(),
             "/api/v1/registers/keys",
-            "/console/registers/keys",
+            PAGES_BY_NAME["keys"].path,
             {},
         ),
         Query(
@@ -103,7 +104,7 @@ def queries(shape: data.SiteShape) -> list[Query]:
             None,
             lambda now: Filter.for_period("this_week", now, door=room),
             "/api/v1/registers/rooms",
-            "/console/registers/rooms",
+            PAGES_BY_NAME["rooms"].path,
             {"door": room, "preset": "this_week"},
         ),
         Query(
@@ -112,7 +113,7 @@ def queries(shape: data.SiteShape) -> list[Query]:
             None,
             lambda now: Filter.for_period("this_month", now, person=person),
             "/api/v1/registers/rooms",
-            "/console/registers/rooms",
+            PAGES_BY_NAME["rooms"].path,
             {"person": person, "preset": "this_month"},
         ),
         Query(
@@ -121,7 +122,7 @@ def queries(shape: data.SiteShape) -> list[Query]:
             None,
             lambda now: Filter(terminal=terminal),
             "/api/v1/registers/logins",
-            "/console/registers/logins",
+            PAGES_BY_NAME["logins"].path,
             {"terminal": terminal},
         ),
         Query(
@@ -130,7 +131,7 @@ def queries(shape: data.SiteShape) -> list[Query]:
             None,
             lambda now: Filter(person=person),
             "/api/v1/registers/usb",
-            "/console/registers/usb",
+            PAGES_BY_NAME["usb"].path,
             {"person": person},
         ),
         Query(
@@ -533,6 +534,8 @@ def summary(results: list[BackendResult]) -> dict[str, Any]:
             "query_p95_ms": round(max(t.p95 for t in regs), 1),
             "timeline_p95_ms": round(max(t.p95 for t in lines), 1),
             "page_p95_ms": round(_p(pages, 0.95), 1) if pages else None,
+            # A page that failed is not in page_p95_ms: it is named here, so a 404 cannot pass for a fast page.
+            "http_failures": list(r.pages.get("failures") or []),
             "bare_sql_p95_ms": round(max(t.base_p95 for t in r.timings), 1),
             "csv_peak_rss_mb": round(r.csv[-1]["peak_kb"] / 1024, 1),
             "csv_rss_ratio": round(r.csv[-1]["peak_kb"] / r.csv[0]["peak_kb"], 2),
