@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from sekisho.common.i18n import _
 from sekisho.common.sdnotify import LivenessCheck, ServiceNotifier
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.deps import AppState
@@ -266,8 +267,10 @@ class Controller:
     def service_status(self) -> str:
         """Return the one-line state shown by `systemctl status` (sd_notify STATUS)."""
         stats = self.worker.stats
-        link = "接続中 / connected" if stats.connected else "ブローカー未接続 / broker unreachable"
-        return f"{link}; stored {stats.stored}, waiting {stats.waiting}, dead letters {stats.dead_lettered}"
+        counts = {"stored": stats.stored, "waiting": stats.waiting, "dead": stats.dead_lettered}
+        if stats.connected:
+            return _("connected; stored %(stored)s, waiting %(waiting)s, dead letters %(dead)s", **counts)
+        return _("broker unreachable; stored %(stored)s, waiting %(waiting)s, dead letters %(dead)s", **counts)
 
     def serve_http(self, notifier: ServiceNotifier | None = None) -> None:
         """Run the HTTP API in the foreground until interrupted; systemd hears READY=1 once it listens."""

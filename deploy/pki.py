@@ -36,8 +36,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from sekisho.common.certs import BACKDATE, build_leaf, subject_name
 from sekisho.common.files import write_atomically
 from sekisho.protocol import errors, signing, topics
 
@@ -46,7 +47,6 @@ CA_DAYS = 3650
 # chore rather than a once-a-decade surprise.
 LEAF_DAYS = 825
 # Tolerates an agent whose clock is a little behind the machine that issued its certificate.
-BACKDATE = dt.timedelta(minutes=5)
 
 CONTROLLER_CN = "controller"
 BROKER_CN = "sekisho-broker"
@@ -234,15 +234,6 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sekisho"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-
-
 def _load_ca(ca: CaPaths, ca_key_path: Path | None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key_path = ca_key_path or ca.key
     if not ca.cert.exists() or not key_path.exists():
@@ -291,38 +282,17 @@ def _issue(
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _ec_key()
     now = _now()
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(min(now + dt.timedelta(days=LEAF_DAYS), ca_cert.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        # A single purpose per certificate: OpenSSL then refuses the broker's certificate as a client
-        # certificate, and a client certificate as a server's.
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    cert = build_leaf(
+        issuer_cert=ca_cert,
+        issuer_key=ca_key,
+        public_key=key.public_key(),
+        common_name=common_name,
+        usage=usage,
+        now=now,
+        not_after=now + dt.timedelta(days=LEAF_DAYS),
+        san=san,
     )
-    if san is not None:
-        builder = builder.add_extension(san, critical=False)
-    return builder.sign(ca_key, hashes.SHA256()), key
+    return cert, key
 
 
 # --- public API --------------------------------------------------------------------------------------
@@ -338,7 +308,7 @@ def init_ca(directory: Path, *, force: bool = False, common_name: str = CA_NAME,
     _make_dir(directory)
     key = _ec_key()
     now = _now()
-    name = _name(common_name)
+    name = subject_name(common_name)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -540,7 +510,7 @@ def init_issuing_ca(
     now = _now()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(ISSUING_CA_NAME))
+        .subject_name(subject_name(ISSUING_CA_NAME))
         .issuer_name(root_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

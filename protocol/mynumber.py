@@ -33,6 +33,8 @@ import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
+from sekisho.common.i18n import M_
+
 REDACTED = "[REDACTED:my_number]"
 
 # --- folding ---------------------------------------------------------------------------------------
@@ -295,8 +297,10 @@ class MyNumberFound(ValueError):
         where = ", ".join(paths)
         prefix = f"{what}: " if what else ""
         super().__init__(
-            f"{prefix}{where}: マイナンバー（個人番号）らしき値は受け付けません / looks like a My Number "
-            "(12 digits with a valid check digit); refused, value not shown"
+            M_(
+                "%(where)s: looks like a My Number (12 digits with a valid check digit); refused, value not shown",
+                where=f"{prefix}{where}",
+            )
         )
 
 

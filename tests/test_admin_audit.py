@@ -26,6 +26,7 @@ from test_media import site_yaml
 from typer.testing import CliRunner
 
 from sekisho.cli import app as sekisho_app
+from sekisho.common.i18n import localize
 from sekisho.controller.media.service import MediaRefused, MediaService
 from sekisho.controller.policy.loader import parse_policy
 from sekisho.controller.policy.service import PolicyService
@@ -227,7 +228,8 @@ def test_a_my_number_in_any_value_is_refused_and_nothing_written(trail: Store, n
         args: dict[str, Any] = {"target": "loan:x", **case}
         with pytest.raises(mynumber.MyNumberFound) as info:
             trail.record_admin("user:alice", "web", None, "media.loan.create", **args)
-        assert number not in str(info.value) and "My Number" in str(info.value)
+        assert number not in str(info.value) and "マイナンバー" in str(info.value)
+        assert "looks like a My Number" in localize(info.value, "en")
     assert (len(rows(trail)), checkpoints(trail)) == before
     assert trail.verify_chains() == []
 
@@ -421,7 +423,7 @@ def test_cli_door_unlock_records_the_operator_and_reason(cli: Cli) -> None:
 
 def test_cli_door_command_reason_with_a_my_number_is_refused(cli: Cli, number: str) -> None:
     output = cli.run("doors", "lockdown", "--all", "--reason", f"連絡先 {number}", code=2)
-    assert "reason" in output and "My Number" in output and number not in output
+    assert "reason" in output and "マイナンバー" in output and number not in output
     assert rows(cli.store) == [] and cli.store.read(select(IssuedCommand)) == []
 
 

@@ -122,7 +122,7 @@ def test_key_loans_over_http(api: Api) -> None:
     one = get(api, f"/api/v1/keys/loans/{loans['k-archive']['id']}")
     assert one["cabinet"] == "keys-01" and one["slot"] == 0
     missing = api.client.get("/api/v1/keys/loans/999999")
-    assert missing.status_code == 404 and "no key loan" in missing.json()["detail"]
+    assert missing.status_code == 404 and missing.json()["detail"] == "鍵の貸出 999999 がありません"
 
 
 def test_door_log_presence_and_visits_over_http(api: Api) -> None:
@@ -174,9 +174,23 @@ def test_door_log_presence_and_visits_over_http(api: Api) -> None:
     ],
 )
 def test_bad_parameters_are_422_with_the_reason(api: Api, path: str, params: dict[str, Any], needle: str) -> None:
-    answer = api.client.get(path, params=params)
+    answer = api.client.get(path, params=params, headers={"Accept-Language": "en"})  # FastAPI's own are English
     assert answer.status_code == 422, answer.text
     assert needle.lower() in answer.text.lower()
+
+
+def test_our_refusals_are_in_the_request_language(api: Api) -> None:
+    """Japanese by default, English for Accept-Language: en or the console's language cookie; same JSON shape."""
+    params = {"open": "false", "overdue": "true"}
+    japanese = api.client.get("/api/v1/keys/loans", params=params)
+    assert japanese.status_code == 422
+    assert japanese.json() == {"detail": "open=false と overdue=true は両立しません（返却済みの鍵は延滞になりません）"}
+    english = api.client.get("/api/v1/keys/loans", params=params, headers={"Accept-Language": "en-GB,ja;q=0.5"})
+    assert english.json() == {
+        "detail": "open=false and overdue=true contradict each other: a returned key cannot be overdue"
+    }
+    cookie = api.client.get("/api/v1/keys/loans/999999", headers={"Cookie": "sekisho_lang=en"})
+    assert cookie.status_code == 404 and cookie.json() == {"detail": "no key loan 999999"}
 
 
 def test_every_door_route_needs_a_token(api: Api) -> None:
@@ -210,25 +224,26 @@ def run_cli(*args: str, code: int = 0) -> str:
 def test_cli_shows_the_registers_and_rebuilds(api: Api) -> None:
     config = str(api.config)
     keys = run_cli("doors", "keys", "--config", config)
-    assert "k-archive" in keys and "延滞 / overdue" in keys and "wrong slot 2" in keys and "return without loan" in keys
+    # The command line speaks the process language (Japanese in the tests).
+    assert "k-archive" in keys and "延滞" in keys and "別スロットへ返却: 2" in keys and "貸出記録なしの返却" in keys
     assert "k-archive" in run_cli("doors", "keys", "--open", "--config", config)
     assert "k-server-rack" not in run_cli("doors", "keys", "--overdue", "--config", config)
     log = run_cli("doors", "log", "--kind", "locker", "--since", "2026-11-17T00:00", "--config", config)
     assert "locker-02" in log and "tamper" in log
     assert "'garage' is not one of" in run_cli("doors", "log", "--kind", "garage", "--config", config, code=2)
     inside = run_cli("doors", "inside", "a-hr-room", "--config", config)
-    assert "p-0001" in inside and "p-0002" in inside and "2 person(s)" in inside
+    assert "p-0001" in inside and "p-0002" in inside and "2 名" in inside
     assert "p-0006" in run_cli("doors", "visits", "--config", config)
 
     # A new event stored while no controller runs: the CLI brings the registers up to date first.
     api.doors.pass_door("p-0003", "entry", T0 + timedelta(hours=1))
-    assert "3 person(s)" in run_cli("doors", "inside", "--config", config)
+    assert "3 名" in run_cli("doors", "inside", "--config", config)
     before = api.doors.tables()
-    assert "from 13 door and key event(s)" in run_cli("doors", "rebuild", "--config", config)
+    assert "イベント 13 件から" in run_cli("doors", "rebuild", "--config", config)
     assert api.doors.tables() == before
     overdue = run_cli("doors", "check-overdue", "--config", config)
-    assert "1 overdue, 1 new finding(s)" in overdue and "k-archive" in overdue
-    assert "1 overdue, 0 new finding(s)" in run_cli("doors", "check-overdue", "--config", config)
+    assert "延滞 1 件、新規の指摘 1 件" in overdue and "k-archive" in overdue
+    assert "延滞 1 件、新規の指摘 0 件" in run_cli("doors", "check-overdue", "--config", config)
 
 
 # --- with a real broker: ingest → registers, and remote door commands -------------------------------
@@ -340,12 +355,17 @@ def test_door_commands_are_signed_for_the_agents_that_drive_the_doors(
         assert (name, args["door"], args["seconds"]) == ("door.unlock", "locker-01", 5)
 
         # Refusals name the reason and send nothing.
-        assert "no door 'nowhere'" in run_cli("doors", "unlock", "nowhere", "--config", cfg, code=2)
+        # (in the process language: the tests run in Japanese)
+        assert "扉 nowhere は有効なポリシーにありません" in run_cli(
+            "doors", "unlock", "nowhere", "--config", cfg, code=2
+        )
         refused = run_cli("doors", "emergency-unlock", "--door", "locker-02", "--config", cfg, code=2)
-        assert "never emergency-unlocked: locker-02" in refused
-        assert "exactly one of" in run_cli("doors", "lockdown", "--config", cfg, code=2)
-        assert "no area 'a-nowhere'" in run_cli("doors", "normal", "--area", "a-nowhere", "--config", cfg, code=2)
-        assert "no person 'p-9999'" in run_cli(
+        assert "非常解錠できません: locker-02" in refused
+        assert "どれか一つを指定してください" in run_cli("doors", "lockdown", "--config", cfg, code=2)
+        assert "区域 a-nowhere は有効なポリシーにありません" in run_cli(
+            "doors", "normal", "--area", "a-nowhere", "--config", cfg, code=2
+        )
+        assert "p-9999 は有効なポリシーにいません" in run_cli(
             "doors", "forgive-passback", "a-hr-room", "--person", "p-9999", "--config", cfg, code=2
         )
         for client in agents.values():

@@ -75,7 +75,8 @@ def test_a_simulated_board_is_refused_outside_lab_mode(
     agent: Agent, agent_toml: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(LAB_ENV, raising=False)
-    with pytest.raises(DoorsSetupError, match=r'board.kind = "simulated".*refused outside lab mode.*SEKISHO_LAB=1'):
+    refused = r'board.kind = "simulated".*シミュレーションは実運用では使えません.*SEKISHO_LAB=1'  # tests run in ja
+    with pytest.raises(DoorsSetupError, match=refused):
         start_doors(agent, agent_toml)
     assert not agent.alive()  # nothing was started
 
@@ -100,4 +101,13 @@ def test_the_door_agent_command_says_why_and_exits_non_zero(agent_toml: Path) ->
         check=False,
     )
     assert done.returncode == 2, done.stderr
-    assert "refused outside lab mode" in done.stderr and "Traceback" not in done.stderr
+    assert "シミュレーションは実運用では使えません" in done.stderr and "Traceback" not in done.stderr
+    english = subprocess.run(
+        [sys.executable, "-m", "sekisho", "agent", "doors", "--config", str(agent_toml)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "SEKISHO_LANG": "en"},
+        check=False,
+    )
+    assert english.returncode == 2 and "refused outside lab mode" in english.stderr, english.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ import pytest
 from sqlalchemy import insert, text
 from sqlalchemy.exc import DBAPIError
 
+from sekisho.common.i18n import localize
 from sekisho.controller.media.service import MediaConflict, MediaRefused, MediaService
 from sekisho.controller.policy.loader import PolicyError, load_policy_file, parse_policy
 from sekisho.controller.policy.service import PolicyService
@@ -109,8 +111,9 @@ def test_return_and_revoke_end_the_loan_in_new_versions(site: Site) -> None:
     assert all(loan["returned_at"] for loan in site.bundle_loans("term-acc-01"))
     record = site.media.register.get_loan(second)
     assert record is not None and record.revoked_at is not None and record.revoke_reason.startswith("異動")
-    with pytest.raises(MediaConflict, match="already ended"):
+    with pytest.raises(MediaConflict, match="取消済み") as ended:  # the process language (tests: ja)
         site.media.return_medium(second, received_by="p-0002")
+    assert localize(ended.value, "en") == f"loan {second} has already ended: it was revoked"
     log = site.media.register.list_loan_log()
     assert [(e.action, e.loan_id, e.version) for e in log] == [
         ("lend", first, 2),
@@ -124,27 +127,31 @@ def test_return_and_revoke_end_the_loan_in_new_versions(site: Site) -> None:
 
 
 @pytest.mark.parametrize(
-    ("overrides", "error", "needle"),
+    ("overrides", "error", "needle", "english"),
     [
-        ({"medium": "m-0404"}, MediaRefused, "not registered"),
-        ({"medium": "m-0009"}, MediaRefused, "retired"),
-        ({"approved_by": "p-0001"}, MediaRefused, "separation of duties"),
-        ({"approved_by": "p-0003"}, MediaRefused, "area_manager or chief_officer"),
-        ({"person": "p-0009"}, MediaRefused, "inactive"),
-        ({"terminals": ["t-nowhere"]}, MediaRefused, "unknown terminal"),
-        ({"ends_at": datetime(2020, 1, 1, tzinfo=UTC)}, MediaRefused, "after starts_at"),
+        ({"medium": "m-0404"}, MediaRefused, "台帳にありません", "not registered"),
+        ({"medium": "m-0009"}, MediaRefused, "貸出できません（retired）", "it is retired"),
+        ({"approved_by": "p-0001"}, MediaRefused, "職務の分離", "separation of duties"),
+        ({"approved_by": "p-0003"}, MediaRefused, "区域責任者・責任者ではありません", "area_manager or chief_officer"),
+        ({"person": "p-0009"}, MediaRefused, "在籍していません", "inactive"),
+        ({"terminals": ["t-nowhere"]}, MediaRefused, "端末がありません: t-nowhere", "unknown terminal(s): t-nowhere"),
+        ({"ends_at": datetime(2020, 1, 1, tzinfo=UTC)}, MediaRefused, "開始より後に", "after starts_at"),
     ],
 )
-def test_lend_refusals(site: Site, overrides: dict[str, Any], error: type[Exception], needle: str) -> None:
-    with pytest.raises(error, match=needle):
+def test_lend_refusals(
+    site: Site, overrides: dict[str, Any], error: type[Exception], needle: str, english: str
+) -> None:
+    """Each refusal says why in the process language (Japanese here), and the same message reads in English."""
+    with pytest.raises(error, match=re.escape(needle)) as refused:
         site.lend(**overrides)
+    assert english in localize(refused.value, "en")
     assert site.store.current_policy_version().version == 1  # type: ignore[union-attr]
     assert site.media.register.list_loans() == [] and site.media.register.list_loan_log() == []
 
 
 def test_chief_officer_may_approve_and_overlap_is_refused(site: Site) -> None:
     site.lend(approved_by="p-0008")
-    with pytest.raises(MediaConflict, match="already lent"):
+    with pytest.raises(MediaConflict, match=r"は貸出 loan-.* で p-0001 に .*まで貸出中です"):
         site.lend(person="p-0003", terminals=["t-acc-01"])
     # Later windows do not overlap: a reservation is fine.
     later = timefmt.now() + timedelta(days=3)

@@ -84,7 +84,11 @@ def test_lend_return_revoke_over_http(api: tuple[TestClient, Store, list[int]]) 
     back = client.post(f"/api/v1/media/loans/{loan_id}/return", json={"received_by": "p-0002"})
     assert back.status_code == 200 and back.json()["version"] == 3 and back.json()["loan"]["state"] == "returned"
     again = client.post(f"/api/v1/media/loans/{loan_id}/return", json={"received_by": "p-0002"})
-    assert again.status_code == 409 and "already ended" in again.json()["detail"]
+    assert again.status_code == 409 and again.json()["detail"] == f"貸出 {loan_id} は終了しています（返却済み）"
+    english = client.post(
+        f"/api/v1/media/loans/{loan_id}/return", json={"received_by": "p-0002"}, headers={"Accept-Language": "en"}
+    )
+    assert english.json() == {"detail": f"loan {loan_id} has already ended: it was returned"}
 
     second = client.post("/api/v1/media/loans", json=_loan(read_only=False)).json()["loan"]["id"]
     revoked = client.post(f"/api/v1/media/loans/{second}/revoke", json={"reason": "目的外使用の疑い"})
@@ -94,20 +98,26 @@ def test_lend_return_revoke_over_http(api: tuple[TestClient, Store, list[int]]) 
 
 
 @pytest.mark.parametrize(
-    ("overrides", "code", "needle"),
+    ("overrides", "code", "needle", "english"),
     [
-        ({"approved_by": "p-0001"}, 422, "separation of duties"),
-        ({"approved_by": "p-0003"}, 422, "area_manager"),
-        ({"medium": "m-0009"}, 422, "retired"),
-        ({"person": "p-0009"}, 422, "inactive"),
-        ({"ends_at": "2030-01-01T00:00:00"}, 422, "time zone"),
-        ({"surprise": 1}, 422, "Extra inputs"),
+        ({"approved_by": "p-0001"}, 422, "職務の分離", "separation of duties"),
+        ({"approved_by": "p-0003"}, 422, "区域責任者・責任者ではありません", "area_manager"),
+        ({"medium": "m-0009"}, 422, "貸出できません（retired）", "it is retired"),
+        ({"person": "p-0009"}, 422, "在籍していません", "inactive"),
+        ({"ends_at": "2030-01-01T00:00:00"}, 422, "タイムゾーン", "time zone"),
+        ({"surprise": 1}, 422, "Extra inputs", "Extra inputs"),  # FastAPI's own text, in English only
     ],
 )
-def test_lend_refusals_over_http(api: tuple[TestClient, Store, list[int]], overrides, code, needle) -> None:
+def test_lend_refusals_over_http(
+    api: tuple[TestClient, Store, list[int]], overrides: dict[str, Any], code: int, needle: str, english: str
+) -> None:
+    """A refusal is in Japanese by default and in English for Accept-Language: en; the JSON shape is the same."""
     client, store, _ = api
     refused = client.post("/api/v1/media/loans", json=_loan(**overrides))
     assert refused.status_code == code and needle in refused.text
+    in_english = client.post("/api/v1/media/loans", json=_loan(**overrides), headers={"Accept-Language": "en"})
+    assert in_english.status_code == code and english in in_english.text
+    assert type(in_english.json()["detail"]) is type(refused.json()["detail"])
     assert MediaRegister(store).list_loans() == []
 
 
@@ -115,7 +125,7 @@ def test_overlap_is_409(api: tuple[TestClient, Store, list[int]]) -> None:
     client, _, _ = api
     assert client.post("/api/v1/media/loans", json=_loan()).status_code == 201
     clash = client.post("/api/v1/media/loans", json=_loan(person="p-0003", terminals=["t-acc-01"]))
-    assert clash.status_code == 409 and "already lent" in clash.json()["detail"]
+    assert clash.status_code == 409 and "貸出中です" in clash.json()["detail"]
 
 
 def test_production_requires_a_token(api: tuple[TestClient, Store, list[int]]) -> None:

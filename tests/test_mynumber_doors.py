@@ -29,6 +29,7 @@ from test_mynumber import ZERO_PREFIX, fullwidth, grouped, valid, wrong
 from typer.testing import CliRunner
 
 from sekisho.cli import app as sekisho_app
+from sekisho.common.i18n import localize
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.deps import AppState
 from sekisho.controller.config import ControllerConfig, load_config
@@ -134,8 +135,14 @@ def test_loan_purpose_with_a_my_number_is_refused_and_not_stored(api: Api, notat
     answer = api.client.post("/api/v1/media/loans", json=_loan(purpose=NOTATIONS[notation]))
     assert answer.status_code == 422, answer.text
     assert answer.json()["detail"][0]["loc"] == ["body", "purpose"]
-    assert "My Number" in answer.text
+    assert "マイナンバー" in answer.text  # the default language of an answer
     assert_not_repeated(answer.text)
+    english = api.client.post(
+        "/api/v1/media/loans", json=_loan(purpose=NOTATIONS[notation]), headers={"Accept-Language": "en"}
+    )
+    assert english.json()["detail"][0]["loc"] == ["body", "purpose"] and "looks like a My Number" in english.text
+    assert "マイナンバー" not in english.text
+    assert_not_repeated(english.text)
     assert api.client.get("/api/v1/media/loans").json() == []
     assert_nowhere(api.database, NOTATIONS[notation])
 
@@ -213,7 +220,8 @@ def test_site_yaml_with_a_my_number_names_the_field_and_not_the_value() -> None:
     with pytest.raises(PolicyError) as info:
         parse_policy(text_, "site.yaml")
     assert [p.split(": ")[1] for p in info.value.problems] == ["people.1.name", "doors.0.name"]
-    assert "My Number" in info.value.problems[0]
+    assert "マイナンバー" in info.value.problems[0]  # the process language (tests: ja)
+    assert "looks like a My Number" in localize(info.value.problems[0], "en")
     assert_not_repeated(" ".join(info.value.problems))
     # As a YAML integer, as a key, and in a line PyYAML quotes in its error.
     for doc in (f"site: {{name: a, id: {NUMBER}}}\n", f"site: {{name: a}}\n{NUMBER}: x\n", f"site: [{NUMBER}\n"):
@@ -277,9 +285,9 @@ def test_policy_apply_refuses_a_person_named_with_a_my_number(cli: Cli) -> None:
     site = cli.tmp / "site.yaml"
     site.write_text(site_yaml().replace("name: 見本 太郎", f"name: {NOTATIONS['full-width with U+3000']}", 1))
     output = cli.run("policy", "apply", str(site), code=1)
-    assert "people.0.name" in output and "My Number" in output
+    assert "people.0.name" in output and "マイナンバー" in output
     site.write_text(site_yaml().replace("name: 見本 太郎", "name: 見本 太郎 (renamed)", 1))
-    assert "My Number" in cli.run("policy", "apply", str(site), "--comment", NOTATIONS["en dash"], code=1)
+    assert "マイナンバー" in cli.run("policy", "apply", str(site), "--comment", NOTATIONS["en dash"], code=1)
     assert_nowhere(cli.database, *NOTATIONS.values())
 
 
@@ -287,7 +295,7 @@ def test_media_cli_refuses_purpose_and_reason(cli: Cli) -> None:
     until = (timefmt.now() + timedelta(days=1)).isoformat()
     lend = ["media", "lend", "m-0001", "--person", "p-0001", "--terminal", "t-hr-01", "--until", until]
     output = cli.run(*lend, "--purpose", NOTATIONS["minus sign"], "--approved-by", "p-0002", code=1)
-    assert "purpose" in output and "My Number" in output
+    assert "purpose" in output and "マイナンバー" in output
     cli.run(*lend[:-2], "--until", NUMBER, "--purpose", "x", "--approved-by", "p-0002", code=2)
     cli.run("media", "revoke", "loan-20261130-001", "--reason", NOTATIONS["space-hyphen-space"], code=1)
     cli.run("media", "return", NUMBER, code=1)

@@ -174,13 +174,13 @@ def test_agent_run_is_ready_pings_the_watchdog_and_says_stopping(lab: Lab, liste
     config = lab.add_agent("notify-agent")
     proc = lab.spawn("agent", "run", "--config", str(config), log_name="agent", env=_notify_env(listener))
     ready = listener.wait_for("READY")
-    assert ready["READY"] == "1" and "outbox" in ready["STATUS"]
+    assert ready["READY"] == "1" and "送信待ち" in ready["STATUS"]  # the process language (conftest: ja)
     # WatchdogSec 0.4 s: pinged every 0.2 s by the liveness loop while the agent's threads run.
     assert listener.wait_for("WATCHDOG", timeout=5)["WATCHDOG"] == "1"
     assert listener.wait_for("WATCHDOG", timeout=5)["WATCHDOG"] == "1"
     # Started before the broker answered; the status follows the link.
     statuses = [fields["STATUS"] for fields in listener.received if "STATUS" in fields]
-    while not any(status.startswith("接続中 / connected") for status in statuses):
+    while not any(status.startswith("接続中; 送信待ち") for status in statuses):
         statuses.append(listener.wait_for("STATUS")["STATUS"])
     assert _stop(proc) == 0
     assert listener.wait_for("STOPPING", timeout=5)["STOPPING"] == "1"
@@ -192,7 +192,7 @@ def test_controller_serve_is_ready_only_once_http_answers(lab: Lab, listener: No
         "controller", "serve", "--config", str(lab.controller_config), log_name="serve", env=_notify_env(listener)
     )
     ready = listener.wait_for("READY", timeout=60)
-    assert "connected" in ready["STATUS"]
+    assert ready["STATUS"].startswith("接続中; 保存 "), ready["STATUS"]
     # READY=1 came after the socket was listening: the API answers at once, no retry needed.
     with urllib.request.urlopen(f"http://127.0.0.1:{lab.http_port}/healthz", timeout=5) as response:
         assert response.status == 200
@@ -214,7 +214,7 @@ def test_controller_ingest_is_ready_once_connected(lab: Lab, listener: NotifyLis
         env={**_notify_env(listener), "SEKISHO_CONTROLLER_WORKER_ID": "controller-2"},
     )
     ready = listener.wait_for("READY", timeout=60)
-    assert ready["STATUS"].startswith("接続中 / connected")
+    assert ready["STATUS"].startswith("接続中; 保存 "), ready["STATUS"]
     assert listener.wait_for("WATCHDOG", timeout=5)["WATCHDOG"] == "1"
     assert _stop(proc) == 0
     assert listener.wait_for("STOPPING", timeout=10)["STOPPING"] == "1"

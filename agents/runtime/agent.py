@@ -33,6 +33,7 @@ from sekisho.agents.runtime.policy_cache import PolicyCache, PolicyChange
 from sekisho.agents.runtime.sender import ClockEstimate, Sender
 from sekisho.agents.runtime.textfile import AgentVitals, write_textfile
 from sekisho.agents.runtime.vitals import CertificateExpiry, ErrorLogHandler, ErrorNote
+from sekisho.common.i18n import _
 from sekisho.common.sdnotify import serve_until
 from sekisho.protocol import errors, signing, topics
 
@@ -273,8 +274,8 @@ class Agent:
         """Return the one-line state shown by `systemctl status` (sd_notify STATUS)."""
         depth = self.outbox.depth()
         if self.link.connected:
-            return f"接続中 / connected; outbox {depth}"
-        return f"ブローカー未接続（イベントはディスクに保持）/ broker unreachable, events kept on disk; outbox {depth}"
+            return _("connected; outbox %(depth)s", depth=depth)
+        return _("broker unreachable, events kept on disk; outbox %(depth)s", depth=depth)
 
     def wait_drained(self, timeout: float) -> bool:
         """Wait until every recorded event has been acknowledged by the controller."""

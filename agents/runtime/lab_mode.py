@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from sekisho.common.i18n import _
+
 LAB_ENV = "SEKISHO_LAB"
 
 
@@ -22,8 +24,10 @@ def lab_mode(env: Mapping[str, str] | None = None) -> bool:
 
 
 def simulation_refused(what: str) -> str:
-    """Return the bilingual message that refuses a simulated backend outside lab mode."""
-    return (
-        f"{what}: シミュレーションは実運用では使えません / a simulated backend is refused outside lab mode: it "
-        f"would look configured and protect nothing (demo and tests only: set {LAB_ENV}=1)"
+    """Return the message (in this process's language) that refuses a simulated backend outside lab mode."""
+    return _(
+        "%(what)s: a simulated backend is refused outside lab mode: it would look configured and protect nothing "
+        "(demo and tests only: set %(variable)s=1)",
+        what=what,
+        variable=LAB_ENV,
     )

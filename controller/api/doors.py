@@ -17,6 +17,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel, ConfigDict
 
+from sekisho.common.i18n import M_, Message
 from sekisho.controller.accounts.roles import Actor, Permission, require
 from sekisho.controller.api.deps import StateDep
 from sekisho.controller.doors.registers import DoorKind, DoorRegisters, LoanState, loan_state
@@ -138,16 +139,17 @@ class VisitPage(BaseModel):
     next_after_id: int | None
 
 
-def _unprocessable(message: str) -> HTTPException:
+def _unprocessable(message: Message) -> HTTPException:
+    # The detail stays a Message: the app's handler gives it in the request's language (api/privacy.py).
     return HTTPException(422, message)
 
 
 def _window(since: datetime | None, until: datetime | None) -> None:
     for name, moment in (("since", since), ("until", until)):
         if moment is not None and moment.tzinfo is None:
-            raise _unprocessable(f"{name}: 時刻にはタイムゾーンが必要です / {name} needs a time zone (e.g. +09:00)")
+            raise _unprocessable(M_("%(name)s needs a time zone (e.g. +09:00)", name=name))
     if since is not None and until is not None and until <= since:
-        raise _unprocessable("until は since より後にしてください / until must be after since")
+        raise _unprocessable(M_("until must be after since"))
 
 
 def _loan(loan: KeyLoan, now: datetime) -> KeyLoanPublic:
@@ -176,7 +178,7 @@ def list_key_loans(
 ) -> KeyLoanPage:
     """List the key-lending register: open (not returned), overdue (open past due), by borrower, key, cabinet."""
     if open_ is False and overdue is True:
-        raise _unprocessable("open=false と overdue=true は両立しません / a returned key cannot be overdue")
+        raise _unprocessable(M_("open=false and overdue=true contradict each other: a returned key cannot be overdue"))
     now = timefmt.now()
     rows = DoorRegisters(state.store).loans(
         open_=open_,
@@ -197,7 +199,7 @@ def get_key_loan(state: StateDep, loan_id: int) -> KeyLoanPublic:
     """Return one line of the key-lending register."""
     found = DoorRegisters(state.store).loan(loan_id)
     if found is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"鍵の貸出 {loan_id} がありません / no key loan {loan_id}")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, M_("no key loan %(loan)s", loan=loan_id))
     return _loan(found, timefmt.now())
 
 
@@ -231,7 +233,7 @@ def list_presence(state: StateDep, actor: AreaReader) -> list[PresencePublic]:
 def _may_see(actor: Actor, area: str | None) -> None:
     if area is not None and not actor.sees_area(area):
         raise HTTPException(
-            status.HTTP_403_FORBIDDEN, f"区域 {area} は担当外です / the area {area} is not one of this account's areas"
+            status.HTTP_403_FORBIDDEN, M_("the area %(area)s is not one of this account's areas", area=area)
         )
 
 
@@ -266,7 +268,7 @@ def list_visits(
         if area is None and len(actor.areas) == 1:
             area = next(iter(actor.areas))
         if area is None:
-            raise _unprocessable("area を指定してください / name one of your areas with area=")
+            raise _unprocessable(M_("name one of your areas with area="))
         _may_see(actor, area)
     rows = DoorRegisters(state.store).visits(
         open_=open_, since=since, visitor=visitor, area=area, after_id=after_id, limit=limit + 1

@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
 
+from sekisho.common.i18n import M_, message_of
 from sekisho.controller.accounts.roles import Permission, require
 from sekisho.controller.api.deps import AppState, StateDep
 from sekisho.controller.api.schemas import (
@@ -26,7 +27,7 @@ from sekisho.controller.audit.api import OperatorDep
 from sekisho.controller.media.service import LoanNotFound, MediaConflict, MediaError, MediaService, loan_state
 from sekisho.controller.policy.service import PolicyService
 from sekisho.controller.store.models import LoanRecord
-from sekisho.protocol import mynumber, timefmt
+from sekisho.protocol import timefmt
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,14 @@ def _reading(state: AppState) -> MediaService:
 
 def _writing(state: AppState) -> MediaService:
     if state.signing_key is None:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE, "署名鍵を読めません / the controller's signing key is unavailable"
-        )
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, M_("the controller's signing key is unavailable"))
     return MediaService(state.store, PolicyService(state.store, state.signing_key))
 
 
 def _http_error(err: MediaError) -> HTTPException:
-    # The service names fields, never values; the app's handler redacts the detail too (api/privacy.py).
-    detail = mynumber.redact(str(err))
+    # The service names fields, never values; the app's handler redacts the detail too and gives it in the
+    # request's language (api/privacy.py), so the Message goes through as it is.
+    detail = message_of(err)
     if isinstance(err, LoanNotFound):
         return HTTPException(status.HTTP_404_NOT_FOUND, detail)
     if isinstance(err, MediaConflict):

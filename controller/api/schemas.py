@@ -7,16 +7,14 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from sekisho.common.i18n import M_
 from sekisho.protocol import mynumber
 
 
 def _no_my_number(value: str) -> str:
     if mynumber.contains_my_number(value):
         # The field name is in the error's "loc"; the value is never repeated (see controller/api/privacy.py).
-        raise ValueError(
-            "マイナンバー（個人番号）らしき値は記録できません / looks like a My Number "
-            "(12 digits with a valid check digit); refused, value not shown"
-        )
+        raise ValueError(M_("looks like a My Number (12 digits with a valid check digit); refused, value not shown"))
     return value
 
 

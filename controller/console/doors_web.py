@@ -22,6 +22,7 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from sekisho.common.i18n import localize
 from sekisho.controller.accounts.roles import Actor, Permission, require
 from sekisho.controller.accounts.web import csrf_for
 from sekisho.controller.audit.operators import api_operator
@@ -95,7 +96,7 @@ def build(policy: SitePolicy, asked: Asked, actor: Actor) -> list[commands.DoorC
     try:
         refuse_free_text("door command", reason=reason)
     except mynumber.MyNumberFound as err:
-        raise Refused(str(err)) from err
+        raise Refused(*err.args) from err  # the service's Message: shown in the page's language
     kind, _, ident = asked.target.partition(":")
     try:
         if asked.action == "unlock":
@@ -109,7 +110,7 @@ def build(policy: SitePolicy, asked: Asked, actor: Actor) -> list[commands.DoorC
             return commands.set_mode(policy, name, area=ident)  # type: ignore[arg-type]
         return commands.set_mode(policy, name, all_doors=True)  # type: ignore[arg-type]
     except commands.TargetError as err:
-        raise Refused(str(err)) from err
+        raise Refused(*err.args) from err
 
 
 def _form_context(request: Request, actor: Actor, asked: Asked | None, error: str | None) -> dict[str, Any]:
@@ -146,7 +147,7 @@ def confirm(
     try:
         built = build(_policy(request), asked, actor)
     except Refused as err:
-        context = _form_context(request, actor, asked, str(err))
+        context = _form_context(request, actor, asked, localize(err, templating.language_of(request, actor)))
         return templating.render(request, "doors/form.html", context, viewer=actor, status_code=422)
     context = {
         **_form_context(request, actor, asked, None),
@@ -229,7 +230,7 @@ async def send(
     try:
         built = build(_policy(request), asked, actor)
     except Refused as err:
-        context = _form_context(request, actor, asked, str(err))
+        context = _form_context(request, actor, asked, localize(err, templating.language_of(request, actor)))
         return templating.render(request, "doors/form.html", context, viewer=actor, status_code=422)
     sent: list[str] = []
     failed: list[str] = []

@@ -28,6 +28,7 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from markupsafe import Markup
 
+from sekisho.common.i18n import localize
 from sekisho.controller.accounts.roles import Actor, Permission, require
 from sekisho.controller.accounts.web import csrf_for
 from sekisho.controller.audit.operators import api_operator
@@ -277,8 +278,10 @@ def _publish(request: Request) -> None:
 
 
 def _refusal(request: Request, actor: Actor, err: MediaError, entered: dict[str, Any]) -> Response:
-    # The service names fields, never values; redacting the message is the backstop.
-    return render_page(request, actor, error=mynumber.redact(str(err)), entered=entered, status_code=422)
+    # The service names fields, never values; redacting the message is the backstop. A service message is
+    # shown in the page's language.
+    shown = localize(err, templating.language_of(request, actor))
+    return render_page(request, actor, error=mynumber.redact(shown), entered=entered, status_code=422)
 
 
 @pages.post("/lend")

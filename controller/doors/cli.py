@@ -229,7 +229,7 @@ def inside(
             row.area, row.person, jst(row.entered_at), row.door, "yes" if row.visitor else "—", row.escort or "—"
         )
     console.print(table)
-    console.print(f"{len(rows)} 名 / {len(rows)} person(s)")
+    console.print(_("%(count)s person(s)", count=len(rows)))
 
 
 @app.command("visits", help=_("Show the visitor log with escorts."))
@@ -313,9 +313,7 @@ def check_overdue(config: ConfigOpt) -> None:
                 jst=jst(loan.due_at),
             )
         )
-    console.print(
-        f"延滞 {len(overdue)} 件、新規の指摘 {len(created)} 件 / {len(overdue)} overdue, {len(created)} new finding(s)"
-    )
+    console.print(_("%(overdue)s overdue, %(created)s new finding(s)", overdue=len(overdue), created=len(created)))
 
 
 # --- remote commands: signed, expiring, single-use, through `sekisho controller send-command` ----------------

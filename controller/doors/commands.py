@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from sekisho.common.i18n import M_
 from sekisho.protocol import mynumber
 from sekisho.protocol.door_commands import (
     EMERGENCY_UNLOCK,
@@ -47,36 +48,33 @@ def _wire(model: type[CommandArgs], **values: Any) -> dict[str, Any]:
     try:
         return parse_args(model, given).wire()
     except Rejected as err:
-        raise TargetError(f"扉の操作の引数が不正です / the door agent would refuse this: {err.detail}") from err
+        raise TargetError(M_("the door agent would refuse this: %(detail)s", detail=err.detail)) from err
 
 
 def _refuse_my_numbers(**fields: Any) -> None:
     """Refuse names that look like a My Number before any message below repeats them (never the value)."""
     found = [name for name, value in fields.items() if next(mynumber.find_my_numbers(value), None) is not None]
     if found:
-        raise TargetError(
-            f"{', '.join(found)}: マイナンバー（個人番号）らしき値は使えません / looks like a My Number; "
-            "refused, value not shown"
-        )
+        raise TargetError(M_("%(fields)s: looks like a My Number; refused, value not shown", fields=", ".join(found)))
 
 
 def _door(policy: SitePolicy, door_id: str) -> Door:
     for door in policy.doors:
         if door.id == door_id:
             return door
-    raise TargetError(f"扉 {door_id} はポリシーにありません / no door {door_id!r} in the policy in force")
+    raise TargetError(M_("no door %(door)s in the policy in force", door=door_id))
 
 
 def _check_area(policy: SitePolicy, area: str) -> None:
     if area not in {a.id for a in policy.areas}:
-        raise TargetError(f"区域 {area} はポリシーにありません / no area {area!r} in the policy in force")
+        raise TargetError(M_("no area %(area)s in the policy in force", area=area))
 
 
 def unlock(policy: SitePolicy, door_id: str, seconds: int, requested_by: str | None) -> DoorCommand:
     """Build a one-off remote unlock of one door for its agent."""
     _refuse_my_numbers(door=door_id, requested_by=requested_by)
     if not 1 <= seconds <= MAX_UNLOCK_S:
-        raise TargetError(f"解錠時間は 1〜{MAX_UNLOCK_S} 秒です / seconds must be 1..{MAX_UNLOCK_S}")
+        raise TargetError(M_("seconds must be 1..%(max)s", max=MAX_UNLOCK_S))
     door = _door(policy, door_id)
     args = _wire(UnlockArgs, door=door.id, seconds=seconds, requested_by=requested_by)
     return DoorCommand(door.agent, UNLOCK, args)
@@ -98,17 +96,14 @@ def set_mode(
     _refuse_my_numbers(door=doors, area=area)
     chosen = [bool(doors), area is not None, all_doors]
     if sum(chosen) != 1:
-        raise TargetError(
-            "--door、--area、--all のどれか一つを指定してください / give exactly one of --door, --area, --all"
-        )
+        raise TargetError(M_("give exactly one of --door, --area, --all"))
     if doors:
         selected = [_door(policy, d) for d in dict.fromkeys(doors)]
         if name == EMERGENCY_UNLOCK:
             kept = [d.id for d in selected if d.kind != "room"]
             if kept:
                 raise TargetError(
-                    f"ロッカー・鍵保管庫は非常解錠できません / lockers and key cabinets are never emergency-unlocked: "
-                    f"{', '.join(kept)}"
+                    M_("lockers and key cabinets are never emergency-unlocked: %(doors)s", doors=", ".join(kept))
                 )
     else:
         if area is not None:
@@ -117,7 +112,7 @@ def set_mode(
         if name == EMERGENCY_UNLOCK:
             selected = [d for d in selected if d.kind == "room"]
     if not selected:
-        raise TargetError("対象の扉がありません / no door matches")
+        raise TargetError(M_("no door matches"))
     by_agent: dict[str, list[str]] = defaultdict(list)
     for door in selected:
         by_agent[door.agent].append(door.id)
@@ -129,9 +124,9 @@ def forgive_passback(policy: SitePolicy, area: str, person: str | None) -> list[
     _refuse_my_numbers(area=area, person=person)
     _check_area(policy, area)
     if person is not None and person not in {p.id for p in policy.people}:
-        raise TargetError(f"{person} はポリシーにいません / no person {person!r} in the policy in force")
+        raise TargetError(M_("no person %(person)s in the policy in force", person=person))
     agents = sorted({d.agent for d in policy.doors if d.area == area})
     if not agents:
-        raise TargetError(f"区域 {area} に扉がありません / area {area!r} has no doors")
+        raise TargetError(M_("area %(area)s has no doors", area=area))
     args = _wire(ForgiveArgs, area=area, person=person)
     return [DoorCommand(agent, FORGIVE_PASSBACK, dict(args)) for agent in agents]

@@ -14,10 +14,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-# Tolerates an agent whose clock is a little behind the controller's (as deploy/pki.py does).
-BACKDATE = dt.timedelta(minutes=5)
+from sekisho.common.certs import build_leaf
+
 # Curves a device's TLS key may use (the broker and Python's ssl handle both).
 CURVES = ("secp256r1", "secp384r1")
 
@@ -90,41 +90,15 @@ class IssuingCa:
         not_after = min(now + dt.timedelta(days=days), self.cert.not_valid_after_utc)
         if not_after <= now:
             raise IssuingError("the issuing CA has expired: create a new one (sekisho pki issuing-ca --force)")
-        return (
-            x509.CertificateBuilder()
-            .subject_name(
-                x509.Name(
-                    [
-                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "sekisho"),
-                        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                    ]
-                )
-            )
-            .issuer_name(self.cert.subject)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            # Client only: the broker takes the CN as the agent's identity; it must never serve TLS.
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
-            .sign(self.key, hashes.SHA256())
+        # Client only: the broker takes the CN as the agent's identity; it must never serve TLS.
+        return build_leaf(
+            issuer_cert=self.cert,
+            issuer_key=self.key,
+            public_key=public,
+            common_name=common_name,
+            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+            now=now,
+            not_after=not_after,
         )
 
 

@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
 
+from sekisho.common.i18n import M_
 from sekisho.controller.media.register import MediaRegister
 from sekisho.controller.policy.service import PolicyService, carry_loans
 from sekisho.controller.store.audit import SYSTEM, Operator
@@ -82,14 +83,17 @@ def refuse_my_numbers(**fields: Any) -> None:
     found = [name for name, value in fields.items() if next(mynumber.find_my_numbers(value), None) is not None]
     if found:
         raise MediaRefused(
-            f"{', '.join(found)}: マイナンバー（個人番号）らしき値は記録できません / looks like a My Number "
-            "(12 digits with a valid check digit); nothing recorded, value not shown"
+            M_(
+                "%(fields)s: looks like a My Number (12 digits with a valid check digit); nothing recorded, value "
+                "not shown",
+                fields=", ".join(found),
+            )
         )
 
 
 def _aware(moment: datetime, name: str) -> datetime:
     if moment.tzinfo is None:
-        raise MediaRefused(f"{name}: 時刻にはタイムゾーンが必要です / {name} needs a time zone")
+        raise MediaRefused(M_("%(name)s needs a time zone", name=name))
     return moment.astimezone(UTC)
 
 
@@ -111,7 +115,7 @@ class MediaService:
     def _current(self) -> tuple[int, SitePolicy]:
         current = self.policy.current()
         if current is None:
-            raise MediaRefused("ポリシーが未適用です / no site policy applied yet (sekisho policy apply)")
+            raise MediaRefused(M_("no site policy applied yet (sekisho policy apply)"))
         return current
 
     def loan(self, loan_id: str) -> LoanRecord:
@@ -119,7 +123,7 @@ class MediaService:
         refuse_my_numbers(loan=loan_id)  # the refusals below repeat the id
         found = self.register.get_loan(loan_id)
         if found is None:
-            raise LoanNotFound(f"貸出 {loan_id} がありません / no loan {loan_id!r}")
+            raise LoanNotFound(M_("no loan %(loan)s", loan=loan_id))
         return found
 
     def loans(
@@ -217,7 +221,7 @@ class MediaService:
                     approved_by=approved_by,
                 )
             except ValidationError as err:
-                raise MediaRefused(f"貸出内容が不正です / invalid loan: {_first_error(err)}") from err
+                raise MediaRefused(M_("invalid loan: %(problem)s", problem=_first_error(err))) from err
             document = self._with_loans(policy, [*carry_loans(policy.loans, now), loan])
             row = loan.model_dump(exclude={"returned_at"})
             try:
@@ -259,7 +263,7 @@ class MediaService:
                 )
             except PolicyVersionConflict:
                 if attempt == _ATTEMPTS:
-                    raise MediaConflict("同時更新が続きました / policy kept changing; try again") from None
+                    raise MediaConflict(M_("the policy kept changing; try again")) from None
                 continue
             log.info("lent %s to %s as %s (policy version %d)", medium, person, loan_id, stored.version)
             return loan_id, stored.version
@@ -276,14 +280,14 @@ class MediaService:
         refuse_my_numbers(loan=loan_id, received_by=received_by)
         when = _aware(returned_at, "returned_at") if returned_at else None
         if when is not None and when > self.clock() + timedelta(minutes=5):
-            raise MediaRefused("返却時刻が未来です / returned_at lies in the future")
+            raise MediaRefused(M_("returned_at lies in the future"))
         return self._end(loan_id, "return", received_by or "unknown", when, reason=None, operator=operator)
 
     def revoke(self, loan_id: str, reason: str, revoked_by: str = "", operator: Operator = SYSTEM) -> int:
         """End a loan early (e.g. the borrower left); terminals stop allowing the medium at once."""
         refuse_my_numbers(loan=loan_id, reason=reason, revoked_by=revoked_by)
         if not reason.strip():
-            raise MediaRefused("取消理由が必要です / a reason is required to revoke a loan")
+            raise MediaRefused(M_("a reason is required to revoke a loan"))
         return self._end(loan_id, "revoke", revoked_by or "unknown", None, reason=reason.strip(), operator=operator)
 
     def check_overdue(self, now: datetime | None = None) -> list[int]:
@@ -325,8 +329,9 @@ class MediaService:
             now = self.clock()
             record = self.loan(loan_id)
             if record.ended():
-                state = "返却済み / returned" if record.returned_at else "取消済み / revoked"
-                raise MediaConflict(f"貸出 {loan_id} は{state}です / loan {loan_id!r} has already ended")
+                if record.returned_at:
+                    raise MediaConflict(M_("loan %(loan)s has already ended: it was returned", loan=loan_id))
+                raise MediaConflict(M_("loan %(loan)s has already ended: it was revoked", loan=loan_id))
             version, policy = self._current()
             ended_at = returned_at or now
             loans = []
@@ -365,7 +370,7 @@ class MediaService:
                 )
             except PolicyVersionConflict:
                 if attempt == _ATTEMPTS:
-                    raise MediaConflict("同時更新が続きました / policy kept changing; try again") from None
+                    raise MediaConflict(M_("the policy kept changing; try again")) from None
                 continue
             log.info("%s of loan %s recorded (policy version %d)", action, loan_id, stored.version)
             return stored.version
@@ -378,9 +383,7 @@ class MediaService:
         try:
             return SitePolicy.model_validate(doc).model_dump(mode="json")
         except ValidationError as err:
-            raise MediaRefused(
-                f"ポリシーと整合しません / the loan does not fit the policy: {_first_error(err)}"
-            ) from err
+            raise MediaRefused(M_("the loan does not fit the policy: %(problem)s", problem=_first_error(err))) from err
 
     @staticmethod
     def _log(action: str, loan: MediaLoan, actor: str, detail: dict[str, Any]) -> dict[str, Any]:
@@ -406,49 +409,48 @@ class MediaService:
     ) -> None:
         medium = next((m for m in policy.media if m.id == medium_id), None)
         if medium is None:
-            raise MediaRefused(f"媒体 {medium_id} は台帳にありません / medium {medium_id!r} is not registered")
+            raise MediaRefused(M_("medium %(medium)s is not registered", medium=medium_id))
         if medium.status != "active":
             raise MediaRefused(
-                f"媒体 {medium_id} は貸出できません（{medium.status}） / medium {medium_id!r} is {medium.status}"
+                M_("medium %(medium)s cannot be lent: it is %(status)s", medium=medium_id, status=medium.status)
             )
         people = {p.id: p for p in policy.people}
         person = people.get(person_id)
         if person is None or not person.active:
-            raise MediaRefused(f"借用者 {person_id} は在籍していません / borrower {person_id!r} is unknown or inactive")
+            raise MediaRefused(M_("borrower %(person)s is unknown or inactive", person=person_id))
         if (person.valid_until and person.valid_until < end.astimezone(JST).date()) or (
             person.valid_from and person.valid_from > start.astimezone(JST).date()
         ):
-            raise MediaRefused(
-                f"借用者 {person_id} の有効期間外です / the loan window lies outside {person_id!r}'s validity"
-            )
+            raise MediaRefused(M_("the loan window lies outside the validity of borrower %(person)s", person=person_id))
         if not terminals:
-            raise MediaRefused("端末を一つ以上指定してください / name at least one terminal")
+            raise MediaRefused(M_("name at least one terminal"))
         known = {t.id for t in policy.terminals}
         unknown = [t for t in terminals if t not in known]
         if unknown:
-            raise MediaRefused(f"端末がありません / unknown terminal(s): {', '.join(unknown)}")
+            raise MediaRefused(M_("unknown terminal(s): %(terminals)s", terminals=", ".join(unknown)))
         if approver_id == person_id:
-            raise MediaRefused(
-                f"借用者は自分の貸出を承認できません / {person_id!r} cannot approve their own loan "
-                "(separation of duties)"
-            )
+            raise MediaRefused(M_("%(person)s cannot approve their own loan (separation of duties)", person=person_id))
         approver = people.get(approver_id)
         if approver is None or not approver.active or not APPROVER_ROLES & set(approver.roles):
             raise MediaRefused(
-                f"承認者 {approver_id} は区域責任者・責任者ではありません / approver {approver_id!r} must be an "
-                "active area_manager or chief_officer"
+                M_("approver %(approver)s must be an active area_manager or chief_officer", approver=approver_id)
             )
         if end <= start:
-            raise MediaRefused("返却予定は開始より後にしてください / ends_at must be after starts_at")
+            raise MediaRefused(M_("ends_at must be after starts_at"))
         if end <= now:
-            raise MediaRefused("返却予定が過去です / ends_at lies in the past")
+            raise MediaRefused(M_("ends_at lies in the past"))
         for other in self.register.list_loans(medium=medium_id, outstanding=True):
             # An unreturned loan past its end still holds the medium: it is out until someone receives it.
             other_end = other.ends_at if other.ends_at > now else datetime.max.replace(tzinfo=UTC)
             if other.starts_at < end and start < other_end:
                 raise MediaConflict(
-                    f"媒体 {medium_id} は貸出 {other.id} と重なります / medium {medium_id!r} is already lent "
-                    f"as {other.id} to {other.person} until {other.ends_at.astimezone(JST):%Y-%m-%d %H:%M} JST"
+                    M_(
+                        "medium %(medium)s is already lent as %(loan)s to %(person)s until %(until)s JST",
+                        medium=medium_id,
+                        loan=other.id,
+                        person=other.person,
+                        until=f"{other.ends_at.astimezone(JST):%Y-%m-%d %H:%M}",
+                    )
                 )
 
 

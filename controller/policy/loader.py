@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from sekisho.common.i18n import M_
 from sekisho.protocol import mynumber
 from sekisho.protocol.policy import SitePolicy
 
@@ -64,8 +65,10 @@ def parse_policy(text: str, source: str = "<policy>") -> SitePolicy:
     if found:
         raise PolicyError(
             [
-                f"{source}: {where}: マイナンバー（個人番号）らしき値は登録できません / looks like a My Number "
-                "(12 digits with a valid check digit); refused, value not shown"
+                M_(
+                    "%(where)s: looks like a My Number (12 digits with a valid check digit); refused, value not shown",
+                    where=f"{source}: {where}",
+                )
                 for where in found
             ]
         )

@@ -298,3 +298,10 @@ def localize(value: object, lang: Lang) -> str:
     if isinstance(value, BaseException) and len(value.args) == 1:
         value = value.args[0]
     return value.text(lang) if isinstance(value, Message) else str(value)
+
+
+def message_of(value: object) -> str:
+    """Return the Message an exception carries (an API handler re-shows it in the request's language), else str()."""
+    if isinstance(value, BaseException) and len(value.args) == 1 and isinstance(value.args[0], Message):
+        return value.args[0]
+    return str(value)
