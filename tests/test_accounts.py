@@ -64,16 +64,16 @@ def test_passwords_are_argon2id_hashes_and_the_policy_holds(store: Store) -> Non
     with pytest.raises(PasswordRejected, match="12"):
         accounts.create_user(login="sato", display_name="佐藤", kana="さとう", role=Role.AUDITOR,
                              password="short-pw", created_by="test")  # fmt: skip
-    with pytest.raises(PasswordRejected, match="login"):
+    with pytest.raises(PasswordRejected, match="ログインIDと同じ"):  # the process language (tests: ja)
         accounts.create_user(login="suzuki-hanako", display_name="鈴木", kana="すずき", role=Role.AUDITOR,
                              password="Suzuki-Hanako", created_by="test")  # fmt: skip
-    with pytest.raises(AccountError, match="exists"):
+    with pytest.raises(AccountError, match="ログインID yamada は使用中です"):
         accounts.create_user(login="YAMADA", display_name="別人", kana="べつじん", role=Role.AUDITOR,
                              password=PASSWORD, created_by="test")  # fmt: skip
-    with pytest.raises(AccountError, match="area"):
+    with pytest.raises(AccountError, match="区域責任者には --area が必要です"):
         accounts.create_user(login="kuiki", display_name="区域", kana="くいき", role=Role.AREA_MANAGER,
                              password=PASSWORD, created_by="test")  # fmt: skip
-    with pytest.raises(AccountError, match="My Number"):
+    with pytest.raises(AccountError, match="マイナンバー"):
         accounts.create_user(login="mn", display_name="123456789018", kana="まいなんばー", role=Role.AUDITOR,
                              password=PASSWORD, created_by="test")  # fmt: skip
     # A hash made with weaker parameters is replaced at the next sign-in.
@@ -100,7 +100,8 @@ def test_sign_in_wrong_password_and_lockout_are_recorded(store: Store) -> None:
         with pytest.raises(LoginRefused) as refused:
             accounts.login("tanaka", "wrong password!", None, "192.0.2.1")
         assert refused.value.reason == "bad_password"
-    assert "locked for 15 min" in refused.value.message
+    assert "ロックしました（15分）" in refused.value.message  # the process language (tests: ja)
+    assert refused.value.message.text("en").endswith("— locked for 15 min")
     # Locked: the right password is not even checked, from any address.
     with pytest.raises(LoginRefused) as locked:
         accounts.login("tanaka", PASSWORD, None, "198.51.100.9")
@@ -202,7 +203,9 @@ def test_sessions_expire_when_idle_and_at_their_absolute_end(site: Site) -> None
     idle = client.get("/console/session")
     # The console answers a signed-out page request with the sign-in page (a 401 elsewhere).
     assert idle.status_code in (303, 401) and not _signed_in(client)
-    assert client.get("/api/v1/findings").json()["detail"].endswith("sign in again")
+    assert client.get("/api/v1/findings").json()["detail"].endswith("再度ログインしてください")
+    english = client.get("/api/v1/findings", headers={"Accept-Language": "en"}).json()["detail"]
+    assert english == "the session has ended; sign in again"
     # Busy all day: it still ends after 12 hours.
     assert site.sign_in(client, login).status_code == 303
     for _ in range(12 * 3):
@@ -368,7 +371,7 @@ def test_users_cli(tmp_path: Path) -> None:
     assert short.exit_code == 2 and "12" in short.stderr
     bad_role = run("create", "--role", "root", "--login", "x", "--name", "x", "--kana", "x", "--password-stdin",
                    stdin=PASSWORD)  # fmt: skip
-    assert bad_role.exit_code == 2 and "unknown role" in bad_role.stderr
+    assert bad_role.exit_code == 2 and "役割が不明です" in bad_role.stderr
     listed = run("list")
     assert "admin" in listed.stdout and "山田 太郎" in listed.stdout and "it_admin" in listed.stdout
     enrolled = run("totp-enrol", "--login", "admin")

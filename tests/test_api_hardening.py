@@ -272,7 +272,9 @@ def test_a_read_token_reads_but_may_not_write(api: Api, caplog: pytest.LogCaptur
     for path in ("/api/v1/events", "/api/v1/media", "/api/v1/media/loans", "/api/v1/keys/loans", "/api/v1/visits"):
         assert reader.get(path).status_code == 200, path
     refused = reader.post("/api/v1/media/loans", json=_loan())
-    assert refused.status_code == 403 and "lacks the permission media.lend" in refused.json()["detail"]
+    assert refused.status_code == 403 and "media.lend がありません" in refused.json()["detail"]
+    english = reader.post("/api/v1/media/loans", json=_loan(), headers={"Accept-Language": "en"})
+    assert english.json() == {"detail": "the role auditor lacks the permission media.lend"}
     assert reader.post("/api/v1/media/loans/1/return", json={"received_by": "p-0002"}).status_code == 403
     assert reader.post("/api/v1/media/loans/1/revoke", json={"reason": "x", "recorded_by": "p-0002"}).status_code == 403
     assert reader.get("/api/v1/media/loans").json() == []

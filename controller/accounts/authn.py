@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from fastapi import HTTPException, Request, status
 from starlette.concurrency import run_in_threadpool
 
+from sekisho.common.i18n import M_
 from sekisho.controller.accounts.roles import Actor, Permission, Role
 from sekisho.controller.api.auth import Principal, Scope, client_key
 
@@ -124,13 +125,13 @@ async def authenticate(request: Request) -> Actor:
         if actor is not None:
             return actor
         raise LoginRequired(
-            "セッションの有効期限が切れました。再度ログインしてください / the session has ended; sign in again",
+            M_("the session has ended; sign in again"),
             bearer=_api_path(request),
         )
     if _api_path(request):
         # As before accounts: a missing token on the API counts as a failed attempt of this address.
         return await _from_bearer(state, "", host, where)
-    raise LoginRequired("ログインしてください / sign in first", bearer=False)
+    raise LoginRequired(M_("sign in first"), bearer=False)
 
 
 async def identify(request: Request) -> Actor | None:
@@ -159,8 +160,7 @@ async def check_csrf(request: Request) -> None:
                     "wrong" if offered else "no")  # fmt: skip
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
-            "CSRFトークンがないか不正です。ページを再読み込みしてください / "
-            "missing or invalid CSRF token; reload the page",
+            M_("missing or invalid CSRF token; reload the page"),
         )
 
 
@@ -172,8 +172,11 @@ async def authorize_request(request: Request, permission: Permission) -> Actor:
                     request.url.path, permission.value)  # fmt: skip
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
-            f"この操作の権限がありません（{permission.value}） / the role {actor.role.value} lacks the permission "
-            f"{permission.value}",
+            M_(
+                "the role %(role)s lacks the permission %(permission)s",
+                role=actor.role.value,
+                permission=permission.value,
+            ),
         )
     if actor.via == "session" and request.method.upper() not in SAFE_METHODS:
         await check_csrf(request)

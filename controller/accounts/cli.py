@@ -103,7 +103,7 @@ def create(
         )  # fmt: skip
     except (AccountError, PasswordRejected) as err:
         raise _fail(_("cannot create the user: %(err)s", err=err)) from err
-    console.print(_("created: %(user)s (%(role)s)", user=escape(user.login), role=ROLE_LABELS[chosen]))
+    console.print(_("created: %(user)s (%(role)s)", user=escape(user.login), role=_(ROLE_LABELS[chosen])))
     if chosen in ADMIN_ROLES:
         console.print(
             _(
@@ -161,7 +161,7 @@ def set_role(
         user = _service(config).set_role(login, _role(role), area or [], by=_by())
     except AccountError as err:
         raise _fail(str(err)) from err
-    console.print(_("changed: %(user)s → %(role)s", user=escape(user.login), role=ROLE_LABELS[Role(user.role)]))
+    console.print(_("changed: %(user)s → %(role)s", user=escape(user.login), role=_(ROLE_LABELS[Role(user.role)])))
 
 
 @app.command("reset-password", help=_("Set a new password for a user; all of their sessions end."))

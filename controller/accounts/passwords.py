@@ -5,6 +5,8 @@ from __future__ import annotations
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from sekisho.common.i18n import M_
+
 MIN_LENGTH = 12
 # Bounds the work one request can cause (argon2 hashes whatever it is given).
 MAX_LENGTH = 1024
@@ -22,13 +24,11 @@ class PasswordRejected(ValueError):
 def check_policy(password: str, login: str) -> None:
     """Raise PasswordRejected unless the password is long enough and is not the login."""
     if len(password) < MIN_LENGTH:
-        raise PasswordRejected(
-            f"パスワードは{MIN_LENGTH}文字以上にしてください / the password needs at least {MIN_LENGTH} characters"
-        )
+        raise PasswordRejected(M_("the password needs at least %(min)s characters", min=MIN_LENGTH))
     if len(password) > MAX_LENGTH:
-        raise PasswordRejected(f"パスワードが長すぎます / the password is longer than {MAX_LENGTH} characters")
+        raise PasswordRejected(M_("the password is longer than %(max)s characters", max=MAX_LENGTH))
     if password.strip().casefold() == login.strip().casefold():
-        raise PasswordRejected("ログインIDと同じパスワードは使えません / the password must not be the login")
+        raise PasswordRejected(M_("the password must not be the login"))
 
 
 def hash_password(password: str) -> str:

@@ -23,6 +23,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.routing import Mount
 
+from sekisho.common.i18n import M_, N_
+
 
 class Role(StrEnum):
     """What a console user is, as stored in console_users.role."""
@@ -34,12 +36,13 @@ class Role(StrEnum):
     AREA_MANAGER = "area_manager"  # 区域責任者 (own areas only)
 
 
+# Catalogue msgids: shown with _() (or gettext(lang, …)) where they are printed.
 ROLE_LABELS: dict[Role, str] = {
-    Role.IT_ADMIN: "情報システム管理者 / IT admin",
-    Role.FACILITY_MANAGER: "総務・施設管理 / facility manager",
-    Role.SECURITY: "警備・情報セキュリティ / security staff",
-    Role.AUDITOR: "監査 / auditor (read-only)",
-    Role.AREA_MANAGER: "区域責任者 / area manager",
+    Role.IT_ADMIN: N_("IT admin"),
+    Role.FACILITY_MANAGER: N_("facility manager"),
+    Role.SECURITY: N_("security staff"),
+    Role.AUDITOR: N_("auditor (read-only)"),
+    Role.AREA_MANAGER: N_("area manager"),
 }
 
 # Roles that must have a second factor (TOTP) before they may sign in to the console.
@@ -52,7 +55,9 @@ def parse_role(text: str) -> Role:
         return Role(text.strip().lower().replace("-", "_"))
     except ValueError:
         choices = ", ".join(r.value.replace("_", "-") for r in Role)
-        raise ValueError(f"役割が不明です / unknown role {text!r} (choose from {choices})") from None
+        raise ValueError(
+            M_("unknown role %(role)s (choose from %(choices)s)", role=repr(text), choices=choices)
+        ) from None
 
 
 class Permission(StrEnum):

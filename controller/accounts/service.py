@@ -19,6 +19,7 @@ from typing import Any, NoReturn, cast
 
 from sqlalchemy import Connection, Table, delete, func, insert, or_, select, update
 
+from sekisho.common.i18n import M_, N_, Message
 from sekisho.controller.accounts import passwords, totp
 from sekisho.controller.accounts.audit_hook import audit_hook
 from sekisho.controller.accounts.roles import ADMIN_ROLES, Actor, Role
@@ -46,7 +47,7 @@ CLIENT_LOCKED_OUT = "client_locked_out"
 # A session's last_seen_at is written at most this often (a page with many requests costs one write).
 TOUCH_EVERY = timedelta(seconds=30)
 
-GENERIC_REFUSAL = "ログインID、パスワードまたは確認コードが違います / wrong login, password or verification code"
+GENERIC_REFUSAL = N_("wrong login, password or verification code")
 
 
 class AccountError(ValueError):
@@ -60,7 +61,7 @@ class UserNotFound(AccountError):
 class LoginRefused(Exception):
     """A sign-in refused: reason is the recorded outcome, message what the person is told."""
 
-    def __init__(self, reason: str, message: str, retry_after: int | None = None) -> None:
+    def __init__(self, reason: str, message: Message, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
@@ -127,11 +128,11 @@ def _recorded_login(login: str) -> str:
 def _free_text(value: str, field: str, limit: int = 128) -> str:
     value = value.strip()
     if not value:
-        raise AccountError(f"{field} を入力してください / {field} is required")
+        raise AccountError(M_("%(field)s is required", field=field))
     if len(value) > limit:
-        raise AccountError(f"{field} が長すぎます / {field} is longer than {limit} characters")
+        raise AccountError(M_("%(field)s is longer than %(limit)s characters", field=field, limit=limit))
     if mynumber.contains_my_number(value):
-        raise AccountError(f"{field}: {mynumber.MyNumberFound([field]).args[0]}")
+        raise AccountError(*mynumber.MyNumberFound([field]).args)
     return value
 
 
@@ -170,9 +171,7 @@ class AccountService:
         """Create a console user; AccountError (or PasswordRejected) says what is wrong."""
         login = normalise_login(login)
         if not LOGIN_PATTERN.match(login):
-            raise AccountError(
-                "ログインIDは英小文字・数字・._- の2〜64文字です / a login is 2-64 of a-z, 0-9, '.', '_', '-'"
-            )
+            raise AccountError(M_("a login is 2-64 of a-z, 0-9, '.', '_', '-'"))
         values: dict[str, Any] = {
             "login": login,
             "display_name": _free_text(display_name, "name"),
@@ -192,7 +191,7 @@ class AccountService:
 
         def work(conn: Connection) -> int:
             if conn.execute(select(_USERS.c.id).where(_USERS.c.login == login)).first() is not None:
-                raise AccountError(f"ログインID {login} は使用中です / the login {login} exists already")
+                raise AccountError(M_("the login %(login)s exists already", login=login))
             return int(conn.execute(insert(_USERS).values(**values).returning(_USERS.c.id)).scalar_one())
 
         self.store.write(work)
@@ -203,25 +202,25 @@ class AccountService:
     def _areas(role: Role, areas: Sequence[str]) -> list[str]:
         chosen = sorted({a.strip() for a in areas if a.strip()})
         if role == Role.AREA_MANAGER and not chosen:
-            raise AccountError("区域責任者には --area が必要です / an area manager needs at least one --area")
+            raise AccountError(M_("an area manager needs at least one --area"))
         if role != Role.AREA_MANAGER and chosen:
-            raise AccountError("--area は区域責任者だけのものです / --area is for area managers only")
+            raise AccountError(M_("--area is for area managers only"))
         for area in chosen:
             if not AREA_PATTERN.match(area):
-                raise AccountError(f"区域IDが不正です / not an area id: {mynumber.redact(area)!r}")
+                raise AccountError(M_("not an area id: %(area)s", area=repr(mynumber.redact(area))))
         return chosen
 
     @staticmethod
     def _language(language: str) -> str:
         if language not in LANGUAGES:
-            raise AccountError(f"言語は ja か en です / language must be one of {', '.join(LANGUAGES)}")
+            raise AccountError(M_("language must be one of %(choices)s", choices=", ".join(LANGUAGES)))
         return language
 
     def user(self, login: str) -> ConsoleUser:
         """Return the user with this login (UserNotFound otherwise)."""
         rows = self.store.read(select(ConsoleUser).where(ConsoleUser.login == normalise_login(login)))
         if not rows:
-            raise UserNotFound(f"ユーザー {login} はいません / no user {login!r}")
+            raise UserNotFound(M_("no user %(login)s", login=login))
         return rows[0]
 
     def user_by_id(self, user_id: int) -> ConsoleUser | None:
@@ -288,9 +287,9 @@ class AccountService:
         """Change one's own password: the current one must be right; every OTHER session of the user ends."""
         user = self.user_by_id(actor.user_id) if actor.user_id is not None else None
         if user is None or user.disabled_at is not None:
-            raise AccountError("ユーザーが無効です / this account cannot change a password")
+            raise AccountError(M_("this account cannot change a password"))
         if not passwords.verify_password(user.password_hash, current):
-            raise AccountError("現在のパスワードが違います / the current password is wrong")
+            raise AccountError(M_("the current password is wrong"))
         passwords.check_policy(new, user.login)
         values = {"password_hash": passwords.hash_password(new), "password_changed_at": self.clock()}
         keep = actor.session_sha256
@@ -327,8 +326,10 @@ class AccountService:
             self._record(now, typed, None, client, "refused_locked", None)
             raise LoginRefused(
                 "locked",
-                "ログインが一時的にロックされています。しばらくしてから再度お試しください / sign-in is locked for "
-                f"a while after too many failures; try again in {wait // 60 + 1} min",
+                M_(
+                    "sign-in is locked for a while after too many failures; try again in %(minutes)s min",
+                    minutes=wait // 60 + 1,
+                ),
                 retry_after=wait,
             )
         rows = self.store.read(select(ConsoleUser).where(ConsoleUser.login == normalise_login(login)))
@@ -342,10 +343,12 @@ class AccountService:
             self._record(now, typed, user.id, client, "totp_not_enrolled", None)
             raise LoginRefused(
                 "totp_not_enrolled",
-                "管理者の役割には二要素認証（TOTP）が必要です。IT管理者に `sekisho users totp-enrol --login "
-                f"{user.login}` を実行してもらい、表示されたURIを認証アプリに登録してください / the role "
-                f"{role.value} needs a second factor (TOTP): ask an IT admin to run `sekisho users totp-enrol "
-                f"--login {user.login}` and add the URI it shows to your authenticator app",
+                M_(
+                    "the role %(role)s needs a second factor (TOTP): ask an IT admin to run `sekisho users "
+                    "totp-enrol --login %(login)s` and add the URI it shows to your authenticator app",
+                    role=role.value,
+                    login=user.login,
+                ),
             )
         step: int | None = None
         if user.totp_secret is not None:
@@ -371,7 +374,7 @@ class AccountService:
                     .values(totp_last_step=step)
                 )
                 if moved.rowcount != 1:
-                    raise LoginRefused("bad_totp", GENERIC_REFUSAL)
+                    raise LoginRefused("bad_totp", M_(GENERIC_REFUSAL))
             if new_hash is not None:
                 changes["password_hash"] = new_hash
             if changes:
@@ -405,11 +408,11 @@ class AccountService:
     def _fail(self, now: datetime, typed: str, user: ConsoleUser | None, client: str, outcome: str) -> NoReturn:
         user_id = user.id if user is not None else None
         locked = self._record(now, typed, user_id, client, outcome, None)
-        message = GENERIC_REFUSAL
+        message = M_(GENERIC_REFUSAL)
         if locked:
-            message += (
-                f" — ロックしました（{self.settings.login_lockout.seconds // 60}分） / locked for "
-                f"{self.settings.login_lockout.seconds // 60} min"
+            message = M_(
+                "wrong login, password or verification code — locked for %(minutes)s min",
+                minutes=self.settings.login_lockout.seconds // 60,
             )
         raise LoginRefused(outcome, message)
 
@@ -532,9 +535,7 @@ class AccountService:
         user = self.user(login)
         name = name.strip()
         if not TOKEN_NAME_PATTERN.match(name):
-            raise AccountError(
-                "トークン名は英数字・空白・._- の1〜64文字です / a token name is 1-64 of A-Z, 0-9, ' ._-'"
-            )
+            raise AccountError(M_("a token name is 1-64 of A-Z, 0-9, ' ._-'"))
         token_id = secrets.token_hex(6)
         token = f"{TOKEN_PREFIX}{token_id}_{secrets.token_urlsafe(32)}"
         now = self.clock()
@@ -543,7 +544,7 @@ class AccountService:
         def work(conn: Connection) -> None:
             taken = select(_TOKENS.c.id).where(_TOKENS.c.user_id == user.id, _TOKENS.c.name == name)
             if conn.execute(taken).first() is not None:
-                raise AccountError(f"トークン名 {name} は使用中です / {user.login} has a token named {name!r}")
+                raise AccountError(M_("%(login)s has a token named %(name)s", login=user.login, name=repr(name)))
             conn.execute(
                 insert(_TOKENS).values(
                     id=token_id, user_id=user.id, name=name, secret_sha256=digest(token), created_at=now,
@@ -576,7 +577,7 @@ class AccountService:
                 update(_TOKENS).where(_TOKENS.c.id == token_id, _TOKENS.c.revoked_at.is_(None)).values(revoked_at=now)
             )
             if moved.rowcount != 1:
-                raise AccountError(f"有効なトークン {token_id} はありません / no active token {token_id!r}")
+                raise AccountError(M_("no active token %(token)s", token=token_id))
 
         self.store.write(work)
         audit_hook(self.store, by, "cli", None, "token.revoke", f"token:{token_id}", None, None, None)

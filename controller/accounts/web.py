@@ -32,6 +32,7 @@ from fastapi import APIRouter, Form, Request, Response, status
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
+from sekisho.common.i18n import DEFAULT_LANG, N_, Lang, gettext, localize
 from sekisho.controller.accounts.authn import SESSION_COOKIE, csrf_token
 from sekisho.controller.accounts.passwords import PasswordRejected
 from sekisho.controller.accounts.roles import Actor, Permission, require
@@ -73,6 +74,15 @@ def _remember_language(request: Request, response: Response, language: str) -> N
     remember_language(request, response, language)  # type: ignore[arg-type]
 
 
+def _lang(request: Request) -> Lang:
+    # The console's display language (its cookie, set from the account at sign-in), else Japanese.
+    try:
+        from sekisho.controller.console.templating import language_of
+    except ImportError:  # an install or a test app without the console pages
+        return DEFAULT_LANG
+    return language_of(request)
+
+
 def _wants_json(request: Request) -> bool:
     return "application/json" in request.headers.get("accept", "")
 
@@ -81,41 +91,56 @@ def _render(request: Request, render: Render | None, template: str, context: dic
     chosen = render or getattr(request.app.state, "console_render", None)
     if chosen is not None:
         return chosen(request, template, context, code)
-    return HTMLResponse(_minimal(template, context), status_code=code)
+    return HTMLResponse(_minimal(template, context, _lang(request)), status_code=code)
 
 
-def _minimal(template: str, context: dict[str, Any]) -> str:
+def _minimal(template: str, context: dict[str, Any], lang: Lang = DEFAULT_LANG) -> str:
     """Return bare accessible HTML for a page until the console's templates exist."""
     e = {k: html.escape(str(v)) for k, v in context.items() if v is not None}
+    t = {
+        key: html.escape(gettext(lang, text))
+        for key, text in {
+            "sign_in": N_("Sign in"),
+            "login": N_("Login"),
+            "password": N_("Password"),
+            "totp": N_("Verification code (admin roles)"),
+            "sign_out": N_("Sign out"),
+            "change_password": N_("Change password"),
+            "current": N_("Current password"),
+            "new": N_("New password (12+ characters)"),
+            "again": N_("Again"),
+            "change": N_("Change"),
+        }.items()
+    }
     error = f'<p role="alert">{e["error"]}</p>' if "error" in e else ""
     message = f'<p role="status">{e["message"]}</p>' if "message" in e else ""
     csrf = f'<input type="hidden" name="csrf_token" value="{e.get("csrf_token", "")}">'
     if template == "accounts/login.html":
-        body = f"""<h1>ログイン / Sign in</h1>{error}{message}
+        body = f"""<h1>{t["sign_in"]}</h1>{error}{message}
 <form method="post" action="/console/login">{csrf}
 <input type="hidden" name="next" value="{e.get("next", HOME)}">
-<p><label for="login">ログインID / Login</label> <input id="login" name="login" autocomplete="username" required
+<p><label for="login">{t["login"]}</label> <input id="login" name="login" autocomplete="username" required
  value="{e.get("login", "")}"></p>
-<p><label for="password">パスワード / Password</label> <input id="password" name="password" type="password"
+<p><label for="password">{t["password"]}</label> <input id="password" name="password" type="password"
  autocomplete="current-password" required></p>
-<p><label for="totp">確認コード（管理者） / Verification code (admin roles)</label> <input id="totp" name="totp"
+<p><label for="totp">{t["totp"]}</label> <input id="totp" name="totp"
  inputmode="numeric" autocomplete="one-time-code" pattern="[0-9 ]*"></p>
-<p><button type="submit">ログイン / Sign in</button></p></form>"""
+<p><button type="submit">{t["sign_in"]}</button></p></form>"""
     elif template == "accounts/logout.html":
-        body = f"""<h1>ログアウト / Sign out</h1><form method="post" action="/console/logout">{csrf}
-<p><button type="submit">ログアウト / Sign out</button></p></form>"""
+        body = f"""<h1>{t["sign_out"]}</h1><form method="post" action="/console/logout">{csrf}
+<p><button type="submit">{t["sign_out"]}</button></p></form>"""
     else:
-        body = f"""<h1>パスワード変更 / Change password</h1>{error}{message}
+        body = f"""<h1>{t["change_password"]}</h1>{error}{message}
 <form method="post" action="/console/password">{csrf}
-<p><label for="current">現在のパスワード / Current password</label> <input id="current" name="current_password"
+<p><label for="current">{t["current"]}</label> <input id="current" name="current_password"
  type="password" autocomplete="current-password" required></p>
-<p><label for="new">新しいパスワード（12文字以上） / New password (12+ characters)</label> <input id="new"
+<p><label for="new">{t["new"]}</label> <input id="new"
  name="new_password" type="password" autocomplete="new-password" minlength="12" required></p>
-<p><label for="again">もう一度 / Again</label> <input id="again" name="new_password_again" type="password"
+<p><label for="again">{t["again"]}</label> <input id="again" name="new_password_again" type="password"
  autocomplete="new-password" minlength="12" required></p>
-<p><button type="submit">変更 / Change</button></p></form>"""
+<p><button type="submit">{t["change"]}</button></p></form>"""
     head = '<head><meta charset="utf-8"><title>sekisho</title></head>'
-    return f'<!doctype html><html lang="ja">{head}<body>{body}</body></html>'
+    return f'<!doctype html><html lang="{lang}">{head}<body>{body}</body></html>'
 
 
 def accounts_router(render: Render | None = None) -> APIRouter:
@@ -158,7 +183,7 @@ def accounts_router(render: Render | None = None) -> APIRouter:
                 request,
                 login=login,
                 next_=next,
-                error="フォームの有効期限が切れました。もう一度お試しください / the form expired; please try again",
+                error=gettext(_lang(request), "the form expired; please try again"),
                 code=status.HTTP_403_FORBIDDEN,
             )
         state = request.app.state.sekisho
@@ -167,8 +192,8 @@ def accounts_router(render: Render | None = None) -> APIRouter:
             signed = await run_in_threadpool(state.accounts.login, login, password, totp or None, host)
         except LoginRefused as err:
             code = status.HTTP_429_TOO_MANY_REQUESTS if err.reason == "locked" else status.HTTP_401_UNAUTHORIZED
-            return login_page(request, login=login, next_=next, error=err.message, code=code,
-                              retry_after=err.retry_after)  # fmt: skip
+            return login_page(request, login=login, next_=next, error=localize(err.message, _lang(request)),
+                              code=code, retry_after=err.retry_after)  # fmt: skip
         target = safe_next(next)
         token = csrf_token_for(signed.session_id)
         if _wants_json(request):
@@ -220,16 +245,16 @@ def accounts_router(render: Render | None = None) -> APIRouter:
         """Change one's own password; every other session of the user ends."""
         error: str | None = None
         if new_password != new_password_again:
-            error = "新しいパスワードが一致しません / the new passwords differ"
+            error = gettext(_lang(request), "the new passwords differ")
         else:
             try:
                 await run_in_threadpool(
                     request.app.state.sekisho.accounts.change_password, actor, current_password, new_password
                 )
             except (AccountError, PasswordRejected) as err:
-                error = str(err)
+                error = localize(err, _lang(request))
         code = status.HTTP_200_OK if error is None else status.HTTP_422_UNPROCESSABLE_CONTENT
-        message = "パスワードを変更しました / password changed" if error is None else None
+        message = gettext(_lang(request), "password changed") if error is None else None
         if _wants_json(request):
             return JSONResponse({"detail": error} if error else {"changed": True}, status_code=code)
         context = {"csrf_token": csrf_for(request), "actor": actor, "error": error, "message": message}
