@@ -37,10 +37,6 @@ ALLOWED: dict[str, str] = {
     "controller/reports/filters.py": "register filter errors, split per language by the console",
     "controller/reports/paging.py": "register paging errors, split per language by the console",
     "controller/reports/service.py": "register errors, split per language by the console",
-    # Not converted yet (see the report of issue 12, item 7): services whose errors the API also returns.
-    "controller/policy/service.py": "not converted yet",
-    "controller/api/app.py": "not converted yet",
-    "controller/audit/api.py": "not converted yet",
 }
 
 

@@ -168,10 +168,11 @@ def test_policy_apply_keeps_loans_and_refuses_to_orphan_one(site: Site) -> None:
     assert site.policy.apply(changed, source_sha256="1" * 64, created_by="test") == 3
     assert [loan["id"] for loan in site.bundle_loans("term-hr-01")] == [loan_id]
     # Removing the lent medium would orphan the loan: refused, naming it.
-    with pytest.raises(PolicyError, match=loan_id):
+    with pytest.raises(PolicyError, match=f"貸出 {loan_id}.*未返却") as orphaned:
         site.policy.apply(parse_policy(site_yaml(drop_medium="m-0001")), source_sha256="2" * 64, created_by="t")
+    assert "is outstanding but the YAML removes its medium" in localize(orphaned.value.problems[0], "en")
     # A loans: key in the YAML cannot rewrite the register.
-    with pytest.raises(PolicyError, match="managed by"):
+    with pytest.raises(PolicyError, match="sekisho media lend/return/revoke` で管理します"):
         site.policy.plan(parse_policy(site_yaml() + "loans: []\n"))
     # Once returned, the medium may leave the register; the loan goes with it (the register keeps it).
     site.media.return_medium(loan_id, received_by="p-0002")

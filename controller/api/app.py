@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, FastAPI, Query, Response, status
 from sqlalchemy import text
 
+from sekisho.common.i18n import _
 from sekisho.controller.accounts.roles import Permission, require
 from sekisho.controller.accounts.web import accounts_router
 from sekisho.controller.api import privacy
@@ -140,11 +141,12 @@ def create_app(state: AppState) -> FastAPI:
             log.warning("signing key %s unreadable (%s): media loan changes disabled", state.config.signing_key, err)
     app.state.sekisho = state
     if state.config.api_tokens or state.config.api_read_tokens:
+        # The operator reads this in the journal: in the controller process's language.
         log.warning(
-            "api_tokens / api_read_tokens は非推奨です。`sekisho users token create` のユーザー別トークンへ移行して"
-            "ください / api_tokens and api_read_tokens are deprecated: they still work (api_tokens as role "
-            "it_admin, api_read_tokens as auditor); move to per-user tokens (`sekisho users token create`, "
-            "docs/console.md)"
+            _(
+                "api_tokens and api_read_tokens are deprecated: they still work (api_tokens as role it_admin, "
+                "api_read_tokens as auditor); move to per-user tokens (`sekisho users token create`, docs/console.md)"
+            )
         )
     app.state.metrics_registry = controller_registry(
         state.store,

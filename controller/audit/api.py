@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 
+from sekisho.common.i18n import M_
 from sekisho.controller.audit.operators import api_operator
 from sekisho.controller.store.audit import Operator
 
@@ -23,7 +24,7 @@ def request_operator(request: Request) -> Operator:
     actor = getattr(request.state, "actor", None)
     if actor is None:
         log.error("admin change on %s %s without an authenticated actor: refused", request.method, request.url.path)
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "認証が必要です / authentication required")
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, M_("authentication required"))
     return api_operator(actor, request.client.host if request.client else None)
 
 

@@ -14,6 +14,7 @@ import paho.mqtt.client as mqtt
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from sekisho.common.i18n import M_
 from sekisho.controller.mqtt import connect_blocking, make_client
 from sekisho.controller.policy.floor import bundle_versions, record_published
 from sekisho.controller.policy.loader import PolicyError
@@ -59,10 +60,7 @@ def with_loans_of(policy: SitePolicy, current: SitePolicy | None, now: datetime)
     authored = [loan.model_dump(mode="json") for loan in policy.loans]
     if "loans" in policy.model_fields_set and authored != [loan.model_dump(mode="json") for loan in current_loans]:
         raise PolicyError(
-            [
-                "loans: 貸出は `sekisho media lend/return/revoke` で管理します / loans are managed by "
-                "`sekisho media lend/return/revoke`; remove the loans: key from the YAML"
-            ]
+            [M_("loans: loans are managed by `sekisho media lend/return/revoke`; remove the loans: key from the YAML")]
         )
     problems: list[str] = []
     kept: list[MediaLoan] = []
@@ -72,9 +70,14 @@ def with_loans_of(policy: SitePolicy, current: SitePolicy | None, now: datetime)
             kept.append(loan)
         elif loan.returned_at is None:
             problems.append(
-                f"loans: 貸出 {loan.id} は未返却です / loan {loan.id!r} (medium {loan.medium!r} lent to "
-                f"{loan.person!r}) is outstanding but the YAML removes its {', '.join(missing)}; "
-                "return or revoke it first"
+                M_(
+                    "loans: loan %(loan)s (medium %(medium)s lent to %(person)s) is outstanding but the YAML "
+                    "removes its %(removed)s; return or revoke it first",
+                    loan=loan.id,
+                    medium=loan.medium,
+                    person=loan.person,
+                    removed=", ".join(missing),
+                )
             )
     if problems:
         raise PolicyError(problems)
@@ -280,8 +283,9 @@ class PolicyService:
         texts = {"comment": comment, "created_by": created_by}
         found = [name for name, text in texts.items() if mynumber.contains_my_number(text)]
         if found:
-            refusal = "マイナンバー（個人番号）らしき値は記録できません / looks like a My Number; refused"
-            raise PolicyError([f"{name}: {refusal}" for name in found])
+            raise PolicyError(
+                [M_("%(fields)s: looks like a My Number; refused, value not shown", fields=name) for name in found]
+            )
         for attempt in range(1, _WRITE_ATTEMPTS + 1):
             row = self.store.current_policy_version()
             current = SitePolicy.model_validate(row.document) if row else None
