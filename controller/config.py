@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sekisho.common.i18n import _
+
 
 class ControllerConfig(BaseSettings):
     """Everything `sekisho controller serve` needs; unknown keys are an error."""
@@ -120,7 +122,7 @@ class ControllerConfig(BaseSettings):
     def _tokens_strong(cls, tokens: list[SecretStr]) -> list[SecretStr]:
         for token in tokens:
             if len(token.get_secret_value()) < 24:
-                raise ValueError("API tokens must be at least 24 characters")
+                raise ValueError(_("API tokens must be at least 24 characters"))
         return tokens
 
     @model_validator(mode="after")
@@ -144,14 +146,14 @@ class ControllerConfig(BaseSettings):
         # Half a pair is a typo, not a choice: refuse it rather than serve plain HTTP or enrol with no CA.
         for cert, key in (("api_tls_cert", "api_tls_key"), ("enrol_ca_cert", "enrol_ca_key")):
             if (getattr(self, cert) is None) != (getattr(self, key) is None):
-                raise ValueError(f"{cert} and {key} go together: set both or neither")
+                raise ValueError(_("%(cert)s and %(key)s go together: set both or neither", cert=cert, key=key))
         return self
 
     @model_validator(mode="after")
     def _chain_verify_periods(self) -> ControllerConfig:
         # The walk from the start is the expensive one: more often than the incremental one is a mistake.
         if self.chain_verify_full_every_s < self.chain_verify_every_s:
-            raise ValueError("chain_verify_full_every_s must not be shorter than chain_verify_every_s")
+            raise ValueError(_("chain_verify_full_every_s must not be shorter than chain_verify_every_s"))
         return self
 
     @model_validator(mode="after")
@@ -159,7 +161,7 @@ class ControllerConfig(BaseSettings):
         values = [t.get_secret_value() for t in (*self.api_tokens, *self.api_read_tokens)]
         if len(set(values)) != len(values):
             # A token listed twice, or as both write and read, has no single scope: refuse rather than guess.
-            raise ValueError("each API token may appear only once, in api_tokens or in api_read_tokens")
+            raise ValueError(_("each API token may appear only once, in api_tokens or in api_read_tokens"))
         return self
 
     def resolved_database_url(self) -> str:

@@ -127,6 +127,11 @@ def enrol(
         for problem in problems:
             err_console.print(f"[red]✗[/red] {problem}", markup=True)
         raise typer.Exit(1) from err
-    verb = "追加" if action == "added" else "更新"
-    console.print(f"{verb}しました / {action} card {chosen} for {person} in {policy} (previous: {policy.name}.bak)")
+    values = {"card": chosen, "person": person, "policy": str(policy), "backup": f"{policy.name}.bak"}
+    done = (
+        _("added card %(card)s for %(person)s in %(policy)s (previous: %(backup)s)", **values)
+        if action == "added"
+        else _("updated card %(card)s for %(person)s in %(policy)s (previous: %(backup)s)", **values)
+    )
+    console.print(done, markup=False)
     console.print(_("distribute it with `sekisho policy apply`"))

@@ -76,7 +76,7 @@ def test_enrol_writes_the_keyed_hash_and_public_key_and_never_the_uid(
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode()
     )
-    assert "added card c-0006-2 for p-0006" in out
+    assert "p-0006 のカード c-0006-2 を追加しました" in out  # the process language (tests: ja)
     assert f"site key id: {hmac.new(SITE_KEY, b'sekisho/site-key-id', hashlib.sha256).hexdigest()[:16]}" in out
     written = policy.read_text()
     for raw in (UID.hex(), UID.hex().upper()):
@@ -94,7 +94,7 @@ def test_enrol_writes_the_keyed_hash_and_public_key_and_never_the_uid(
 
     # Enrolling again updates the same entry (a re-issued card of the same person replaces the old one).
     code, out = enrol("--person", "p-0006", "--site-key", str(key), "--policy", str(policy))
-    assert code == 0 and "updated card c-0006-2" in out
+    assert code == 0 and "p-0006 のカード c-0006-2 を更新しました" in out
     assert [c["id"] for c in yaml.safe_load(policy.read_text())["cards"]].count("c-0006-2") == 1
 
 

@@ -22,8 +22,8 @@ from sekisho.common import i18n
 ROOT = Path(__file__).resolve().parent.parent
 SEKISHO = Path(sys.executable).parent / "sekisho"
 JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
-# The grep of issue 12, item 7: Japanese, then " / " and a Latin letter, in one string.
-BILINGUAL = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff][^\"\n]* / [A-Za-z]")
+# The grep of issue 12, item 7: Japanese, then " / " and a Latin letter (or an f-string's field), in one string.
+BILINGUAL = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff][^\"\n]* / [A-Za-z{]")
 SEARCHED = ["agents", "controller", "sekisho", "drivers", "deploy", "protocol"]
 # Files allowed to keep `日本語 / English` text, and why.
 ALLOWED: dict[str, str] = {

@@ -18,6 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, insert, select, text, update
 
+from sekisho.common.i18n import localize
 from sekisho.controller.doors.apply import UNREADABLE_EVENT
 from sekisho.controller.doors.jobs import DoorRegisterKeeper
 from sekisho.controller.doors.projector import REGISTER_TABLES, DoorProjector
@@ -279,8 +280,9 @@ def test_lockers_and_cabinets_change_no_presence_and_the_locker_log_filters(door
     assert all(r.type != "door.locked" for r in doors.registers.log())
     window = doors.registers.log(since=T0 + timedelta(seconds=30), until=T0 + timedelta(minutes=2))
     assert [r.type for r in window] == ["door.closed", "door.alarm", "door.access_denied"]
-    with pytest.raises(ValueError, match="time zone"):
+    with pytest.raises(ValueError, match="since: 時刻にはタイムゾーンが必要です") as naive:  # tests run in ja
         doors.registers.log(since=datetime(2026, 12, 1))  # naive on purpose
+    assert localize(naive.value, "en") == "since needs a time zone (e.g. +09:00)"
 
 
 def test_visitor_with_escort_in_the_visitor_log(doors: Doors) -> None:

@@ -212,7 +212,7 @@ def test_the_periods_come_from_controller_toml() -> None:
     assert (default.chain_verify_every_s, default.chain_verify_full_every_s) == (600, 86400)
     config = ControllerConfig(**base, chain_verify_every_s=300, chain_verify_full_every_s=7200)
     assert (config.chain_verify_every_s, config.chain_verify_full_every_s) == (300, 7200)
-    with pytest.raises(ValidationError, match="must not be shorter"):
+    with pytest.raises(ValidationError, match="chain_verify_every_s より短くできません"):  # tests run in ja
         ControllerConfig(**base, chain_verify_every_s=3600, chain_verify_full_every_s=1800)
     with pytest.raises(ValidationError, match="chain_verify_every_s"):
         ControllerConfig(**base, chain_verify_every_s=0)

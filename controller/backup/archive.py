@@ -20,6 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sekisho.common.files import fsync_dir
+from sekisho.common.i18n import _
 from sekisho.protocol import errors, signing
 
 FORMAT = 1
@@ -116,9 +117,9 @@ def _member(tar: tarfile.TarFile, name: str) -> tarfile.TarInfo:
     try:
         info = tar.getmember(name)
     except KeyError as err:
-        raise BackupError(f"not a sekisho backup: {name} missing") from err
+        raise BackupError(_("not a sekisho backup: %(name)s missing", name=name)) from err
     if not info.isfile():
-        raise BackupError(f"not a sekisho backup: {name} is not a regular file")
+        raise BackupError(_("not a sekisho backup: %(name)s is not a regular file", name=name))
     return info
 
 
@@ -131,15 +132,15 @@ def read_archive(path: Path, public_key: Ed25519PublicKey, into: Path) -> tuple[
     try:
         tar = tarfile.open(path, mode="r:*")  # noqa: SIM115 - closed by the with block below
     except (OSError, tarfile.TarError) as err:
-        raise BackupError(f"cannot read {path}: {err}") from err
+        raise BackupError(_("cannot read %(path)s: %(err)s", path=path, err=err)) from err
     with tar:
         try:
             names = sorted(tar.getnames())
         except (OSError, tarfile.TarError, EOFError) as err:
-            raise BackupError(f"cannot read {path}: {err}") from err
+            raise BackupError(_("cannot read %(path)s: %(err)s", path=path, err=err)) from err
         info = _member(tar, MANIFEST)
         if info.size > _MAX_MANIFEST_BYTES:
-            raise BackupError("manifest too large")
+            raise BackupError(_("manifest too large"))
         handle = tar.extractfile(info)
         assert handle is not None  # a regular file, checked above
         try:
@@ -148,21 +149,27 @@ def read_archive(path: Path, public_key: Ed25519PublicKey, into: Path) -> tuple[
             if not isinstance(body, dict) or not isinstance(signature, str):
                 raise TypeError("manifest and signature have the wrong types")
         except (ValueError, KeyError, TypeError) as err:
-            raise BackupError(f"manifest unreadable: {err}") from err
+            raise BackupError(_("manifest unreadable: %(err)s", err=err)) from err
         try:
             signing.verify(public_key, "backup", body, signature)
         except errors.Rejected as err:
             raise BackupError(
-                "manifest signature does not verify with the controller's key: not this site's backup, or altered"
+                _("manifest signature does not verify with the controller's key: not this site's backup, or altered")
             ) from err
         if body.get("format") != FORMAT:
-            raise BackupError(f"backup format {body.get('format')!r} is not supported (this code reads {FORMAT})")
+            raise BackupError(
+                _(
+                    "backup format %(format)s is not supported (this code reads %(supported)s)",
+                    format=repr(body.get("format")),
+                    supported=FORMAT,
+                )
+            )
         backend = body.get("backend")
         if backend not in DATA_NAMES:
-            raise BackupError(f"unknown backend {backend!r} in the manifest")
+            raise BackupError(_("unknown backend %(backend)s in the manifest", backend=repr(backend)))
         data_name = DATA_NAMES[backend]
         if names != sorted([MANIFEST, data_name]):
-            raise BackupError(f"unexpected members in the backup: {names}")
+            raise BackupError(_("unexpected members in the backup: %(names)s", names=names))
         info = _member(tar, data_name)
         target = into / data_name
         source = tar.extractfile(info)
@@ -175,5 +182,5 @@ def read_archive(path: Path, public_key: Ed25519PublicKey, into: Path) -> tuple[
     data = body.get("data", {})
     if data.get("sha256") != digest or data.get("size") != size:
         target.unlink(missing_ok=True)
-        raise BackupError("the database copy does not match the signed manifest (damaged or altered)")
+        raise BackupError(_("the database copy does not match the signed manifest (damaged or altered)"))
     return Manifest(body), target

@@ -18,6 +18,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 
+from sekisho.common.i18n import _
 from sekisho.controller.backup.archive import BackupError
 from sekisho.controller.backup.state import DatabaseState, read_state
 from sekisho.controller.store.db import PRIVATE_FILE_MODE, make_engine, private_sqlite_files
@@ -31,7 +32,7 @@ def backend_of(url: str) -> str:
     """Return "sqlite" or "postgresql" for a database URL (BackupError for anything else)."""
     backend = make_url(url).get_backend_name()
     if backend not in ("sqlite", "postgresql"):
-        raise BackupError(f"backups support SQLite and PostgreSQL, not {backend!r}")
+        raise BackupError(_("backups support SQLite and PostgreSQL, not %(backend)s", backend=repr(backend)))
     return backend
 
 
@@ -39,7 +40,9 @@ def sqlite_file(url: str) -> Path:
     """Return the database file of a SQLite URL (BackupError for in-memory or URI databases)."""
     database = make_url(url).database or ""
     if not database or database == ":memory:" or database.startswith("file:"):
-        raise BackupError(f"SQLite database {database or '(none)'!r} is not a file that can be backed up")
+        raise BackupError(
+            _("SQLite database %(database)s is not a file that can be backed up", database=repr(database or "(none)"))
+        )
     return Path(database)
 
 
@@ -61,7 +64,7 @@ def _read_copy_state(copy: Path) -> DatabaseState:
 def copy_sqlite(database: Path, target: Path) -> DatabaseState:
     """Copy a live SQLite database (WAL content included) into a new file target; return its state."""
     if not database.is_file():
-        raise BackupError(f"no database at {database}")
+        raise BackupError(_("no database at %(database)s", database=database))
     _new_private_file(target)
     source = sqlite3.connect(database, timeout=_BUSY_TIMEOUT_S)
     try:
@@ -75,11 +78,13 @@ def copy_sqlite(database: Path, target: Path) -> DatabaseState:
         finally:
             dest.close()
     except sqlite3.Error as err:
-        raise BackupError(f"SQLite backup of {database} failed: {err}") from err
+        raise BackupError(_("SQLite backup of %(database)s failed: %(err)s", database=database, err=err)) from err
     finally:
         source.close()
     if check is None or check[0] != "ok":
-        raise BackupError(f"the copy of {database} fails SQLite's integrity check: {check}")
+        raise BackupError(
+            _("the copy of %(database)s fails SQLite's integrity check: %(check)s", database=database, check=check)
+        )
     return _read_copy_state(target)
 
 
@@ -94,7 +99,7 @@ def load_sqlite(copy: Path, database: Path) -> None:
         finally:
             dest.close()
     except sqlite3.Error as err:
-        raise BackupError(f"loading the copy into {database} failed: {err}") from err
+        raise BackupError(_("loading the copy into %(database)s failed: %(err)s", database=database, err=err)) from err
     finally:
         source.close()
     private_sqlite_files(database)
@@ -109,7 +114,7 @@ def pg_tool(name: str) -> str:
     versions = [p for p in glob.glob(f"/usr/lib/postgresql/*/bin/{name}") if p.split("/")[4].isdigit()]
     candidates = sorted(versions, key=lambda p: int(p.split("/")[4]))
     if not candidates:
-        raise BackupError(f"{name} is not installed (Debian: apt-get install postgresql-client)")
+        raise BackupError(_("%(name)s is not installed (Debian: apt-get install postgresql-client)", name=name))
     return candidates[-1]
 
 
@@ -128,9 +133,16 @@ def _run(argv: list[str], env: dict[str, str], what: str) -> None:
     try:
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=PG_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
-        raise BackupError(f"{what} failed: {err}") from err
+        raise BackupError(_("%(what)s failed: %(err)s", what=what, err=err)) from err
     if done.returncode != 0:
-        raise BackupError(f"{what} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+        raise BackupError(
+            _(
+                "%(what)s failed (exit %(code)s): %(stderr)s",
+                what=what,
+                code=done.returncode,
+                stderr=done.stderr.strip()[-2000:],
+            )
+        )
 
 
 def dump_postgres(url: str, target: Path) -> DatabaseState:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Table, insert
 from sqlalchemy.exc import SQLAlchemyError
 
+from sekisho.common.i18n import _
 from sekisho.controller.backup.archive import (
     DATA_NAMES,
     BackupError,
@@ -120,11 +121,20 @@ def plan_restore(cfg: ControllerConfig, manifest: Manifest) -> RestorePlan:
     """Check a verified backup against this code and the database it replaces; raise BackupError if refused."""
     url = cfg.resolved_database_url()
     if manifest.backend != backend_of(url):
-        raise BackupError(f"the backup is of a {manifest.backend} database; this controller uses {backend_of(url)}")
+        raise BackupError(
+            _(
+                "the backup is of a %(backup)s database; this controller uses %(here)s",
+                backup=manifest.backend,
+                here=backend_of(url),
+            )
+        )
     revision = manifest.schema_revision
     if revision is not None and revision not in code_revisions():
         raise BackupError(
-            f"the backup's schema revision {revision!r} is newer than this code knows: upgrade sekisho first"
+            _(
+                "the backup's schema revision %(revision)s is newer than this code knows: upgrade sekisho first",
+                revision=repr(revision),
+            )
         )
     before: DatabaseState | None = None
     before_error: str | None = None
@@ -237,7 +247,13 @@ def apply_restore(cfg: ControllerConfig, plan: RestorePlan, data: Path, key: Ed2
         load_postgres(data, url)
     counts = live_state(url).tables
     if counts != plan.manifest.tables:
-        raise BackupError(f"restored row counts differ from the manifest: {counts} != {plan.manifest.tables}")
+        raise BackupError(
+            _(
+                "restored row counts differ from the manifest: %(restored)s != %(signed)s",
+                restored=counts,
+                signed=plan.manifest.tables,
+            )
+        )
     store = open_store(cfg)  # brings an older backup's schema up to this code's
     try:
         restored = store.current_policy_version()

@@ -9,6 +9,7 @@ from typing import Literal, TypeVar, cast
 from sqlalchemy import Select, Table, and_, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from sekisho.common.i18n import M_
 from sekisho.controller.doors.projector import KEY_LOAN_OVERDUE, write_transaction
 from sekisho.controller.store.models import AreaPresence, DoorLogEntry, Finding, KeyLoan, Visit
 from sekisho.controller.store.store import Store
@@ -28,7 +29,7 @@ _PAGE = 500
 
 def _aware(moment: datetime, name: str) -> datetime:
     if moment.tzinfo is None:
-        raise ValueError(f"{name}: 時刻にはタイムゾーンが必要です / {name} needs a time zone (e.g. +09:00)")
+        raise ValueError(M_("%(name)s needs a time zone (e.g. +09:00)", name=name))
     return moment.astimezone(UTC)
 
 

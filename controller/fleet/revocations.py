@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from sekisho.common.i18n import _
 from sekisho.controller.periodic import PeriodicJob
 from sekisho.controller.store.store import Store
 from sekisho.protocol import errors, timefmt
@@ -100,11 +101,11 @@ def reload_broker(pid_file: Path) -> None:
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError) as err:
-        raise RevocationSyncError(f"broker pid file {pid_file} unreadable: {err}") from err
+        raise RevocationSyncError(_("broker pid file %(path)s unreadable: %(err)s", path=pid_file, err=err)) from err
     try:
         os.kill(pid, signal.SIGHUP)
     except OSError as err:
-        raise RevocationSyncError(f"cannot signal the broker (pid {pid}): {err}") from err
+        raise RevocationSyncError(_("cannot signal the broker (pid %(pid)s): %(err)s", pid=pid, err=err)) from err
 
 
 def fetch_signed(
@@ -117,7 +118,7 @@ def fetch_signed(
         and not url.startswith("http://127.0.0.1")
         and not url.startswith("http://localhost")
     ):
-        raise RevocationSyncError("the controller URL must be https:// (plain http only to this host)")
+        raise RevocationSyncError(_("the controller URL must be https:// (plain http only to this host)"))
     context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
     request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310 - scheme checked above
     if token:
@@ -126,13 +127,20 @@ def fetch_signed(
         with urllib.request.urlopen(request, timeout=timeout, context=context) as response:  # noqa: S310
             body = response.read(MAX_LIST_BYTES * 2 + 1)
     except (urllib.error.URLError, OSError, ssl.SSLError) as err:
-        raise RevocationSyncError(f"fetching {url} failed: {err}") from err
+        raise RevocationSyncError(_("fetching %(url)s failed: %(err)s", url=url, err=err)) from err
     if len(body) > MAX_LIST_BYTES * 2:
-        raise RevocationSyncError("the signed list is larger than the bound")
+        raise RevocationSyncError(_("the signed list is larger than the bound"))
     try:
         return open_signed(body, controller_key)
     except errors.Rejected as err:
-        raise RevocationSyncError(f"the list from {url} was refused: {err.reason}: {err.detail}") from err
+        raise RevocationSyncError(
+            _(
+                "the list from %(url)s was refused: %(reason)s: %(detail)s",
+                url=url,
+                reason=err.reason,
+                detail=err.detail,
+            )
+        ) from err
 
 
 def sync_once(

@@ -32,7 +32,7 @@ def parse_duration(text: str) -> timedelta:
     """Parse 30m, 24h or 7d into a timedelta (ValueError otherwise)."""
     match = _DURATION.match(text.strip())
     if match is None:
-        raise ValueError(f"{text!r} is not a duration like 30m, 24h or 7d")
+        raise ValueError(_("%(text)s is not a duration like 30m, 24h or 7d", text=repr(text)))
     number, unit = int(match.group(1)), match.group(2)
     return {"m": timedelta(minutes=number), "h": timedelta(hours=number), "d": timedelta(days=number)}[unit]
 

@@ -247,6 +247,4 @@ def check_overdue(config: ConfigOpt) -> None:
                 jst=jst(loan.ends_at),
             )
         )
-    console.print(
-        f"延滞 {len(overdue)} 件、新規の指摘 {len(created)} 件 / {len(overdue)} overdue, {len(created)} new finding(s)"
-    )
+    console.print(_("%(overdue)s overdue, %(created)s new finding(s)", overdue=len(overdue), created=len(created)))
