@@ -163,9 +163,9 @@ def test_tokens_allow_any_address_and_each_token_has_one_scope() -> None:
     assert ControllerConfig(**BASE, profile="dev", http_host="0.0.0.0", api_tokens=[WRITE]).api_tokens
     # A read-only API is allowed (writes then go through the CLI only).
     assert ControllerConfig(**BASE, http_host="0.0.0.0", api_read_tokens=[READ]).api_read_tokens
-    with pytest.raises(ValidationError, match="only once"):
+    with pytest.raises(ValidationError, match="1 回だけ指定できます"):  # tests run in ja
         ControllerConfig(**BASE, api_tokens=[WRITE], api_read_tokens=[WRITE])
-    with pytest.raises(ValidationError, match="24 characters"):
+    with pytest.raises(ValidationError, match="24 文字以上"):
         ControllerConfig(**BASE, api_tokens=[WRITE], api_read_tokens=["short"])
 
 

@@ -221,7 +221,7 @@ def test_controller_config_fails_closed(tmp_path: Path) -> None:
     base = {"ca_cert": "a", "tls_cert": "b", "tls_key": "c", "signing_key": "d"}
     with pytest.raises(ValidationError, match="api_tokens"):
         ControllerConfig(**base, profile="dev", http_host="0.0.0.0")
-    with pytest.raises(ValidationError, match="24 characters"):
+    with pytest.raises(ValidationError, match="24 文字以上"):
         ControllerConfig(**base, profile="dev", api_tokens=["short"])
     with pytest.raises(ValidationError, match="Extra inputs"):
         ControllerConfig(**base, profile="dev", surprise=1)
