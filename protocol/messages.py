@@ -46,9 +46,7 @@ def _dump(kind: str, key: Ed25519PrivateKey, body: dict[str, Any]) -> bytes:
     return b"{" + b",".join(b'"' + name.encode() + b'":' + value for name, value in parts) + b"}"
 
 
-def _open(
-    kind: str, raw: bytes, key: Ed25519PublicKey | None, max_size: int = MAX_CONTROL_BYTES
-) -> dict[str, Any]:
+def _open(kind: str, raw: bytes, key: Ed25519PublicKey | None, max_size: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
     doc = loads_strict(raw, max_size=max_size)
     if not isinstance(doc, dict) or set(doc) != {kind, "sig"} or not isinstance(doc[kind], dict):
         raise errors.Rejected(errors.MALFORMED, f'expected {{"{kind}": {{...}}, "sig": "..."}}')

@@ -116,9 +116,7 @@ def test_an_agent_host_install_has_no_controller_stack(wheel: Path, tmp_path: Pa
     python = str(venv / "bin" / "python")
     pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     # As ./dev.sh and the agent installer do it: hashes required, libosdp built from its locked source archive.
-    subprocess.run(
-        [sys.executable, str(LOCKS / "lock.py"), "install", str(venv), "agent"], check=True, timeout=900
-    )
+    subprocess.run([sys.executable, str(LOCKS / "lock.py"), "install", str(venv), "agent"], check=True, timeout=900)
     subprocess.run([*pip, "--no-deps", str(wheel)], check=True, timeout=300)
     verify = subprocess.run(
         [sys.executable, str(LOCKS / "lock.py"), "verify", str(venv), "agent"], capture_output=True, text=True

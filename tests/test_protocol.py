@@ -77,8 +77,10 @@ def test_event_round_trip_verifies(key):
         (lambda k: json.dumps(json.loads(event(k))).encode(), errors.MALFORMED),
         (lambda k: event(k).replace(b'{"event":{', b'{"event":{"type":"door.opened",', 1), errors.MALFORMED),
         (lambda k: event(k).replace(b'"payload":{', b'"payload":{"note":"\\ud800",', 1), errors.MALFORMED),
-        (lambda k: event(k).replace(b'"payload":{', b'"payload":{"deep":' + b"[" * 985 + b"]" * 985 + b",", 1),
-         errors.MALFORMED),
+        (
+            lambda k: event(k).replace(b'"payload":{', b'"payload":{"deep":' + b"[" * 985 + b"]" * 985 + b",", 1),
+            errors.MALFORMED,
+        ),
     ],
 )
 def test_decoder_rejects_with_reason(key, raw_factory, reason):

@@ -36,6 +36,7 @@ class UsbGuardConfig:
     # How often a host without a USB bus is looked at again (a controller may be added to a VM later).
     bus_retry_s: float = 60.0
 
+
 # The heartbeat's last-error code while the guard waits for a USB bus.
 NO_USB_BUS = "usb_bus_unavailable"
 
