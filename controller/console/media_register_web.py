@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlencode
@@ -35,7 +34,14 @@ from sekisho.controller.audit.operators import api_operator
 from sekisho.controller.console import templating
 from sekisho.controller.console.formats import JST, Lang
 from sekisho.controller.console.i18n import gettext
-from sekisho.controller.console.register_query import ID_PATTERN, PAGES_BY_NAME, REGISTER_PAGES, QueryError, half
+from sekisho.controller.console.register_query import (
+    ID_PATTERN,
+    PAGES_BY_NAME,
+    REGISTER_PAGES,
+    QueryError,
+    half,
+    one_param,
+)
 from sekisho.controller.console.register_query import reports_of as register_reports
 from sekisho.controller.console.registers_api import export_response, page_json
 from sekisho.controller.console.registers_web import cell
@@ -90,35 +96,23 @@ def media_service(request: Request, *, writing: bool = False) -> MediaService:
     return MediaService(state.store, PolicyService(state.store, state.signing_key), clock=lambda: state.clock())
 
 
-def _param(request: Request, name: str, pattern: re.Pattern[str] | None, size: int) -> str | None:
-    values = request.query_params.getlist(name)
-    if len(values) > 1:
-        raise QueryError(f"{name} は1つだけ指定してください / give {name} once")
-    value = values[0].strip() if values else ""
-    if not value:
-        return None
-    if len(value) > size or not value.isprintable() or (pattern is not None and not pattern.fullmatch(value)):
-        raise QueryError(f"{name} の値が不正です / invalid {name}")
-    return value
-
-
 def parse_media_filter(request: Request) -> Filter:
     """Read the register's filter: type (medium states), kind, person, department, medium and label."""
     states = [t.strip() for t in request.query_params.getlist("type") if t.strip()]
     unknown = [t for t in states if t not in MEDIUM_STATES]
     if unknown or len(states) > len(MEDIUM_STATES):
         raise QueryError("状態の指定が不正です / invalid state (" + ", ".join(MEDIUM_STATES) + ")")
-    kind = _param(request, "kind", None, 32)
+    kind = one_param(request, "kind", None, 32)
     if kind is not None and kind not in MEDIUM_KINDS:
         raise QueryError("媒体の種類が不正です / invalid kind (" + ", ".join(MEDIUM_KINDS) + ")")
-    label = _param(request, "label", None, MAX_LABEL)
+    label = one_param(request, "label", None, MAX_LABEL)
     if label is not None and next(mynumber.find_my_numbers(label), None) is not None:
         # The filter is printed on exports and kept in their audit rows: never a My Number.
         raise QueryError("label: マイナンバー（個人番号）らしき値は検索できません / looks like a My Number")
     return Filter(
-        person=_param(request, "person", ID_PATTERN, 64),
-        department=_param(request, "department", None, 100),
-        medium=_param(request, "medium", ID_PATTERN, 64),
+        person=one_param(request, "person", ID_PATTERN, 64),
+        department=one_param(request, "department", None, 100),
+        medium=one_param(request, "medium", ID_PATTERN, 64),
         kind=kind,
         label=label,
         types=frozenset(states),

@@ -109,20 +109,21 @@ def reports_of(request: Request) -> Reports:
     return reports
 
 
-def _one(request: Request, name: str, pattern: re.Pattern[str] | None = ID_PATTERN, size: int = 64) -> str | None:
+def one_param(request: Request, name: str, pattern: re.Pattern[str] | None = ID_PATTERN, size: int = 64) -> str | None:
+    """Return a query parameter given at most once, stripped, printable, within size and the pattern (None if empty)."""
     values = request.query_params.getlist(name)
     if len(values) > 1:
         raise QueryError(f"{name} は1つだけ指定してください / give {name} once")
     value = values[0].strip() if values else ""
     if not value:
         return None
-    if len(value) > size or (pattern is not None and not pattern.fullmatch(value)):
+    if len(value) > size or not value.isprintable() or (pattern is not None and not pattern.fullmatch(value)):
         raise QueryError(f"{name} の値が不正です / invalid {name}")
     return value
 
 
 def _day(request: Request, name: str) -> date | None:
-    text = _one(request, name, re.compile(r"\d{4}-\d{2}-\d{2}"), 10)
+    text = one_param(request, name, re.compile(r"\d{4}-\d{2}-\d{2}"), 10)
     if text is None:
         return None
     try:
@@ -143,19 +144,19 @@ def parse_filter(request: Request, now: datetime, *, default_preset: str | None 
     types = [t.strip() for t in request.query_params.getlist("type") if t.strip()]
     if len(types) > MAX_TYPES or any(len(t) > 64 or not TYPE_PATTERN.fullmatch(t) for t in types):
         raise QueryError("種別の指定が不正です / invalid event type")
-    department = _one(request, "department", None, 100)
+    department = one_param(request, "department", None, 100)
     if department is not None and not department.isprintable():
         raise QueryError("department の値が不正です / invalid department")
     fields: dict[str, object] = {
-        "person": _one(request, "person"),
+        "person": one_param(request, "person"),
         "department": department,
-        "door": _one(request, "door"),
-        "area": _one(request, "area"),
-        "terminal": _one(request, "terminal"),
-        "medium": _one(request, "medium"),
+        "door": one_param(request, "door"),
+        "area": one_param(request, "area"),
+        "terminal": one_param(request, "terminal"),
+        "medium": one_param(request, "medium"),
         "types": frozenset(types),
     }
-    preset = _one(request, "preset", re.compile("|".join(PRESETS))) or None
+    preset = one_param(request, "preset", re.compile("|".join(PRESETS))) or None
     start, end = _day(request, "from"), _day(request, "to")
     try:
         if preset is None and start is None and end is None and default_preset is not None:
@@ -171,7 +172,7 @@ def parse_filter(request: Request, now: datetime, *, default_preset: str | None 
 
 def parse_limit(request: Request, default: int = DEFAULT_LIMIT) -> int:
     """Return the page size asked for (1..500)."""
-    text = _one(request, "limit", re.compile(r"\d{1,4}"), 4)
+    text = one_param(request, "limit", re.compile(r"\d{1,4}"), 4)
     limit = default if text is None else int(text)
     if not 1 <= limit <= 500:
         raise QueryError("件数は1〜500で指定してください / limit must be 1..500")
@@ -180,12 +181,12 @@ def parse_limit(request: Request, default: int = DEFAULT_LIMIT) -> int:
 
 def parse_cursor(request: Request) -> str | None:
     """Return the opaque cursor of the page asked for (the reports decode and check it)."""
-    return _one(request, "cursor", re.compile(r"[A-Za-z0-9_-]+"), 400)
+    return one_param(request, "cursor", re.compile(r"[A-Za-z0-9_-]+"), 400)
 
 
 def parse_trail(request: Request) -> list[str]:
     """Return the cursors of the pages before this one ('' for the first page)."""
-    text = _one(request, "trail", re.compile(r"[A-Za-z0-9_.~-]*"), 400 * MAX_TRAIL)
+    text = one_param(request, "trail", re.compile(r"[A-Za-z0-9_.~-]*"), 400 * MAX_TRAIL)
     if not text:
         return []
     return ["" if part == "~" else part for part in text.split(".")][-MAX_TRAIL:]
