@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sekisho.controller.policy.loader import PolicyError, parse_policy
@@ -71,6 +71,8 @@ yaml_like = st.text(alphabet=st.sampled_from(list("abcdeipst:-[]{}, \n'\"#&*!|>%
 
 @settings(max_examples=400)
 @given(yaml_like)
+@example("[]:")  # a list as a mapping key: once a TypeError from the duplicate-key check
+@example("{a: 1}: x")
 def test_policy_loader_survives_random_text(text):
     try:
         parse_policy(text)
