@@ -36,6 +36,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from sekisho.bench import registers_data as data
+from sekisho.common.files import write_atomically
 from sekisho.controller.console.register_query import PAGES_BY_NAME
 from sekisho.controller.reports.filters import Filter
 from sekisho.controller.reports.queries import Context, after
@@ -327,9 +328,12 @@ _CSV_CHILD = textwrap.dedent(
     from sekisho.controller.reports.filters import Filter
     from sekisho.controller.reports.service import Reports
     from sekisho.controller.store import Store, make_engine
+    from sekisho.protocol import signing
 
     url, since, now = sys.argv[1], datetime.fromisoformat(sys.argv[2]), datetime.fromisoformat(sys.argv[3])
-    reports = Reports(Store(make_engine(url)), clock=lambda: now)
+    # The controller's key, as the API process has it: the export starts from the signed verified points.
+    key = signing.load_private_key(sys.argv[4])
+    reports = Reports(Store(make_engine(url), signing_key=key), clock=lambda: now)
     def status(name):
         # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's peak across exec).
         for line in open("/proc/self/status"):
@@ -350,8 +354,12 @@ _CSV_CHILD = textwrap.dedent(
 )
 
 
-def csv_peak(url: str, rows: int, now: datetime) -> dict[str, Any]:
-    """Export about `rows` rows of the room log to CSV in a fresh subprocess; return its rows and peak RSS."""
+def csv_peak(url: str, rows: int, now: datetime, key_path: Path) -> dict[str, Any]:
+    """Export about `rows` rows of the room log to CSV in a fresh subprocess; return its rows and peak RSS.
+
+    The subprocess opens the store with the controller's signing key (key_path), as the controller's API does:
+    without it the export could not trust the signed verified points and would walk every chain from the start.
+    """
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
@@ -368,7 +376,7 @@ def csv_peak(url: str, rows: int, now: datetime) -> dict[str, Any]:
     finally:
         engine.dispose()
     done = subprocess.run(
-        [sys.executable, "-c", _CSV_CHILD, url, since.isoformat(), now.isoformat()],
+        [sys.executable, "-c", _CSV_CHILD, url, since.isoformat(), now.isoformat(), str(key_path)],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -458,9 +466,11 @@ def run_backend(
             with console.status(f"{backend}: timing HTTP pages"):
                 pages = time_pages(store, shape, root, now, max(5, opts.rounds // 2))
         csv: list[dict[str, Any]] = []
+        key_path = root / f"{backend}-controller-signing.key"
+        write_atomically(key_path, signing.private_key_pem(store.signing_key))  # type: ignore[arg-type]
         with console.status(f"{backend}: CSV exports in subprocesses"):
             for rows in sorted({max(1, opts.csv_rows // 10), opts.csv_rows}):
-                csv.append(csv_peak(url, rows, now))
+                csv.append(csv_peak(url, rows, now, key_path))
         return BackendResult(
             backend,
             loaded.events,
