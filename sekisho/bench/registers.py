@@ -323,6 +323,7 @@ def time_pages(store: Store, shape: data.SiteShape, root: Path, now: datetime, r
 _CSV_CHILD = textwrap.dedent(
     """
     import json, sys
+    from pathlib import Path
     from datetime import datetime
     from sekisho.controller.reports.exports import export_csv
     from sekisho.controller.reports.filters import Filter
@@ -332,7 +333,7 @@ _CSV_CHILD = textwrap.dedent(
 
     url, since, now = sys.argv[1], datetime.fromisoformat(sys.argv[2]), datetime.fromisoformat(sys.argv[3])
     # The controller's key, as the API process has it: the export starts from the signed verified points.
-    key = signing.load_private_key(sys.argv[4])
+    key = signing.load_private_key(Path(sys.argv[4]))
     reports = Reports(Store(make_engine(url), signing_key=key), clock=lambda: now)
     def status(name):
         # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's peak across exec).
