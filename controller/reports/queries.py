@@ -93,10 +93,13 @@ def after(segment: Segment, key: SortKey | None) -> Select[Any]:
     t, i = segment.time_col, segment.id_col
     if key is not None and key.segment == segment.number:
         check_id(key, numeric_id(segment))
+        # The plain bound on the time column (t <= at) says nothing the OR does not, but it is one the index can
+        # seek to: without it SQLite reads the filter's whole range from its start and drops the rows before the
+        # cursor (page 21 of one person's month at 10M events: 100 ms of SQL instead of a few).
         if segment.descending:
-            stmt = stmt.where(or_(t < key.at, and_(t == key.at, i < key.id)))
+            stmt = stmt.where(t <= key.at, or_(t < key.at, and_(t == key.at, i < key.id)))
         else:
-            stmt = stmt.where(or_(t > key.at, and_(t == key.at, i > key.id)))
+            stmt = stmt.where(t >= key.at, or_(t > key.at, and_(t == key.at, i > key.id)))
     order = (t.desc(), i.desc()) if segment.descending else (t.asc(), i.asc())
     return stmt.order_by(*order)
 

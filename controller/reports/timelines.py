@@ -269,7 +269,8 @@ def _after_for(segment: Segment, key: SortKey | None) -> Any:
         if segment.rank > key.rank:
             stmt = stmt.where(t <= key.at)
         elif segment.rank == key.rank:
-            stmt = stmt.where(or_(t < key.at, and_(t == key.at, i < key.id)))
+            # t <= at is implied by the OR but seekable (see queries.after).
+            stmt = stmt.where(t <= key.at, or_(t < key.at, and_(t == key.at, i < key.id)))
         else:
             stmt = stmt.where(t < key.at)
     return stmt.order_by(t.desc(), i.desc())
