@@ -119,6 +119,9 @@ def test_every_register_page_renders_in_japanese_and_english_with_names(web: Web
         assert ja.status_code == 200, (register.path, ja.text[:500])
         assert '<html lang="ja">' in ja.text and "<table" in ja.text
         assert "<th" in ja.text and "<td" in ja.text
+        # The tabs to every register, this one marked current.
+        assert f'<li><a href="{register.path}" aria-current="page">' in ja.text, register.path
+        assert all(f'<a href="{other.path}"' in ja.text for other in REGISTER_PAGES)
     keys = client.get("/console/keys")
     assert "鍵貸出管理簿" in keys.text
     # Names, not ids: kanji with the kana as ruby, the id on hover, a link to the person's timeline.
