@@ -7,6 +7,7 @@ background walk from the start (then the page says broken) and named at once by 
 
 from __future__ import annotations
 
+import threading
 import tomllib
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +21,7 @@ from sqlalchemy import select, update
 from sekisho.controller.config import ControllerConfig
 from sekisho.controller.reports.filters import Filter
 from sekisho.controller.reports.service import Reports
-from sekisho.controller.reports.verify import ChainCheck, PointRefresher
+from sekisho.controller.reports.verify import ChainCheck, PointRefresher, WalkStopped
 from sekisho.controller.store import Store
 from sekisho.controller.store.models import Event, VerifiedPoint
 
@@ -113,6 +114,21 @@ def test_the_periodic_job_refreshes_and_another_worker_skips_a_fresh_round(site:
     assert other.last == {}
     with site.store.engine.connect() as conn:
         assert set(conn.execute(select(VerifiedPoint.verified_by)).scalars()) == {"controller-a"}
+
+
+def test_a_stopping_controller_ends_the_walk_at_its_next_pause(site: Site) -> None:
+    # systemd's stop must not wait for a walk of millions of records: the walk ends at its next pause, and
+    # the job's round ends quietly (the next start walks again).
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(WalkStopped):
+        ChainCheck(site.store, clock=site.clock).refresh("controller-test", full=True, pause_s=0.0, stop=stop)
+    job = PointRefresher(site.store, "controller-a")
+    job._stop.set()  # what PeriodicJob.stop() sets
+    job.run_once()
+    assert job.refreshed is None and job.last == {}
+    # Not stopped: the same walk records its points.
+    assert ChainCheck(site.store, clock=site.clock).refresh("controller-test", full=True, pause_s=0.0).problems
 
 
 # --- incremental and full refreshes ----------------------------------------------------------------------

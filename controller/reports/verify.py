@@ -589,7 +589,13 @@ class ChainCheck:
         return self.refresh(by, full=True, agents=agents).problems
 
     def refresh(
-        self, by: str, *, full: bool, agents: Iterable[str] | None = None, pause_s: float | None = None
+        self,
+        by: str,
+        *,
+        full: bool,
+        agents: Iterable[str] | None = None,
+        pause_s: float | None = None,
+        stop: threading.Event | None = None,
     ) -> Refresh:
         """Record signed verified points: full walks every chain from the start, else each on from its point.
 
@@ -597,12 +603,20 @@ class ChainCheck:
         with a pause of pause_s between batches and agents (None: none) so the process's other threads run.
         A chain without a trusted point (none yet, signature refused, its record or log entry changed) is
         walked from the start in an incremental refresh too. Needs the controller's signing key: a point is
-        only worth what its signature is.
+        only worth what its signature is. A set stop event ends the walk at its next pause (WalkStopped); the
+        points already recorded stay, the chain in hand keeps its previous point.
         """
         signer = self.store.signing_key
         if signer is None:
             raise ValueError("verified points need the controller's signing key")
-        pause = None if pause_s is None else (lambda: time.sleep(pause_s))
+
+        def pause() -> None:
+            # The controller's stop must not wait for a half-hour walk: the walk ends at its next pause.
+            if stop is not None and stop.wait(pause_s or 0.0):
+                raise WalkStopped("chain walk stopped")
+            if stop is None and pause_s is not None:
+                time.sleep(pause_s)
+
         now = self.clock()
         problems: dict[str, str | None] = {}
         walked: dict[str, int] = {}
@@ -690,6 +704,10 @@ class ChainCheck:
             conn.execute(insert(_POINTS).values(**values))
 
 
+class WalkStopped(Exception):
+    """A background chain walk was told to stop (the controller is stopping)."""
+
+
 class PointRefresher(PeriodicJob):
     """The controller's background job that keeps the verified points fresh.
 
@@ -745,7 +763,11 @@ class PointRefresher(PeriodicJob):
         if walk is None:
             return
         checker = ChainCheck(self.store, clock=self.clock)
-        self.refreshed = checker.refresh(self.by, full=walk == "full", pause_s=self.pause_s)
+        try:
+            self.refreshed = checker.refresh(self.by, full=walk == "full", pause_s=self.pause_s, stop=self._stop)
+        except WalkStopped:
+            log.info("chain verification (%s) stopped with the controller; the next start goes on", walk)
+            return
         self.last = self.refreshed.problems
         log.info(
             "chain verification (%s): %d record(s) walked in %d chain(s)",
