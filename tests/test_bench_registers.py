@@ -8,6 +8,8 @@ that the chains it writes verify.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -126,3 +128,36 @@ def test_bench_registers_json(tmp_path: Path) -> None:
     sqlite = figures["backends"]["sqlite"]
     assert sqlite["bare_sql_p95_ms"] > 0 and sqlite["csv_rss_ratio"] > 0
     assert sqlite["http_failures"] == []  # every reading's HTML and JSON page answered 200
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.skipif(find_pg_bin() is None, reason="PostgreSQL is not installed")),
+    ],
+)
+def test_bench_registers_keep_measures_the_kept_database_again(request: pytest.FixtureRequest, backend: str) -> None:
+    """--keep: the second run loads nothing, measures the same rows, and its chains still verify with the kept key."""
+    args = ["registers", "--events", "6000", "--backend", backend, "--rounds", "3", "--csv-rows", "500"]
+    # Not under tmp_path: as root the kept cluster runs as postgres, which cannot pass pytest's 0700 folders.
+    work = Path(tempfile.mkdtemp(prefix="sekisho-keep-"))
+    request.addfinalizer(lambda: shutil.rmtree(work, ignore_errors=True))
+    args += ["--deep-pages", "2", "--workdir", str(work), "--keep"]
+    first = CliRunner().invoke(bench_app, args)
+    assert first.exit_code == 0, first.output
+    assert "reusing" not in first.output
+    second = CliRunner().invoke(bench_app, args)
+    assert second.exit_code == 0, second.output
+    assert "reusing the" in second.output and "stored in" not in second.output
+    a, b = (json.loads(r.output.strip().splitlines()[-1]) for r in (first, second))
+    assert a["rows"] == b["rows"] and 5_900 <= b["rows"] <= 6_000
+    assert b["backends"][backend]["http_failures"] == []
+    # A different size asks for a fresh workdir instead of measuring the wrong database.
+    other = CliRunner().invoke(bench_app, [*args[:2], "7000", *args[3:]])
+    assert other.exit_code != 0
+
+
+def test_bench_registers_keep_needs_workdir() -> None:
+    result = CliRunner().invoke(bench_app, ["registers", "--events", "6000", "--keep"])
+    assert result.exit_code == 2 and "--workdir" in result.output

@@ -497,6 +497,12 @@ def bench_registers(
     deep_pages: Annotated[int, typer.Option(min=1, max=1000, help=_("pages read before the deep page"))] = 20,
     http: Annotated[bool, typer.Option(help=_("time full page responses over HTTP too"))] = True,
     workdir: Annotated[Path | None, typer.Option(help=_("keep state here instead of a temp dir"))] = None,
+    keep: Annotated[
+        bool,
+        typer.Option(
+            help=_("keep the loaded databases in --workdir; a later run with the same --events measures them again")
+        ),
+    ] = False,
 ) -> None:
     """Register/timeline queries, HTTP pages and CSV export memory over millions of projected events."""
     from sekisho.bench.registers import Options, run_registers_bench
@@ -504,6 +510,9 @@ def bench_registers(
     chosen = {"sqlite": ("sqlite",), "postgres": ("postgres",), "both": ("sqlite", "postgres")}.get(backend)
     if chosen is None:
         console.print(_("--backend: sqlite, postgres or both[/]"))
+        raise typer.Exit(2)
+    if keep and workdir is None:
+        console.print(_("--keep needs --workdir (where the databases are kept)"))
         raise typer.Exit(2)
     options = Options(
         events=events,
@@ -513,6 +522,7 @@ def bench_registers(
         deep_pages=deep_pages,
         http=http,
         workdir=workdir,
+        keep=keep,
     )
     raise typer.Exit(run_registers_bench(options, console))
 

@@ -65,6 +65,7 @@ class Options:
     days: int = 90
     http: bool = True
     workdir: Path | None = None
+    keep: bool = False  # keep the loaded databases in workdir and measure them again on the next run
 
 
 @dataclass(frozen=True)
@@ -252,15 +253,16 @@ def _serving(store: Store, root: Path, now: datetime) -> Iterator[tuple[str, str
         signing_key=root / "signing.key",
     )
     state = AppState(config, store, None, signing_key=store.signing_key, clock=lambda: now)
+    login = f"bench.fm.{os.urandom(3).hex()}"  # a kept database already holds the earlier runs' users
     state.accounts.create_user(
-        login="bench.fm",
+        login=login,
         display_name="試験 管理者",
         kana="しけん かんりしゃ",
         role=Role("facility_manager"),
         password="bench-registers-" + os.urandom(8).hex(),
         created_by="bench",
     )
-    token = state.accounts.create_token("bench.fm", "bench", None, by="bench").token
+    token = state.accounts.create_token(login, "bench", None, by="bench").token
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="critical", access_log=False)
@@ -412,47 +414,74 @@ def _counts(store: Store) -> dict[str, int]:
         }
 
 
-def run_backend(
-    backend: str, url: str, opts: Options, root: Path, console: Console, source_url: str | None = None
-) -> BackendResult:
-    """Load, project and measure one database (copying the events of source_url when given)."""
-    now = datetime.now(UTC).replace(second=0, microsecond=0)
+def _load_fresh(
+    backend: str, store: Store, opts: Options, now: datetime, console: Console
+) -> tuple[dict[str, float], int, float]:
+    """Generate, sign, store and project opts.events events, then walk every chain once (the background job)."""
+    engine = store.engine
+    shape = data.site_shape()
+    t0 = time.perf_counter()
+    keys = data.prepare_store(store, shape, store.signing_key)  # type: ignore[arg-type]
+    data.ensure_streams(store, shape.agents)
+    with console.status(f"{backend}: generating, signing and storing {opts.events:,} events") as status:
+        source = data.EventSource(shape, keys, end=now, days=opts.days, total=opts.events)
+        # Signing in two worker processes (each agent's chain in one of them), generating and writing here.
+        loaded = data.load_events_parallel(
+            store, source, workers=2, progress=lambda n: status.update(f"{backend}: stored {n:,} / {opts.events:,}")
+        )
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with console.status(f"{backend}: projecting") as status:
+        projected = data.project(store, progress=lambda n: status.update(f"{backend}: projected {n:,}"))
+    project_s = time.perf_counter() - t0
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("ANALYZE")
+            conn.commit()
+    console.print(
+        f"{backend}: {loaded.events:,} events stored in {load_s:.0f} s "
+        f"(generate+sign {loaded.generate_s:.0f} s, write {loaded.write_s:.0f} s); "
+        f"{projected:,} projected in {project_s:.0f} s"
+    )
+    # The walk of every chain from the start is the controller's background job now (verified points);
+    # timed apart, then a fresh worker's first check, which starts from the signed points.
+    t0 = time.perf_counter()
+    with console.status(f"{backend}: the background walk from the start (every chain, signatures)"):
+        walked = ChainCheck(store, clock=lambda: now).refresh_points("bench")
+    cold = time.perf_counter() - t0
+    if any(walked.values()):
+        raise RuntimeError(f"chains do not verify: {[p for p in walked.values() if p][:3]}")
+    load = {"load_s": load_s, "generate_s": loaded.generate_s, "write_s": loaded.write_s, "project_s": project_s}
+    return load, projected, cold
+
+
+def run_backend(backend: str, url: str, opts: Options, root: Path, console: Console) -> BackendResult:
+    """Load, project and measure one database; with opts.keep, reuse what an earlier run loaded there."""
+    marker = root / f"{backend}.loaded.json"
+    key_path = root / f"{backend}-controller-signing.key"
+    kept = json.loads(marker.read_text()) if opts.keep and marker.exists() else None
+    if kept is not None and kept.get("events_asked") != opts.events:
+        raise RuntimeError(f"{marker} holds {kept.get('events_asked')} events, not {opts.events}: remove the workdir")
     engine = make_engine(url)
     try:
         upgrade(engine)
-        store = Store(engine, signing_key=signing.generate_key())
+        if kept is None:
+            now = datetime.now(UTC).replace(second=0, microsecond=0)
+            store = Store(engine, signing_key=signing.generate_key())
+            # Written before the load: the verified points the walk signs are checked with this key later.
+            write_atomically(key_path, signing.private_key_pem(store.signing_key))  # type: ignore[arg-type]
+            load, projected, cold = _load_fresh(backend, store, opts, now, console)
+            if opts.keep:
+                kept = {"events_asked": opts.events, "now": now.isoformat(), "load": load}
+                kept |= {"projected": projected, "cold_walk_s": cold}
+                write_atomically(marker, json.dumps(kept).encode())
+        else:
+            # The loaded events end at the first run's "now"; every reading's filter is relative to it.
+            now = datetime.fromisoformat(kept["now"])
+            store = Store(engine, signing_key=signing.load_private_key(key_path))
+            load, projected, cold = dict(kept["load"]), int(kept["projected"]), float(kept["cold_walk_s"])
+            console.print(f"{backend}: reusing the {projected:,} projected events loaded at {kept['now']} ({marker})")
         shape = data.site_shape()
-        t0 = time.perf_counter()
-        keys = data.prepare_store(store, shape, store.signing_key)  # type: ignore[arg-type]
-        data.ensure_streams(store, shape.agents)
-        with console.status(f"{backend}: generating, signing and storing {opts.events:,} events") as status:
-            source = data.EventSource(shape, keys, end=now, days=opts.days, total=opts.events)
-            # Signing in two worker processes (each agent's chain in one of them), generating and writing here.
-            loaded = data.load_events_parallel(
-                store, source, workers=2, progress=lambda n: status.update(f"{backend}: stored {n:,} / {opts.events:,}")
-            )
-        load_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with console.status(f"{backend}: projecting") as status:
-            projected = data.project(store, progress=lambda n: status.update(f"{backend}: projected {n:,}"))
-        project_s = time.perf_counter() - t0
-        if engine.dialect.name == "postgresql":
-            with engine.connect() as conn:
-                conn.exec_driver_sql("ANALYZE")
-                conn.commit()
-        console.print(
-            f"{backend}: {loaded.events:,} events stored in {load_s:.0f} s "
-            f"(generate+sign {loaded.generate_s:.0f} s, write {loaded.write_s:.0f} s); "
-            f"{projected:,} projected in {project_s:.0f} s"
-        )
-        # The walk of every chain from the start is the controller's background job now (verified points);
-        # timed apart, then a fresh worker's first check, which starts from the signed points.
-        t0 = time.perf_counter()
-        with console.status(f"{backend}: the background walk from the start (every chain, signatures)"):
-            walked = ChainCheck(store, clock=lambda: now).refresh_points("bench")
-        cold = time.perf_counter() - t0
-        if any(walked.values()):
-            raise RuntimeError(f"chains do not verify: {[p for p in walked.values() if p][:3]}")
         reports = Reports(store, clock=lambda: now)
         t0 = time.perf_counter()
         status_ = reports.chains.check(shape.agents)
@@ -467,21 +496,13 @@ def run_backend(
             with console.status(f"{backend}: timing HTTP pages"):
                 pages = time_pages(store, shape, root, now, max(5, opts.rounds // 2))
         csv: list[dict[str, Any]] = []
-        key_path = root / f"{backend}-controller-signing.key"
-        write_atomically(key_path, signing.private_key_pem(store.signing_key))  # type: ignore[arg-type]
         with console.status(f"{backend}: CSV exports in subprocesses"):
             for rows in sorted({max(1, opts.csv_rows // 10), opts.csv_rows}):
                 csv.append(csv_peak(url, rows, now, key_path))
         return BackendResult(
             backend,
-            loaded.events,
-            {
-                "load_s": load_s,
-                "generate_s": loaded.generate_s,
-                "write_s": loaded.write_s,
-                "project_s": project_s,
-                "first_check_s": first_check,
-            },
+            _counts(store)["events"],
+            {**load, "first_check_s": first_check},
             projected,
             _counts(store),
             cold,
@@ -574,13 +595,23 @@ def run_registers_bench(opts: Options, console: Console) -> int:
     results: list[BackendResult] = []
     try:
         for backend in opts.backends:
+            fresh = not (opts.keep and (root / f"{backend}.loaded.json").exists())
             if backend == "sqlite":
                 path = root / "registers.sqlite3"
-                path.unlink(missing_ok=True)
+                if fresh:
+                    path.unlink(missing_ok=True)
                 results.append(run_backend("sqlite", f"sqlite:///{path}", opts, root, console))
-                path.unlink(missing_ok=True)
+                if not opts.keep:
+                    path.unlink(missing_ok=True)
             else:
-                with postgres_cluster() as cluster, pg_database(cluster) as url:
+                keep_in = None
+                if opts.keep:
+                    keep_in = root / "postgres"
+                    root.chmod(root.stat().st_mode | 0o011)  # the cluster runs as postgres when we are root
+                with (
+                    postgres_cluster(keep_in=keep_in) as cluster,
+                    pg_database(cluster, name="sekisho_bench" if opts.keep else None, fresh=fresh) as url,
+                ):
                     results.append(run_backend("postgres", url, opts, root, console))
             r = results[-1]
             console.print(_table(r))
