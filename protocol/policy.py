@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
+from sekisho.protocol.alert_policy import AlertSettings
 from sekisho.protocol.pin import PIN_HASH_PATTERN
 
 Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
@@ -284,6 +285,8 @@ class SitePolicy(_Model):
         description="derived by for_agent: every login name on the site (names only), so a terminal can tell "
         "'not designated here' from 'no such user' without receiving the other people",
     )
+    # The controller's alert rules, contacts and escalation chains: signed with the policy, never sliced to agents.
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
 
     @model_validator(mode="after")
     def _check_references(self) -> SitePolicy:
@@ -338,6 +341,9 @@ class SitePolicy(_Model):
         for person in self.people:
             if person.valid_from and person.valid_until and person.valid_until < person.valid_from:
                 raise ValueError(f"person {person.id!r}: valid_until before valid_from")
+        for roster in self.alerts.rosters:
+            if roster.hours not in schedules:
+                raise ValueError(f"alerts: roster {roster.id!r} names unknown schedule {roster.hours!r}")
         media = unique("medium", [m.id for m in self.media])
         unique("medium serial", [m.serial_sha256 for m in self.media])
         terminals = {t.id for t in self.terminals}
@@ -432,4 +438,5 @@ class AgentSlicer:
             # Terminals only: login names, no other personal data, so a refusal names the right reason.
             login_directory=self._login_directory if terminals else [],
         )
-        return part.model_dump(mode="json")
+        # Without the alerts section: contacts and escalation are the controller's business, not a door's.
+        return part.model_dump(mode="json", exclude={"alerts"})
