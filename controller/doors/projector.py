@@ -6,13 +6,8 @@ number of controller processes may run it: the cursor row is locked for the roun
 writer lock), so rounds take turns and an event is never applied twice at once — and applying it
 twice in a row changes nothing anyway (controller.doors.apply).
 
-The one subtle part is knowing how far the cursor may advance. On SQLite writers take turns, so the
-rows up to the largest id are all committed. On PostgreSQL an id is drawn when a row is inserted but
-becomes visible only at commit, so a slow ingest transaction can commit id 41 after id 42 is already
-visible; advancing past 42 would skip 41 for good. So when the ids after the cursor have holes,
-the projection briefly takes ``LOCK TABLE events IN SHARE MODE``: granted only once every
-transaction that is inserting events has finished, it makes every id below the largest visible one
-either committed or never to be used. It is released at once and taken only when there are holes.
+How far a round may read (the horizon, and PostgreSQL's late commits) is the shared cursor's business:
+controller/store/cursor.py.
 """
 
 from __future__ import annotations
@@ -22,9 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, delete, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, Table, delete, func, select, update
 
 from sekisho.controller.doors.apply import PROJECTED_TYPES, SiteView, StoredEvent, apply_event, resolve_overdue_finding
+from sekisho.controller.store.cursor import EventCursor
 from sekisho.controller.store.db import SQLITE_BEGIN
 from sekisho.controller.store.models import (
     AreaPresence,
@@ -33,11 +29,9 @@ from sekisho.controller.store.models import (
     Finding,
     KeyLoan,
     PolicyVersion,
-    ProjectionCursor,
     Visit,
 )
 from sekisho.controller.store.store import Store
-from sekisho.protocol import timefmt
 from sekisho.protocol.policy import SitePolicy
 
 log = logging.getLogger(__name__)
@@ -52,7 +46,6 @@ REGISTER_TABLES = (
 )
 
 _EVENTS = cast(Table, Event.__table__)
-_CURSORS = cast(Table, ProjectionCursor.__table__)
 _FINDINGS = cast(Table, Finding.__table__)
 _LOANS = cast(Table, KeyLoan.__table__)
 _POLICY = cast(Table, PolicyVersion.__table__)
@@ -76,19 +69,18 @@ class DoorProjector:
         self.engine = store.engine
         self.batch = batch
         self.lock_timeout_s = lock_timeout_s
+        self.cursor = EventCursor(self.engine, CURSOR, lock_timeout_s=lock_timeout_s)
         self._site: tuple[int, SiteView] | None = None
 
     def position(self) -> int:
         """Return the id of the last event the registers reflect."""
-        with self.engine.connect() as conn:
-            found = conn.execute(select(_CURSORS.c.position).where(_CURSORS.c.name == CURSOR)).scalar()
-        return int(found or 0)
+        return self.cursor.position()
 
     def run(self) -> int:
         """Project every event committed since the last round; return how many door/key events were applied."""
         applied = 0
         while True:
-            horizon = self._horizon(self.position())
+            horizon = self.cursor.horizon(self.position())
             count, more = self._round(horizon)
             applied += count
             if not more:
@@ -97,10 +89,10 @@ class DoorProjector:
     def rebuild(self) -> int:
         """Empty the registers and project every stored event again, in one transaction; return the count."""
         site = self.site()
-        horizon = self._horizon(0)
+        horizon = self.cursor.horizon(0)
         applied = 0
         with write_transaction(self.engine) as conn:
-            self._lock_cursor(conn)
+            self.cursor.lock(conn)
             for table in REGISTER_TABLES:
                 if table is _LOANS:
                     # Plain-key loans from the counter tablet (negative ids) are not projected from events:
@@ -118,7 +110,7 @@ class DoorProjector:
                     break
                 position = rows[-1].id
             self._relink_findings(conn)
-            self._move_cursor(conn, horizon)
+            self.cursor.move(conn, horizon)
         log.info("door registers rebuilt from %d event(s) up to event id %d", applied, horizon)
         return applied
 
@@ -138,14 +130,14 @@ class DoorProjector:
     def _round(self, horizon: int) -> tuple[int, bool]:
         site = self.site()
         with write_transaction(self.engine) as conn:
-            position = self._lock_cursor(conn)
+            position = self.cursor.lock(conn)
             if position >= horizon:
                 return 0, False  # another process projected this far meanwhile
             rows = self._read(conn, position, horizon)
             for row in rows:
                 apply_event(conn, site, row)
             more = len(rows) == self.batch
-            self._move_cursor(conn, rows[-1].id if more else horizon)
+            self.cursor.move(conn, rows[-1].id if more else horizon)
         return len(rows), more
 
     def _read(self, conn: Connection, after: int, upto: int) -> list[StoredEvent]:
@@ -157,37 +149,6 @@ class DoorProjector:
             .limit(self.batch)
         )
         return [StoredEvent(*row) for row in conn.execute(stmt)]
-
-    def _horizon(self, position: int) -> int:
-        """Return the largest events.id up to which every event that will ever exist is committed."""
-        with self.engine.connect() as conn:
-            top, count = conn.execute(select(func.max(_EVENTS.c.id), func.count()).where(_EVENTS.c.id > position)).one()
-        if top is None:
-            return position
-        if self.engine.dialect.name != "postgresql" or count == top - position:
-            return int(top)  # no holes: no id in the range is held by an uncommitted transaction
-        with self.engine.connect() as conn, conn.begin():
-            # Bounded: while this waits, new ingest transactions queue behind it; better to retry next round.
-            conn.execute(text(f"SET LOCAL lock_timeout = '{int(self.lock_timeout_s)}s'"))
-            conn.execute(text("LOCK TABLE events IN SHARE MODE"))
-            top = conn.execute(select(func.max(_EVENTS.c.id))).scalar()
-        return max(position, int(top or 0))
-
-    @staticmethod
-    def _lock_cursor(conn: Connection) -> int:
-        stmt = select(_CURSORS.c.position).where(_CURSORS.c.name == CURSOR).with_for_update()
-        found = conn.execute(stmt).scalar()
-        if found is None:
-            # The migration creates the row; this only guards against someone deleting it.
-            conn.execute(insert(_CURSORS).values(name=CURSOR, position=0, updated_at=None))
-            found = conn.execute(stmt).scalar_one()
-        return int(found)
-
-    @staticmethod
-    def _move_cursor(conn: Connection, position: int) -> None:
-        conn.execute(
-            update(_CURSORS).where(_CURSORS.c.name == CURSOR).values(position=position, updated_at=timefmt.now())
-        )
 
     @staticmethod
     def _relink_findings(conn: Connection) -> None:

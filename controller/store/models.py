@@ -651,3 +651,124 @@ class MusterCheck(Base):
     entered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     checked_by: Mapped[str] = mapped_column(String(200))
     checked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Alert(Base):
+    """An alert for security staff (issue 13): one per rule and subject while it lives, repeats counted.
+
+    ``open_key`` is the dedup key while the alert is not resolved and NULL after, so the unique constraint lets
+    any number of workers raise the same condition at once and still get one live alert. Lifecycle transitions
+    go into the admin audit trail (actions ``alert.*``), which `records verify` checks.
+    """
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        UniqueConstraint("open_key"),
+        CheckConstraint("state IN ('open', 'acknowledged', 'resolved')", name="state"),
+        CheckConstraint("condition IN ('active', 'cleared', 'none')", name="condition"),
+        CheckConstraint("severity IN ('critical', 'high', 'medium', 'low')", name="severity"),
+        Index(None, "state", "severity", "last_at"),
+        Index(None, "updated_at"),
+        Index(None, "esc_next_at"),
+        Index(None, "dedup_key", "resolved_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    rule: Mapped[str] = mapped_column(String(48))
+    dedup_key: Mapped[str] = mapped_column(String(400))
+    open_key: Mapped[str | None] = mapped_column(String(400))
+    severity: Mapped[str] = mapped_column(String(8))
+    state: Mapped[str] = mapped_column(String(16))
+    condition: Mapped[str] = mapped_column(String(8))
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    count: Mapped[int] = mapped_column(BigInteger)
+    first_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    cleared_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    acked_by: Mapped[str | None] = mapped_column(String(200))
+    ack_comment: Mapped[str | None] = mapped_column(Text)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    resolved_by: Mapped[str | None] = mapped_column(String(200))
+    resolution: Mapped[str | None] = mapped_column(Text)
+    cause: Mapped[str | None] = mapped_column(String(32))
+    override: Mapped[str | None] = mapped_column(Text)
+    silenced_by: Mapped[int | None] = mapped_column(BigInteger)
+    inhibited_by: Mapped[str | None] = mapped_column(String(400))
+    escalation: Mapped[str | None] = mapped_column(String(64))
+    # The escalation chain's run: started at, restarted (re-trigger) count, the last step done, the next due.
+    esc_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    esc_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    esc_round: Mapped[int | None] = mapped_column(Integer)
+    esc_step: Mapped[int | None] = mapped_column(Integer)
+    esc_next_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    retrigger_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    version: Mapped[int] = mapped_column(BigInteger, default=1)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AlertEvent(Base):
+    """An event behind an alert (the first ones of a group; the alert's count says how many in all)."""
+
+    __tablename__ = "alert_events"
+
+    alert_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("alerts.id"), primary_key=True)
+    event_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+
+
+class AlertSilence(Base):
+    """A silence or maintenance window: matching alerts are recorded but notify nobody (who, why, until when)."""
+
+    __tablename__ = "alert_silences"
+    __table_args__ = (
+        CheckConstraint("kind IN ('silence', 'maintenance')", name="kind"),
+        Index(None, "ends_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    rule: Mapped[str | None] = mapped_column(String(48))
+    matchers: Mapped[dict[str, Any]] = mapped_column(JSON)
+    starts_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ends_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    reason: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ended_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class AlertNotification(Base):
+    """One notification to one recipient on one channel: the durable outbox the delivery job drains.
+
+    The unique key makes an escalation step's notifications exactly-once per (alert, chain run, position,
+    recipient) however many workers run the step or how often a restarted controller retries it.
+    """
+
+    __tablename__ = "alert_notifications"
+    __table_args__ = (
+        UniqueConstraint("alert_id", "kind", "epoch", "round", "step", "channel", "target"),
+        CheckConstraint("state IN ('pending', 'sent', 'dead')", name="state"),
+        CheckConstraint("channel IN ('email', 'webhook', 'syslog')", name="channel"),
+        Index(None, "state", "next_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    alert_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("alerts.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    epoch: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    channel: Mapped[str] = mapped_column(String(8))
+    target: Mapped[str] = mapped_column(String(254))
+    contact: Mapped[str | None] = mapped_column(String(64))
+    language: Mapped[str] = mapped_column(String(2))
+    state: Mapped[str] = mapped_column(String(8))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    next_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
