@@ -32,9 +32,9 @@ from sekisho.controller.accounts.web import csrf_for
 from sekisho.controller.console import templating
 from sekisho.controller.console.formats import JST
 from sekisho.controller.console.register_query import ID_PATTERN, half, reports_of
-from sekisho.controller.doors.projector import write_transaction
 from sekisho.controller.reports.registers import COUNTER_CABINET
 from sekisho.controller.store.audit import AdminAction, refuse_free_text
+from sekisho.controller.store.db import write_transaction
 from sekisho.controller.store.models import AdminAuditEntry, KeyLoan
 from sekisho.protocol import mynumber
 

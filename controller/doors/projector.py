@@ -13,15 +13,13 @@ controller/store/cursor.py.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, delete, func, select, update
+from sqlalchemy import Connection, Table, delete, func, select, update
 
 from sekisho.controller.doors.apply import PROJECTED_TYPES, SiteView, StoredEvent, apply_event, resolve_overdue_finding
 from sekisho.controller.store.cursor import EventCursor
-from sekisho.controller.store.db import SQLITE_BEGIN
+from sekisho.controller.store.db import write_transaction
 from sekisho.controller.store.models import (
     AreaPresence,
     DoorLogEntry,
@@ -49,15 +47,6 @@ _EVENTS = cast(Table, Event.__table__)
 _FINDINGS = cast(Table, Finding.__table__)
 _LOANS = cast(Table, KeyLoan.__table__)
 _POLICY = cast(Table, PolicyVersion.__table__)
-
-
-@contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """Open a transaction that holds SQLite's writer lock from BEGIN (plain BEGIN on PostgreSQL)."""
-    with engine.connect() as conn:
-        conn.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
-        with conn.begin():
-            yield conn
 
 
 class DoorProjector:

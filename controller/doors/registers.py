@@ -10,7 +10,8 @@ from sqlalchemy import Select, Table, and_, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from sekisho.common.i18n import M_
-from sekisho.controller.doors.projector import KEY_LOAN_OVERDUE, write_transaction
+from sekisho.controller.doors.projector import KEY_LOAN_OVERDUE
+from sekisho.controller.store.db import write_transaction
 from sekisho.controller.store.models import AreaPresence, DoorLogEntry, Finding, KeyLoan, Visit
 from sekisho.controller.store.store import Store
 from sekisho.protocol import timefmt

@@ -544,6 +544,7 @@ class AdminAuditEntry(Base):
         Index(None, "at"),
         Index(None, "actor", "at"),
         Index(None, "action", "at"),
+        Index(None, "target", "at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -29,13 +29,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Connection, Engine, Table, func, insert, select, update
 
 from sekisho.controller.doors import apply as door_apply
-from sekisho.controller.doors.projector import CURSOR, REGISTER_TABLES, DoorProjector, write_transaction
+from sekisho.controller.doors.projector import CURSOR, REGISTER_TABLES, DoorProjector
 
 __all__ = ["REGISTER_TABLES"]
 from sekisho.controller.policy.service import PolicyService
 from sekisho.controller.store import Store
 from sekisho.controller.store.chain import record_hash, subject_columns
 from sekisho.controller.store.checkpoints import INGEST, append, head_fields, lock_log
+from sekisho.controller.store.db import write_transaction
 from sekisho.controller.store.events import EVENT_COLUMNS
 from sekisho.controller.store.models import Event, ProjectionCursor, Stream
 from sekisho.protocol import PROTOCOL_VERSION, signing, timefmt

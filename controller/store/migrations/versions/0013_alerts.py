@@ -11,6 +11,7 @@ Create Date: 2026-12-07
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -23,12 +24,12 @@ depends_on: str | Sequence[str] | None = None
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
-def _ts(name: str, nullable: bool = True) -> sa.Column[sa.DateTime]:
+def _ts(name: str, nullable: bool = True) -> sa.Column[datetime]:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
 
 
 def upgrade() -> None:
-    """Create the four alert tables and the alerts cursor at the newest stored event."""
+    """Create the four alert tables, the admin trail's target index and the alerts cursor at the newest event."""
     op.create_table(
         "alerts",
         sa.Column("id", _ID, autoincrement=True, nullable=False),
@@ -133,14 +134,24 @@ def upgrade() -> None:
         ),
     )
     op.create_index(op.f("ix_alert_notifications_state_next_at"), "alert_notifications", ["state", "next_at"])
+    # An alert's history is read from the admin trail by its target ("alert:<id>").
+    op.create_index(op.f("ix_admin_audit_target_at"), "admin_audit", ["target", "at"])
     top = op.get_bind().execute(sa.text("SELECT max(id) FROM events")).scalar()
     cursors = sa.table("projection_cursors", sa.column("name"), sa.column("position"), sa.column("updated_at"))
-    op.bulk_insert(cursors, [{"name": "alerts", "position": int(top or 0), "updated_at": None}])
+    letters = op.get_bind().execute(sa.text("SELECT max(id) FROM dead_letters")).scalar()
+    op.bulk_insert(
+        cursors,
+        [
+            {"name": "alerts", "position": int(top or 0), "updated_at": None},
+            {"name": "alert_letters", "position": int(letters or 0), "updated_at": None},
+        ],
+    )
 
 
 def downgrade() -> None:
     """Drop the alert tables and the cursor."""
-    op.execute("DELETE FROM projection_cursors WHERE name = 'alerts'")
+    op.execute("DELETE FROM projection_cursors WHERE name IN ('alerts', 'alert_letters')")
+    op.drop_index(op.f("ix_admin_audit_target_at"), table_name="admin_audit")
     op.drop_table("alert_notifications")
     op.drop_table("alert_silences")
     op.drop_table("alert_events")
