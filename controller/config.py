@@ -7,10 +7,63 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from sekisho.common.i18n import _
+
+
+class SmtpConfig(BaseModel):
+    """``[alerts.smtp]``: the relay alert e-mails go through (password from password_file or the environment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str
+    port: int = Field(default=25, ge=1, le=65535)
+    sender: str = Field(description="the From address, e.g. 'Sekisho <alerts@example.jp>'")
+    starttls: bool = False
+    username: str | None = None
+    password_file: Path | None = Field(default=None, description="a file holding only the password (0600)")
+    tls_cafile: Path | None = None
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+
+class WebhookConfig(BaseModel):
+    """``[alerts.webhooks.<name>]``: a signed webhook receiver a policy contact names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(repr=False)
+    secret_file: Path = Field(description="a file holding the HMAC key (at least 16 bytes, 0600)")
+    tls_cafile: Path | None = None
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+
+class SyslogConfig(BaseModel):
+    """``[alerts.syslog]``: a SIEM or relay that receives every alert opened, as RFC 5424."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str
+    port: int = Field(default=514, ge=1, le=65535)
+    transport: Literal["udp", "tcp"] = "udp"
+    facility: int = Field(default=10, ge=0, le=23)
+    app_name: str = "sekisho"
+
+
+class AlertsConfig(BaseModel):
+    """``[alerts]``: how often the rules run, the console address for links, and the channels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    every_s: float = Field(default=0.2, ge=0.05, le=60, description="rounds over new events and due escalations")
+    condition_every_s: float = Field(default=10.0, ge=1, le=3600, description="sweeps of the fleet and records")
+    delivery_every_s: float = Field(default=0.5, ge=0.05, le=60)
+    console_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$", description="for links in notices")
+    smtp: SmtpConfig | None = None
+    webhooks: dict[str, WebhookConfig] = Field(default_factory=dict)
+    syslog: SyslogConfig | None = None
 
 
 class ControllerConfig(BaseSettings):
@@ -104,6 +157,8 @@ class ControllerConfig(BaseSettings):
     enrol_url: str | None = Field(default=None, pattern=r"^https://[^\s/]+(:[0-9]+)?/?$")
     agent_broker_host: str | None = None
     agent_broker_port: int = Field(default=8883, ge=1, le=65535)
+    # Alert rules, escalation and channels (issue 13; docs/alerts.md).
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -200,6 +255,23 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         "enrol_ca_key",
         "revocation_list",
     ):
+        if key in out and not Path(out[key]).is_absolute():
+            out[key] = str((base / out[key]).resolve())
+    alerts = out.get("alerts")
+    if isinstance(alerts, dict):
+        alerts = dict(alerts)
+        if isinstance(alerts.get("smtp"), dict):
+            alerts["smtp"] = _resolve_paths_in(alerts["smtp"], base)
+        hooks = alerts.get("webhooks")
+        if isinstance(hooks, dict):
+            alerts["webhooks"] = {n: _resolve_paths_in(w, base) if isinstance(w, dict) else w for n, w in hooks.items()}
+        out["alerts"] = alerts
+    return out
+
+
+def _resolve_paths_in(table: dict[str, Any], base: Path) -> dict[str, Any]:
+    out = dict(table)
+    for key in ("password_file", "secret_file", "tls_cafile"):
         if key in out and not Path(out[key]).is_absolute():
             out[key] = str((base / out[key]).resolve())
     return out

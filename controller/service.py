@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sekisho.common.i18n import _
 from sekisho.common.sdnotify import LivenessCheck, ServiceNotifier
+from sekisho.controller.alerts.delivery import Channels, DeliveryJob
+from sekisho.controller.alerts.engine import AlertEngine
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.deps import AppState
 from sekisho.controller.api.https import tls_options
@@ -216,6 +218,30 @@ class Controller:
             else None
         )
 
+        # Alerts (issue 13): rules over the events and conditions, escalation, and the outbox's delivery.
+        alerts = config.alerts
+        self.alerts = (
+            AlertEngine(
+                self.store,
+                thresholds=Thresholds.from_config(config),
+                every_s=alerts.every_s,
+                condition_every_s=alerts.condition_every_s,
+                syslog=alerts.syslog is not None,
+            )
+            if with_policy and alerts.enabled
+            else None
+        )
+        self.delivery = (
+            DeliveryJob(
+                self.store,
+                Channels.from_config(alerts),
+                console_url=alerts.console_url,
+                every_s=alerts.delivery_every_s,
+            )
+            if self.alerts is not None
+            else None
+        )
+
     def _on_heartbeat(self, hb: messages.Heartbeat) -> None:
         if self.keeper is not None:
             self.keeper.on_heartbeat(hb)
@@ -238,9 +264,17 @@ class Controller:
             self.expiry.start()
         if self.chain_points is not None:
             self.chain_points.start()
+        if self.alerts is not None:
+            self.alerts.start()
+        if self.delivery is not None:
+            self.delivery.start()
 
     def stop(self) -> None:
         """Stop cleanly: finish the batch in hand, then disconnect."""
+        if self.delivery is not None:
+            self.delivery.stop()
+        if self.alerts is not None:
+            self.alerts.stop()
         if self.chain_points is not None:
             self.chain_points.stop()
         if self.expiry is not None:
@@ -260,7 +294,17 @@ class Controller:
     def alive(self) -> bool:
         """Tell whether ingest and the periodic jobs still run (the service watchdog asks)."""
         jobs = [
-            job for job in (self.keeper, self.overdue, self.doors, self.expiry, self.chain_points) if job is not None
+            job
+            for job in (
+                self.keeper,
+                self.overdue,
+                self.doors,
+                self.expiry,
+                self.chain_points,
+                self.alerts,
+                self.delivery,
+            )
+            if job is not None
         ]
         return self.worker.running and all(job.running for job in jobs)
 

@@ -21,6 +21,7 @@ from typing import Any, cast
 from sqlalchemy import Connection, Table, func, select
 
 from sekisho.controller.alerts import book, conditions, escalate
+from sekisho.controller.alerts.plan import Position
 from sekisho.controller.alerts.rules import (
     EVENT_TYPES,
     RULES,
@@ -82,8 +83,13 @@ class AlertEngine(PeriodicJob):
         condition_every_s: float = 10.0,
         batch: int = 1000,
         clock: Callable[[], datetime] = timefmt.now,
+        syslog: bool = False,
     ) -> None:
-        """Follow ``store``'s events every ``every_s`` seconds, ``batch`` events per transaction at most."""
+        """Follow ``store``'s events every ``every_s`` seconds, ``batch`` events per transaction at most.
+
+        With ``syslog``, every alert opened (or reopened) that is not silenced also goes to the SIEM.
+        """
+        self.syslog = syslog
         self.store = store
         self.engine = store.engine
         self.thresholds = thresholds or Thresholds()
@@ -184,6 +190,9 @@ class AlertEngine(PeriodicJob):
         signer = self.store.signing_key
         for sig in signals:
             raised = book.raise_signal(conn, signer, sig, policy.effective[sig.rule], policy.settings, now)
+            if self.syslog and raised is not None and raised.outcome in ("opened", "reopened") and not raised.quiet:
+                first = Position(0, 0)
+                escalate.queue(conn, raised.alert_id, "opened", raised.epoch, first, "syslog", "siem", None, "en", now)
             if raised is not None and sig.rule == "agent_offline" and raised.outcome == "cleared":
                 book.release_inhibited(conn, signer, policy.settings, sig.dedup_key, now)
 
