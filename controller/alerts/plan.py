@@ -16,8 +16,7 @@ Who is on duty, for a roster (policy ``alerts.rosters``) at a moment:
   and on a closure day that is a holiday;
 - otherwise its ``after_hours`` contacts (nights, weekends, closure days).
 
-The schedule rule is the agents' ``schedule_allows`` (agents/runtime/schedules.py), written again here because
-the controller may import only ``protocol`` and ``common`` (docs/architecture.md, import rules).
+The schedule rule is the one the agents decide by (protocol/schedules.py ``schedule_allows``).
 
 Chain timing: a chain runs ``1 + repeat`` rounds. Round 0 starts when the alert opened; step ``i`` of round
 ``r`` is due ``steps[i].after_minutes`` after the round started; round ``r + 1`` starts
@@ -28,23 +27,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Literal
 
 import jpholiday
 
 from sekisho.protocol.alert_policy import AlertSettings, Contact, Escalation, Roster, Step
 from sekisho.protocol.policy import Schedule
+from sekisho.protocol.schedules import JST, schedule_allows
 
-# Japan has no daylight saving, so a fixed offset is exact; chain arithmetic done in it is exact elapsed time
+# JST is a fixed offset (Japan has no daylight saving), so chain arithmetic done in it is exact elapsed time
 # even when the caller's datetimes carry a zone with daylight saving.
-JST = timezone(timedelta(hours=9), "JST")
 
 ROSTER_PREFIX = "roster:"
 
 Shift = Literal["business", "after_hours", "holiday"]
-
-_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 @dataclass(frozen=True, order=True)
@@ -90,24 +87,13 @@ def _dedupe(contacts: Iterable[Contact]) -> list[Contact]:
     return unique
 
 
-def _schedule_allows(schedule: Schedule, local: datetime) -> bool:
-    day = local.date()
-    if day in schedule.exception_days:
-        return False
-    if jpholiday.is_holiday(day) and not schedule.on_public_holidays:
-        return False
-    if _WEEKDAYS[day.weekday()] not in schedule.weekdays:
-        return False
-    return schedule.start <= local.time().replace(tzinfo=None) < schedule.end
-
-
 def duty_shift(settings: AlertSettings, schedules: Mapping[str, Schedule], roster_id: str, at: datetime) -> Shift:
     """Tell which of a roster's shifts is on duty at this moment (JST): business, after_hours or holiday."""
     roster = _roster(settings, roster_id)
     if roster.hours not in schedules:
         raise KeyError(f"alerts: roster {roster_id!r} names unknown schedule {roster.hours!r}")
     local = _jst(at)
-    if _schedule_allows(schedules[roster.hours], local):
+    if schedule_allows(schedules[roster.hours], local):
         return "business"
     if jpholiday.is_holiday(local.date()):
         return "holiday"

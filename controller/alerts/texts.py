@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from sekisho.common.i18n import N_, Lang, gettext
-from sekisho.controller.alerts.plan import JST
+from sekisho.protocol.schedules import JST
 
 TITLES: dict[str, str] = {
     "door_forced": N_("Door forced open: %(door)s"),
