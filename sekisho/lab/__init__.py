@@ -29,10 +29,20 @@ def _toml_value(value: object) -> str:
     return f'"{text}"'
 
 
+def _toml_lines(values: dict[str, object], section: str = "") -> list[str]:
+    scalars = [f"{k} = {_toml_value(v)}\n" for k, v in values.items() if v is not None and not isinstance(v, dict)]
+    lines = ([f"[{section}]\n"] if section and scalars else []) + scalars
+    for key, value in values.items():
+        if isinstance(value, dict):
+            # Keys are the configs' own names (no dots or quotes to escape); a table's tables follow it.
+            lines += _toml_lines(value, f"{section}.{key}" if section else key)
+    return lines
+
+
 def write_toml(path: Path, values: dict[str, object]) -> Path:
-    """Write a flat TOML file (the configs here have no tables)."""
+    """Write a TOML file: scalars and lists first, then a dict value as a table (``[alerts]``, ``[alerts.smtp]``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items() if v is not None))
+    path.write_text("".join(_toml_lines(values)))
     return path
 
 
