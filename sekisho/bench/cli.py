@@ -527,5 +527,27 @@ def bench_registers(
     raise typer.Exit(run_registers_bench(options, console))
 
 
+@bench_app.command(
+    "alerts",
+    help=_("Agent event → alert on the SSE stream and → e-mail accepted by SMTP, idle and under background load."),
+)
+def bench_alerts(
+    probes: Annotated[int, typer.Option(min=5, max=10_000, help=_("forced-door probes per phase"))] = 200,
+    background_eps: Annotated[
+        int, typer.Option(min=0, max=20_000, help=_("background events per second during the loaded phase"))
+    ] = 1000,
+    publishers: Annotated[int, typer.Option(min=1, max=16, help=_("background agent processes"))] = 4,
+    probe_gap_s: Annotated[float, typer.Option(min=0.01, max=10, help=_("seconds between probes"))] = 0.25,
+    workdir: Annotated[Path | None, typer.Option(help=_("keep state here instead of a temp dir"))] = None,
+) -> None:
+    """Agent event → alert on the SSE stream and → e-mail accepted by SMTP, idle and under background load."""
+    from sekisho.bench.alerts import Options, run_alerts_bench
+
+    options = Options(
+        probes=probes, background_eps=background_eps, publishers=publishers, probe_gap_s=probe_gap_s, workdir=workdir
+    )
+    raise typer.Exit(run_alerts_bench(options, console))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(bench_app())
