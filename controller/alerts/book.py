@@ -368,13 +368,18 @@ def unsilence_due(conn: Connection, signer: Any, settings: AlertSettings, now: d
     a, s = ALERTS.c, SILENCES.c
     ended = or_(s.ends_at <= now, s.ended_at.is_not(None))
     rows = conn.execute(
-        select(a.id, a.escalation, a.inhibited_by).join(SILENCES, s.id == a.silenced_by).where(a.state == "open", ended)
+        select(a.id, a.escalation, a.inhibited_by, a.silenced_by)
+        .join(SILENCES, s.id == a.silenced_by)
+        .where(a.state == "open", ended)
     ).all()
     for row in rows:
         values: dict[str, Any] = {"silenced_by": None, "version": a.version + 1, "updated_at": now}
         if row.inhibited_by is None:
             values |= _start_chain(chain_for(settings, row.escalation), now)
         conn.execute(update(ALERTS).where(a.id == row.id).values(**values))
+        # A transition like the others (release_inhibited's alert.uninhibited): why the chain starts only now.
+        detail = {"silence": row.silenced_by}
+        _audit(conn, signer, SYSTEM.action("alert.unsilenced", f"alert:{row.id}", detail=detail), now)
     return len(rows)
 
 
