@@ -56,7 +56,7 @@ def test_a_wrong_reference_in_the_alerts_section_is_refused(change: str, problem
 
 def test_the_documented_controller_section_loads_with_paths_resolved(tmp_path: Path) -> None:
     base = (ROOT / "deploy" / "demo").resolve()
-    head = {
+    head: dict[str, object] = {
         "ca_cert": str(base / "ca.pem"),
         "tls_cert": str(base / "c.pem"),
         "tls_key": str(base / "c.key"),
