@@ -387,6 +387,25 @@ def test_a_webhook_refused_with_400_is_dead_at_once_and_replay_delivers_it(desk:
     assert actions[-3:] == ["alert.notification_dead", "alert.notification_replayed", "alert.notified"]
 
 
+def test_an_acknowledgement_cancels_notifications_still_waiting_for_a_retry(desk: Desk) -> None:
+    desk.hooks.script = [503]
+    desk.blocked_stick(T)
+    desk.at(T)
+    alert = desk.alert("usb_blocked")
+    (row,) = desk.notifications(alert.id)
+    assert (row.state, row.attempts) == ("pending", 1)
+    desk.acknowledge(alert.id, T + timedelta(seconds=10))
+    first_delay = backoff(1)
+    assert first_delay is not None
+    desk.at(T + first_delay)
+    desk.at(T + first_delay + timedelta(minutes=10))  # before the ack timeout re-triggers the chain
+    assert [d.status for d in desk.hooks.deliveries] == [503]  # the retry never went out: a person has it
+    (row,) = desk.notifications(alert.id)
+    assert (row.state, row.last_error) == ("cancelled", "acknowledged before delivery")
+    (acked,) = [r.new for r in desk.trail(alert.id) if r.action == "alert.acknowledged"]
+    assert acked["cancelled_notifications"] == 1
+
+
 # --- restart safety ------------------------------------------------------------------------------------------
 
 DOOR_AGENT = "door-hr-01"

@@ -24,12 +24,13 @@ from sqlalchemy.exc import IntegrityError
 from sekisho.controller.alerts.plan import due_at, first_position
 from sekisho.controller.alerts.rules import INHIBITED_BY_AGENT_OFFLINE, Effective, Signal
 from sekisho.controller.store.audit import SYSTEM, AdminAction, Operator, append_admin, refuse_free_text
-from sekisho.controller.store.models import Alert, AlertEvent, AlertSilence
+from sekisho.controller.store.models import Alert, AlertEvent, AlertNotification, AlertSilence
 from sekisho.protocol.alert_policy import AlertSettings, Escalation
 
 ALERTS = cast(Table, Alert.__table__)
 ALERT_EVENTS = cast(Table, AlertEvent.__table__)
 SILENCES = cast(Table, AlertSilence.__table__)
+NOTIFICATIONS = cast(Table, AlertNotification.__table__)
 # Events kept per alert: the first ones; the count says how many there were in all.
 EVENTS_KEPT = 50
 CAUSES = ("intrusion", "misuse", "device_fault", "operational", "false_alarm", "test", "other")
@@ -224,6 +225,17 @@ def _load(conn: Connection, alert_id: int) -> Any:
     return row
 
 
+def cancel_pending(conn: Connection, alert_id: int, why: str) -> int:
+    """Cancel the alert's chain notifications not delivered yet (a person has it); the SIEM's copy still goes."""
+    n = NOTIFICATIONS.c
+    result = conn.execute(
+        update(NOTIFICATIONS)
+        .where(n.alert_id == alert_id, n.state == "pending", n.channel != "syslog")
+        .values(state="cancelled", last_error=why, lease_until=None)
+    )
+    return int(result.rowcount or 0)
+
+
 def acknowledge(
     conn: Connection, signer: Any, settings: AlertSettings, alert_id: int, who: Operator, comment: str, now: datetime
 ) -> None:
@@ -240,7 +252,8 @@ def acknowledge(
     values: dict[str, Any] = {"state": "acknowledged", "acked_at": now, "acked_by": who.actor, "ack_comment": text}
     values |= {"esc_next_at": None, "retrigger_at": retrigger, "version": ALERTS.c.version + 1, "updated_at": now}
     conn.execute(update(ALERTS).where(ALERTS.c.id == alert_id).values(**values))
-    new = {"state": "acknowledged", "comment": text, "retrigger_at": retrigger}
+    cancelled = cancel_pending(conn, alert_id, "acknowledged before delivery")
+    new = {"state": "acknowledged", "comment": text, "retrigger_at": retrigger, "cancelled_notifications": cancelled}
     _audit(conn, signer, who.action("alert.acknowledged", f"alert:{alert_id}", old={"state": row.state}, new=new), now)
 
 
@@ -270,7 +283,9 @@ def resolve(
     values |= {"resolution": text, "cause": cause, "override": why, "esc_next_at": None, "retrigger_at": None}
     values |= {"version": ALERTS.c.version + 1, "updated_at": now}
     conn.execute(update(ALERTS).where(ALERTS.c.id == alert_id).values(**values))
+    cancelled = cancel_pending(conn, alert_id, "resolved before delivery")
     new = {"state": "resolved", "note": text, "cause": cause, "override": why, "condition": row.condition}
+    new["cancelled_notifications"] = cancelled
     _audit(conn, signer, who.action("alert.resolved", f"alert:{alert_id}", old={"state": row.state}, new=new), now)
 
 
@@ -364,17 +379,18 @@ def end_silence(conn: Connection, signer: Any, who: Operator, silence_id: int, n
 
 
 def unsilence_due(conn: Connection, signer: Any, settings: AlertSettings, now: datetime) -> int:
-    """Alerts whose silence has ended and that are still open start their escalation; return how many."""
+    """Alerts whose silence has ended lose it; those still open start their escalation; return how many."""
     a, s = ALERTS.c, SILENCES.c
     ended = or_(s.ends_at <= now, s.ended_at.is_not(None))
     rows = conn.execute(
-        select(a.id, a.escalation, a.inhibited_by, a.silenced_by)
+        select(a.id, a.state, a.escalation, a.inhibited_by, a.silenced_by)
         .join(SILENCES, s.id == a.silenced_by)
-        .where(a.state == "open", ended)
+        .where(a.state != "resolved", ended)
     ).all()
     for row in rows:
         values: dict[str, Any] = {"silenced_by": None, "version": a.version + 1, "updated_at": now}
-        if row.inhibited_by is None:
+        # An acknowledged alert keeps its quiet chain; unsilenced, a later re-trigger can escalate it.
+        if row.inhibited_by is None and row.state == "open":
             values |= _start_chain(chain_for(settings, row.escalation), now)
         conn.execute(update(ALERTS).where(a.id == row.id).values(**values))
         # A transition like the others (release_inhibited's alert.uninhibited): why the chain starts only now.

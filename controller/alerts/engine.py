@@ -217,7 +217,6 @@ class AlertEngine(PeriodicJob):
                     if key.startswith("agent_offline|"):
                         book.release_inhibited(conn, self.store.signing_key, policy.settings, key, now)
             self._apply(conn, policy, conditions.letter_signals(conn, policy.site), now)
-            book.unsilence_due(conn, self.store.signing_key, policy.settings, now)
 
     def escalate(self) -> int:
         """Take every escalation step and re-trigger that is due; return the notifications written."""

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Connection, Table, insert, select, update
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from sekisho.controller.alerts import book
 from sekisho.controller.alerts.plan import Position, due_at, next_due_at, positions_due, recipients
 from sekisho.controller.store.audit import SYSTEM, append_admin
-from sekisho.controller.store.models import AlertNotification
 from sekisho.protocol.alert_policy import AlertSettings, Contact
 from sekisho.protocol.policy import Schedule
 
-NOTIFICATIONS = cast(Table, AlertNotification.__table__)
+NOTIFICATIONS = book.NOTIFICATIONS
 # Alerts escalated per round at most: a storm is worked through over a few rounds, never in one long lock.
 ROUND_LIMIT = 200
 
@@ -77,6 +76,8 @@ def run_due(
 ) -> int:
     """Re-trigger what timed out after an ack, take every escalation step due; return the notifications written."""
     a = book.ALERTS.c
+    # Silences that ended since the last round: their open alerts escalate from now (not from the next sweep).
+    book.unsilence_due(conn, signer, settings, now)
     for alert_id in conn.execute(
         select(a.id).where(a.state == "acknowledged", a.retrigger_at <= now).order_by(a.id).limit(ROUND_LIMIT)
     ).scalars():

@@ -751,7 +751,7 @@ class AlertNotification(Base):
     __tablename__ = "alert_notifications"
     __table_args__ = (
         UniqueConstraint("alert_id", "kind", "epoch", "round", "step", "channel", "target"),
-        CheckConstraint("state IN ('pending', 'sent', 'dead')", name="state"),
+        CheckConstraint("state IN ('pending', 'sent', 'dead', 'cancelled')", name="state"),
         CheckConstraint("channel IN ('email', 'webhook', 'syslog')", name="channel"),
         Index(None, "state", "next_at"),
     )
@@ -766,7 +766,7 @@ class AlertNotification(Base):
     target: Mapped[str] = mapped_column(String(254))
     contact: Mapped[str | None] = mapped_column(String(64))
     language: Mapped[str] = mapped_column(String(2))
-    state: Mapped[str] = mapped_column(String(8))
+    state: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     next_at: Mapped[datetime] = mapped_column(UTCDateTime)

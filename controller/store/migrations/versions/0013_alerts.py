@@ -111,14 +111,16 @@ def upgrade() -> None:
         sa.Column("target", sa.String(254), nullable=False),
         sa.Column("contact", sa.String(64), nullable=True),
         sa.Column("language", sa.String(2), nullable=False),
-        sa.Column("state", sa.String(8), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         _ts("created_at", False),
         _ts("next_at", False),
         _ts("lease_until"),
         _ts("sent_at"),
         sa.Column("last_error", sa.Text(), nullable=True),
-        sa.CheckConstraint("state IN ('pending', 'sent', 'dead')", name=op.f("ck_alert_notifications_state")),
+        sa.CheckConstraint(
+            "state IN ('pending', 'sent', 'dead', 'cancelled')", name=op.f("ck_alert_notifications_state")
+        ),
         sa.CheckConstraint("channel IN ('email', 'webhook', 'syslog')", name=op.f("ck_alert_notifications_channel")),
         sa.ForeignKeyConstraint(["alert_id"], ["alerts.id"], name=op.f("fk_alert_notifications_alert_id_alerts")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_alert_notifications")),
