@@ -773,3 +773,44 @@ class AlertNotification(Base):
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Incident(Base):
+    """A draft incident report (漏えい等事案) built from alerts: the facts a PPC breach report asks for (issue 13).
+
+    Edited in the console by security staff; every change is a row of the admin trail with old → new, so the
+    report's history is as tamper-evident as the alerts it came from.
+    """
+
+    __tablename__ = "incidents"
+    __table_args__ = (
+        CheckConstraint("status IN ('draft', 'preliminary', 'final', 'closed')", name="status"),
+        Index(None, "status", "found_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    title: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    found_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    occurred_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    malicious: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The report's items (個人情報保護委員会への報告事項), free text checked by the My Number guard.
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    people_count: Mapped[int | None] = mapped_column(BigInteger)
+    evidence: Mapped[list[Any]] = mapped_column(JSON)
+    preliminary_reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    final_reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_by: Mapped[str] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    version: Mapped[int] = mapped_column(BigInteger, default=1)
+
+
+class IncidentAlert(Base):
+    """An alert an incident report was built from (its related events and timelines are one click away)."""
+
+    __tablename__ = "incident_alerts"
+
+    incident_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("incidents.id"), primary_key=True)
+    alert_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("alerts.id"), primary_key=True)
