@@ -23,6 +23,7 @@ from sekisho.controller.alerts.engine import AlertEngine
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.deps import AppState
 from sekisho.controller.api.https import tls_options
+from sekisho.controller.api.sse import close_streams
 from sekisho.controller.config import ControllerConfig
 from sekisho.controller.doors.jobs import DoorRegisterKeeper
 from sekisho.controller.doors.projector import DoorProjector
@@ -365,6 +366,7 @@ class _SupervisedServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        """Tell systemd the stop is on purpose, then let uvicorn finish the requests in hand."""
+        """Tell systemd the stop is on purpose, end the live streams, then let uvicorn finish the requests in hand."""
         self._check.notifier.stopping()
+        close_streams(self.config.app)  # an open alerts page would otherwise hold the stop for its stream's lifetime
         await super().shutdown(sockets)

@@ -223,9 +223,9 @@ def test_home_sends_each_role_to_its_first_screen_which_says_it_is_not_built(sta
     home = client.get("/console/", follow_redirects=False)
     assert home.status_code == 303 and home.headers["location"] == "/console/keys"
     page = client.get("/console/keys")
-    # The key register is built (registers_web.py); pages still to come say so (the alerts page, for one).
+    # The key register is built (registers_web.py); pages still to come say so ("my areas", for one).
     assert page.status_code == 200 and "鍵貸出管理簿" in page.text
-    assert "この画面はまだ作成されていません" in client.get("/console/alerts").text
+    assert "この画面はまだ作成されていません" in client.get("/console/areas").text
     # Who is signed in: the name, the login on hover (accounts' Actor carries no kana yet).
     assert '<span class="person idhover" title="ID: fm1">佐藤 花子' in page.text
     # The navigation shows what the role may open, and no more: a facility manager has no fleet page.

@@ -14,6 +14,7 @@ from sekisho.common.i18n import _
 from sekisho.controller.accounts.roles import Permission, require
 from sekisho.controller.accounts.web import accounts_router
 from sekisho.controller.api import privacy
+from sekisho.controller.api.alerts import alerts
 from sekisho.controller.api.deps import AppState, OptionalActorDep, StateDep
 from sekisho.controller.api.doors import routers as door_routers
 from sekisho.controller.api.enrol import enrol
@@ -163,6 +164,7 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(revocations)
     app.include_router(accounts_router())
     app.include_router(media)
+    app.include_router(alerts)
     for router in door_routers:
         app.include_router(router)
     # Last: its HTML error pages wrap the JSON handlers privacy.install set, for /console paths only.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from sekisho.controller.console import (
+    alerts_web,
     counter,
     doors_web,
     media_register_web,
@@ -24,4 +25,5 @@ PAGE_ROUTERS: tuple[APIRouter, ...] = (
     counter.counter,
     media_register_web.pages,
     media_register_web.api,
+    alerts_web.router,
 )
