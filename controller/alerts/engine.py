@@ -221,5 +221,10 @@ class AlertEngine(PeriodicJob):
     def escalate(self) -> int:
         """Take every escalation step and re-trigger that is due; return the notifications written."""
         policy = self.policy()
+        now = self.clock()
+        with self.engine.connect() as conn:
+            # Most rounds have nothing due: find out with a read, not SQLite's writer lock (ingest needs it).
+            if not escalate.anything_due(conn, now):
+                return 0
         with write_transaction(self.engine) as conn:
-            return escalate.run_due(conn, self.store.signing_key, policy.settings, policy.schedules, self.clock())
+            return escalate.run_due(conn, self.store.signing_key, policy.settings, policy.schedules, now)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from sekisho.controller.alerts import book
@@ -65,6 +65,20 @@ def queue(
     except IntegrityError:
         return False  # this step was taken before (a restarted controller, or another worker)
     return True
+
+
+def anything_due(conn: Connection, now: datetime) -> bool:
+    """Tell whether a step, a re-trigger or the end of a silence is due (run_due would change something)."""
+    a, s = book.ALERTS.c, book.SILENCES.c
+    step = select(a.id).where(a.state == "open", a.esc_next_at <= now).limit(1)
+    again = select(a.id).where(a.state == "acknowledged", a.retrigger_at <= now).limit(1)
+    ended = (
+        select(a.id)
+        .join(book.SILENCES, s.id == a.silenced_by)
+        .where(a.state != "resolved", or_(s.ends_at <= now, s.ended_at.is_not(None)))
+        .limit(1)
+    )
+    return any(conn.execute(query).first() is not None for query in (step, again, ended))
 
 
 def run_due(
