@@ -178,7 +178,16 @@ class Prober:
         self.client.disconnect()
 
 
-def _prepare_store(lab: Lab) -> str:
+def site_yaml(doors: int) -> str:
+    """The bench policy: the alerts section and one door per probe, driven by the probe agent (ingest accepts a
+    door's alarm only from the agent that drives it)."""
+    rows = "".join(
+        f"  - {{id: probe-{i:05d}, name: プローブ扉 {i}, kind: room, agent: {PROBE_AGENT}}}\n" for i in range(doors)
+    )
+    return SITE_YAML + "doors:\n" + rows
+
+
+def _prepare_store(lab: Lab, doors: int) -> str:
     """Apply the bench policy and make a security user with an API token; return the token."""
     from sekisho.controller.accounts.roles import Role
     from sekisho.controller.accounts.service import AccountService, AccountSettings
@@ -193,7 +202,9 @@ def _prepare_store(lab: Lab) -> str:
         upgrade(engine)
         key = signing.load_private_key(config.signing_key)
         store = Store(engine, signing_key=key)
-        PolicyService(store, key).apply(parse_policy(SITE_YAML), source_sha256="0" * 64, created_by="bench alerts")
+        PolicyService(store, key).apply(
+            parse_policy(site_yaml(doors)), source_sha256="0" * 64, created_by="bench alerts"
+        )
         accounts = AccountService(store, AccountSettings())
         accounts.create_user(
             login=SECURITY_LOGIN,
@@ -304,7 +315,7 @@ def run_alerts_bench(opts: Options, console: Console) -> int:
             for name in [*names, PROBE_AGENT]:
                 lab.add_agent(name, heartbeat_interval_s=60)
             lab.register_agents(*names, PROBE_AGENT)
-            token = _prepare_store(lab)
+            token = _prepare_store(lab, 2 * opts.probes)
             controller = lab.spawn_controller(http=True)
             from sekisho.bench.cli import _wait_ready
 
