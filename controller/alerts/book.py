@@ -39,7 +39,16 @@ State = Literal["open", "acknowledged", "resolved"]
 
 
 class AlertRefused(ValueError):
-    """A lifecycle step that cannot be taken as asked (the reason says why; nothing was written)."""
+    """A lifecycle step that cannot be taken as asked (the reason says why; nothing was written).
+
+    ``kind`` names the refusal for callers that word it in their reader's language or pick an HTTP status
+    (controller/alerts/listing.py ``refusal``); ``field`` is the input it is about, when there is one.
+    """
+
+    def __init__(self, text: str, kind: str = "other", field: str | None = None) -> None:
+        super().__init__(text)
+        self.kind = kind
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -212,16 +221,16 @@ def release_inhibited(conn: Connection, signer: Any, settings: AlertSettings, in
 def _text(value: str | None, what: str, *, required: bool) -> str | None:
     text = " ".join((value or "").split())
     if required and not text:
-        raise AlertRefused(f"{what} is required")
+        raise AlertRefused(f"{what} is required", "required", what)
     if len(text) > MAX_TEXT:
-        raise AlertRefused(f"{what}: at most {MAX_TEXT} characters")
+        raise AlertRefused(f"{what}: at most {MAX_TEXT} characters", "too_long", what)
     return text or None
 
 
 def _load(conn: Connection, alert_id: int) -> Any:
     row = conn.execute(select(*ALERTS.columns).where(ALERTS.c.id == alert_id).with_for_update()).first()
     if row is None:
-        raise AlertRefused(f"no alert {alert_id}")
+        raise AlertRefused(f"no alert {alert_id}", "not_found")
     return row
 
 
@@ -244,7 +253,7 @@ def acknowledge(
     refuse_free_text("alert acknowledgement", comment=text)
     row = _load(conn, alert_id)
     if row.state != "open":
-        raise AlertRefused(f"alert {alert_id} is {row.state}, not open")
+        raise AlertRefused(f"alert {alert_id} is {row.state}, not open", "not_open")
     chain = chain_for(settings, row.escalation)
     retrigger = None
     if chain is not None and chain.ack_timeout_minutes is not None:
@@ -273,12 +282,14 @@ def resolve(
     why = _text(override, "override", required=False)
     refuse_free_text("alert resolution", note=text, override=why)
     if cause not in CAUSES:
-        raise AlertRefused(f"cause: one of {', '.join(CAUSES)}")
+        raise AlertRefused(f"cause: one of {', '.join(CAUSES)}", "bad_cause", "cause")
     row = _load(conn, alert_id)
     if row.state == "resolved":
-        raise AlertRefused(f"alert {alert_id} is already resolved")
+        raise AlertRefused(f"alert {alert_id} is already resolved", "already_resolved")
     if row.condition == "active" and why is None:
-        raise AlertRefused(f"alert {alert_id}: its condition is still active; resolving needs a stated override")
+        raise AlertRefused(
+            f"alert {alert_id}: its condition is still active; resolving needs a stated override", "needs_override"
+        )
     values: dict[str, Any] = {"state": "resolved", "open_key": None, "resolved_at": now, "resolved_by": who.actor}
     values |= {"resolution": text, "cause": cause, "override": why, "esc_next_at": None, "retrigger_at": None}
     values |= {"version": ALERTS.c.version + 1, "updated_at": now}
@@ -297,9 +308,11 @@ def reopen(
     refuse_free_text("alert reopening", reason=text)
     row = _load(conn, alert_id)
     if row.state != "resolved":
-        raise AlertRefused(f"alert {alert_id} is {row.state}, not resolved")
+        raise AlertRefused(f"alert {alert_id} is {row.state}, not resolved", "not_resolved")
     if conn.execute(select(ALERTS.c.id).where(ALERTS.c.open_key == row.dedup_key)).scalar() is not None:
-        raise AlertRefused(f"alert {alert_id}: a newer alert for the same subject is live; work on that one")
+        raise AlertRefused(
+            f"alert {alert_id}: a newer alert for the same subject is live; work on that one", "newer_live"
+        )
     values: dict[str, Any] = {"state": "open", "open_key": row.dedup_key, "resolved_at": None, "resolved_by": None}
     values |= {"resolution": None, "cause": None, "override": None, "acked_at": None, "acked_by": None}
     values |= {"ack_comment": None, "esc_epoch": row.esc_epoch + 1, "version": ALERTS.c.version + 1}
@@ -349,11 +362,13 @@ def add_silence(
     text = _text(reason, "reason", required=True)
     refuse_free_text("alert silence", reason=text, matchers=dict(matchers))
     if ends_at <= starts_at:
-        raise AlertRefused("the end must be after the start")
+        raise AlertRefused("the end must be after the start", "bad_period")
     if ends_at - starts_at > timedelta(days=31):
-        raise AlertRefused("a silence lasts at most 31 days (a longer one hides a rule: disable it in the policy)")
+        raise AlertRefused(
+            "a silence lasts at most 31 days (a longer one hides a rule: disable it in the policy)", "silence_too_long"
+        )
     if rule is None and not matchers:
-        raise AlertRefused("a silence names a rule or at least one label (never everything)")
+        raise AlertRefused("a silence names a rule or at least one label (never everything)", "silence_everything")
     row: dict[str, Any] = {
         "kind": kind,
         "rule": rule,
@@ -371,7 +386,7 @@ def end_silence(conn: Connection, signer: Any, who: Operator, silence_id: int, n
     """End a silence early (recorded); alerts it muted notify from the next escalation round."""
     row = conn.execute(select(*SILENCES.columns).where(SILENCES.c.id == silence_id)).first()
     if row is None or row.ended_at is not None or row.ends_at <= now:
-        raise AlertRefused(f"silence {silence_id} is not active")
+        raise AlertRefused(f"silence {silence_id} is not active", "silence_not_active")
     conn.execute(update(SILENCES).where(SILENCES.c.id == silence_id).values(ended_at=now, ended_by=who.actor))
     _audit(
         conn, signer, who.action(f"alert.{row.kind}.end", f"silence:{silence_id}", old={"ends_at": row.ends_at}), now
@@ -399,11 +414,11 @@ def unsilence_due(conn: Connection, signer: Any, settings: AlertSettings, now: d
     return len(rows)
 
 
-def active_silences(conn: Connection, now: datetime) -> list[Any]:
+def active_silences(conn: Connection, now: datetime, limit: int = 500) -> list[Any]:
     """Return the silences and maintenance windows in force or still to come, soonest end first."""
     s = SILENCES.c
     return list(
-        conn.execute(select(*SILENCES.columns).where(s.ends_at > now, s.ended_at.is_(None)).order_by(s.ends_at))
+        conn.execute(select(*SILENCES.columns).where(s.ends_at > now, s.ended_at.is_(None)).order_by(s.ends_at).limit(limit))
     )
 
 

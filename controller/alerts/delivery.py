@@ -233,7 +233,7 @@ def replay(store: Store, notification_id: int, who: Operator, now: datetime | No
     with write_transaction(store.engine) as conn:
         row = conn.execute(select(n.alert_id, n.state).where(n.id == notification_id).with_for_update()).first()
         if row is None or row.state != "dead":
-            raise book.AlertRefused(f"notification {notification_id} is not in the dead-letter list")
+            raise book.AlertRefused(f"notification {notification_id} is not in the dead-letter list", "not_dead")
         conn.execute(
             update(NOTIFICATIONS)
             .where(n.id == notification_id)

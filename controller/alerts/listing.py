@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final, cast
@@ -330,24 +329,6 @@ class ChangeFeed:
         return rows
 
 
-# What a refusal of the book is about, read from its text (the book raises plain English; the console shows
-# each kind in the reader's language and the API answers it with a fitting status).
-_REFUSALS: Final = (
-    (re.compile(r"^(comment|note|reason|override) is required$"), "required"),
-    (re.compile(r"^(comment|note|reason|override): at most \d+ characters$"), "too_long"),
-    (re.compile(r"^cause: one of "), "bad_cause"),
-    (re.compile(r"^no alert \d+$"), "not_found"),
-    (re.compile(r"^alert \d+ is \w+, not open$"), "not_open"),
-    (re.compile(r"^alert \d+ is already resolved$"), "already_resolved"),
-    (re.compile(r"^alert \d+ is \w+, not resolved$"), "not_resolved"),
-    (re.compile(r"condition is still active"), "needs_override"),
-    (re.compile(r"a newer alert for the same subject is live"), "newer_live"),
-    (re.compile(r"^the end must be after the start$"), "bad_period"),
-    (re.compile(r"^a silence lasts at most"), "silence_too_long"),
-    (re.compile(r"never everything"), "silence_everything"),
-    (re.compile(r"^silence \d+ is not active$"), "silence_not_active"),
-    (re.compile(r"not in the dead-letter list$"), "not_dead"),
-)
 CONFLICTS: Final = frozenset(
     {"not_open", "already_resolved", "not_resolved", "needs_override", "newer_live", "silence_not_active", "not_dead"}
 )
@@ -355,12 +336,7 @@ CONFLICTS: Final = frozenset(
 
 def refusal(err: AlertRefused) -> tuple[str, str | None]:
     """Return what a refusal is about ("required", "not_open"…, "other") and the field it names, if any."""
-    text = str(err)
-    for pattern, kind in _REFUSALS:
-        found = pattern.search(text)
-        if found:
-            return kind, (found.group(1) if found.groups() else None)
-    return "other", None
+    return err.kind, err.field
 
 
 def refusal_status(err: AlertRefused) -> int:
