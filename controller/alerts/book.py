@@ -417,9 +417,8 @@ def unsilence_due(conn: Connection, signer: Any, settings: AlertSettings, now: d
 def active_silences(conn: Connection, now: datetime, limit: int = 500) -> list[Any]:
     """Return the silences and maintenance windows in force or still to come, soonest end first."""
     s = SILENCES.c
-    return list(
-        conn.execute(select(*SILENCES.columns).where(s.ends_at > now, s.ended_at.is_(None)).order_by(s.ends_at).limit(limit))
-    )
+    stmt = select(*SILENCES.columns).where(s.ends_at > now, s.ended_at.is_(None)).order_by(s.ends_at).limit(limit)
+    return list(conn.execute(stmt))
 
 
 def live_keys(conn: Connection, rules: Iterable[str]) -> dict[str, tuple[int, str]]:
