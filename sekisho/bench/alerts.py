@@ -5,7 +5,8 @@ job), a local SMTP server (aiosmtpd) in this process, and a policy whose one esc
 contact at once. A probe is a door agent's signed ``door.alarm`` (forced_open) for a door of its own, published
 over the broker with the door agent's certificate; it opens a new alert. This process reads the API's alert
 stream (``/api/v1/alerts/stream``, a security user's token) and the SMTP server's arrivals, and times both from
-the moment of publishing, on one clock.
+the moment of publishing, on the host's wall clock (the store's own times split each probe's way:
+stored by ingest, alert opened by the rules, seen on the stream).
 
 Baseline, same run: the probes on an idle site. Then again while background agents (the real agent
 runtime, ``sekisho-agent simulate``) publish ``--background-eps`` events per second, which ingest stores and
@@ -88,7 +89,7 @@ class _Mailbox:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         """Record the acceptance time of one message, then accept it."""
-        at = time.perf_counter()
+        at = time.time()
         message = message_from_bytes(envelope.content, policy=default_policy)
         subject = str(message.get("Subject", ""))
         with self.arrivals.lock:
@@ -124,7 +125,7 @@ def _stream(base: str, token: str, arrivals: Arrivals, stop: threading.Event) ->
                     break
                 if not line.startswith(b"data:"):
                     continue
-                at = time.perf_counter()
+                at = time.time()
                 try:
                     alert = json.loads(line[5:])
                 except ValueError:
@@ -168,7 +169,7 @@ class Prober:
         raw = build_event(
             self.key, agent=PROBE_AGENT, seq=self.seq, type="door.alarm", payload={"door": door, "alarm": "forced_open"}
         )
-        at = time.perf_counter()
+        at = time.time()
         self.client.publish(self.topic, raw, qos=1)
         return at
 
@@ -259,17 +260,19 @@ class Phase:
     missing_sse: int
     missing_email: int
     background_eps: float
+    # Where the time went, per probe: published → stored by ingest → alert opened by the engine → on the stream.
+    stages: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _phase(name: str, prober: Prober, arrivals: Arrivals, opts: Options, first: int, lab: Lab) -> Phase:
     sent: dict[str, float] = {}
     stored_before = _stored_synthetic(lab)
-    started = time.perf_counter()
+    started = time.time()
     for index in range(first, first + opts.probes):
         door = f"probe-{index:05d}"
         sent[door] = prober.probe(door)
         time.sleep(opts.probe_gap_s)
-    took = time.perf_counter() - started
+    took = time.time() - started
     stored_after = _stored_synthetic(lab)
     deadline = time.monotonic() + opts.wait_s
     while time.monotonic() < deadline:
@@ -280,6 +283,8 @@ def _phase(name: str, prober: Prober, arrivals: Arrivals, opts: Options, first: 
     with arrivals.lock:
         sse = [(arrivals.sse[d] - t) * 1000 for d, t in sent.items() if d in arrivals.sse]
         email = [(arrivals.email[d] - t) * 1000 for d, t in sent.items() if d in arrivals.email]
+    with arrivals.lock:
+        seen = {d: arrivals.sse[d] for d in sent if d in arrivals.sse}
     return Phase(
         name,
         sse,
@@ -287,7 +292,42 @@ def _phase(name: str, prober: Prober, arrivals: Arrivals, opts: Options, first: 
         len(sent) - len(sse),
         len(sent) - len(email),
         (stored_after - stored_before) / took if took > 0 else 0.0,
+        _stages(lab, sent, seen),
     )
+
+
+def _stages(lab: Lab, sent: dict[str, float], seen: dict[str, float]) -> dict[str, list[float]]:
+    """Split each probe's way by the store's own times: ingest, the rules, the stream (ms, wall clock)."""
+    from sqlalchemy import select
+
+    from sekisho.controller.config import load_config
+    from sekisho.controller.store import make_engine
+    from sekisho.controller.store.models import Alert, Event
+
+    engine = make_engine(load_config(lab.controller_config).resolved_database_url())
+    stages: dict[str, list[float]] = {"ingest": [], "rules": [], "stream": []}
+    try:
+        with engine.connect() as conn:
+            stored = {
+                str(row.payload.get("door")): row.stored_at.timestamp()
+                for row in conn.execute(
+                    select(Event.payload, Event.stored_at).where(
+                        Event.agent_id == PROBE_AGENT, Event.type == "door.alarm"
+                    )
+                )
+            }
+            opened = {
+                str(row.labels.get("door")): row.opened_at.timestamp()
+                for row in conn.execute(select(Alert.labels, Alert.opened_at).where(Alert.rule == "door_forced"))
+            }
+    finally:
+        engine.dispose()
+    for door, at in sent.items():
+        if door in stored and door in opened and door in seen:
+            stages["ingest"].append((stored[door] - at) * 1000)
+            stages["rules"].append((opened[door] - stored[door]) * 1000)
+            stages["stream"].append((seen[door] - opened[door]) * 1000)
+    return stages
 
 
 def run_alerts_bench(opts: Options, console: Console) -> int:
@@ -359,13 +399,22 @@ def run_alerts_bench(opts: Options, console: Console) -> int:
         lab.stop_all()
         if opts.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
-    table = Table("phase", "background (events/s)", "SSE p50 / p99", "e-mail p50 / p99", "missing SSE / e-mail")
+    table = Table(
+        "phase",
+        "background (events/s)",
+        "SSE p50 / p99",
+        "e-mail p50 / p99",
+        "ingest / rules / stream p50",
+        "missing SSE / e-mail",
+    )
     for phase in (idle, loaded):
+        stages = " / ".join(f"{_p(phase.stages.get(k, []), 0.5):.0f}" for k in ("ingest", "rules", "stream"))
         table.add_row(
             phase.name,
             f"{phase.background_eps:,.0f}",
             f"{_p(phase.sse_ms, 0.5):.0f} / {_p(phase.sse_ms, 0.99):.0f} ms",
             f"{_p(phase.email_ms, 0.5):.0f} / {_p(phase.email_ms, 0.99):.0f} ms",
+            f"{stages} ms",
             f"{phase.missing_sse} / {phase.missing_email}",
         )
     console.print(table)
@@ -381,6 +430,8 @@ def run_alerts_bench(opts: Options, console: Console) -> int:
             "sse_p99_ms": round(_p(idle.sse_ms, 0.99), 1),
             "email_p99_ms": round(_p(idle.email_ms, 0.99), 1),
         },
+        "stages_p50_ms": {k: round(_p(v, 0.5), 1) for k, v in loaded.stages.items()},
+        "stages_p99_ms": {k: round(_p(v, 0.99), 1) for k, v in loaded.stages.items()},
         "probes": opts.probes,
         "missing": missing,
         "goals": {"sse_p99_ms": SSE_GOAL_MS, "email_p99_ms": EMAIL_GOAL_MS},
