@@ -9,6 +9,7 @@ from sekisho.agents.usb.rules.cli import app as usb_app
 from sekisho.cards_cli import app as cards_app
 from sekisho.common.i18n import _
 from sekisho.controller.accounts.cli import app as users_app
+from sekisho.controller.alerts.cli import app as alerts_app
 from sekisho.controller.audit.cli import app as audit_app
 from sekisho.controller.backup.cli import backup, restore
 from sekisho.controller.cli import controller_app, policy_app, records_app
@@ -41,6 +42,7 @@ app.add_typer(fleet_app, name="fleet")
 app.add_typer(cards_app, name="cards")
 app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
+app.add_typer(alerts_app, name="alerts")
 app.add_typer(usb_app, name="usb", help=_("USB media guard tools (rule import)."))
 
 try:
