@@ -12,6 +12,7 @@ tests/artifacts/ (git-ignored).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -87,6 +88,10 @@ def test_a_forced_door_appears_live_and_security_acknowledges_and_resolves_it(
     found = _forced_alert(console_site)
     assert found is not None
     alert_id = found[0]
+    # Ticked for an incident report with the keyboard; the tick survives the row's live updates below.
+    page.locator(f"#pick-{alert_id}").focus()
+    page.keyboard.press("Space")
+    assert page.locator(f"#pick-{alert_id}").is_checked()
 
     # The acknowledgement is made on the alert's page in another tab; the list tab follows it live.
     detail = page.context.new_page()
@@ -102,6 +107,7 @@ def test_a_forced_door_appears_live_and_security_acknowledges_and_resolves_it(
     assert "警備員が現場へ向かいます (test)" in detail.locator("#alert-ack").inner_text()
     page.locator(f"#alert-{alert_id}", has_text="対応中").wait_for(timeout=15_000)
     assert page.evaluate("() => window.sekishoSamePage === true")
+    assert page.locator(f"#pick-{alert_id}").is_checked()
 
     # The door closes: the agent clears the alarm; the alert's condition shows cleared (not resolved).
     board.close_door(sensor)
@@ -130,6 +136,22 @@ def test_a_forced_door_appears_live_and_security_acknowledges_and_resolves_it(
     assert acked[-1][:2] == ("user:security", "web") and acked[-1][2]["comment"] == "警備員が現場へ向かいます (test)"
     assert _audit(console_site, "alert.resolved")[-1][:2] == ("user:security", "web")
     detail.close()
+
+    # An incident report from the list: tick, the one button, then name it and draft it (no script needed).
+    page.goto(console_site.url("/console/alerts?state=resolved"))
+    page.locator(f"#pick-{alert_id}").focus()
+    page.keyboard.press("Space")
+    page.click("#incident-pick button[type=submit]")
+    page.wait_for_url("**/console/incidents/new?alert=*")
+    assert "扉のこじ開け" in page.locator("#incident-new-alerts").inner_text()
+    page.fill("#incident-title-input", "人事部 管理区域 扉の試験 (test)")
+    page.click("#incident-new button[type=submit]")
+    page.wait_for_url(re.compile(r".*/console/incidents/\d+$"))
+    assert "人事部 管理区域 扉の試験 (test)" in page.locator("#incident-heading").inner_text()
+    assert page.locator("#incident-form").count() == 1
+    save_screenshot(page, "incident-draft-security")
+    made = _audit(console_site, "incident.create")
+    assert made[-1][:2] == ("user:security", "web") and made[-1][2]["alerts"] == [alert_id]
 
 
 def test_an_auditor_sees_the_alerts_without_controls_and_a_forged_post_is_refused(

@@ -55,7 +55,17 @@ _TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
 class IncidentRefused(ValueError):
-    """An incident change that cannot be made as asked (stale version, bad value); nothing was written."""
+    """An incident change that cannot be made as asked (stale version, bad value); nothing was written.
+
+    ``kind`` names the refusal for callers that word it in their reader's language or pick an HTTP status
+    (stale, closed, forward_only, needs_summary, not_found, no_alert, bad_value, too_long, required, …);
+    ``field`` is the input it is about, when there is one.
+    """
+
+    def __init__(self, text: str, kind: str = "other", field: str | None = None) -> None:
+        super().__init__(text)
+        self.kind = kind
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -74,20 +84,20 @@ def deadlines(found_at: datetime, malicious: bool) -> Deadlines:
 
 def _text(value: object, what: str, limit: int) -> str:
     if not isinstance(value, str):
-        raise IncidentRefused(f"{what}: text expected")
+        raise IncidentRefused(f"{what}: text expected", "bad_value", what)
     text = value.strip()
     if len(text) > limit:
-        raise IncidentRefused(f"{what}: at most {limit} characters")
+        raise IncidentRefused(f"{what}: at most {limit} characters", "too_long", what)
     return text
 
 
 def _evidence(items: object) -> list[dict[str, str]]:
     if not isinstance(items, list) or len(items) > MAX_EVIDENCE:
-        raise IncidentRefused(f"evidence: a list of at most {MAX_EVIDENCE} items")
+        raise IncidentRefused(f"evidence: a list of at most {MAX_EVIDENCE} items", "too_many", "evidence")
     out = []
     for item in items:
         if not isinstance(item, Mapping):
-            raise IncidentRefused("evidence: each item has kind, ref and note")
+            raise IncidentRefused("evidence: each item has kind, ref and note", "bad_value", "evidence")
         out.append({k: _text(item.get(k, ""), f"evidence {k}", 500) for k in ("kind", "ref", "note")})
     return out
 
@@ -98,12 +108,12 @@ def create_from_alerts(
     """Open a draft report from alerts: times, a first summary and the evidence list from them; return its id."""
     wanted = sorted(set(alert_ids))
     if not wanted:
-        raise IncidentRefused("an incident is built from at least one alert")
+        raise IncidentRefused("an incident is built from at least one alert", "no_alerts")
     a = book.ALERTS.c
     rows = conn.execute(select(*book.ALERTS.columns).where(a.id.in_(wanted)).order_by(a.first_at)).all()
     if len(rows) != len(wanted):
         missing = sorted(set(wanted) - {int(r.id) for r in rows})
-        raise IncidentRefused(f"no alert {missing[0]}")
+        raise IncidentRefused(f"no alert {missing[0]}", "no_alert")
     name = _text(title, "title", MAX_TITLE) or texts.title("ja", rows[0].rule, rows[0].labels or {})
     refuse_free_text("incident", title=name)
     summary = "\n".join(
@@ -128,7 +138,7 @@ def create_from_alerts(
 def _load(conn: Connection, incident_id: int) -> Any:
     row = conn.execute(select(*INCIDENTS.columns).where(INCIDENTS.c.id == incident_id).with_for_update()).first()
     if row is None:
-        raise IncidentRefused(f"no incident {incident_id}")
+        raise IncidentRefused(f"no incident {incident_id}", "not_found")
     return row
 
 
@@ -144,9 +154,9 @@ def update_report(
     """Change a report's fields if nobody changed it since ``version``; return the new version."""
     row = _load(conn, incident_id)
     if int(row.version) != version:
-        raise IncidentRefused(f"incident {incident_id} was changed by {row.updated_by} meanwhile: reload it")
+        raise IncidentRefused(f"incident {incident_id} was changed by {row.updated_by} meanwhile: reload it", "stale")
     if row.status == "closed":
-        raise IncidentRefused(f"incident {incident_id} is closed")
+        raise IncidentRefused(f"incident {incident_id} is closed", "closed")
     report = dict(row.report or {})
     values: dict[str, Any] = {}
     old: dict[str, Any] = {}
@@ -160,24 +170,24 @@ def update_report(
         elif key == "title":
             title = _text(value, "title", MAX_TITLE)
             if not title:
-                raise IncidentRefused("title is required")
+                raise IncidentRefused("title is required", "required", "title")
             if title != row.title:
                 old[key], new[key], values["title"] = row.title, title, title
         elif key in ("found_at", "occurred_at"):
             if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
-                raise IncidentRefused(f"{key}: an aware date and time")
+                raise IncidentRefused(f"{key}: an aware date and time", "bad_value", key)
             if key == "found_at" and value is None:
-                raise IncidentRefused("found_at is required")
+                raise IncidentRefused("found_at is required", "required", "found_at")
             if value != getattr(row, key):
                 old[key], new[key], values[key] = getattr(row, key), value, value
         elif key == "people_count":
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise IncidentRefused("people_count: a whole number of people, 0 or more")
+                raise IncidentRefused("people_count: a whole number of people, 0 or more", "bad_value", key)
             if value != row.people_count:
                 old[key], new[key], values[key] = row.people_count, value, value
         elif key == "malicious":
             if not isinstance(value, bool):
-                raise IncidentRefused("malicious: yes or no")
+                raise IncidentRefused("malicious: yes or no", "bad_value", key)
             if value != row.malicious:
                 old[key], new[key], values[key] = row.malicious, value, value
         elif key == "evidence":
@@ -185,7 +195,7 @@ def update_report(
             if items != list(row.evidence or []):
                 old[key], new[key], values[key] = row.evidence, items, items
         else:
-            raise IncidentRefused(f"unknown field {key!r}")
+            raise IncidentRefused(f"unknown field {key!r}", "unknown_field", key)
     if not new:
         return int(row.version)
     refuse_free_text("incident", **{k: v for k, v in new.items() if isinstance(v, str | list)})
@@ -198,12 +208,12 @@ def update_report(
 def advance(conn: Connection, signer: Any, who: Operator, incident_id: int, status: str, now: datetime) -> None:
     """Move a report forward: draft → preliminary (速報) → final (確報) → closed; never back."""
     if status not in STATUSES:
-        raise IncidentRefused(f"status: one of {', '.join(STATUSES)}")
+        raise IncidentRefused(f"status: one of {', '.join(STATUSES)}", "bad_value", "status")
     row = _load(conn, incident_id)
     if STATUSES.index(status) <= STATUSES.index(row.status):
-        raise IncidentRefused(f"incident {incident_id} is {row.status}: it only moves forward")
+        raise IncidentRefused(f"incident {incident_id} is {row.status}: it only moves forward", "forward_only")
     if status in ("preliminary", "final") and not str((row.report or {}).get("summary", "")).strip():
-        raise IncidentRefused("a report needs its summary before it is sent")
+        raise IncidentRefused("a report needs its summary before it is sent", "needs_summary", "summary")
     values: dict[str, Any] = {"status": status, "updated_by": who.actor, "updated_at": now, "version": row.version + 1}
     if status == "preliminary":
         values["preliminary_reported_at"] = now
@@ -227,7 +237,7 @@ def link_alerts(
     a = book.ALERTS.c
     found = conn.execute(select(a.id, a.rule).where(a.id.in_(wanted))).all()
     if len(found) != len(wanted):
-        raise IncidentRefused("no such alert")
+        raise IncidentRefused("no such alert", "no_alert")
     for alert in found:
         conn.execute(insert(INCIDENT_ALERTS).values(incident_id=incident_id, alert_id=alert.id))
     if found:
@@ -249,7 +259,7 @@ def read(conn: Connection, incident_id: int) -> dict[str, Any]:
     """Return one report with its alerts (for the console, the API and the PDF)."""
     row = conn.execute(select(*INCIDENTS.columns).where(INCIDENTS.c.id == incident_id)).first()
     if row is None:
-        raise IncidentRefused(f"no incident {incident_id}")
+        raise IncidentRefused(f"no incident {incident_id}", "not_found")
     a = book.ALERTS.c
     alerts = conn.execute(
         select(*book.ALERTS.columns)

@@ -18,6 +18,7 @@ from sekisho.controller.api.alerts import alerts
 from sekisho.controller.api.deps import AppState, OptionalActorDep, StateDep
 from sekisho.controller.api.doors import routers as door_routers
 from sekisho.controller.api.enrol import enrol
+from sekisho.controller.api.incidents import incidents_api
 from sekisho.controller.api.media import media
 from sekisho.controller.api.metrics import metrics
 from sekisho.controller.api.revocations import revocations
@@ -165,6 +166,7 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(accounts_router())
     app.include_router(media)
     app.include_router(alerts)
+    app.include_router(incidents_api)
     for router in door_routers:
         app.include_router(router)
     # Last: its HTML error pages wrap the JSON handlers privacy.install set, for /console paths only.

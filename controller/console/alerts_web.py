@@ -12,6 +12,11 @@
   There is no "mark all reviewed" and no bulk clear anywhere: each alert is handled on its own page.
 - ``/console/alerts/board``: a wall board readable across a room (doors open, alerts by severity, keys out,
   agents offline), refreshed every few seconds, no controls.
+- ``/console/alerts/notifications``: the notifications that could not be delivered (the dead-letter list of
+  controller/alerts/delivery.py), each with its alert, channel, contact and last error, and a replay button.
+
+The alert page also drafts an incident report from its alert, and the list lets a handler tick several alerts
+for one (controller/console/incidents_web.py).
 
 Every read goes through controller/alerts/listing.py and every change through controller/alerts/book.py, the
 same functions the JSON API (controller/api/alerts.py) uses; each change and its admin-trail row commit in one
@@ -36,11 +41,12 @@ from sekisho.common.i18n import gettext as service_text
 from sekisho.common.i18n import localize
 from sekisho.controller.accounts.roles import Actor, Permission, require
 from sekisho.controller.accounts.web import csrf_for
-from sekisho.controller.alerts import book, listing, texts
+from sekisho.controller.alerts import book, delivery, listing, texts
 from sekisho.controller.alerts.book import ALERTS
 from sekisho.controller.alerts.listing import ListingError
 from sekisho.controller.alerts.rules import RULES
 from sekisho.controller.api import alerts as alerts_api
+from sekisho.controller.api import incidents as incidents_api
 from sekisho.controller.api import sse
 from sekisho.controller.api.alerts import CursorQuery, FilterDep, LifetimeQuery
 from sekisho.controller.audit.operators import api_operator
@@ -153,6 +159,7 @@ REFUSALS: Final = {
     "bad_rule": N_("Choose a rule from the list."),
     "bad_time": N_("Give the start and end as date and time (JST)."),
 }
+CHANNEL_LABELS: Final = {"email": N_("E-mail"), "webhook": N_("Webhook"), "syslog": N_("Syslog")}
 BAD_CURSOR: Final = N_("This page position is not valid any more; start from the first page.")
 CAUSE_HEADING: Final = N_("Cause")
 OVERRIDE_HEADING: Final = N_("Override")
@@ -426,7 +433,7 @@ def _silences_context(request: Request, viewer: Actor, error: str | None, asked:
     now = state.clock()
     rows = alerts_api.silences(state)
     rules = dict(rule_choices(lang))
-    setters = _people(request, [r.created_by for r in rows])
+    setters = people_named(request, [r.created_by for r in rows])
     blank = dict.fromkeys(("rule", "door", "area", "agent", "person", "terminal", "reason"), "")
     blank |= {"starts": _local_input(now), "ends": _local_input(now + timedelta(hours=1)), "kind": "maintenance"}
     shown = [
@@ -560,10 +567,56 @@ def board_fragment(request: Request, viewer: Reader) -> Response:
     return templating.render(request, "alerts/board_panels.html", _board_context(request, viewer), viewer=viewer)
 
 
+# --- undelivered notifications ------------------------------------------------------------------
+
+
+def _notifications_context(request: Request, viewer: Actor, error: str | None) -> dict[str, Any]:
+    state = request.app.state.sekisho
+    lang = templating.language_of(request, viewer)
+    rows = delivery.dead_letters(state.store)
+    directory = reports_of(request).directory()
+    with state.store.engine.connect() as conn:
+        wanted = sorted({int(r.alert_id) for r in rows})
+        alerts = {int(a.id): a for a in conn.execute(select(*ALERTS.columns).where(ALERTS.c.id.in_(wanted)))}
+    shown = []
+    for r in rows:
+        alert = alerts.get(int(r.alert_id))
+        shown.append(
+            {
+                "row": r,
+                "alert": view(alert, directory, lang, viewer) if alert is not None else None,
+                "channel": gettext(lang, CHANNEL_LABELS[r.channel]) if r.channel in CHANNEL_LABELS else r.channel,
+            }
+        )
+    return {**_common(request, viewer), "notifications": shown, "error": error}
+
+
+@router.get("/notifications")
+def notifications_page(request: Request, viewer: Reader) -> Response:
+    """Show the notifications that could not be delivered (newest first), each with a replay button (alerts.ack)."""
+    context = _notifications_context(request, viewer, None)
+    return templating.render(request, "alerts/notifications.html", context, viewer=viewer)
+
+
+@router.post("/notifications/{notification_id}/replay")
+async def replay_notification(request: Request, viewer: Handler, notification_id: int) -> Response:
+    """Put an undelivered notification back in the outbox; the delivery job sends it at its next round."""
+    state = request.app.state.sekisho
+    try:
+        await run_in_threadpool(
+            delivery.replay, state.store, notification_id, api_operator(viewer, viewer.client), state.clock()
+        )
+    except book.AlertRefused as err:
+        lang = templating.language_of(request, viewer)
+        context = _notifications_context(request, viewer, refusal_text(err, lang))
+        return templating.render(request, "alerts/notifications.html", context, viewer=viewer, status_code=409)
+    return RedirectResponse("/console/alerts/notifications", status_code=status.HTTP_303_SEE_OTHER)
+
+
 # --- one alert ------------------------------------------------------------------------------------
 
 
-def _people(request: Request, actors: list[str]) -> dict[str, Ref]:
+def people_named(request: Request, actors: list[str]) -> dict[str, Ref]:
     """Return the console users named by trail actors (user:<login>, token:<login>/<id>) by name, the actor on hover."""
     logins = {}
     for actor in actors:
@@ -638,7 +691,7 @@ def _detail_context(
         trail = listing.history(conn, alert_id)
     directory = reports_of(request).directory()
     alert = view(row, directory, lang, viewer)
-    people = _people(request, [h.actor for h in trail] + [a for a in (row.acked_by, row.resolved_by) if a])
+    people = people_named(request, [h.actor for h in trail] + [a for a in (row.acked_by, row.resolved_by) if a])
     first_day = row.first_at.astimezone(JST).date().isoformat()
     last_day = row.last_at.astimezone(JST).date().isoformat()
     period = urlencode({"from": first_day, "to": last_day})
@@ -664,6 +717,7 @@ def _detail_context(
             for what, said in [_history_line(h, lang)]
         ],
         "people": people,
+        "incidents": incidents_api.incidents_of_alert(state, alert_id),
         "causes": [(c, CAUSE_LABELS[c]) for c in book.CAUSES],
         "cause_labels": CAUSE_LABELS,
         "field_names": FIELD_NAMES,

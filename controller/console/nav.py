@@ -25,6 +25,7 @@ NAV_ITEMS: list[NavItem] = [
     NavItem("/console/keys", N_("Keys out"), Permission.REGISTERS_READ),
     NavItem("/console/muster", N_("Who is inside"), Permission.AREAS_READ),
     NavItem("/console/alerts", N_("Alerts"), Permission.ALERTS_READ),
+    NavItem("/console/incidents", N_("Incidents"), Permission.ALERTS_READ),
     NavItem("/console/fleet", N_("Fleet health"), Permission.FLEET_READ),
     NavItem("/console/inspection", N_("Inspection"), Permission.AUDIT_READ),
     NavItem("/console/areas", N_("My areas"), Permission.AREAS_READ),

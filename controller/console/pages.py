@@ -8,6 +8,7 @@ from sekisho.controller.console import (
     alerts_web,
     counter,
     doors_web,
+    incidents_web,
     media_register_web,
     muster_web,
     overview_web,
@@ -26,4 +27,5 @@ PAGE_ROUTERS: tuple[APIRouter, ...] = (
     media_register_web.pages,
     media_register_web.api,
     alerts_web.router,
+    incidents_web.router,
 )

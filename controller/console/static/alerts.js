@@ -1,6 +1,7 @@
 // Alerts pages (alerts_web.py), a few lines of our own: the CSP allows no inline script and no library is needed.
 // - The list: an EventSource on the table's data-stream swaps each changed row by id (a newer version only),
 //   inserts a new one in list order on the first page, and removes one that no longer passes the filter.
+//   A row ticked for an incident report keeps its tick when it is swapped.
 // - The sound toggle: off by default, the choice kept in this browser; a short beep (WebAudio) when a new
 //   critical or high alert appears.
 // - The wall board: its figures are fetched again every few seconds.
@@ -88,7 +89,13 @@
       var row = rowFrom(change.html);
       if (!row) { return; }
       if (current) {
+        // A row ticked for an incident report stays ticked (and focused) when its newer version replaces it.
+        var picked = current.querySelector("input[form='incident-pick']");
+        var fresh = row.querySelector("input[form='incident-pick']");
+        var focused = picked !== null && document.activeElement === picked;
+        if (picked && fresh) { fresh.checked = picked.checked; }
         current.replaceWith(row);
+        if (focused && fresh) { fresh.focus(); }
         return;
       }
       if (!insert) { return; }
