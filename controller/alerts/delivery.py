@@ -159,10 +159,15 @@ class DeliveryJob(PeriodicJob):
     def _claim(self) -> list[tuple[Any, Any]]:
         now = self.clock()
         n, a = NOTIFICATIONS.c, _ALERTS.c
+        due = (n.state == "pending", n.next_at <= now, or_(n.lease_until.is_(None), n.lease_until <= now))
+        with self.store.engine.connect() as conn:
+            # Usually nothing is due: a read says so without SQLite's writer lock (ingest needs it).
+            if conn.execute(select(n.id).where(*due).limit(1)).first() is None:
+                return []
         with write_transaction(self.store.engine) as conn:
             rows = conn.execute(
                 select(*NOTIFICATIONS.columns)
-                .where(n.state == "pending", n.next_at <= now, or_(n.lease_until.is_(None), n.lease_until <= now))
+                .where(*due)
                 .order_by(n.next_at, n.id)
                 .limit(CLAIM_LIMIT)
                 .with_for_update(skip_locked=True)

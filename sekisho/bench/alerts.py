@@ -8,9 +8,11 @@ stream (``/api/v1/alerts/stream``, a security user's token) and the SMTP server'
 the moment of publishing, on the host's wall clock (the store's own times split each probe's way:
 stored by ingest, alert opened by the rules, seen on the stream).
 
-Baseline, same run: the probes on an idle site. Then again while background agents (the real agent
-runtime, ``sekisho-agent simulate``) publish ``--background-eps`` events per second, which ingest stores and
-the engine reads past. The background rate reported is what the store actually took during the probes.
+Baseline, same run: the probes on an idle site. Then again while background agents publish
+``--background-eps`` signed events per second (``test.synthetic``, signed before the start by publisher
+processes holding the agents' certificates and keys, so the load is the controller's and not the load
+generator's), which ingest verifies and stores and the engine reads past. The background rate reported is
+what the store actually took during the probes.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import multiprocessing as mp
 import shutil
 import ssl
-import subprocess
 import tempfile
 import threading
 import time
@@ -188,6 +190,46 @@ def site_yaml(doors: int) -> str:
     return SITE_YAML + "doors:\n" + rows
 
 
+def background_publisher(port: int, pki_dir: str, agent: str, rate: float, seconds: float, go: Any) -> None:
+    """Publish ``rate`` signed test.synthetic events a second for ``seconds`` as ``agent`` (own process).
+
+    The events are signed before the start signal, so the load costs this process a publish each, not a
+    signature: what the controller receives is what an agent sends, at a steady rate.
+    """
+    creds = AgentCredentials.at(Path(pki_dir), agent)
+    key = signing.load_private_key(creds.signing_key)
+    count = int(rate * seconds)
+    payloads = [
+        build_event(key, agent=agent, seq=n, type="test.synthetic", payload={"n": n}) for n in range(1, count + 1)
+    ]
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=agent, protocol=mqtt.MQTTv5)
+    client.tls_set(
+        ca_certs=str(creds.ca_cert),
+        certfile=str(creds.tls_cert),
+        keyfile=str(creds.tls_key),
+        tls_version=ssl.PROTOCOL_TLS_CLIENT,
+    )
+    client.username_pw_set(agent)
+    client.max_inflight_messages_set(1000)
+    ready = threading.Event()
+    client.on_connect = lambda c, u, f, rc, p: ready.set()
+    client.connect("127.0.0.1", port, clean_start=True)
+    client.loop_start()
+    if not ready.wait(15):
+        raise ConnectionError(f"{agent} could not connect")
+    topic = topics.topic(agent, topics.EVENTS)
+    go.wait(120)
+    start = time.monotonic()
+    for index, raw in enumerate(payloads):
+        # Paced against the start, so a slow moment is caught up rather than lowering the rate.
+        delay = start + index / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        client.publish(topic, raw, qos=1)
+    client.loop_stop()
+    client.disconnect()
+
+
 def _prepare_store(lab: Lab, doors: int) -> str:
     """Apply the bench policy and make a security user with an API token; return the token."""
     from sekisho.controller.accounts.roles import Role
@@ -337,7 +379,7 @@ def run_alerts_bench(opts: Options, console: Console) -> int:
     lab = Lab(root)
     arrivals = Arrivals()
     stop = threading.Event()
-    background: list[subprocess.Popen[bytes]] = []
+    background: list[mp.process.BaseProcess] = []
     names = [f"bg-{i + 1}" for i in range(opts.publishers)]
     try:
         with _smtp(arrivals) as smtp_port:
@@ -370,31 +412,27 @@ def run_alerts_bench(opts: Options, console: Console) -> int:
                 with console.status("baseline: probes on an idle site"):
                     idle = _phase("idle", prober, arrivals, opts, 0, lab)
                 per_agent = opts.background_eps / opts.publishers
-                duration = opts.probes * opts.probe_gap_s + opts.wait_s + 30
+                duration = opts.probes * opts.probe_gap_s + opts.wait_s + 15
+                context = mp.get_context("spawn")  # no paho thread forked
+                go = context.Event()
                 for name in names:
-                    background.append(
-                        lab.spawn(
-                            "agent",
-                            "simulate",
-                            "--config",
-                            str(lab.agent_config(name)),
-                            "--count",
-                            str(int(per_agent * duration)),
-                            "--rate",
-                            str(per_agent),
-                            "--timeout",
-                            str(int(duration + 60)),
-                            log_name=name,
-                        )
+                    proc = context.Process(
+                        target=background_publisher,
+                        args=(lab.broker.port, str(lab.pki_dir), name, per_agent, duration, go),
+                        daemon=True,
                     )
+                    proc.start()
+                    background.append(proc)
+                go.set()
                 time.sleep(5.0)  # the background reaches its rate before the probes
                 with console.status(f"loaded: probes during {opts.background_eps} events/s"):
                     loaded = _phase("loaded", prober, arrivals, opts, opts.probes, lab)
             finally:
                 prober.close()
                 stop.set()
-                for proc in background:
-                    proc.terminate()
+                for publisher in background:
+                    publisher.terminate()
+                    publisher.join(10)
     finally:
         lab.stop_all()
         if opts.workdir is None:
