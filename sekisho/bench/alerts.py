@@ -68,7 +68,7 @@ class Options:
 
     probes: int = 200
     background_eps: int = 1000
-    publishers: int = 4
+    publishers: int = 2
     probe_gap_s: float = 0.25
     wait_s: float = 30.0
     workdir: Path | None = None

@@ -536,7 +536,7 @@ def bench_alerts(
     background_eps: Annotated[
         int, typer.Option(min=0, max=20_000, help=_("background events per second during the loaded phase"))
     ] = 1000,
-    publishers: Annotated[int, typer.Option(min=1, max=16, help=_("background agent processes"))] = 4,
+    publishers: Annotated[int, typer.Option(min=1, max=16, help=_("background agent processes"))] = 2,
     probe_gap_s: Annotated[float, typer.Option(min=0.01, max=10, help=_("seconds between probes"))] = 0.25,
     workdir: Annotated[Path | None, typer.Option(help=_("keep state here instead of a temp dir"))] = None,
 ) -> None:
