@@ -152,3 +152,13 @@ def test_the_pdf_holds_the_report_the_alerts_and_who_exported_it(site: Site) -> 
     ):
         assert expected in squeezed, expected
     assert "2026/11/17(火)12:00" in squeezed  # exported at, in JST
+
+
+def test_a_closed_report_takes_no_more_alerts(site: Site) -> None:
+    first, *others = _alerts(site)
+    incident_id = _create(site, [first])
+    with write_transaction(site.store.engine) as conn:
+        assert incidents.link_alerts(conn, site.store.signing_key, KEIBI, incident_id, others, site.clock()) == 1
+        incidents.advance(conn, site.store.signing_key, KEIBI, incident_id, "closed", site.clock())
+    with pytest.raises(incidents.IncidentRefused, match="closed"), write_transaction(site.store.engine) as conn:
+        incidents.link_alerts(conn, site.store.signing_key, KEIBI, incident_id, [first], site.clock())

@@ -230,6 +230,8 @@ def link_alerts(
 ) -> int:
     """Add alerts to a report (and to its evidence list); return how many were new."""
     row = _load(conn, incident_id)
+    if row.status == "closed":
+        raise IncidentRefused(f"incident {incident_id} is closed", "closed")
     have = set(
         conn.execute(select(INCIDENT_ALERTS.c.alert_id).where(INCIDENT_ALERTS.c.incident_id == incident_id)).scalars()
     )
