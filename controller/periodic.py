@@ -20,8 +20,13 @@ class PeriodicJob:
 
     def __init__(self) -> None:
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._failing = False
+
+    def poke(self) -> None:
+        """Run the next round now instead of at the end of the wait (something it should look at happened)."""
+        self._wake.set()
 
     def run_once(self) -> None:
         """Do one round of the job."""
@@ -39,6 +44,7 @@ class PeriodicJob:
     def stop(self) -> None:
         """Stop the thread after its current round."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
@@ -53,4 +59,5 @@ class PeriodicJob:
                 if not self._failing:
                     log.exception("%s failed; will retry every %.0f s", self.name, self.every_s)
                 self._failing = True
-            self._stop.wait(self.every_s)
+            self._wake.wait(self.every_s)
+            self._wake.clear()

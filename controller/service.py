@@ -20,6 +20,7 @@ from sekisho.common.i18n import _
 from sekisho.common.sdnotify import LivenessCheck, ServiceNotifier
 from sekisho.controller.alerts.delivery import Channels, DeliveryJob
 from sekisho.controller.alerts.engine import AlertEngine
+from sekisho.controller.alerts.rules import EVENT_TYPES
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.deps import AppState
 from sekisho.controller.api.https import tls_options
@@ -44,6 +45,8 @@ from sekisho.controller.store.store import Store
 from sekisho.protocol import messages, signing, topics
 
 log = logging.getLogger(__name__)
+# What wakes the alert engine early: the event types its rules read (refused messages wait for its sweep).
+WAKING_TYPES = EVENT_TYPES
 
 
 def open_store(config: ControllerConfig) -> Store:
@@ -188,7 +191,7 @@ class Controller:
     def __init__(self, config: ControllerConfig, *, with_policy: bool = True) -> None:
         self.config = config
         self.store = open_store(config)
-        self.worker = IngestWorker(config, self.store, on_heartbeat=self._on_heartbeat)
+        self.worker = IngestWorker(config, self.store, on_heartbeat=self._on_heartbeat, on_stored=self._on_stored)
         self.keeper = PolicyKeeper(config, self.store, self.worker) if with_policy else None
         self.overdue = OverdueWatch(MediaService(self.store, self.keeper.service)) if self.keeper else None
         # The registers follow the events table, whichever worker stored them (see controller.doors.jobs).
@@ -242,6 +245,13 @@ class Controller:
             if self.alerts is not None
             else None
         )
+
+    def _on_stored(self, types: frozenset[str]) -> None:
+        # Events a rule reads, stored by this process: the rules look now rather than at their next poll (other
+        # processes' events are found by the poll, as before). Other events do not wake it: most are nobody's.
+        alerts = getattr(self, "alerts", None)
+        if alerts is not None and not types.isdisjoint(WAKING_TYPES):
+            alerts.poke()
 
     def _on_heartbeat(self, hb: messages.Heartbeat) -> None:
         if self.keeper is not None:

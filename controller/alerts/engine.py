@@ -160,10 +160,11 @@ class AlertEngine(PeriodicJob):
 
     def _round(self, horizon: int) -> tuple[int, bool]:
         policy = self.policy()
-        now = self.clock()
         self._moved_at = time.monotonic()
         with write_transaction(self.engine) as conn:
             position = self.cursor.lock(conn)
+            # Stamped once the writer lock is held: live streams find changes by their stamp (listing.ChangeFeed).
+            now = self.clock()
             if position >= horizon:
                 return 0, False  # another process got this far meanwhile
             e = _EVENTS.c
@@ -222,9 +223,9 @@ class AlertEngine(PeriodicJob):
     def sweep(self) -> None:
         """Judge the condition rules now: raise what is true and not live-and-active, clear what no longer is."""
         policy = self.policy()
-        now = self.clock()
-        agents = fleet_health(self.store, self.thresholds, now)
+        agents = fleet_health(self.store, self.thresholds, self.clock())
         with write_transaction(self.engine) as conn:
+            now = self.clock()  # once the writer lock is held (see _round)
             found = list(conditions.record_signals(conn, policy.site, now))
             found += conditions.fleet_signals(
                 policy.site, agents, policy.effective, conditions.policy_published_at(conn), now
@@ -250,4 +251,5 @@ class AlertEngine(PeriodicJob):
             if not escalate.anything_due(conn, now):
                 return 0
         with write_transaction(self.engine) as conn:
+            now = self.clock()  # once the writer lock is held (see _round)
             return escalate.run_due(conn, self.store.signing_key, policy.settings, policy.schedules, now)

@@ -46,7 +46,9 @@ CURSOR_VERSION: Final = 1
 
 # A stream re-reads what changed this long before the newest change it saw: a transaction that stamped its
 # rows earlier and committed later (an engine round over many events) is still caught, and sent once.
-MARGIN: Final = timedelta(seconds=5)
+# How far before the newest stamp seen a round looks again: a change is stamped when its transaction begins
+# and becomes visible at commit, which a busy writer lock can delay by seconds.
+MARGIN: Final = timedelta(seconds=15)
 POLL_PAGE: Final = 1000
 POLL_PAGES: Final = 5
 

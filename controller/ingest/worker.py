@@ -156,6 +156,7 @@ class IngestWorker:
         store: Store,
         *,
         on_heartbeat: Callable[[messages.Heartbeat], None] | None = None,
+        on_stored: Callable[[frozenset[str]], None] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -167,6 +168,8 @@ class IngestWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._on_heartbeat = on_heartbeat
+        # Told the event types of each batch committed (the alert engine in this process looks at once).
+        self._on_stored = on_stored
         self._client = make_client(config, f"{config.worker_id}-ingest", manual_ack=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -386,6 +389,8 @@ class IngestWorker:
                 dead.append(DeadLetterIn(item.topic, item.payload, errors.UNPROCESSABLE, detail, agent_id=agent))
 
         result = self.store.store_batch(good, dead, received_at)
+        if self._on_stored is not None and result.stored:
+            self._on_stored(frozenset(e.type for e in good))
         for letter in dead:
             if letter.reason == errors.NOT_OWNER and letter.agent_id is not None:
                 log.warning("ingest: %s sent a fact it does not own: %s", letter.agent_id, letter.detail)

@@ -112,12 +112,20 @@ def _p(values: list[float], q: float) -> float:
 
 
 def _stream(base: str, token: str, arrivals: Arrivals, stop: threading.Event) -> None:
-    """Read the alert stream; note the first time each probe door's alert is seen (reconnect if it ends)."""
+    """Read the alert stream; note the first time each probe door's alert is seen.
+
+    A stream that ends (its lifetime, or a read timeout) is reopened with the last event id seen, as a
+    browser's EventSource does, so nothing that changed in between is lost.
+    """
     host = base.removeprefix("http://")
+    last_id: str | None = None
     while not stop.is_set():
-        conn = http.client.HTTPConnection(host, timeout=5)
+        conn = http.client.HTTPConnection(host, timeout=40)  # the stream sends a heartbeat every 15 s
+        headers = {"Authorization": f"Bearer {token}"}
+        if last_id is not None:
+            headers["Last-Event-ID"] = last_id
         try:
-            conn.request("GET", "/api/v1/alerts/stream", headers={"Authorization": f"Bearer {token}"})
+            conn.request("GET", "/api/v1/alerts/stream", headers=headers)
             answer = conn.getresponse()
             if answer.status != 200:
                 raise RuntimeError(f"alert stream answered {answer.status}")
@@ -125,6 +133,9 @@ def _stream(base: str, token: str, arrivals: Arrivals, stop: threading.Event) ->
                 line = answer.readline()
                 if not line:
                     break
+                if line.startswith(b"id:"):
+                    last_id = line[3:].strip().decode() or last_id
+                    continue
                 if not line.startswith(b"data:"):
                     continue
                 at = time.time()
@@ -137,7 +148,7 @@ def _stream(base: str, token: str, arrivals: Arrivals, stop: threading.Event) ->
                     with arrivals.lock:
                         arrivals.sse.setdefault(door, at)
         except (OSError, http.client.HTTPException):
-            time.sleep(0.1)  # a read timeout between alerts, or a reconnect after the stream's lifetime
+            time.sleep(0.1)
         finally:
             conn.close()
 
