@@ -60,6 +60,9 @@ class AlertsConfig(BaseModel):
     every_s: float = Field(default=0.2, ge=0.05, le=60, description="rounds over new events and due escalations")
     condition_every_s: float = Field(default=10.0, ge=1, le=3600, description="sweeps of the fleet and records")
     delivery_every_s: float = Field(default=0.5, ge=0.05, le=60)
+    stream_poll_s: float = Field(
+        default=0.25, ge=0.05, le=60, description="live streams look for changes the engine did not ring for"
+    )
     console_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$", description="for links in notices")
     smtp: SmtpConfig | None = None
     webhooks: dict[str, WebhookConfig] = Field(default_factory=dict)

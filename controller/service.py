@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sekisho.common.i18n import _
 from sekisho.common.sdnotify import LivenessCheck, ServiceNotifier
+from sekisho.controller.alerts.bell import Bell
 from sekisho.controller.alerts.delivery import Channels, DeliveryJob
 from sekisho.controller.alerts.engine import AlertEngine
 from sekisho.controller.alerts.rules import EVENT_TYPES
@@ -224,6 +225,8 @@ class Controller:
 
         # Alerts (issue 13): rules over the events and conditions, escalation, and the outbox's delivery.
         alerts = config.alerts
+        # Rung by the engine when it changed alerts; this process's live streams listen (controller/alerts/bell.py).
+        self.alert_bell = Bell()
         self.alerts = (
             AlertEngine(
                 self.store,
@@ -231,6 +234,7 @@ class Controller:
                 every_s=alerts.every_s,
                 condition_every_s=alerts.condition_every_s,
                 syslog=alerts.syslog is not None,
+                on_change=self.alert_bell.ring,
             )
             if with_policy and alerts.enabled
             else None
@@ -333,7 +337,14 @@ class Controller:
         publish = self.keeper.check if self.keeper is not None else None
         publications = self.keeper.publications if self.keeper is not None else None
         app = create_app(
-            AppState(self.config, self.store, self.worker.stats, on_policy_change=publish, publications=publications)
+            AppState(
+                self.config,
+                self.store,
+                self.worker.stats,
+                on_policy_change=publish,
+                publications=publications,
+                alert_bell=self.alert_bell,
+            )
         )
         config = uvicorn.Config(
             app,

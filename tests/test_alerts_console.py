@@ -35,7 +35,7 @@ from sekisho.controller.alerts.escalate import queue
 from sekisho.controller.alerts.plan import Position
 from sekisho.controller.api.app import create_app
 from sekisho.controller.api.deps import AppState
-from sekisho.controller.config import ControllerConfig
+from sekisho.controller.config import AlertsConfig, ControllerConfig
 from sekisho.controller.store import Store
 from sekisho.controller.store.db import write_transaction
 from sekisho.controller.store.models import AdminAuditEntry, Alert, AlertNotification
@@ -61,7 +61,8 @@ class Alerts:
         self.clock = Clock()
         self.state = AppState(config, store, None, clock=self.clock)
         self.web = AccountsSite(self.state, self.clock)
-        self.engine = AlertEngine(store, clock=self.clock)
+        # Wired as the controller wires them: the engine rings the app's bell when it changed alerts.
+        self.engine = AlertEngine(store, clock=self.clock, on_change=self.state.alert_bell.ring)
         self.store = store
         self._logins = 0
         self.last_login = ""
@@ -607,6 +608,26 @@ def test_the_api_stream_sends_a_change_made_after_it_opened(site: Alerts, served
         assert json.loads(data)["rule"] == "door_tamper"
     finally:
         stream.close()
+
+
+def test_the_engine_bell_brings_a_new_alert_to_an_open_stream_without_waiting_for_the_poll(site: Alerts) -> None:
+    # A poll interval of a minute: only the engine's ring can bring a change within the socket's 10 s timeout.
+    site.state.config = site.state.config.model_copy(update={"alerts": AlertsConfig(stream_poll_s=60)})
+    token = site.state.accounts.create_token(site.web.user(Role.AUDITOR, "bell-reader"), "s", None, by="t").token
+    with Server(site.state) as served:
+        stream = Stream(served.port, "/api/v1/alerts/stream?max_s=120", {"Authorization": f"Bearer {token}"})
+        try:
+            events = stream.events(time.monotonic() + 30)
+            assert next(events) == ("connected", "")
+            for kind, rule in (("tamper", "door_tamper"), ("relay_fault", "relay_fault")):
+                # The second one certainly finds the stream waiting: it has just sent the first.
+                site.alarm(kind, 10)
+                site.follow()
+                name, data = next(e for e in events if e[0] == "alert")
+                assert (name, json.loads(data)["rule"]) == ("alert", rule)
+                assert site.state.alert_bell.listeners == 1
+        finally:
+            stream.close()
 
 
 def test_the_console_stream_sends_rows_that_pass_the_filter_and_removes_those_that_leave_it(

@@ -86,12 +86,16 @@ class AlertEngine(PeriodicJob):
         batch: int = 1000,
         clock: Callable[[], datetime] = timefmt.now,
         syslog: bool = False,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         """Follow ``store``'s events every ``every_s`` seconds, ``batch`` events per transaction at most.
 
         With ``syslog``, every alert opened (or reopened) that is not silenced also goes to the SIEM.
+        ``on_change`` is called once a transaction that changed alerts has committed (live streams look then).
         """
         self.syslog = syslog
+        self.on_change = on_change
+        self._changed = False
         self.store = store
         self.engine = store.engine
         self.thresholds = thresholds or Thresholds()
@@ -138,6 +142,7 @@ class AlertEngine(PeriodicJob):
             if horizon <= position or not self._worth_a_write(position, horizon):
                 return read
             count, more = self._round(horizon)
+            self._announce()
             read += count
             if not more:
                 return read
@@ -210,10 +215,17 @@ class AlertEngine(PeriodicJob):
                 out.append(signal(rule, row.occurred_at, key, {**labels, **key}, params=params, event_id=int(row.id)))
         return out
 
+    def _announce(self) -> None:
+        """Tell ``on_change`` about alerts changed by the transaction that just committed."""
+        changed, self._changed = self._changed, False
+        if changed and self.on_change is not None:
+            self.on_change()
+
     def _apply(self, conn: Connection, policy: Policy, signals: list[Signal], now: datetime) -> None:
         signer = self.store.signing_key
         for sig in signals:
             raised = book.raise_signal(conn, signer, sig, policy.effective[sig.rule], policy.settings, now)
+            self._changed = self._changed or raised is not None
             if self.syslog and raised is not None and raised.outcome in ("opened", "reopened") and not raised.quiet:
                 first = Position(0, 0)
                 escalate.queue(conn, raised.alert_id, "opened", raised.epoch, first, "syslog", "siem", None, "en", now)
@@ -238,9 +250,11 @@ class AlertEngine(PeriodicJob):
             for key, (_alert_id, condition) in live.items():
                 if condition == "active" and key not in true_now:
                     book.clear(conn, self.store.signing_key, key, now, now)
+                    self._changed = True
                     if key.startswith("agent_offline|"):
                         book.release_inhibited(conn, self.store.signing_key, policy.settings, key, now)
             self._apply(conn, policy, conditions.letter_signals(conn, policy.site), now)
+        self._announce()
 
     def escalate(self) -> int:
         """Take every escalation step and re-trigger that is due; return the notifications written."""
@@ -252,4 +266,7 @@ class AlertEngine(PeriodicJob):
                 return 0
         with write_transaction(self.engine) as conn:
             now = self.clock()  # once the writer lock is held (see _round)
-            return escalate.run_due(conn, self.store.signing_key, policy.settings, policy.schedules, now)
+            written = escalate.run_due(conn, self.store.signing_key, policy.settings, policy.schedules, now)
+        self._changed = self._changed or written > 0  # a re-trigger moves an alert back to open
+        self._announce()
+        return written

@@ -418,7 +418,15 @@ def stream(
     def render(row: Any, event_id: str) -> str:
         return stream_json(row, event_id) if flt.matches(row) else ""
 
-    return sse.alert_stream(request, state.store, render, since=since, lifetime_s=max_s)
+    return sse.alert_stream(
+        request,
+        state.store,
+        render,
+        since=since,
+        lifetime_s=max_s,
+        bell=state.alert_bell,
+        poll_s=state.config.alerts.stream_poll_s,
+    )
 
 
 @alerts.get("/silences", response_model=list[SilencePublic], dependencies=READ)

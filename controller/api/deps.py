@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from sekisho.controller.accounts.authn import identify
 from sekisho.controller.accounts.roles import Actor
 from sekisho.controller.accounts.service import AccountService, AccountSettings
+from sekisho.controller.alerts.bell import Bell
 from sekisho.controller.api.auth import ApiAuth
 from sekisho.controller.config import ControllerConfig
 from sekisho.controller.fleet.metrics import PublicationStats
@@ -39,6 +40,8 @@ class AppState:
     publications: PublicationStats | None = None
     # The time agents' states are judged at (tests pass a controlled clock).
     clock: Callable[[], datetime] = timefmt.now
+    # Rung by this process's alert engine when it changed alerts: live streams look at once (controller/alerts/bell.py).
+    alert_bell: Bell = field(default_factory=Bell)
     # Legacy shared tokens and the failed-authentication limiter of this process, built from config.
     auth: ApiAuth = field(init=False)
     # Console users, sessions and per-user API tokens (in the store; times from clock).

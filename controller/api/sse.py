@@ -1,7 +1,10 @@
 """Server-Sent Events of alert changes: the loop behind `/api/v1/alerts/stream` and `/console/alerts/stream`.
 
-One loop per connection polls the alerts table every POLL_S (controller/alerts/listing.py ``ChangeFeed``) in a
-worker thread and sends what changed, rendered by the route (JSON for programs, table rows for the console).
+One loop per connection reads the alerts table (controller/alerts/listing.py ``ChangeFeed``) in a worker thread
+and sends what changed, rendered by the route (JSON for programs, table rows for the console). It reads when
+this process's alert engine rings the bell (controller/alerts/bell.py: it changed alerts) and at the latest every
+poll interval (``[alerts] stream_poll_s``), which finds changes made by other processes (the CLI, a second
+controller) and by the console's own forms.
 A comment line every HEARTBEAT_S keeps proxies from closing a quiet connection. A connection lives at most
 its lifetime (10 minutes by default); the browser's EventSource then reconnects by itself, sending the last
 event id it saw (the feed's watermark), and the new connection carries on from there. The loop ends as soon
@@ -10,7 +13,6 @@ as the client goes away.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -20,6 +22,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from sekisho.controller.alerts.bell import Bell, wait_for
 from sekisho.controller.alerts.listing import ChangeFeed
 from sekisho.controller.store.store import Store
 from sekisho.protocol import timefmt
@@ -30,8 +33,8 @@ LIFETIME_S: Final = 600
 # How long a browser waits before reconnecting after the stream ends.
 RETRY_MS: Final = 2000
 LAST_EVENT_ID: Final = "last-event-id"
-# Set on the app's state when the server begins to shut down: open streams end within one poll, so a stopping
-# controller does not wait out their lifetime (uvicorn waits for every response in hand to finish).
+# Set on the app's state when the server begins to shut down (and the bell rung): open streams end at once, so a
+# stopping controller does not wait out their lifetime (uvicorn waits for every response in hand to finish).
 CLOSING: Final = "sse_closing"
 
 # Renders one changed alert as the text of its SSE events; the event id is passed in.
@@ -52,6 +55,9 @@ def close_streams(app: Any) -> None:
     state = getattr(app, "state", None)
     if state is not None:
         setattr(state, CLOSING, True)
+        bell = getattr(getattr(state, "sekisho", None), "alert_bell", None)
+        if isinstance(bell, Bell):
+            bell.ring()  # a stream waiting out its poll interval looks now, sees the flag and ends
 
 
 def resume_point(request: Request, since: datetime | None) -> datetime | None:
@@ -82,9 +88,19 @@ def _round(store: Store, feed: ChangeFeed, render: Render) -> str:
 
 
 def alert_stream(
-    request: Request, store: Store, render: Render, *, since: datetime | None, lifetime_s: float = LIFETIME_S
+    request: Request,
+    store: Store,
+    render: Render,
+    *,
+    since: datetime | None,
+    lifetime_s: float = LIFETIME_S,
+    bell: Bell | None = None,
+    poll_s: float = POLL_S,
 ) -> StreamingResponse:
-    """Answer with a text/event-stream of alert changes from ``since`` (None: from now) for ``lifetime_s``."""
+    """Answer with a text/event-stream of alert changes from ``since`` (None: from now) for ``lifetime_s``.
+
+    A ring of ``bell`` makes the stream look at once; without one it looks every ``poll_s`` seconds.
+    """
     start = resume_point(request, since)
 
     async def body() -> AsyncIterator[str]:
@@ -93,18 +109,20 @@ def alert_stream(
         yield f"retry: {RETRY_MS}\n: connected\n\n"
         ends = time.monotonic() + lifetime_s
         beat = time.monotonic() + HEARTBEAT_S
-        while time.monotonic() < ends:
-            if getattr(request.app.state, CLOSING, False) or await request.is_disconnected():
-                return
-            text = await run_in_threadpool(_round, store, feed, render)
-            now = time.monotonic()
-            if text:
-                yield text
-                beat = now + HEARTBEAT_S
-            elif now >= beat:
-                yield ": keep-alive\n\n"
-                beat = now + HEARTBEAT_S
-            await asyncio.sleep(POLL_S)
+        with (bell or Bell()).listening() as rung:
+            while time.monotonic() < ends:
+                if getattr(request.app.state, CLOSING, False) or await request.is_disconnected():
+                    return
+                text = await run_in_threadpool(_round, store, feed, render)
+                now = time.monotonic()
+                if text:
+                    yield text
+                    beat = now + HEARTBEAT_S
+                elif now >= beat:
+                    yield ": keep-alive\n\n"
+                    beat = now + HEARTBEAT_S
+                # The wait is bounded by what is left of the lifetime and by the heartbeat, so neither is late.
+                await wait_for(rung, max(0.0, min(poll_s, ends - now, beat - now)))
 
     headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
