@@ -69,6 +69,7 @@ class Options:
     probes: int = 200
     background_eps: int = 1000
     publishers: int = 2
+    ingest_workers: int = 1  # controller processes taking events: serve, then `controller ingest` workers
     probe_gap_s: float = 0.25
     wait_s: float = 30.0
     workdir: Path | None = None
@@ -413,6 +414,9 @@ def run_alerts_bench(opts: Options, console: Console) -> int:
             from sekisho.bench.cli import _wait_ready
 
             _wait_ready(lab, controller)
+            # Extra ingest-only workers share the event subscription with serve's own (the scale path's shape).
+            for n in range(2, opts.ingest_workers + 1):
+                lab.spawn_controller(http=False, worker_id=f"controller-{n}")
             reader = threading.Thread(
                 target=_stream, args=(f"http://127.0.0.1:{lab.http_port}", token, arrivals, stop), daemon=True
             )
@@ -482,6 +486,7 @@ def run_alerts_bench(opts: Options, console: Console) -> int:
         "stages_p50_ms": {k: round(_p(v, 0.5), 1) for k, v in loaded.stages.items()},
         "stages_p99_ms": {k: round(_p(v, 0.99), 1) for k, v in loaded.stages.items()},
         "probes": opts.probes,
+        "ingest_workers": opts.ingest_workers,
         "missing": missing,
         "goals": {"sse_p99_ms": SSE_GOAL_MS, "email_p99_ms": EMAIL_GOAL_MS},
     }

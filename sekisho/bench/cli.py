@@ -537,6 +537,17 @@ def bench_alerts(
         int, typer.Option(min=0, max=20_000, help=_("background events per second during the loaded phase"))
     ] = 1000,
     publishers: Annotated[int, typer.Option(min=1, max=16, help=_("background agent processes"))] = 2,
+    ingest_workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=8,
+            help=_(
+                "controller processes taking events (1: controller serve alone; more: controller ingest workers "
+                "on the shared subscription)"
+            ),
+        ),
+    ] = 1,
     probe_gap_s: Annotated[float, typer.Option(min=0.01, max=10, help=_("seconds between probes"))] = 0.25,
     workdir: Annotated[Path | None, typer.Option(help=_("keep state here instead of a temp dir"))] = None,
 ) -> None:
@@ -544,7 +555,12 @@ def bench_alerts(
     from sekisho.bench.alerts import Options, run_alerts_bench
 
     options = Options(
-        probes=probes, background_eps=background_eps, publishers=publishers, probe_gap_s=probe_gap_s, workdir=workdir
+        probes=probes,
+        background_eps=background_eps,
+        publishers=publishers,
+        ingest_workers=ingest_workers,
+        probe_gap_s=probe_gap_s,
+        workdir=workdir,
     )
     raise typer.Exit(run_alerts_bench(options, console))
 
