@@ -408,7 +408,6 @@ def list_alerts(
 @alerts.get("/stream", dependencies=READ, response_class=StreamingResponse)
 def stream(
     request: Request,
-    state: StateDep,
     flt: FilterDep,
     since: AwareDatetime | None = None,
     max_s: LifetimeQuery = sse.LIFETIME_S,
@@ -418,15 +417,7 @@ def stream(
     def render(row: Any, event_id: str) -> str:
         return stream_json(row, event_id) if flt.matches(row) else ""
 
-    return sse.alert_stream(
-        request,
-        state.store,
-        render,
-        since=since,
-        lifetime_s=max_s,
-        bell=state.alert_bell,
-        poll_s=state.config.alerts.stream_poll_s,
-    )
+    return sse.alert_stream(request, render, since=since, lifetime_s=max_s)
 
 
 @alerts.get("/silences", response_model=list[SilencePublic], dependencies=READ)

@@ -24,10 +24,10 @@ from starlette.concurrency import run_in_threadpool
 
 from sekisho.controller.alerts.bell import Bell, wait_for
 from sekisho.controller.alerts.listing import ChangeFeed
+from sekisho.controller.api.deps import AppState
 from sekisho.controller.store.store import Store
 from sekisho.protocol import timefmt
 
-POLL_S: Final = 0.25
 HEARTBEAT_S: Final = 15.0
 LIFETIME_S: Final = 600
 # How long a browser waits before reconnecting after the stream ends.
@@ -88,19 +88,14 @@ def _round(store: Store, feed: ChangeFeed, render: Render) -> str:
 
 
 def alert_stream(
-    request: Request,
-    store: Store,
-    render: Render,
-    *,
-    since: datetime | None,
-    lifetime_s: float = LIFETIME_S,
-    bell: Bell | None = None,
-    poll_s: float = POLL_S,
+    request: Request, render: Render, *, since: datetime | None, lifetime_s: float = LIFETIME_S
 ) -> StreamingResponse:
     """Answer with a text/event-stream of alert changes from ``since`` (None: from now) for ``lifetime_s``.
 
-    A ring of ``bell`` makes the stream look at once; without one it looks every ``poll_s`` seconds.
+    The app's alert bell makes the stream look at once; otherwise it looks every ``[alerts] stream_poll_s``.
     """
+    state: AppState = request.app.state.sekisho
+    store, bell, poll_s = state.store, state.alert_bell, state.config.alerts.stream_poll_s
     start = resume_point(request, since)
 
     async def body() -> AsyncIterator[str]:
@@ -109,7 +104,7 @@ def alert_stream(
         yield f"retry: {RETRY_MS}\n: connected\n\n"
         ends = time.monotonic() + lifetime_s
         beat = time.monotonic() + HEARTBEAT_S
-        with (bell or Bell()).listening() as rung:
+        with bell.listening() as rung:
             while time.monotonic() < ends:
                 if getattr(request.app.state, CLOSING, False) or await request.is_disconnected():
                     return

@@ -49,7 +49,6 @@ from sekisho.controller.api import alerts as alerts_api
 from sekisho.controller.api import incidents as incidents_api
 from sekisho.controller.api import sse
 from sekisho.controller.api.alerts import CursorQuery, FilterDep, LifetimeQuery
-from sekisho.controller.api.deps import AppState
 from sekisho.controller.audit.operators import api_operator
 from sekisho.controller.console import nav, templating
 from sekisho.controller.console.formats import JST, Lang, iso_jst
@@ -410,16 +409,7 @@ def alerts_stream(
         }
         return sse.event("alert", json.dumps(data, ensure_ascii=False, separators=(",", ":")), event_id)
 
-    state: AppState = request.app.state.sekisho
-    return sse.alert_stream(
-        request,
-        state.store,
-        render,
-        since=since,
-        lifetime_s=max_s,
-        bell=state.alert_bell,
-        poll_s=state.config.alerts.stream_poll_s,
-    )
+    return sse.alert_stream(request, render, since=since, lifetime_s=max_s)
 
 
 # --- silences -------------------------------------------------------------------------------------
