@@ -13,6 +13,8 @@ registers' exports. Times are ISO 8601 with the JST offset.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal
@@ -358,11 +360,18 @@ def detail_json(found: dict[str, Any], now: datetime) -> IncidentDetailPublic:
     )
 
 
-def _detail(state: AppState, incident_id: int) -> IncidentDetailPublic:
+@contextmanager
+def answering_refusals() -> Iterator[None]:
+    """Answer a refusal of the incident book (or a My Number in a field) with its HTTP status and reason."""
     try:
-        found = read(state, incident_id)
-    except IncidentRefused as err:
+        yield
+    except (IncidentRefused, mynumber.MyNumberFound) as err:
         raise refused(err) from err
+
+
+def _detail(state: AppState, incident_id: int) -> IncidentDetailPublic:
+    with answering_refusals():
+        found = read(state, incident_id)
     return detail_json(found, state.clock())
 
 
@@ -394,10 +403,8 @@ def list_all(state: StateDep) -> list[IncidentSummaryPublic]:
 @incidents_api.post("", response_model=IncidentDetailPublic, status_code=status.HTTP_201_CREATED, dependencies=ACK)
 def create_incident(state: StateDep, body: IncidentCreate, operator: OperatorDep) -> IncidentDetailPublic:
     """Draft a report from one or more alerts (times, a first summary and the evidence list from them)."""
-    try:
+    with answering_refusals():
         incident_id = create(state, operator, body.alerts, body.title)
-    except (IncidentRefused, mynumber.MyNumberFound) as err:
-        raise refused(err) from err
     return _detail(state, incident_id)
 
 
@@ -405,10 +412,8 @@ def create_incident(state: StateDep, body: IncidentCreate, operator: OperatorDep
 def incident_pdf(request: Request, actor: ReaderDep, incident_id: int) -> Response:
     """Return the report as an A4 PDF (recorded as an export in the admin trail)."""
     state: AppState = request.app.state.sekisho
-    try:
+    with answering_refusals():
         pdf, filename = export_pdf(state, actor, request.client.host if request.client else None, incident_id)
-    except IncidentRefused as err:
-        raise refused(err) from err
     return pdf_response(pdf, filename)
 
 
@@ -426,10 +431,8 @@ def update_incident(
     changes = body.changes.model_dump(exclude_unset=True)
     if "evidence" in changes and changes["evidence"] is None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "evidence: a list (empty to clear it)")
-    try:
+    with answering_refusals():
         update(state, operator, incident_id, body.version, changes)
-    except (IncidentRefused, mynumber.MyNumberFound) as err:
-        raise refused(err) from err
     return _detail(state, incident_id)
 
 
@@ -438,10 +441,8 @@ def advance_incident(
     state: StateDep, incident_id: int, body: IncidentAdvance, operator: OperatorDep
 ) -> IncidentDetailPublic:
     """Move a report forward: draft → preliminary (速報) → final (確報) → closed; never back (409)."""
-    try:
+    with answering_refusals():
         advance(state, operator, incident_id, body.status)
-    except IncidentRefused as err:
-        raise refused(err) from err
     return _detail(state, incident_id)
 
 
@@ -450,8 +451,6 @@ def link_incident_alerts(
     state: StateDep, incident_id: int, body: IncidentLink, operator: OperatorDep
 ) -> IncidentDetailPublic:
     """Link more alerts to a report (and to its evidence list)."""
-    try:
+    with answering_refusals():
         link(state, operator, incident_id, body.alerts)
-    except IncidentRefused as err:
-        raise refused(err) from err
     return _detail(state, incident_id)
