@@ -106,20 +106,32 @@ def test_person_queries_read_the_person_index_not_every_usb_event(site: Site) ->
     month = Filter(person="p-0001", since=T0 - timedelta(days=30), until=T0 + timedelta(days=1))
     ctx = Context(reports.directory(), month, T0)
     (usb,) = REGISTERS["usb"].segments(ctx)
+    (logins,) = REGISTERS["logins"].segments(ctx)
     timeline = [s for s in sources(ctx, Subject("person", "p-0001"), admin=False) if s.rank in (3, 4)]
     assert len(timeline) == 2  # the login and USB sources
     with site.store.engine.begin() as conn:
-        for segment in (usb, *timeline):
-            plan = _plan(conn, after(segment, None).limit(51))
+        for segment in (usb, logins, *timeline):
+            plan = _plan(conn, after(segment, None, 51))
             assert "ix_events_person_occurred_at" in plan, plan
+            if segment.branches:
+                # Login history: the person's events and their account's, each read in order through its index
+                # and merged; an OR of the two made PostgreSQL read and sort every login of the person.
+                assert "ix_events_account_occurred_at" in plan, plan
+                # Each branch stops at the page's size on its own (a Limit per branch, then the merge's).
+                if conn.dialect.name == "postgresql":
+                    assert plan.count("Limit") == 3 and "Bitmap" not in plan, plan
             if conn.dialect.name == "sqlite":
                 assert "SCAN events" not in plan and "ix_events_type_occurred_at" not in plan, plan
             else:
                 assert "Seq Scan on events" not in plan and "ix_events_type_occurred_at" not in plan, plan
+    assert logins.branches and timeline[0].branches  # the login sources are the ones with an account
     # And the answers are still the person's own rows.
     assert [r.values["type"] for r in reports.page("usb", month).rows] == ["usb.blocked"]
     p1 = reports.timeline(Subject("person", "p-0001"), month.narrowed(person=None)).rows
     assert sorted(r.kind for r in p1) == ["login", "login", "usb"]  # login.granted by person, session.locked by account
+    # Each once, newest first, though login.granted names both the person and the account.
+    history = [r.values["type"] for r in reports.page("logins", month).rows]
+    assert history == ["login.granted", "session.locked"]
 
 
 def test_a_later_page_seeks_to_its_cursor_in_the_index(site: Site) -> None:
@@ -185,7 +197,7 @@ def test_login_history_by_terminal_walks_the_agents_index_on_postgresql(site: Si
     reports = site.reports
     ctx = Context(reports.directory(), Filter(terminal="t-hr-01"), T0 + timedelta(days=1))
     (logins,) = REGISTERS["logins"].segments(ctx)
-    query = after(logins, None).limit(51)
+    query = after(logins, None, 51)
 
     def plan() -> str:
         with site.store.engine.begin() as conn:

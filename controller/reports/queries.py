@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, false, func, or_, select
+from sqlalchemy import ColumnElement, Connection, Select, and_, false, func, or_, select, union_all
 from sqlalchemy.engine import RowMapping
 
 from sekisho.controller.reports.directory import Directory
@@ -58,6 +58,14 @@ class Segment:
     agent_col: ColumnElement[Any] | None = None
     descending: bool = True
     rank: int = 0
+    # Alternatives a row meets one of (say, the person's own events or those naming only their account). Kept out
+    # of stmt: an OR of two indexed columns yields rows in no order, so the database read and sorted all of them;
+    # as branches, each is read in time order through its own index and the reads are merged (see ordered).
+    branches: tuple[ColumnElement[bool], ...] = ()
+
+    def matching(self) -> Select[Any]:
+        """Return the select of every row of the segment (stmt with its branches joined by OR), unordered."""
+        return self.stmt.where(or_(*self.branches)) if self.branches else self.stmt
 
 
 def within(col: ColumnElement[Any], flt: Filter) -> list[ColumnElement[bool]]:
@@ -87,7 +95,7 @@ def numeric_id(segment: Segment) -> bool:
         return True
 
 
-def after(segment: Segment, key: SortKey | None) -> Select[Any]:
+def after(segment: Segment, key: SortKey | None, limit: int | None = None) -> Select[Any]:
     """Return the segment's select ordered, resuming strictly after key (when key is of this segment)."""
     stmt = segment.stmt
     t, i = segment.time_col, segment.id_col
@@ -100,8 +108,27 @@ def after(segment: Segment, key: SortKey | None) -> Select[Any]:
             stmt = stmt.where(t <= key.at, or_(t < key.at, and_(t == key.at, i < key.id)))
         else:
             stmt = stmt.where(t >= key.at, or_(t > key.at, and_(t == key.at, i > key.id)))
-    order = (t.desc(), i.desc()) if segment.descending else (t.asc(), i.asc())
-    return stmt.order_by(*order)
+    return ordered(segment, stmt, descending=segment.descending, limit=limit)
+
+
+def ordered(segment: Segment, stmt: Select[Any], *, descending: bool = True, limit: int | None = None) -> Select[Any]:
+    """Return stmt (the segment's, bounds added) in time and id order, at most ``limit`` rows.
+
+    With branches, each branch is read in that order up to the limit on its own, and the reads are merged: the
+    database walks each branch's index and stops, where an OR (or a UNION ALL ordered only outside) made it read
+    and sort every row of both. The branches are disjoint (the caller makes them so): no row lost or repeated.
+    """
+
+    def order(t: ColumnElement[Any], i: ColumnElement[Any]) -> tuple[ColumnElement[Any], ...]:
+        return (t.desc(), i.desc()) if descending else (t.asc(), i.asc())
+
+    t, i = segment.time_col, segment.id_col
+    if segment.branches:
+        # Each branch a subquery of its own: SQLite takes no ORDER BY or LIMIT on a bare member of a UNION.
+        reads = [stmt.where(b).order_by(*order(t, i)).limit(limit).subquery() for b in segment.branches]
+        merged = union_all(*(select(*read.c) for read in reads)).subquery()
+        stmt, t, i = select(*merged.c), merged.c[str(t.key)], merged.c[str(i.key)]
+    return stmt.order_by(*order(t, i)).limit(limit)
 
 
 def fetch(conn: Connection, segments: Sequence[Segment], key: SortKey | None, limit: int) -> tuple[list[Row], bool]:
@@ -111,7 +138,7 @@ def fetch(conn: Connection, segments: Sequence[Segment], key: SortKey | None, li
         if key is not None and segment.number < key.segment:
             continue
         want = limit + 1 - len(rows)
-        for found in conn.execute(after(segment, key).limit(want)).mappings():
+        for found in conn.execute(after(segment, key, want)).mappings():
             rows.append(segment.to_row(found))
         if len(rows) > limit:
             break
@@ -135,11 +162,11 @@ def agents_behind(conn: Connection, segments: Sequence[Segment]) -> set[str]:
     for segment in segments:
         if segment.agent_col is None:
             continue
-        sub = segment.stmt.with_only_columns(segment.agent_col.label("agent")).distinct()
+        sub = segment.matching().with_only_columns(segment.agent_col.label("agent")).distinct()
         found.update(a for a in conn.execute(select(sub.subquery().c.agent)).scalars() if a)
     return found
 
 
 def count_rows(conn: Connection, segment: Segment) -> int:
     """Return how many rows a segment has (printed at the top of an export)."""
-    return int(conn.execute(select(func.count()).select_from(segment.stmt.subquery())).scalar_one())
+    return int(conn.execute(select(func.count()).select_from(segment.matching().subquery())).scalar_one())

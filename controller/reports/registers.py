@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, and_, func, or_, select
+from sqlalchemy import ColumnElement, Table, and_, func, not_, or_, select
 from sqlalchemy.engine import RowMapping
 
 from sekisho.controller.reports.labels import DIRECTIONS, LOAN_STATES, both, event_label
@@ -409,29 +409,36 @@ def event_row(ctx: Context, segment: int = 0, rank: int = 0) -> Callable[[RowMap
     return make
 
 
-def event_conditions(ctx: Context, types: tuple[str, ...]) -> list[ColumnElement[bool]]:
-    """Return the filter's conditions on stored events of these types (person via its person or account column).
+def event_conditions(
+    ctx: Context, types: tuple[str, ...]
+) -> tuple[list[ColumnElement[bool]], tuple[ColumnElement[bool], ...]]:
+    """Return the filter's conditions on stored events of these types, and the branches a row meets one of.
 
     A person is matched on the indexed events.person / events.account columns ingest fills from the payload
     (chain.subject_columns), never on the JSON: the database then reads that person's events in time order
-    through ix_events_person_occurred_at instead of every event of these types.
+    through ix_events_person_occurred_at instead of every event of these types. Session events name only the
+    account, so login history matches the person's events or, apart, those of their accounts that name no such
+    person: two disjoint branches, each read through its own index (queries.Segment.branches).
     """
     e = EVENTS.c
     flt = ctx.filter
     chosen = [t for t in types if not flt.types or t in flt.types]
     found: list[ColumnElement[bool]] = [*among(e.type, chosen)]
+    branches: tuple[ColumnElement[bool], ...] = ()
     people = ctx.people()
     if people is not None:
         # Session events name only the account (user); login.granted/denied name both.
         logins = ctx.directory.logins_of(people) if types == LOGIN_TYPES else []
-        found.append(
-            or_(*among(e.person, people), *among(e.account, logins)) if logins else or_(*among(e.person, people))
-        )
+        if logins:
+            own = and_(*among(e.person, people))
+            branches = (own, and_(*among(e.account, logins), or_(e.person.is_(None), not_(own))))
+        else:
+            found += among(e.person, people)
     if flt.terminal is not None:
         found.append(_payload_text(e.payload, "terminal") == flt.terminal)
     found += among(e.agent_id, ctx.agents())
     found += within(e.occurred_at, flt)
-    return found
+    return found, branches
 
 
 _EVENT_COLUMNS = (EVENTS.c.id, EVENTS.c.agent_id, EVENTS.c.type, EVENTS.c.occurred_at, EVENTS.c.payload)
@@ -440,8 +447,9 @@ _EVENT_COLUMNS = (EVENTS.c.id, EVENTS.c.agent_id, EVENTS.c.type, EVENTS.c.occurr
 def _event_segments(types: tuple[str, ...]) -> Callable[[Context], list[Segment]]:
     def segments(ctx: Context) -> list[Segment]:
         e = EVENTS.c
-        stmt = select(*_EVENT_COLUMNS).where(*event_conditions(ctx, types))
-        return [Segment(0, stmt, e.occurred_at, e.id, event_row(ctx), e.agent_id)]
+        where, branches = event_conditions(ctx, types)
+        stmt = select(*_EVENT_COLUMNS).where(*where)
+        return [Segment(0, stmt, e.occurred_at, e.id, event_row(ctx), e.agent_id, branches=branches)]
 
     return segments
 

@@ -22,7 +22,7 @@ from sqlalchemy.engine import RowMapping
 
 from sekisho.controller.reports.labels import CATEGORIES, both, event_label
 from sekisho.controller.reports.paging import Column, Ref, Row, SortKey, Spec, Value, check_id
-from sekisho.controller.reports.queries import Context, Segment, among, within
+from sekisho.controller.reports.queries import Context, Segment, among, ordered, within
 from sekisho.controller.reports.registers import (
     DOOR_LOG,
     EVENTS,
@@ -250,9 +250,10 @@ def sources(ctx: Context, subject: Subject, *, admin: bool) -> list[Segment]:
         e = EVENTS.c
         cols = (e.id, e.agent_id, e.type, e.occurred_at, e.payload)
         for rank, types in ((R_LOGIN, LOGIN_TYPES), (R_USB, USB_TYPES)):
-            stmt = select(*cols).where(*event_conditions(ev_ctx, types))
+            where, branches = event_conditions(ev_ctx, types)
             make = _wrap(event_row(ev_ctx, rank=rank), _from_event)
-            out.append(Segment(0, stmt, e.occurred_at, e.id, make, e.agent_id, rank=rank))
+            stmt = select(*cols).where(*where)
+            out.append(Segment(0, stmt, e.occurred_at, e.id, make, e.agent_id, rank=rank, branches=branches))
     if subject.kind == "person" and (not wanted or any(t.startswith("media.") for t in wanted)):
         out.append(_media_source(ctx, [MEDIA_LOG.c.person == subject.id]))
     if admin and (not wanted or "admin" in wanted):
@@ -260,7 +261,7 @@ def sources(ctx: Context, subject: Subject, *, admin: bool) -> list[Segment]:
     return out
 
 
-def _after_for(segment: Segment, key: SortKey | None) -> Any:
+def _after_for(segment: Segment, key: SortKey | None, limit: int | None = None) -> Any:
     """Return the segment's select resuming after a merged cursor (time desc, rank asc, id desc)."""
     stmt = segment.stmt
     t, i = segment.time_col, segment.id_col
@@ -273,7 +274,7 @@ def _after_for(segment: Segment, key: SortKey | None) -> Any:
             stmt = stmt.where(t <= key.at, or_(t < key.at, and_(t == key.at, i < key.id)))
         else:
             stmt = stmt.where(t < key.at)
-    return stmt.order_by(t.desc(), i.desc())
+    return ordered(segment, stmt, limit=limit)
 
 
 def _order(row: Row) -> tuple[float, int, int]:
@@ -287,7 +288,7 @@ def merge_fetch(
     """Return the next limit rows of the merged sources after key, and whether more follow."""
     rows: list[Row] = []
     for segment in segments:
-        rows.extend(segment.to_row(r) for r in conn.execute(_after_for(segment, key).limit(limit + 1)).mappings())
+        rows.extend(segment.to_row(r) for r in conn.execute(_after_for(segment, key, limit + 1)).mappings())
     rows.sort(key=_order)
     return rows[:limit], len(rows) > limit
 

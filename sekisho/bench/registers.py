@@ -128,6 +128,15 @@ def queries(shape: data.SiteShape) -> list[Query]:
             {"terminal": terminal},
         ),
         Query(
+            "login history: person",
+            "logins",
+            None,
+            lambda now: Filter(person=person),
+            "/api/v1/registers/logins",
+            PAGES_BY_NAME["logins"].path,
+            {"person": person},
+        ),
+        Query(
             "USB log: person",
             "usb",
             None,
@@ -192,13 +201,13 @@ def _bare(reports: Reports, q: Query, flt: Filter, cursor: str | None, as_of: da
             for segment in REGISTERS[q.register].segments(ctx):
                 if key is not None and segment.number < key.segment:
                     continue
-                got += len(conn.execute(after(segment, key).limit(LIMIT + 1 - got)).all())
+                got += len(conn.execute(after(segment, key, LIMIT + 1 - got)).all())
                 if got > LIMIT:
                     break
         else:
             assert q.subject is not None
             for segment in sources(ctx, q.subject, admin=reports.has_admin_trail()):
-                got += len(conn.execute(_after_for(segment, key).limit(LIMIT + 1)).all())
+                got += len(conn.execute(_after_for(segment, key, LIMIT + 1)).all())
     return got
 
 
