@@ -12,7 +12,7 @@ shapes (controller/api/alerts.py), so a script reads the same fields from either
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -213,6 +213,41 @@ def _echo_json(value: Any) -> None:
     typer.echo(json.dumps(value, ensure_ascii=False, sort_keys=True))
 
 
+def _api_json(name: str) -> Callable[[Any], Any]:
+    """Return a row → JSON model function of the API (imported only when --json asks: it loads FastAPI)."""
+
+    def to_json(row: Any) -> Any:
+        from sekisho.controller.api import alerts as api
+
+        return getattr(api, name)(row)
+
+    return to_json
+
+
+def _print_rows(
+    rows: Sequence[Any],
+    *,
+    as_json: bool,
+    to_json: Callable[[Any], Any],
+    empty: str,
+    title: str,
+    headings: Sequence[str],
+    cells: Callable[[Any], Sequence[str]],
+) -> None:
+    """Print rows as JSON lines (the API's shape), else as a table, or say that there are none."""
+    if as_json:
+        for row in rows:
+            _echo_json(to_json(row).model_dump(mode="json"))
+        return
+    if not rows:
+        console.print(empty)
+        return
+    table = Table(*headings, title=title)
+    for row in rows:
+        table.add_row(*cells(row))
+    console.print(table, soft_wrap=True)
+
+
 def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> None:
     if value is not None and value not in allowed:
         raise typer.BadParameter(_("one of %(choices)s", choices=", ".join(allowed)), param_hint=option)
@@ -259,28 +294,23 @@ def list_alerts(
             if found.next_cursor is None:
                 break
             cursor = found.next_cursor
-    if as_json:
-        from sekisho.controller.api.alerts import alert_json
-
-        for row in rows:
-            _echo_json(alert_json(row).model_dump(mode="json"))
-        return
-    if not rows:
-        console.print(_("no alerts match"))
-        return
-    table = Table(
-        _("id"),
-        _("severity"),
-        _("handling"),
-        _("alert"),
-        _("count"),
-        _("first seen (JST)"),
-        _("last seen (JST)"),
-        _("condition"),
+    _print_rows(
+        rows,
+        as_json=as_json,
+        to_json=_api_json("alert_json"),
+        empty=_("no alerts match"),
         title=_("Alerts"),
-    )
-    for row in rows:
-        table.add_row(
+        headings=[
+            _("id"),
+            _("severity"),
+            _("handling"),
+            _("alert"),
+            _("count"),
+            _("first seen (JST)"),
+            _("last seen (JST)"),
+            _("condition"),
+        ],
+        cells=lambda row: [
             str(row.id),
             _severity(row.severity),
             _words(STATE_WORDS, row.state),
@@ -289,8 +319,8 @@ def list_alerts(
             _when(row.first_at),
             _when(row.last_at),
             _words(CONDITION_WORDS, row.condition),
-        )
-    console.print(table, soft_wrap=True)
+        ],
+    )
 
 
 def _detail_json(row: Any, events: list[Any], trail: list[Any]) -> dict[str, Any]:
@@ -533,28 +563,23 @@ def silence_list(config: ConfigOpt, as_json: JsonOpt = False) -> None:
 
     with _opened(config) as store, store.engine.connect() as conn:
         rows = book.active_silences(conn, _now())
-    if as_json:
-        from sekisho.controller.api.alerts import silence_json
-
-        for row in rows:
-            _echo_json(silence_json(row).model_dump(mode="json"))
-        return
-    if not rows:
-        console.print(_("no silence or maintenance window in force or to come"))
-        return
-    table = Table(
-        _("id"),
-        _("kind"),
-        _("rule"),
-        _("labels"),
-        _("from (JST)"),
-        _("until (JST)"),
-        _("reason"),
-        _("set by"),
+    _print_rows(
+        rows,
+        as_json=as_json,
+        to_json=_api_json("silence_json"),
+        empty=_("no silence or maintenance window in force or to come"),
         title=_("Silences and maintenance windows"),
-    )
-    for row in rows:
-        table.add_row(
+        headings=[
+            _("id"),
+            _("kind"),
+            _("rule"),
+            _("labels"),
+            _("from (JST)"),
+            _("until (JST)"),
+            _("reason"),
+            _("set by"),
+        ],
+        cells=lambda row: [
             str(row.id),
             _words(KIND_WORDS, row.kind),
             escape(row.rule or "—"),
@@ -563,8 +588,8 @@ def silence_list(config: ConfigOpt, as_json: JsonOpt = False) -> None:
             _when(row.ends_at),
             escape(row.reason),
             escape(row.created_by),
-        )
-    console.print(table, soft_wrap=True)
+        ],
+    )
 
 
 @silence_app.command("end", help=_("End a silence or maintenance window now."))
@@ -608,39 +633,33 @@ def notifications(
 
     with _opened(config) as store:
         rows = delivery.dead_letters(store)
-    if as_json:
-        from sekisho.controller.api.alerts import notification_json
-
-        for row in rows:
-            _echo_json(notification_json(row).model_dump(mode="json"))
-        return
-    if not rows:
-        console.print(_("every notification was delivered (no dead letters)"))
-        return
-    table = Table(
-        _("id"),
-        _("alert"),
-        _("kind"),
-        _("channel"),
-        _("to"),
-        _("attempts"),
-        _("created (JST)"),
-        _("last error"),
+    _print_rows(
+        rows,
+        as_json=as_json,
+        to_json=_api_json("notification_json"),
+        empty=_("every notification was delivered (no dead letters)"),
         title=_("Notifications that could not be delivered"),
-    )
-    for row in rows:
-        to = row.target if row.contact in (None, row.target) else f"{row.contact} ({row.target})"
-        table.add_row(
+        headings=[
+            _("id"),
+            _("alert"),
+            _("kind"),
+            _("channel"),
+            _("to"),
+            _("attempts"),
+            _("created (JST)"),
+            _("last error"),
+        ],
+        cells=lambda row: [
             str(row.id),
             str(row.alert_id),
             _(KIND_NAMES[row.kind]) if row.kind in KIND_NAMES else escape(row.kind),
             escape(row.channel),
-            escape(to),
+            escape(row.target if row.contact in (None, row.target) else f"{row.contact} ({row.target})"),
             str(row.attempts),
             _when(row.created_at),
             escape(row.last_error or "—"),
-        )
-    console.print(table, soft_wrap=True)
+        ],
+    )
 
 
 @notifications_app.command(
