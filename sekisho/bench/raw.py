@@ -46,16 +46,27 @@ def _client(client_id: str, tls: TlsFiles) -> mqtt.Client:
 
 def _connect(client: mqtt.Client, port: int) -> None:
     ready = threading.Event()
-    client.on_connect = lambda c, u, f, rc, p: ready.set()
+    refused: list[str] = []
+
+    def on_connect(c: mqtt.Client, u: Any, f: Any, rc: Any, p: Any) -> None:
+        if rc.is_failure:
+            refused.append(str(rc))
+        ready.set()
+
+    client.on_connect = on_connect
     client.connect("127.0.0.1", port, clean_start=True)
     client.loop_start()
     if not ready.wait(10):
         raise ConnectionError("baseline client could not connect")
+    if refused:
+        client.loop_stop()
+        raise ConnectionError(f"the broker refused the baseline client: {refused[0]}")
 
 
 def publisher(port: int, tls: TlsFiles, topic: str, payload: bytes, count: int, go: Any) -> None:
     """Publish `count` copies of `payload` with QoS 1 as fast as paho allows, then wait for all PUBACKs."""
-    client = _client(f"bench-pub-{topic.split('/')[3]}", tls)
+    # The agents' listener admits a certificate only under its own name (username = client id = CN).
+    client = _client(topic.split("/")[3], tls)
     _connect(client, port)
     go.wait(30)
     infos = [client.publish(topic, payload, qos=1) for _ in range(count)]
@@ -180,6 +191,9 @@ def run_baseline(
                 p.terminate()
     seen = [r for r in reports if r[0]]
     count = sum(r[0] for r in reports)
+    if count < expected:
+        # A rate over part of the messages would compare the durable path against a baseline that broke.
+        raise RuntimeError(f"baseline delivered {count} of {expected} messages (see the publishers' errors above)")
     return RawResult(count, max(r[2] for r in seen) - min(r[1] for r in seen)) if seen else RawResult(0, 0.0)
 
 
