@@ -19,6 +19,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from sekisho.protocol import topics
+
 
 @dataclass(frozen=True)
 class TlsFiles:
@@ -66,7 +68,7 @@ def _connect(client: mqtt.Client, port: int) -> None:
 def publisher(port: int, tls: TlsFiles, topic: str, payload: bytes, count: int, go: Any) -> None:
     """Publish `count` copies of `payload` with QoS 1 as fast as paho allows, then wait for all PUBACKs."""
     # The agents' listener admits a certificate only under its own name (username = client id = CN).
-    client = _client(topic.split("/")[3], tls)
+    client = _client(topics.parse(topic)[0], tls)
     _connect(client, port)
     go.wait(30)
     infos = [client.publish(topic, payload, qos=1) for _ in range(count)]
