@@ -50,11 +50,10 @@ class Bell:
             return len(self._listeners)
 
 
-async def wait_for(rung: asyncio.Event, timeout_s: float) -> bool:
-    """Wait until ``rung`` is set or ``timeout_s`` passed; tell whether it was rung (and clear it)."""
+async def wait_for(rung: asyncio.Event, timeout_s: float) -> None:
+    """Wait until ``rung`` is set (then clear it) or ``timeout_s`` has passed."""
     try:
         await asyncio.wait_for(rung.wait(), timeout_s)
     except TimeoutError:
-        return False
+        return
     rung.clear()
-    return True
