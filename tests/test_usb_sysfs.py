@@ -9,6 +9,7 @@ import hashlib
 import logging
 import shutil
 import string
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from sekisho.drivers.usb import (
     UsbDescriptorError,
     UsbDevice,
     UsbDeviceGone,
+    UsbError,
     UsbEvent,
     descriptor_details,
 )
@@ -473,3 +475,38 @@ def _read_or_error(sysfs: SysfsUsb, sys_name: str) -> None:
     assert isinstance(device, UsbDevice)
     # Formatting a fuzzed device must not fail either.
     assert str(device) and repr(device)
+
+
+def test_a_device_appears_whole_to_a_reader_polling_the_tree(tmp_path: Path) -> None:
+    # The guard polls the tree while a test plugs devices in; the kernel never shows a device without its
+    # attributes, and a fake that did made a guard judge a half-written stick "unreadable" (a flaky CI run).
+    fake = FakeSysfsTree(tmp_path / "devices")
+    fake.add_root_hub(1)
+    reader = SysfsUsb(fake.root)
+    done = threading.Event()
+    errors: list[str] = []
+    seen: set[str] = set()
+
+    def poll() -> None:
+        while not done.is_set():
+            for name in reader.list_devices():
+                try:
+                    device = reader.read_device(name)
+                except UsbError as err:
+                    errors.append(f"{name}: {err}")
+                else:
+                    seen.add(name)
+                    if name != "usb1" and len(device.interfaces) != 1:
+                        errors.append(f"{name}: {len(device.interfaces)} interfaces")
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        for port in range(1, 41):
+            fake.add_device(f"1-{port}", SANDISK, ULTRA, f"{SERIAL[:-4]}{port:04d}", interfaces=[(0x08, 0x06, 0x50)])
+    finally:
+        done.set()
+        thread.join(10)
+    assert errors == []
+    assert len(seen) > 1  # the reader did look while devices were being added
+    assert not [p for p in fake.root.parent.iterdir() if p.name.startswith(".")]  # no staging left behind

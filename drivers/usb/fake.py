@@ -1,13 +1,17 @@
 """A fake ``/sys/bus/usb/devices`` tree in a plain directory, for tests, the demo and the benchmark.
 
 Entries are written flat, as the real directory lists them (``usb1``, ``1-2``, ``1-2:1.0``); the
-parent of a device follows from its name, as in the kernel.
+parent of a device follows from its name, as in the kernel. Each entry appears whole (written beside the
+tree, then renamed in), as the kernel's do: a guard polling the tree never sees a device half written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from sekisho.drivers.usb.descriptors import build_descriptors
@@ -46,8 +50,8 @@ class FakeSysfsTree:
             authorized=True,
             removable="unknown",
             interface_prefix=f"{bus}-0",
+            extra={"authorized_default": str(authorized_default)},
         )
-        (self.root / sys_name / "authorized_default").write_text(f"{authorized_default}\n")
         return sys_name
 
     def add_device(
@@ -129,9 +133,11 @@ class FakeSysfsTree:
         authorized: bool,
         removable: str,
         interface_prefix: str,
+        extra: dict[str, str] | None = None,
     ) -> Path:
         directory = self.root / sys_name
-        directory.mkdir(parents=True, exist_ok=False)
+        if directory.exists():
+            raise FileExistsError(f"{sys_name} is already in the tree")
         bus = int(sys_name.removeprefix("usb").split("-", 1)[0])
         if sys_name.startswith("usb"):
             devnum = 1
@@ -161,23 +167,37 @@ class FakeSysfsTree:
         for key, value in (("serial", serial), ("manufacturer", manufacturer), ("product", name)):
             if value:
                 files[key] = value
-        for key, value in files.items():
-            (directory / key).write_text(value + "\n")
-        (directory / "descriptors").write_bytes(descriptors)
-        if connect_type is not None:
-            (directory / "port").mkdir()
-            (directory / "port" / "connect_type").write_text(connect_type + "\n")
+        files.update(extra or {})
+        with self._staged(directory) as staging:
+            for key, value in files.items():
+                (staging / key).write_text(value + "\n")
+            (staging / "descriptors").write_bytes(descriptors)
+            if connect_type is not None:
+                (staging / "port").mkdir()
+                (staging / "port" / "connect_type").write_text(connect_type + "\n")
         # The kernel creates interface directories only once the device is authorised and configured.
         if authorized:
             for number, (icls, isub, iproto) in enumerate(interfaces):
-                iface = self.root / f"{interface_prefix}:1.{number}"
-                iface.mkdir()
-                for key, byte in (
-                    ("bInterfaceNumber", number),
-                    ("bInterfaceClass", icls),
-                    ("bInterfaceSubClass", isub),
-                    ("bInterfaceProtocol", iproto),
-                ):
-                    (iface / key).write_text(f"{byte:02x}\n")
-                (iface / "authorized").write_text("1\n")
+                with self._staged(self.root / f"{interface_prefix}:1.{number}") as iface:
+                    for key, byte in (
+                        ("bInterfaceNumber", number),
+                        ("bInterfaceClass", icls),
+                        ("bInterfaceSubClass", isub),
+                        ("bInterfaceProtocol", iproto),
+                    ):
+                        (iface / key).write_text(f"{byte:02x}\n")
+                    (iface / "authorized").write_text("1\n")
         return directory
+
+    @contextlib.contextmanager
+    def _staged(self, target: Path) -> Iterator[Path]:
+        """Yield a directory to fill beside the tree, then rename it to ``target`` in one step."""
+        # Beside the tree, not in it (a lister would see it); same filesystem, so the rename is atomic.
+        staging = Path(tempfile.mkdtemp(prefix=".fake-usb-", dir=self.root.parent))
+        staging.chmod(0o755)  # mkdtemp's 0700 is not what sysfs shows
+        try:
+            yield staging
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
