@@ -105,6 +105,71 @@ def ingest(config: ConfigOpt, verbose: VerboseOpt = False, log_format: LogFormat
 
 
 @controller_app.command(
+    "status", help=_("List every controller process on this database: its last beat, readiness and what it leads.")
+)
+def status(
+    config: ConfigOpt,
+    as_json: Annotated[bool, typer.Option("--json", help=_("print JSON (one object per process)"))] = False,
+    silent_after: Annotated[
+        float | None, typer.Option(min=1, help=_("call a process silent when its last beat is older (seconds)"))
+    ] = None,
+) -> None:
+    """List every controller process on this database: its last beat, readiness and what it leads."""
+    from sekisho.controller.processes import list_processes
+    from sekisho.controller.service import open_store
+
+    cfg = cli_config(config)
+    # Three beats missed: the process is gone (or cannot write), whatever its row says.
+    limit = silent_after or 3 * cfg.process_beat_s
+    store = open_store(cfg)
+    try:
+        rows = list_processes(store)
+    finally:
+        store.engine.dispose()
+    now = timefmt.now()
+    listed = []
+    for row in rows:
+        age = round((now - row.beat_at).total_seconds(), 1)
+        listed.append(
+            {
+                "worker_id": row.worker_id,
+                "host": row.host,
+                "pid": row.pid,
+                "role": row.role,
+                "started_at": timefmt.fmt(row.started_at),
+                "beat_age_s": age,
+                "silent": age > limit,
+                "ready": bool(row.ready) and age <= limit,
+                "leads": list(row.leads or []),
+                "ingest": dict(row.ingest or {}),
+            }
+        )
+    if as_json:
+        console.print_json(json.dumps(listed))
+        return
+    if not listed:
+        console.print(_("no controller process has reported on this database"))
+        return
+    table = Table(
+        _("worker"), _("host"), _("pid"), _("role"), _("last beat"), _("ready"), _("leads"), _("stored / waiting")
+    )
+    for item in listed:
+        beat = _("%(age)s s ago (silent)", age=item["beat_age_s"]) if item["silent"] else f"{item['beat_age_s']} s"
+        ingest = item["ingest"]
+        table.add_row(
+            str(item["worker_id"]),
+            str(item["host"]),
+            str(item["pid"]),
+            str(item["role"]),
+            beat,
+            _("yes") if item["ready"] else _("no"),
+            ", ".join(item["leads"]) or "-",
+            f"{ingest.get('stored', 0)} / {ingest.get('waiting', 0)}",
+        )
+    console.print(table)
+
+
+@controller_app.command(
     "register-agent", help=_("Register an agent's event-signing public key so its events are accepted.")
 )
 def register_agent(

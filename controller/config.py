@@ -112,6 +112,13 @@ class ControllerConfig(BaseSettings):
     # which is what finds a record edited inside an already verified prefix (~35 min at 10M events).
     chain_verify_every_s: int = Field(default=600, ge=10, le=24 * 3600)
     chain_verify_full_every_s: int = Field(default=24 * 3600, ge=600, le=31 * 24 * 3600)
+    # Several controllers on one database (controller/leader.py): a process that does not lead a job looks for
+    # its free lock every leader_check_s, and a leader proves its lock as often. A proof counts for three times
+    # that, which stays below the 8 s after which PostgreSQL drops a silent session: a leader cut off from the
+    # database stops acting before another process can take its lock.
+    leader_check_s: float = Field(default=1.0, ge=0.1, le=2.5)
+    # Every process (serve and ingest) writes its row for `sekisho controller status` this often.
+    process_beat_s: float = Field(default=10.0, ge=1.0, le=300.0)
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)

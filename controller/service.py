@@ -35,17 +35,21 @@ from sekisho.controller.fleet.health import Thresholds
 from sekisho.controller.fleet.metrics import PublicationStats
 from sekisho.controller.fleet.revocations import RevocationKeeper
 from sekisho.controller.ingest.worker import IngestWorker
+from sekisho.controller.leader import Elector, Identity, elector_for
 from sekisho.controller.media.overdue import OverdueWatch
 from sekisho.controller.media.service import MediaService
 from sekisho.controller.periodic import PeriodicJob
 from sekisho.controller.policy.floor import MAX_REPORTED_JUMP, record_published
 from sekisho.controller.policy.service import PolicyService, publish_bundles
+from sekisho.controller.processes import ProcessBeat, ProcessReport, forget
 from sekisho.controller.reports.verify import PointRefresher
 from sekisho.controller.store.db import make_engine, private_dir, upgrade
 from sekisho.controller.store.store import Store
-from sekisho.protocol import messages, signing, topics
+from sekisho.protocol import messages, signing, timefmt, topics
 
 log = logging.getLogger(__name__)
+# How long a leader's proof of its lock counts, in leader_check_s (controller/leader.py).
+LEASE_CHECKS = 3.0
 # What wakes the alert engine early: the event types its rules read (refused messages wait for its sweep).
 WAKING_TYPES = EVENT_TYPES
 
@@ -84,6 +88,8 @@ class PolicyKeeper(PeriodicJob):
 
     name = "policy publication"
     every_s = 5.0
+    # One publisher: two would sign and publish every version twice, and could re-issue above a restore twice.
+    leader_only = True
     STALE_AGENT_COOLDOWN_S = 60.0
 
     def __init__(self, config: ControllerConfig, store: Store, worker: IngestWorker) -> None:
@@ -102,8 +108,21 @@ class PolicyKeeper(PeriodicJob):
         """Publish when needed (see check)."""
         self.check()
 
+    def leadership_changed(self, leading: bool) -> None:
+        """Forget what this process published: a new leader publishes the version in force at once."""
+        with self._lock:
+            self._published = None
+            self._stale_sent.clear()
+            self._cleared = set()
+
     def check(self) -> None:
-        """Publish bundles if the version changed or half their lifetime has passed."""
+        """Publish bundles if the version changed or half their lifetime has passed (on the leader only).
+
+        Called from the API after a loan too: a process that does not lead leaves it to the leader's next
+        check (within every_s).
+        """
+        if not self.leads():
+            return
         current = self.service.current()
         if current is None or not self.worker.stats.connected:
             return
@@ -139,6 +158,8 @@ class PolicyKeeper(PeriodicJob):
 
     def on_heartbeat(self, hb: messages.Heartbeat) -> None:
         """Re-send the bundle to an agent that reports an older policy version (at most once a minute)."""
+        if not self.leads():
+            return  # the leader re-sends when one of this agent's heartbeats reaches it
         published = self._published
         if published is None or hb.policy_version == published.version:
             return
@@ -193,6 +214,26 @@ class Controller:
         self.config = config
         self.store = open_store(config)
         self.worker = IngestWorker(config, self.store, on_heartbeat=self._on_heartbeat, on_stored=self._on_stored)
+        self.identity = Identity.here(config.worker_id)
+        # Only `serve` runs background jobs; its leader-only ones run where this process holds their lock.
+        self.elector: Elector | None = (
+            elector_for(
+                config.resolved_database_url(),
+                self.identity,
+                check_s=config.leader_check_s,
+                lease_s=config.leader_check_s * LEASE_CHECKS,
+            )
+            if with_policy
+            else None
+        )
+        self.report = ProcessReport(
+            self.identity,
+            "serve" if with_policy else "ingest",
+            timefmt.now(),
+            self.worker.stats,
+            leading=self.elector.leading if self.elector is not None else list,
+        )
+        self.beat = ProcessBeat(self.store, self.report, every_s=config.process_beat_s)
         self.keeper = PolicyKeeper(config, self.store, self.worker) if with_policy else None
         self.overdue = OverdueWatch(MediaService(self.store, self.keeper.service)) if self.keeper else None
         # The registers follow the events table, whichever worker stored them (see controller.doors.jobs).
@@ -267,61 +308,50 @@ class Controller:
         if genesis is not None:
             log.warning("checkpoint log begun: the records as they stand now are sealed as genesis #%d", genesis)
         self.worker.start()
-        if self.keeper is not None:
-            self.keeper.start()
-        if self.overdue is not None:
-            self.overdue.start()
-        if self.doors is not None:
-            self.doors.start()
-        if self.revocations is not None:
-            self.revocations.start()
-        if self.expiry is not None:
-            self.expiry.start()
-        if self.chain_points is not None:
-            self.chain_points.start()
-        if self.alerts is not None:
-            self.alerts.start()
-        if self.delivery is not None:
-            self.delivery.start()
+        jobs = self.jobs()
+        if self.elector is not None:
+            for job in jobs:
+                if job.leader_only:
+                    job.lead_by(self.elector)
+            # Its first round runs here: a lone controller leads everything before its jobs start.
+            self.elector.start()
+        for job in jobs:
+            job.start()
+        self.beat.start()
 
     def stop(self) -> None:
         """Stop cleanly: finish the batch in hand, then disconnect."""
-        if self.delivery is not None:
-            self.delivery.stop()
-        if self.alerts is not None:
-            self.alerts.stop()
-        if self.chain_points is not None:
-            self.chain_points.stop()
-        if self.expiry is not None:
-            self.expiry.stop()
-        if self.revocations is not None:
-            self.revocations.stop()
-        if self.doors is not None:
-            self.doors.stop()
-        if self.overdue is not None:
-            self.overdue.stop()
-        if self.keeper is not None:
-            self.keeper.stop()
+        for job in reversed(self.jobs()):
+            job.stop()
+        # After the jobs: their leaderships are free for another process only once no round is running here.
+        if self.elector is not None:
+            self.elector.stop()
+        self.beat.stop()
+        try:
+            forget(self.store, self.identity.worker_id)
+        except Exception:  # the row then stays with its last beat: status shows it silent, nothing worse
+            log.warning("could not remove this process's row from controller_processes", exc_info=True)
         self.worker.stop()
         self.store.engine.dispose()
         log.info("controller %s stopped", self.config.worker_id)
 
     def alive(self) -> bool:
         """Tell whether ingest and the periodic jobs still run (the service watchdog asks)."""
-        jobs = [
-            job
-            for job in (
-                self.keeper,
-                self.overdue,
-                self.doors,
-                self.expiry,
-                self.chain_points,
-                self.alerts,
-                self.delivery,
-            )
-            if job is not None
-        ]
-        return self.worker.running and all(job.running for job in jobs)
+        return self.worker.running and all(job.running for job in self.jobs())
+
+    def jobs(self) -> list[PeriodicJob]:
+        """Return this process's background jobs, in start order (each says whether it is leader_only)."""
+        jobs = (
+            self.keeper,
+            self.overdue,
+            self.doors,
+            self.revocations,
+            self.expiry,
+            self.chain_points,
+            self.alerts,
+            self.delivery,
+        )
+        return [job for job in jobs if job is not None]
 
     def service_status(self) -> str:
         """Return the one-line state shown by `systemctl status` (sd_notify STATUS)."""
@@ -344,6 +374,7 @@ class Controller:
                 on_policy_change=publish,
                 publications=publications,
                 alert_bell=self.alert_bell,
+                process=self.report,
             )
         )
         config = uvicorn.Config(

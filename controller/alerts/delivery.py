@@ -118,6 +118,10 @@ class DeliveryJob(PeriodicJob):
     """Sends what the outbox holds, every ``every_s`` seconds."""
 
     name = "alert delivery"
+    # Not leader-only: a notification is claimed under a lease (FOR UPDATE SKIP LOCKED on PostgreSQL, the
+    # writer lock on SQLite) before it is sent, so several senders never send one twice, and a slow channel
+    # in one process does not hold the others back. A sender that dies mid-send leaves its claim to expire.
+    leader_only = False
 
     def __init__(
         self,

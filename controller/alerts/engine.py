@@ -73,6 +73,9 @@ class AlertEngine(PeriodicJob):
     """Rules over new events every round; conditions every ``condition_every_s``; escalation every round."""
 
     name = "alerts"
+    # One engine: rounds take turns on the cursor row, but escalation and the sweeps of conditions must not
+    # run twice at once (two escalations of one step would queue its notifications twice).
+    leader_only = True
     IDLE_MOVE_S = 2.0
     IDLE_MOVE_ROWS = 20_000
 

@@ -76,6 +76,9 @@ def readyz(state: StateDep, response: Response, actor: OptionalActorDep) -> Heal
     if actor is None or not actor.may(Permission.HEALTH_READ):
         return Health(status="ok" if ok else "unavailable")
     checks["api_auth"] = state.auth.limiter.counts()
+    if state.process is not None:
+        # Several controllers behind one balancer: which process answered, and what it leads.
+        checks["process"] = state.process.as_dict()
     return Health(status="ok" if ok else "unavailable", checks=checks)
 
 

@@ -19,6 +19,7 @@ from sekisho.controller.api.auth import ApiAuth
 from sekisho.controller.config import ControllerConfig
 from sekisho.controller.fleet.metrics import PublicationStats
 from sekisho.controller.ingest.worker import IngestStats
+from sekisho.controller.processes import ProcessReport
 from sekisho.controller.store.store import Store
 from sekisho.protocol import timefmt
 
@@ -42,6 +43,8 @@ class AppState:
     clock: Callable[[], datetime] = timefmt.now
     # Rung by this process's alert engine when it changed alerts: live streams look at once (controller/alerts/bell.py).
     alert_bell: Bell = field(default_factory=Bell)
+    # Who this process is and which background jobs it leads (/readyz's "process" check); None in tests' apps.
+    process: ProcessReport | None = None
     # Legacy shared tokens and the failed-authentication limiter of this process, built from config.
     auth: ApiAuth = field(init=False)
     # Console users, sessions and per-user API tokens (in the store; times from clock).

@@ -19,6 +19,9 @@ class DoorRegisterKeeper(PeriodicJob):
 
     name = "door registers"
     every_s = 1.0
+    # Safe twice (the processes take turns on the locked cursor row), but each extra process only queues for
+    # that lock and repeats the overdue sweep: one leader does it, another takes over when it dies.
+    leader_only = True
     OVERDUE_EVERY_S = 60.0
 
     def __init__(

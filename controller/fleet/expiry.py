@@ -48,6 +48,8 @@ class CertExpiryWatch(PeriodicJob):
     """Runs check_cert_expiry every hour in a background thread."""
 
     name = "certificate expiry check"
+    # One process raises the findings: two sweeps at once could both find no open finding and raise it twice.
+    leader_only = True
 
     def __init__(
         self,

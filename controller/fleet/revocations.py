@@ -84,6 +84,10 @@ class RevocationKeeper(PeriodicJob):
     """Keeps the broker's revocation file equal to the store's (revocations made by any controller process)."""
 
     name = "revocation list"
+    # Not leader-only: it writes the broker's file on this host (only a process whose host runs the broker
+    # has revocation_list set), atomically and only when the entries changed, so every such process may.
+    # A leader elsewhere would leave the broker's host without a writer.
+    leader_only = False
 
     def __init__(self, store: Store, path: Path, every_s: float) -> None:
         self.store = store

@@ -10,6 +10,8 @@ class OverdueWatch(PeriodicJob):
     """Runs MediaService.check_overdue every minute in a background thread."""
 
     name = "media overdue check"
+    # One process raises the overdue findings (two at once could both raise the same loan's).
+    leader_only = True
     CHECK_EVERY_S = 60.0
 
     def __init__(self, media: MediaService, *, every_s: float = CHECK_EVERY_S) -> None:

@@ -718,6 +718,9 @@ class PointRefresher(PeriodicJob):
     """
 
     name = "chain verification"
+    # One walker: workers already skip a round another refreshed recently, but two starting together
+    # would both walk every chain (~35 min at 10M events for a full walk).
+    leader_only = True
     every_s = 600.0
 
     def __init__(

@@ -639,6 +639,28 @@ class LoginAttempt(Base):
     detail: Mapped[str | None] = mapped_column(String(255))
 
 
+class ControllerProcess(Base):
+    """One running controller process (serve or ingest) as it last reported itself: `sekisho controller status`.
+
+    Written by the process every process_beat_s and deleted when it stops cleanly; a process that died keeps
+    its last row, and the age of beat_at says so.
+    """
+
+    __tablename__ = "controller_processes"
+
+    worker_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    beat_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ready: Mapped[bool] = mapped_column(Boolean)
+    # The background jobs this process leads at beat_at (names of their locks).
+    leads: Mapped[list[str]] = mapped_column(JSON)
+    # Ingest counters at beat_at: connected, stored, waiting, dead_lettered.
+    ingest: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
 class MusterCheck(Base):
     """A "confirmed safe" tick on the muster list (controller/reports/muster.py): one person, one area, one stay.
 
