@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -95,9 +95,12 @@ class _Base:
 
     kind = "base"
 
-    def __init__(self, identity: Identity, *, check_s: float, lease_s: float) -> None:
+    def __init__(
+        self, identity: Identity, *, check_s: float, lease_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if not 0 < check_s < lease_s:
             raise ValueError("leader election needs 0 < check_s < lease_s")
+        self.clock = clock
         self.identity = identity
         self.check_s = check_s
         self.lease_s = lease_s
@@ -116,11 +119,11 @@ class _Base:
 
     def leads(self, name: str) -> bool:
         """Tell whether this process holds ``name`` and proved it within lease_s."""
-        return name in self._held and time.monotonic() < self._valid_until
+        return name in self._held and self.clock() < self._valid_until
 
     def leading(self) -> list[str]:
         """Return the names of the locks this process holds now (empty once the proof is too old)."""
-        if time.monotonic() >= self._valid_until:
+        if self.clock() >= self._valid_until:
             return []
         return sorted(self._held)
 
@@ -142,7 +145,7 @@ class _Base:
     def round(self) -> None:
         """Prove what is held, try what is wanted; on any failure hold nothing (fail closed)."""
         with self._mutex:
-            started = time.monotonic()
+            started = self.clock()
             try:
                 held = self._check_and_take(set(self._wanted))
             except Exception as err:  # a lost connection or file error: no leadership until proved again
@@ -180,10 +183,18 @@ class PostgresElector(_Base):
 
     kind = "postgresql"
 
-    def __init__(self, url: str, identity: Identity, *, check_s: float = 1.0, lease_s: float = 3.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        identity: Identity,
+        *,
+        check_s: float = 1.0,
+        lease_s: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if lease_s >= SERVER_RELEASE_S:
             raise ValueError(f"lease_s must be below {SERVER_RELEASE_S} s (when PostgreSQL drops a silent session)")
-        super().__init__(identity, check_s=check_s, lease_s=lease_s)
+        super().__init__(identity, check_s=check_s, lease_s=lease_s, clock=clock)
         timeout_ms = int(lease_s * 1000)
         connect_args: dict[str, Any] = {
             # Shown in pg_stat_activity: which process holds which lock (`sekisho controller status`).
@@ -252,8 +263,16 @@ class FileElector(_Base):
 
     kind = "file"
 
-    def __init__(self, database: Path, identity: Identity, *, check_s: float = 1.0, lease_s: float = 3.0) -> None:
-        super().__init__(identity, check_s=check_s, lease_s=lease_s)
+    def __init__(
+        self,
+        database: Path,
+        identity: Identity,
+        *,
+        check_s: float = 1.0,
+        lease_s: float = 3.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(identity, check_s=check_s, lease_s=lease_s, clock=clock)
         self.database = database
         self._fds: dict[str, int] = {}
 
@@ -299,9 +318,3 @@ def elector_for(url: str, identity: Identity, *, check_s: float, lease_s: float)
             raise ValueError("leader election on SQLite needs a database file (locks are taken beside it)")
         return FileElector(Path(database), identity, check_s=check_s, lease_s=lease_s)
     return PostgresElector(url, identity, check_s=check_s, lease_s=lease_s)
-
-
-def want_all(elector: Elector, names: Iterable[str]) -> None:
-    """Register several lock names at once."""
-    for name in names:
-        elector.want(name)

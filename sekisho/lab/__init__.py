@@ -170,10 +170,18 @@ class Lab:
         self.processes.append(proc)
         return proc
 
-    def spawn_controller(self, *, http: bool = False, worker_id: str = "controller-1") -> subprocess.Popen[bytes]:
-        """Start `controller serve` (with HTTP) or `controller ingest` (worker only) as one named worker."""
+    def spawn_controller(
+        self, *, http: bool = False, worker_id: str = "controller-1", http_port: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start `controller serve` (with HTTP) or `controller ingest` (worker only) as one named worker.
+
+        ``http_port`` overrides the config's for this process (several web processes on one host).
+        """
         args = ["controller", "serve" if http else "ingest", "--config", str(self.controller_config)]
-        return self.spawn(*args, log_name=worker_id, env={"SEKISHO_CONTROLLER_WORKER_ID": worker_id})
+        env = {"SEKISHO_CONTROLLER_WORKER_ID": worker_id}
+        if http_port is not None:
+            env["SEKISHO_CONTROLLER_HTTP_PORT"] = str(http_port)
+        return self.spawn(*args, log_name=worker_id, env=env)
 
     def stop_all(self, timeout: float = 15) -> None:
         """Stop every process this lab started (SIGTERM, then SIGKILL), then the broker."""
