@@ -103,7 +103,7 @@ def readyz(port: int) -> dict[str, Any]:
 def ready(port: int) -> bool:
     """Tell whether a web process answers ready."""
     try:
-        return readyz(port)["status"] == "ok"
+        return bool(readyz(port)["status"] == "ok")
     except OSError:
         return False
 

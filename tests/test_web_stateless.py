@@ -35,7 +35,7 @@ def two(tmp_path: Path, store: Store, db_url: str) -> Iterator[tuple[Site, Site]
 def carry(cookies_from: TestClient, to: TestClient) -> None:
     """Send the browser's cookies to the other process (what a balancer without affinity does)."""
     for cookie in cookies_from.cookies.jar:
-        to.cookies.set(cookie.name, cookie.value)
+        to.cookies.set(cookie.name, cookie.value or "")
 
 
 def test_a_session_made_on_one_process_works_on_the_other_and_ends_on_both(two: tuple[Site, Site]) -> None:
