@@ -145,18 +145,28 @@ def test_two_controllers_one_leader_per_job_and_the_survivor_takes_over_after_si
         wait_for(lambda: ready(ports["controller-1"]), 60, "controller-1 to be ready")
         second = lab.spawn_controller(http=True, worker_id="controller-2", http_port=ports["controller-2"])
         wait_for(lambda: ready(ports["controller-2"]), 60, "controller-2 to be ready")
+        # And an ingest-only worker: no HTTP, no jobs; the status rows are where it is seen.
+        ingest = lab.spawn_controller(http=False, worker_id="controller-3")
 
-        # Both report; every leader-only job has exactly one leader, and it is the first one up.
-        wait_for(lambda: set(leads_of(status(site))) == set(ports), 30, "both processes in controller status")
+        # All report; every leader-only job has exactly one leader, and it is the first one up.
+        everyone = {*ports, "controller-3"}
+        wait_for(lambda: set(leads_of(status(site))) == everyone, 60, "every process in controller status")
         wait_for(
-            lambda: leads_of(status(site)) == {"controller-1": LEADER_ONLY, "controller-2": set()},
+            lambda: (
+                leads_of(status(site)) == {"controller-1": LEADER_ONLY, "controller-2": set(), "controller-3": set()}
+            ),
             30,
-            "controller-1 to lead every leader-only job, controller-2 none",
+            "controller-1 to lead every leader-only job, the others none",
         )
+        wait_for(lambda: all(row["ready"] for row in status(site).values()), 30, "every process ready")
         rows = status(site)
-        assert {rows[w]["role"] for w in ports} == {"serve"}
-        assert {rows[w]["pid"] for w in ports} == {first.pid, second.pid}
-        assert all(rows[w]["ready"] for w in ports)
+        assert {w: rows[w]["role"] for w in everyone} == {
+            "controller-1": "serve",
+            "controller-2": "serve",
+            "controller-3": "ingest",
+        }
+        assert {rows[w]["pid"] for w in everyone} == {first.pid, second.pid, ingest.pid}
+        assert all(rows[w]["ingest"]["connected"] for w in everyone)
         # Each web process's /readyz says which process answered and what it leads.
         for worker, port in ports.items():
             process = readyz(port)["checks"]["process"]
@@ -190,10 +200,12 @@ def test_two_controllers_one_leader_per_job_and_the_survivor_takes_over_after_si
         # Stopped cleanly: whatever it could still send has gone, so the mailbox below is final.
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=60) == 0
+        ingest.send_signal(signal.SIGTERM)
+        assert ingest.wait(timeout=60) == 0
 
         rows_after = status(site)
         # The clean stop removed its row; the killed process's row stays, and is shown silent.
-        assert "controller-2" not in rows_after
+        assert "controller-2" not in rows_after and "controller-3" not in rows_after
         assert rows_after["controller-1"]["silent"]
 
         mails = mailbox.mails
