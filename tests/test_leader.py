@@ -6,7 +6,9 @@ and a real second process for the file lock. Time is a controlled clock: no test
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from sekisho.controller.leader import Elector, FileElector, Identity, PostgresElector, elector_for, lock_key
 from sekisho.controller.periodic import PeriodicJob
@@ -259,4 +262,74 @@ def test_a_leader_only_job_runs_only_while_its_process_leads(
     finally:
         job.stop()
         mine.stop()
+        holder.stop()
+
+
+class SilentLink:
+    """A TCP forwarder to PostgreSQL that can go silent: connections stay open, nothing passes (a cut network)."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.silent = threading.Event()
+        self.closed = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                while self.silent.is_set() and not self.closed.is_set():
+                    self.closed.wait(0.05)  # hold the bytes: neither side hears anything
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.closed.set()
+        self.server.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+@pytest.mark.postgres
+def test_a_leader_cut_off_by_a_silent_network_stops_leading_when_its_proof_runs_out(pg_url: str) -> None:
+    parsed = make_url(pg_url)
+    assert parsed.port is not None
+    link = SilentLink(parsed.port)
+    clock = Clock()
+    holder = PostgresElector(
+        parsed.set(port=link.port).render_as_string(hide_password=False), me("controller-1"), clock=clock
+    )
+    holder.want(JOB)
+    try:
+        holder.round()
+        assert holder.leads(JOB)
+        link.silent.set()
+        # Its next proof gets no answer: the round hangs, and the last proof ages.
+        stuck = threading.Thread(target=holder.round, daemon=True)
+        stuck.start()
+        stuck.join(0.5)
+        assert stuck.is_alive(), "the proof should be waiting for the silent database"
+        clock.now += 2.9
+        assert holder.leads(JOB)
+        clock.now += 0.2
+        assert not holder.leads(JOB), "a leader that cannot prove its lock must stop acting (fail closed)"
+        assert holder.leading() == []
+    finally:
+        link.close()
         holder.stop()
