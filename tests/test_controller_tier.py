@@ -115,6 +115,12 @@ def notifications(store: Store) -> list[Any]:
         return list(conn.execute(select(n.id, n.alert_id, n.target, n.state, n.attempts).order_by(n.id)))
 
 
+def published(site: Site, worker: str) -> int:
+    """Count a process's policy publications in its log."""
+    log = (site.lab.root / "logs" / f"{worker}.log").read_text(errors="replace")
+    return log.count("published policy version")
+
+
 def leads_of(rows: dict[str, dict[str, Any]]) -> dict[str, set[str]]:
     """Return what each live (not silent) process leads."""
     return {worker: set(row["leads"]) for worker, row in rows.items() if not row["silent"]}
@@ -175,6 +181,9 @@ def test_two_controllers_one_leader_per_job_and_the_survivor_takes_over_after_si
         assert set(readyz(ports["controller-1"])["checks"]["process"]["leads"]) == LEADER_ONLY
         assert readyz(ports["controller-2"])["checks"]["process"]["leads"] == []
 
+        # The policy went out once, from the leader; the other process published nothing.
+        wait_for(lambda: published(site, "controller-1") == 1, 30, "the leader's publication")
+        assert published(site, "controller-2") == 0
         store = site.store()
         publish_forced(site, "room-hr", 1)
         wait_for(lambda: len(mailbox.mails) >= 1, 60, "the first alert's mail")
@@ -193,6 +202,8 @@ def test_two_controllers_one_leader_per_job_and_the_survivor_takes_over_after_si
         taken_over_s = time.monotonic() - killed_at
         wait_for(lambda: leads_of(status(site)).get("controller-2") == LEADER_ONLY, 30, "the status rows to follow")
 
+        # The new leader publishes the version in force once (it cannot know when the dead one signed it).
+        wait_for(lambda: published(site, "controller-2") == 1, 30, "the new leader's publication")
         # The survivor's alert engine raises the next alert; its delivery sends it, once.
         publish_forced(site, "locker-01", 2)
         wait_for(lambda: len(mailbox.mails) >= 2, 60, "the second alert's mail (raised by the survivor)")
@@ -202,6 +213,7 @@ def test_two_controllers_one_leader_per_job_and_the_survivor_takes_over_after_si
         assert second.wait(timeout=60) == 0
         ingest.send_signal(signal.SIGTERM)
         assert ingest.wait(timeout=60) == 0
+        assert published(site, "controller-2") == 1, "the policy was published again without a new version"
 
         rows_after = status(site)
         # The clean stop removed its row; the killed process's row stays, and is shown silent.
