@@ -199,7 +199,9 @@ class PostgresElector(_Base):
         connect_args: dict[str, Any] = {
             # Shown in pg_stat_activity: which process holds which lock (`sekisho controller status`).
             "application_name": f"sekisho {identity.worker_id} {identity.host} {identity.pid}"[:63],
-            "connect_timeout": max(1, int(lease_s)),
+            # Connecting proves nothing (a process without a session leads nothing), so it may take longer
+            # than a proof; the lease bounds the proofs (statement_timeout, tcp_user_timeout below).
+            "connect_timeout": 10,
             # The client side notices a dead server or network within the lease, too.
             "keepalives": 1,
             "keepalives_idle": 2,

@@ -59,8 +59,9 @@ def electors(backend: str, where: str | Path, clock: Clock) -> tuple[Elector, El
     if backend == "postgres":
         url = str(where)
         return (
-            PostgresElector(url, me("controller-1"), check_s=1.0, lease_s=3.0, clock=clock),
-            PostgresElector(url, me("controller-2"), check_s=1.0, lease_s=3.0, clock=clock),
+            # The longest lease allowed: its timeouts bound the proofs on a loaded test machine too.
+            PostgresElector(url, me("controller-1"), check_s=1.0, lease_s=7.5, clock=clock),
+            PostgresElector(url, me("controller-2"), check_s=1.0, lease_s=7.5, clock=clock),
         )
     path = Path(where)
     return (
@@ -127,8 +128,8 @@ def test_a_proof_older_than_the_lease_is_no_leadership(sqlite_file: Path) -> Non
 @pytest.mark.postgres
 def test_a_leader_whose_session_is_cut_stops_and_the_other_takes_over(pg_url: str) -> None:
     clock = Clock()
-    holder = PostgresElector(pg_url, me("controller-1"), clock=clock)
-    other = PostgresElector(pg_url, me("controller-2"), clock=clock)
+    holder = PostgresElector(pg_url, me("controller-1"), lease_s=7.5, clock=clock)
+    other = PostgresElector(pg_url, me("controller-2"), lease_s=7.5, clock=clock)
     for elector in (holder, other):
         elector.want(JOB)
     engine = make_engine(pg_url)
