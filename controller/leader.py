@@ -255,7 +255,11 @@ class PostgresElector(_Base):
                 conn.close()
 
     def _release_all(self) -> None:
-        # Closing the session releases every advisory lock it held.
+        # Unlocked before the session closes: the server ends a closed session's backend (and releases its
+        # locks) a moment later, and the next leader should not wait for that on a clean stop.
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.execute(text("SELECT pg_advisory_unlock_all()"))
         self._reset()
         self.engine.dispose()
 
