@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from sekisho.agents.runtime.errors import OutboxFull
 from sekisho.agents.runtime.outbox import Outbox
 from sekisho.protocol import errors, messages, timefmt
 
@@ -97,6 +98,7 @@ class Sender:
         self._stop = False
         self._connected = False
         self._reset = False
+        self._full = False  # the outbox refused a delete for want of space (logged once per spell)
         self._new = True
         self._acks: list[tuple[bytes, float]] = []
         # Owned by the drain thread:
@@ -206,6 +208,16 @@ class Sender:
                 connected = self._connected
             try:
                 self._step(acks, reset, connected)
+                self._full = False
+            except OutboxFull as err:
+                # A full disk refuses even the deletes of acknowledged events: they stay and are acked again
+                # once there is room. Said once per spell, not every second.
+                if not self._full:
+                    log.error("%s; acknowledged events stay in the outbox until space is freed", err)
+                self._full = True
+                time.sleep(1.0)
+                with self._cond:
+                    self._reset = True
             except Exception:  # the loop must outlive any one failure; events stay in the outbox
                 log.exception("outbox sender step failed; retrying in 1 s")
                 time.sleep(1.0)
