@@ -123,7 +123,11 @@ class Agent:
                 clock=self.clock.state,
                 sync=config.outbox_sync,
             )
-            self.policy = PolicyCache(config.state_dir, controller_key, config.agent_id)
+            # Expiry is judged by the later of the local and the controller's clock: a local clock set back
+            # must not keep an expired bundle (a revoked card) in force; one set ahead only expires it early.
+            self.policy = PolicyCache(
+                config.state_dir, controller_key, config.agent_id, now=lambda: self.clock.fail_closed_now()
+            )
             self.link = MqttLink(
                 config,
                 on_connected=self._on_connected,
@@ -149,6 +153,9 @@ class Agent:
                 nonce_path=config.nonce_path,
                 emit=self.emit,
                 on_resend=self.sender.resend_all,
+                # Commands carry the controller's timestamps: judge them by its clock, so that a jumped local
+                # clock neither refuses every command (a lock-down among them) nor lets one live longer.
+                now=lambda: self.clock.reference_now(),
             )
             self.heartbeats = Heartbeater(
                 agent_id=config.agent_id,
