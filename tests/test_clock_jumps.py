@@ -189,3 +189,22 @@ def test_controller_clock_jump_stores_in_seq_order_and_chains_verify(
     assert store.event_seqs(agent.agent_id) == [1, 2, 3, 4, 5]
     assert store.verify_chains(agent.agent_id, signatures=True) == []
     assert store.verify_records(signatures=True).problems == []
+
+
+def test_heartbeats_are_recorded_again_right_after_the_controller_clock_steps_back(
+    store: Store, make_agent: MakeAgent
+) -> None:
+    agent = make_agent(store)
+    start = timefmt.now()
+    assert store.record_heartbeat(agent.agent_id, {"outbox_depth": 1}, start)
+    # Two workers a second apart, out of order: the older one is not taken (a reordering, not a step).
+    assert not store.record_heartbeat(agent.agent_id, {"outbox_depth": 2}, start - timedelta(seconds=1))
+    # The controller's clock steps back an hour: the next heartbeats are taken at once, not in an hour.
+    assert store.record_heartbeat(
+        agent.agent_id, {"outbox_depth": 3}, start - timedelta(hours=1) + timedelta(seconds=5)
+    )
+    assert store.record_heartbeat(
+        agent.agent_id, {"outbox_depth": 4}, start - timedelta(hours=1) + timedelta(seconds=35)
+    )
+    [row] = [a for a in store.list_agents() if a.id == agent.agent_id]
+    assert row.outbox_depth == 4
