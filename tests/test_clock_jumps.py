@@ -13,13 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from reports_fixtures import Site as ReportsSite
+from sqlalchemy import select
 from store_fixtures import MakeAgent
 
 from sekisho.agents.runtime.agent import Agent
 from sekisho.agents.runtime.outbox import Outbox
 from sekisho.agents.runtime.sender import ClockEstimate
 from sekisho.bench.offline import offline_agent
+from sekisho.controller.alerts.engine import AlertEngine
 from sekisho.controller.store import Store
+from sekisho.controller.store.models import Alert as AlertRow
 from sekisho.deploy.pki import PkiPaths
 from sekisho.protocol import errors, events, messages, signing, timefmt
 
@@ -208,3 +212,27 @@ def test_heartbeats_are_recorded_again_right_after_the_controller_clock_steps_ba
     )
     [row] = [a for a in store.list_agents() if a.id == agent.agent_id]
     assert row.outbox_depth == 4
+
+
+@pytest.mark.parametrize("jump", [HOUR, -HOUR])
+def test_an_agent_clock_jump_raises_clock_skew_at_the_controller_from_its_next_heartbeat(
+    agent: Agent, store: Store, make_agent: MakeAgent, jump: float
+) -> None:
+    """The agent's own health() (what its next heartbeat sends) carries the jump; the controller alerts on it."""
+    clocks = Clocks()
+    agent.clock = synced(clocks)
+    clocks.run(10)
+    clocks.jump(jump)
+    offset = agent.health().clock_offset_ms  # no ack since the jump
+    assert offset is not None and abs(offset + jump * 1000) < 100
+    site = ReportsSite(store, make_agent)
+    seen = site.clock()
+    for name in ("door-hr-01", "term-hr-01", "term-acc-01"):
+        info = {"v": 1, "agent": name, "at": timefmt.fmt(seen), "version": "1.0", "outbox_depth": 0}
+        info |= {"interval_s": 30, "policy_state": "valid", "policy_version": 1}
+        info["clock_offset_ms"] = offset if name == "term-hr-01" else 0
+        assert site.store.record_heartbeat(name, info, seen)
+    AlertEngine(site.store, clock=site.clock).sweep()
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(AlertRow.labels, AlertRow.params).where(AlertRow.rule == "clock_skew")).all()
+    assert [(r.labels.get("agent"), r.params.get("offset_ms")) for r in rows] == [("term-hr-01", offset)]
