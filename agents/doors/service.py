@@ -33,6 +33,7 @@ from sekisho.agents.doors.commands import LOCKDOWN, NO_DOORS, NOT_RECORDED, UNKN
 from sekisho.agents.doors.debounce import DEFAULT_DEBOUNCE_S
 from sekisho.agents.doors.machine import DoorMachine, DoorState, emergency_capable
 from sekisho.agents.doors.store import STATE_NAME, DoorStateStore
+from sekisho.agents.runtime.errors import OutboxFull
 from sekisho.protocol import door_commands, messages, timefmt
 from sekisho.protocol.door_commands import Selection, parse_forgive, parse_selection, parse_unlock
 from sekisho.protocol.errors import Rejected
@@ -509,6 +510,12 @@ class DoorAgentCore:
     def _record(self, action: Emit) -> bool:
         try:
             self._emit(action.type, action.payload)
+        except OutboxFull:
+            # The agent logged the full disk once and its heartbeat says outbox_full; an ERROR per tap would
+            # replace that code with this module's and repeat the same news on every card.
+            log.warning("cannot record %s: the outbox's disk is full", action.type)
+            _log_decision(action, recorded=False)
+            return False
         except Exception as err:  # a full disk or a bad field must not crash the door; it is logged
             log.error("cannot record %s: %s", action.type, err)
             _log_decision(action, recorded=False)

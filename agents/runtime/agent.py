@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sekisho.agents.runtime.cert_renewal import CertificateRenewer, renewal_enabled
 from sekisho.agents.runtime.commands import CommandDispatcher
 from sekisho.agents.runtime.config import AgentConfig, check_key_files
-from sekisho.agents.runtime.errors import AlreadyRunning, ConfigError
+from sekisho.agents.runtime.errors import AlreadyRunning, ConfigError, OutboxFull
 from sekisho.agents.runtime.heartbeat import Health, Heartbeater
 from sekisho.agents.runtime.link import MqttLink, tls_context
 from sekisho.agents.runtime.outbox import Outbox
@@ -109,6 +109,8 @@ class Agent:
         self.kind = "agent"
         self._fingerprints: Callable[[], dict[str, Any] | None] | None = None
         self.errors = ErrorNote()
+        self._full_lock = threading.Lock()
+        self._unrecorded = 0  # events refused since the outbox's disk filled up (0: not full)
         self._error_log = ErrorLogHandler(self.errors)
         self._cert = CertificateExpiry(config.tls_cert, self.errors)
         self._textfile_failing = False
@@ -121,7 +123,11 @@ class Agent:
                 clock=self.clock.state,
                 sync=config.outbox_sync,
             )
-            self.policy = PolicyCache(config.state_dir, controller_key, config.agent_id)
+            # Expiry is judged by the later of the local and the controller's clock: a local clock set back
+            # must not keep an expired bundle (a revoked card) in force; one set ahead only expires it early.
+            self.policy = PolicyCache(
+                config.state_dir, controller_key, config.agent_id, now=lambda: self.clock.fail_closed_now()
+            )
             self.link = MqttLink(
                 config,
                 on_connected=self._on_connected,
@@ -147,6 +153,9 @@ class Agent:
                 nonce_path=config.nonce_path,
                 emit=self.emit,
                 on_resend=self.sender.resend_all,
+                # Commands carry the controller's timestamps: judge them by its clock, so that a jumped local
+                # clock neither refuses every command (a lock-down among them) nor lets one live longer.
+                now=lambda: self.clock.reference_now(),
             )
             self.heartbeats = Heartbeater(
                 agent_id=config.agent_id,
@@ -170,16 +179,55 @@ class Agent:
     # --- the capability API -------------------------------------------------------------------------
 
     def emit(self, type: str, payload: dict[str, Any]) -> int:
-        """Record an event; it is on disk when this returns. Raises Rejected for an invalid payload."""
-        seq = self.outbox.append(type, payload)
+        """Record an event; it is on disk when this returns. Raises Rejected for an invalid payload.
+
+        Raises OutboxFull when the disk is full: the event was not recorded, and the caller must not act
+        as if it had been (a door does not release; docs/operations.md, "Fault matrix").
+        """
+        try:
+            seq = self.outbox.append(type, payload)
+        except OutboxFull:
+            self._outbox_refused(1)
+            raise
+        self._outbox_wrote()
         self.sender.notify_new()
         return seq
 
     def emit_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
         """Record several events in one transaction (bulk producers and benchmarks)."""
-        seqs = self.outbox.append_many(items)
+        try:
+            seqs = self.outbox.append_many(items)
+        except OutboxFull:
+            self._outbox_refused(len(items))
+            raise
+        self._outbox_wrote()
         self.sender.notify_new()
         return seqs
+
+    def _outbox_refused(self, count: int) -> None:
+        # The heartbeat carries the code (and how many errors), the log says it once per spell: a door
+        # tapped a hundred times on a full disk must not write a hundred lines to a disk that is full.
+        self.errors.note("outbox_full")
+        with self._full_lock:
+            first = self._unrecorded == 0
+            self._unrecorded += count
+        if first:
+            log.error(
+                "outbox %s: the disk is full; events cannot be recorded and are refused (doors do not release "
+                "without a record); free space on it",
+                self.config.outbox_path,
+            )
+
+    def _outbox_wrote(self) -> None:
+        if self._unrecorded:
+            with self._full_lock:
+                refused, self._unrecorded = self._unrecorded, 0
+            if refused:
+                log.warning(
+                    "outbox %s writable again; %d event(s) were refused while it was full",
+                    self.config.outbox_path,
+                    refused,
+                )
 
     def describe(self, kind: str, *, fingerprints: Callable[[], dict[str, Any] | None] | None = None) -> None:
         """Say what this agent is in its heartbeats, and where a terminal's fingerprint status comes from."""
@@ -296,10 +344,18 @@ class Agent:
             policy_state=self.policy.state(),
             kind=self.kind,
             cert_not_after=self._cert.not_after(),
-            last_error=self.errors.last(),
+            last_error=self._last_error(),
             fingerprints=self._fingerprint_status(),
             extra={"last_ack_age_s": None if last_ack is None else max(0.0, time.monotonic() - last_ack)},
         )
+
+    def _last_error(self) -> dict[str, Any] | None:
+        last = self.errors.last()
+        if last is not None and self._unrecorded:
+            # While the outbox is full that is the news, whatever a capability logged after it (a door's
+            # "not unlocked" line would otherwise hide it from the fleet view).
+            return {**last, "code": "outbox_full"}
+        return last
 
     def _fingerprint_status(self) -> dict[str, Any] | None:
         if self._fingerprints is None:

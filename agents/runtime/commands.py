@@ -53,8 +53,10 @@ class CommandOutcome:
 class NonceStore:
     """Nonces of accepted commands, on disk so a replay is refused even after a restart."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, now: Callable[[], datetime] = timefmt.now) -> None:
         self.path = path
+        # The clock commands are judged by: nonces must be kept as long as that clock accepts their command.
+        self._now = now
         self._lock = threading.Lock()
         self._last_prune = 0.0
         # If the store had to be reset, no command is accepted until every command that could have
@@ -102,7 +104,7 @@ class NonceStore:
         if now - self._last_prune < _PRUNE_EVERY_S:
             return
         self._last_prune = now
-        self._conn.execute("DELETE FROM nonces WHERE expires_at < ?", (time.time() - _NONCE_KEEP_S,))
+        self._conn.execute("DELETE FROM nonces WHERE expires_at < ?", (self._now().timestamp() - _NONCE_KEEP_S,))
 
     def __len__(self) -> int:
         with self._lock:
@@ -146,7 +148,7 @@ class CommandDispatcher:
         self._emit = emit
         self._now = now
         self._handlers: dict[str, Handler] = {}
-        self.nonces = NonceStore(nonce_path)
+        self.nonces = NonceStore(nonce_path, now)
         self.register("agent.ping", lambda command: "pong")
         if on_resend is not None:
             resend = on_resend

@@ -23,6 +23,10 @@ class OutboxError(AgentError):
     exit_code = os.EX_IOERR
 
 
+class OutboxFull(OutboxError):
+    """The outbox's disk is full: this event was not recorded (nothing else was lost); free space to go on."""
+
+
 class AlreadyRunning(AgentError):
     """Another agent process holds this state directory."""
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sekisho.agents.runtime.errors import OutboxError
+from sekisho.agents.runtime.errors import OutboxError, OutboxFull
 from sekisho.protocol import events, topics
 
 SCHEMA_VERSION = 1
@@ -42,6 +42,19 @@ class OutboxStats:
     depth: int
     next_seq: int
     oldest_created_at: float | None
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # SQLite has already rolled back after some errors (SQLITE_FULL among them); a ROLLBACK then fails with
+    # "no transaction is active" and would hide the real error from the caller.
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _is_full(err: sqlite3.Error) -> bool:
+    # SQLITE_FULL is 13 (the low byte of an extended code); a failed fsync or write shows as I/O error with ENOSPC.
+    code = getattr(err, "sqlite_errorcode", None)
+    return (isinstance(code, int) and code & 0xFF == 13) or "database or disk is full" in str(err)
 
 
 def _damaged(path: Path, err: BaseException | str) -> OutboxError:
@@ -166,9 +179,14 @@ class Outbox:
                     conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (first + len(rows),))
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    _rollback(conn)
                     raise
             except sqlite3.Error as err:
+                if _is_full(err):
+                    # Rolled back whole: the number was not used, so the next event that fits takes it (no gap).
+                    raise OutboxFull(
+                        f"cannot write to outbox {self.path}: the disk is full; the event was not recorded"
+                    ) from err
                 raise OutboxError(f"cannot write to outbox {self.path}: {err}") from err
             self._next_seq = first + len(rows)
             return [row[0] for row in rows]
@@ -200,12 +218,17 @@ class Outbox:
                     cur = conn.executemany("DELETE FROM events WHERE seq BETWEEN ? AND ?", params)
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    _rollback(conn)
                     raise
                 finally:
                     if self._sync == "FULL":
                         conn.execute("PRAGMA synchronous=FULL")
             except sqlite3.Error as err:
+                if _is_full(err):
+                    # Even a delete needs new WAL pages: the events stay and are acknowledged again later.
+                    raise OutboxFull(
+                        f"cannot remove acknowledged events in outbox {self.path}: the disk is full"
+                    ) from err
                 raise OutboxError(f"cannot remove acknowledged events in outbox {self.path}: {err}") from err
             return max(cur.rowcount, 0)
 

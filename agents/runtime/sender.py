@@ -12,9 +12,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from sekisho.agents.runtime.errors import OutboxFull
 from sekisho.agents.runtime.outbox import Outbox
 from sekisho.protocol import errors, messages, timefmt
 
@@ -30,27 +32,71 @@ READ_CHUNK = 500
 OTHER_WRITERS_POLL_S = 2.0
 
 
-class ClockEstimate:
-    """The offset between the controller's clock and ours, learnt from verified acks."""
+# CLOCK_BOOTTIME keeps counting while the device sleeps and, like CLOCK_MONOTONIC, never jumps with the wall clock.
+_BOOT_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
-    def __init__(self) -> None:
-        self._state: tuple[bool, int | None] = (False, None)
+
+def _boot_s() -> float:
+    return time.clock_gettime(_BOOT_CLOCK)
+
+
+class ClockEstimate:
+    """The controller's clock as seen from here, anchored to a clock that does not jump.
+
+    Each verified, fresh ack gives the controller's time at that moment; it is kept with the boot clock's
+    reading then, so the controller's time now is that plus the boot clock's progress. A jump of the local
+    wall clock (a bad NTP step, someone setting the date) therefore shows at once as an offset, in the next
+    event's clock field and the next heartbeat, without waiting for another ack; and decisions that must not
+    follow a jumped local clock (policy expiry, command validity) can use the controller's time instead.
+    """
+
+    def __init__(self, *, wall: Callable[[], float] = time.time, boot: Callable[[], float] = _boot_s) -> None:
+        self._wall = wall
+        self._boot = boot
+        self._anchor: tuple[float, float] | None = None  # (controller epoch s, boot clock s) at the last ack
 
     def observe(self, controller_time: str, received_at: float) -> int:
         """Record one sample (controller_time minus local receive time); return the offset in ms."""
         moment = timefmt.parse(controller_time, "controller_time").timestamp()
-        offset = round((moment - received_at) * 1000)
-        self._state = (abs(offset) < SYNC_LIMIT_MS, offset)
-        return offset
+        # The ack waited a little between arrival and here; take the boot clock back by that (bounded, in case
+        # the wall clock jumped in between).
+        waited = min(max(self._wall() - received_at, 0.0), 10.0)
+        self._anchor = (moment, self._boot() - waited)
+        return round((moment - received_at) * 1000)
+
+    def controller_now(self) -> datetime | None:
+        """Return the controller's time now, estimated from the last ack; None before the first ack."""
+        if self._anchor is None:
+            return None
+        moment, at = self._anchor
+        return datetime.fromtimestamp(moment + (self._boot() - at), UTC)
+
+    def wall_now(self) -> datetime:
+        """Return the local wall clock (UTC)."""
+        return datetime.fromtimestamp(self._wall(), UTC)
+
+    def reference_now(self) -> datetime:
+        """Return the controller's time if known, else the local clock: for checking the controller's timestamps."""
+        return self.controller_now() or self.wall_now()
+
+    def fail_closed_now(self) -> datetime:
+        """Return the later of the local clock and the controller's: an expiry either clock has reached has passed."""
+        controller = self.controller_now()
+        wall = self.wall_now()
+        return wall if controller is None else max(wall, controller)
 
     def state(self) -> tuple[bool, int | None]:
         """Return (synced, offset_ms) for the next event's clock field."""
-        return self._state
+        offset = self.offset_ms
+        return (offset is not None and abs(offset) < SYNC_LIMIT_MS, offset)
 
     @property
     def offset_ms(self) -> int | None:
-        """Return the last measured offset, if any."""
-        return self._state[1]
+        """Return the controller's clock minus ours now, in ms (None before the first ack)."""
+        controller = self.controller_now()
+        if controller is None:
+            return None
+        return round((controller.timestamp() - self._wall()) * 1000)
 
 
 @dataclass
@@ -97,6 +143,7 @@ class Sender:
         self._stop = False
         self._connected = False
         self._reset = False
+        self._full = False  # the outbox refused a delete for want of space (logged once per spell)
         self._new = True
         self._acks: list[tuple[bytes, float]] = []
         # Owned by the drain thread:
@@ -206,6 +253,16 @@ class Sender:
                 connected = self._connected
             try:
                 self._step(acks, reset, connected)
+                self._full = False
+            except OutboxFull as err:
+                # A full disk refuses even the deletes of acknowledged events: they stay and are acked again
+                # once there is room. Said once per spell, not every second.
+                if not self._full:
+                    log.error("%s; acknowledged events stay in the outbox until space is freed", err)
+                self._full = True
+                time.sleep(1.0)
+                with self._cond:
+                    self._reset = True
             except Exception:  # the loop must outlive any one failure; events stay in the outbox
                 log.exception("outbox sender step failed; retrying in 1 s")
                 time.sleep(1.0)

@@ -67,10 +67,14 @@ def readyz(state: StateDep, response: Response, actor: OptionalActorDep) -> Heal
             checks["last_batch_age_s"] = round(time.time() - state.ingest.last_batch_at, 1)
         checks["ingest_waiting"] = state.ingest.waiting
         stalled = state.ingest.stalled()
-        if stalled:
+        full = state.ingest.storage_full
+        if full is not None:
+            # Not ready at once: every batch is refused until space is freed, whether messages wait or not.
+            checks["ingest"] = f"storage full: {full}; nothing is stored or acknowledged"
+        elif stalled:
             # Connected but not advancing (e.g. the database refuses every batch): not ready, whatever else.
             checks["ingest"] = f"stalled: nothing finished for over {state.ingest.stall_s:.0f} s"
-        ok = ok and state.ingest.connected and not stalled
+        ok = ok and state.ingest.connected and not stalled and full is None
     if not ok:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     if actor is None or not actor.may(Permission.HEALTH_READ):

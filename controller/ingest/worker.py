@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sekisho.controller.config import ControllerConfig
 from sekisho.controller.ingest.lag import LagHistogram
 from sekisho.controller.ingest.ownership import OwnershipCheck
+from sekisho.controller.ingest.storage_full import storage_full
 from sekisho.controller.mqtt import connect_blocking, make_client
 from sekisho.controller.store.events import DeadLetterIn
 from sekisho.controller.store.store import Store
@@ -62,6 +63,8 @@ class IngestStats:
     stall_s: float = 60.0
     # Recorded by the agent → stored here, per event stored (controller/ingest/lag.py; /metrics shows it).
     lag: LagHistogram = field(default_factory=LagHistogram)
+    # Set while the store refuses writes for want of space (controller/ingest/storage_full.py); None otherwise.
+    storage_full: str | None = None
 
     def stalled(self, now: float | None = None) -> bool:
         """Tell whether messages wait while nothing has been finished for longer than stall_s."""
@@ -268,11 +271,26 @@ class IngestWorker:
                     self._give_up(current[0])
                 else:
                     self.process(current)
-            except Exception:  # the loop must survive anything; what failed is retried, never dropped
+            except Exception as err:  # the loop must survive anything; what failed is retried, never dropped
+                self.stats.store_errors += 1
+                full = storage_full(err)
+                if full is not None:
+                    # Out of space is the store's outage, not these messages' fault: keep them (not acked, so
+                    # they stay in the agents' outboxes and the broker), never count towards a dead letter,
+                    # and say so once, not once per retry.
+                    if self.stats.storage_full is None:
+                        log.error(
+                            "ingest: the database is out of space (%s); storing and acknowledging nothing until "
+                            "space is freed: events wait in the agents' outboxes; retrying",
+                            full,
+                        )
+                    self.stats.storage_full = full
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    continue
                 # A store that refuses even the dead letter is down (not this message's fault): start this
                 # message's count again, so it is stored normally once the store is back.
                 attempts = 0 if giving_up else attempts + 1
-                self.stats.store_errors += 1
                 log.exception("ingest of %d message(s) failed (attempt %d)", len(current), attempts)
                 if not single and attempts >= self.config.ingest_attempts:
                     # Find the message that breaks the batch, so the others are stored meanwhile.
@@ -283,6 +301,9 @@ class IngestWorker:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
+            if self.stats.storage_full is not None:
+                log.warning("ingest: the database accepts writes again; storing the events that waited")
+                self.stats.storage_full = None
             backoff = 0.2
             attempts = 0
             pending = pending[len(current) :]

@@ -30,6 +30,9 @@ REGISTER = "register"
 REPLACE = "replace"
 REVOKE = "revoke"
 
+# Workers store heartbeats seconds apart at most; a stored one newer than this is from before a clock step back.
+HEARTBEAT_CLOCK_STEP = timedelta(minutes=5)
+
 _AGENTS = cast(Table, Agent.__table__)
 _AGENT_KEYS = cast(Table, AgentKey.__table__)
 # The certificates enrolment records (controller/store/enrolment.py); only the columns revocation needs, so this
@@ -357,11 +360,14 @@ class AgentRecords(CheckpointRecords):
             return False
 
         def work(conn: Connection) -> bool:
-            # Heartbeats may be handled by different workers out of order: keep the newest.
+            # Heartbeats may be handled by different workers out of order: keep the newest. One "older" by
+            # more than any such reordering means the controller's clock stepped back: take it, or the fleet
+            # view would show the heartbeat from before the step until the clock passed it again.
+            last = _AGENTS.c.last_seen_at
             stmt = (
                 update(_AGENTS)
                 .where(_AGENTS.c.id == agent_id)
-                .where(or_(_AGENTS.c.last_seen_at.is_(None), _AGENTS.c.last_seen_at <= seen))
+                .where(or_(last.is_(None), last <= seen, last > seen + HEARTBEAT_CLOCK_STEP))
                 .values(**values)
             )
             return conn.execute(stmt).rowcount > 0

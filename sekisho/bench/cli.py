@@ -484,6 +484,37 @@ def bench_fleet(
 
 
 @bench_app.command(
+    "outage",
+    help=_("Broker down for minutes while real agents buffer events; exact counts: lost, duplicated, chains verify."),
+)
+def bench_outage(
+    agents: Annotated[int, typer.Option(min=1, max=200, help=_("agent processes (real runtime, durable outbox)"))] = 20,
+    events: Annotated[
+        int,
+        typer.Option(min=1, max=10_000_000, help=_("events recorded by the agents in all while the broker is down")),
+    ] = 100_000,
+    down_s: Annotated[float, typer.Option(min=0, max=7200, help=_("how long the broker stays down"))] = 600.0,
+    reconnect_max_s: Annotated[
+        float, typer.Option(min=0.5, max=3600, help=_("the agents' longest wait between reconnect attempts"))
+    ] = 30.0,
+    timeout_s: Annotated[float, typer.Option(min=10, max=14_400, help=_("bound on every wait"))] = 1800.0,
+    workdir: Annotated[Path | None, typer.Option(help=_("keep state here instead of a temp dir"))] = None,
+) -> None:
+    """Broker down for minutes while real agents buffer events; exact counts: lost, duplicated, chains verify."""
+    from sekisho.bench.outage import OutageOptions, run_outage_bench
+
+    options = OutageOptions(
+        agents=agents,
+        events=events,
+        down_s=down_s,
+        reconnect_max_s=reconnect_max_s,
+        timeout_s=timeout_s,
+        workdir=workdir,
+    )
+    raise typer.Exit(run_outage_bench(options, console))
+
+
+@bench_app.command(
     "registers",
     help=_("Register/timeline queries, HTTP pages and CSV export memory over millions of projected events."),
 )
