@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,7 +135,7 @@ class Federation:
     """
 
     root: Path
-    sites: dict[str, Sequence[str]]
+    sites: Mapping[str, Sequence[str]]
     direct: Sequence[str] = ()
     database_url: str | None = None
     max_queued_messages: int | None = None
