@@ -316,19 +316,7 @@ def render_config(
     if site_port is not None:
         if sites_acl_path is None:
             raise ValueError("a sites listener needs its ACL")
-        lines += [
-            "# Sites: the bridges of site brokers, mutual TLS with a certificate of the site bridge CA only (no",
-            "# agent or controller certificate gets in). The CN (site.NAME) is the username and the client id;",
-            "# the ACL lets a site publish and receive its own agents' topics only.",
-            f"listener {int(site_port)} {v(controller_bind if controller_bind is not None else bind)}",
-            f"cafile {v(CaPaths.at(pki.directory / SITE_CA_DIR).cert)}",
-            *tls,
-            "use_identity_as_username true",
-            "use_username_as_clientid true",
-            "allow_anonymous false",
-            f"acl_file {v(sites_acl_path)}",
-            "",
-        ]
+        lines += [render_sites_listener(port=site_port, pki_dir=pki_dir, sites_acl_path=sites_acl_path, bind=bind)]
     inflight = max_inflight_messages or (BRIDGE_INFLIGHT_MESSAGES if bridge is not None else MAX_INFLIGHT_MESSAGES)
     queued = max_queued_messages or (BRIDGE_QUEUED_MESSAGES if bridge is not None else MAX_QUEUED_MESSAGES)
     queued_bytes = max_queued_bytes or (BRIDGE_QUEUED_BYTES if bridge is not None else 0)
@@ -363,6 +351,44 @@ def render_config(
     ]
     if bridge is not None:
         lines.append(render_bridge(bridge))
+    return "\n".join(lines)
+
+
+def render_sites_listener(*, port: int, pki_dir: Path, sites_acl_path: Path, bind: str = "127.0.0.1") -> str:
+    """Return the central broker's sites listener: the site bridge CA's certificates only, the sites ACL."""
+    pki = PkiPaths.at(pki_dir)
+    v = _config_value
+    lines = [
+        "# Sites: the bridges of site brokers, mutual TLS with a certificate of the site bridge CA only (no",
+        "# agent or controller certificate gets in). The CN (site.NAME) is the username and the client id;",
+        "# the ACL lets a site publish and receive its own agents' topics only. Site brokers reach it over",
+        "# the network, as agents reach theirs: it binds where the agents' listener does.",
+        f"listener {int(port)} {v(bind)}",
+        f"cafile {v(CaPaths.at(pki.directory / SITE_CA_DIR).cert)}",
+        f"certfile {v(pki.broker_cert)}",
+        f"keyfile {v(pki.broker_key)}",
+        "tls_version tlsv1.2",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        "allow_anonymous false",
+        f"acl_file {v(sites_acl_path)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_bridge_limits() -> str:
+    """Return a site broker's window and queue limits (they replace the central values in its mosquitto.conf)."""
+    lines = [
+        "# A site broker's limits, in place of the central values: the bridge's window paces a backlog through",
+        "# the centre's PUBACKs, and its queue is bounded while the centre is unreachable (agents resend).",
+        f"max_inflight_messages {BRIDGE_INFLIGHT_MESSAGES}",
+        f"max_inflight_bytes {BRIDGE_INFLIGHT_BYTES}",
+        f"max_queued_messages {BRIDGE_QUEUED_MESSAGES}",
+        f"max_queued_bytes {BRIDGE_QUEUED_BYTES}",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -20,7 +20,13 @@ from cryptography.x509.oid import NameOID
 from support.mqtt import ConnectRefused, SyncClient, TlsFiles, connect_client
 from support.site import Site, wait_for
 
-from sekisho.deploy.broker import BridgeSpec, render_bridge, render_sites_acl
+from sekisho.deploy.broker import (
+    BridgeSpec,
+    render_bridge,
+    render_bridge_limits,
+    render_sites_acl,
+    render_sites_listener,
+)
 from sekisho.deploy.pki import SITE_CA_DIR, PkiError, PkiPaths, SiteCredentials, issue_site, load_cert
 from sekisho.lab.sites import Federation
 from sekisho.protocol import topics
@@ -208,6 +214,10 @@ def test_partition_behind_a_bridge_loses_and_duplicates_nothing(tmp_path: Path, 
         assert during - cut_at < 3 * len(fed.agents())
         assert site.count_events() - during > rate * PARTITION_S
         assert link.connections >= 2
+        site_log = fed.site_brokers["tokyo"].broker.log_path.read_text()
+        if queue_limit is not None:
+            # The site broker's queue for the centre really overflowed (and the bridge recovered anyway).
+            assert "Outgoing messages are being dropped for client local.site.tokyo" in site_log
         # Agents published again what the cut left unacknowledged: duplicates reached the controller,
         # which stored each event once (idempotent on (agent, seq)).
         assert sum(int(str(_summary(fed, a)["resent"])) for a in fed.agents()) > 0
@@ -251,3 +261,27 @@ def test_issue_site_names_the_certificate_site_dot_name(tmp_path: Path, pki: Pat
         issue_site(own, "kobe")
     with pytest.raises(PkiError):
         issue_site(own, "Bad.Name")
+
+
+def _options(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_examples_match_rendered_files() -> None:
+    examples = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
+    etc = Path("/etc/mosquitto/sekisho")
+    central = render_sites_listener(port=8885, pki_dir=etc, sites_acl_path=etc / "acl-sites", bind="0.0.0.0")
+    assert _options((examples / "central-sites.conf.example").read_text()) == _options(central)
+    acl = render_sites_acl({"tokyo": ["tokyo-pc-01", "tokyo-door-01"], "osaka": ["osaka-pc-01"]})
+    assert _options((examples / "acl-sites.example").read_text()) == _options(acl)
+    spec = BridgeSpec(
+        site="tokyo",
+        central_host="central.example.jp",
+        central_port=8885,
+        agents=("tokyo-pc-01", "tokyo-door-01"),
+        cert=etc / "site" / "tls.crt",
+        key=etc / "site" / "tls.key",
+        cafile=etc / "site" / "ca.crt",
+    )
+    site = render_bridge_limits() + render_bridge(spec)
+    assert _options((examples / "site-bridge.conf.example").read_text()) == _options(site)
