@@ -157,6 +157,47 @@ def test_a_site_cannot_speak_or_listen_for_another_sites_agent(central: Federati
         controller.close()
 
 
+def test_acks_and_policy_reach_the_site_and_the_retained_policy_stays_current(central: Federation) -> None:
+    """Downstream through the bridge: an ack reaches the agent; a policy retained at the centre is retained at
+    the site too, and a later one replaces it there (the bridge keeps the retain flag of live messages)."""
+    pki = PkiPaths.at(central.lab.pki_dir)
+    controller = connect_client(
+        TlsFiles(pki.ca_cert, pki.controller_cert, pki.controller_key),
+        central.lab.broker.controller_port,
+        "controller-test",
+    )
+    site_port = central.site_brokers["tokyo"].broker.port
+    policy = topics.topic("tk-1", topics.POLICY)
+    agent = connect_client(central.lab.pki_dir, site_port, "tk-1")
+    try:
+        assert [r.value for r in agent.subscribe_wait(topics.topic("tk-1", topics.ACKS))] == [1]
+        assert [r.value for r in agent.subscribe_wait(policy)] == [1]
+        # The bridge's subscriptions at the centre may still be on their way: publish until the ack arrives.
+        wait_for(
+            lambda: (
+                not controller.publish_wait(topics.topic("tk-1", topics.ACKS), b"ack").is_failure
+                and any(m.payload == b"ack" for m in agent.received())
+            ),
+            30,
+            "an ack through the bridge",
+        )
+        controller.publish_wait(policy, b"policy-1", retain=True)
+        assert agent.next_message(10).payload == b"policy-1"
+        controller.publish_wait(policy, b"policy-2", retain=True)
+        assert agent.next_message(10).payload == b"policy-2"
+    finally:
+        agent.close()
+        controller.close()
+    # A later subscriber at the site (an agent restarting) is handed the current policy by its site broker.
+    again = connect_client(central.lab.pki_dir, site_port, "tk-1")
+    try:
+        again.subscribe_wait(policy)
+        message = again.next_message(10)
+        assert (message.payload, message.retain) == (b"policy-2", True)
+    finally:
+        again.close()
+
+
 def test_sites_listener_refuses_agent_and_controller_certificates(central: Federation) -> None:
     port = central.lab.broker.site_port
     pki = PkiPaths.at(central.lab.pki_dir)
