@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from sekisho.common.i18n import _
-from sekisho.deploy import broker, pki
+from sekisho.deploy import broker, emqx, pki
 from sekisho.protocol import errors as sekisho_errors
 from sekisho.protocol import signing
 
@@ -269,6 +269,9 @@ def sites_acl_command(
         list[str], typer.Option("--site", help=_("NAME=AGENT,AGENT,...: a site and the agents behind it (repeatable)."))
     ],
     out: OutOption = None,
+    for_emqx: Annotated[
+        bool, typer.Option("--emqx", help=_("Write EMQX's acl.conf (the whole central tier's rules) instead."))
+    ] = False,
 ) -> None:
     """Print the ACL of the central broker's sites listener: each site reaches its own agents' topics only."""
     sites: dict[str, list[str]] = {}
@@ -278,7 +281,7 @@ def sites_acl_command(
             if not sep or name in sites:
                 raise ValueError(f"--site {entry!r}: expected NAME=AGENT,AGENT,... once per site")
             sites[name] = [a for a in agents.split(",") if a]
-        text = broker.render_sites_acl(sites)
+        text = emqx.render_acl(sites) if for_emqx else broker.render_sites_acl(sites)
     except (ValueError, pki.PkiError, sekisho_errors.Rejected) as err:
         raise _fail(err) from err
     _write_or_print(text, out)

@@ -237,7 +237,7 @@ def run_scale_bench(opts: Options, console: Console) -> int:
         fed.start(agent_options)
         lab = fed.lab
         lab.write_controller_config(batch_max=1000, batch_wait_ms=10)
-        lab.register_agents(*fed.agents())
+        fed.register_agents()
         controller = lab.spawn_controller(http=True)
         from sekisho.bench.cli import _db_url, _wait_ready
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sekisho.deploy.broker import BridgeSpec, Broker
-from sekisho.deploy.pki import SiteCredentials, issue_site
+from sekisho.deploy.pki import AgentCredentials, SiteCredentials, issue_site
 from sekisho.lab import Lab
 
 _CHUNK = 64 * 1024
@@ -175,6 +175,19 @@ class Federation:
                 self.lab.add_agent(agent, broker_port=broker.port, **options)
         for agent in self.direct:
             self.lab.add_agent(agent, **options)
+
+    def register_agents(self) -> None:
+        """Register every agent's signing key with the controller, in this process (one CLI run per agent
+        would start an interpreter each: minutes for a few dozen agents on a small host)."""
+        from sekisho.controller.config import load_config
+        from sekisho.controller.service import open_store
+
+        store = open_store(load_config(self.lab.controller_config))
+        try:
+            for name in self.agents():
+                store.register_agent(name, AgentCredentials.at(self.lab.pki_dir, name).signing_pub.read_text())
+        finally:
+            store.engine.dispose()
 
     def agents(self) -> list[str]:
         """Every agent, bridged ones first."""
