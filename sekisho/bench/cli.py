@@ -583,6 +583,9 @@ def bench_scale(
         float,
         typer.Option(min=0, help=_("cut every site's link to the centre this many seconds during the bridged phase")),
     ] = 0.0,
+    resend_after_s: Annotated[
+        float, typer.Option(min=1, help=_("the agents' resend_after_s (publish again what is not acknowledged)"))
+    ] = 30.0,
     database_url: Annotated[str | None, typer.Option(help=_("store URL (default: SQLite in the work dir)"))] = None,
     workdir: Annotated[Path | None, typer.Option(help=_("keep state here instead of a temp dir"))] = None,
 ) -> None:
@@ -595,6 +598,7 @@ def bench_scale(
         events=events,
         rate=rate,
         partition_s=partition_s,
+        resend_after_s=resend_after_s,
         database_url=database_url,
         workdir=workdir,
         # The agents wait for their acks at most this long after the partition.

@@ -61,6 +61,7 @@ class Options:
     database_url: str | None = None
     workdir: Path | None = None
     timeout_s: float = 600.0
+    resend_after_s: float = 30.0
 
 
 class Probe:
@@ -232,8 +233,9 @@ def run_scale_bench(opts: Options, console: Console) -> int:
     partition_log: list[str] = []
     results: dict[str, dict[str, Any]] = {}
     site_seen: dict[tuple[str, int], float] = {}
+    resent: dict[str, int] = {}
     try:
-        agent_options: dict[str, object] = {"resend_after_s": 30, "heartbeat_interval_s": 60}
+        agent_options: dict[str, object] = {"resend_after_s": opts.resend_after_s, "heartbeat_interval_s": 60}
         fed.start(agent_options)
         lab = fed.lab
         lab.write_controller_config(batch_max=1000, batch_wait_ms=10)
@@ -248,7 +250,7 @@ def run_scale_bench(opts: Options, console: Console) -> int:
         probes += site_probes
         console.print(
             f"{opts.sites} site broker(s) × {opts.agents_per_site} agents, {opts.events} events per agent "
-            f"at {opts.rate or 'full'} /s; partition {opts.partition_s} s"
+            f"at {opts.rate or 'full'} /s; partition {opts.partition_s} s; agents resend after {opts.resend_after_s} s"
         )
 
         for phase in PHASES:
@@ -279,6 +281,7 @@ def run_scale_bench(opts: Options, console: Console) -> int:
             if cutter is not None:
                 cutter.join(timeout=5)
             summary = _summary_line(fed, phase)
+            resent[phase] = int(summary.get("resent", 0))
             if proc.returncode != 0 or not summary.get("drained"):
                 failed.append(phase)
             console.print(f"{phase}: agents {json.dumps(summary)}")
@@ -307,6 +310,7 @@ def run_scale_bench(opts: Options, console: Console) -> int:
             cells.append(f"{h['p50_ms']} / {h['p99_ms']} (n={h['n']})" if h else "—")
         table.add_row(f"{hop} p50 / p99 (ms)", *cells)
     table.add_row("stored / expected", *(f"{results[p]['stored']} / {results[p]['expected']}" for p in PHASES))
+    table.add_row("events published again by the agents", *(str(resent.get(p, 0)) for p in PHASES))
     table.add_row("lost / duplicates", *(f"{results[p]['lost']} / {results[p]['duplicates']}" for p in PHASES))
     console.print(table)
     lost = sum(results[p]["lost"] for p in PHASES)
@@ -324,6 +328,8 @@ def run_scale_bench(opts: Options, console: Console) -> int:
         "agents": opts.sites * opts.agents_per_site,
         "events_per_agent": opts.events,
         "partition_s": opts.partition_s,
+        "resend_after_s": opts.resend_after_s,
+        "resent": {phase: resent.get(phase, 0) for phase in PHASES},
         "lost": lost,
         "duplicates": duplicates,
         "failed": failed,
