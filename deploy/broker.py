@@ -511,7 +511,7 @@ class Broker:
         self.max_queued_messages = max_queued_messages
         # A port we picked may be taken by someone else before mosquitto binds it; then we pick again,
         # but only before the first successful start, so the ports stay the same across restarts.
-        self._may_repick = (port is None, controller_port is None)
+        self._may_repick = (port is None, controller_port is None, site_port is None)
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], Broker] | None = None
 
@@ -637,7 +637,7 @@ class Broker:
         for attempt in range(attempts):
             try:
                 self._start_once(timeout)
-                self._may_repick = (False, False)
+                self._may_repick = (False, False, False)
                 return
             except BrokerError as err:
                 # The port in use may be one we were given: then the last attempt's error says so.
@@ -647,6 +647,8 @@ class Broker:
                     self._port = None
                 if self._may_repick[1]:
                     self._controller_port = None
+                if self._may_repick[2]:
+                    self._site_port = None
 
     def _start_once(self, timeout: float) -> None:
         self.write_config()
