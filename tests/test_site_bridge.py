@@ -27,6 +27,7 @@ from sekisho.deploy.broker import (
     render_sites_acl,
     render_sites_listener,
 )
+from sekisho.deploy.emqx import render_acl as render_emqx_acl
 from sekisho.deploy.pki import SITE_CA_DIR, PkiError, PkiPaths, SiteCredentials, issue_site, load_cert
 from sekisho.lab.sites import Federation
 from sekisho.protocol import topics
@@ -326,3 +327,19 @@ def test_examples_match_rendered_files() -> None:
     )
     site = render_bridge_limits() + render_bridge(spec)
     assert _options((examples / "site-bridge.conf.example").read_text()) == _options(site)
+
+
+def test_emqx_acl_grants_what_the_mosquitto_acls_grant() -> None:
+    sites = {"tokyo": ["tokyo-pc-01", "tokyo-door-01"], "osaka": ["osaka-pc-01"]}
+    text = render_emqx_acl(sites)
+    example = Path(__file__).resolve().parent.parent / "deploy" / "emqx" / "acl.conf.example"
+    assert _options(example.read_text()) == _options(text)
+    rules = [line for line in text.splitlines() if line.startswith("{")]
+    # Everything not granted is refused, and the controllers' rule comes from the controller CN only.
+    assert rules[-1] == "{deny, all}."
+    assert rules[0] == '{allow, {username, "controller"}, all, ["sekisho/v1/agents/#"]}.'
+    tokyo = [rule for rule in rules if '"site.tokyo"' in rule]
+    assert len(tokyo) == 2 and all("osaka-pc-01" not in rule for rule in tokyo)
+    assert "sekisho/v1/agents/tokyo-pc-01/events" in tokyo[0] and "/acks" in tokyo[1]
+    with pytest.raises(ValueError):
+        render_emqx_acl({"tokyo": ["tk-1"], "osaka": ["tk-1"]})
