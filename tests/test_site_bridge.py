@@ -7,6 +7,7 @@ the site brokers, and `controller serve` storing the events.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -286,7 +287,7 @@ def test_bridge_config_is_persistent_bounded_and_per_agent(tmp_path: Path, pki: 
     assert "topic sekisho/v1/agents/ng-1/acks in 1" in options
     assert not any("#" in line or "+" in line for line in options if line.startswith("topic "))
     with pytest.raises(ValueError):
-        render_bridge(BridgeSpec(**{**spec.__dict__, "central_host": "evil\nlistener 1"}))
+        render_bridge(dataclasses.replace(spec, central_host="evil\nlistener 1"))
 
 
 def test_issue_site_names_the_certificate_site_dot_name(tmp_path: Path, pki: Path) -> None:

@@ -8,6 +8,7 @@ ones refused) and heal it, while the agents keep talking to their site broker.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import threading
 from collections.abc import Mapping, Sequence
@@ -162,7 +163,7 @@ class Federation:
             link = TcpProxy(self.lab.broker.site_port)
             spec = BridgeSpec.for_site(self.lab.pki_dir, site, "127.0.0.1", link.port, agents)
             # Short backoff: a healed link is used again within seconds (production keeps the defaults).
-            spec = BridgeSpec(**{**spec.__dict__, "restart_base_s": 1, "restart_cap_s": 3})
+            spec = dataclasses.replace(spec, restart_base_s=1, restart_cap_s=3)
             broker = Broker(
                 self.lab.pki_dir,
                 self.root / "sites" / site / "broker",
