@@ -14,8 +14,14 @@ Identity is bound by the listener a client reaches (mosquitto 2.0, ``per_listene
   controller picks its own client ids (``controller-1-ingest``, …), all starting with ``controller``,
   a prefix no agent name may have (deploy/pki.py).
 
+Sites (docs/operations.md, "Sites and the central broker"): a *site* broker serves its agents exactly as
+above and bridges to the *central* broker (:class:`BridgeSpec`, :func:`render_bridge`) with a certificate
+of the site bridge CA (``sekisho pki issue-site``). The central broker then has a third listener, the
+sites listener, trusting only that CA; its ACL (:func:`render_sites_acl`) lets each site publish and
+receive the topics of its own agents only.
+
 Production brokers use ``deploy/mosquitto/*.example``; :class:`Broker` runs a private mosquitto on two
-loopback ports with the same ACLs, plugin and settings.
+(three with sites) loopback ports with the same ACLs, plugin and settings.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ import ssl
 import subprocess
 import time
 import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from sekisho.deploy.pki import CONTROLLER_CN, PkiPaths
+from sekisho.deploy.pki import CONTROLLER_CN, SITE_CA_DIR, CaPaths, PkiPaths, SiteCredentials, check_site_name
 from sekisho.protocol import topics
 from sekisho.protocol.messages import MAX_CONTROL_BYTES
 from sekisho.protocol.revocations import RevocationList
@@ -52,6 +60,7 @@ MAX_INFLIGHT_MESSAGES = 1000
 CONFIG_NAME = "mosquitto.conf"
 AGENT_ACL_NAME = "acl-agents"
 CONTROLLER_ACL_NAME = "acl-controllers"
+SITES_ACL_NAME = "acl-sites"
 LOG_NAME = "mosquitto.log"
 STDERR_NAME = "mosquitto.stderr"
 DB_NAME = "mosquitto.db"
@@ -60,6 +69,22 @@ REVOCATIONS_NAME = "revocations"
 
 # The agents' inbound channels: the only topics (their own) an agent may subscribe to.
 AGENT_INBOUND = (topics.ACKS, topics.POLICY, topics.COMMANDS)
+# What a bridge carries per agent: upstream (site → centre) and downstream (centre → site), with the QoS
+# the agents and the controller use on each channel (heartbeats are QoS 0: only live ones mean anything).
+BRIDGE_OUT = ((topics.EVENTS, 1), (topics.HEARTBEAT, 0))
+BRIDGE_IN = ((topics.ACKS, 1), (topics.POLICY, 1), (topics.COMMANDS, 1))
+# A site broker's window of events in flight to the centre. mosquitto 2.0.11 has no rate option for a
+# bridge; its window (max_inflight_messages, which 2.0 applies to the bridge's outgoing messages) makes
+# the central broker's PUBACKs pace a backlog, instead of the whole backlog being written at once
+# (eclipse/mosquitto#1359). The agents' own windows (max_inflight) bound what waits behind it.
+BRIDGE_INFLIGHT_MESSAGES = 100
+BRIDGE_INFLIGHT_BYTES = 1024 * 1024
+# Queue of a site broker's bridge while the centre is unreachable. Past it mosquitto drops silently, which
+# loses nothing: agents keep every event until the controller's signed ack and publish again whatever is
+# not acknowledged after resend_after_s. A bounded queue keeps a long partition from filling the site
+# broker's memory (each agent keeps at most max_inflight events unacknowledged in flight anyway).
+BRIDGE_QUEUED_MESSAGES = 100_000
+BRIDGE_QUEUED_BYTES = 256 * 1024 * 1024
 PLUGIN_NAME = "sekisho_agent_acl"
 PLUGIN_SOURCE = Path(__file__).resolve().parent / "mosquitto" / f"{PLUGIN_NAME}.c"
 PLUGIN_CFLAGS = ("-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared")
@@ -104,6 +129,100 @@ def render_controller_acl() -> str:
     return "\n".join(lines)
 
 
+def render_sites_acl(sites: Mapping[str, Sequence[str]]) -> str:
+    """Return the ACL of the central broker's sites listener: each site reaches its own agents' topics only.
+
+    `sites` maps a site name to the agents behind its broker. A site's bridge may publish its agents'
+    events and heartbeats and receive their acks, policy and commands; nothing of another site's agents.
+    """
+    lines = [
+        "# sekisho MQTT ACL of the central broker's sites listener, which only certificates of the site bridge CA",
+        "# reach (username and client id: the certificate's CN, site.NAME). Anything not granted here is denied.",
+        "# Regenerate it (and the site's bridge) when an agent joins or leaves a site.",
+        "",
+    ]
+    seen: dict[str, str] = {}
+    for site, agents in sorted(sites.items()):
+        check_site_name(site)
+        lines.append(f"user {SiteCredentials.at(Path(), site).common_name}")
+        for agent in sorted(agents):
+            topics.check_agent_id(agent)
+            # One agent behind two sites' bridges would let either speak for it: refuse the configuration.
+            if agent in seen and seen[agent] != site:
+                raise ValueError(f"agent {agent!r} is listed for sites {seen[agent]!r} and {site!r}")
+            seen[agent] = site
+            lines += [f"topic write {topics.topic(agent, channel)}" for channel, _qos in BRIDGE_OUT]
+            lines += [f"topic read {topics.topic(agent, channel)}" for channel, _qos in BRIDGE_IN]
+        lines.append("")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class BridgeSpec:
+    """A site broker's bridge to the central broker: where the centre is, who the site is, which agents."""
+
+    site: str
+    central_host: str
+    central_port: int
+    agents: tuple[str, ...]
+    cert: Path
+    key: Path
+    cafile: Path
+    # Reconnect backoff (mosquitto's decorrelated jitter between base and cap seconds).
+    restart_base_s: int = 2
+    restart_cap_s: int = 30
+    keepalive_s: int = 15
+
+    @classmethod
+    def for_site(
+        cls, pki_dir: Path, site: str, central_host: str, central_port: int, agents: Sequence[str]
+    ) -> BridgeSpec:
+        """Return the bridge of a site whose credentials `sekisho pki issue-site` wrote into the PKI."""
+        creds = SiteCredentials.at(pki_dir, site)
+        return cls(site, central_host, central_port, tuple(agents), creds.tls_cert, creds.tls_key, creds.ca_cert)
+
+
+def render_bridge(spec: BridgeSpec) -> str:
+    """Return the bridge section of a site broker's mosquitto.conf (it must come last: it opens a block)."""
+    v = _config_value
+    check_site_name(spec.site)
+    name = SiteCredentials.at(Path(), spec.site).common_name
+    lines = [
+        f"# Bridge of site {spec.site} to the central broker's sites listener (mutual TLS, certificate CN {name}).",
+        f"connection {v(name)}",
+        f"address {v(spec.central_host)}:{int(spec.central_port)}",
+        "bridge_protocol_version mqttv311",
+        "# mosquitto-to-mosquitto bridge flag: the centre keeps the retain flag of the policies it forwards.",
+        "try_private true",
+        "# A persistent session on both ends: what is queued for the site while the link is down waits at the",
+        "# centre, and what the agents sent meanwhile waits here, up to the queue limits (max_queued_*).",
+        "cleansession false",
+        "local_cleansession false",
+        f"remote_clientid {v(name)}",
+        f"local_clientid {v('local.' + name)}",
+        "start_type automatic",
+        f"restart_timeout {int(spec.restart_base_s)} {int(spec.restart_cap_s)}",
+        f"keepalive_interval {int(spec.keepalive_s)}",
+        "# The centre's ACL grants a site nothing under $SYS: no connection notifications there.",
+        "notifications false",
+        "bridge_attempt_unsubscribe false",
+        f"bridge_max_packet_size {MAX_PACKET_BYTES}",
+        f"bridge_cafile {v(spec.cafile)}",
+        f"bridge_certfile {v(spec.cert)}",
+        f"bridge_keyfile {v(spec.key)}",
+        "bridge_insecure false",
+        "bridge_require_ocsp false",
+        "# One topic per agent and channel, no wildcard: the bridge asks the centre for its own agents' topics",
+        "# only, which is all the centre's ACL lets it have.",
+    ]
+    for agent in spec.agents:
+        topics.check_agent_id(agent)
+        lines += [f"topic {topics.topic(agent, channel)} out {qos}" for channel, qos in BRIDGE_OUT]
+        lines += [f"topic {topics.topic(agent, channel)} in {qos}" for channel, qos in BRIDGE_IN]
+    lines.append("")
+    return "\n".join(lines)
+
+
 def _config_value(value: object) -> str:
     text = str(value)
     # One option per line: a newline in a path would let it smuggle in further options.
@@ -126,12 +245,20 @@ def render_config(
     controller_bind: str | None = None,
     log_path: Path | None = None,
     user: str | None = None,
+    site_port: int | None = None,
+    sites_acl_path: Path | None = None,
+    bridge: BridgeSpec | None = None,
+    max_inflight_messages: int | None = None,
+    max_queued_messages: int | None = None,
+    max_queued_bytes: int | None = None,
 ) -> str:
     """Return a mosquitto.conf: the agents' and the controllers' mutual-TLS listeners, each with its CA,
     identity rules and ACL, then persistence and throughput settings.
 
     `controller_bind` defaults to `bind`. `user` is the account mosquitto switches to when started as root
-    (mosquitto's default is "mosquitto"; "root" keeps root).
+    (mosquitto's default is "mosquitto"; "root" keeps root). A central broker gets `site_port` and
+    `sites_acl_path` (the sites listener); a site broker gets `bridge`, and then the bridge's window and
+    queue limits unless the max_* arguments say otherwise.
     """
     pki = PkiPaths.at(pki_dir)
     log = log_path if log_path is not None else state_dir / LOG_NAME
@@ -185,6 +312,15 @@ def render_config(
         "allow_anonymous false",
         f"acl_file {v(controller_acl_path)}",
         "",
+    ]
+    if site_port is not None:
+        if sites_acl_path is None:
+            raise ValueError("a sites listener needs its ACL")
+        lines += [render_sites_listener(port=site_port, pki_dir=pki_dir, sites_acl_path=sites_acl_path, bind=bind)]
+    inflight = max_inflight_messages or (BRIDGE_INFLIGHT_MESSAGES if bridge is not None else MAX_INFLIGHT_MESSAGES)
+    queued = max_queued_messages or (BRIDGE_QUEUED_MESSAGES if bridge is not None else MAX_QUEUED_MESSAGES)
+    queued_bytes = max_queued_bytes or (BRIDGE_QUEUED_BYTES if bridge is not None else 0)
+    lines += [
         "# Persistence: queued QoS 1 messages, retained policies and persistent sessions survive a",
         '# restart or a crash. "Every second" is in practice about every two (mosquitto compares whole',
         "# seconds), so a crash loses up to ~2 s of broker state (agents resend unacknowledged events).",
@@ -195,8 +331,10 @@ def render_config(
         "",
         "# Throughput: Nagle's algorithm adds ~40 ms per QoS 1 request/response hop.",
         "set_tcp_nodelay true",
-        f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
-        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        f"max_inflight_messages {int(inflight)}",
+        *([f"max_inflight_bytes {BRIDGE_INFLIGHT_BYTES}"] if bridge is not None else []),
+        f"max_queued_messages {int(queued)}",
+        *([f"max_queued_bytes {int(queued_bytes)}"] if queued_bytes else []),
         f"max_packet_size {MAX_PACKET_BYTES}",
         "# Heartbeats are QoS 0 and only mean something live: never queue them for offline clients.",
         "queue_qos0_messages false",
@@ -209,6 +347,46 @@ def render_config(
         "connection_messages true",
         "log_timestamp true",
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        "",
+    ]
+    if bridge is not None:
+        lines.append(render_bridge(bridge))
+    return "\n".join(lines)
+
+
+def render_sites_listener(*, port: int, pki_dir: Path, sites_acl_path: Path, bind: str = "127.0.0.1") -> str:
+    """Return the central broker's sites listener: the site bridge CA's certificates only, the sites ACL."""
+    pki = PkiPaths.at(pki_dir)
+    v = _config_value
+    lines = [
+        "# Sites: the bridges of site brokers, mutual TLS with a certificate of the site bridge CA only (no",
+        "# agent or controller certificate gets in). The CN (site.NAME) is the username and the client id;",
+        "# the ACL lets a site publish and receive its own agents' topics only. Site brokers reach it over",
+        "# the network, as agents reach theirs: it binds where the agents' listener does.",
+        f"listener {int(port)} {v(bind)}",
+        f"cafile {v(CaPaths.at(pki.directory / SITE_CA_DIR).cert)}",
+        f"certfile {v(pki.broker_cert)}",
+        f"keyfile {v(pki.broker_key)}",
+        "tls_version tlsv1.2",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        "allow_anonymous false",
+        f"acl_file {v(sites_acl_path)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_bridge_limits() -> str:
+    """Return a site broker's window and queue limits (they replace the central values in its mosquitto.conf)."""
+    lines = [
+        "# A site broker's limits, in place of the central values: the bridge's window paces a backlog through",
+        "# the centre's PUBACKs, and its queue is bounded while the centre is unreachable (agents resend).",
+        f"max_inflight_messages {BRIDGE_INFLIGHT_MESSAGES}",
+        f"max_inflight_bytes {BRIDGE_INFLIGHT_BYTES}",
+        f"max_queued_messages {BRIDGE_QUEUED_MESSAGES}",
+        f"max_queued_bytes {BRIDGE_QUEUED_BYTES}",
         "",
     ]
     return "\n".join(lines)
@@ -315,15 +493,25 @@ class Broker:
         *,
         controller_port: int | None = None,
         bind: str = "127.0.0.1",
+        sites: Mapping[str, Sequence[str]] | None = None,
+        site_port: int | None = None,
+        bridge: BridgeSpec | None = None,
+        max_queued_messages: int | None = None,
     ) -> None:
         self.pki_dir = Path(pki_dir)
         self.state_dir = Path(state_dir)
         self.bind = bind
         self._port = port
         self._controller_port = controller_port
+        # A central broker: the sites listener and its ACL (site name → the agents behind its bridge).
+        self.sites = {name: tuple(agents) for name, agents in sites.items()} if sites is not None else None
+        self._site_port = site_port
+        # A site broker: its bridge to the centre (rendered at the end of its configuration).
+        self.bridge = bridge
+        self.max_queued_messages = max_queued_messages
         # A port we picked may be taken by someone else before mosquitto binds it; then we pick again,
         # but only before the first successful start, so the ports stay the same across restarts.
-        self._may_repick = (port is None, controller_port is None)
+        self._may_repick = (port is None, controller_port is None, site_port is None)
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], Broker] | None = None
 
@@ -342,6 +530,22 @@ class Broker:
             if candidate != self.port:
                 self._controller_port = candidate
         return self._controller_port
+
+    @property
+    def site_port(self) -> int:
+        """The TCP port of the sites listener of a central broker (fixed once chosen)."""
+        if self.sites is None:
+            raise BrokerError("this broker has no sites listener")
+        while self._site_port is None:
+            candidate = find_free_port(self.connect_host)
+            if candidate not in (self.port, self.controller_port):
+                self._site_port = candidate
+        return self._site_port
+
+    @property
+    def sites_acl_path(self) -> Path:
+        """The rendered ACL of the sites listener."""
+        return self.state_dir / SITES_ACL_NAME
 
     @property
     def connect_host(self) -> str:
@@ -392,10 +596,16 @@ class Broker:
         pki = PkiPaths.at(self.pki_dir)
         if not pki.controller_ca_cert.exists():
             raise BrokerError(f"{self.pki_dir} has no controller CA: run `sekisho pki upgrade --dir {self.pki_dir}`")
+        if self.sites is not None and not CaPaths.at(self.pki_dir / SITE_CA_DIR).cert.exists():
+            raise BrokerError(
+                f"{self.pki_dir} has no site bridge CA: run `sekisho pki issue-site NAME --dir {self.pki_dir}`"
+            )
         plugin = agent_acl_plugin()
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.agent_acl_path.write_text(render_agent_acl())
         self.controller_acl_path.write_text(render_controller_acl())
+        if self.sites is not None:
+            self.sites_acl_path.write_text(render_sites_acl(self.sites))
         if not self.revocations_path.exists():
             # A new site has revoked nobody. Without any list the plugin refuses every agent (fail closed).
             self.revocations_path.write_text(RevocationList().broker_text())
@@ -412,6 +622,10 @@ class Broker:
                 bind=self.bind,
                 log_path=self.log_path.resolve(),
                 user=_service_user(),
+                site_port=self.site_port if self.sites is not None else None,
+                sites_acl_path=self.sites_acl_path.resolve() if self.sites is not None else None,
+                bridge=self.bridge,
+                max_queued_messages=self.max_queued_messages,
             )
         )
 
@@ -423,7 +637,7 @@ class Broker:
         for attempt in range(attempts):
             try:
                 self._start_once(timeout)
-                self._may_repick = (False, False)
+                self._may_repick = (False, False, False)
                 return
             except BrokerError as err:
                 # The port in use may be one we were given: then the last attempt's error says so.
@@ -433,6 +647,8 @@ class Broker:
                     self._port = None
                 if self._may_repick[1]:
                     self._controller_port = None
+                if self._may_repick[2]:
+                    self._site_port = None
 
     def _start_once(self, timeout: float) -> None:
         self.write_config()

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from sekisho.common.i18n import _
-from sekisho.deploy import pki
+from sekisho.deploy import broker, emqx, pki
+from sekisho.protocol import errors as sekisho_errors
 from sekisho.protocol import signing
 
 app = typer.Typer(
@@ -193,3 +194,94 @@ def issuing_ca_command(
     except pki.PkiError as err:
         raise _fail(err) from err
     _report(Console(), f"Issuing CA written to {issuing.directory}", [issuing.cert, issuing.key])
+
+
+@app.command("issue-site", help=_("Issue a site broker's bridge certificate (CN site.NAME) into DIR/sites/NAME."))
+def issue_site_command(
+    name: Annotated[str, typer.Argument(help=_("Site name: lower-case letters, digits, '-', '_'."))],
+    directory: DirOption = DEFAULT_DIR,
+    force: Annotated[bool, typer.Option("--force", help=_("Replace the site's existing certificate."))] = False,
+) -> None:
+    """Issue a site broker's bridge certificate (CN site.NAME) into DIR/sites/NAME.
+
+    The first site also creates the site bridge CA (DIR/site-ca), which only the central broker's sites
+    listener trusts (docs/operations.md, "Sites and the central broker").
+    """
+    try:
+        creds = pki.issue_site(directory, name, force=force)
+    except pki.PkiError as err:
+        raise _fail(err) from err
+    _report(
+        Console(),
+        f"Site {name} written to {creds.directory} (copy this directory to the site broker)",
+        [creds.tls_cert, creds.tls_key, creds.ca_cert],
+    )
+
+
+def _write_or_print(text: str, out: Path | None) -> None:
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        pki.write_public(out, text.encode())
+        Console(stderr=True).print(f"written to {escape(str(out))}", soft_wrap=True)
+
+
+OutOption = Annotated[
+    Path | None, typer.Option("--out", help=_("Write to this file instead of standard output."), dir_okay=False)
+]
+
+
+@app.command("site-bridge", help=_("Print the bridge section of a site broker's mosquitto.conf."))
+def site_bridge_command(
+    name: Annotated[str, typer.Argument(help=_("Site name, as given to issue-site."))],
+    central: Annotated[str, typer.Option("--central", help=_("The central broker's sites listener, HOST:PORT."))],
+    agent: Annotated[list[str], typer.Option("--agent", help=_("An agent behind this site broker (repeatable)."))],
+    certs_dir: Annotated[
+        Path,
+        typer.Option("--certs-dir", help=_("Where the site broker keeps DIR/sites/NAME's files."), file_okay=False),
+    ] = Path("/etc/mosquitto/sekisho/site"),
+    out: OutOption = None,
+) -> None:
+    """Print the bridge section of a site broker's mosquitto.conf (append it at the end of that file)."""
+    host, sep, port = central.rpartition(":")
+    try:
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--central {central!r}: expected HOST:PORT")
+        pki.check_site_name(name)
+        spec = broker.BridgeSpec(
+            site=name,
+            central_host=host.strip("[]"),
+            central_port=int(port),
+            agents=tuple(agent),
+            cert=certs_dir / "tls.crt",
+            key=certs_dir / "tls.key",
+            cafile=certs_dir / "ca.crt",
+        )
+        text = broker.render_bridge(spec)
+    except (ValueError, pki.PkiError, sekisho_errors.Rejected) as err:
+        raise _fail(err) from err
+    _write_or_print(text, out)
+
+
+@app.command("sites-acl", help=_("Print the ACL of the central broker's sites listener."))
+def sites_acl_command(
+    site: Annotated[
+        list[str], typer.Option("--site", help=_("NAME=AGENT,AGENT,...: a site and the agents behind it (repeatable)."))
+    ],
+    out: OutOption = None,
+    for_emqx: Annotated[
+        bool, typer.Option("--emqx", help=_("Write EMQX's acl.conf (the whole central tier's rules) instead."))
+    ] = False,
+) -> None:
+    """Print the ACL of the central broker's sites listener: each site reaches its own agents' topics only."""
+    sites: dict[str, list[str]] = {}
+    try:
+        for entry in site:
+            name, sep, agents = entry.partition("=")
+            if not sep or name in sites:
+                raise ValueError(f"--site {entry!r}: expected NAME=AGENT,AGENT,... once per site")
+            sites[name] = [a for a in agents.split(",") if a]
+        text = emqx.render_acl(sites) if for_emqx else broker.render_sites_acl(sites)
+    except (ValueError, pki.PkiError, sekisho_errors.Rejected) as err:
+        raise _fail(err) from err
+    _write_or_print(text, out)

@@ -59,6 +59,15 @@ ISSUING_CA_NAME = "sekisho issuing CA"
 ISSUING_CA_DAYS = 2 * 365
 CA_NAME = "sekisho CA"
 CONTROLLER_CA_NAME = "sekisho controller CA"
+# Site brokers bridge to the central broker with a certificate of their own CA, trusted only by the central
+# broker's sites listener: neither an agent's nor a controller's certificate reaches that listener, and no
+# site certificate reaches theirs (deploy/broker.py).
+SITE_CA_DIR = "site-ca"
+SITE_CA_NAME = "sekisho site bridge CA"
+SITES_DIR = "sites"
+# A site's CN is "site.NAME". It is the bridge's username and client id on the central broker; the dot
+# keeps it out of the agents' names (no dot allowed) and the controllers' client ids ("controller...").
+SITE_CN_PREFIX = "site."
 # A certificate CN becomes the broker username: an agent called "controller" would get the controller's
 # ACL, so these names are refused for agents.
 RESERVED_NAMES = frozenset({CONTROLLER_CN, BROKER_CN, "broker", "ca"})
@@ -160,6 +169,40 @@ class AgentCredentials:
             ca_cert=directory / "ca.crt",
             controller_signing_pub=directory / "controller-signing.pub",
         )
+
+
+@dataclass(frozen=True)
+class SiteCredentials:
+    """A site broker's bridge identity: its certificate, key, and the CA that signs the central broker's."""
+
+    name: str
+    common_name: str
+    directory: Path
+    tls_cert: Path
+    tls_key: Path
+    ca_cert: Path
+
+    @classmethod
+    def at(cls, pki_dir: Path, name: str) -> SiteCredentials:
+        """Return the layout of a site's directory inside a PKI (nothing is read or written)."""
+        directory = pki_dir / SITES_DIR / check_site_name(name)
+        return cls(
+            name=name,
+            common_name=SITE_CN_PREFIX + name,
+            directory=directory,
+            tls_cert=directory / "tls.crt",
+            tls_key=directory / "tls.key",
+            ca_cert=directory / "ca.crt",
+        )
+
+
+def check_site_name(name: str) -> str:
+    """Return the name if it can name a site (same characters as an agent id), else raise PkiError."""
+    try:
+        topics.check_agent_id(name)
+    except errors.Rejected as err:
+        raise PkiError(f"invalid site name {name!r}: lower-case letters, digits, '-', '_'") from err
+    return name
 
 
 def check_agent_name(name: str) -> str:
@@ -466,6 +509,26 @@ def issue_agent(
     _write_signing_key(creds.signing_key, creds.signing_pub)
     write_public(creds.ca_cert, pki.ca_cert.read_bytes())
     write_public(creds.controller_signing_pub, pki.controller_signing_pub.read_bytes())
+    return creds
+
+
+def issue_site(directory: Path, name: str, *, force: bool = False, ca_key_path: Path | None = None) -> SiteCredentials:
+    """Issue a site broker's bridge certificate (CN site.NAME) into sites/NAME, creating the site CA once.
+
+    ca_key_path: the site bridge CA's key where it is kept offline (default: site-ca/ca.key).
+    """
+    creds = SiteCredentials.at(directory, name)
+    paths = PkiPaths.at(directory)
+    if creds.directory.exists() and not force:
+        raise PkiError(f"site {name!r} already exists at {creds.directory} (use force)")
+    if not paths.ca_cert.exists():
+        raise PkiError(f"no CA at {directory} (run init first)")
+    site_ca = CaPaths.at(directory / SITE_CA_DIR)
+    if not site_ca.cert.exists():
+        init_ca(site_ca.directory, common_name=SITE_CA_NAME)
+    issue_client_cert(site_ca.directory, creds.common_name, creds.directory, ca_key_path, force=True)
+    # The bridge checks the central broker's server certificate, which the (agents') site CA signs.
+    write_public(creds.ca_cert, paths.ca_cert.read_bytes())
     return creds
 
 

@@ -596,5 +596,47 @@ def bench_alerts(
     raise typer.Exit(run_alerts_bench(options, console))
 
 
+@bench_app.command(
+    "scale",
+    help=_(
+        "Agents behind site brokers bridged to a central broker vs. the same agents direct: events/s, per-hop "
+        "latency, lost and duplicated events."
+    ),
+)
+def bench_scale(
+    sites: Annotated[int, typer.Option(min=1, max=20, help=_("site brokers bridged to the central broker"))] = 3,
+    agents_per_site: Annotated[int, typer.Option(min=1, max=200, help=_("agents behind each site broker"))] = 10,
+    events: Annotated[int, typer.Option(min=1, help=_("events per agent in each phase"))] = 100,
+    rate: Annotated[
+        float, typer.Option(min=0, help=_("events per second per agent (0: as fast as the agents go)"))
+    ] = 20.0,
+    partition_s: Annotated[
+        float,
+        typer.Option(min=0, help=_("cut every site's link to the centre this many seconds during the bridged phase")),
+    ] = 0.0,
+    resend_after_s: Annotated[
+        float, typer.Option(min=1, help=_("the agents' resend_after_s (publish again what is not acknowledged)"))
+    ] = 30.0,
+    database_url: Annotated[str | None, typer.Option(help=_("store URL (default: SQLite in the work dir)"))] = None,
+    workdir: Annotated[Path | None, typer.Option(help=_("keep state here instead of a temp dir"))] = None,
+) -> None:
+    """Agents behind site brokers bridged to a central broker vs. the same agents direct."""
+    from sekisho.bench.scale import Options, run_scale_bench
+
+    options = Options(
+        sites=sites,
+        agents_per_site=agents_per_site,
+        events=events,
+        rate=rate,
+        partition_s=partition_s,
+        resend_after_s=resend_after_s,
+        database_url=database_url,
+        workdir=workdir,
+        # The agents wait for their acks at most this long after the partition.
+        timeout_s=600.0 + partition_s,
+    )
+    raise typer.Exit(run_scale_bench(options, console))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(bench_app())
