@@ -34,6 +34,7 @@ from sekisho.controller.fleet.expiry import CertExpiryWatch
 from sekisho.controller.fleet.health import Thresholds
 from sekisho.controller.fleet.metrics import PublicationStats
 from sekisho.controller.fleet.revocations import RevocationKeeper
+from sekisho.controller.heads import HeadsExport
 from sekisho.controller.ingest.worker import IngestWorker
 from sekisho.controller.media.overdue import OverdueWatch
 from sekisho.controller.media.service import MediaService
@@ -223,6 +224,13 @@ class Controller:
             else None
         )
 
+        # Signed checkpoint heads kept outside the database (issue 14; controller/heads.py).
+        self.heads = (
+            HeadsExport(self.store, config.heads_file, float(config.heads_every_s))
+            if with_policy and config.heads_file is not None
+            else None
+        )
+
         # Alerts (issue 13): rules over the events and conditions, escalation, and the outbox's delivery.
         alerts = config.alerts
         # Rung by the engine when it changed alerts; this process's live streams listen (controller/alerts/bell.py).
@@ -279,6 +287,8 @@ class Controller:
             self.expiry.start()
         if self.chain_points is not None:
             self.chain_points.start()
+        if self.heads is not None:
+            self.heads.start()
         if self.alerts is not None:
             self.alerts.start()
         if self.delivery is not None:
@@ -290,6 +300,8 @@ class Controller:
             self.delivery.stop()
         if self.alerts is not None:
             self.alerts.stop()
+        if self.heads is not None:
+            self.heads.stop()
         if self.chain_points is not None:
             self.chain_points.stop()
         if self.expiry is not None:
@@ -316,6 +328,7 @@ class Controller:
                 self.doors,
                 self.expiry,
                 self.chain_points,
+                self.heads,
                 self.alerts,
                 self.delivery,
             )

@@ -123,6 +123,13 @@ def row_key_line(row: Any) -> dict[str, Any]:
 
 def append(conn: Connection, signer: Ed25519PrivateKey | None, kind: str, fields: dict[str, Any], at: datetime) -> int:
     """Append one entry to the log (the caller holds lock_log); return its number."""
+    return append_entry(conn, signer, kind, fields, at)[0]
+
+
+def append_entry(
+    conn: Connection, signer: Ed25519PrivateKey | None, kind: str, fields: dict[str, Any], at: datetime
+) -> tuple[int, str]:
+    """Append one entry to the log (the caller holds lock_log); return its number and hash (for receipts)."""
     head = conn.execute(
         select(_CHECKPOINTS.c.id, _CHECKPOINTS.c.hash).order_by(_CHECKPOINTS.c.id.desc()).limit(1)
     ).first()
@@ -141,7 +148,7 @@ def append(conn: Connection, signer: Ed25519PrivateKey | None, kind: str, fields
             signature=None if signer is None else signing.sign(signer, "checkpoint", {"n": number, "hash": digest}),
         )
     )
-    return number
+    return number, digest
 
 
 def add_key_line(
