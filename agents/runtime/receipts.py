@@ -53,6 +53,7 @@ class ReceiptKeeper:
         self._newest_length = 0 if self._highest is None else _length(self._highest)
         self._dirty = False
         self._written_at = 0.0
+        self._warned = False  # said once per run: every later ack would say it again
 
     def _load(self) -> list[str]:
         try:
@@ -66,7 +67,12 @@ class ReceiptKeeper:
         acks = doc.get("receipts") if isinstance(doc, dict) else None
         if not isinstance(acks, list):
             return []
-        return [a for a in acks if isinstance(a, str)][-self._keep :]
+        found = [a for a in acks if isinstance(a, str)]
+        kept = found[-self._keep :]
+        highest = max(found, key=_length, default=None)
+        if highest is not None and highest not in kept:
+            kept.insert(0, highest)
+        return kept
 
     def keep(self, raw: bytes, ack: messages.Ack) -> None:
         """Keep a verified ack that carries a receipt; write the file if the last write is old enough."""
@@ -74,7 +80,8 @@ class ReceiptKeeper:
         if receipt is None:
             return
         with self._lock:
-            if receipt.length < self._newest_length:
+            if receipt.length < self._newest_length and not self._warned:
+                self._warned = True
                 # The controller's chain of our events went backwards: its database was cut back or rewritten.
                 # The older receipts are what proves it, so they stay in the file.
                 log.error(
