@@ -96,10 +96,11 @@ def _checkpoint_hash(conn: Connection, number: int) -> str | None:
 
 def _checkpoint_problem(conn: Connection, number: int, digest: str, said_by: str) -> str | None:
     stored = _checkpoint_hash(conn, number)
+    says = f"{said_by} says signed checkpoint #{number} has hash {digest}"
     if stored is None:
-        return f"{said_by} says signed checkpoint #{number} has hash {digest}, the log has no #{number} (cut back or re-created)"
+        return f"{says}, the log has no #{number} (cut back or re-created)"
     if stored != digest:
-        return f"{said_by} says signed checkpoint #{number} has hash {digest}, database has {stored} (log rewritten)"
+        return f"{says}, database has {stored} (log rewritten)"
     return None
 
 
