@@ -446,7 +446,8 @@ def records_verify(
     genesis = timefmt.fmt(report.genesis_at) if report.genesis_at else "none"
     counts = (
         f"{report.streams} stream(s), {report.records} record(s), {report.dead_letters} dead letter(s), "
-        f"{report.admin_records} admin record(s), {report.checkpoints} signed checkpoint(s)"
+        f"{report.admin_records} admin record(s), {report.tracked_rows} policy/command/loan row(s), "
+        f"{report.checkpoints} signed checkpoint(s)"
     )
     if outside is not None:
         # Heads held outside the database: what shows a chain re-hashed with the log, or a database cut back.
@@ -480,6 +481,9 @@ def _problem_line(p: ChainProblem) -> str:
         return f"dead_letters chain_index={p.chain_index} agent={p.agent_id or '-'} row_id={p.row_id}: {p.problem}"
     if p.table == "checkpoints":
         return f"checkpoints #{p.row_id}: {p.problem}"
+    if p.table == "record_log":
+        # agent_id holds the record stream (the table), event_id the row's key.
+        return f"record_log {p.agent_id} chain_index={p.chain_index} key={p.event_id or '-'}: {p.problem}"
     if p.table == "receipts":
         # The text names the stream, the receipt and both heads itself.
         return p.problem

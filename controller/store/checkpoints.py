@@ -36,6 +36,8 @@ GENESIS = "genesis"
 INGEST = "ingest"
 AGENT_KEY = "agent_key"
 ADMIN = "admin"  # an admin audit row appended (audit.py): the body names the trail's new head
+RECORDS = "records"  # tracked rows written (record_log.py): the body names the record streams' new heads
+RECORDS_SEAL = "records_seal"  # the tracked rows an upgrade to 0016 found, sealed once as they stood
 FORMAT = 1
 
 # Any constant works, as long as every controller worker uses the same one (db.py has the migration's).
@@ -271,6 +273,7 @@ class LogState:
     streams: dict[str, SignedHead] = field(default_factory=dict)
     letters: SignedHead | None = None
     admin: SignedHead | None = None
+    records: dict[str, SignedHead] = field(default_factory=dict)
     # key line id -> (log entry that recorded it, agent, version, digest)
     key_lines: dict[int, tuple[int, str, int, str]] = field(default_factory=dict)
 
@@ -298,6 +301,8 @@ def _fold(state: LogState, number: int, body: dict[str, Any]) -> None:
         state.letters = _signed_head(number, body["dead_letters"])
     if ADMIN in body:
         state.admin = _signed_head(number, body[ADMIN])
+    for stream, fields in body.get(RECORDS, {}).items():
+        state.records[str(stream)] = _signed_head(number, fields)
     lines = body.get("keys", []) + ([body["key"]] if "key" in body else [])
     for line in lines:
         state.key_lines[int(line["line"])] = (number, str(line["agent"]), int(line["version"]), str(line["digest"]))

@@ -27,6 +27,7 @@ from sekisho.controller.store.events import EventRecords
 from sekisho.controller.store.findings import FindingRecords
 from sekisho.controller.store.policy import PolicyRecords
 from sekisho.controller.store.receipts import ReceiptRecords
+from sekisho.controller.store.record_log import RecordLogRecords
 from sekisho.controller.store.verification import VerificationRecords
 
 
@@ -38,6 +39,7 @@ class Store(
     FindingRecords,
     PolicyRecords,
     ReceiptRecords,
+    RecordLogRecords,
     VerificationRecords,
 ):
     """The controller's persistent records, on an engine made by ``db.make_engine``."""
