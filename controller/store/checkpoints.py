@@ -12,7 +12,7 @@ So someone who can write the database but has not got that key can still delete 
 `streams`, or delete a whole stream, or swap a key in `agents`, but cannot make a signed entry that
 agrees: verify finds what is missing. What the log cannot show is itself cut back to an earlier entry
 together with everything recorded after it (the database restored to an older state, or rolled back
-by hand consistently); heads kept outside the database are the answer to that, not this log.
+by hand consistently); heads kept outside the database are the answer to that (receipts.py), not this log.
 """
 
 from __future__ import annotations
