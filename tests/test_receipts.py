@@ -302,7 +302,10 @@ def test_the_agent_keeps_the_longest_receipt_when_the_stream_goes_back(
 def test_a_real_agent_ends_up_holding_a_receipt_that_verifies(pki: Path, tmp_path: Path) -> None:
     """A real agent process, a real broker with TLS and ACLs, and the controller: receipts.json verifies."""
     agent = "term-rc1"
-    with running_site(pki, tmp_path / "site", agents=(agent,)) as (lab, ctl):
+    heads = tmp_path / "outside" / "heads.jsonl"
+    heads.parent.mkdir()
+    site = running_site(pki, tmp_path / "site", agents=(agent,), heads_file=str(heads), heads_every_s=1)
+    with site as (lab, ctl):
         state = lab.root / "agents" / agent / "state"
         args = ["agent", "simulate", "--config", str(lab.agent_config(agent)), "--count", "5"]
         # Twice: the first run's heartbeat may reach the controller after its events were acked.
@@ -318,3 +321,12 @@ def test_a_real_agent_ends_up_holding_a_receipt_that_verifies(pki: Path, tmp_pat
         assert stream is not None and newest["length"] == stream.chain_length >= 10
         output = verify(lab.controller_config, "--receipts", str(state), code=0)
         assert "chains intact" in output and " 0 receipt(s)" not in output
+        # The controller's heads export job wrote the receipt's checkpoint, or a later one, outside the database.
+        wait_for(lambda: heads.exists() and heads.read_text().count("\n") >= 1, 10, "the heads file")
+        last = json.loads(heads.read_text().splitlines()[-1])
+        wait_for(
+            lambda: json.loads(heads.read_text().splitlines()[-1])["n"] >= newest["checkpoint"], 10, "the newest head"
+        )
+        assert last["signature"]
+        output = verify(lab.controller_config, "--heads", str(heads), code=0)
+        assert " 0 exported head(s)" not in output

@@ -218,13 +218,10 @@ class ReceiptRecords(Records):
 
     def receipt_agents(self) -> frozenset[str]:
         """Return the agents whose latest recorded heartbeat asks for receipts in their acks."""
+        # Only the one field, in the database: a fleet's whole heartbeats (fingerprint reports) every refresh is MBs.
+        asks = _AGENTS.c.last_heartbeat["receipts"].as_integer() == RECEIPTS_FORMAT
         with self.engine.connect() as conn:
-            rows = conn.execute(select(_AGENTS.c.id, _AGENTS.c.last_heartbeat)).all()
-        return frozenset(
-            row.id
-            for row in rows
-            if isinstance(row.last_heartbeat, dict) and row.last_heartbeat.get("receipts") == RECEIPTS_FORMAT
-        )
+            return frozenset(str(agent) for agent in conn.execute(select(_AGENTS.c.id).where(asks)).scalars())
 
     def newest_checkpoint(self) -> tuple[int, str, str | None, Any] | None:
         """Return the newest checkpoint's number, hash, signature and time, or None if the log is empty."""
