@@ -321,6 +321,9 @@ def test_a_real_agent_ends_up_holding_a_receipt_that_verifies(pki: Path, tmp_pat
         assert stream is not None and newest["length"] == stream.chain_length >= 10
         output = verify(lab.controller_config, "--receipts", str(state), code=0)
         assert "chains intact" in output and " 0 receipt(s)" not in output
+        status = lab.sekisho("agent", "status", "--config", str(lab.agent_config(agent)), check=False)
+        assert status.returncode == 0, status.stderr
+        assert f"newest: {newest['length']} record(s), checkpoint #{newest['checkpoint']}" in status.stdout
         # The controller's heads export job wrote the receipt's checkpoint, or a later one, outside the database.
         wait_for(lambda: heads.exists() and heads.read_text().count("\n") >= 1, 10, "the heads file")
         last = json.loads(heads.read_text().splitlines()[-1])

@@ -119,3 +119,21 @@ class ReceiptKeeper:
             return
         self._dirty = False
         self._written_at = time.monotonic()
+
+
+def describe(path: Path) -> str:
+    """Say what a receipts file holds, for `sekisho-agent status` (where to collect it from, and how far it goes)."""
+    try:
+        acks = json.loads(path.read_bytes()).get("receipts", [])
+    except FileNotFoundError:
+        return f"none yet ({path})"
+    except (OSError, ValueError, AttributeError):
+        return f"unreadable ({path})"
+    if not isinstance(acks, list) or not acks:
+        return f"none yet ({path})"
+    newest = acks[-1] if isinstance(acks[-1], str) else ""
+    try:
+        checkpoint = int(json.loads(newest)["ack"]["receipt"]["checkpoint"])
+    except (ValueError, KeyError, TypeError):
+        return f"{len(acks)} kept ({path})"
+    return f"{len(acks)} kept, newest: {_length(newest)} record(s), checkpoint #{checkpoint} ({path})"
