@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,6 +52,8 @@ from sekisho.controller.store.models import (
     RecordLogEntry,
 )
 from sekisho.protocol import timefmt
+
+log = logging.getLogger(__name__)
 
 _LOG = cast(Table, RecordLogEntry.__table__)
 _WALK_BATCH = 1000
@@ -201,7 +204,10 @@ class RecordLogRecords(CheckpointRecords):
     def seal_existing(self) -> int | None:
         """Seal the state as genesis if the log is empty, then the tracked rows if not yet (CheckpointRecords)."""
         number = super().seal_existing()
-        self.write(lambda conn: seal_records(conn, self.signing_key), retry_unique=True)
+        sealed = self.write(lambda conn: seal_records(conn, self.signing_key), retry_unique=True)
+        if sealed is not None:
+            # Trust on first use, as genesis: said once, so an operator can tell it from a later re-seal.
+            log.warning("record log begun: policy versions, commands and loans as they stand sealed as #%d", sealed)
         return number
 
 
