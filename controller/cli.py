@@ -461,9 +461,28 @@ def records_verify(
             dir_okay=False,
         ),
     ] = None,
+    receipts: Annotated[
+        Path | None,
+        typer.Option(
+            help=_("a folder of agents' receipts.json files: check the heads the controller signed for them"),
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
+    heads: Annotated[
+        Path | None,
+        typer.Option(
+            help=_("a heads file the controller exported (heads_file): check each signed head it holds"),
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Check every hash chain, key line and signed checkpoint; name the first broken record of each chain."""
+    from dataclasses import replace
+
     from sekisho.controller.service import open_store
+    from sekisho.controller.store.receipts import read_receipt_files
     from sekisho.controller.store.verification import KEY_GRACE
 
     cfg = cli_config(config)
@@ -481,14 +500,23 @@ def records_verify(
             raise typer.Exit(2)
         grace = max(KEY_GRACE, timedelta(seconds=3 * cfg.key_refresh_s))
         report = store.verify_records(agent, signatures=signatures, controller_key=public, key_grace=grace)
+        outside = None
+        if receipts is not None or heads is not None:
+            held, unreadable = read_receipt_files(receipts) if receipts is not None else (None, [])
+            outside = store.check_outside(public, receipts=held, heads_file=heads)
+            report = replace(report, problems=[*report.problems, *unreadable, *outside.problems])
     finally:
         store.engine.dispose()
     head = f"#{report.head[0]} {report.head[1]}" if report.head else "none"
     genesis = timefmt.fmt(report.genesis_at) if report.genesis_at else "none"
     counts = (
         f"{report.streams} stream(s), {report.records} record(s), {report.dead_letters} dead letter(s), "
-        f"{report.admin_records} admin record(s), {report.checkpoints} signed checkpoint(s)"
+        f"{report.admin_records} admin record(s), {report.tracked_rows} policy/command/loan row(s), "
+        f"{report.checkpoints} signed checkpoint(s)"
     )
+    if outside is not None:
+        # Heads held outside the database: what shows a chain re-hashed with the log, or a database cut back.
+        counts += f", {outside.receipts} receipt(s), {outside.heads} exported head(s)"
     if not report.problems:
         console.print(f"[green]OK[/green]: {counts}; chains intact", soft_wrap=True, highlight=False)
     else:
@@ -518,6 +546,12 @@ def _problem_line(p: ChainProblem) -> str:
         return f"dead_letters chain_index={p.chain_index} agent={p.agent_id or '-'} row_id={p.row_id}: {p.problem}"
     if p.table == "checkpoints":
         return f"checkpoints #{p.row_id}: {p.problem}"
+    if p.table == "record_log":
+        # agent_id holds the record stream (the table), event_id the row's key.
+        return f"record_log {p.agent_id} chain_index={p.chain_index} key={p.event_id or '-'}: {p.problem}"
+    if p.table == "receipts":
+        # The text names the stream, the receipt and both heads itself.
+        return p.problem
     if p.table == "admin_audit":
         # agent_id holds the row's actor and event_id its action (as stored: they may be the edited part).
         return (

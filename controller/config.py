@@ -169,6 +169,10 @@ class ControllerConfig(BaseSettings):
     agent_broker_port: int = Field(default=8883, ge=1, le=65535)
     # Alert rules, escalation and channels (issue 13; docs/alerts.md).
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    # Signed checkpoint heads appended, one JSON line each, to a file outside the database every heads_every_s
+    # (docs/operations.md, "Receipts and the heads file"); keep it on another disk or host. Unset: not exported.
+    heads_file: Path | None = None
+    heads_every_s: int = Field(default=60, ge=1, le=24 * 3600)
 
     @classmethod
     def settings_customise_sources(
@@ -264,6 +268,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         "enrol_ca_cert",
         "enrol_ca_key",
         "revocation_list",
+        "heads_file",
     ):
         if key in out and not Path(out[key]).is_absolute():
             out[key] = str((base / out[key]).resolve())

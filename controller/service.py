@@ -34,6 +34,7 @@ from sekisho.controller.fleet.expiry import CertExpiryWatch
 from sekisho.controller.fleet.health import Thresholds
 from sekisho.controller.fleet.metrics import PublicationStats
 from sekisho.controller.fleet.revocations import RevocationKeeper
+from sekisho.controller.heads import HeadsExport
 from sekisho.controller.ingest.worker import IngestWorker
 from sekisho.controller.leader import Elector, Identity, elector_for
 from sekisho.controller.media.overdue import OverdueWatch
@@ -264,6 +265,13 @@ class Controller:
             else None
         )
 
+        # Signed checkpoint heads kept outside the database (issue 14; controller/heads.py).
+        self.heads = (
+            HeadsExport(self.store, config.heads_file, float(config.heads_every_s))
+            if with_policy and config.heads_file is not None
+            else None
+        )
+
         # Alerts (issue 13): rules over the events and conditions, escalation, and the outbox's delivery.
         alerts = config.alerts
         # Rung by the engine when it changed alerts; this process's live streams listen (controller/alerts/bell.py).
@@ -348,6 +356,7 @@ class Controller:
             self.revocations,
             self.expiry,
             self.chain_points,
+            self.heads,
             self.alerts,
             self.delivery,
         )

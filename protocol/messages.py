@@ -72,13 +72,40 @@ def _validate(model: type[M], body: dict[str, Any], kind: str) -> M:
 # --- acknowledgements (controller → agent) ---------------------------------------------------------
 
 
+_HASH = r"^[0-9a-f]{64}$"
+# The receipts an agent keeps: the heartbeat field asking for them, and the format of the file an agent keeps
+# them in (its state dir's RECEIPTS_FILE: {"format": 1, "agent": id, "receipts": [signed ack text, ...]}),
+# which `sekisho records verify --receipts` reads.
+RECEIPTS_FORMAT = 1
+RECEIPTS_FILE = "receipts.json"
+
+
+class Receipt(_Body):
+    """The agent's stream head after a stored batch, and the signed checkpoint that recorded it.
+
+    Carried in the (controller-signed) ack to agents that asked for receipts in their heartbeat. The agent
+    keeps the signed ack: whoever holds it can later prove that the controller's database had this chain
+    head at this index, and this checkpoint at this number, whatever the database says afterwards.
+    """
+
+    length: int = Field(ge=1)
+    head: str = Field(pattern=_HASH)
+    checkpoint: int = Field(ge=1)
+    checkpoint_hash: str = Field(pattern=_HASH)
+
+
 class Ack(_Body):
-    """The controller has durably stored (or dead-lettered) these sequence numbers of one agent."""
+    """The controller has durably stored (or dead-lettered) these sequence numbers of one agent.
+
+    receipt was added later (issue 14): the controller sends it only to agents whose heartbeat says
+    ``receipts`` (an older agent's model refuses unknown fields, and a refused ack would delete nothing).
+    """
 
     v: int
     agent: str = Field(pattern=topics.AGENT_ID.pattern)
     ranges: list[tuple[int, int]] = Field(max_length=10_000)
     controller_time: str
+    receipt: Receipt | None = None
 
 
 def seq_ranges(seqs: list[int]) -> list[tuple[int, int]]:
@@ -92,25 +119,43 @@ def seq_ranges(seqs: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def build_ack(key: Ed25519PrivateKey, agent: str, seqs: list[int], at: datetime | None = None) -> bytes:
-    """Sign an acknowledgement for stored sequence numbers of one agent."""
-    body = {
+def build_ack(
+    key: Ed25519PrivateKey,
+    agent: str,
+    seqs: list[int],
+    at: datetime | None = None,
+    receipt: Receipt | None = None,
+) -> bytes:
+    """Sign an acknowledgement for stored sequence numbers of one agent (with its stream head's receipt if given)."""
+    body: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
         "agent": agent,
         "ranges": [list(r) for r in seq_ranges(seqs)],
         "controller_time": timefmt.fmt(at or timefmt.now()),
     }
+    if receipt is not None:
+        # Only when there is one: an ack without it is byte for byte what older agents accept.
+        body["receipt"] = receipt.model_dump()
     return _dump("ack", key, body)
+
+
+def open_signed_ack(raw: bytes, key: Ed25519PublicKey) -> Ack:
+    """Verify and parse an acknowledgement whoever it is addressed to (an auditor reading agents' receipts)."""
+    body = _open("ack", raw, key)
+    body = {**body, "ranges": [tuple(r) if isinstance(r, list) else r for r in body.get("ranges", [])]}
+    if isinstance(body.get("receipt"), dict):
+        # Strict models take a nested model only as an instance: validate the receipt on its own first.
+        body["receipt"] = _validate(Receipt, body["receipt"], "ack receipt")
+    ack = _validate(Ack, body, "ack")
+    timefmt.parse(ack.controller_time, "controller_time")
+    return ack
 
 
 def open_ack(raw: bytes, key: Ed25519PublicKey, agent: str) -> Ack:
     """Verify and parse an acknowledgement addressed to this agent."""
-    body = _open("ack", raw, key)
-    body = {**body, "ranges": [tuple(r) if isinstance(r, list) else r for r in body.get("ranges", [])]}
-    ack = _validate(Ack, body, "ack")
+    ack = open_signed_ack(raw, key)
     if ack.agent != agent:
         raise errors.Rejected(errors.WRONG_AGENT, f"ack for {ack.agent!r}")
-    timefmt.parse(ack.controller_time, "controller_time")
     return ack
 
 
@@ -170,10 +215,12 @@ class Heartbeat(_Body):
     cert_not_after: str | None = Field(default=None, max_length=40)
     last_error: LastError | None = None
     fingerprints: FingerprintStatus | None = None
+    # The receipt format the agent keeps (1): the controller then puts a receipt in its acks (issue 14).
+    receipts: int | None = Field(default=None, ge=1, le=1)
 
 
 # Optional fields a heartbeat carries only when set (an older controller refuses keys it does not know).
-_LATER_FIELDS = ("kind", "interval_s", "cert_not_after", "last_error", "fingerprints")
+_LATER_FIELDS = ("kind", "interval_s", "cert_not_after", "last_error", "fingerprints", "receipts")
 
 
 def build_heartbeat(key: Ed25519PrivateKey, **fields: Any) -> bytes:

@@ -152,14 +152,16 @@ def test_sqlite_round_trip_restores_exact_counts_and_names_the_lost_events(
 
     after = row_counts(url)
     # Exactly what was backed up, plus the re-issued version, the restore's own three findings and its row in
-    # the admin audit trail (with the checkpoint sealing it).
-    changed = ("policy_versions", "findings", "admin_audit", "checkpoints")
+    # the admin audit trail (with the checkpoint sealing it), and the re-issued version's record log entry.
+    changed = ("policy_versions", "findings", "admin_audit", "checkpoints", "record_log")
     assert {k: v for k, v in after.items() if k not in changed} == {
         k: v for k, v in at_backup.items() if k not in changed
     }
     assert after["policy_versions"] == at_backup["policy_versions"] + 1
     assert after["findings"] == at_backup["findings"] + 3
-    assert (after["admin_audit"], after["checkpoints"]) == (at_backup["admin_audit"] + 1, at_backup["checkpoints"] + 1)
+    # Checkpoints: one sealing the audit row, one sealing the re-issued version in the record log (issue 14).
+    assert (after["admin_audit"], after["checkpoints"]) == (at_backup["admin_audit"] + 1, at_backup["checkpoints"] + 2)
+    assert after["record_log"] == at_backup["record_log"] + 1
     store = Store(make_engine(url))
     try:
         (restored,) = store.list_findings(kind="restored_from_backup")
@@ -445,7 +447,7 @@ def test_postgres_round_trip_with_pg_dump(pki: Path, tmp_path: Path, pg_server: 
         out = cli("controller", "restore", "--config", str(config), "--input", str(tmp_path / "pg.tar.gz"), "--yes")
         assert "ポリシー版 2 を版 4 として再発行しました" in out and f"{a.agent_id} seq 13–19（7 件）" in out
         after = row_counts(url)
-        changed = ("policy_versions", "findings", "admin_audit", "checkpoints")
+        changed = ("policy_versions", "findings", "admin_audit", "checkpoints", "record_log")
         assert {k: v for k, v in after.items() if k not in changed} == {
             k: v for k, v in at_backup.items() if k not in changed
         }

@@ -30,6 +30,7 @@ from sekisho.agents.runtime.heartbeat import Health, Heartbeater
 from sekisho.agents.runtime.link import MqttLink, tls_context
 from sekisho.agents.runtime.outbox import Outbox
 from sekisho.agents.runtime.policy_cache import PolicyCache, PolicyChange
+from sekisho.agents.runtime.receipts import ReceiptKeeper
 from sekisho.agents.runtime.sender import ClockEstimate, Sender
 from sekisho.agents.runtime.textfile import AgentVitals, write_textfile
 from sekisho.agents.runtime.vitals import CertificateExpiry, ErrorLogHandler, ErrorNote
@@ -146,6 +147,7 @@ class Agent:
                 clock=self.clock,
                 max_inflight=config.max_inflight,
                 resend_after_s=config.resend_after_s,
+                receipts=ReceiptKeeper(config.state_dir, config.agent_id),
             )
             self.commands = CommandDispatcher(
                 agent_id=config.agent_id,

@@ -20,6 +20,8 @@ from sekisho.agents.runtime.config import load_config
 from sekisho.agents.runtime.errors import AgentError, ConfigError
 from sekisho.agents.runtime.outbox import Outbox
 from sekisho.agents.runtime.policy_cache import PolicyCache
+from sekisho.agents.runtime.receipts import RECEIPTS_FILE
+from sekisho.agents.runtime.receipts import describe as describe_receipts
 from sekisho.common.i18n import _
 from sekisho.common.logs import setup_logging
 from sekisho.protocol import signing
@@ -195,4 +197,6 @@ def status(config: ConfigOpt) -> None:
         table.add_row("policy expires", current.bundle.expires_at)
     if policy.load_error is not None:
         table.add_row("policy cache error", f"{policy.load_error.reason}: {policy.load_error.detail}")
+    # The controller's signed receipts an auditor collects for `sekisho records verify --receipts`.
+    table.add_row("receipts", describe_receipts(cfg.state_dir / RECEIPTS_FILE))
     Console().print(table)

@@ -14,6 +14,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from sekisho.agents.runtime.receipts import FORMAT as RECEIPTS_FORMAT
 from sekisho.protocol import messages, timefmt
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class Heartbeater:
             cert_not_after=timefmt.fmt(h.cert_not_after) if h.cert_not_after is not None else None,
             last_error=h.last_error,
             fingerprints=h.fingerprints,
+            # This agent keeps the controller's receipts (agents/runtime/receipts.py): acks may carry them.
+            receipts=RECEIPTS_FORMAT,
         )
 
     @property

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sekisho.agents.runtime.errors import OutboxFull
 from sekisho.agents.runtime.outbox import Outbox
+from sekisho.agents.runtime.receipts import ReceiptKeeper
 from sekisho.protocol import errors, messages, timefmt
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,10 @@ class Sender:
         max_inflight: int = 1000,
         resend_after_s: float = 30.0,
         chunk: int = READ_CHUNK,
+        receipts: ReceiptKeeper | None = None,
     ) -> None:
         self._outbox = outbox
+        self._receipts = receipts
         self._publish = publish
         self._agent = agent_id
         self._key = controller_key
@@ -174,6 +177,8 @@ class Sender:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._receipts is not None:
+            self._receipts.flush()
 
     def notify_new(self) -> None:
         """Tell the sender that new events were stored."""
@@ -340,6 +345,8 @@ class Sender:
             return
         self.stats.acks += 1
         self.stats.last_ack_at = time.monotonic()
+        if self._receipts is not None and ack.receipt is not None:
+            self._receipts.keep(raw, ack)
         if self._unacked_since is not None:
             log.info("controller acknowledging again after %.0f s", time.monotonic() - self._unacked_since)
             self._unacked_since = None

@@ -26,7 +26,7 @@ from sekisho.controller.ingest.lag import LagHistogram
 from sekisho.controller.ingest.ownership import OwnershipCheck
 from sekisho.controller.ingest.storage_full import storage_full
 from sekisho.controller.mqtt import connect_blocking, make_client
-from sekisho.controller.store.events import DeadLetterIn
+from sekisho.controller.store.events import BatchResult, DeadLetterIn
 from sekisho.controller.store.store import Store
 from sekisho.protocol import errors, events, messages, signing, timefmt, topics
 from sekisho.protocol.canonical import loads_strict
@@ -142,6 +142,44 @@ class KeyRing:
         self._loaded_at = time.monotonic()
 
 
+class ReceiptTakers:
+    """The agents that asked for receipts in their acks, re-read from the store like the keys.
+
+    An older agent refuses an ack with a field it does not know (and would then never drop its events), so
+    only agents whose latest heartbeat says ``receipts`` get one. A heartbeat this worker handles counts at
+    once; those other workers handled are read from ``agents.last_heartbeat`` every refresh_s.
+    """
+
+    def __init__(self, store: Store, refresh_s: float) -> None:
+        self._store = store
+        self._refresh_s = refresh_s
+        self._agents: set[str] = set()
+        self._loaded_at: float | None = None
+
+    def heard(self, hb: messages.Heartbeat) -> None:
+        """Take note of a heartbeat: the agent asks for receipts, or (downgraded) no longer does."""
+        if hb.receipts is not None:
+            self._agents.add(hb.agent)
+        else:
+            self._agents.discard(hb.agent)
+
+    def receipt(self, agent_id: str, result: BatchResult) -> messages.Receipt | None:
+        """Return the receipt for the agent's stream after the batch, if it takes receipts and the batch moved it."""
+        head = result.heads.get(agent_id)
+        if head is None or result.checkpoint is None or result.checkpoint_hash is None:
+            return None
+        now = time.monotonic()
+        if self._loaded_at is None or now - self._loaded_at > self._refresh_s:
+            self._agents = set(self._store.receipt_agents())
+            self._loaded_at = now
+        if agent_id not in self._agents:
+            return None
+        length, digest = head
+        return messages.Receipt(
+            length=length, head=digest, checkpoint=result.checkpoint, checkpoint_hash=result.checkpoint_hash
+        )
+
+
 def _signed_by(decoded: events.DecodedEvent, key: signing.Verifier) -> bool:
     try:
         decoded.verify(key)
@@ -167,6 +205,7 @@ class IngestWorker:
         self._signing_key: Ed25519PrivateKey = signing.load_private_key(config.signing_key)
         self._keys = KeyRing(store, config.key_refresh_s, self._signing_key.public_key())
         self._owners = OwnershipCheck(store, config.key_refresh_s)
+        self._receipts = ReceiptTakers(store, config.key_refresh_s)
         self._queue: queue.Queue[_Incoming] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -459,10 +498,12 @@ class IngestWorker:
         for letter_agent, letter_seq in result.dead_lettered:
             if letter_agent is not None and letter_seq is not None and (letter_agent, letter_seq) in verified:
                 to_ack[letter_agent].append(letter_seq)
+        for hb in heartbeats:
+            self._receipts.heard(hb)
         for agent_id, seqs in to_ack.items():
-            self._client.publish(
-                topics.topic(agent_id, topics.ACKS), messages.build_ack(self._signing_key, agent_id, seqs), qos=1
-            )
+            receipt = self._receipts.receipt(agent_id, result)
+            ack = messages.build_ack(self._signing_key, agent_id, seqs, receipt=receipt)
+            self._client.publish(topics.topic(agent_id, topics.ACKS), ack, qos=1)
         self._release(batch)
         for hb in heartbeats:
             if self._on_heartbeat is not None:

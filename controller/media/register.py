@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Table, insert, or_, select, update
 from sekisho.controller.store.audit import AdminAction
 from sekisho.controller.store.models import Event, Finding, LoanLogEntry, LoanRecord, PolicyVersion
 from sekisho.controller.store.policy import PolicyVersionConflict, insert_policy_version
+from sekisho.controller.store.record_log import log_rows
 from sekisho.controller.store.records import aware_utc
 from sekisho.controller.store.store import Store
 from sekisho.protocol import mynumber, timefmt
@@ -85,7 +86,12 @@ class MediaRegister:
                         .where(_FINDINGS.c.id == finding_id, _FINDINGS.c.resolved_at.is_(None))
                         .values(resolved_at=when, resolution=f"{log['action']} by {log['actor']}")
                     )
-            conn.execute(insert(_LOAN_LOG).values(**log, at=when, version=row.version))
+            line = conn.execute(
+                insert(_LOAN_LOG).values(**log, at=when, version=row.version).returning(_LOAN_LOG.c.id)
+            ).scalar_one()
+            # The version, the loan's new state and its log line, chained and sealed in this transaction.
+            changed = {"policy_versions": [row.version], "media_loans": [loan_id], "media_loan_log": [line]}
+            log_rows(conn, self.store.signing_key, changed)
             if audit is not None:
                 detail = {**(audit.detail or {}), "policy_version": row.version}
                 self.store.append_admin_in(conn, dataclasses.replace(audit, detail=detail), when)

@@ -129,7 +129,7 @@ class ChainProblem:
 
     table is the table the problem was found in: "events" (agent_id names the stream), "dead_letters",
     "checkpoints", "agent_keys", "agents" or "admin_audit" (agent_id then holds the row's actor, event_id its
-    action).
+    action), "record_log" (agent_id holds the tracked table, event_id the row's key) or "receipts".
     """
 
     agent_id: str | None

@@ -12,7 +12,7 @@ So someone who can write the database but has not got that key can still delete 
 `streams`, or delete a whole stream, or swap a key in `agents`, but cannot make a signed entry that
 agrees: verify finds what is missing. What the log cannot show is itself cut back to an earlier entry
 together with everything recorded after it (the database restored to an older state, or rolled back
-by hand consistently); heads kept outside the database are the answer to that, not this log.
+by hand consistently); heads kept outside the database are the answer to that (receipts.py), not this log.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ GENESIS = "genesis"
 INGEST = "ingest"
 AGENT_KEY = "agent_key"
 ADMIN = "admin"  # an admin audit row appended (audit.py): the body names the trail's new head
+RECORDS = "records"  # tracked rows written (record_log.py): the body names the record streams' new heads
+RECORDS_SEAL = "records_seal"  # the tracked rows an upgrade to 0016 found, sealed once as they stood
 FORMAT = 1
 
 # Any constant works, as long as every controller worker uses the same one (db.py has the migration's).
@@ -123,6 +125,13 @@ def row_key_line(row: Any) -> dict[str, Any]:
 
 def append(conn: Connection, signer: Ed25519PrivateKey | None, kind: str, fields: dict[str, Any], at: datetime) -> int:
     """Append one entry to the log (the caller holds lock_log); return its number."""
+    return append_entry(conn, signer, kind, fields, at)[0]
+
+
+def append_entry(
+    conn: Connection, signer: Ed25519PrivateKey | None, kind: str, fields: dict[str, Any], at: datetime
+) -> tuple[int, str]:
+    """Append one entry to the log (the caller holds lock_log); return its number and hash (for receipts)."""
     head = conn.execute(
         select(_CHECKPOINTS.c.id, _CHECKPOINTS.c.hash).order_by(_CHECKPOINTS.c.id.desc()).limit(1)
     ).first()
@@ -141,7 +150,7 @@ def append(conn: Connection, signer: Ed25519PrivateKey | None, kind: str, fields
             signature=None if signer is None else signing.sign(signer, "checkpoint", {"n": number, "hash": digest}),
         )
     )
-    return number
+    return number, digest
 
 
 def add_key_line(
@@ -264,6 +273,7 @@ class LogState:
     streams: dict[str, SignedHead] = field(default_factory=dict)
     letters: SignedHead | None = None
     admin: SignedHead | None = None
+    records: dict[str, SignedHead] = field(default_factory=dict)
     # key line id -> (log entry that recorded it, agent, version, digest)
     key_lines: dict[int, tuple[int, str, int, str]] = field(default_factory=dict)
 
@@ -291,6 +301,8 @@ def _fold(state: LogState, number: int, body: dict[str, Any]) -> None:
         state.letters = _signed_head(number, body["dead_letters"])
     if ADMIN in body:
         state.admin = _signed_head(number, body[ADMIN])
+    for stream, fields in body.get(RECORDS, {}).items():
+        state.records[str(stream)] = _signed_head(number, fields)
     lines = body.get("keys", []) + ([body["key"]] if "key" in body else [])
     for line in lines:
         state.key_lines[int(line["line"])] = (number, str(line["agent"]), int(line["version"]), str(line["digest"]))

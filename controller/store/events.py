@@ -43,7 +43,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import aliased
 
 from sekisho.controller.store.chain import letter_hash, record_hash, subject_columns
-from sekisho.controller.store.checkpoints import INGEST, CheckpointRecords, append, head_fields, lock_log
+from sekisho.controller.store.checkpoints import INGEST, CheckpointRecords, append_entry, head_fields, lock_log
 from sekisho.controller.store.findings import note_finding
 from sekisho.controller.store.models import ZERO_HASH, Agent, DeadLetter, Event, Finding, Stream
 from sekisho.controller.store.records import INT64, aware_utc, int_or_none
@@ -140,6 +140,9 @@ class BatchResult:
     resolved_gaps: list[int] = field(default_factory=list)
     conflicts: list[Conflict] = field(default_factory=list)
     checkpoint: int | None = None
+    # The checkpoint's hash, and each advanced stream's (length, head) it recorded: the agents' receipts.
+    checkpoint_hash: str | None = None
+    heads: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -362,7 +365,8 @@ class EventRecords(CheckpointRecords):
             for letter, letter_id in zip(letters, ids, strict=True):
                 letter["id"] = letter_id
             fields["dead_letters"] = head_fields(length, head)
-        result.checkpoint = append(conn, self.signing_key, INGEST, fields, now)
+        result.checkpoint, result.checkpoint_hash = append_entry(conn, self.signing_key, INGEST, fields, now)
+        result.heads = {s.agent_id: (s.chain_length, s.head_hash) for s in advanced}
 
     @staticmethod
     def _raise_conflict(conn: Connection, clash: _Clash, letter_id: int, result: BatchResult) -> None:

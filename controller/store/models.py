@@ -167,7 +167,9 @@ class Checkpoint(Base):
     """
 
     __tablename__ = "checkpoints"
-    __table_args__ = (CheckConstraint("kind IN ('genesis', 'ingest', 'agent_key', 'admin')", name="kind"),)
+    __table_args__ = (
+        CheckConstraint("kind IN ('genesis', 'ingest', 'agent_key', 'admin', 'records', 'records_seal')", name="kind"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     kind: Mapped[str] = mapped_column(String(16))
@@ -836,3 +838,28 @@ class IncidentAlert(Base):
 
     incident_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("incidents.id"), primary_key=True)
     alert_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("alerts.id"), primary_key=True)
+
+
+class RecordLogEntry(Base):
+    """One change of a tracked row (policy version, issued command, media loan, loan log line), chained (issue 14).
+
+    Each tracked table is one ``stream`` of this log: the row's key and the digest of its content after the
+    change, hash-chained per stream and sealed by the signed checkpoint log (controller/store/record_log.py).
+    """
+
+    __tablename__ = "record_log"
+    __table_args__ = (
+        UniqueConstraint("stream", "chain_index"),
+        CheckConstraint("op IN ('seal', 'insert', 'update')", name="op"),
+        Index(None, "stream", "row_key"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    stream: Mapped[str] = mapped_column(String(32))
+    chain_index: Mapped[int] = mapped_column(BigInteger)
+    row_key: Mapped[str] = mapped_column(String(128))
+    op: Mapped[str] = mapped_column(String(8))
+    digest: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

@@ -15,6 +15,7 @@ from sqlalchemy import Connection, Table, func, insert, select
 from sekisho.controller.store.audit import AdminAction, append_admin
 from sekisho.controller.store.checkpoints import CheckpointRecords
 from sekisho.controller.store.models import IssuedCommand, PolicyVersion
+from sekisho.controller.store.record_log import log_rows
 from sekisho.controller.store.records import aware_utc
 from sekisho.protocol import mynumber, timefmt
 
@@ -93,6 +94,8 @@ class PolicyRecords(CheckpointRecords):
             row = insert_policy_version(
                 conn, document, created_by, source_sha256, comment, when, base_version, above=above
             )
+            # Chained and sealed like the events (record_log.py): the version agents enforce cannot be edited unseen.
+            log_rows(conn, self.signing_key, {"policy_versions": [row.version]})
             if audit is not None:
                 new = {**(audit.new or {}), "version": row.version}
                 append_admin(conn, self.signing_key, dataclasses.replace(audit, new=new), when)
@@ -145,6 +148,7 @@ class PolicyRecords(CheckpointRecords):
 
         def work(conn: Connection) -> None:
             conn.execute(insert(_COMMANDS).values(**values))
+            log_rows(conn, self.signing_key, {"issued_commands": [command_id]})
             if audit is not None:
                 append_admin(conn, self.signing_key, audit, issued)
 

@@ -4,7 +4,8 @@
 agents and their key history (``agents``), enrolment tokens, devices and certificates (``enrolment``),
 events with their chains, gaps and dead letters
 (``events``), findings (``findings``), policy versions and issued commands (``policy``), the admin audit trail
-(``audit``), the signed checkpoint log they append to (``checkpoints``) and `records verify` (``verification``). The
+(``audit``), the signed checkpoint log they append to (``checkpoints``), `records verify` (``verification``) and
+the heads held outside the database, agents' receipts and the heads file (``receipts``). The
 media-loan register builds on it in ``controller/media/register.py``.
 
 A controller opens it with its signing key (``Store(engine, signing_key=…)``, see ``service.open_store``):
@@ -25,10 +26,20 @@ from sekisho.controller.store.enrolment import EnrolmentRecords
 from sekisho.controller.store.events import EventRecords
 from sekisho.controller.store.findings import FindingRecords
 from sekisho.controller.store.policy import PolicyRecords
+from sekisho.controller.store.receipts import ReceiptRecords
+from sekisho.controller.store.record_log import RecordLogRecords
 from sekisho.controller.store.verification import VerificationRecords
 
 
 class Store(
-    AgentRecords, AuditRecords, EnrolmentRecords, EventRecords, FindingRecords, PolicyRecords, VerificationRecords
+    AgentRecords,
+    AuditRecords,
+    EnrolmentRecords,
+    EventRecords,
+    FindingRecords,
+    PolicyRecords,
+    ReceiptRecords,
+    RecordLogRecords,
+    VerificationRecords,
 ):
     """The controller's persistent records, on an engine made by ``db.make_engine``."""
