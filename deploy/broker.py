@@ -316,7 +316,11 @@ def render_config(
     if site_port is not None:
         if sites_acl_path is None:
             raise ValueError("a sites listener needs its ACL")
-        lines += [render_sites_listener(port=site_port, pki_dir=pki_dir, sites_acl_path=sites_acl_path, bind=bind)]
+        lines += [
+            render_sites_listener(
+                port=site_port, pki_dir=pki_dir, sites_acl_path=sites_acl_path, plugin_path=plugin_path, bind=bind
+            )
+        ]
     inflight = max_inflight_messages or (BRIDGE_INFLIGHT_MESSAGES if bridge is not None else MAX_INFLIGHT_MESSAGES)
     queued = max_queued_messages or (BRIDGE_QUEUED_MESSAGES if bridge is not None else MAX_QUEUED_MESSAGES)
     queued_bytes = max_queued_bytes or (BRIDGE_QUEUED_BYTES if bridge is not None else 0)
@@ -354,7 +358,9 @@ def render_config(
     return "\n".join(lines)
 
 
-def render_sites_listener(*, port: int, pki_dir: Path, sites_acl_path: Path, bind: str = "127.0.0.1") -> str:
+def render_sites_listener(
+    *, port: int, pki_dir: Path, sites_acl_path: Path, plugin_path: Path, bind: str = "127.0.0.1"
+) -> str:
     """Return the central broker's sites listener: the site bridge CA's certificates only, the sites ACL."""
     pki = PkiPaths.at(pki_dir)
     v = _config_value
@@ -373,6 +379,11 @@ def render_sites_listener(*, port: int, pki_dir: Path, sites_acl_path: Path, bin
         "use_username_as_clientid true",
         "allow_anonymous false",
         f"acl_file {v(sites_acl_path)}",
+        "# The acl_file grants every SUBSCRIBE (it checks read rules only at delivery): a site certificate could",
+        "# join the controllers' $share group and take a share of every site's events. The plugin in sites mode",
+        "# refuses $ topics and wildcard filters; a bridge subscribes to its agents' exact topics only.",
+        f"plugin {v(plugin_path)}",
+        "plugin_opt_mode sites",
         "",
     ]
     return "\n".join(lines)

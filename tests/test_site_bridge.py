@@ -200,18 +200,18 @@ def test_acks_and_policy_reach_the_site_and_the_retained_policy_stays_current(ce
         again.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (docs/operations.md, section 12): mosquitto's acl_file grants every SUBSCRIBE and the "
-    "sekisho_agent_acl plugin guards the agents' listener only, so a site certificate may join the controllers' "
-    "$share group on the sites listener (events handed to it are dropped, agents resend them)",
-)
 def test_a_site_cannot_join_the_controllers_shared_subscription(central: Federation) -> None:
+    # mosquitto's acl_file grants every SUBSCRIBE: without the plugin in sites mode on the sites listener, a
+    # site certificate joined $share/controllers and took a share of every site's events (dropped at delivery).
     central.site_brokers["tokyo"].broker.stop()
     tokyo = _site_client(central, "tokyo", "anything")
     try:
-        granted = tokyo.subscribe_wait(SHARED_EVENTS)
-        assert all(r.value >= 128 for r in granted), granted
+        for refused in (SHARED_EVENTS, topics.all_agents(topics.EVENTS), "$SYS/#"):
+            granted = tokyo.subscribe_wait(refused)
+            assert all(r.value >= 128 for r in granted), (refused, granted)
+        # Its own agent's exact topic is still the acl_file's to decide (granted), as the bridge needs.
+        granted = tokyo.subscribe_wait(topics.topic("tk-1", topics.ACKS))
+        assert all(r.value < 128 for r in granted), granted
     finally:
         tokyo.close()
 
@@ -329,7 +329,13 @@ def _options(text: str) -> list[str]:
 def test_examples_match_rendered_files() -> None:
     examples = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
     etc = Path("/etc/mosquitto/sekisho")
-    central = render_sites_listener(port=8885, pki_dir=etc, sites_acl_path=etc / "acl-sites", bind="0.0.0.0")
+    central = render_sites_listener(
+        port=8885,
+        pki_dir=etc,
+        sites_acl_path=etc / "acl-sites",
+        plugin_path=Path("/usr/local/lib/sekisho/sekisho_agent_acl.so"),
+        bind="0.0.0.0",
+    )
     assert _options((examples / "central-sites.conf.example").read_text()) == _options(central)
     acl = render_sites_acl({"tokyo": ["tokyo-pc-01", "tokyo-door-01"], "osaka": ["osaka-pc-01"]})
     assert _options((examples / "acl-sites.example").read_text()) == _options(acl)

@@ -38,6 +38,14 @@
  *   plugin_opt_inbound acks,policy,commands
  *   plugin_opt_revocations /etc/mosquitto/sekisho/revocations
  *
+ * Sites mode (the central broker's sites listener, where site brokers' bridges connect):
+ *   plugin_opt_mode sites
+ * The same acl_file gap exists there: a site certificate could join the controllers' $share group and take a
+ * share of every site's events. In this mode the plugin refuses every SUBSCRIBE to a $ topic ($share, $SYS)
+ * or a filter with a wildcard (a bridge subscribes to its agents' exact topics only) and leaves every other
+ * decision, exact topics included, to the listener's acl_file, which gives each site its own agents' topics.
+ * Identity stays with the listener (use_identity_as_username); no other option is taken in this mode.
+ *
  * Build (Debian: gcc, mosquitto-dev, libmosquitto-dev, libssl-dev):
  *   cc -std=c99 -O2 -Wall -Wextra -fPIC -shared -o sekisho_agent_acl.so sekisho_agent_acl.c
  * The broker resolves mosquitto_* and OpenSSL symbols itself; nothing is linked in.
@@ -86,6 +94,7 @@ struct revocations {
 
 struct sekisho_acl {
 	mosquitto_plugin_id_t *id;
+	bool sites;                   /* plugin_opt_mode sites: only SUBSCRIBE filters are checked */
 	char *root;
 	char *channels[MAX_CHANNELS];
 	int channel_count;
@@ -530,6 +539,34 @@ static int acl_check(int event, void *event_data, void *userdata)
 	return MOSQ_ERR_ACL_DENIED;
 }
 
+/* Sites mode: a bridge subscribes to exact agent topics; a $ topic or a wildcard filter is never one. */
+static int acl_check_sites(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_acl_check *ed = event_data;
+	const char *username;
+
+	(void)event;
+	(void)userdata;
+	if(ed->access != MOSQ_ACL_SUBSCRIBE) return MOSQ_ERR_PLUGIN_DEFER;
+	if(ed->topic && ed->topic[0] != '$' && !strpbrk(ed->topic, "+#")) return MOSQ_ERR_PLUGIN_DEFER;
+	username = mosquitto_client_username(ed->client);
+	mosquitto_log_printf(MOSQ_LOG_NOTICE, "sekisho_agent_acl: denied SUBSCRIBE to %s from site bridge %s",
+			ed->topic ? ed->topic : "", username ? username : "");
+	return MOSQ_ERR_ACL_DENIED;
+}
+
+static int init_sites(mosquitto_plugin_id_t *identifier, void **userdata, struct sekisho_acl *cfg)
+{
+	int rc = mosquitto_callback_register(identifier, MOSQ_EVT_ACL_CHECK, acl_check_sites, NULL, cfg);
+	if(rc != MOSQ_ERR_SUCCESS){
+		free_config(cfg);
+		return rc;
+	}
+	*userdata = cfg;
+	mosquitto_log_printf(MOSQ_LOG_INFO, "sekisho_agent_acl: site bridges subscribe to exact topics only (no $, no wildcard)");
+	return MOSQ_ERR_SUCCESS;
+}
+
 static int on_tick(int event, void *event_data, void *userdata)
 {
 	(void)event;
@@ -586,7 +623,10 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
 	if(!cfg) return MOSQ_ERR_NOMEM;
 	cfg->id = identifier;
 	for(i = 0; i < option_count; i++){
-		if(strcmp(options[i].key, "topic_root") == 0 && !cfg->root){
+		if(strcmp(options[i].key, "mode") == 0 && i == 0 && option_count == 1 && strcmp(options[i].value, "sites") == 0){
+			cfg->sites = true;
+			rc = MOSQ_ERR_SUCCESS;
+		}else if(strcmp(options[i].key, "topic_root") == 0 && !cfg->root){
 			size_t len = strlen(options[i].value);
 			/* A concrete topic prefix: no wildcard, no leading or trailing '/', not a $ topic. */
 			if(len == 0 || strpbrk(options[i].value, "+#") || options[i].value[0] == '/'
@@ -610,6 +650,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
 			return rc;
 		}
 	}
+	if(cfg->sites) return init_sites(identifier, userdata, cfg);
 	if(!cfg->root || cfg->channel_count == 0 || !cfg->list_path){
 		mosquitto_log_printf(MOSQ_LOG_ERR, "sekisho_agent_acl: plugin_opt_topic_root, plugin_opt_inbound and "
 				"plugin_opt_revocations (an absolute path) are required");
@@ -641,7 +682,10 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 
 	(void)options;
 	(void)option_count;
-	if(cfg){
+	if(cfg && cfg->sites){
+		mosquitto_callback_unregister(cfg->id, MOSQ_EVT_ACL_CHECK, acl_check_sites, NULL);
+		free_config(cfg);
+	}else if(cfg){
 		mosquitto_callback_unregister(cfg->id, MOSQ_EVT_ACL_CHECK, acl_check, NULL);
 		mosquitto_callback_unregister(cfg->id, MOSQ_EVT_BASIC_AUTH, basic_auth, NULL);
 		mosquitto_callback_unregister(cfg->id, MOSQ_EVT_TICK, on_tick, NULL);
