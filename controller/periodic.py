@@ -100,7 +100,7 @@ class PeriodicJob:
                     self._failing = False
             except Exception:  # keep going: the next round may succeed
                 if not self._failing:
-                    log.exception("%s failed; will retry every %.0f s", self.name, self.every_s)
+                    log.exception("%s failed; will retry every %g s", self.name, self.every_s)
                 self._failing = True
             self._wake.wait(self.every_s)
             self._wake.clear()
