@@ -15,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sekisho.controller.store import Store, make_engine, upgrade
+from sekisho.lab import write_toml
 from sekisho.lab.pgcluster import find_pg_bin, pg_database, postgres_cluster
 from sekisho.protocol import signing
 from sekisho.protocol.events import DecodedEvent, build_event, decode_event
@@ -47,6 +48,25 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def controller_key() -> Ed25519PrivateKey:
     """Return the test controller's signing key (it signs the store's checkpoints and key lines)."""
     return signing.generate_key()
+
+
+@pytest.fixture
+def controller_toml(tmp_path: Path, db_url: str, controller_key: Ed25519PrivateKey) -> Path:
+    """Write a controller.toml on the test's database with the key the test store signs with."""
+    key_path = tmp_path / "pki" / "signing.key"
+    key_path.parent.mkdir()
+    key_path.write_bytes(signing.private_key_pem(controller_key))
+    key_path.chmod(0o600)
+    values: dict[str, object] = {
+        "profile": "dev",
+        "var_dir": str(tmp_path / "var"),
+        "database_url": db_url,
+        "ca_cert": str(tmp_path / "pki" / "unused-ca.crt"),
+        "tls_cert": str(tmp_path / "pki" / "unused.crt"),
+        "tls_key": str(tmp_path / "pki" / "unused.key"),
+        "signing_key": str(key_path),
+    }
+    return write_toml(tmp_path / "controller.toml", values)
 
 
 @pytest.fixture

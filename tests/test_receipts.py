@@ -27,7 +27,6 @@ from sekisho.controller.ingest.worker import ReceiptTakers
 from sekisho.controller.store import Store, record_hash
 from sekisho.controller.store.events import BatchResult
 from sekisho.controller.store.models import Checkpoint, Event, Stream
-from sekisho.lab import write_toml
 from sekisho.protocol import messages, signing, timefmt
 
 if TYPE_CHECKING:
@@ -72,25 +71,6 @@ def store_with_receipts(
         results.append(result)
     keeper.flush()
     return results
-
-
-@pytest.fixture
-def controller_toml(tmp_path: Path, db_url: str, controller_key: Ed25519PrivateKey) -> Path:
-    """Write a controller.toml on the test's database with the key the test store signs with."""
-    key_path = tmp_path / "pki" / "signing.key"
-    key_path.parent.mkdir()
-    key_path.write_bytes(signing.private_key_pem(controller_key))
-    key_path.chmod(0o600)
-    values: dict[str, object] = {
-        "profile": "dev",
-        "var_dir": str(tmp_path / "var"),
-        "database_url": db_url,
-        "ca_cert": str(tmp_path / "pki" / "unused-ca.crt"),
-        "tls_cert": str(tmp_path / "pki" / "unused.crt"),
-        "tls_key": str(tmp_path / "pki" / "unused.key"),
-        "signing_key": str(key_path),
-    }
-    return write_toml(tmp_path / "controller.toml", values)
 
 
 def verify(config: Path, *options: str, code: int) -> str:

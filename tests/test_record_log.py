@@ -21,29 +21,8 @@ from sekisho.controller.media.register import MediaRegister
 from sekisho.controller.store import Store, make_engine, upgrade
 from sekisho.controller.store.models import Checkpoint, IssuedCommand, LoanRecord, PolicyVersion, RecordLogEntry
 from sekisho.controller.store.record_log import entry_hash
-from sekisho.lab import write_toml
-from sekisho.protocol import signing
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def controller_toml(tmp_path: Path, db_url: str, controller_key: Ed25519PrivateKey) -> Path:
-    """Write a controller.toml on the test's database with the key the test store signs with."""
-    key_path = tmp_path / "pki" / "signing.key"
-    key_path.parent.mkdir()
-    key_path.write_bytes(signing.private_key_pem(controller_key))
-    key_path.chmod(0o600)
-    values: dict[str, object] = {
-        "profile": "dev",
-        "var_dir": str(tmp_path / "var"),
-        "database_url": db_url,
-        "ca_cert": str(tmp_path / "pki" / "unused-ca.crt"),
-        "tls_cert": str(tmp_path / "pki" / "unused.crt"),
-        "tls_key": str(tmp_path / "pki" / "unused.key"),
-        "signing_key": str(key_path),
-    }
-    return write_toml(tmp_path / "controller.toml", values)
 
 
 def verify(config: Path, *, code: int) -> str:

@@ -28,7 +28,6 @@ from sekisho.controller.store import DeadLetterIn, Store, make_engine, record_ha
 from sekisho.controller.store.checkpoints import entry_hash
 from sekisho.controller.store.db import alembic_config
 from sekisho.controller.store.models import ZERO_HASH, Agent, AgentKey, Checkpoint, DeadLetter, Event, Stream
-from sekisho.lab import write_toml
 from sekisho.lab.pgcluster import pg_database
 from sekisho.protocol import signing, timefmt
 from sekisho.protocol.canonical import canonical_bytes
@@ -528,25 +527,6 @@ def test_a_consistent_rollback_of_log_and_records_is_the_stated_limit(store: Sto
 
 
 # --- through the command line: `sekisho records verify` and `controller register-agent --replace` -----
-
-
-@pytest.fixture
-def controller_toml(tmp_path: Path, db_url: str, controller_key: Ed25519PrivateKey) -> Path:
-    """Write a controller.toml on the test's database with the key the test store signs with."""
-    key_path = tmp_path / "pki" / "signing.key"
-    key_path.parent.mkdir()
-    key_path.write_bytes(signing.private_key_pem(controller_key))
-    key_path.chmod(0o600)
-    values: dict[str, object] = {
-        "profile": "dev",
-        "var_dir": str(tmp_path / "var"),
-        "database_url": db_url,
-        "ca_cert": str(tmp_path / "pki" / "unused-ca.crt"),
-        "tls_cert": str(tmp_path / "pki" / "unused.crt"),
-        "tls_key": str(tmp_path / "pki" / "unused.key"),
-        "signing_key": str(key_path),
-    }
-    return write_toml(tmp_path / "controller.toml", values)
 
 
 def run_cli(*args: str, code: int = 0) -> str:
