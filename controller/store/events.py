@@ -504,7 +504,7 @@ class EventRecords(CheckpointRecords):
             if gaps:
                 self._open_gaps(conn, stream.agent_id, gaps, now, result)
         if late:
-            self._fill_gaps(conn, stream.agent_id, late, now, result)
+            self._fill_gaps(conn, stream.agent_id, late, before_contiguous, now, result)
         if before_contiguous == before_max:
             contiguous = before_contiguous
             for seq in fresh:
@@ -553,19 +553,34 @@ class EventRecords(CheckpointRecords):
         )
 
     @staticmethod
-    def _fill_gaps(conn: Connection, agent_id: str, late: list[int], now: datetime, result: BatchResult) -> None:
-        """Shrink, split or resolve the open gap findings that late events fall into."""
+    def _fill_gaps(
+        conn: Connection, agent_id: str, late: list[int], contiguous: int, now: datetime, result: BatchResult
+    ) -> None:
+        """Shrink, split or resolve the open gap findings that late events fall into.
+
+        contiguous is the stream's contiguous_seq before this batch: every seq up to it is stored, so an open
+        finding (which always starts at a missing seq) starts above it. Bounding first_seq from below keeps the
+        index scan to the findings since then; without it every batch read every gap finding the agent ever had
+        below its seqs, resolved ones too, which grows without end when several workers share an agent's events
+        (each batch opens gaps that the other worker's batch closes).
+        """
         candidates = conn.execute(
             select(_FINDINGS.c.id, _FINDINGS.c.first_seq, _FINDINGS.c.last_seq, _FINDINGS.c.detail)
             .where(
                 _FINDINGS.c.kind == SEQUENCE_GAP,
                 _FINDINGS.c.agent_id == agent_id,
-                _FINDINGS.c.resolved_at.is_(None),
+                _FINDINGS.c.first_seq > contiguous,
                 _FINDINGS.c.first_seq <= late[-1],
+                _FINDINGS.c.resolved_at.is_(None),
                 _FINDINGS.c.last_seq >= late[0],
             )
             .order_by(_FINDINGS.c.first_seq)
         ).all()
+        # Collected, then written with one executemany per kind of change: with several workers sharing an agent's
+        # events a batch fills hundreds of gaps, and one statement each cost a round trip each on PostgreSQL.
+        resolved: list[dict[str, Any]] = []
+        shrunk: list[dict[str, Any]] = []
+        pieces: list[dict[str, Any]] = []
         for finding_id, first, last, detail in candidates:
             inside = late[bisect.bisect_left(late, first) : bisect.bisect_right(late, last)]
             if not inside:
@@ -574,11 +589,7 @@ class EventRecords(CheckpointRecords):
             detail["filled"] = int(detail.get("filled", 0)) + len(inside)
             remaining = _missing_ranges(first, last, inside)
             if not remaining:
-                conn.execute(
-                    update(_FINDINGS)
-                    .where(_FINDINGS.c.id == finding_id)
-                    .values(detail=detail, resolved_at=now, resolution="filled: the missing events arrived late")
-                )
+                resolved.append({"b_id": finding_id, "b_detail": detail})
                 result.resolved_gaps.append(finding_id)
                 continue
             # The finding keeps its id for the first remaining run; any further runs become new
@@ -586,28 +597,45 @@ class EventRecords(CheckpointRecords):
             (keep_first, keep_last), *split = remaining
             detail.setdefault("original", [first, last])
             detail["missing"] = keep_last - keep_first + 1
+            shrunk.append({"b_id": finding_id, "b_first": keep_first, "b_last": keep_last, "b_detail": detail})
+            pieces.extend(
+                {
+                    "kind": SEQUENCE_GAP,
+                    "agent_id": agent_id,
+                    "first_seq": piece_first,
+                    "last_seq": piece_last,
+                    "detail": {"missing": piece_last - piece_first + 1, "split_from": finding_id},
+                    "created_at": now,
+                    "resolved_at": None,
+                    "resolution": None,
+                }
+                for piece_first, piece_last in split
+            )
+        detail_type = _FINDINGS.c.detail.type
+        if resolved:
             conn.execute(
                 update(_FINDINGS)
-                .where(_FINDINGS.c.id == finding_id)
-                .values(first_seq=keep_first, last_seq=keep_last, detail=detail)
+                .where(_FINDINGS.c.id == bindparam("b_id"))
+                .values(
+                    detail=bindparam("b_detail", type_=detail_type),
+                    resolved_at=now,
+                    resolution="filled: the missing events arrived late",
+                ),
+                resolved,
             )
-            if split:
-                conn.execute(
-                    insert(_FINDINGS),
-                    [
-                        {
-                            "kind": SEQUENCE_GAP,
-                            "agent_id": agent_id,
-                            "first_seq": piece_first,
-                            "last_seq": piece_last,
-                            "detail": {"missing": piece_last - piece_first + 1, "split_from": finding_id},
-                            "created_at": now,
-                            "resolved_at": None,
-                            "resolution": None,
-                        }
-                        for piece_first, piece_last in split
-                    ],
-                )
+        if shrunk:
+            conn.execute(
+                update(_FINDINGS)
+                .where(_FINDINGS.c.id == bindparam("b_id"))
+                .values(
+                    first_seq=bindparam("b_first"),
+                    last_seq=bindparam("b_last"),
+                    detail=bindparam("b_detail", type_=detail_type),
+                ),
+                shrunk,
+            )
+        if pieces:
+            conn.execute(insert(_FINDINGS), pieces)
 
     # --- chains and reading ------------------------------------------------------------------------
 
