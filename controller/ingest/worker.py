@@ -254,9 +254,10 @@ class IngestWorker:
     def stop(self) -> None:
         """Finish the batches in hand, then disconnect."""
         self._stop.set()
+        deadline = time.monotonic() + 30  # one budget for both: a store that is down keeps both waiting
         for thread in (self._checker, self._thread):
             if thread is not None:
-                thread.join(timeout=30)
+                thread.join(timeout=max(0.1, deadline - time.monotonic()))
         self._client.disconnect()
         self._client.loop_stop()
 
