@@ -558,11 +558,11 @@ class EventRecords(CheckpointRecords):
     ) -> None:
         """Shrink, split or resolve the open gap findings that late events fall into.
 
-        contiguous is the stream's contiguous_seq before this batch: every seq up to it is stored, so an open
-        finding (which always starts at a missing seq) starts above it. Bounding first_seq from below keeps the
-        index scan to the findings since then; without it every batch read every gap finding the agent ever had
-        below its seqs, resolved ones too, which grows without end when several workers share an agent's events
-        (each batch opens gaps that the other worker's batch closes).
+        contiguous is the stream's contiguous_seq before this batch: every seq up to it is accounted for (stored,
+        or a verified event kept as a dead letter), so an open finding, which always starts at a missing seq,
+        starts above it. Bounding first_seq from below keeps the index scan to the findings since then; without
+        it every batch read every gap finding the agent ever had below its seqs, resolved ones too, and several
+        workers sharing an agent's events open and close such findings all the time.
         """
         candidates = conn.execute(
             select(_FINDINGS.c.id, _FINDINGS.c.first_seq, _FINDINGS.c.last_seq, _FINDINGS.c.detail)
