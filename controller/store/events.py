@@ -504,7 +504,7 @@ class EventRecords(CheckpointRecords):
             if gaps:
                 self._open_gaps(conn, stream.agent_id, gaps, now, result)
         if late:
-            self._fill_gaps(conn, stream.agent_id, late, before_contiguous, now, result)
+            self._fill_gaps(conn, stream.agent_id, late, now, result)
         if before_contiguous == before_max:
             contiguous = before_contiguous
             for seq in fresh:
@@ -553,25 +553,15 @@ class EventRecords(CheckpointRecords):
         )
 
     @staticmethod
-    def _fill_gaps(
-        conn: Connection, agent_id: str, late: list[int], contiguous: int, now: datetime, result: BatchResult
-    ) -> None:
-        """Shrink, split or resolve the open gap findings that late events fall into.
-
-        contiguous is the stream's contiguous_seq before this batch: every seq up to it is accounted for (stored,
-        or a verified event kept as a dead letter), so an open finding, which always starts at a missing seq,
-        starts above it. Bounding first_seq from below keeps the index scan to the findings since then; without
-        it every batch read every gap finding the agent ever had below its seqs, resolved ones too, and several
-        workers sharing an agent's events open and close such findings all the time.
-        """
+    def _fill_gaps(conn: Connection, agent_id: str, late: list[int], now: datetime, result: BatchResult) -> None:
+        """Shrink, split or resolve the open gap findings that late events fall into."""
         candidates = conn.execute(
             select(_FINDINGS.c.id, _FINDINGS.c.first_seq, _FINDINGS.c.last_seq, _FINDINGS.c.detail)
             .where(
                 _FINDINGS.c.kind == SEQUENCE_GAP,
                 _FINDINGS.c.agent_id == agent_id,
-                _FINDINGS.c.first_seq > contiguous,
-                _FINDINGS.c.first_seq <= late[-1],
                 _FINDINGS.c.resolved_at.is_(None),
+                _FINDINGS.c.first_seq <= late[-1],
                 _FINDINGS.c.last_seq >= late[0],
             )
             .order_by(_FINDINGS.c.first_seq)
