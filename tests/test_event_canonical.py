@@ -14,7 +14,8 @@ KEY = signing.generate_key()
 
 def _doc() -> dict[str, object]:
     raw = events.build_event(KEY, agent="term-c1", seq=7, type="test.synthetic", payload={"n": 7, "note": "改札 é"})
-    return json.loads(raw)
+    doc: dict[str, object] = json.loads(raw)
+    return doc
 
 
 def test_the_canonical_form_is_accepted() -> None:
