@@ -77,6 +77,11 @@ class ControllerConfig(BaseSettings):
     profile: Literal["dev", "production"] = "production"
     var_dir: Path = Path("var")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite under var_dir if unset")
+    # PostgreSQL only: the connections one controller process keeps open, and how many more it may open at a peak.
+    # Each process (serve, every `controller ingest` worker) has a pool of its own, so processes × (size +
+    # overflow) must stay below the server's max_connections minus its reserved slots (docs/operations.md).
+    database_pool_size: int = Field(default=5, ge=1, le=100)
+    database_max_overflow: int = Field(default=5, ge=0, le=100)
 
     broker_host: str = "127.0.0.1"
     # The broker's controllers' listener (8883 is the agents'; deploy/mosquitto/mosquitto.conf.example).

@@ -58,7 +58,12 @@ WAKING_TYPES = EVENT_TYPES
 def open_store(config: ControllerConfig) -> Store:
     """Open the configured database and bring its schema up to date (var_dir: 0700, SQLite files: 0600)."""
     private_dir(config.var_dir)
-    engine = make_engine(config.resolved_database_url())
+    engine = make_engine(
+        config.resolved_database_url(),
+        pool_size=config.database_pool_size,
+        max_overflow=config.database_max_overflow,
+        application_name=f"sekisho-{config.worker_id}",
+    )
     upgrade(engine)
     return Store(engine, signing_key=controller_signing_key(config))
 

@@ -137,7 +137,9 @@ def decode_event(raw: bytes, *, topic_agent: str | None = None) -> DecodedEvent:
     if found is not None:
         raise errors.Rejected(errors.MY_NUMBER, f"field {found} looks like a My Number")
     occurred_at = timefmt.parse(header.at, "at")
-    if canonical_bytes_parsed(doc) != raw:
+    # The document's canonical form is its two keys in order around the canonical body: built from the body
+    # already serialised above instead of serialising the whole document again.
+    if b'{"event":' + canonical_body + b',"sig":' + canonical_bytes_parsed(signature) + b"}" != raw:
         raise errors.Rejected(errors.MALFORMED, "event is not in canonical form (sorted keys, no whitespace)")
     return DecodedEvent(
         agent=header.agent,

@@ -27,3 +27,13 @@ def test_bench_ingest_json(tmp_path: Path) -> None:
     assert figures["raw_eps"] > 0, result.output  # the baseline's publishers were admitted and delivered
     assert figures["durable_eps"] > 0 and figures["ratio"] > 0
     assert (figures["lost"], figures["duplicates"]) == (0, 0)
+
+
+def test_bench_ingest_default_workers_follow_the_backend() -> None:
+    """SQLite has one writer (a second process only queues for its lock); PostgreSQL gets two processes."""
+    from sekisho.bench.cli import _is_postgres, default_workers
+
+    assert default_workers(postgres=False) == 1
+    assert default_workers(postgres=True) == 2
+    assert _is_postgres("postgresql+psycopg://u@127.0.0.1:5999/db") and not _is_postgres("sqlite:///x.db")
+    assert not _is_postgres(None)

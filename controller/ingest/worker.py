@@ -4,6 +4,11 @@ Ordering is what makes "lose nothing" hold: the MQTT PUBACK to the broker and th
 agent are both sent only after the batch transaction has committed. If this process dies mid-batch,
 the broker redelivers (persistent session, manual acks) and the agent resends (no ack seen), and
 storage is idempotent on (agent, seq), so the result is exactly one row per event.
+
+Two threads share the work, in a pipeline: the check thread collects a batch, decodes it and verifies
+every signature; the store thread stores the checked batch, then acknowledges it. So the next batch is
+checked while the previous one is written (libsodium's verification and SQLite's fsync both run without
+the GIL), and batches are still stored and acknowledged one at a time, in the order they arrived.
 """
 
 from __future__ import annotations
@@ -78,6 +83,23 @@ class _Incoming:
     payload: bytes
     mid: int
     qos: int
+
+
+@dataclass(slots=True)
+class _Checked:
+    """A batch after decoding and the signature checks, waiting for the store thread."""
+
+    received_at: datetime
+    good: list[events.DecodedEvent] = field(default_factory=list)
+    dead: list[DeadLetterIn] = field(default_factory=list)
+    heartbeats: list[messages.Heartbeat] = field(default_factory=list)
+    # Events signed with a key a rotation replaced, accepted within its grace window (a finding once stored).
+    replaced: set[tuple[str, int]] = field(default_factory=set)
+
+
+# Checked batches waiting for the store: enough to keep it busy, few enough to bound memory and to leave the
+# rest with the broker (unacknowledged, so redelivered if this process dies).
+_CHECKED_AHEAD = 2
 
 
 class KeyRing:
@@ -207,8 +229,10 @@ class IngestWorker:
         self._owners = OwnershipCheck(store, config.key_refresh_s)
         self._receipts = ReceiptTakers(store, config.key_refresh_s)
         self._queue: queue.Queue[_Incoming] = queue.Queue()
+        self._checked: queue.Queue[tuple[list[_Incoming], _Checked | None]] = queue.Queue(maxsize=_CHECKED_AHEAD)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._checker: threading.Thread | None = None
         self._on_heartbeat = on_heartbeat
         # Told the event types of each batch committed (the alert engine in this process looks at once).
         self._on_stored = on_stored
@@ -245,24 +269,29 @@ class IngestWorker:
     # --- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect to the broker and start the batching thread."""
+        """Connect to the broker and start the check and store threads."""
         self._keys.reload()
+        self._checker = threading.Thread(target=self._check_loop, name="ingest-check", daemon=True)
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
+        self._checker.start()
         self._thread.start()
         connect_blocking(self._client, self.config, persistent=True)
 
     def stop(self) -> None:
-        """Finish the current batch, then disconnect."""
+        """Finish the batches in hand, then disconnect."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        deadline = time.monotonic() + 30  # one budget for both: a store that is down keeps both waiting
+        for thread in (self._checker, self._thread):
+            if thread is not None:
+                thread.join(timeout=max(0.1, deadline - time.monotonic()))
         self._client.disconnect()
         self._client.loop_stop()
 
     @property
     def running(self) -> bool:
-        """Tell whether the batch thread is alive (the service watchdog asks)."""
-        return self._thread is not None and self._thread.is_alive()
+        """Tell whether the check and store threads are alive (the service watchdog asks)."""
+        threads = (self._checker, self._thread)
+        return all(thread is not None and thread.is_alive() for thread in threads)
 
     @property
     def client(self) -> mqtt.Client:
@@ -293,14 +322,43 @@ class IngestWorker:
                 break
         return batch
 
+    def _check_loop(self) -> None:
+        """Collect and check batches, handing them to the store thread in arrival order."""
+        while not (self._stop.is_set() and self._queue.empty()):
+            batch = self._collect()
+            if not batch:
+                continue
+            checked: _Checked | None = None
+            try:
+                checked = self._check(batch)
+            except Exception:  # the checks turn bad input into dead letters; this is for a bug in them
+                log.exception("ingest: checking %d message(s) failed; the store thread checks them again", len(batch))
+            while True:
+                try:
+                    self._checked.put((batch, checked), timeout=0.5)
+                    break
+                except queue.Full:
+                    if self._thread is not None and not self._thread.is_alive():
+                        return  # nobody stores any more; the broker keeps the batch (never acknowledged)
+
+    def _next_checked(self) -> tuple[list[_Incoming], _Checked | None]:
+        try:
+            return self._checked.get(timeout=0.5)
+        except queue.Empty:
+            return [], None
+
+    def _checking(self) -> bool:
+        return self._checker is not None and self._checker.is_alive()
+
     def _run(self) -> None:
         pending: list[_Incoming] = []
+        checked: _Checked | None = None  # the check thread's work on pending, used on its first attempt
         single = False  # after a batch failed ingest_attempts times: one message at a time
         attempts = 0
         backoff = 0.2
-        while not (self._stop.is_set() and not pending and self._queue.empty()):
+        while not (self._stop.is_set() and not pending and self._checked.empty() and not self._checking()):
             if not pending:
-                pending, single, attempts = self._collect(), False, 0
+                (pending, checked), single, attempts = self._next_checked(), False, 0
                 if not pending:
                     continue
             current = pending[:1] if single else pending
@@ -308,9 +366,13 @@ class IngestWorker:
             try:
                 if giving_up:
                     self._give_up(current[0])
+                elif checked is not None:
+                    self._commit(current, checked)
                 else:
+                    # A retry checks again: keys may have been reloaded since, and a split batch needs its own.
                     self.process(current)
             except Exception as err:  # the loop must survive anything; what failed is retried, never dropped
+                checked = None
                 self.stats.store_errors += 1
                 full = storage_full(err)
                 if full is not None:
@@ -345,6 +407,7 @@ class IngestWorker:
                 self.stats.storage_full = None
             backoff = 0.2
             attempts = 0
+            checked = None
             pending = pending[len(current) :]
 
     def _give_up(self, item: _Incoming) -> None:
@@ -369,6 +432,8 @@ class IngestWorker:
 
     def _release(self, batch: list[_Incoming]) -> None:
         """PUBACK finished messages and note the progress."""
+        # One ack() per message through paho's public API: writing the PUBACKs as one packet through its
+        # private queue measured no faster in bench ingest (docs/benchmarks.md) and tied us to its internals.
         for item in batch:
             if item.qos > 0:
                 self._client.ack(item.mid, item.qos)
@@ -410,11 +475,13 @@ class IngestWorker:
 
     def process(self, batch: list[_Incoming]) -> None:
         """Decode, verify, store and acknowledge one batch of messages."""
-        received_at = timefmt.now()
-        replaced: set[tuple[str, int]] = set()
-        good: list[events.DecodedEvent] = []
-        dead: list[DeadLetterIn] = []
-        heartbeats: list[messages.Heartbeat] = []
+        self._commit(batch, self._check(batch))
+
+    def _check(self, batch: list[_Incoming]) -> _Checked:
+        """Decode and verify a batch: the verified events, the dead letters and the heartbeats in it."""
+        checked = _Checked(received_at=timefmt.now())
+        received_at, replaced = checked.received_at, checked.replaced
+        good, dead, heartbeats = checked.good, checked.dead, checked.heartbeats
         for item in batch:
             self.stats.received += 1
             try:
@@ -447,7 +514,12 @@ class IngestWorker:
                 log.warning("ingest: a message on %s raised %s while being checked", item.topic, type(err).__name__)
                 detail = f"{type(err).__name__} while checking"
                 dead.append(DeadLetterIn(item.topic, item.payload, errors.UNPROCESSABLE, detail, agent_id=agent))
+        return checked
 
+    def _commit(self, batch: list[_Incoming], checked: _Checked) -> None:
+        """Store a checked batch in one transaction, then acknowledge it to the agents and the broker."""
+        received_at, replaced = checked.received_at, checked.replaced
+        good, dead, heartbeats = checked.good, checked.dead, checked.heartbeats
         result = self.store.store_batch(good, dead, received_at)
         if self._on_stored is not None and result.stored:
             self._on_stored(frozenset(e.type for e in good))

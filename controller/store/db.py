@@ -99,11 +99,29 @@ def _normalise(url: str | URL) -> URL:
     return parsed
 
 
-def make_engine(url: str | URL, **kwargs: Any) -> Engine:
-    """Create an engine with the settings the store relies on (durable SQLite, psycopg 3 PostgreSQL)."""
+def make_engine(
+    url: str | URL,
+    *,
+    pool_size: int | None = None,
+    max_overflow: int | None = None,
+    application_name: str | None = None,
+    **kwargs: Any,
+) -> Engine:
+    """Create an engine with the settings the store relies on (durable SQLite, psycopg 3 PostgreSQL).
+
+    On PostgreSQL, pool_size and max_overflow bound the connections this process holds (every controller
+    process has a pool of its own), and application_name names the process in pg_stat_activity. SQLite
+    ignores the three: it is one file with one writer.
+    """
     parsed = _normalise(url)
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
+        if pool_size is not None:
+            kwargs["pool_size"] = pool_size
+        if max_overflow is not None:
+            kwargs["max_overflow"] = max_overflow
+        if application_name is not None:
+            kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "application_name": application_name}
         return create_engine(parsed, **kwargs)
 
     database = parsed.database or ""

@@ -17,8 +17,10 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import operator
+import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar, cast
@@ -39,6 +41,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import aliased
 
@@ -90,6 +93,24 @@ EVENT_COLUMNS = (
 _PG_COPY_EVENTS = f"COPY events ({', '.join(EVENT_COLUMNS)}) FROM STDIN"
 
 T = TypeVar("T")
+
+_Converter = Callable[[Any], Any]
+# Per engine dialect (each carries its own JSON serialiser): the INSERT and each column's bind processor.
+_SQLITE_INSERTS: weakref.WeakKeyDictionary[Dialect, tuple[str, list[_Converter | None]]] = weakref.WeakKeyDictionary()
+
+
+def _sqlite_insert(dialect: Dialect) -> tuple[str, list[_Converter | None]]:
+    """Return the positional INSERT of a new events row and each column's bind processor, for this dialect."""
+    cached = _SQLITE_INSERTS.get(dialect)
+    if cached is None:
+        compiled = insert(_EVENTS).compile(dialect=dialect, column_keys=list(EVENT_COLUMNS))
+        # Positional ("?") parameters, in the order EVENT_COLUMNS lists them.
+        assert tuple(compiled.positiontup or ()) == EVENT_COLUMNS
+        converters: list[_Converter | None] = [
+            _EVENTS.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in EVENT_COLUMNS
+        ]
+        cached = _SQLITE_INSERTS[dialect] = (compiled.string, converters)
+    return cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,8 +410,16 @@ class EventRecords(CheckpointRecords):
     def _insert_events(conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Insert new event rows in bulk, inside the current transaction."""
         if conn.dialect.name != "postgresql":
-            # sqlite3's executemany is already a tight C loop over one prepared statement.
-            conn.execute(insert(_EVENTS), rows)
+            # sqlite3's executemany is a tight C loop over one prepared statement; what cost time was SQLAlchemy's
+            # generic per-row, per-column parameter handling around it. The values are converted here by the very
+            # bind processors SQLAlchemy would apply (UTC datetimes, JSON), looked up once per dialect.
+            sql, converters = _sqlite_insert(conn.dialect)
+            values = operator.itemgetter(*EVENT_COLUMNS)
+            params = [
+                tuple([v if conv is None else conv(v) for v, conv in zip(values(row), converters, strict=True)])
+                for row in rows
+            ]
+            conn.exec_driver_sql(sql, params)
             return
         # PostgreSQL: COPY, formatted by psycopg's C code. Per-row INSERTs cost a round trip each,
         # and multi-row VALUES or unnest() arrays are re-parsed or escaped in Python per batch.
@@ -541,6 +570,11 @@ class EventRecords(CheckpointRecords):
             )
             .order_by(_FINDINGS.c.first_seq)
         ).all()
+        # Collected, then written with one executemany per kind of change: with several workers sharing an agent's
+        # events a batch fills hundreds of gaps, and one statement each cost a round trip each on PostgreSQL.
+        resolved: list[dict[str, Any]] = []
+        shrunk: list[dict[str, Any]] = []
+        pieces: list[dict[str, Any]] = []
         for finding_id, first, last, detail in candidates:
             inside = late[bisect.bisect_left(late, first) : bisect.bisect_right(late, last)]
             if not inside:
@@ -549,11 +583,7 @@ class EventRecords(CheckpointRecords):
             detail["filled"] = int(detail.get("filled", 0)) + len(inside)
             remaining = _missing_ranges(first, last, inside)
             if not remaining:
-                conn.execute(
-                    update(_FINDINGS)
-                    .where(_FINDINGS.c.id == finding_id)
-                    .values(detail=detail, resolved_at=now, resolution="filled: the missing events arrived late")
-                )
+                resolved.append({"b_id": finding_id, "b_detail": detail})
                 result.resolved_gaps.append(finding_id)
                 continue
             # The finding keeps its id for the first remaining run; any further runs become new
@@ -561,28 +591,45 @@ class EventRecords(CheckpointRecords):
             (keep_first, keep_last), *split = remaining
             detail.setdefault("original", [first, last])
             detail["missing"] = keep_last - keep_first + 1
+            shrunk.append({"b_id": finding_id, "b_first": keep_first, "b_last": keep_last, "b_detail": detail})
+            pieces.extend(
+                {
+                    "kind": SEQUENCE_GAP,
+                    "agent_id": agent_id,
+                    "first_seq": piece_first,
+                    "last_seq": piece_last,
+                    "detail": {"missing": piece_last - piece_first + 1, "split_from": finding_id},
+                    "created_at": now,
+                    "resolved_at": None,
+                    "resolution": None,
+                }
+                for piece_first, piece_last in split
+            )
+        detail_type = _FINDINGS.c.detail.type
+        if resolved:
             conn.execute(
                 update(_FINDINGS)
-                .where(_FINDINGS.c.id == finding_id)
-                .values(first_seq=keep_first, last_seq=keep_last, detail=detail)
+                .where(_FINDINGS.c.id == bindparam("b_id"))
+                .values(
+                    detail=bindparam("b_detail", type_=detail_type),
+                    resolved_at=now,
+                    resolution="filled: the missing events arrived late",
+                ),
+                resolved,
             )
-            if split:
-                conn.execute(
-                    insert(_FINDINGS),
-                    [
-                        {
-                            "kind": SEQUENCE_GAP,
-                            "agent_id": agent_id,
-                            "first_seq": piece_first,
-                            "last_seq": piece_last,
-                            "detail": {"missing": piece_last - piece_first + 1, "split_from": finding_id},
-                            "created_at": now,
-                            "resolved_at": None,
-                            "resolution": None,
-                        }
-                        for piece_first, piece_last in split
-                    ],
-                )
+        if shrunk:
+            conn.execute(
+                update(_FINDINGS)
+                .where(_FINDINGS.c.id == bindparam("b_id"))
+                .values(
+                    first_seq=bindparam("b_first"),
+                    last_seq=bindparam("b_last"),
+                    detail=bindparam("b_detail", type_=detail_type),
+                ),
+                shrunk,
+            )
+        if pieces:
+            conn.execute(insert(_FINDINGS), pieces)
 
     # --- chains and reading ------------------------------------------------------------------------
 

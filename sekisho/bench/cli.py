@@ -124,7 +124,14 @@ def bench_ingest(
     per_agent: Annotated[int, typer.Option(min=100, help=_("events per agent process"))] = 20_000,
     agents: Annotated[int, typer.Option(min=1, max=16, help=_("agent (publisher) processes"))] = 3,
     note_bytes: Annotated[int, typer.Option(min=0, max=4096, help=_("filler bytes per event"))] = 64,
-    workers: Annotated[int, typer.Option(min=1, max=8, help=_("controller ingest processes (subscribers)"))] = 2,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=8,
+            help=_("controller ingest processes (subscribers); default 1 on SQLite (one writer), 2 on PostgreSQL"),
+        ),
+    ] = None,
     database_url: Annotated[str | None, typer.Option(help=_("store URL (default: SQLite in the work dir)"))] = None,
     postgres: Annotated[
         bool, typer.Option(help=_("store in a private PostgreSQL cluster started for the run"))
@@ -135,6 +142,8 @@ def bench_ingest(
     ] = 1,
 ) -> None:
     """Raw paho QoS 1 publish→subscribe rate vs. durable agent-outbox→stored-and-acked rate."""
+    if workers is None:
+        workers = default_workers(postgres or _is_postgres(database_url))
     results = []
     for index in range(rounds):
         if rounds > 1:
@@ -155,6 +164,22 @@ def bench_ingest(
     print(json.dumps({**summary, "rounds": rounds, "lost": lost, "duplicates": duplicates}))
     if lost or duplicates or any(r["failed"] for r in results):
         raise typer.Exit(1)
+
+
+def default_workers(postgres: bool) -> int:
+    """Return the bench's default number of controller ingest processes for a backend.
+
+    SQLite has one writer: a second process only queues for its lock, and on a shared subscription each
+    process sees every other seq of an agent, so each batch opens sequence-gap findings the other closes.
+    One process already checks the next batch while it stores the last. PostgreSQL runs its own server
+    process; two ingest processes there verify in parallel while the other writes. The raw baseline always
+    gets as many subscribers as the durable run has ingest processes.
+    """
+    return 2 if postgres else 1
+
+
+def _is_postgres(url: str | None) -> bool:
+    return url is not None and url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
 
 
 def _bench_ingest(
