@@ -280,6 +280,32 @@ def test_a_batch_larger_than_one_lookup_chunk(store: Store, make_agent: MakeAgen
     assert store.verify_chains() == []
 
 
+def test_a_dead_lettered_seq_does_not_carry_the_contiguous_seq_over_a_hole(store: Store, make_agent: MakeAgent) -> None:
+    # Found while speeding up ingest (issue 14): with seq 3 kept as a (verified, acked) dead letter and seq 4
+    # missing, the walk began at the next stored seq and called 1..6 contiguous.
+    agent = make_agent(store)
+    events = {seq: agent.event(seq) for seq in range(1, 7)}
+    store.store_batch([events[1], events[2], events[5], events[6]], [], T0)
+    letter = DeadLetterIn(
+        topic=f"sekisho/v1/agents/{agent.agent_id}/events",
+        raw=events[3].raw,
+        reason=errors.MY_NUMBER,
+        detail="synthetic",
+        agent_id=agent.agent_id,
+        seq=3,
+        ackable=True,
+    )
+    store.store_batch([], [letter], T0)
+    stream = store.get_stream(agent.agent_id)
+    assert stream is not None and (stream.max_seq, stream.contiguous_seq) == (6, 3)
+    assert {(f.first_seq, f.last_seq) for f in store.list_findings(open_only=True, kind=SEQUENCE_GAP)} == {(4, 4)}
+
+    store.store_batch([events[4]], [], T0)
+    stream = store.get_stream(agent.agent_id)
+    assert stream is not None and stream.contiguous_seq == 6
+    assert store.list_findings(open_only=True, kind=SEQUENCE_GAP) == []
+
+
 # --- dead letters and conflicts --------------------------------------------------------------------
 
 

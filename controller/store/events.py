@@ -517,22 +517,30 @@ class EventRecords(CheckpointRecords):
                 contiguous = seq
             stream.contiguous_seq = contiguous
         elif seqs[0] == before_contiguous + 1:
-            stream.contiguous_seq = self._contiguous_end(conn, stream.agent_id, before_contiguous)
+            stream.contiguous_seq = self._contiguous_end(conn, stream.agent_id, seqs[0])
 
     @staticmethod
-    def _contiguous_end(conn: Connection, agent_id: str, contiguous: int) -> int:
-        """Return the end of the unbroken run of stored seqs that starts at contiguous + 1."""
+    def _contiguous_end(conn: Connection, agent_id: str, start: int) -> int:
+        """Return the end of the unbroken run that starts at ``start`` (a seq of this batch, stored or accounted).
+
+        The events table holds the stored seqs only: ``start`` itself may be a dead letter (accounted), so the
+        run is checked to go on at start + 1 before the walk, which would otherwise begin at the next stored seq
+        and step over a missing one (a hole right after a dead-lettered seq read as contiguous).
+        """
+        after = select(_EVENTS.c.seq).where(_EVENTS.c.agent_id == agent_id, _EVENTS.c.seq == start + 1)
+        if conn.execute(after).first() is None:
+            return start
         following = aliased(_EVENTS)
         # Walks the (agent_id, seq) index upwards and stops at the first seq without a successor.
         stmt = (
             select(_EVENTS.c.seq)
-            .where(_EVENTS.c.agent_id == agent_id, _EVENTS.c.seq > contiguous)
+            .where(_EVENTS.c.agent_id == agent_id, _EVENTS.c.seq > start)
             .where(~exists().where(following.c.agent_id == agent_id, following.c.seq == _EVENTS.c.seq + 1))
             .order_by(_EVENTS.c.seq)
             .limit(1)
         )
         end = conn.execute(stmt).scalar()
-        return contiguous if end is None else int(end)
+        return start if end is None else int(end)
 
     @staticmethod
     def _open_gaps(
