@@ -1,5 +1,6 @@
 """The ingest pipeline (issue 14): the next batch is checked while the previous one is stored, and a batch's
-PUBACKs, sent only after its commit, really release its messages at the broker. Real broker, real store, real controller.
+PUBACKs, sent only after its commit, really release its messages at the broker. Real broker, real store, real
+controller.
 """
 
 from __future__ import annotations
