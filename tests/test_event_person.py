@@ -70,6 +70,10 @@ def test_migration_0011_backfills_existing_rows_in_batches(site: Site, db_url: s
     engine = site.store.engine
     with engine.begin() as conn:
         conn.execute(update(Event).values(person=None, account=None))
+        # 0016 refuses to go down while the checkpoint log seals the record log (verify would break), and the
+        # site's first write sealed it. This test is about 0011's backfill: take the seal out, as on a
+        # database from before 0016, so the downgrade can pass through.
+        conn.execute(text("DELETE FROM checkpoints WHERE kind IN ('records', 'records_seal')"))
     # Down to 0010 (drops the columns) and up again: the migration fills them from the payloads.
     config = alembic_config()
     for step in ("0010", "head"):
